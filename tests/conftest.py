@@ -1,0 +1,46 @@
+"""Suite-wide settings: full float32 precision on both sides, and 8 simulated CPU devices.
+
+XLA_FLAGS must be set before jax is first imported, hence at the top of this file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+try:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+except ImportError:
+    pass
+
+try:
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+except ImportError:
+    pass
+
+
+def import_speechbrain_adapters():
+    """Import ``speechbrain.nnet.adapters`` with torchaudio stubbed out.
+
+    SpeechBrain imports torchaudio at package import, and PyPI's torchaudio does not load beside
+    the CPU torch wheel; nothing we test touches audio.
+    """
+    if "torchaudio" not in sys.modules:
+        stub = types.ModuleType("torchaudio")
+        stub.__path__ = []
+        stub.__version__ = "0.0.0"
+        sys.modules["torchaudio"] = stub
+    import speechbrain.nnet.adapters as sb_adapters
+
+    return sb_adapters

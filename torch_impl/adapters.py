@@ -1,0 +1,540 @@
+"""LoRA and Houlsby adapters for PyTorch: a drop-in for ``speechbrain.nnet.adapters`` (1.1.x).
+
+Same names, signatures, attribute names, ``state_dict`` keys, initialisation order and forward
+math as SpeechBrain, so checkpoints cross both ways and a seeded run reproduces after the swap.
+Where SpeechBrain has bugs we depart on purpose (see the README's "Departures" list): a single
+string is one pattern, patterns that match nothing raise, Houlsby really freezes the wrapped
+layer, a second ``insert_adapters()`` raises, ``__getattr__`` does not shadow the wrapper's own
+attributes, adapters follow the wrapped layer's dtype, and adapted ``nn.TransformerEncoderLayer``
+linears work in eval mode.
+
+Authors of the original: Titouan Parcollet, Peter Plantinga (SpeechBrain, 2024).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from converters.checkpoint import CheckpointError, adapter_metadata, compare_keys
+from converters.naming import (
+    NoMatchError,
+    as_patterns,
+    check_all_matched,
+    matches_any,
+    parent_and_leaf,
+)
+
+from . import _speechbrain
+from .activations import Swish
+from .checkpoint import load_state_dict_file, save_state_dict_file
+
+__all__ = [
+    "AdaptedModel",
+    "AdapterInsertionError",
+    "HoulsbyAdapterLinear",
+    "LoRA",
+    "Swish",
+    "is_layer_adaptable",
+    "replace_module",
+]
+
+MHA_WARNING = """
+Torch's native multi-head attention is not adaptable since it accesses layer
+weights directly to pass to highly optimized fused kernels. We are excluding
+all native Torch MHA layers from the list of layers to adapt.
+"""
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class AdapterInsertionError(RuntimeError):
+    """Adapters were inserted twice, or into a layer that cannot take them."""
+
+
+class AdaptedModel(nn.Module):
+    """Wrap a model and replace its target layers with adapters, keeping their parameters.
+
+    Every parameter of ``model_to_adapt`` is frozen; adapters and the layers matched by
+    ``unfrozen_layers`` train.
+
+    Arguments
+    ---------
+    model_to_adapt: nn.Module
+        The base PyTorch model to add adapters to.
+    adapter_class: class
+        An (uninitialized) adapter class, e.g. :class:`LoRA` or :class:`HoulsbyAdapterLinear`.
+    all_linear: bool
+        Whether to add the adapter to all linear layers (default: False).
+    all_conv: bool
+        Whether to add the adapter to all conv layers (default: False).
+    target_layers: list of str
+        Names of the modules to replace; shell-style wildcards ``(*, ?, [seq], [!seq])``.
+        A single string is one pattern. A pattern that matches no layer raises ``ValueError``.
+    unfrozen_layers: list of str
+        Names of layers to unfreeze for training, with the same wildcards.
+    adapter_kwargs: dict
+        Keyword arguments given to the adapter class.
+    manual_adapter_insertion: bool
+        When True, call :meth:`insert_adapters` yourself (e.g. after loading pretrained
+        parameters); otherwise adapters are inserted now.
+
+    Example
+    -------
+    >>> from collections import OrderedDict
+    >>> model = torch.nn.Sequential(
+    ...   OrderedDict([
+    ...     ("layer1", torch.nn.Linear(10, 20)),
+    ...     ("layer2", torch.nn.Linear(20, 20)),
+    ...     ("layer3", torch.nn.Linear(20, 10)),
+    ...   ])
+    ... )
+    >>> lora_model = AdaptedModel(
+    ...   model_to_adapt=model,
+    ...   adapter_class=LoRA,
+    ...   target_layers=["layer[13]"],
+    ...   unfrozen_layers=["layer2"],
+    ...   adapter_kwargs={"rank": 2},
+    ... )
+    >>> lora_model
+    AdaptedModel(
+      (adapted_model): Sequential(
+        (layer1): LoRA(
+          (pretrained_module): Linear(in_features=10, out_features=20, bias=True)
+          (adapter_down_proj): Linear(in_features=10, out_features=2, bias=False)
+          (adapter_up_proj): Linear(in_features=2, out_features=20, bias=False)
+        )
+        (layer2): Linear(in_features=20, out_features=20, bias=True)
+        (layer3): LoRA(
+          (pretrained_module): Linear(in_features=20, out_features=10, bias=True)
+          (adapter_down_proj): Linear(in_features=20, out_features=2, bias=False)
+          (adapter_up_proj): Linear(in_features=2, out_features=10, bias=False)
+        )
+      )
+    )
+    """
+
+    def __init__(
+        self,
+        model_to_adapt: nn.Module,
+        adapter_class: type[nn.Module],
+        all_linear: bool = False,
+        all_conv: bool = False,
+        target_layers: Iterable[str] | str = (),
+        unfrozen_layers: Iterable[str] | str = (),
+        adapter_kwargs: Mapping[str, Any] | None = None,
+        manual_adapter_insertion: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model_to_adapt, nn.Module):
+            raise TypeError(f"model_to_adapt must be an nn.Module, got {type(model_to_adapt).__name__}")
+        if not callable(adapter_class):
+            raise TypeError(f"adapter_class must be an adapter class such as LoRA, got {adapter_class!r}")
+        target_layers = as_patterns(target_layers)
+        unfrozen_layers = as_patterns(unfrozen_layers)
+
+        self.adapted_model = model_to_adapt
+        self.adapter_class = adapter_class
+        self.adapter_kwargs = dict(adapter_kwargs or {})
+        self.target_layers = list(target_layers)
+        self.unfrozen_layers = list(unfrozen_layers)
+        for param in model_to_adapt.parameters():
+            param.requires_grad = False
+
+        named = list(model_to_adapt.named_modules())
+        names = [name for name, _ in named]
+        check_all_matched(target_layers, names, argument="target_layers")
+        check_all_matched(unfrozen_layers, names, argument="unfrozen_layers")
+        if all_linear and not any(isinstance(m, nn.Linear) for _, m in named):
+            raise NoMatchError("all_linear=True but the model has no nn.Linear layer")
+        if all_conv and not any(isinstance(m, _CONV_TYPES) for _, m in named):
+            raise NoMatchError("all_conv=True but the model has no nn.Conv1d/2d/3d layer")
+
+        # Same walk as SpeechBrain: adaptable layers are queued, other matches are unfrozen.
+        self.replace_layers: list[str] = []
+        self.unfrozen_module_names: list[str] = []
+        for name, module in named:
+            if is_layer_adaptable(name, module, all_linear, all_conv, target_layers):
+                parent = model_to_adapt.get_submodule(parent_and_leaf(name)[0]) if name else None
+                if isinstance(parent, nn.MultiheadAttention):
+                    warnings.warn(MHA_WARNING, stacklevel=2)
+                else:
+                    self.replace_layers.append(name)
+            elif matches_any(name, unfrozen_layers):
+                self.unfrozen_module_names.append(name)
+                for param in module.parameters():
+                    param.requires_grad = True
+
+        self.adapters_inserted = False
+        _speechbrain.register_if_loaded(type(self))
+        if not manual_adapter_insertion:
+            self.insert_adapters()
+
+    def insert_adapters(self) -> None:
+        """Replace the queued layers with adapters. Call exactly once, before training.
+
+        Raises :class:`AdapterInsertionError` on a second call, which would otherwise wrap
+        adapters inside adapters.
+        """
+        if self.adapters_inserted:
+            raise AdapterInsertionError(
+                "insert_adapters() was already called on this AdaptedModel; a second call "
+                f"would wrap adapters in adapters (layers: {self.replace_layers})"
+            )
+        for name in self.replace_layers:
+            module = self.adapted_model.get_submodule(name)
+            new_module = self.adapter_class(module, **self.adapter_kwargs)
+            if name:
+                replace_module(self.adapted_model, name, new_module)
+            else:  # the root itself is the adaptable layer (e.g. a bare nn.Linear)
+                self.adapted_model = new_module
+        self.adapters_inserted = True
+        _disable_transformer_fast_path(self.adapted_model)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Pass arguments to the adapted model."""
+        return self.adapted_model(*args, **kwargs)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What :meth:`saver` writes: parameters that require grad, keyed as in ``state_dict()``,
+        plus the buffers (e.g. BatchNorm running stats) of ``unfrozen_layers``."""
+        full = self.state_dict(keep_vars=True)
+        keep = {name for name, value in full.items() if value.requires_grad}
+        keep.update(key for key in self._unfrozen_buffer_keys() if key in full)
+        return {name: value.detach() for name, value in full.items() if name in keep}
+
+    def saver(self, path: str) -> None:
+        """Save only the trainable parameters (and buffers of unfrozen layers).
+
+        A path ending in ``.safetensors`` writes the interchange format with metadata;
+        any other path writes SpeechBrain's ``torch.save`` format. The write is atomic.
+        """
+        metadata = adapter_metadata(
+            framework="torch",
+            adapter_class=getattr(self.adapter_class, "__name__", str(self.adapter_class)),
+            adapter_kwargs=self.adapter_kwargs,
+            target_layers=self.target_layers or self.replace_layers,
+            unfrozen_layers=self.unfrozen_layers,
+        )
+        save_state_dict_file(self.trainable_state_dict(), path, metadata)
+
+    def loader(self, path: str, end_of_epoch: bool = False) -> None:
+        """Load trained parameters saved by :meth:`saver` (ours or SpeechBrain's).
+
+        The file may lack frozen weights, but every trainable parameter must be there, and an
+        unexpected or mis-shaped key raises :class:`CheckpointError` before anything is loaded.
+        """
+        del end_of_epoch
+        state_dict, _ = load_state_dict_file(path)
+        expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}
+        report = compare_keys({k: tuple(v.shape) for k, v in state_dict.items()}, expected)
+        trainable = set(self.trainable_state_dict()) - set(self._unfrozen_buffer_keys())
+        missing = [key for key in report.missing if key in trainable]
+        if report.unexpected or report.mismatched or missing:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit this AdaptedModel: "
+                f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
+                f"missing trainable keys {missing}"
+            )
+        self.load_state_dict(state_dict, strict=False)
+
+    def parameter_transfer(self, path: str) -> None:
+        """Load parameters for transfer (SpeechBrain's Pretrainer hook); same as ``loader``."""
+        self.loader(path, True)
+
+    def __getattr__(self, item: str) -> Any:
+        """Fall back to the adapted model for attributes the wrapper does not have."""
+        # nn.Module.__getattr__ resolves the wrapper's own parameters, buffers and submodules.
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            pass
+        model = super().__getattr__("adapted_model")
+        return getattr(model, item)
+
+    def _unfrozen_buffer_keys(self) -> list[str]:
+        keys = []
+        for name in self.unfrozen_module_names:
+            module = self.adapted_model.get_submodule(name)
+            prefix = f"adapted_model.{name}." if name else "adapted_model."
+            keys.extend(prefix + buffer_name for buffer_name, _ in module.named_buffers())
+        return keys
+
+
+_speechbrain.mark_hooks(AdaptedModel.saver, AdaptedModel.loader, AdaptedModel.parameter_transfer)
+
+
+def is_layer_adaptable(
+    name: str,
+    module: nn.Module,
+    all_linear: bool,
+    all_conv: bool,
+    target_layers: Iterable[str] | str,
+) -> bool:
+    """Check if a layer is among the layers to be adapted.
+
+    Arguments
+    ---------
+    name: str
+        The dotted name of the module (as in ``named_modules()``).
+    module: torch.nn.Module
+        The module to check.
+    all_linear: bool
+        Whether all linear layers should be adapted.
+    all_conv: bool
+        Whether all conv layers should be adapted.
+    target_layers: str or list of str
+        Shell-style patterns; a single string is one pattern.
+
+    Returns
+    -------
+    bool
+        Whether the layer is to be adapted.
+
+    Example
+    -------
+    >>> is_layer_adaptable("layer1", nn.Linear(2, 2), False, False, "layer1")
+    True
+    >>> is_layer_adaptable("layer2", nn.Linear(2, 2), False, False, "layer1")
+    False
+    """
+    return bool(
+        (all_linear and isinstance(module, nn.Linear))
+        or (all_conv and isinstance(module, _CONV_TYPES))
+        or matches_any(name, as_patterns(target_layers))
+    )
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    """Replace the layer at dotted ``name`` with ``new_module`` by assigning it on its parent.
+
+    Arguments
+    ---------
+    model: nn.Module
+        Model containing the module to be replaced.
+    name: str
+        Dotted name of the target module (the model itself is the parent of a top-level name).
+    new_module: nn.Module
+        New module made of the old plus the new parameters.
+
+    Example
+    -------
+    >>> model = nn.Sequential(nn.Linear(2, 2))
+    >>> replace_module(model, "0", nn.Identity())
+    >>> model
+    Sequential(
+      (0): Identity()
+    )
+    """
+    parent_name, target_name = parent_and_leaf(name)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, target_name, new_module)
+
+
+class HoulsbyAdapterLinear(nn.Module):
+    """Houlsby adapter on a Linear layer: 'Parameter-Efficient Transfer Learning for NLP'
+    (https://arxiv.org/abs/1902.00751).
+
+    ``h = pretrained_linear(x)``; output ``up(activation(down(h))) + h``. Projection biases
+    start at zero, weights at PyTorch's default init. The wrapped linear is frozen.
+
+    Arguments
+    ---------
+    target_linear: nn.Linear
+        The pretrained Linear that this adapter wraps.
+    projection_size: int
+        Size of the bottleneck projection (usually small), at least 1.
+    activation: class
+        The activation class, instantiated with no arguments. Default: Swish.
+    bias: bool
+        Whether the projections have biases.
+
+    Example
+    -------
+    >>> x = torch.rand((8, 60, 64))
+    >>> base_linear = nn.Linear(64, 64)
+    >>> adapt = HoulsbyAdapterLinear(base_linear, 8)
+    >>> output = adapt(x)
+    >>> output.shape
+    torch.Size([8, 60, 64])
+    """
+
+    def __init__(
+        self,
+        target_linear: nn.Linear,
+        projection_size: int,
+        activation: type[nn.Module] = Swish,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(target_linear, nn.Linear):
+            raise ValueError(
+                "HoulsbyLinear currently only supports linear layers, "
+                f"but instead got {type(target_linear)}."
+            )
+        _check_size("projection_size", projection_size)
+        output_size = target_linear.weight.shape[0]
+        factory = _factory_kwargs(target_linear)
+
+        self.pretrained_linear = target_linear
+        for param in self.pretrained_linear.parameters():
+            param.requires_grad = False
+        self.adapter_down_proj = nn.Linear(output_size, projection_size, bias=bias, **factory)
+        self.adapter_up_proj = nn.Linear(projection_size, output_size, bias=bias, **factory)
+        self.activation = activation()
+
+        if bias:
+            with torch.no_grad():
+                self.adapter_down_proj.bias.zero_()
+                self.adapter_up_proj.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the adapter to ``x`` of shape ``[..., in_features]``."""
+        x_pretrained = self.pretrained_linear(x)
+        return self.adapter_up_proj(self.activation(self.adapter_down_proj(x_pretrained))) + x_pretrained
+
+
+class LoRA(nn.Module):
+    """LoRA adapter: 'LoRA: Low-Rank Adaptation of Large Language Models'
+    (https://arxiv.org/abs/2106.09685).
+
+    Output: ``pretrained_module(x) + adapter_up_proj(adapter_down_proj(x)) * scaling`` with
+    ``scaling = alpha / rank``. The up projection starts at zero, so a fresh adapter changes
+    nothing. For ``nn.Conv1d/2d/3d`` the down projection copies the pretrained conv's geometry
+    (kernel, stride, padding, dilation, padding_mode) and the up projection is pointwise.
+
+    Arguments
+    ---------
+    target_module: nn.Linear or nn.Conv1d/2d/3d
+        The pretrained layer this adapter wraps; it is frozen.
+    rank: int
+        Rank of the update (at least 1).
+    alpha: float
+        Scaling numerator: ``scaling = alpha / rank``.
+
+    Example
+    -------
+    >>> x = torch.rand((8, 60, 64))
+    >>> base_linear = nn.Linear(64, 64)
+    >>> adapt = LoRA(base_linear, 64, 4)
+    >>> output = adapt(x)
+    >>> output.shape
+    torch.Size([8, 60, 64])
+
+    >>> x = torch.rand((8, 16, 100))
+    >>> base_conv = nn.Conv1d(16, 32, kernel_size=3, stride=2)
+    >>> adapt = LoRA(base_conv, rank=4)
+    >>> adapt(x).shape == base_conv(x).shape
+    True
+    """
+
+    def __init__(self, target_module: nn.Module, rank: int = 16, alpha: float = 1.0) -> None:
+        super().__init__()
+        if not isinstance(target_module, (nn.Linear, *_CONV_TYPES)):
+            raise ValueError(
+                "LoRA supports nn.Linear and nn.Conv1d/2d/3d layers, "
+                f"but instead got {type(target_module)}."
+            )
+        _check_size("rank", rank)
+        if isinstance(target_module, _CONV_TYPES) and target_module.groups != 1:
+            raise ValueError(
+                "LoRA does not support convolutions with groups != 1, "
+                f"got groups={target_module.groups} for {target_module}."
+            )
+        factory = _factory_kwargs(target_module)
+
+        self.pretrained_module = target_module
+        for param in self.pretrained_module.parameters():
+            param.requires_grad = False
+
+        if isinstance(target_module, _CONV_TYPES):
+            conv_cls = type(target_module)
+            self.adapter_down_proj = conv_cls(
+                target_module.in_channels,
+                rank,
+                kernel_size=target_module.kernel_size,
+                stride=target_module.stride,
+                padding=target_module.padding,
+                dilation=target_module.dilation,
+                padding_mode=target_module.padding_mode,
+                bias=False,
+                **factory,
+            )
+            self.adapter_up_proj = conv_cls(
+                rank, target_module.out_channels, kernel_size=1, bias=False, **factory
+            )
+        else:
+            output_size, input_size = target_module.weight.shape
+            self.adapter_down_proj = nn.Linear(input_size, rank, bias=False, **factory)
+            self.adapter_up_proj = nn.Linear(rank, output_size, bias=False, **factory)
+
+        with torch.no_grad():
+            self.adapter_up_proj.weight.zero_()
+        self.scaling = alpha / rank
+        self.merged = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the pretrained layer plus the scaled low-rank update."""
+        x_pretrained = self.pretrained_module(x)
+        if self.merged:
+            return x_pretrained
+        x_lora = self.adapter_up_proj(self.adapter_down_proj(x)) * self.scaling
+        return x_pretrained + x_lora
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * up @ down`` in the wrapped layer's weight layout (``(out, in, *k)``)."""
+        up = self.adapter_up_proj.weight.float().flatten(1)  # (out, rank)
+        down = self.adapter_down_proj.weight.float()  # (rank, in, *k)
+        delta = (up @ down.flatten(1)).view(up.shape[0], *down.shape[1:])
+        return delta * self.scaling
+
+    def merge(self) -> None:
+        """Fold the update into the wrapped weight, so inference costs the base layer's time."""
+        if self.merged:
+            raise AdapterInsertionError("this LoRA layer is already merged")
+        self._add_to_weight(self.delta_weight())
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the update back out of the wrapped weight (inverse of :meth:`merge`)."""
+        if not self.merged:
+            raise AdapterInsertionError("this LoRA layer is not merged")
+        self._add_to_weight(-self.delta_weight())
+        self.merged = False
+
+    def _add_to_weight(self, delta: torch.Tensor) -> None:
+        weight = self.pretrained_module.weight
+        with torch.no_grad():
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+
+
+def _check_size(argument: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument} must be an integer >= 1, got {value!r}")
+
+
+def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
+    """New adapter weights live where the wrapped weight lives, in its dtype (SpeechBrain's
+    adapters are always float32, which breaks a bf16 model)."""
+    weight = module.weight
+    dtype = weight.dtype if weight.dtype.is_floating_point else None
+    return {"device": weight.device, "dtype": dtype}
+
+
+def _disable_transformer_fast_path(model: nn.Module) -> None:
+    """PyTorch's fused TransformerEncoder(Layer) eval path reads ``linear1.weight`` and friends
+    directly, which would skip (or crash on) an adapter. Switch it off where adapters sit."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and any(
+            isinstance(child, (LoRA, HoulsbyAdapterLinear)) for child in module.modules()
+        ):
+            # Read only by the fast-path check; the regular path uses ``self.activation``.
+            module.activation_relu_or_gelu = 0
+        elif isinstance(module, nn.TransformerEncoder) and any(
+            isinstance(child, (LoRA, HoulsbyAdapterLinear)) for child in module.modules()
+        ):
+            module.use_nested_tensor = False
