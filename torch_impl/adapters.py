@@ -29,7 +29,7 @@ from converters.naming import (
     parent_and_leaf,
 )
 
-from . import _speechbrain
+from . import _speechbrain, fused
 from .activations import Swish
 from .checkpoint import load_state_dict_file, save_state_dict_file
 
@@ -478,11 +478,21 @@ class LoRA(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the pretrained layer plus the scaled low-rank update."""
-        x_pretrained = self.pretrained_module(x)
+        """Apply the pretrained layer plus the scaled low-rank update.
+
+        A frozen ``nn.Linear`` takes the fused path (:func:`torch_impl.fused.lora_linear`):
+        the same function with fewer passes over ``x`` and no weight gradient for the frozen
+        layer. Convs, hooked or unfrozen layers take the plain formula.
+        """
         if self.merged:
-            return x_pretrained
-        x_lora = self.adapter_up_proj(self.adapter_down_proj(x)) * self.scaling
+            return self.pretrained_module(x)
+        pretrained, down, up = self.pretrained_module, self.adapter_down_proj, self.adapter_up_proj
+        if isinstance(pretrained, nn.Linear) and fused.can_fuse_linear(pretrained, down, up):
+            return fused.lora_linear(
+                x, pretrained.weight, pretrained.bias, down.weight, up.weight, self.scaling
+            )
+        x_pretrained = pretrained(x)
+        x_lora = up(down(x)) * self.scaling
         return x_pretrained + x_lora
 
     def delta_weight(self) -> torch.Tensor:
