@@ -1,0 +1,752 @@
+"""LoRA and Houlsby adapters for Flax NNX: the twin of ``torch_impl.adapters``.
+
+Same class names, constructor arguments (plus a keyword-only ``rngs``), attribute names and
+forward math as the PyTorch side, and the same departures from SpeechBrain: a single string is
+one pattern, patterns that match nothing raise, a second ``insert_adapters()`` raises, the
+wrapper's own attributes are not shadowed by the wrapped model's, adapters follow the wrapped
+layer's dtype, and a model whose root is itself an ``nnx.Linear`` can be adapted.
+
+What differs is freezing: NNX parameters carry no ``requires_grad`` flag, so
+:attr:`AdaptedModel.trainable` is a filter that selects the parameters to train, for
+``nnx.Optimizer(..., wrt=...)`` and ``nnx.DiffState``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from converters.checkpoint import CheckpointError, adapter_metadata
+from converters.naming import (
+    NoMatchError,
+    as_patterns,
+    check_all_matched,
+    matches_any,
+    parent_and_leaf,
+)
+
+from .activations import Swish
+from .checkpoint import (
+    _assign,
+    _plan_load,
+    _torch_entries,
+    load_state_dict_file,
+    save_state_dict_file,
+    torch_style_state_dict,
+)
+from .graph import get_submodule, named_modules, set_submodule
+
+__all__ = [
+    "AdaptedModel",
+    "AdapterInsertionError",
+    "HoulsbyAdapterLinear",
+    "LoRA",
+    "Swish",
+    "TrainableFilter",
+    "is_layer_adaptable",
+    "replace_module",
+]
+
+# PyTorch's default Linear/Conv weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), so that adapters
+# start from the same distribution in both twins (nnx's default, lecun_normal, is 3x wider in
+# variance). Flax computes fan_in of a conv kernel (*k, in, out) as in * prod(k), as PyTorch does.
+_TORCH_DEFAULT_KERNEL_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+class AdapterInsertionError(RuntimeError):
+    """Adapters were inserted twice, or into a layer that cannot take them."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableFilter:
+    """NNX filter selecting the ``nnx.Param`` variables that train in an :class:`AdaptedModel`.
+
+    A variable is selected when its graph path (relative to the ``AdaptedModel``) lies under one
+    of ``include`` (the adapters and the ``unfrozen_layers``) and under none of ``exclude`` (the
+    pretrained layer each adapter wraps). Paths are compared as strings, so list indices match
+    whether they appear as ``0`` or ``'0'``. Hashable, hence usable as a static argument of
+    ``nnx.jit`` and inside ``nnx.DiffState``.
+    """
+
+    include: frozenset[tuple[str, ...]]
+    exclude: frozenset[tuple[str, ...]]
+
+    def __call__(self, path: tuple[Any, ...], value: Any) -> bool:
+        if not isinstance(value, nnx.Param):
+            return False
+        parts = tuple(str(part) for part in path)
+        return _under_any(parts, self.include) and not _under_any(parts, self.exclude)
+
+
+class AdaptedModel(nnx.Module):
+    """Wrap a model and replace its target layers with adapters, keeping their parameters.
+
+    The twin of ``torch_impl.AdaptedModel``. Layer names are NNX graph paths joined with dots,
+    list indices as digits (``blocks.0.ffn.linear1``): the names ``named_modules()`` gives the
+    PyTorch twin, so the same patterns select the same layers. Freezing is a filter:
+    :attr:`trainable` selects the adapter parameters plus those of ``unfrozen_layers``; pass it
+    as ``wrt`` to ``nnx.Optimizer`` and inside ``nnx.DiffState`` to ``nnx.grad``, and no
+    gradient is computed for any other weight.
+
+    Arguments
+    ---------
+    model_to_adapt: nnx.Module
+        The base Flax NNX model to add adapters to.
+    adapter_class: class
+        An (uninitialized) adapter class, e.g. :class:`LoRA` or :class:`HoulsbyAdapterLinear`,
+        called as ``adapter_class(layer, **adapter_kwargs, rngs=rngs)``.
+    all_linear: bool
+        Whether to add the adapter to all ``nnx.Linear`` layers (default: False).
+    all_conv: bool
+        Whether to add the adapter to all ``nnx.Conv`` layers (default: False).
+    target_layers: list of str
+        Names of the modules to replace; shell-style wildcards ``(*, ?, [seq], [!seq])``.
+        A single string is one pattern. A pattern that matches no layer raises ``ValueError``.
+    unfrozen_layers: list of str
+        Names of layers to unfreeze for training, with the same wildcards.
+    adapter_kwargs: dict
+        Keyword arguments given to the adapter class.
+    manual_adapter_insertion: bool
+        When True, call :meth:`insert_adapters` yourself (e.g. after loading pretrained
+        parameters); otherwise adapters are inserted now. ``rngs`` is kept until then.
+    rngs: nnx.Rngs
+        Random streams for the adapters' initial weights (the ``params`` stream).
+
+    Example
+    -------
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.layer1 = nnx.Linear(10, 20, rngs=rngs)
+    ...         self.layer2 = nnx.Linear(20, 20, rngs=rngs)
+    ...         self.layer3 = nnx.Linear(20, 10, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.layer3(nnx.relu(self.layer2(nnx.relu(self.layer1(x)))))
+    >>> model = AdaptedModel(
+    ...     model_to_adapt=Net(nnx.Rngs(0)),
+    ...     adapter_class=LoRA,
+    ...     target_layers=["layer[13]"],
+    ...     unfrozen_layers=["layer2"],
+    ...     adapter_kwargs={"rank": 2},
+    ...     rngs=nnx.Rngs(1),
+    ... )
+    >>> type(model.adapted_model.layer1).__name__, model.replace_layers
+    ('LoRA', ['layer1', 'layer3'])
+
+    The standard training step: only ``model.trainable`` gets gradients and updates.
+
+    >>> optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=model.trainable)
+    >>> @nnx.jit
+    ... def train_step(model, optimizer, x, y):
+    ...     def loss_fn(model):
+    ...         return jnp.mean((model(x) - y) ** 2)
+    ...     grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, model.trainable))
+    ...     loss, grads = grad_fn(model)
+    ...     optimizer.update(model, grads)
+    ...     return loss
+    >>> x, y = jnp.ones((4, 10)), jnp.zeros((4, 10))
+    >>> losses = [float(train_step(model, optimizer, x, y)) for _ in range(5)]
+    >>> losses[-1] < losses[0]
+    True
+    >>> sorted(model.trainable_state_dict())[:2]
+    ['adapted_model.layer1.adapter_down_proj.weight', 'adapted_model.layer1.adapter_up_proj.weight']
+    """
+
+    def __init__(
+        self,
+        model_to_adapt: nnx.Module,
+        adapter_class: type[nnx.Module],
+        all_linear: bool = False,
+        all_conv: bool = False,
+        target_layers: Iterable[str] | str = (),
+        unfrozen_layers: Iterable[str] | str = (),
+        adapter_kwargs: Mapping[str, Any] | None = None,
+        manual_adapter_insertion: bool = False,
+        *,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if not isinstance(model_to_adapt, nnx.Module):
+            raise TypeError(f"model_to_adapt must be an nnx.Module, got {type(model_to_adapt).__name__}")
+        if not callable(adapter_class):
+            raise TypeError(f"adapter_class must be an adapter class such as LoRA, got {adapter_class!r}")
+        if not isinstance(rngs, nnx.Rngs):
+            raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
+        target_layers = as_patterns(target_layers)
+        unfrozen_layers = as_patterns(unfrozen_layers)
+
+        self.adapted_model = model_to_adapt
+        self.adapter_class = adapter_class
+        self.adapter_kwargs = dict(adapter_kwargs or {})
+        self.target_layers = list(target_layers)
+        self.unfrozen_layers = list(unfrozen_layers)
+
+        named = list(named_modules(model_to_adapt))
+        names = [name for name, _ in named]
+        check_all_matched(target_layers, names, argument="target_layers")
+        check_all_matched(unfrozen_layers, names, argument="unfrozen_layers")
+        if all_linear and not any(isinstance(m, nnx.Linear) for _, m in named):
+            raise NoMatchError("all_linear=True but the model has no nnx.Linear layer")
+        if all_conv and not any(isinstance(m, nnx.Conv) for _, m in named):
+            raise NoMatchError("all_conv=True but the model has no nnx.Conv layer")
+
+        # Same walk as torch_impl: adaptable layers are queued, other matches are unfrozen.
+        self.replace_layers: list[str] = []
+        self.unfrozen_module_names: list[str] = []
+        for name, module in named:
+            if is_layer_adaptable(name, module, all_linear, all_conv, target_layers):
+                self.replace_layers.append(name)
+            elif matches_any(name, unfrozen_layers):
+                self.unfrozen_module_names.append(name)
+
+        # Dotted names (under adapted_model) of the pretrained layer inside each adapter.
+        self.wrapped_layer_names: list[str] = []
+        self.adapters_inserted = False
+        if manual_adapter_insertion:
+            self.rngs = rngs
+        else:
+            self.insert_adapters(rngs=rngs)
+
+    def insert_adapters(self, *, rngs: nnx.Rngs | None = None) -> None:
+        """Replace the queued layers with adapters. Call exactly once, before training.
+
+        ``rngs`` defaults to the one given to the constructor. Raises
+        :class:`AdapterInsertionError` on a second call, which would otherwise wrap adapters
+        inside adapters.
+        """
+        if self.adapters_inserted:
+            raise AdapterInsertionError(
+                "insert_adapters() was already called on this AdaptedModel; a second call "
+                f"would wrap adapters in adapters (layers: {self.replace_layers})"
+            )
+        if rngs is None:
+            rngs = vars(self).get("rngs")
+        if rngs is None:
+            raise TypeError("insert_adapters() needs rngs: pass rngs=nnx.Rngs(...)")
+        for name in self.replace_layers:
+            module = get_submodule(self.adapted_model, name)
+            new_module = self.adapter_class(module, **self.adapter_kwargs, rngs=rngs)
+            if name:
+                replace_module(self.adapted_model, name, new_module)
+            else:  # the root itself is the adaptable layer (e.g. a bare nnx.Linear)
+                self.adapted_model = new_module
+            for key, child in nnx.iter_children(new_module):
+                if child is module:
+                    self.wrapped_layer_names.append(f"{name}.{key}" if name else str(key))
+        self.adapters_inserted = True
+        if "rngs" in vars(self):
+            del self.rngs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Pass arguments to the adapted model."""
+        return self.adapted_model(*args, **kwargs)
+
+    @property
+    def trainable(self) -> TrainableFilter:
+        """The NNX filter of the parameters that train: adapters plus ``unfrozen_layers``.
+
+        Paths are relative to this ``AdaptedModel``: pass the wrapper itself (not
+        ``adapted_model``) to ``nnx.Optimizer``, ``nnx.grad`` and ``nnx.state``.
+        """
+        adapters = self.replace_layers if self.adapters_inserted else []
+        include = {_path_under_model(name) for name in (*adapters, *self.unfrozen_module_names)}
+        exclude = {_path_under_model(name) for name in self.wrapped_layer_names}
+        return TrainableFilter(frozenset(include), frozenset(exclude))
+
+    def trainable_state_dict(self) -> dict[str, Any]:
+        """What :meth:`saver` writes: the :attr:`trainable` parameters, keyed and laid out as in
+        the PyTorch twin's ``state_dict()``, plus the non-parameter variables (BatchNorm's
+        running statistics) of ``unfrozen_layers``."""
+        keep = set(self._trainable_keys()) | set(self._unfrozen_buffer_keys())
+        return {key: value for key, value in torch_style_state_dict(self).items() if key in keep}
+
+    def saver(self, path: str) -> None:
+        """Save only the trainable parameters (and running statistics of unfrozen layers).
+
+        Writes the ``.safetensors`` interchange format with the same keys, layouts and metadata
+        as ``torch_impl.AdaptedModel.saver``. The write is atomic.
+        """
+        metadata = adapter_metadata(
+            framework="flax",
+            adapter_class=getattr(self.adapter_class, "__name__", str(self.adapter_class)),
+            adapter_kwargs=self.adapter_kwargs,
+            target_layers=self.target_layers or self.replace_layers,
+            unfrozen_layers=self.unfrozen_layers,
+        )
+        save_state_dict_file(self.trainable_state_dict(), path, metadata)
+
+    def loader(self, path: str, end_of_epoch: bool = False) -> None:
+        """Load trained parameters saved by :meth:`saver` (this twin's or the PyTorch one's).
+
+        The file may lack frozen weights, but every trainable parameter must be there, and an
+        unexpected or mis-shaped key raises :class:`CheckpointError` before anything is loaded.
+        """
+        del end_of_epoch
+        arrays, _ = load_state_dict_file(path)
+        report, assignments = _plan_load(self, arrays, strict=False)
+        missing = [key for key in report.missing if key in set(self._trainable_keys())]
+        if report.unexpected or report.mismatched or missing:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit this AdaptedModel: "
+                f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
+                f"missing trainable keys {missing}"
+            )
+        _assign(assignments)
+
+    def parameter_transfer(self, path: str) -> None:
+        """Load parameters for transfer (SpeechBrain's Pretrainer hook); same as ``loader``."""
+        self.loader(path, True)
+
+    def __getattr__(self, item: str) -> Any:
+        """Fall back to the adapted model for attributes the wrapper does not have."""
+        # Only reached when normal lookup fails, so the wrapper's own attributes come first.
+        # Private names are never forwarded: NNX probes them while building the object.
+        if item.startswith("_") or item in ("adapted_model", "rngs"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {item!r}")
+        model = vars(self).get("adapted_model")
+        if model is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {item!r}")
+        return getattr(model, item)
+
+    def _trainable_keys(self) -> list[str]:
+        """PyTorch names of the :attr:`trainable` parameters."""
+        return _torch_keys(self, (path for path, _ in nnx.to_flat_state(nnx.state(self, self.trainable))))
+
+    def _unfrozen_buffer_keys(self) -> list[str]:
+        """PyTorch names of the non-parameter variables of ``unfrozen_layers``."""
+        prefixes = frozenset(_path_under_model(name) for name in self.unfrozen_module_names)
+        buffers = [
+            path
+            for path, value in nnx.to_flat_state(nnx.state(self))
+            if not isinstance(value, (nnx.Param, nnx.RngState))
+            and _under_any(tuple(str(p) for p in path), prefixes)
+        ]
+        return _torch_keys(self, buffers)
+
+
+def is_layer_adaptable(
+    name: str,
+    module: nnx.Module,
+    all_linear: bool,
+    all_conv: bool,
+    target_layers: Iterable[str] | str,
+) -> bool:
+    """Check if a layer is among the layers to be adapted.
+
+    Arguments
+    ---------
+    name: str
+        The dotted name of the module (as :func:`flax_impl.graph.named_modules` gives it).
+    module: nnx.Module
+        The module to check.
+    all_linear: bool
+        Whether all ``nnx.Linear`` layers should be adapted.
+    all_conv: bool
+        Whether all ``nnx.Conv`` layers should be adapted.
+    target_layers: str or list of str
+        Shell-style patterns; a single string is one pattern.
+
+    Returns
+    -------
+    bool
+        Whether the layer is to be adapted.
+
+    Example
+    -------
+    >>> layer = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    >>> is_layer_adaptable("layer1", layer, False, False, "layer1")
+    True
+    >>> is_layer_adaptable("layer2", layer, False, False, "layer1")
+    False
+    """
+    return bool(
+        (all_linear and isinstance(module, nnx.Linear))
+        or (all_conv and isinstance(module, nnx.Conv))
+        or matches_any(name, as_patterns(target_layers))
+    )
+
+
+def replace_module(model: nnx.Module, name: str, new_module: nnx.Module) -> None:
+    """Replace the layer at dotted ``name`` with ``new_module`` by assigning it on its parent.
+
+    Arguments
+    ---------
+    model: nnx.Module
+        Model containing the module to be replaced.
+    name: str
+        Dotted name of the target module (the model itself is the parent of a top-level name;
+        a digit indexes an ``nnx.List``).
+    new_module: nnx.Module
+        New module made of the old plus the new parameters.
+
+    Example
+    -------
+    >>> model = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    >>> replace_module(model, "layers.0", Swish())
+    >>> type(model.layers[0]).__name__
+    'Swish'
+    """
+    parent_and_leaf(name)  # the root has no parent: same ValueError as torch_impl
+    set_submodule(model, name, new_module)
+
+
+class HoulsbyAdapterLinear(nnx.Module):
+    """Houlsby adapter on an ``nnx.Linear``: 'Parameter-Efficient Transfer Learning for NLP'
+    (https://arxiv.org/abs/1902.00751).
+
+    ``h = pretrained_linear(x)``; output ``up(activation(down(h))) + h``. Projection biases
+    start at zero, kernels at PyTorch's default init. The projections follow the wrapped
+    layer's kernel dtype, ``dtype``, ``precision`` and sharding. The wrapped linear is frozen
+    under :attr:`AdaptedModel.trainable`.
+
+    Arguments
+    ---------
+    target_linear: nnx.Linear
+        The pretrained Linear that this adapter wraps.
+    projection_size: int
+        Size of the bottleneck projection (usually small), at least 1.
+    activation: class
+        The activation class, instantiated with no arguments. Default: Swish.
+    bias: bool
+        Whether the projections have biases.
+    rngs: nnx.Rngs
+        Random streams for the projections' initial kernels.
+
+    Example
+    -------
+    >>> x = jnp.ones((8, 60, 64))
+    >>> base_linear = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
+    >>> adapt = HoulsbyAdapterLinear(base_linear, 8, rngs=nnx.Rngs(1))
+    >>> adapt(x).shape
+    (8, 60, 64)
+    """
+
+    def __init__(
+        self,
+        target_linear: nnx.Linear,
+        projection_size: int,
+        activation: type[nnx.Module] = Swish,
+        bias: bool = True,
+        *,
+        rngs: nnx.Rngs,
+    ) -> None:
+        if not isinstance(target_linear, nnx.Linear):
+            raise ValueError(
+                f"HoulsbyLinear currently only supports linear layers, but instead got {type(target_linear)}."
+            )
+        _check_size("projection_size", projection_size)
+        output_size = target_linear.kernel.shape[1]
+        spec = _kernel_spec(target_linear.kernel)
+        out_axis = spec[1] if spec else None
+
+        self.pretrained_linear = target_linear
+        self.adapter_down_proj = nnx.Linear(
+            output_size,
+            projection_size,
+            use_bias=bias,
+            kernel_init=_TORCH_DEFAULT_KERNEL_INIT,
+            bias_init=nnx.initializers.zeros,
+            **_layer_kwargs(target_linear),
+            **_sharding_kwargs(target_linear.kernel, (out_axis, None), (None,)),
+            rngs=rngs,
+        )
+        self.adapter_up_proj = nnx.Linear(
+            projection_size,
+            output_size,
+            use_bias=bias,
+            kernel_init=_TORCH_DEFAULT_KERNEL_INIT,
+            bias_init=nnx.initializers.zeros,
+            **_layer_kwargs(target_linear),
+            **_sharding_kwargs(target_linear.kernel, (None, out_axis), (out_axis,)),
+            rngs=rngs,
+        )
+        self.activation = activation()
+        _place_like(target_linear.kernel, self.adapter_down_proj, (out_axis, None), (None,))
+        _place_like(target_linear.kernel, self.adapter_up_proj, (None, out_axis), (out_axis,))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the adapter to ``x`` of shape ``[..., in_features]``."""
+        x_pretrained = self.pretrained_linear(x)
+        return self.adapter_up_proj(self.activation(self.adapter_down_proj(x_pretrained))) + x_pretrained
+
+
+class LoRA(nnx.Module):
+    """LoRA adapter: 'LoRA: Low-Rank Adaptation of Large Language Models'
+    (https://arxiv.org/abs/2106.09685).
+
+    Output: ``pretrained_module(x) + adapter_up_proj(adapter_down_proj(x)) * scaling`` with
+    ``scaling = alpha / rank``. The up projection starts at zero, so a fresh adapter changes
+    nothing. For ``nnx.Conv`` (1, 2 or 3 spatial dims) the down projection copies the
+    pretrained conv's geometry (kernel_size, strides, padding, input and kernel dilation) and
+    the up projection is pointwise. Factors follow the wrapped kernel's dtype, the layer's
+    ``dtype`` and ``precision``, and the kernel's sharding: the down factor is partitioned
+    like the kernel's input axis, the up factor like its output axis, the rank axis never.
+
+    Arguments
+    ---------
+    target_module: nnx.Linear or nnx.Conv
+        The pretrained layer this adapter wraps; it is frozen under
+        :attr:`AdaptedModel.trainable`.
+    rank: int
+        Rank of the update (at least 1).
+    alpha: float
+        Scaling numerator: ``scaling = alpha / rank``.
+    rngs: nnx.Rngs
+        Random streams for the down projection's initial kernel.
+
+    Example
+    -------
+    >>> x = jnp.ones((8, 60, 64))
+    >>> base_linear = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
+    >>> adapt = LoRA(base_linear, 64, 4, rngs=nnx.Rngs(1))
+    >>> adapt(x).shape
+    (8, 60, 64)
+
+    >>> x = jnp.ones((8, 100, 16))                       # channels last
+    >>> base_conv = nnx.Conv(16, 32, kernel_size=(3,), strides=2, padding=[(0, 0)],
+    ...                      rngs=nnx.Rngs(0))
+    >>> adapt = LoRA(base_conv, rank=4, rngs=nnx.Rngs(1))
+    >>> adapt(x).shape == base_conv(x).shape
+    True
+    """
+
+    def __init__(
+        self, target_module: nnx.Linear | nnx.Conv, rank: int = 16, alpha: float = 1.0, *, rngs: nnx.Rngs
+    ) -> None:
+        if not isinstance(target_module, (nnx.Linear, nnx.Conv)):
+            raise ValueError(
+                "LoRA supports nnx.Linear and nnx.Conv (1, 2 or 3 spatial dims) layers, "
+                f"but instead got {type(target_module)}."
+            )
+        _check_size("rank", rank)
+        kernel = target_module.kernel
+        spec = _kernel_spec(kernel) or (None,) * kernel.ndim
+        down_spec = (*spec[:-1], None)
+        up_spec = (None,) * (kernel.ndim - 1) + (spec[-1],)
+        layer = _layer_kwargs(target_module)
+
+        self.pretrained_module = target_module
+        if isinstance(target_module, nnx.Conv):
+            _check_conv(target_module)
+            spatial = len(target_module.kernel_size)
+            self.adapter_down_proj = nnx.Conv(
+                target_module.in_features,
+                rank,
+                kernel_size=target_module.kernel_size,
+                strides=target_module.strides,
+                padding=target_module.padding,
+                input_dilation=target_module.input_dilation,
+                kernel_dilation=target_module.kernel_dilation,
+                use_bias=False,
+                kernel_init=_TORCH_DEFAULT_KERNEL_INIT,
+                **layer,
+                **_sharding_kwargs(kernel, down_spec),
+                rngs=rngs,
+            )
+            self.adapter_up_proj = nnx.Conv(
+                rank,
+                target_module.out_features,
+                kernel_size=(1,) * spatial,
+                padding="VALID",
+                use_bias=False,
+                kernel_init=nnx.initializers.zeros,
+                **layer,
+                **_sharding_kwargs(kernel, up_spec),
+                rngs=rngs,
+            )
+        else:
+            input_size, output_size = kernel.shape
+            self.adapter_down_proj = nnx.Linear(
+                input_size,
+                rank,
+                use_bias=False,
+                kernel_init=_TORCH_DEFAULT_KERNEL_INIT,
+                **layer,
+                **_sharding_kwargs(kernel, down_spec),
+                rngs=rngs,
+            )
+            self.adapter_up_proj = nnx.Linear(
+                rank,
+                output_size,
+                use_bias=False,
+                kernel_init=nnx.initializers.zeros,
+                **layer,
+                **_sharding_kwargs(kernel, up_spec),
+                rngs=rngs,
+            )
+        _place_like(kernel, self.adapter_down_proj, down_spec)
+        _place_like(kernel, self.adapter_up_proj, up_spec)
+        self.scaling = alpha / rank
+        self.merged = False
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the pretrained layer plus the scaled low-rank update."""
+        x_pretrained = self.pretrained_module(x)
+        if self.merged:
+            return x_pretrained
+        x_lora = self.adapter_up_proj(self.adapter_down_proj(x)) * self.scaling
+        return x_pretrained + x_lora
+
+    def delta_weight(self) -> jax.Array:
+        """``scaling * down @ up`` in the wrapped kernel's layout (``(in, out)`` or
+        ``(*k, in, out)``), in float32 (or wider)."""
+        down = self.adapter_down_proj.kernel[...]  # (in, rank) or (*k, in, rank)
+        up = self.adapter_up_proj.kernel[...]  # (rank, out) or (1, ..., 1, rank, out)
+        dtype = jnp.promote_types(down.dtype, jnp.float32)
+        up = up.reshape(up.shape[-2:]).astype(dtype)
+        delta = jnp.matmul(down.astype(dtype), up, precision=jax.lax.Precision.HIGHEST)
+        return delta * self.scaling
+
+    def merge(self) -> None:
+        """Fold the update into the wrapped kernel, so inference costs the base layer's time."""
+        if self.merged:
+            raise AdapterInsertionError("this LoRA layer is already merged")
+        self._add_to_kernel(self.delta_weight())
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the update back out of the wrapped kernel (inverse of :meth:`merge`)."""
+        if not self.merged:
+            raise AdapterInsertionError("this LoRA layer is not merged")
+        self._add_to_kernel(-self.delta_weight())
+        self.merged = False
+
+    def _add_to_kernel(self, delta: jax.Array) -> None:
+        kernel = self.pretrained_module.kernel
+        value = kernel[...]
+        new = (value.astype(delta.dtype) + delta).astype(value.dtype)
+        sharding = getattr(value, "sharding", None)
+        kernel.set_value(jax.device_put(new, sharding) if sharding is not None else new)
+
+
+def _check_size(argument: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument} must be an integer >= 1, got {value!r}")
+
+
+def _check_conv(conv: nnx.Conv) -> None:
+    """Refuse the convs whose low-rank update LoRA cannot express or the PyTorch twin lacks."""
+    if conv.feature_group_count != 1:
+        raise ValueError(
+            "LoRA does not support convolutions with feature_group_count != 1, "
+            f"got feature_group_count={conv.feature_group_count} for {_describe_conv(conv)}."
+        )
+    if len(conv.kernel_size) not in (1, 2, 3):
+        raise ValueError(
+            "LoRA supports nnx.Conv with 1, 2 or 3 spatial dims, "
+            f"got kernel_size={conv.kernel_size} for {_describe_conv(conv)}."
+        )
+    if conv.mask is not None:
+        raise ValueError(
+            "LoRA does not support masked convolutions (its update would ignore the mask), "
+            f"got a mask for {_describe_conv(conv)}."
+        )
+
+
+def _describe_conv(conv: nnx.Conv) -> str:
+    return (
+        f"nnx.Conv(in_features={conv.in_features}, out_features={conv.out_features}, "
+        f"kernel_size={conv.kernel_size}, feature_group_count={conv.feature_group_count})"
+    )
+
+
+def _layer_kwargs(module: nnx.Linear | nnx.Conv) -> dict[str, Any]:
+    """New adapter factors are stored in the wrapped kernel's dtype and compute like the wrapped
+    layer (SpeechBrain's adapters are always float32, which breaks a bf16 model)."""
+    return {
+        "param_dtype": module.kernel[...].dtype,
+        "dtype": module.dtype,
+        "precision": module.precision,
+    }
+
+
+def _kernel_spec(kernel: nnx.Variable) -> tuple[Any, ...] | None:
+    """How ``kernel`` is partitioned, one entry per axis: its ``out_sharding`` metadata, else
+    the spec of its array's ``NamedSharding``; None when it is not sharded."""
+    names = kernel.get_metadata().get("out_sharding")
+    if not names:
+        sharding = getattr(kernel.get_value(), "sharding", None)
+        names = sharding.spec if isinstance(sharding, NamedSharding) else None
+    if not names or all(name is None for name in names):
+        return None
+    names = tuple(names)
+    return names + (None,) * (kernel.ndim - len(names))
+
+
+def _sharding_kwargs(
+    kernel: nnx.Variable, kernel_spec: tuple[Any, ...], bias_spec: tuple[Any, ...] | None = None
+) -> dict[str, Any]:
+    """``kernel_metadata``/``bias_metadata`` for an adapter factor of a kernel that carries
+    sharding metadata (``nnx.with_partitioning``), so the factor is partitioned as ``kernel_spec``
+    on the same mesh and rules; ``{}`` when the kernel carries none."""
+    metadata = kernel.get_metadata()
+    if not metadata.get("out_sharding"):
+        return {}
+    common = {"eager_sharding": metadata.get("eager_sharding", True)}
+    for key in ("mesh", "sharding_rules"):
+        if metadata.get(key) is not None:
+            common[key] = metadata[key]
+    sharding = getattr(kernel.get_value(), "sharding", None)
+    if common.get("mesh") is None and isinstance(sharding, NamedSharding):
+        if jax.sharding.get_abstract_mesh().empty:
+            # The model was built inside `jax.set_mesh(...)` and is adapted outside it.
+            common["mesh"] = sharding.mesh
+    kwargs = {"kernel_metadata": {**common, "out_sharding": kernel_spec}}
+    if bias_spec is not None:
+        kwargs["bias_metadata"] = {**common, "out_sharding": bias_spec}
+    return kwargs
+
+
+def _place_like(
+    kernel: nnx.Variable,
+    layer: nnx.Linear | nnx.Conv,
+    kernel_spec: tuple[Any, ...],
+    bias_spec: tuple[Any, ...] | None = None,
+) -> None:
+    """Put an adapter factor where the kernel lives when the kernel was placed by an explicit
+    ``jax.device_put`` rather than by sharding metadata: on its mesh, partitioned as
+    ``kernel_spec``, or on its device."""
+    sharding = getattr(kernel.get_value(), "sharding", None)
+    if kernel.get_metadata().get("out_sharding") or sharding is None:
+        return
+    targets = [(layer.kernel, kernel_spec)]
+    if bias_spec is not None and layer.bias is not None:
+        targets.append((layer.bias, bias_spec))
+    for variable, spec in targets:
+        if isinstance(sharding, NamedSharding):
+            placed = NamedSharding(sharding.mesh, PartitionSpec(*spec))
+        else:  # a single device, which need not be the default one
+            placed = sharding
+        variable.set_value(jax.device_put(variable.get_value(), placed))
+
+
+def _path_under_model(name: str) -> tuple[str, ...]:
+    """Graph path, relative to the AdaptedModel, of the layer named ``name`` in adapted_model."""
+    return ("adapted_model", *name.split(".")) if name else ("adapted_model",)
+
+
+def _under_any(parts: tuple[str, ...], prefixes: frozenset[tuple[str, ...]]) -> bool:
+    return any(parts[: len(prefix)] == prefix for prefix in prefixes)
+
+
+def _torch_keys(model: nnx.Module, paths: Iterable[tuple[Any, ...]]) -> list[str]:
+    """PyTorch names of the variables at graph ``paths`` of ``model``, in ``state_dict`` order.
+
+    Raises :class:`CheckpointError` naming any of them that sits in a module of no supported
+    kind, rather than leaving a trained weight out of a checkpoint.
+    """
+    wanted = set(paths)
+    entries = [entry for entry in _torch_entries(model, strict=False) if entry.path in wanted]
+    unnamed = wanted - {entry.path for entry in entries}
+    if unnamed:
+        raise CheckpointError(
+            "trainable variables with no PyTorch name (their module is not an nnx.Linear, "
+            f"nnx.Conv, norm, nnx.Embed or nnx.BatchNorm): {sorted('.'.join(map(str, p)) for p in unnamed)}"
+        )
+    return [entry.key for entry in entries]
