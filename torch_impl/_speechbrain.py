@@ -21,12 +21,28 @@ def mark_hooks(saver, loader, transfer) -> None:
 
 
 def register_if_loaded(cls: type) -> bool:
-    """Register ``cls``'s hooks when SpeechBrain's checkpoint module is imported; idempotent."""
+    """Register the hooks of ``cls`` and its bases when SpeechBrain's checkpoint module is
+    imported; idempotent.
+
+    SpeechBrain's ``register_checkpoint_hooks`` only looks at a class's own ``__dict__`` (and
+    its ``Checkpointer`` then searches the MRO), so each class that defines hooks is registered
+    itself: a subclass of ``AdaptedModel`` that overrides none still gets ``AdaptedModel``'s.
+    """
     if cls in _registered:
         return True
     checkpoints = sys.modules.get("speechbrain.utils.checkpoints")
     if checkpoints is None:
         return False
-    checkpoints.register_checkpoint_hooks(cls)
+    for klass in cls.__mro__:
+        if klass not in _registered and any(_is_hook(m) for m in vars(klass).values()):
+            checkpoints.register_checkpoint_hooks(klass)
+            _registered.add(klass)
     _registered.add(cls)
     return True
+
+
+def _is_hook(method: object) -> bool:
+    return any(
+        hasattr(method, marker)
+        for marker in ("_speechbrain_saver", "_speechbrain_loader", "_speechbrain_transfer")
+    )

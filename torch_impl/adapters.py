@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -52,8 +53,12 @@ all native Torch MHA layers from the list of layers to adapt.
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-class AdapterInsertionError(RuntimeError):
-    """Adapters were inserted twice, or into a layer that cannot take them."""
+class AdapterInsertionError(ValueError, RuntimeError):
+    """Adapters were inserted twice, or into a layer that cannot take them.
+
+    A ``ValueError`` like every error of this library; also a ``RuntimeError`` (its first base),
+    so code written against the earlier class keeps catching it.
+    """
 
 
 class AdaptedModel(nn.Module):
@@ -137,42 +142,52 @@ class AdaptedModel(nn.Module):
         target_layers = as_patterns(target_layers)
         unfrozen_layers = as_patterns(unfrozen_layers)
 
-        self.adapted_model = model_to_adapt
-        self.adapter_class = adapter_class
-        self.adapter_kwargs = dict(adapter_kwargs or {})
-        self.target_layers = list(target_layers)
-        self.unfrozen_layers = list(unfrozen_layers)
-        for param in model_to_adapt.parameters():
-            param.requires_grad = False
-
+        # Validate before touching the user's model: a refused call leaves it as it was.
         named = list(model_to_adapt.named_modules())
         names = [name for name, _ in named]
         check_all_matched(target_layers, names, argument="target_layers")
         check_all_matched(unfrozen_layers, names, argument="unfrozen_layers")
         if all_linear and not any(isinstance(m, nn.Linear) for _, m in named):
-            raise NoMatchError("all_linear=True but the model has no nn.Linear layer")
+            raise NoMatchError(
+                f"all_linear=True but the model has no nn.Linear layer; layers: {_types(named)}"
+            )
         if all_conv and not any(isinstance(m, _CONV_TYPES) for _, m in named):
-            raise NoMatchError("all_conv=True but the model has no nn.Conv1d/2d/3d layer")
+            raise NoMatchError(
+                f"all_conv=True but the model has no nn.Conv1d/2d/3d layer; layers: {_types(named)}"
+            )
 
-        # Same walk as SpeechBrain: adaptable layers are queued, other matches are unfrozen.
-        self.replace_layers: list[str] = []
-        self.unfrozen_module_names: list[str] = []
-        for name, module in named:
-            if is_layer_adaptable(name, module, all_linear, all_conv, target_layers):
-                parent = model_to_adapt.get_submodule(parent_and_leaf(name)[0]) if name else None
-                if isinstance(parent, nn.MultiheadAttention):
-                    warnings.warn(MHA_WARNING, stacklevel=2)
-                else:
-                    self.replace_layers.append(name)
-            elif matches_any(name, unfrozen_layers):
-                self.unfrozen_module_names.append(name)
-                for param in module.parameters():
-                    param.requires_grad = True
+        self.adapted_model = model_to_adapt
+        self.adapter_class = adapter_class
+        self.adapter_kwargs = dict(adapter_kwargs or {})
+        self.target_layers = list(target_layers)
+        self.unfrozen_layers = list(unfrozen_layers)
+        requires_grad = _requires_grad_flags(model_to_adapt)
+        try:
+            for param in model_to_adapt.parameters():
+                param.requires_grad = False
 
-        self.adapters_inserted = False
-        _speechbrain.register_if_loaded(type(self))
-        if not manual_adapter_insertion:
-            self.insert_adapters()
+            # Same walk as SpeechBrain: adaptable layers are queued, other matches are unfrozen.
+            self.replace_layers: list[str] = []
+            self.unfrozen_module_names: list[str] = []
+            for name, module in named:
+                if is_layer_adaptable(name, module, all_linear, all_conv, target_layers):
+                    parent = model_to_adapt.get_submodule(parent_and_leaf(name)[0]) if name else None
+                    if isinstance(parent, nn.MultiheadAttention):
+                        warnings.warn(MHA_WARNING, stacklevel=2)
+                    else:
+                        self.replace_layers.append(name)
+                elif _unfreezes(name, unfrozen_layers):
+                    self.unfrozen_module_names.append(name)
+                    for param in module.parameters():
+                        param.requires_grad = True
+
+            self.adapters_inserted = False
+            _speechbrain.register_if_loaded(type(self))
+            if not manual_adapter_insertion:
+                self.insert_adapters()
+        except BaseException:
+            _restore_requires_grad(requires_grad)
+            raise
 
     def insert_adapters(self) -> None:
         """Replace the queued layers with adapters. Call exactly once, before training.
@@ -185,15 +200,32 @@ class AdaptedModel(nn.Module):
                 "insert_adapters() was already called on this AdaptedModel; a second call "
                 f"would wrap adapters in adapters (layers: {self.replace_layers})"
             )
-        for name in self.replace_layers:
-            module = self.adapted_model.get_submodule(name)
-            new_module = self.adapter_class(module, **self.adapter_kwargs)
+        # Build every adapter before replacing any layer, so that a layer the adapter class
+        # refuses leaves the model unchanged. Creation order (hence the random numbers) is
+        # SpeechBrain's: one adapter per queued layer, in named_modules() order.
+        requires_grad = _requires_grad_flags(self.adapted_model)
+        new_modules = []
+        try:
+            for name in self.replace_layers:
+                module = self.adapted_model.get_submodule(name)
+                try:
+                    new_modules.append(self.adapter_class(module, **self.adapter_kwargs))
+                except (ValueError, TypeError) as exc:
+                    adapter_name = getattr(self.adapter_class, "__name__", repr(self.adapter_class))
+                    raise _with_message(
+                        exc,
+                        f"cannot wrap layer {name or '<root>'!r} ({type(module).__name__}) in {adapter_name}: {exc}",
+                    ) from exc
+        except BaseException:
+            _restore_requires_grad(requires_grad)
+            raise
+        for name, new_module in zip(self.replace_layers, new_modules, strict=True):
             if name:
                 replace_module(self.adapted_model, name, new_module)
             else:  # the root itself is the adaptable layer (e.g. a bare nn.Linear)
                 self.adapted_model = new_module
         self.adapters_inserted = True
-        _disable_transformer_fast_path(self.adapted_model)
+        _disable_transformer_fast_path(self.adapted_model, self.replace_layers)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Pass arguments to the adapted model."""
@@ -373,8 +405,7 @@ class HoulsbyAdapterLinear(nn.Module):
         super().__init__()
         if not isinstance(target_linear, nn.Linear):
             raise ValueError(
-                "HoulsbyLinear currently only supports linear layers, "
-                f"but instead got {type(target_linear)}."
+                f"HoulsbyLinear currently only supports linear layers, but instead got {type(target_linear)}."
             )
         _check_size("projection_size", projection_size)
         output_size = target_linear.weight.shape[0]
@@ -436,8 +467,7 @@ class LoRA(nn.Module):
         super().__init__()
         if not isinstance(target_module, (nn.Linear, *_CONV_TYPES)):
             raise ValueError(
-                "LoRA supports nn.Linear and nn.Conv1d/2d/3d layers, "
-                f"but instead got {type(target_module)}."
+                f"LoRA supports nn.Linear and nn.Conv1d/2d/3d layers, but instead got {type(target_module)}."
             )
         _check_size("rank", rank)
         if isinstance(target_module, _CONV_TYPES) and target_module.groups != 1:
@@ -522,6 +552,38 @@ class LoRA(nn.Module):
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
 
 
+def _unfreezes(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``unfrozen_layers`` selects the module called ``name``.
+
+    Unlike ``target_layers`` (whose matching skips the root), SpeechBrain fnmatches the root's
+    empty name here too, so ``"*"`` unfreezes the parameters the root module holds itself.
+    """
+    return matches_any(name, tuple(patterns)) or (not name and any(fnmatchcase("", p) for p in patterns))
+
+
+def _types(named: list[tuple[str, nn.Module]], limit: int = 8) -> str:
+    kinds = sorted({type(module).__name__ for _, module in named})
+    return ", ".join(kinds[:limit]) + (" ..." if len(kinds) > limit else "")
+
+
+def _requires_grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    return [(param, param.requires_grad) for param in model.parameters()]
+
+
+def _restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
+def _with_message(exc: Exception, message: str) -> Exception:
+    """An exception of ``exc``'s type carrying ``message`` (AdapterInsertionError if the type
+    cannot be built from a message alone)."""
+    try:
+        return type(exc)(message)
+    except Exception:
+        return AdapterInsertionError(message)
+
+
 def _check_size(argument: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{argument} must be an integer >= 1, got {value!r}")
@@ -535,16 +597,16 @@ def _factory_kwargs(module: nn.Module) -> dict[str, Any]:
     return {"device": weight.device, "dtype": dtype}
 
 
-def _disable_transformer_fast_path(model: nn.Module) -> None:
+def _disable_transformer_fast_path(model: nn.Module, adapted_names: Iterable[str]) -> None:
     """PyTorch's fused TransformerEncoder(Layer) eval path reads ``linear1.weight`` and friends
-    directly, which would skip (or crash on) an adapter. Switch it off where adapters sit."""
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoderLayer) and any(
-            isinstance(child, (LoRA, HoulsbyAdapterLinear)) for child in module.modules()
-        ):
-            # Read only by the fast-path check; the regular path uses ``self.activation``.
-            module.activation_relu_or_gelu = 0
-        elif isinstance(module, nn.TransformerEncoder) and any(
-            isinstance(child, (LoRA, HoulsbyAdapterLinear)) for child in module.modules()
-        ):
-            module.use_nested_tensor = False
+    directly, which would skip (or crash on) an adapter. Switch it off above every adapted layer
+    (whatever the adapter class)."""
+    for name in adapted_names:
+        parts = name.split(".") if name else []
+        for depth in range(len(parts)):  # the strict ancestors of ``name``, root first
+            ancestor = model.get_submodule(".".join(parts[:depth]))
+            if isinstance(ancestor, nn.TransformerEncoderLayer):
+                # Read only by the fast-path checks; the regular path uses ``self.activation``.
+                ancestor.activation_relu_or_gelu = 0
+            elif isinstance(ancestor, nn.TransformerEncoder):
+                ancestor.use_nested_tensor = False

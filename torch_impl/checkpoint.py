@@ -35,6 +35,7 @@ def save_state_dict_file(
     if is_safetensors_path(path):
         from safetensors.torch import save_file
 
+        tensors = _unshared(tensors)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata or {})))
     else:
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
@@ -51,7 +52,12 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.
         from safetensors.torch import load_file
 
         _, metadata = read_safetensors_header(path)
-        return load_file(str(path)), metadata
+        try:
+            return load_file(str(path)), metadata
+        except Exception as exc:  # safetensors' own error type is no ValueError
+            raise CheckpointError(
+                f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}"
+            ) from exc
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad pickle/zip
@@ -61,3 +67,17 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.
     ):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict of named tensors")
     return dict(loaded), {}
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy tensors that share memory with an earlier one (tied weights of unfrozen layers):
+    safetensors refuses shared storage, and each name must load on its own anyway."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.device.index or 0)
+        if tensor.numel() and key in seen:
+            tensor = tensor.clone()
+        seen.add(key)
+        out[name] = tensor
+    return out
