@@ -1,0 +1,1 @@
+"""Runnable examples of peft-twins; start with ``python -m examples.finetune_roundtrip``."""

