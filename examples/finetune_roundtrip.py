@@ -64,6 +64,7 @@ class Run:
         self.stages: list[dict[str, Any]] = []
         self.losses: dict[str, list[float]] = {"torch": [], "flax": []}
         self.diffs: dict[str, float | None] = {}
+        self.conversions: dict[str, dict[str, Any]] = {}
         self.files: dict[str, int] = {}
         self.parameters: dict[str, int] = {}
         self.notes: list[str] = []
@@ -96,7 +97,6 @@ class Run:
 
     def note(self, message: str) -> None:
         self.notes.append(message)
-        print(f"note: {message}")
 
     def as_dict(self) -> dict[str, Any]:
         config = {k: v for k, v in vars(self.args).items() if k != "out"}
@@ -110,6 +110,7 @@ class Run:
             "accuracy": {s["key"]: s["test_accuracy"] for s in self.stages},
             "losses": self.losses,
             "diffs": self.diffs,
+            "conversions": self.conversions,
             "files": self.files,
             "base_model_bytes": self.base_model_bytes,
             "notes": self.notes,
@@ -243,7 +244,7 @@ def train_torch(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     return losses
 
 
@@ -350,20 +351,21 @@ def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
 
 
-def convert_to_flax(torch_pair: tuple[Any, Any], flax_pair: tuple[Any, Any]) -> None:
-    """Copy base weights, adapters and head from PyTorch into the Flax twin (strict)."""
+def convert_to_flax(torch_pair: tuple[Any, Any], flax_pair: tuple[Any, Any]) -> dict[str, Any]:
+    """Copy base weights, adapters and head from PyTorch into the Flax twin (strict: any missing,
+    unexpected or mis-shaped key refuses). Returns the number of tensors moved and the notes."""
     import converters
 
-    for source, target in zip(torch_pair, flax_pair, strict=True):
-        converters.torch_to_flax(source, target)
+    reports = [converters.torch_to_flax(s, t) for s, t in zip(torch_pair, flax_pair, strict=True)]
+    return {"tensors": sum(len(r.loaded) for r in reports), "notes": [n for r in reports for n in r.notes]}
 
 
-def convert_to_torch(flax_pair: tuple[Any, Any], torch_pair: tuple[Any, Any]) -> None:
+def convert_to_torch(flax_pair: tuple[Any, Any], torch_pair: tuple[Any, Any]) -> dict[str, Any]:
     """Copy everything back from Flax into a PyTorch model of the same structure (strict)."""
     import converters
 
-    for source, target in zip(flax_pair, torch_pair, strict=True):
-        converters.flax_to_torch(source, target)
+    reports = [converters.flax_to_torch(s, t) for s, t in zip(flax_pair, torch_pair, strict=True)]
+    return {"tensors": sum(len(r.loaded) for r in reports), "notes": [n for r in reports for n in r.notes]}
 
 
 def save_trained(encoder: Any, head: Any, out: Path) -> dict[str, Path]:
@@ -439,11 +441,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with job.timed("convert to flax"):
         flax_encoder, flax_head = build_flax_model(bert.config, args)
-        convert_to_flax((torch_encoder, torch_head), (flax_encoder, flax_head))
+        job.conversions["torch_to_flax"] = convert_to_flax(
+            (torch_encoder, torch_head), (flax_encoder, flax_head)
+        )
         flax_eval = evaluate_flax(flax_encoder, flax_head, test)
         job.diffs["torch_to_flax_embeddings"] = max_abs_diff(flax_eval.embeddings, torch_eval.embeddings)
         job.record("flax_converted", "converted to Flax", "flax", flax_eval)
-    print(f"torch -> flax: max abs diff of test embeddings {job.diffs['torch_to_flax_embeddings']:.2e}")
+    print(
+        f"torch -> flax: {job.conversions['torch_to_flax']['tensors']} tensors, "
+        f"max abs diff of test embeddings {job.diffs['torch_to_flax_embeddings']:.2e}"
+    )
 
     with job.timed("flax fine-tuning"):
         job.losses["flax"] = train_flax(flax_encoder, flax_head, train, schedule[args.torch_steps :], args)
@@ -454,11 +461,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # A freshly loaded model with fresh adapters: everything it knows must come from Flax.
         _, fresh_bert = load_minilm()
         back_encoder, back_head = build_torch_model(fresh_bert, args)
-        convert_to_torch((flax_encoder, flax_head), (back_encoder, back_head))
+        job.conversions["flax_to_torch"] = convert_to_torch(
+            (flax_encoder, flax_head), (back_encoder, back_head)
+        )
         back_eval = evaluate_torch(back_encoder, back_head, test)
         job.diffs["flax_to_torch_embeddings"] = max_abs_diff(back_eval.embeddings, flax_eval.embeddings)
         job.record("torch_converted", "converted back to PyTorch", "torch", back_eval)
-    print(f"flax -> torch: max abs diff of test embeddings {job.diffs['flax_to_torch_embeddings']:.2e}")
+    print(
+        f"flax -> torch: {job.conversions['flax_to_torch']['tensors']} tensors, "
+        f"max abs diff of test embeddings {job.diffs['flax_to_torch_embeddings']:.2e}"
+    )
 
     with job.timed("save"):
         paths = save_trained(back_encoder, back_head, out)
@@ -488,7 +500,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with job.timed("report"):
         paths["plot"] = out / "loss_curves.png"
-        reporting.plot_losses(job.losses, paths["plot"], title=reporting.describe_setup(job.as_dict()))
+        reporting.plot_report(job.as_dict(), paths["plot"])
         job.files = {str(p.relative_to(out)): p.stat().st_size for p in paths.values()}
         job.base_model_bytes = (minilm_path() / "model.safetensors").stat().st_size
     job.seconds["total"] = round(time.perf_counter() - total_start, 2)

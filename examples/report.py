@@ -18,7 +18,7 @@ from typing import Any
 
 from converters.checkpoint import atomic_write
 
-__all__ = ["describe_setup", "format_bytes", "format_diff", "format_report", "plot_losses", "write_json"]
+__all__ = ["describe_setup", "format_bytes", "format_diff", "format_report", "plot_report", "write_json"]
 
 DIFF_LABELS = {
     "torch_to_flax_embeddings": "PyTorch -> Flax",
@@ -42,14 +42,13 @@ def format_diff(diff: float | None) -> str:
     return "skipped" if diff is None else f"{diff:.2e}"
 
 
-def describe_setup(report: Mapping[str, Any]) -> str:
-    """One line: the adapter, its size arguments and the target patterns."""
-    config = report["config"]
+def describe_setup(config: Mapping[str, Any], sep: str = " on ") -> str:
+    """The adapter, its size arguments and the target patterns, from the job's ``config``."""
     if config["adapter"] == "lora":
         adapter = f"LoRA(rank={config['rank']}, alpha={config['alpha']:g})"
     else:
         adapter = f"Houlsby(projection_size={config['rank']})"
-    return f"all-MiniLM-L6-v2 + {adapter} on {', '.join(config['targets'])}"
+    return f"all-MiniLM-L6-v2 + {adapter}{sep}{', '.join(config['targets'])}"
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -57,7 +56,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     params = report["parameters"]
     lines = [
         "",
-        describe_setup(report),
+        describe_setup(report["config"]),
         f"parameters: {params['total']:,} total, {params['trainable']:,} trainable "
         f"({100 * params['trainable'] / params['total']:.2f}%: adapters {params['adapters']:,}, "
         f"head {params['head']:,})",
@@ -102,25 +101,43 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plot_losses(losses: Mapping[str, Sequence[float]], path: str | os.PathLike[str], title: str) -> None:
-    """Plot the PyTorch steps, then the Flax steps that continue them, on one step axis."""
+def plot_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
+    """Plot the PyTorch training losses, then the Flax ones that continue them, on one step
+    axis, with the test accuracy after each training stage on a second axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    torch_losses, flax_losses = list(losses["torch"]), list(losses["flax"])
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    ax.plot(range(1, len(torch_losses) + 1), torch_losses, label="PyTorch (torch_impl)", color="tab:red")
-    flax_steps = range(len(torch_losses) + 1, len(torch_losses) + len(flax_losses) + 1)
-    ax.plot(flax_steps, flax_losses, label="Flax NNX (flax_impl), after conversion", color="tab:blue")
-    if torch_losses and flax_losses:
-        ax.axvline(len(torch_losses) + 0.5, color="grey", linestyle=":", label="torch -> flax conversion")
+    torch_losses, flax_losses = list(report["losses"]["torch"]), list(report["losses"]["flax"])
+    n_torch, n_flax = len(torch_losses), len(flax_losses)
+    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
+    ax.plot(range(1, n_torch + 1), torch_losses, label="PyTorch (torch_impl)", color="tab:red")
+    ax.plot(
+        range(n_torch + 1, n_torch + n_flax + 1), flax_losses, label="Flax NNX (flax_impl)", color="tab:blue"
+    )
+    ax.axvline(n_torch + 0.5, color="grey", linestyle=":", label="converted PyTorch -> Flax")
     ax.set_xlabel("training step")
-    ax.set_ylabel("cross-entropy (training batch)")
-    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("cross-entropy of the training batch")
     ax.grid(alpha=0.3)
-    ax.legend()
+
+    accuracy = report["accuracy"]
+    points = [(0, accuracy.get("untrained")), (n_torch, accuracy.get("torch_trained"))]
+    points.append((n_torch + n_flax, accuracy.get("flax_trained")))
+    acc_ax = ax.twinx()
+    steps, values = zip(*[(step, 100 * value) for step, value in points if value is not None], strict=True)
+    acc_ax.plot(steps, values, "kD--", linewidth=0.8, markersize=5, label="test accuracy")
+    for step, value in zip(steps, values, strict=True):
+        acc_ax.annotate(
+            f"{value:.1f}%", (step, value), textcoords="offset points", xytext=(0, 7), ha="center"
+        )
+    acc_ax.set_ylabel("test accuracy (%)")
+    acc_ax.set_ylim(0, 105)
+
+    handles, labels = ax.get_legend_handles_labels()
+    acc_handles, acc_labels = acc_ax.get_legend_handles_labels()
+    ax.legend(handles + acc_handles, labels + acc_labels, loc="lower left", fontsize=8)
+    ax.set_title(describe_setup(report["config"], sep="\non "), fontsize=9)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
