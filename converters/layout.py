@@ -40,9 +40,11 @@ __all__ = [
     "KINDS",
     "LayoutError",
     "flax_to_torch",
+    "flax_to_torch_shape",
     "flax_name",
     "torch_name",
     "torch_to_flax",
+    "torch_to_flax_shape",
 ]
 
 
@@ -76,8 +78,7 @@ def flax_name(kind: str, torch_param: str) -> str:
         return _kind(kind)[torch_param]
     except KeyError:
         raise LayoutError(
-            f"a {kind} layer has no PyTorch parameter {torch_param!r}; "
-            f"expected one of {sorted(_kind(kind))}"
+            f"a {kind} layer has no PyTorch parameter {torch_param!r}; expected one of {sorted(_kind(kind))}"
         ) from None
 
 
@@ -87,8 +88,7 @@ def torch_name(kind: str, flax_param: str) -> str:
         if flax_param_ == flax_param:
             return torch_param
     raise LayoutError(
-        f"a {kind} layer has no Flax variable {flax_param!r}; "
-        f"expected one of {sorted(_kind(kind).values())}"
+        f"a {kind} layer has no Flax variable {flax_param!r}; expected one of {sorted(_kind(kind).values())}"
     )
 
 
@@ -106,6 +106,41 @@ def flax_to_torch(kind: str, flax_param: str, array: np.ndarray) -> tuple[str, n
     if flax_param == "kernel":
         array = _kernel_to_torch_weight(kind, array)
     return name, np.ascontiguousarray(array)
+
+
+def torch_to_flax_shape(kind: str, torch_param: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """The Flax name and shape of PyTorch's ``torch_param`` of ``shape``, without any data.
+
+    Lets a file converter write the output header before reading a single tensor.
+
+    Example
+    -------
+    >>> torch_to_flax_shape("conv", "weight", (8, 3, 5, 5))
+    ('kernel', (5, 5, 3, 8))
+    """
+    name = flax_name(kind, torch_param)
+    if name == "kernel":
+        shape = _torch_weight_to_kernel(kind, _shape_only(shape)).shape
+    return name, tuple(shape)
+
+
+def flax_to_torch_shape(kind: str, flax_param: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """The PyTorch name and shape of Flax's ``flax_param`` of ``shape``, without any data.
+
+    Example
+    -------
+    >>> flax_to_torch_shape("linear", "kernel", (3, 2))
+    ('weight', (2, 3))
+    """
+    name = torch_name(kind, flax_param)
+    if flax_param == "kernel":
+        shape = _kernel_to_torch_weight(kind, _shape_only(shape)).shape
+    return name, tuple(shape)
+
+
+def _shape_only(shape: tuple[int, ...]) -> np.ndarray:
+    """A zero-byte view of ``shape``: the same permutations apply, nothing is allocated."""
+    return np.broadcast_to(np.empty((), dtype=np.uint8), tuple(shape))
 
 
 def _kind(kind: str) -> dict[str, str]:

@@ -1,0 +1,342 @@
+"""Checkpoint files, tensor by tensor: read any supported file, write safetensors streaming.
+
+Framework-free (numpy, safetensors; torch only to read a pickled ``.ckpt``/``.pt``/``.bin``).
+A file is never loaded whole: :class:`TensorFile` hands out one tensor at a time and
+:func:`write_safetensors` writes them one at a time, so converting a checkpoint needs extra
+memory of about its largest tensor. Every write is atomic (:func:`~converters.checkpoint.atomic_write`)
+and every array is made C-contiguous before its bytes are written: ``safetensors.numpy.save_file``
+(0.8) writes wrong values for a non-contiguous view such as a transposed kernel.
+
+Two layouts share the file format (header metadata ``layout``):
+
+- ``"torch"`` (the interchange format): PyTorch ``state_dict()`` names and layouts.
+- ``"flax"``: the same module paths with Flax variable names and layouts
+  (``layer1.kernel`` of shape ``(in, out)``), plus a ``layer_kinds`` metadata entry
+  (JSON ``{module: kind}``) so the file converts back without guessing a layer's kind
+  from a tensor's name or rank.
+
+Example
+-------
+>>> import os, tempfile
+>>> import numpy as np
+>>> path = os.path.join(tempfile.mkdtemp(), "w.safetensors")
+>>> kernel = np.arange(6, dtype=np.float32).reshape(2, 3).T      # a non-contiguous view
+>>> write_safetensors(path, {"layer.kernel": kernel}, {"layout": "flax"})
+>>> with TensorFile(path) as f:
+...     f.names, f.shape("layer.kernel"), f.get("layer.kernel").tolist() == kernel.tolist()
+(['layer.kernel'], (3, 2), True)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import (
+    FORMAT_NAME,
+    CheckpointError,
+    atomic_write,
+    is_safetensors_path,
+    read_safetensors_header,
+)
+
+__all__ = [
+    "LAYOUTS",
+    "PICKLE_SUFFIXES",
+    "TensorFile",
+    "TensorSpec",
+    "dtype_name",
+    "layer_kinds_from_metadata",
+    "numpy_dtype",
+    "write_safetensors",
+]
+
+LAYOUTS = ("torch", "flax")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# safetensors dtype string -> numpy dtype name (ml_dtypes supplies the ones numpy lacks)
+_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "U16": "uint16",
+    "I16": "int16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "U32": "uint32",
+    "I32": "int32",
+    "F32": "float32",
+    "U64": "uint64",
+    "I64": "int64",
+    "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+
+TensorSpec = tuple[str, tuple[int, ...]]
+"""``(safetensors dtype string, shape)`` of one tensor, known before reading it."""
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of a safetensors dtype string (``'BF16'`` -> ``ml_dtypes.bfloat16``)."""
+    try:
+        numpy_name = _DTYPES[name]
+    except KeyError:
+        raise CheckpointError(
+            f"unsupported safetensors dtype {name!r}; supported: {sorted(_DTYPES)}"
+        ) from None
+    if numpy_name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
+        import ml_dtypes  # numpy has no bfloat16; jax, flax and safetensors use ml_dtypes'
+
+        return np.dtype(getattr(ml_dtypes, numpy_name))
+    return np.dtype(numpy_name)
+
+
+def dtype_name(dtype: np.dtype | type) -> str:
+    """The safetensors dtype string of a numpy dtype (``float32`` -> ``'F32'``)."""
+    name = np.dtype(dtype).name
+    for key, value in _DTYPES.items():
+        if value == name:
+            return key
+    raise CheckpointError(
+        f"dtype {name!r} cannot be stored in safetensors; supported: {sorted(_DTYPES.values())}"
+    )
+
+
+def layer_kinds_from_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """Decode the ``layer_kinds`` metadata entry (``{}`` when the file has none)."""
+    raw = metadata.get("layer_kinds")
+    if not raw:
+        return {}
+    try:
+        kinds = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"metadata 'layer_kinds' is not valid JSON: {exc}") from None
+    if not isinstance(kinds, dict) or not all(isinstance(v, str) for v in kinds.values()):
+        raise CheckpointError("metadata 'layer_kinds' must be a JSON object {module: kind}")
+    return kinds
+
+
+class TensorFile:
+    """A checkpoint file opened for reading one tensor at a time.
+
+    Reads ``.safetensors`` (through ``safetensors.safe_open``; the header is validated first,
+    so a truncated or foreign file fails with a :class:`CheckpointError` naming it) and pickled
+    PyTorch state dicts (``.ckpt``/``.pt``/``.pth``/``.bin``, via ``torch.load(weights_only=True,
+    mmap=True)``, SpeechBrain's saver format). Tensors come back as numpy arrays in the file's
+    dtype (bfloat16 as ``ml_dtypes.bfloat16``, bit-exact).
+
+    Attributes
+    ----------
+    path : Path
+    metadata : dict[str, str]
+        The safetensors header metadata (``{}`` for pickles).
+    names : list[str]
+        Tensor names in file order.
+    layout : str
+        ``'torch'`` or ``'flax'`` (from the metadata; pickles are ``'torch'``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"checkpoint file not found: {str(self.path)!r}")
+        self._handle: Any = None
+        self._pickled: dict[str, Any] | None = None
+        if is_safetensors_path(self.path) or not self.path.name.endswith(PICKLE_SUFFIXES):
+            header, metadata = read_safetensors_header(self.path)
+            self.metadata = dict(metadata)
+            self._specs = {
+                name: (str(info.get("dtype")), tuple(int(n) for n in info.get("shape", ())))
+                for name, info in header.items()
+            }
+            self.names = sorted(header, key=lambda name: int(header[name]["data_offsets"][0]))
+            for name in self.names:
+                numpy_dtype(self._specs[name][0])
+            self._handle = self._open_safetensors()
+        else:
+            self._pickled = _load_pickle(self.path)
+            self.metadata = {}
+            self._specs = {name: _tensor_spec(name, t) for name, t in self._pickled.items()}
+            self.names = list(self._pickled)
+        self.layout = self.metadata.get("layout", "torch")
+        if self.layout not in LAYOUTS:
+            raise CheckpointError(
+                f"{str(self.path)!r}: unknown layout {self.layout!r} in metadata; expected one of {LAYOUTS}"
+            )
+        self.layer_kinds = layer_kinds_from_metadata(self.metadata)
+
+    def _open_safetensors(self) -> Any:
+        from safetensors import safe_open
+
+        try:
+            return safe_open(str(self.path), framework="numpy")
+        except Exception as exc:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"cannot read safetensors file {str(self.path)!r}: {exc}") from None
+
+    def spec(self, name: str) -> TensorSpec:
+        """``(dtype string, shape)`` of tensor ``name``, without reading it."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise KeyError(f"{str(self.path)!r} has no tensor {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.spec(name)[1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return numpy_dtype(self.spec(name)[0])
+
+    def nbytes(self, name: str) -> int:
+        dtype, shape = self.spec(name)
+        return int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(name) for name in self.names)
+
+    def get(self, name: str) -> np.ndarray:
+        """Read tensor ``name`` as a C-contiguous numpy array (a fresh copy for safetensors)."""
+        self.spec(name)
+        if self._pickled is not None:
+            from ._torch import tensor_to_numpy
+
+            return tensor_to_numpy(self._pickled[name])
+        try:
+            return self._handle.get_tensor(name)
+        except Exception as exc:
+            raise CheckpointError(f"cannot read tensor {name!r} from {str(self.path)!r}: {exc}") from None
+
+    def close(self) -> None:
+        self._handle = None
+        self._pickled = None
+
+    def __enter__(self) -> TensorFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def write_safetensors(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, np.ndarray] | None = None,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    specs: Mapping[str, TensorSpec] | None = None,
+    produce: Callable[[str], np.ndarray] | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> None:
+    """Write a safetensors file atomically, one tensor at a time.
+
+    Either give ``tensors`` (arrays in memory), or ``specs`` (name -> ``(dtype string, shape)``,
+    in the order to write) with ``produce(name) -> array``, called once per tensor while writing,
+    so that only one produced tensor is alive at a time. Each produced array must match its
+    spec; it is made C-contiguous and little-endian before its bytes are written. ``progress``
+    is called with the number of bytes of each tensor written. On any failure, no file is left.
+    """
+    if (tensors is None) == (specs is None):
+        raise TypeError("give either tensors or specs (with produce), not both")
+    if tensors is not None:
+        arrays = dict(tensors)
+        specs = {name: (dtype_name(a.dtype), tuple(a.shape)) for name, a in arrays.items()}
+
+        def produce(name: str) -> np.ndarray:
+            return arrays[name]
+
+    elif produce is None:
+        raise TypeError("specs needs produce(name) -> array")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    header, total = _header(specs, meta)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            written = 0
+            for name, (dtype, shape) in specs.items():
+                array = _checked(name, produce(name), dtype, shape)
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))
+                written += array.nbytes
+                del array
+                if progress is not None:
+                    progress(_nbytes(dtype, shape))
+            if written != total:  # pragma: no cover - guarded by _checked
+                raise CheckpointError(f"wrote {written} bytes of tensor data, header promised {total}")
+
+    atomic_write(path, write)
+
+
+def _header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> tuple[bytes, int]:
+    entries: dict[str, Any] = {}
+    if metadata:
+        entries["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, (dtype, shape) in specs.items():
+        if name == "__metadata__":
+            raise CheckpointError("a tensor cannot be named '__metadata__'")
+        size = _nbytes(dtype, shape)
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(entries, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return raw, offset
+
+
+def _nbytes(dtype: str, shape: Sequence[int]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
+
+
+def _checked(name: str, array: Any, dtype: str, shape: Sequence[int]) -> np.ndarray:
+    array = np.asarray(array)
+    if tuple(array.shape) != tuple(shape) or dtype_name(array.dtype) != dtype:
+        raise CheckpointError(
+            f"tensor {name!r}: expected {dtype} {tuple(shape)}, got {dtype_name(array.dtype)} {tuple(array.shape)}"
+        )
+    if array.dtype.byteorder == ">":
+        array = array.byteswap().view(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def _tensor_spec(name: str, tensor: Any) -> TensorSpec:
+    from ._torch import torch_dtype_name
+
+    return torch_dtype_name(tensor.dtype), tuple(int(n) for n in tensor.shape)
+
+
+def _load_pickle(path: Path) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"reading the pickled checkpoint {str(path)!r} needs PyTorch installed"
+        ) from None
+    try:
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad pickle/zip
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise CheckpointError(f"{str(path)!r} does not hold a state dict of named tensors")
+    return dict(loaded)
+
+
+def is_ours(metadata: Mapping[str, str]) -> bool:
+    """True when the header metadata was written by this library."""
+    return metadata.get("format") == FORMAT_NAME
+
+
+def sizes(names: Iterable[str], tensor_file: TensorFile) -> int:
+    """Total bytes of ``names`` in ``tensor_file``."""
+    return sum(tensor_file.nbytes(name) for name in names)

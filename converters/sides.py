@@ -1,0 +1,189 @@
+"""Both ends of a conversion, seen in the interchange format (torch names and layouts, numpy).
+
+A *source* is a model of either framework, a checkpoint file, or a state dict; a *target* is
+a model. Each becomes plain data here: a :class:`Source` (a lazy torch-layout view plus what is
+known about it) or a :class:`Target` (the expected keys, dtypes and shapes, layer kinds, and a
+function that writes validated arrays into the model). Frameworks are imported only when the
+object at hand belongs to them, so a Flax-only install converts files without PyTorch.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import adapter_metadata, parse_metadata
+from .files import TensorFile, TensorSpec, dtype_name
+from .views import ADAPTER_PROJECTIONS, TensorView, adapter_implied_kinds, file_view, to_torch_layout
+
+__all__ = [
+    "Source",
+    "Target",
+    "framework_of",
+    "is_adapter_key",
+    "model_metadata",
+    "model_state",
+    "read_source",
+    "target_of",
+]
+
+
+@dataclass
+class Source:
+    """What a conversion reads: a torch-layout view plus what is known about it.
+
+    ``framework`` is ``'torch'``, ``'flax'`` or ``'file'``/``'dict'``; ``kinds`` and
+    ``unknown`` come from module types (models) or the file's metadata; ``aliases`` maps a tied
+    key to the key it shares storage with; ``adapter_only`` is True for adapter checkpoints
+    (which lack the frozen base weights by design).
+    """
+
+    view: TensorView
+    framework: str
+    kinds: dict[str, str] = field(default_factory=dict)
+    unknown: dict[str, str] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    adapter_only: bool = False
+    layout: str = "torch"
+    close: Callable[[], None] = lambda: None
+
+
+@dataclass
+class Target:
+    """A model about to be filled: expected torch-style keys and how to write them."""
+
+    framework: str
+    specs: dict[str, TensorSpec]
+    kinds: dict[str, str]
+    unknown: dict[str, str]
+    aliases: dict[str, str]
+    assign: Callable[[dict[str, np.ndarray]], None]
+
+
+def framework_of(obj: object) -> str | None:
+    """``'torch'`` for an ``nn.Module``, ``'flax'`` for an ``nnx.Module``, else None (no imports)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        return "torch"
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(obj, nnx.Module):
+        return "flax"
+    return None
+
+
+def is_adapter_key(key: str) -> bool:
+    """True for a tensor inside an adapter projection (``...adapter_down_proj.weight``)."""
+    return any(part in ADAPTER_PROJECTIONS for part in key.split(".")[:-1])
+
+
+def model_state(model: Any) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str], dict[str, str]]:
+    """``(arrays, kinds, unknown, aliases)`` of a model of either framework, torch names/layouts."""
+    framework = framework_of(model)
+    if framework == "torch":
+        from ._torch import tensor_to_numpy, torch_state
+
+        state = torch_state(model)
+        arrays = {key: tensor_to_numpy(t) for key, t in state.tensors.items()}
+        return arrays, state.kinds, state.unknown, state.aliases
+    if framework == "flax":
+        from ._flax import flax_kinds, flax_state_dict
+
+        kinds, unknown = flax_kinds(model)
+        return flax_state_dict(model), kinds, unknown, {}
+    raise TypeError(f"expected a torch.nn.Module or a flax.nnx.Module, got {type(model).__name__}")
+
+
+def model_metadata(model: Any, framework: str) -> dict[str, str]:
+    """Header metadata describing ``model``: an AdaptedModel records its adapter settings."""
+    adapter_class = getattr(model, "adapter_class", None)
+    if adapter_class is not None and hasattr(model, "adapted_model"):
+        return adapter_metadata(
+            framework=framework,
+            adapter_class=getattr(adapter_class, "__name__", str(adapter_class)),
+            adapter_kwargs=getattr(model, "adapter_kwargs", {}),
+            target_layers=list(getattr(model, "target_layers", ()) or getattr(model, "replace_layers", ())),
+            unfrozen_layers=list(getattr(model, "unfrozen_layers", ())),
+            content="model",
+        )
+    return adapter_metadata(framework=framework, content="base")
+
+
+def read_source(source: Any) -> Source:
+    """Turn a model, a checkpoint path or a state dict into a :class:`Source`."""
+    framework = framework_of(source)
+    if framework is not None:
+        arrays, kinds, unknown, aliases = model_state(source)
+        return Source(TensorView.from_arrays(arrays), framework, kinds, unknown, aliases)
+    if isinstance(source, (str, os.PathLike)):
+        return _file_source(source)
+    if isinstance(source, Mapping):
+        arrays = {}
+        for key, value in source.items():
+            if not isinstance(key, str):
+                raise TypeError(f"state dict keys must be strings, got {key!r}")
+            arrays[key] = _to_numpy(key, value)
+        view = TensorView.from_arrays(arrays)
+        return Source(view, "dict", adapter_only=_only_adapter_keys(view.names))
+    raise TypeError(
+        "source must be a torch.nn.Module, a flax.nnx.Module, a checkpoint path or a state dict, "
+        f"got {type(source).__name__}"
+    )
+
+
+def target_of(model: Any) -> Target:
+    """Describe ``model`` as a :class:`Target` (expected keys, kinds, and how to assign)."""
+    framework = framework_of(model)
+    if framework == "torch":
+        from ._torch import assign_torch, torch_dtype_name, torch_state
+
+        state = torch_state(model)
+        specs = {k: (torch_dtype_name(t.dtype), tuple(t.shape)) for k, t in state.tensors.items()}
+        return Target(
+            "torch", specs, state.kinds, state.unknown, state.aliases, lambda a: assign_torch(model, a)
+        )
+    if framework == "flax":
+        from ._flax import assign_flax, flax_kinds, flax_state_dict
+
+        kinds, unknown = flax_kinds(model)
+        specs = {k: (dtype_name(a.dtype), tuple(a.shape)) for k, a in flax_state_dict(model).items()}
+        return Target("flax", specs, kinds, unknown, {}, lambda a: assign_flax(model, a))
+    raise TypeError(f"the target must be a torch.nn.Module or a flax.nnx.Module, got {type(model).__name__}")
+
+
+def _file_source(path: str | os.PathLike[str]) -> Source:
+    tensor_file = TensorFile(path)
+    metadata = dict(tensor_file.metadata)
+    view = file_view(tensor_file)
+    kinds = dict(tensor_file.layer_kinds)
+    if tensor_file.layout == "torch":
+        adapter_class = metadata.get("adapter_class", "")
+        for module, kind in adapter_implied_kinds(view.names, view.specs, adapter_class).items():
+            kinds.setdefault(module, kind)
+    view = to_torch_layout(view, tensor_file.layout, kinds)
+    content = parse_metadata(metadata).get("content")
+    adapter_only = content == "adapter" or (not metadata and _only_adapter_keys(view.names))
+    return Source(view, "file", kinds, {}, {}, metadata, adapter_only, tensor_file.layout, tensor_file.close)
+
+
+def _only_adapter_keys(names: list[str]) -> bool:
+    return bool(names) and all(is_adapter_key(name) for name in names)
+
+
+def _to_numpy(key: str, value: Any) -> np.ndarray:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        from ._torch import tensor_to_numpy
+
+        return tensor_to_numpy(value)
+    if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
+        array = np.asarray(value)  # jax arrays keep their dtype (bf16 as ml_dtypes.bfloat16)
+        if array.dtype == object:
+            raise TypeError(f"state dict entry {key!r} is not a numeric array")
+        return np.ascontiguousarray(array)
+    raise TypeError(f"state dict entry {key!r} must be a tensor or an array, got {type(value).__name__}")

@@ -1,0 +1,220 @@
+"""Lazy views of named tensors, and the layout changes between them.
+
+Framework-free. A :class:`TensorView` knows each tensor's name, dtype and shape up front and
+reads (and re-lays out) a tensor only when asked, so a file-to-file conversion holds one tensor
+at a time. Views compose: a file in either layout becomes a torch-layout view
+(:func:`to_torch_layout`), which can be renamed (:func:`renamed`) and turned into a Flax-layout
+view (:func:`to_flax_layout`). The layer kind of every tensor comes from module types, recorded
+as ``{module: kind}`` (a model's ``named_modules()``, or a file's ``layer_kinds`` metadata
+written from one), never guessed from a tensor's name or rank.
+
+Example
+-------
+>>> import numpy as np
+>>> view = TensorView.from_arrays({"fc.weight": np.ones((2, 3), np.float32)})
+>>> flax, notes = to_flax_layout(view, {"fc": "linear"})
+>>> flax.names, flax.shape("fc.kernel"), to_torch_layout(flax, "flax", {"fc": "linear"}).names
+(['fc.kernel'], (3, 2), ['fc.weight'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import layout
+from .checkpoint import CheckpointError, KeyReport
+from .files import TensorFile, TensorSpec, dtype_name
+from .rename import RenameRule, rename_keys
+
+__all__ = [
+    "ADAPTER_PROJECTIONS",
+    "ConversionError",
+    "TensorView",
+    "UnknownLayerError",
+    "adapter_implied_kinds",
+    "file_view",
+    "module_of",
+    "renamed",
+    "to_flax_layout",
+    "to_torch_layout",
+]
+
+ADAPTER_PROJECTIONS = ("adapter_down_proj", "adapter_up_proj")
+
+# Modules whose kind follows from the adapter class that owns them: LoRA wraps only Linear or
+# ConvNd (and its projections copy that type), Houlsby only Linear. Within {linear, conv} a
+# weight's rank is unambiguous (a conv weight has >= 3 dims), unlike e.g. linear vs embedding.
+_ADAPTER_CHILDREN = {
+    "LoRA": ("pretrained_module", "adapter_down_proj", "adapter_up_proj"),
+    "HoulsbyAdapterLinear": ("pretrained_linear", "adapter_down_proj", "adapter_up_proj"),
+}
+
+
+class ConversionError(CheckpointError):
+    """A conversion was refused; ``report`` lists the missing, unexpected and mis-shaped keys."""
+
+    def __init__(self, message: str, report: KeyReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class UnknownLayerError(TypeError):
+    """A tensor belongs to a layer type whose PyTorch <-> Flax layout is not known."""
+
+
+def module_of(key: str) -> str:
+    """The module part of a tensor name: ``'a.b.weight'`` -> ``'a.b'`` (``''`` for a root tensor)."""
+    return key.rpartition(".")[0]
+
+
+@dataclass
+class TensorView:
+    """Named tensors known by spec, read on demand.
+
+    Attributes
+    ----------
+    specs : dict[str, tuple[str, tuple[int, ...]]]
+        ``name -> (safetensors dtype string, shape)``, in order.
+    readers : dict[str, Callable[[], np.ndarray]]
+        ``name -> read()``; each call returns a fresh C-contiguous array.
+    """
+
+    specs: dict[str, TensorSpec]
+    readers: dict[str, Callable[[], np.ndarray]]
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TensorView:
+        specs = {name: (dtype_name(a.dtype), tuple(a.shape)) for name, a in arrays.items()}
+        return cls(specs, {name: (lambda a=a: a) for name, a in arrays.items()})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.specs[name][1]
+
+    def read(self, name: str) -> np.ndarray:
+        return self.readers[name]()
+
+    def select(self, names: Iterable[str]) -> TensorView:
+        keep = list(names)
+        return TensorView({n: self.specs[n] for n in keep}, {n: self.readers[n] for n in keep})
+
+
+def file_view(tensor_file: TensorFile) -> TensorView:
+    """The tensors of an open file under their names in the file."""
+    return TensorView(
+        {name: tensor_file.spec(name) for name in tensor_file.names},
+        {name: (lambda name=name: tensor_file.get(name)) for name in tensor_file.names},
+    )
+
+
+def adapter_implied_kinds(
+    names: Iterable[str], specs: Mapping[str, TensorSpec], adapter_class: str
+) -> dict[str, str]:
+    """Kinds of the layers inside adapters, from the adapter class recorded in the metadata.
+
+    ``names`` are torch-layout tensor names; a module ``<x>.adapter_down_proj`` of a LoRA is
+    ``'linear'`` when its weight has 2 dims and ``'conv'`` otherwise; Houlsby's are ``'linear'``.
+
+    Example
+    -------
+    >>> adapter_implied_kinds(["m.adapter_down_proj.weight"], {"m.adapter_down_proj.weight": ("F32", (2, 4))}, "LoRA")
+    {'m.adapter_down_proj': 'linear'}
+    """
+    children = _ADAPTER_CHILDREN.get(adapter_class)
+    if children is None:
+        return {}
+    kinds = {}
+    for name in names:
+        module = module_of(name)
+        if module.rpartition(".")[2] not in children or not name.endswith(".weight"):
+            continue
+        ndim = len(specs[name][1])
+        kinds[module] = "linear" if adapter_class == "HoulsbyAdapterLinear" or ndim == 2 else "conv"
+    # the bias of a layer whose weight told its kind
+    return kinds
+
+
+def to_torch_layout(view: TensorView, source_layout: str, kinds: Mapping[str, str]) -> TensorView:
+    """A torch-layout view of ``view`` (a no-op for ``'torch'``; Flax names/layouts mapped back).
+
+    Raises :class:`UnknownLayerError` naming the tensors whose module has no recorded kind.
+    """
+    if source_layout == "torch":
+        return view
+    if source_layout != "flax":
+        raise CheckpointError(f"unknown layout {source_layout!r}; expected 'torch' or 'flax'")
+    _require_kinds(view.names, kinds, "convert Flax-layout tensors to PyTorch's")
+    specs, readers = {}, {}
+    for name in view.names:
+        module, _, leaf = name.rpartition(".")
+        kind = kinds[module]
+        torch_leaf, shape = layout.flax_to_torch_shape(kind, leaf, view.shape(name))
+        new = f"{module}.{torch_leaf}" if module else torch_leaf
+        specs[new] = (view.specs[name][0], shape)
+        readers[new] = _relayout(view.readers[name], layout.flax_to_torch, kind, leaf)
+    return TensorView(specs, readers)
+
+
+def to_flax_layout(view: TensorView, kinds: Mapping[str, str]) -> tuple[TensorView, list[str]]:
+    """A Flax-layout view of a torch-layout ``view``; returns ``(view, notes)``.
+
+    Buffers Flax has no variable for (BatchNorm's ``num_batches_tracked``) are left out and
+    named in the notes. Raises :class:`UnknownLayerError` for tensors of unknown kind.
+    """
+    notes = []
+    keep = []
+    for name in view.names:
+        module, _, leaf = name.rpartition(".")
+        if leaf in layout.BUFFERS_WITHOUT_FLAX_TWIN.get(kinds.get(module, ""), ()):
+            notes.append(f"{name}: {kinds[module]} buffer without a Flax twin, not converted")
+        else:
+            keep.append(name)
+    _require_kinds(keep, kinds, "convert PyTorch-layout tensors to Flax's")
+    specs, readers = {}, {}
+    for name in keep:
+        module, _, leaf = name.rpartition(".")
+        kind = kinds[module]
+        flax_leaf, shape = layout.torch_to_flax_shape(kind, leaf, view.shape(name))
+        new = f"{module}.{flax_leaf}" if module else flax_leaf
+        specs[new] = (view.specs[name][0], shape)
+        readers[new] = _relayout(view.readers[name], layout.torch_to_flax, kind, leaf)
+    return TensorView(specs, readers), notes
+
+
+def renamed(view: TensorView, rules: Sequence[RenameRule] | None) -> tuple[TensorView, list[str]]:
+    """``view`` with names mapped by ``rules`` (see :mod:`converters.rename`); returns notes too."""
+    if not rules:
+        return view, []
+    new_names, notes = rename_keys(view.names, rules)
+    specs = {new: view.specs[old] for old, new in zip(view.names, new_names, strict=True)}
+    readers = {new: view.readers[old] for old, new in zip(view.names, new_names, strict=True)}
+    return TensorView(specs, readers), notes
+
+
+def _relayout(
+    read: Callable[[], np.ndarray], convert: Callable, kind: str, leaf: str
+) -> Callable[[], np.ndarray]:
+    def read_converted() -> np.ndarray:
+        return convert(kind, leaf, read())[1]
+
+    return read_converted
+
+
+def _require_kinds(names: Sequence[str], kinds: Mapping[str, str], action: str) -> None:
+    unknown = sorted({module_of(name) for name in names if module_of(name) not in kinds})
+    if unknown:
+        shown = ", ".join(repr(m) for m in unknown[:10]) + (
+            f" ... ({len(unknown) - 10} more)" if len(unknown) > 10 else ""
+        )
+        raise UnknownLayerError(
+            f"cannot {action}: no layer kind is known for module(s) {shown}. A layer's kind comes from its "
+            "module type, never from a tensor's name or rank: convert from the model itself, write the file "
+            "with save_torch_layout (which records 'layer_kinds'), or pass the kinds explicitly "
+            f"({{module: kind}}, kinds: {list(layout.KINDS)})"
+        )
