@@ -136,7 +136,7 @@ class AdaptedModel(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(model_to_adapt, nn.Module):
-            raise TypeError(f"model_to_adapt must be an nn.Module, got {type(model_to_adapt).__name__}")
+            raise TypeError(f"model_to_adapt must be an nn.Module instance, got {model_to_adapt!r:.100}")
         if not callable(adapter_class):
             raise TypeError(f"adapter_class must be an adapter class such as LoRA, got {adapter_class!r}")
         target_layers = as_patterns(target_layers)

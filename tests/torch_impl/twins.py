@@ -8,6 +8,7 @@ function making an input, and it checks everything a user swapping SpeechBrain f
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +29,30 @@ Factory = Callable[[], nn.Module]
 def speechbrain_adapters():
     """``speechbrain.nnet.adapters``, or a clean skip where SpeechBrain is not installed."""
     try:
-        return import_speechbrain_adapters()
+        adapters = import_speechbrain_adapters()
     except ImportError as exc:  # pragma: no cover - CI installs speechbrain
         pytest.skip(f"speechbrain is not installed: {exc}")
+    purge_speechbrain_lazy_modules()
+    return adapters
+
+
+def purge_speechbrain_lazy_modules() -> list[str]:
+    """Take SpeechBrain's lazy-import placeholders out of ``sys.modules``; returns their names.
+
+    SpeechBrain puts ``LazyModule`` objects for optional integrations (k2, spacy, flair, ...)
+    into ``sys.modules``; touching one imports its target, which raises ``ImportError`` when the
+    optional dependency is absent. Hypothesis scans every module in ``sys.modules`` for constants
+    the first time it draws after new imports, so any property test run later in the same
+    process (any test package, under ``pytest -n``) would fail with that ImportError. The
+    placeholders stay reachable as attributes of their parent packages.
+    """
+    importutils = sys.modules.get("speechbrain.utils.importutils")
+    if importutils is None:
+        return []
+    lazy = [name for name, module in list(sys.modules.items()) if isinstance(module, importutils.LazyModule)]
+    for name in lazy:
+        del sys.modules[name]
+    return lazy
 
 
 @dataclass
