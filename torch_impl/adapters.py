@@ -30,7 +30,7 @@ from converters.naming import (
     parent_and_leaf,
 )
 
-from . import _speechbrain, fused
+from . import _speechbrain, distributed, fused
 from .activations import Swish
 from .checkpoint import load_state_dict_file, save_state_dict_file
 
@@ -233,17 +233,21 @@ class AdaptedModel(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What :meth:`saver` writes: parameters that require grad, keyed as in ``state_dict()``,
-        plus the buffers (e.g. BatchNorm running stats) of ``unfrozen_layers``."""
+        plus the buffers (e.g. BatchNorm running stats) of ``unfrozen_layers``.
+
+        Under FSDP2 (``fully_shard``) these tensors, and only these, are gathered whole from
+        their shards: a collective, so every rank must call it; frozen weights stay sharded.
+        """
         full = self.state_dict(keep_vars=True)
-        keep = {name for name, value in full.items() if value.requires_grad}
-        keep.update(key for key in self._unfrozen_buffer_keys() if key in full)
-        return {name: value.detach() for name, value in full.items() if name in keep}
+        return distributed.gather_full({name: full[name] for name in self._trainable_keys(full)})
 
     def saver(self, path: str) -> None:
         """Save only the trainable parameters (and buffers of unfrozen layers).
 
         A path ending in ``.safetensors`` writes the interchange format with metadata;
         any other path writes SpeechBrain's ``torch.save`` format. The write is atomic.
+        In a process group only rank 0 writes; under FSDP2 every rank must call ``saver``
+        (the trainable shards are gathered, the frozen ones never are).
         """
         metadata = adapter_metadata(
             framework="torch",
@@ -252,19 +256,24 @@ class AdaptedModel(nn.Module):
             target_layers=self.target_layers or self.replace_layers,
             unfrozen_layers=self.unfrozen_layers,
         )
-        save_state_dict_file(self.trainable_state_dict(), path, metadata)
+        state_dict = self.trainable_state_dict()
+        if distributed.is_writer():
+            save_state_dict_file(state_dict, path, metadata)
 
     def loader(self, path: str, end_of_epoch: bool = False) -> None:
         """Load trained parameters saved by :meth:`saver` (ours or SpeechBrain's).
 
         The file may lack frozen weights, but every trainable parameter must be there, and an
         unexpected or mis-shaped key raises :class:`CheckpointError` before anything is loaded.
+        In a process group every rank reads the file (DDP replicas must all load it); under
+        FSDP2 each rank keeps only its shard of each tensor, with no communication.
         """
         del end_of_epoch
         state_dict, _ = load_state_dict_file(path)
-        expected = {name: tuple(t.shape) for name, t in self.state_dict().items()}
+        current = self.state_dict()
+        expected = {name: tuple(t.shape) for name, t in current.items()}
         report = compare_keys({k: tuple(v.shape) for k, v in state_dict.items()}, expected)
-        trainable = set(self.trainable_state_dict()) - set(self._unfrozen_buffer_keys())
+        trainable = set(self._trainable_keys()) - set(self._unfrozen_buffer_keys())
         missing = [key for key in report.missing if key in trainable]
         if report.unexpected or report.mismatched or missing:
             raise CheckpointError(
@@ -272,7 +281,10 @@ class AdaptedModel(nn.Module):
                 f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
                 f"missing trainable keys {missing}"
             )
-        self.load_state_dict(state_dict, strict=False)
+        self.load_state_dict(
+            {key: distributed.shard_like(value, current[key]) for key, value in state_dict.items()},
+            strict=False,
+        )
 
     def parameter_transfer(self, path: str) -> None:
         """Load parameters for transfer (SpeechBrain's Pretrainer hook); same as ``loader``."""
@@ -287,6 +299,13 @@ class AdaptedModel(nn.Module):
             pass
         model = super().__getattr__("adapted_model")
         return getattr(model, item)
+
+    def _trainable_keys(self, full: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+        """Keys of :meth:`trainable_state_dict`, in ``state_dict()`` order, gathering nothing."""
+        full = self.state_dict(keep_vars=True) if full is None else full
+        keep = {name for name, value in full.items() if value.requires_grad}
+        keep.update(key for key in self._unfrozen_buffer_keys() if key in full)
+        return [name for name in full if name in keep]
 
     def _unfrozen_buffer_keys(self) -> list[str]:
         keys = []
