@@ -12,6 +12,32 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+# The printed example of SpeechBrain's AdaptedModel docstring (and of the seed page), byte for byte.
+SEED_REPR = """AdaptedModel(
+  (adapted_model): Sequential(
+    (layer1): LoRA(
+      (pretrained_module): Linear(in_features=10, out_features=20, bias=True)
+      (adapter_down_proj): Linear(in_features=10, out_features=2, bias=False)
+      (adapter_up_proj): Linear(in_features=2, out_features=20, bias=False)
+    )
+    (layer2): Linear(in_features=20, out_features=20, bias=True)
+    (layer3): LoRA(
+      (pretrained_module): Linear(in_features=20, out_features=10, bias=True)
+      (adapter_down_proj): Linear(in_features=20, out_features=2, bias=False)
+      (adapter_up_proj): Linear(in_features=2, out_features=10, bias=False)
+    )
+  )
+)"""
+
+
+def seed_model() -> nn.Module:
+    """The seed example's model: three Linears named layer1..3."""
+    return nn.Sequential(
+        OrderedDict(
+            [("layer1", nn.Linear(10, 20)), ("layer2", nn.Linear(20, 20)), ("layer3", nn.Linear(20, 10))]
+        )
+    )
+
 
 def mlp() -> nn.Module:
     """The seed's three-layer Sequential (named layer1..3) with an activation in between."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from torch import nn
 
 import torch_impl
 from tests.torch_impl import models
+from tests.torch_impl.models import SEED_REPR
 from tests.torch_impl.twins import (
     assert_state_dicts_equal,
     assert_twins_agree,
@@ -141,34 +141,10 @@ def test_manual_insertion_matches_speechbrain(sb, tmp_path):
 def test_seed_example_repr_is_byte_for_byte_speechbrains(sb):
     kwargs = {"target_layers": ["layer[13]"], "unfrozen_layers": ["layer2"], "adapter_kwargs": {"rank": 2}}
 
-    def seed_model():
-        return nn.Sequential(
-            OrderedDict(
-                [("layer1", nn.Linear(10, 20)), ("layer2", nn.Linear(20, 20)), ("layer3", nn.Linear(20, 10))]
-            )
-        )
-
-    ours = repr(torch_impl.AdaptedModel(seed_model(), torch_impl.LoRA, **kwargs))
-    theirs = repr(sb.AdaptedModel(seed_model(), sb.LoRA, **kwargs))
+    ours = repr(torch_impl.AdaptedModel(models.seed_model(), torch_impl.LoRA, **kwargs))
+    theirs = repr(sb.AdaptedModel(models.seed_model(), sb.LoRA, **kwargs))
     assert ours == theirs
     assert ours == SEED_REPR
-
-
-SEED_REPR = """AdaptedModel(
-  (adapted_model): Sequential(
-    (layer1): LoRA(
-      (pretrained_module): Linear(in_features=10, out_features=20, bias=True)
-      (adapter_down_proj): Linear(in_features=10, out_features=2, bias=False)
-      (adapter_up_proj): Linear(in_features=2, out_features=20, bias=False)
-    )
-    (layer2): Linear(in_features=20, out_features=20, bias=True)
-    (layer3): LoRA(
-      (pretrained_module): Linear(in_features=20, out_features=10, bias=True)
-      (adapter_down_proj): Linear(in_features=20, out_features=2, bias=False)
-      (adapter_up_proj): Linear(in_features=2, out_features=10, bias=False)
-    )
-  )
-)"""
 
 
 def _checkpointer_files(folder: Path) -> list[Path]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections import OrderedDict
 
 import pytest
 import torch
@@ -285,16 +284,20 @@ def test_replace_module_refuses_the_empty_name_of_the_root():
 # --- AdaptedModel ------------------------------------------------------------------------------
 
 
-def _seed_model() -> nn.Sequential:
-    return nn.Sequential(
-        OrderedDict(
-            [("layer1", nn.Linear(10, 20)), ("layer2", nn.Linear(20, 20)), ("layer3", nn.Linear(20, 10))]
-        )
+def test_seed_example_prints_byte_for_byte_as_in_the_seed():
+    model = AdaptedModel(
+        model_to_adapt=models.seed_model(),
+        adapter_class=LoRA,
+        target_layers=["layer[13]"],
+        unfrozen_layers=["layer2"],
+        adapter_kwargs={"rank": 2},
     )
+    assert repr(model) == models.SEED_REPR
+    assert str(model) == models.SEED_REPR
 
 
 def test_adapted_model_wraps_targets_unfreezes_others_and_freezes_the_rest():
-    model = AdaptedModel(_seed_model(), LoRA, target_layers=["layer[13]"], unfrozen_layers=["layer2"])
+    model = AdaptedModel(models.seed_model(), LoRA, target_layers=["layer[13]"], unfrozen_layers=["layer2"])
     assert model.replace_layers == ["layer1", "layer3"]
     assert isinstance(model.adapted_model.layer1, LoRA) and isinstance(model.adapted_model.layer3, LoRA)
     assert type(model.adapted_model.layer2) is nn.Linear
