@@ -37,7 +37,7 @@ from .layout import BUFFERS_WITHOUT_FLAX_TWIN
 from .naming import as_patterns, matches_any
 from .rename import RenameRule
 from .sides import Source, Target, framework_of, is_adapter_key, read_source, target_of
-from .views import ConversionError, UnknownLayerError, module_of, renamed
+from .views import ConversionError, UnknownLayerError, module_of, renamed, renamed_modules
 
 __all__ = ["flax_to_torch", "load_into", "torch_to_flax"]
 
@@ -131,7 +131,11 @@ def load_into(
     src = read_source(source)
     try:
         tgt = target_of(target)
-        src.view, rename_notes = renamed(src.view, rename)
+        src.view, rename_notes, old_of = renamed(src.view, rename)
+        src.kinds = renamed_modules(src.kinds, old_of)
+        src.unknown = renamed_modules(src.unknown, old_of)
+        new_of = {old: new for new, old in old_of.items()}
+        src.aliases = {new_of.get(a, a): new_of.get(p, p) for a, p in src.aliases.items()}
         plan = _plan(src, tgt, strict=strict)
         report = plan.report
         report.notes = rename_notes + report.notes

@@ -20,8 +20,17 @@ from collections.abc import Mapping, Sequence
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, KeyReport, library_version
 from .files import LAYOUTS, TensorFile, write_safetensors
 from .layout import KINDS
-from .rename import RenameRule, rename_keys
-from .views import TensorView, adapter_implied_kinds, file_view, module_of, to_flax_layout, to_torch_layout
+from .rename import RenameRule
+from .views import (
+    TensorView,
+    adapter_implied_kinds,
+    file_view,
+    module_of,
+    renamed,
+    renamed_modules,
+    to_flax_layout,
+    to_torch_layout,
+)
 
 __all__ = ["convert_file", "file_layer_kinds", "progress_bar"]
 
@@ -78,16 +87,12 @@ def convert_file(
     with TensorFile(source) as tensor_file:
         kinds = file_layer_kinds(tensor_file, layer_kinds)
         view = to_torch_layout(file_view(tensor_file), tensor_file.layout, kinds)
-        new_names, notes = rename_keys(view.names, rename)
-        old_of = dict(zip(new_names, view.names, strict=True))
-        kinds = _renamed_kinds(kinds, old_of)
-        view = TensorView(
-            {n: view.specs[old_of[n]] for n in new_names}, {n: view.readers[old_of[n]] for n in new_names}
-        )
+        view, notes, old_of = renamed(view, rename)
+        kinds = renamed_modules(kinds, old_of)
         if layout == "flax":
             view, dropped = to_flax_layout(view, kinds)
             notes += dropped
-        used = {module_of(name) for name in view.names} | {module_of(n) for n in new_names}
+        used = {module_of(name) for name in view.names} | {module_of(name) for name in old_of}
         metadata = _output_metadata(tensor_file, layout, {m: k for m, k in kinds.items() if m in used})
         total = sum(_nbytes(view, name) for name in view.names)
         with progress_bar(total, f"convert {os.path.basename(str(source))}", enabled=progress) as bar:
@@ -138,14 +143,6 @@ class progress_bar:
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-def _renamed_kinds(kinds: Mapping[str, str], old_of: Mapping[str, str]) -> dict[str, str]:
-    out = dict(kinds)
-    for new, old in old_of.items():
-        if new != old and module_of(old) in kinds:
-            out[module_of(new)] = kinds[module_of(old)]
-    return out
 
 
 def _output_metadata(tensor_file: TensorFile, layout: str, kinds: Mapping[str, str]) -> dict[str, str]:

@@ -38,6 +38,7 @@ __all__ = [
     "file_view",
     "module_of",
     "renamed",
+    "renamed_modules",
     "to_flax_layout",
     "to_torch_layout",
 ]
@@ -187,14 +188,27 @@ def to_flax_layout(view: TensorView, kinds: Mapping[str, str]) -> tuple[TensorVi
     return TensorView(specs, readers), notes
 
 
-def renamed(view: TensorView, rules: Sequence[RenameRule] | None) -> tuple[TensorView, list[str]]:
-    """``view`` with names mapped by ``rules`` (see :mod:`converters.rename`); returns notes too."""
+def renamed(
+    view: TensorView, rules: Sequence[RenameRule] | None
+) -> tuple[TensorView, list[str], dict[str, str]]:
+    """``view`` with names mapped by ``rules`` (see :mod:`converters.rename`); returns
+    ``(view, notes, {new name: old name})``."""
     if not rules:
-        return view, []
+        return view, [], {name: name for name in view.names}
     new_names, notes = rename_keys(view.names, rules)
-    specs = {new: view.specs[old] for old, new in zip(view.names, new_names, strict=True)}
-    readers = {new: view.readers[old] for old, new in zip(view.names, new_names, strict=True)}
-    return TensorView(specs, readers), notes
+    old_of = dict(zip(new_names, view.names, strict=True))
+    specs = {new: view.specs[old] for new, old in old_of.items()}
+    readers = {new: view.readers[old] for new, old in old_of.items()}
+    return TensorView(specs, readers), notes, old_of
+
+
+def renamed_modules(by_module: Mapping[str, str], old_of: Mapping[str, str]) -> dict[str, str]:
+    """Carry ``{module: value}`` (layer kinds, type names) over a rename of tensor names."""
+    out = dict(by_module)
+    for new, old in old_of.items():
+        if new != old and module_of(old) in by_module:
+            out[module_of(new)] = by_module[module_of(old)]
+    return out
 
 
 def _relayout(
