@@ -96,7 +96,7 @@ def tensor_to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
     """The inverse of :func:`tensor_to_numpy`, bit-exact (bf16 through a ``uint16`` view)."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
     if not array.flags.writeable:  # torch.from_numpy warns on read-only memory
         array = array.copy()
     if array.dtype.name == "bfloat16":

@@ -300,7 +300,7 @@ def _checked(name: str, array: Any, dtype: str, shape: Sequence[int]) -> np.ndar
         )
     if array.dtype.byteorder == ">":
         array = array.byteswap().view(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
+    return np.asarray(array, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
 
 
 def _tensor_spec(name: str, tensor: Any) -> TensorSpec:

@@ -185,5 +185,5 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
         array = np.asarray(value)  # jax arrays keep their dtype (bf16 as ml_dtypes.bfloat16)
         if array.dtype == object:
             raise TypeError(f"state dict entry {key!r} is not a numeric array")
-        return np.ascontiguousarray(array)
+        return np.asarray(array, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
     raise TypeError(f"state dict entry {key!r} must be a tensor or an array, got {type(value).__name__}")
