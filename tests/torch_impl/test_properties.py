@@ -13,6 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -21,6 +22,7 @@ from torch import nn
 from torch_impl import AdaptedModel, LoRA, merge_lora, unmerge_lora
 
 SETTINGS = settings(max_examples=20, deadline=None)
+pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 CONV_CLASSES = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 

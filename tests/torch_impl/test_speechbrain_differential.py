@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import torch_impl
@@ -64,6 +66,99 @@ def test_same_structure_numbers_outputs_gradients_and_checkpoints_as_speechbrain
     factory, make_input, adapter, kwargs = CASES[case]
     twins = build_twins(sb, factory, adapter, **kwargs)
     assert_twins_agree(twins, make_input, tmp_path)
+
+
+class ConvBlock(nn.Module):
+    """A channels-last wrapper around a Conv1d and a BatchNorm1d (nests the conv one level)."""
+
+    def __init__(
+        self, channels: int, out_channels: int, kernel: int, dilation: int, padding_mode: str
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(
+            channels, out_channels, kernel, dilation=dilation, padding="same", padding_mode=padding_mode
+        )
+        self.norm = nn.BatchNorm1d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x.transpose(1, 2))).transpose(1, 2)
+
+
+@st.composite
+def random_models(draw):
+    """A random channels-last stack (Linear, Conv1d blocks, norms, nested Sequentials), an
+    adapter, and a random but valid selection of targets and unfrozen layers."""
+    adaptable_kinds = ("linear", "conv", "nested")
+    kinds = st.sampled_from(["linear", "conv", "layernorm", "gelu", "nested"])
+    layer_kinds = draw(
+        st.lists(kinds, min_size=1, max_size=5).filter(lambda ks: set(ks) & set(adaptable_kinds))
+    )
+    specs, width = [], 4
+    for kind in layer_kinds:
+        out = draw(st.integers(2, 6))
+        if kind == "conv":
+            specs.append(
+                (
+                    "conv",
+                    width,
+                    out,
+                    draw(st.integers(1, 3)),
+                    draw(st.integers(1, 2)),
+                    draw(st.sampled_from(["zeros", "reflect", "replicate", "circular"])),
+                )
+            )
+            width = out
+        elif kind in ("linear", "nested"):
+            specs.append((kind, width, out))
+            width = out
+        else:
+            specs.append((kind, width))
+
+    def factory() -> nn.Module:
+        layers = []
+        for spec in specs:
+            if spec[0] == "conv":
+                layers.append(ConvBlock(*spec[1:]))
+            elif spec[0] == "linear":
+                layers.append(nn.Linear(spec[1], spec[2]))
+            elif spec[0] == "nested":
+                layers.append(nn.Sequential(nn.Linear(spec[1], 3), nn.Tanh(), nn.Linear(3, spec[2])))
+            elif spec[0] == "layernorm":
+                layers.append(nn.LayerNorm(spec[1]))
+            else:
+                layers.append(nn.GELU())
+        return nn.Sequential(*layers)
+
+    names = dict(factory().named_modules())
+    linears = [n for n, m in names.items() if isinstance(m, nn.Linear)]
+    convs = [n for n, m in names.items() if isinstance(m, nn.Conv1d)]
+    norms = [n for n, m in names.items() if isinstance(m, (nn.LayerNorm, nn.BatchNorm1d))]
+    houlsby = bool(linears) and (not convs or draw(st.booleans()))
+    adaptable = linears if houlsby else linears + convs
+    kwargs = {"adapter_kwargs": {"projection_size": 2} if houlsby else {"rank": draw(st.integers(1, 3))}}
+    if draw(st.booleans()):
+        kwargs["target_layers"] = draw(
+            st.lists(st.sampled_from(adaptable), min_size=1, max_size=3, unique=True)
+        )
+    elif linears:
+        kwargs["all_linear"] = True
+    if not houlsby and convs and (not kwargs.get("target_layers") or draw(st.booleans())):
+        kwargs["all_conv"] = True
+    if norms and draw(st.booleans()):
+        kwargs["unfrozen_layers"] = draw(
+            st.lists(st.sampled_from(norms), min_size=1, max_size=2, unique=True)
+        )
+    return factory, ("HoulsbyAdapterLinear" if houlsby else "LoRA"), kwargs
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(random_models())
+def test_random_models_and_selections_agree_with_speechbrain(sb, tmp_path, drawn):
+    """The package is compared with SpeechBrain on models it has not seen: so do we."""
+    factory, adapter, kwargs = drawn
+    twins = build_twins(sb, factory, adapter, **kwargs)
+    assert_twins_agree(twins, lambda: torch.randn(2, 5, 4), tmp_path)
 
 
 @pytest.mark.parametrize("adapter", ["LoRA", "HoulsbyAdapterLinear"])

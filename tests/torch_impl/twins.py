@@ -22,8 +22,12 @@ from torch import nn
 import torch_impl
 from tests.conftest import import_speechbrain_adapters
 
-# SpeechBrain treats a string as a list of characters; the comparisons pass lists.
 Factory = Callable[[], nn.Module]
+
+# SPEC "Equivalence": float32 outputs to 1e-5, gradients to 1e-4. Our fused LoRA Linear path
+# orders the float sums differently from SpeechBrain's formula, so results are not bitwise equal.
+FORWARD_TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
+GRADIENT_TOLERANCE = {"rtol": 1e-4, "atol": 1e-4}
 
 
 def speechbrain_adapters():
@@ -162,7 +166,7 @@ def assert_twins_agree(
     x = make_input()
     out_ours = _forward(ours, x, train=True)
     out_theirs = _forward(theirs, x, train=True)
-    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_ours, out_theirs, **FORWARD_TOLERANCE)
     assert not torch.allclose(out_ours, _forward(twins.rebuild().ours, x, train=True)), (
         "random adapter weights should change the output"
     )
@@ -174,14 +178,14 @@ def assert_twins_agree(
     for name, p in ours.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, f"{name} got no gradient"
-            torch.testing.assert_close(p.grad, grads_theirs[name].grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(p.grad, grads_theirs[name].grad, **GRADIENT_TOLERANCE)
         else:
             assert p.grad is None, f"frozen {name} got a gradient"
 
     if eval_mode:
         with torch.no_grad():
             torch.testing.assert_close(
-                _forward(ours, x, train=False), _forward(theirs, x, train=False), rtol=1e-5, atol=1e-6
+                _forward(ours, x, train=False), _forward(theirs, x, train=False), **FORWARD_TOLERANCE
             )
 
     _assert_checkpoints_cross(twins, tmp_path)
