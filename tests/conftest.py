@@ -19,6 +19,9 @@ try:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+    # One intra-op thread per pytest-xdist worker: on 2 cores, 2 workers x 2 threads thrash.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 except ImportError:
     pass
 
@@ -42,5 +45,10 @@ def import_speechbrain_adapters():
         stub.__version__ = "0.0.0"
         sys.modules["torchaudio"] = stub
     import speechbrain.nnet.adapters as sb_adapters
+    from speechbrain.utils.importutils import LazyModule
 
+    # SpeechBrain leaves placeholder modules for optional add-ons (k2, spacy, ...) in
+    # sys.modules; Hypothesis scans sys.modules and trips over them in later tests.
+    for name in [n for n, m in list(sys.modules.items()) if isinstance(m, LazyModule)]:
+        del sys.modules[name]
     return sb_adapters
