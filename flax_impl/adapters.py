@@ -92,7 +92,10 @@ class AdaptedModel(nnx.Module):
     PyTorch twin, so the same patterns select the same layers. Freezing is a filter:
     :attr:`trainable` selects the adapter parameters plus those of ``unfrozen_layers``; pass it
     as ``wrt`` to ``nnx.Optimizer`` and inside ``nnx.DiffState`` to ``nnx.grad``, and no
-    gradient is computed for any other weight.
+    gradient is computed for any other weight. ``nnx.MultiHeadAttention`` projects through
+    ``nnx.LinearGeneral``, not ``nnx.Linear``: ``all_linear`` leaves it alone and naming its
+    projections in ``target_layers`` raises (torch_impl skips ``nn.MultiheadAttention`` with a
+    warning because its fused kernel reads the weights directly).
 
     Arguments
     ---------

@@ -39,6 +39,7 @@ from converters.layout import (
     BUFFERS_WITHOUT_FLAX_TWIN,
     LayoutError,
     flax_to_torch,
+    flax_to_torch_shape,
     torch_name,
     torch_to_flax,
 )
@@ -269,12 +270,8 @@ def _torch_entries(module: nnx.Module, *, strict: bool) -> list[_Entry]:
 
 
 def _torch_shape(entry: _Entry) -> tuple[int, ...]:
-    """The shape the PyTorch twin gives this variable: layout's rule applied to a tiny probe whose
-    axis ``i`` has length ``i + 1`` reveals the axis permutation without copying a large array."""
-    shape = tuple(np.shape(entry.variable.get_value()))
-    probe = np.empty(tuple(range(1, len(shape) + 1)), dtype=np.uint8)
-    _, permuted = flax_to_torch(entry.kind, entry.flax_name, probe)
-    return tuple(shape[length - 1] for length in permuted.shape)
+    """The shape the PyTorch twin gives this variable (layout's rule, no data touched)."""
+    return flax_to_torch_shape(entry.kind, entry.flax_name, tuple(np.shape(entry.variable.get_value())))[1]
 
 
 def _plan_load(
