@@ -50,6 +50,7 @@ __all__ = [
     "PICKLE_SUFFIXES",
     "TensorFile",
     "TensorSpec",
+    "contiguous",
     "dtype_name",
     "layer_kinds_from_metadata",
     "numpy_dtype",
@@ -223,6 +224,35 @@ class TensorFile:
         self.close()
 
 
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """``array`` as a C-contiguous array (itself when it already is), bits unchanged.
+
+    A transposed matrix (a Linear weight becoming a Flax kernel) is copied block by block: numpy's
+    plain strided copy of a large transposed view misses the cache on nearly every element and
+    runs about 5x slower.
+
+    Example
+    -------
+    >>> a = np.arange(6).reshape(2, 3)
+    >>> contiguous(a) is a, contiguous(a.T).tolist() == a.T.tolist()
+    (True, True)
+    """
+    if array.flags.c_contiguous:
+        return array
+    if array.ndim == 2 and array.size >= _BLOCKED_FROM and array.strides[0] < array.strides[1]:
+        out = np.empty(array.shape, array.dtype)
+        rows, cols = array.shape
+        for i in range(0, rows, _BLOCK):
+            for j in range(0, cols, _BLOCK):
+                out[i : i + _BLOCK, j : j + _BLOCK] = array[i : i + _BLOCK, j : j + _BLOCK]
+        return out
+    return np.asarray(array, order="C")
+
+
+_BLOCK = 64  # 64x64 float32 blocks: source and destination tiles both stay in L1/L2
+_BLOCKED_FROM = 1 << 16
+
+
 def write_safetensors(
     path: str | os.PathLike[str],
     tensors: Mapping[str, np.ndarray] | None = None,
@@ -300,7 +330,7 @@ def _checked(name: str, array: Any, dtype: str, shape: Sequence[int]) -> np.ndar
         )
     if array.dtype.byteorder == ">":
         array = array.byteswap().view(array.dtype.newbyteorder("<"))
-    return np.asarray(array, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
+    return contiguous(array)
 
 
 def _tensor_spec(name: str, tensor: Any) -> TensorSpec:

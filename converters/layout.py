@@ -45,6 +45,8 @@ __all__ = [
     "torch_name",
     "torch_to_flax",
     "torch_to_flax_shape",
+    "torch_to_flax_view",
+    "flax_to_torch_view",
 ]
 
 
@@ -106,6 +108,30 @@ def flax_to_torch(kind: str, flax_param: str, array: np.ndarray) -> tuple[str, n
     if flax_param == "kernel":
         array = _kernel_to_torch_weight(kind, array)
     return name, np.ascontiguousarray(array)
+
+
+def torch_to_flax_view(kind: str, torch_param: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+    """As :func:`torch_to_flax`, but returns a view in the Flax layout (no copy, possibly not
+    contiguous), for callers that copy it in their own way (e.g. a cache-blocked transpose).
+
+    Example
+    -------
+    >>> name, kernel = torch_to_flax_view("linear", "weight", np.zeros((2, 3), np.float32))
+    >>> name, kernel.shape, bool(kernel.flags["C_CONTIGUOUS"])
+    ('kernel', (3, 2), False)
+    """
+    name = flax_name(kind, torch_param)
+    if name == "kernel":
+        array = _torch_weight_to_kernel(kind, array)
+    return name, array
+
+
+def flax_to_torch_view(kind: str, flax_param: str, array: np.ndarray) -> tuple[str, np.ndarray]:
+    """As :func:`flax_to_torch`, but returns a view in the PyTorch layout (no copy)."""
+    name = torch_name(kind, flax_param)
+    if flax_param == "kernel":
+        array = _kernel_to_torch_weight(kind, array)
+    return name, array
 
 
 def torch_to_flax_shape(kind: str, torch_param: str, shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from . import layout
 from .checkpoint import CheckpointError, KeyReport
-from .files import TensorFile, TensorSpec, dtype_name
+from .files import TensorFile, TensorSpec, contiguous, dtype_name
 from .rename import RenameRule, rename_keys
 
 __all__ = [
@@ -158,7 +158,7 @@ def to_torch_layout(view: TensorView, source_layout: str, kinds: Mapping[str, st
         torch_leaf, shape = layout.flax_to_torch_shape(kind, leaf, view.shape(name))
         new = f"{module}.{torch_leaf}" if module else torch_leaf
         specs[new] = (view.specs[name][0], shape)
-        readers[new] = _relayout(view.readers[name], layout.flax_to_torch, kind, leaf)
+        readers[new] = _relayout(view.readers[name], layout.flax_to_torch_view, kind, leaf)
     return TensorView(specs, readers)
 
 
@@ -184,7 +184,7 @@ def to_flax_layout(view: TensorView, kinds: Mapping[str, str]) -> tuple[TensorVi
         flax_leaf, shape = layout.torch_to_flax_shape(kind, leaf, view.shape(name))
         new = f"{module}.{flax_leaf}" if module else flax_leaf
         specs[new] = (view.specs[name][0], shape)
-        readers[new] = _relayout(view.readers[name], layout.torch_to_flax, kind, leaf)
+        readers[new] = _relayout(view.readers[name], layout.torch_to_flax_view, kind, leaf)
     return TensorView(specs, readers), notes
 
 
@@ -215,7 +215,7 @@ def _relayout(
     read: Callable[[], np.ndarray], convert: Callable, kind: str, leaf: str
 ) -> Callable[[], np.ndarray]:
     def read_converted() -> np.ndarray:
-        return convert(kind, leaf, read())[1]
+        return contiguous(convert(kind, leaf, read())[1])
 
     return read_converted
 

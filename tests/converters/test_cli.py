@@ -25,7 +25,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "converters", *map(str, args)], capture_output=True, text=True, cwd=cwd or ROOT, env=env
+        [sys.executable, "-m", "converters", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
     )
 
 
@@ -37,7 +41,9 @@ def _bits(path) -> dict[str, np.ndarray]:
 def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
     assert result.returncode == 1, result
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, (
+        result.stderr
+    )
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
 
@@ -100,12 +106,18 @@ def test_convert_pickled_checkpoint_with_kinds_and_rename(tmp_path):
 def test_merge_writes_the_same_file_as_the_python_api(tmp_path):
     base = randomize_torch(TorchConvNet())
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
-    adapted = torch_impl.AdaptedModel(base, torch_impl.LoRA, target_layers="conv*", adapter_kwargs={"rank": 2})
+    adapted = torch_impl.AdaptedModel(
+        base, torch_impl.LoRA, target_layers="conv*", adapter_kwargs={"rank": 2}
+    )
     randomize_torch(adapted, seed=5)
     adapted.saver(str(tmp_path / "adapter.safetensors"))
-    result = run_cli("merge", tmp_path / "base.safetensors", tmp_path / "adapter.safetensors", tmp_path / "cli.safetensors")
+    result = run_cli(
+        "merge", tmp_path / "base.safetensors", tmp_path / "adapter.safetensors", tmp_path / "cli.safetensors"
+    )
     assert result.returncode == 0 and "merged the LoRA update into conv1.weight" in result.stdout, result
-    converters.merge_adapter_file(tmp_path / "base.safetensors", tmp_path / "adapter.safetensors", tmp_path / "api.safetensors")
+    converters.merge_adapter_file(
+        tmp_path / "base.safetensors", tmp_path / "adapter.safetensors", tmp_path / "api.safetensors"
+    )
     assert not same_bits(_bits(tmp_path / "cli.safetensors"), _bits(tmp_path / "api.safetensors"))
 
 
@@ -127,25 +139,40 @@ def test_peft_import_then_export_round_trips_the_factors(tmp_path):
     result = run_cli("peft-import", tmp_path / "peft", tmp_path / "ours.safetensors")
     assert result.returncode == 0, result.stderr
     ours = _bits(tmp_path / "ours.safetensors")
-    np.testing.assert_array_equal(ours["adapted_model.head.adapter_down_proj.weight"], tensors["base_model.model.head.lora_A.weight"])
-    result = run_cli("peft-export", tmp_path / "ours.safetensors", tmp_path / "out", "--base-model", "convnet")
+    np.testing.assert_array_equal(
+        ours["adapted_model.head.adapter_down_proj.weight"], tensors["base_model.model.head.lora_A.weight"]
+    )
+    result = run_cli(
+        "peft-export", tmp_path / "ours.safetensors", tmp_path / "out", "--base-model", "convnet"
+    )
     assert result.returncode == 0 and "r=2, lora_alpha=4.0" in result.stdout, result
     assert not same_bits(_bits(tmp_path / "out" / "adapter_model.safetensors"), tensors)
-    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"] == "convnet"
+    assert (
+        json.loads((tmp_path / "out" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        == "convnet"
+    )
 
 
 def test_bad_inputs_exit_non_zero_with_one_line_and_leave_no_output(tmp_path, model_file):
     _one_line_error(run_cli("inspect", tmp_path / "missing.safetensors"), "missing.safetensors", "not found")
 
     (tmp_path / "notes.safetensors").write_text("not a checkpoint")
-    _one_line_error(run_cli("convert", tmp_path / "notes.safetensors", tmp_path / "o.safetensors"), "notes.safetensors")
+    _one_line_error(
+        run_cli("convert", tmp_path / "notes.safetensors", tmp_path / "o.safetensors"), "notes.safetensors"
+    )
 
     write_safetensors(tmp_path / "foreign.safetensors", {"fc.weight": np.ones((3, 3), np.float32)})
     _one_line_error(run_cli("convert", tmp_path / "foreign.safetensors", tmp_path / "o.safetensors"), "'fc'")
 
     meta = adapter_metadata(framework="torch", adapter_class="HoulsbyAdapterLinear")
-    write_safetensors(tmp_path / "houlsby.safetensors", {"adapted_model.head.adapter_down_proj.weight": np.ones((2, 4), np.float32)}, meta)
-    _one_line_error(run_cli("merge", model_file, tmp_path / "houlsby.safetensors", tmp_path / "o.safetensors"), "Houlsby")
+    write_safetensors(
+        tmp_path / "houlsby.safetensors",
+        {"adapted_model.head.adapter_down_proj.weight": np.ones((2, 4), np.float32)},
+        meta,
+    )
+    _one_line_error(
+        run_cli("merge", model_file, tmp_path / "houlsby.safetensors", tmp_path / "o.safetensors"), "Houlsby"
+    )
 
     _write_peft_dir(tmp_path / "dora")
     config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())

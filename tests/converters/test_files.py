@@ -81,7 +81,9 @@ def test_flax_layout_file_holds_flax_names_and_layouts_and_loads_into_either_twi
     path = tmp_path / "flax.safetensors"
     converters.save_flax_layout(flax_model, path)
     with TensorFile(path) as f:
-        assert f.layout == "flax" and f.shape("head.kernel") == (8, 4) and f.shape("conv1.kernel") == (3, 3, 8)
+        assert (
+            f.layout == "flax" and f.shape("head.kernel") == (8, 4) and f.shape("conv1.kernel") == (3, 3, 8)
+        )
         assert "bn.mean" in f.names and not any("num_batches" in n for n in f.names)
     assert not same_bits(_file_bits(path), flax_arrays(flax_model))
 
@@ -119,13 +121,17 @@ def test_convert_file_torch_to_flax_to_torch_is_bit_exact(tmp_path, dtype):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_pickled_checkpoint_converts_to_safetensors_bit_exact(tmp_path, dtype):
-    state = {"fc.weight": torch.randn(5, 3).to(TORCH_DTYPES[dtype]), "fc.bias": torch.randn(5).to(TORCH_DTYPES[dtype])}
+    state = {
+        "fc.weight": torch.randn(5, 3).to(TORCH_DTYPES[dtype]),
+        "fc.bias": torch.randn(5).to(TORCH_DTYPES[dtype]),
+    }
     torch.save(state, tmp_path / "model.ckpt")
     converters.convert_file(tmp_path / "model.ckpt", tmp_path / "model.safetensors", layout="torch")
     with TensorFile(tmp_path / "model.safetensors") as f:
         assert f.dtype("fc.weight").name == dtype
         assert not same_bits(
-            {k: f.get(k).view(np.uint16) for k in f.names}, {k: v.view(torch.uint16).numpy() for k, v in state.items()}
+            {k: f.get(k).view(np.uint16) for k in f.names},
+            {k: v.view(torch.uint16).numpy() for k, v in state.items()},
         )
     report = converters.convert_file(
         tmp_path / "model.ckpt", tmp_path / "flax.safetensors", layout="flax", layer_kinds={"fc": "linear"}
@@ -143,7 +149,9 @@ def test_convert_file_needs_layer_kinds_and_never_guesses_them_from_shapes(tmp_p
         converters.convert_file(tmp_path / "foreign.safetensors", tmp_path / "out.safetensors")
     assert _no_leftovers(tmp_path, {"foreign.safetensors"})
     with pytest.raises(ValueError, match="not one of"):
-        converters.convert_file(tmp_path / "foreign.safetensors", tmp_path / "o.safetensors", layer_kinds={"fc": "dense"})
+        converters.convert_file(
+            tmp_path / "foreign.safetensors", tmp_path / "o.safetensors", layer_kinds={"fc": "dense"}
+        )
 
 
 def test_convert_file_renames_and_records_the_renamed_kinds(tmp_path):
@@ -153,7 +161,11 @@ def test_convert_file_renames_and_records_the_renamed_kinds(tmp_path):
     )
     assert "renamed conv1.weight -> convs.1.weight" in report.notes
     with TensorFile(tmp_path / "f.safetensors") as f:
-        assert json.loads(f.metadata["layer_kinds"])["convs.1"] == "conv" and f.shape("convs.2.kernel") == (3, 8, 8)
+        assert json.loads(f.metadata["layer_kinds"])["convs.1"] == "conv" and f.shape("convs.2.kernel") == (
+            3,
+            8,
+            8,
+        )
 
 
 def test_convert_file_streams_one_tensor_at_a_time(tmp_path):
@@ -169,7 +181,9 @@ def test_convert_file_streams_one_tensor_at_a_time(tmp_path):
         tracemalloc.stop()
     one_tensor = 512 * 1024 * 4
     assert peak < 3 * one_tensor, f"peak {peak / 2**20:.1f} MiB"
-    np.testing.assert_array_equal(TensorFile(tmp_path / "flax.safetensors").get("layers.5.kernel"), arrays["layers.5.weight"].T)
+    np.testing.assert_array_equal(
+        TensorFile(tmp_path / "flax.safetensors").get("layers.5.kernel"), arrays["layers.5.weight"].T
+    )
 
 
 @pytest.mark.parametrize(
@@ -223,7 +237,7 @@ def test_missing_source_file_raises_file_not_found(tmp_path):
 
 def _flax_net(dtype: str) -> FlaxConvNet:
     model = FlaxConvNet(nnx.Rngs(0))
-    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         variable.set_value(variable.get_value().astype(NUMPY_DTYPES[dtype]))
     return model
 

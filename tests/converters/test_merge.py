@@ -31,9 +31,13 @@ KWARGS = {"rank": 2, "alpha": 5.0}
 
 def _trained_torch(base: torch.nn.Module) -> torch_impl.AdaptedModel:
     model = torch_impl.AdaptedModel(
-        copy.deepcopy(base), torch_impl.LoRA, target_layers=["conv*", "head"], unfrozen_layers="bn", adapter_kwargs=KWARGS
+        copy.deepcopy(base),
+        torch_impl.LoRA,
+        target_layers=["conv*", "head"],
+        unfrozen_layers="bn",
+        adapter_kwargs=KWARGS,
     )
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
             with torch.no_grad():
                 param.copy_(torch.randn_like(param))
@@ -71,8 +75,10 @@ def test_merged_file_of_a_torch_adapter_computes_what_the_adapted_model_computes
 def test_merged_file_of_a_flax_adapter_in_flax_layout_computes_what_the_flax_model_computes(tmp_path):
     base = randomize_flax(FlaxConvNet(nnx.Rngs(0)))
     converters.save_flax_layout(base, tmp_path / "base_flax.safetensors")
-    adapted = flax_impl.AdaptedModel(base, flax_impl.LoRA, target_layers=["conv*"], adapter_kwargs=KWARGS, rngs=nnx.Rngs(1))
-    for path, variable in nnx.to_flat_state(nnx.state(adapted, adapted.trainable)):
+    adapted = flax_impl.AdaptedModel(
+        base, flax_impl.LoRA, target_layers=["conv*"], adapter_kwargs=KWARGS, rngs=nnx.Rngs(1)
+    )
+    for _, variable in nnx.to_flat_state(nnx.state(adapted, adapted.trainable)):
         variable.set_value(variable.get_value() + 0.3)
     adapted.saver(str(tmp_path / "adapter.safetensors"))
 
@@ -90,12 +96,16 @@ def test_merged_file_of_a_flax_adapter_in_flax_layout_computes_what_the_flax_mod
 def test_whole_adapted_model_file_as_base_comes_out_with_plain_names(tmp_path):
     base = randomize_torch(TorchConvNet()).eval()
     adapted = _trained_torch(base)
-    frozen = torch_impl.AdaptedModel(copy.deepcopy(base), torch_impl.LoRA, target_layers=["conv*", "head"], adapter_kwargs=KWARGS)
+    frozen = torch_impl.AdaptedModel(
+        copy.deepcopy(base), torch_impl.LoRA, target_layers=["conv*", "head"], adapter_kwargs=KWARGS
+    )
     state = {k: v for k, v in frozen.state_dict().items() if "adapter_" not in k}
     torch_impl.checkpoint.save_state_dict_file(state, tmp_path / "adapted_base.safetensors")
     adapted.saver(str(tmp_path / "adapter.safetensors"))
     report = converters.merge_adapter_file(
-        tmp_path / "adapted_base.safetensors", tmp_path / "adapter.safetensors", tmp_path / "merged.safetensors"
+        tmp_path / "adapted_base.safetensors",
+        tmp_path / "adapter.safetensors",
+        tmp_path / "merged.safetensors",
     )
     assert sorted(report.loaded) == sorted(base.state_dict())
 
@@ -105,7 +115,9 @@ def test_half_precision_merge_matches_the_in_memory_merge(tmp_path):
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
     adapted = _trained_torch(base)
     adapted.saver(str(tmp_path / "adapter.safetensors"))
-    converters.merge_adapter_file(tmp_path / "base.safetensors", tmp_path / "adapter.safetensors", tmp_path / "m.safetensors")
+    converters.merge_adapter_file(
+        tmp_path / "base.safetensors", tmp_path / "adapter.safetensors", tmp_path / "m.safetensors"
+    )
     torch_impl.merge_lora(adapted)
     merged = TensorFile(tmp_path / "m.safetensors").get("head.weight").astype(np.float32)
     expected = adapted.adapted_model.head.pretrained_module.weight.float().detach().numpy()
@@ -115,10 +127,14 @@ def test_half_precision_merge_matches_the_in_memory_merge(tmp_path):
 def test_houlsby_adapter_is_refused_and_nothing_is_written(tmp_path):
     base = TorchTokenNet()
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
-    model = torch_impl.AdaptedModel(base, torch_impl.HoulsbyAdapterLinear, target_layers="fc1", adapter_kwargs={"projection_size": 2})
+    model = torch_impl.AdaptedModel(
+        base, torch_impl.HoulsbyAdapterLinear, target_layers="fc1", adapter_kwargs={"projection_size": 2}
+    )
     model.saver(str(tmp_path / "houlsby.safetensors"))
     with pytest.raises(MergeError, match="Houlsby adapters, which cannot be merged"):
-        converters.merge_adapter_file(tmp_path / "base.safetensors", tmp_path / "houlsby.safetensors", tmp_path / "m.safetensors")
+        converters.merge_adapter_file(
+            tmp_path / "base.safetensors", tmp_path / "houlsby.safetensors", tmp_path / "m.safetensors"
+        )
     assert not (tmp_path / "m.safetensors").exists()
 
 
@@ -128,9 +144,14 @@ def test_adapter_without_metadata_needs_rank_and_alpha(tmp_path):
     adapted = _trained_torch(base)
     adapted.saver(str(tmp_path / "adapter.ckpt"))  # SpeechBrain's pickled format: no metadata
     with pytest.raises(MergeError, match="records no adapter class and kwargs"):
-        converters.merge_adapter_file(tmp_path / "base.safetensors", tmp_path / "adapter.ckpt", tmp_path / "m.safetensors")
+        converters.merge_adapter_file(
+            tmp_path / "base.safetensors", tmp_path / "adapter.ckpt", tmp_path / "m.safetensors"
+        )
     converters.merge_adapter_file(
-        tmp_path / "base.safetensors", tmp_path / "adapter.ckpt", tmp_path / "m.safetensors", adapter_kwargs=KWARGS
+        tmp_path / "base.safetensors",
+        tmp_path / "adapter.ckpt",
+        tmp_path / "m.safetensors",
+        adapter_kwargs=KWARGS,
     )
     merged = TorchConvNet().eval()
     converters.flax_to_torch(tmp_path / "m.safetensors", merged)
@@ -143,10 +164,14 @@ def test_base_that_lacks_an_adapted_layer_or_has_other_shapes_is_refused(tmp_pat
     adapted.saver(str(tmp_path / "adapter.safetensors"))
     converters.save_torch_layout(TorchTokenNet(), tmp_path / "wrong.safetensors")
     with pytest.raises(MergeError, match="has no 'conv1.weight'"):
-        converters.merge_adapter_file(tmp_path / "wrong.safetensors", tmp_path / "adapter.safetensors", tmp_path / "m.safetensors")
+        converters.merge_adapter_file(
+            tmp_path / "wrong.safetensors", tmp_path / "adapter.safetensors", tmp_path / "m.safetensors"
+        )
     other = TorchConvNet()
     other.head = torch.nn.Linear(8, 5)
     converters.save_torch_layout(other, tmp_path / "other.safetensors")
     with pytest.raises(MergeError, match=r"update has shape \(4, 8\) but 'head.weight'"):
-        converters.merge_adapter_file(tmp_path / "other.safetensors", tmp_path / "adapter.safetensors", tmp_path / "m.safetensors")
+        converters.merge_adapter_file(
+            tmp_path / "other.safetensors", tmp_path / "adapter.safetensors", tmp_path / "m.safetensors"
+        )
     assert not (tmp_path / "m.safetensors").exists()

@@ -63,7 +63,9 @@ def peft_dir(tmp_path, peft, base):
     x, _ = conv_batch()
     with torch.no_grad():
         expected = model(x).numpy()
-    return tmp_path / "peft" / "default" if (tmp_path / "peft" / "default").is_dir() else tmp_path / "peft", expected
+    return tmp_path / "peft" / "default" if (
+        tmp_path / "peft" / "default"
+    ).is_dir() else tmp_path / "peft", expected
 
 
 def _edit_config(folder, **changes):
@@ -76,7 +78,10 @@ def _edit_config(folder, **changes):
 def test_peft_adapter_imported_into_torch_computes_what_peft_computes(peft_dir, base):
     folder, expected = peft_dir
     adapted, report = converters.import_peft_adapter(folder, copy.deepcopy(base))
-    assert isinstance(adapted, torch_impl.AdaptedModel) and sorted(adapted.replace_layers) == ["conv1", "head"]
+    assert isinstance(adapted, torch_impl.AdaptedModel) and sorted(adapted.replace_layers) == [
+        "conv1",
+        "head",
+    ]
     assert adapted.adapter_kwargs == {"rank": 4, "alpha": 8.0} and report.ok
     assert any("lora_dropout" in note for note in report.notes)
     x, _ = conv_batch()
@@ -108,7 +113,10 @@ def test_rslora_scaling_is_carried_over(tmp_path, peft, base):
 
 def test_our_torch_adapter_exported_to_peft_loads_and_computes_the_same(tmp_path, peft, base):
     adapted = torch_impl.AdaptedModel(
-        copy.deepcopy(base), torch_impl.LoRA, target_layers=["conv*", "head"], adapter_kwargs={"rank": 3, "alpha": 6.0}
+        copy.deepcopy(base),
+        torch_impl.LoRA,
+        target_layers=["conv*", "head"],
+        adapter_kwargs={"rank": 3, "alpha": 6.0},
     )
     randomize_torch(adapted, seed=4)
     with torch.no_grad():  # put the base back: only the adapters are exported
@@ -127,21 +135,33 @@ def test_our_torch_adapter_exported_to_peft_loads_and_computes_the_same(tmp_path
 def test_our_flax_adapter_exported_to_peft_computes_what_the_flax_model_computes(tmp_path, peft, base):
     flax_base = FlaxConvNet(nnx.Rngs(0))
     converters.torch_to_flax(base, flax_base)
-    adapted = flax_impl.AdaptedModel(flax_base, flax_impl.LoRA, target_layers="head", adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1))
+    adapted = flax_impl.AdaptedModel(
+        flax_base, flax_impl.LoRA, target_layers="head", adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1)
+    )
     adapted.adapted_model.head.adapter_up_proj.kernel.set_value(np.full((2, 4), 0.7, np.float32))
     converters.export_peft_adapter(adapted, tmp_path / "out")
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "out").eval()
     x_torch, x_flax = conv_batch()
     with torch.no_grad():
-        np.testing.assert_allclose(loaded(x_torch).numpy(), flax_output(adapted, x_flax), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            loaded(x_torch).numpy(), flax_output(adapted, x_flax), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_file_level_import_and_export_round_trip_through_our_adapter_format(tmp_path, peft_dir, peft, base):
     folder, expected = peft_dir
     peft_to_adapter_file(folder, tmp_path / "ours.safetensors")
     with TensorFile(tmp_path / "ours.safetensors") as f:
-        assert f.metadata["adapter_class"] == "LoRA" and json.loads(f.metadata["adapter_kwargs"]) == {"rank": 4, "alpha": 8.0}
-    ours = torch_impl.AdaptedModel(copy.deepcopy(base), torch_impl.LoRA, target_layers=["conv1", "head"], adapter_kwargs={"rank": 4, "alpha": 8.0})
+        assert f.metadata["adapter_class"] == "LoRA" and json.loads(f.metadata["adapter_kwargs"]) == {
+            "rank": 4,
+            "alpha": 8.0,
+        }
+    ours = torch_impl.AdaptedModel(
+        copy.deepcopy(base),
+        torch_impl.LoRA,
+        target_layers=["conv1", "head"],
+        adapter_kwargs={"rank": 4, "alpha": 8.0},
+    )
     ours.loader(str(tmp_path / "ours.safetensors"))
     x, _ = conv_batch()
     np.testing.assert_allclose(torch_output(ours.eval(), x), expected, rtol=1e-5, atol=1e-5)
@@ -149,7 +169,9 @@ def test_file_level_import_and_export_round_trip_through_our_adapter_format(tmp_
     with pytest.raises(PeftConversionError, match="conv_geometry_checked"):
         converters.export_peft_adapter(tmp_path / "ours.safetensors", tmp_path / "again")
     assert not (tmp_path / "again").exists()
-    converters.export_peft_adapter(tmp_path / "ours.safetensors", tmp_path / "again", conv_geometry_checked=True)
+    converters.export_peft_adapter(
+        tmp_path / "ours.safetensors", tmp_path / "again", conv_geometry_checked=True
+    )
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "again").eval()
     with torch.no_grad():
         np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
@@ -204,16 +226,27 @@ def test_peft_adapter_for_another_model_is_refused(peft_dir):
 
 
 def test_export_refuses_what_peft_cannot_represent(tmp_path, base):
-    houlsby = torch_impl.AdaptedModel(copy.deepcopy(base), torch_impl.HoulsbyAdapterLinear, target_layers="head", adapter_kwargs={"projection_size": 2})
-    with pytest.raises(PeftConversionError, match="HoulsbyAdapterLinear adapters have no PEFT LoRA equivalent"):
+    houlsby = torch_impl.AdaptedModel(
+        copy.deepcopy(base),
+        torch_impl.HoulsbyAdapterLinear,
+        target_layers="head",
+        adapter_kwargs={"projection_size": 2},
+    )
+    with pytest.raises(
+        PeftConversionError, match="HoulsbyAdapterLinear adapters have no PEFT LoRA equivalent"
+    ):
         converters.export_peft_adapter(houlsby, tmp_path / "h")
-    unfrozen = torch_impl.AdaptedModel(copy.deepcopy(base), torch_impl.LoRA, target_layers="head", unfrozen_layers="bn")
+    unfrozen = torch_impl.AdaptedModel(
+        copy.deepcopy(base), torch_impl.LoRA, target_layers="head", unfrozen_layers="bn"
+    )
     with pytest.raises(PeftConversionError, match="modules_to_save"):
         converters.export_peft_adapter(unfrozen, tmp_path / "u")
     dilated = copy.deepcopy(base)
     dilated.conv1 = torch.nn.Conv1d(3, 8, 3, padding=2, dilation=2)
     with pytest.raises(PeftConversionError, match="dilation"):
-        converters.export_peft_adapter(torch_impl.AdaptedModel(dilated, torch_impl.LoRA, target_layers="conv1"), tmp_path / "d")
+        converters.export_peft_adapter(
+            torch_impl.AdaptedModel(dilated, torch_impl.LoRA, target_layers="conv1"), tmp_path / "d"
+        )
     merged = torch_impl.AdaptedModel(copy.deepcopy(base), torch_impl.LoRA, target_layers="head")
     torch_impl.merge_lora(merged)
     with pytest.raises(PeftConversionError, match="unmerge"):
@@ -223,6 +256,8 @@ def test_export_refuses_what_peft_cannot_represent(tmp_path, base):
 
 def test_existing_adapted_model_with_another_rank_is_refused(peft_dir, base):
     folder, _ = peft_dir
-    model = torch_impl.AdaptedModel(copy.deepcopy(base), torch_impl.LoRA, target_layers=["conv1", "head"], adapter_kwargs={"rank": 2})
+    model = torch_impl.AdaptedModel(
+        copy.deepcopy(base), torch_impl.LoRA, target_layers=["conv1", "head"], adapter_kwargs={"rank": 2}
+    )
     with pytest.raises(PeftConversionError, match="rank 2 and alpha 1.0, the PEFT adapter rank 4"):
         converters.import_peft_adapter(folder, model)
