@@ -187,7 +187,9 @@ def bench(setup: str, targets: str, dtype: str, shape: Shape, key: jax.Array) ->
     step, state = make_floor_step(model) if wrt is None else make_train_step(model, wrt)
     del model
     ids = jax.random.randint(key, (shape.batch, shape.seq), 0, BertConfig(**shape.config).vocab_size)
+    start = time.perf_counter()
     compiled = step.lower(state, ids).compile()
+    print(f"  compiled {setup} {targets} {dtype} in {time.perf_counter() - start:.1f} s", flush=True)
     analysis = compiled.memory_analysis()
     temp_mib = analysis.temp_size_in_bytes / 2**20 if analysis is not None else None
     holder = [state]
@@ -245,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--setups", help="comma list of setup names (default: all; floor always runs)")
     args = parser.parse_args(argv)
 
     jax.config.update("jax_default_matmul_precision", "highest")
@@ -280,6 +283,8 @@ def main(argv: list[str] | None = None) -> None:
     key = jax.random.key(0)
     for dtype in [d for d in args.dtypes.split(",") if d]:
         for setup, targets in SETUPS:
+            if args.setups and setup not in args.setups.split(",") and setup != "floor":
+                continue
             row = bench(setup, targets, dtype, shape, key)
             rows.append(row)
             print(f"{setup:9s} {targets:8s} {dtype}: {row.ms:8.2f} ms", flush=True)

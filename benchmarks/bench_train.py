@@ -349,13 +349,18 @@ def profile_training(
     kernels = sum(
         1 for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
     )
-    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+    averages = prof.key_averages()
+    tables = []
+    if device.type == "cuda":
+        gpu = averages.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=70)
+        tables.append("GPU time by op and kernel (5 steps):\n" + gpu)
+    cpu = averages.table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=70)
+    tables.append("CPU time by op (5 steps):\n" + cpu)
     header = (
         f"### {setup} {targets} {dtype}: wall {wall_ms:.2f} ms/step (profiled), GPU kernels "
         f"{kernel_us / 1e3 / steps:.2f} ms/step in {kernels / steps:.0f} kernels/step\n"
     )
-    return header + "\n```\n" + table + "\n```\n"
+    return header + "".join(f"\n```\n{table}\n```\n" for table in tables)
 
 
 def environment(device: torch.device) -> str:
@@ -451,8 +456,15 @@ INFERENCE_SETUPS = [
     ("peft", "q,k,v,o"),
     ("houlsby", "q,k,v,o"),
 ]
-PROFILED = [("floor", "-"), ("ours", "q,v"), ("ours", "q,k,v,o"), ("peft", "q,v"), ("plain", "q,k,v,o")]
-COMPILED = [("floor", "-"), ("ours", "q,v"), ("ours", "q,k,v,o"), ("peft", "q,v")]
+PROFILED = [
+    ("floor", "-", "bf16"),
+    ("full", "-", "bf16"),
+    ("ours", "q,v", "bf16"),
+    ("ours", "q,k,v,o", "bf16"),
+    ("plain", "q,k,v,o", "bf16"),
+    ("floor", "-", "fp32"),
+    ("ours", "q,k,v,o", "fp32"),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -465,7 +477,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setups", help="comma list of setup names to run (default: all)")
     parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
     parser.add_argument("--no-inference", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (bf16)")
+    parser.add_argument(
+        "--compile", action="store_true", help="run every training row under torch.compile (no inference)"
+    )
     parser.add_argument("--profile-out", type=Path, help="write torch.profiler tables (bf16 rows) here")
     args = parser.parse_args(argv)
 
@@ -493,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         for setup, targets in TRAINING_SETUPS:
             if wanted and setup not in wanted and setup != "floor":
                 continue
-            row = bench_training(setup, targets, dtype, shape, device, graphs, compile_=False)
+            row = bench_training(setup, targets, dtype, shape, device, graphs, compile_=args.compile)
             _release(device)
             rows.append(row)
             print(
@@ -501,20 +515,10 @@ def main(argv: list[str] | None = None) -> None:
                 f"{_fmt(row.graph_ms, '8.2f')} ms  {row.note}",
                 flush=True,
             )
-        if args.compile and dtype == "bf16":
-            for setup, targets in COMPILED:
-                row = bench_training(setup, targets, dtype, shape, device, False, compile_=True)
-                _release(device)
-                rows.append(row)
-                print(f"train {row.setup} {row.targets} {dtype}: {row.ms:8.2f} ms", flush=True)
-    _set_ratios(rows, "floor")
-    compiled_floor = {r.dtype: r for r in rows if r.setup == "floor (torch.compile)"}
-    for row in rows:  # compiled rows compare with the compiled floor
-        if row.setup.endswith("(torch.compile)") and row.dtype in compiled_floor:
-            row.ratio = row.ms / compiled_floor[row.dtype].ms
+    _set_ratios(rows, "floor (torch.compile)" if args.compile else "floor")
 
     inference: list[Row] = []
-    if not args.no_inference:
+    if not (args.no_inference or args.compile):
         for dtype in dtypes:
             for setup, targets in INFERENCE_SETUPS:
                 if wanted and setup.split()[0] not in wanted and setup != "base":
@@ -549,8 +553,9 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.profile_out:
         profiles = []
-        for setup, targets in PROFILED:
-            dtype = "bf16" if "bf16" in dtypes else dtypes[0]
+        for setup, targets, dtype in PROFILED:
+            if dtype not in dtypes:
+                continue
             profiles.append(profile_training(setup, targets, dtype, shape, device))
             _release(device)
         args.profile_out.parent.mkdir(parents=True, exist_ok=True)

@@ -124,7 +124,7 @@ def lora_linear(
         )
         bias = None if bias is None else _autocast(bias, dtype)
     if torch.is_grad_enabled() and (x.requires_grad or down.requires_grad or up.requires_grad):
-        return _LoRALinearFunction.apply(x, weight, bias, down, up, scaling)[0]
+        return _LoRALinearFunction.apply(x, weight, bias, down, up, scaling)
     return _forward(x, weight, bias, down, up, scaling)[0]
 
 
@@ -156,29 +156,30 @@ def _forward(
 
 
 class _LoRALinearFunction(torch.autograd.Function):
-    """Autograd for :func:`lora_linear`; all tensors already in one dtype."""
+    """Autograd for :func:`lora_linear`; all tensors already in one dtype.
+
+    The classic ``forward(ctx, ...)`` form: it costs about half the Python overhead of the
+    ``setup_context`` form with a second (non-differentiable) output, and eager LoRA training
+    is often bound by exactly that overhead.
+    """
 
     @staticmethod
     def forward(
+        ctx: Any,
         x: torch.Tensor,
         weight: torch.Tensor,
         bias: torch.Tensor | None,
         down: torch.Tensor,
         up: torch.Tensor,
         scaling: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return _forward(x, weight, bias, down, up, scaling)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, weight, _, down, up, scaling = inputs
-        _, h = output
-        ctx.mark_non_differentiable(h)
+    ) -> torch.Tensor:
+        y, h = _forward(x, weight, bias, down, up, scaling)
         ctx.save_for_backward(x, weight, down, up, h)
         ctx.scaling = scaling
+        return y
 
     @staticmethod
-    def backward(ctx: Any, grad_y: torch.Tensor, _grad_h: Any) -> tuple:
+    def backward(ctx: Any, grad_y: torch.Tensor) -> tuple:
         x, weight, down, up, h = ctx.saved_tensors
         scaling = ctx.scaling
         need_x, _, _, need_down, need_up, _ = ctx.needs_input_grad
