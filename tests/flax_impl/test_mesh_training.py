@@ -1,0 +1,221 @@
+"""Adapters on a ('data', 'model') mesh of 8 simulated CPU devices, against one device.
+
+The BERT twin is partitioned Megatron-style with :func:`flax_impl.sharding.shard_model` (query,
+key, value and the intermediate dense split on their output axis; the two output denses on their
+input axis), then adapted; a batch split over 'data' runs one jitted train step that is data- and
+tensor-parallel at once. The same model on one device is the reference: forward to 1e-5, a few
+Adam steps to 1e-4 (SPEC tolerances).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from converters.naming import NoMatchError
+from flax_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA
+from flax_impl.models import BertConfig, BertModel
+from flax_impl.sharding import ShardingRuleError, shard_model
+
+P = PartitionSpec
+STEPS = 3
+CONFIG = BertConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=16,
+)
+MEGATRON = {
+    "encoder.layer.*.attention.self.query": (None, "model"),
+    "encoder.layer.*.attention.self.key": (None, "model"),
+    "encoder.layer.*.attention.self.value": (None, "model"),
+    "encoder.layer.*.attention.output.dense": ("model", None),
+    "encoder.layer.*.intermediate.dense": (None, "model"),
+    "encoder.layer.*.output.dense": ("model", None),
+}
+# Column-parallel (query, intermediate.dense) and row-parallel (the output denses) layers.
+TARGETS = ["*.query", "*.value", "*.intermediate.dense", "*.output.dense"]
+ADAPTERS = {
+    "lora": (LoRA, {"rank": 4, "alpha": 8.0}),
+    "houlsby": (HoulsbyAdapterLinear, {"projection_size": 4}),
+}
+
+
+@pytest.fixture(scope="module")
+def mesh() -> jax.sharding.Mesh:
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+    return jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _adapted(adapter: str, mesh: jax.sharding.Mesh | None) -> AdaptedModel:
+    """The same weights whatever ``mesh``: the base is built, then placed, then adapted."""
+    base = BertModel(CONFIG, rngs=nnx.Rngs(0))
+    base.eval()  # no dropout: both runs compute the same function
+    if mesh is not None:
+        shard_model(base, mesh, MEGATRON)
+    adapter_class, kwargs = ADAPTERS[adapter]
+    model = AdaptedModel(base, adapter_class, target_layers=TARGETS, adapter_kwargs=kwargs, rngs=nnx.Rngs(1))
+    # Random up projections, so that every factor gets a gradient from the first step.
+    for index, (_, variable) in enumerate(nnx.to_flat_state(nnx.state(model, model.trainable))):
+        value = variable[...]
+        noise = 0.05 * np.random.default_rng(index).standard_normal(value.shape, dtype=np.float32)
+        variable.set_value(jax.device_put(noise.astype(value.dtype), value.sharding))
+    return model
+
+
+def _batch() -> tuple[jax.Array, jax.Array]:
+    kx, ky = jax.random.split(jax.random.key(2))
+    ids = jax.random.randint(kx, (8, 12), 0, CONFIG.vocab_size)
+    target = jax.random.normal(ky, (8, 12, CONFIG.hidden_size))
+    return ids, target
+
+
+@nnx.jit
+def _train_step(
+    model: AdaptedModel, optimizer: nnx.Optimizer, ids: jax.Array, target: jax.Array
+) -> jax.Array:
+    def loss_fn(model):
+        return jnp.mean((model(ids) - target) ** 2)
+
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, model.trainable))(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+def _trainable(model: AdaptedModel) -> dict:
+    return {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, model.trainable))}
+
+
+def _frozen(model: AdaptedModel) -> dict:
+    return {
+        p: np.array(v[...])
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.All(nnx.Param, nnx.Not(model.trainable))))
+    }
+
+
+def _spec(array: jax.Array) -> PartitionSpec:
+    spec = tuple(array.sharding.spec)
+    return P(*spec, *(None,) * (array.ndim - len(spec)))  # P('a') and P('a', None) are the same
+
+
+def test_adapter_factors_on_megatron_layers_follow_the_kernel_they_adapt(mesh):
+    lora = _adapted("lora", mesh).adapted_model.encoder.layer[0]
+    column, row = lora.attention.self.query, lora.attention.output.dense
+    assert _spec(column.pretrained_module.kernel[...]) == P(None, "model")
+    assert _spec(column.adapter_down_proj.kernel[...]) == P(None, None)  # input axis: replicated
+    assert _spec(column.adapter_up_proj.kernel[...]) == P(None, "model")  # output axis: split
+    assert _spec(row.pretrained_module.kernel[...]) == P("model", None)
+    assert _spec(row.adapter_down_proj.kernel[...]) == P("model", None)  # input axis: split
+    assert _spec(row.adapter_up_proj.kernel[...]) == P(None, None)
+    houlsby = _adapted("houlsby", mesh).adapted_model.encoder.layer[0].intermediate.dense
+    assert _spec(houlsby.adapter_down_proj.kernel[...]) == P("model", None)  # reads the split output
+    assert _spec(houlsby.adapter_up_proj.kernel[...]) == P(None, "model")
+    assert _spec(houlsby.adapter_up_proj.bias[...]) == P("model")
+    for array in (column.adapter_up_proj.kernel[...], row.adapter_down_proj.kernel[...]):
+        assert len({shard.data.shape for shard in array.addressable_shards}) == 1
+        assert array.addressable_shards[0].data.size * 4 == array.size  # really split 4 ways
+
+
+@nnx.jit
+def _forward(model: AdaptedModel, ids: jax.Array) -> jax.Array:
+    return model(ids)
+
+
+def test_data_and_tensor_parallel_lora_training_matches_one_device(mesh):
+    sharded, single = _adapted("lora", mesh), _adapted("lora", None)
+    ids, target = _batch()
+    ids_sharded = jax.device_put(ids, NamedSharding(mesh, P("data", None)))
+    target_sharded = jax.device_put(target, NamedSharding(mesh, P("data", None, None)))
+
+    np.testing.assert_allclose(_forward(sharded, ids_sharded), _forward(single, ids), rtol=1e-5, atol=1e-5)
+
+    specs = {path: _spec(value) for path, value in _trainable(sharded).items()}
+    frozen = _frozen(sharded)
+    opt_sharded = nnx.Optimizer(sharded, optax.adam(1e-2), wrt=sharded.trainable)
+    opt_single = nnx.Optimizer(single, optax.adam(1e-2), wrt=single.trainable)
+    for step in range(STEPS):
+        loss_sharded = _train_step(sharded, opt_sharded, ids_sharded, target_sharded)
+        loss_single = _train_step(single, opt_single, ids, target)
+        np.testing.assert_allclose(loss_sharded, loss_single, rtol=1e-5, atol=1e-5, err_msg=f"step {step}")
+
+    after_single = _trainable(single)
+    for path, value in _trainable(sharded).items():
+        np.testing.assert_allclose(value, after_single[path], rtol=1e-4, atol=1e-4, err_msg=str(path))
+        assert _spec(value) == specs[path], f"{path}: the update moved the parameter's sharding"
+    mu = opt_sharded.opt_state[0].mu
+    for path, value in nnx.to_flat_state(mu):
+        assert _spec(value[...]) == specs[path], f"Adam's first moment of {path} is not sharded like it"
+    for path, value in _frozen(sharded).items():
+        np.testing.assert_array_equal(value, frozen[path], err_msg=f"frozen {path} changed")
+
+
+def test_adapter_checkpoint_of_a_sharded_model_loads_on_one_device_and_back(mesh, tmp_path):
+    sharded = _adapted("lora", mesh)
+    single = _adapted("houlsby", None)  # wrong class first: the file must not fit it
+    sharded.saver(str(tmp_path / "sharded.safetensors"))
+    with pytest.raises(ValueError, match="does not fit"):
+        single.loader(str(tmp_path / "sharded.safetensors"))
+
+    single = _adapted("lora", None)
+    for variable in jax.tree.leaves(nnx.state(single, single.trainable), is_leaf=_is_variable):
+        variable.set_value(jnp.zeros_like(variable[...]))
+    single.loader(str(tmp_path / "sharded.safetensors"))
+    for path, value in _trainable(sharded).items():
+        np.testing.assert_array_equal(
+            np.asarray(value), np.asarray(_trainable(single)[path]), err_msg=str(path)
+        )
+
+    # and back: a single-device file loads into the sharded model, which keeps its partitioning
+    specs = {path: _spec(value) for path, value in _trainable(sharded).items()}
+    single.saver(str(tmp_path / "single.safetensors"))
+    fresh = _adapted("lora", mesh)
+    fresh.loader(str(tmp_path / "single.safetensors"))
+    for path, value in _trainable(fresh).items():
+        assert _spec(value) == specs[path], path
+        np.testing.assert_array_equal(
+            np.asarray(value), np.asarray(_trainable(single)[path]), err_msg=str(path)
+        )
+
+
+def _is_variable(x: object) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+# ----------------------------------------------------------------------------- shard_model's errors
+def test_shard_model_refuses_a_pattern_that_matches_no_layer(mesh):
+    with pytest.raises(NoMatchError, match="encoder.layer.9"):
+        shard_model(BertModel(CONFIG, rngs=nnx.Rngs(0)), mesh, {"encoder.layer.9.*": (None, "model")})
+
+
+def test_shard_model_refuses_an_axis_the_mesh_lacks(mesh):
+    with pytest.raises(ShardingRuleError, match="'tensor'"):
+        shard_model(BertModel(CONFIG, rngs=nnx.Rngs(0)), mesh, {"*.query": (None, "tensor")})
+
+
+def test_shard_model_refuses_a_spec_of_the_wrong_rank_naming_the_variable(mesh):
+    with pytest.raises(ShardingRuleError, match=r"pooler\.dense\.kernel"):
+        shard_model(BertModel(CONFIG, rngs=nnx.Rngs(0)), mesh, {"pooler.dense": (None, None, "model")})
+
+
+def test_shard_model_refuses_a_model_that_already_holds_adapters(mesh):
+    model = AdaptedModel(BertModel(CONFIG, rngs=nnx.Rngs(0)), LoRA, target_layers="*.query", rngs=nnx.Rngs(1))
+    with pytest.raises(ShardingRuleError, match="shard the base model first"):
+        shard_model(model, mesh, {})
+
+
+def test_shard_model_replicates_every_unmatched_variable_on_the_mesh(mesh):
+    model = BertModel(CONFIG, rngs=nnx.Rngs(0))
+    specs = shard_model(model, mesh, MEGATRON)
+    assert specs["encoder.layer.0.intermediate.dense.bias"] == P("model")
+    assert specs["encoder.layer.0.output.dense.bias"] == P(None)
+    word = model.embeddings.word_embeddings.embedding[...]
+    assert specs["embeddings.word_embeddings.embedding"] == P()
+    assert word.sharding.mesh.shape == mesh.shape and word.sharding.is_fully_replicated
