@@ -86,7 +86,7 @@ def convert_file(
         raise ValueError(f"the converted file must be a .safetensors file, got {str(target)!r}")
     with TensorFile(source) as tensor_file:
         kinds = file_layer_kinds(tensor_file, layer_kinds)
-        view = to_torch_layout(file_view(tensor_file), tensor_file.layout, kinds)
+        view = to_torch_layout(file_view(tensor_file, zero_copy=True), tensor_file.layout, kinds)
         view, notes, old_of = renamed(view, rename)
         kinds = renamed_modules(kinds, old_of)
         if layout == "flax":

@@ -30,6 +30,7 @@ Example
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -148,6 +149,7 @@ class TensorFile:
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint file not found: {str(self.path)!r}")
         self._handle: Any = None
+        self._mmap: mmap.mmap | None = None
         self._pickled: dict[str, Any] | None = None
         if is_safetensors_path(self.path) or not self.path.name.endswith(PICKLE_SUFFIXES):
             header, metadata = read_safetensors_header(self.path)
@@ -159,6 +161,9 @@ class TensorFile:
             self.names = sorted(header, key=lambda name: int(header[name]["data_offsets"][0]))
             for name in self.names:
                 numpy_dtype(self._specs[name][0])
+            self._offsets = {name: tuple(int(o) for o in header[name]["data_offsets"]) for name in header}
+            with self.path.open("rb") as f:
+                self._data_start = 8 + int.from_bytes(f.read(8), "little")
             self._handle = self._open_safetensors()
         else:
             self._pickled = _load_pickle(self.path)
@@ -213,9 +218,34 @@ class TensorFile:
         except Exception as exc:
             raise CheckpointError(f"cannot read tensor {name!r} from {str(self.path)!r}: {exc}") from None
 
+    def view(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a read-only array over a memory map of the file: no copy.
+
+        For streaming: a tensor written out unchanged is never copied, and a transposed one is
+        copied once, straight from the page cache. Pickled files fall back to :meth:`get`.
+        """
+        dtype, shape = self.spec(name)
+        if self._pickled is not None:
+            return self.get(name)
+        if self._mmap is None:
+            with self.path.open("rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        start, end = self._offsets[name]
+        dt = numpy_dtype(dtype).newbyteorder("<")
+        count = (end - start) // dt.itemsize
+        return np.frombuffer(self._mmap, dtype=dt, count=count, offset=self._data_start + start).reshape(
+            shape
+        )
+
     def close(self) -> None:
         self._handle = None
         self._pickled = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # views still alive: the map closes when they are collected
+                pass
+            self._mmap = None
 
     def __enter__(self) -> TensorFile:
         return self

@@ -96,7 +96,7 @@ def merge_adapter_file(
         replaced = {key: adapter.read(source) for key, source in replacements.items()}
     with TensorFile(base_path) as base_file:
         kinds = file_layer_kinds(base_file)
-        base = to_torch_layout(file_view(base_file), base_file.layout, kinds)
+        base = to_torch_layout(file_view(base_file, zero_copy=True), base_file.layout, kinds)
         base, kinds = _plain_names(base, kinds, str(base_path))
         notes = _check(base, factors, replaced, rank, scaling, str(base_path))
         merged = _merged_view(base, factors, replaced, scaling)

@@ -106,11 +106,16 @@ class TensorView:
         return TensorView({n: self.specs[n] for n in keep}, {n: self.readers[n] for n in keep})
 
 
-def file_view(tensor_file: TensorFile) -> TensorView:
-    """The tensors of an open file under their names in the file."""
+def file_view(tensor_file: TensorFile, *, zero_copy: bool = False) -> TensorView:
+    """The tensors of an open file under their names in the file.
+
+    ``zero_copy=True`` reads through a memory map (:meth:`TensorFile.view`): read-only arrays
+    that stay valid while the file is open, for streaming straight into another file.
+    """
+    read = tensor_file.view if zero_copy else tensor_file.get
     return TensorView(
         {name: tensor_file.spec(name) for name in tensor_file.names},
-        {name: (lambda name=name: tensor_file.get(name)) for name in tensor_file.names},
+        {name: (lambda name=name: read(name)) for name in tensor_file.names},
     )
 
 

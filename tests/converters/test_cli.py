@@ -183,3 +183,15 @@ def test_bad_inputs_exit_non_zero_with_one_line_and_leave_no_output(tmp_path, mo
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "odir").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert run_cli("convert").returncode == 2  # argparse usage error
+
+
+def test_file_level_commands_import_neither_torch_nor_jax(tmp_path):
+    write_safetensors(tmp_path / "t.safetensors", {"fc.weight": np.ones((3, 2), np.float32)})
+    code = (
+        "import sys, converters, converters.cli, converters.peft, converters.merge\n"
+        f"converters.convert_file({str(tmp_path / 't.safetensors')!r}, {str(tmp_path / 'f.safetensors')!r}, "
+        "layer_kinds={'fc': 'linear'})\n"
+        "assert 'torch' not in sys.modules and 'jax' not in sys.modules, sorted(m for m in sys.modules if m in ('torch', 'jax'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
