@@ -188,8 +188,8 @@ def _plan(src: Source, tgt: Target, *, strict: bool) -> _Plan:
     report = compare_keys(
         {k: spec[1] for k, spec in found.items()}, {k: spec[1] for k, spec in expected.items()}
     )
-    errors = _kind_and_dtype_errors(src, tgt, report, found, expected, notes, strict=strict)
-    report.loaded = [k for k in report.loaded if k not in errors]
+    errors, skipped = _kind_and_dtype_errors(src, tgt, report, found, expected, notes, strict=strict)
+    report.loaded = [k for k in report.loaded if k not in errors and k not in skipped]
     report.mismatched.extend(errors.values())
 
     if src.adapter_only and report.missing:  # an adapter checkpoint lacks the frozen base by design
@@ -220,8 +220,9 @@ def _kind_and_dtype_errors(
     notes: list[str],
     *,
     strict: bool,
-) -> dict[str, str]:
-    """``{key: message}`` for loaded keys whose layer kind or dtype does not fit; raises
+) -> tuple[dict[str, str], set[str]]:
+    """``({key: message}, skipped keys)``: loaded keys whose layer kind or dtype does not fit,
+    and (not strict) keys of layers of unknown type, which are skipped with a note; raises
     :class:`UnknownLayerError` (strict) for layers of unknown type whose layout would change."""
     crosses = not (tgt.framework == "torch" and src.framework != "flax" and src.layout == "torch")
     errors: dict[str, str] = {}
@@ -252,10 +253,8 @@ def _kind_and_dtype_errors(
         )
     for module, type_name in unknown.items():
         notes.append(f"{module}: layer of type {type_name} has no known PyTorch<->Flax layout, skipped")
-    for key in report.loaded:
-        if module_of(key) in unknown:
-            errors.setdefault(key, "")
-    return errors
+    skipped = {key for key in report.loaded if module_of(key) in unknown}
+    return errors, skipped
 
 
 def _materialize(src: Source, tgt: Target, plan: _Plan) -> dict[str, np.ndarray]:

@@ -32,14 +32,13 @@ from __future__ import annotations
 import json
 import mmap
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .checkpoint import (
-    FORMAT_NAME,
     CheckpointError,
     atomic_write,
     is_safetensors_path,
@@ -390,13 +389,3 @@ def _load_pickle(path: Path) -> dict[str, Any]:
     ):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict of named tensors")
     return dict(loaded)
-
-
-def is_ours(metadata: Mapping[str, str]) -> bool:
-    """True when the header metadata was written by this library."""
-    return metadata.get("format") == FORMAT_NAME
-
-
-def sizes(names: Iterable[str], tensor_file: TensorFile) -> int:
-    """Total bytes of ``names`` in ``tensor_file``."""
-    return sum(tensor_file.nbytes(name) for name in names)

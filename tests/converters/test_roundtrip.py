@@ -427,3 +427,24 @@ def test_wrong_framework_arguments_raise_type_errors():
         converters.flax_to_torch({}, Linear(2, 2, rngs=nnx.Rngs(0)))
     with pytest.raises(TypeError, match="source must be"):
         converters.torch_to_flax(42, Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def test_weights_of_an_unknown_torch_layer_are_refused_or_skipped_never_loaded_untransposed():
+    class Custom(nn.Module):  # holds a (3, 3) weight, but nothing says in which layout
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(3, 3))
+
+    class FlaxTwin(nnx.Module):
+        def __init__(self):
+            self.layers = nnx.List([Linear(3, 3, use_bias=False, rngs=nnx.Rngs(0)) for _ in range(2)])
+
+    source = randomize_flax(FlaxTwin())
+    target = nn.Sequential(nn.Linear(3, 3, bias=False), Custom())
+    rename = [("layers.*", "*")]
+    with pytest.raises(UnknownLayerError, match=r"'1' \(Custom\)"):
+        converters.flax_to_torch(source, target, rename=rename)
+    report = converters.flax_to_torch(source, target, rename=rename, strict=False)
+    assert report.loaded == ["0.weight"] and not report.mismatched
+    assert any("Custom has no known PyTorch<->Flax layout, skipped" in note for note in report.notes)
+    assert torch.count_nonzero(target[1].weight) == 0
