@@ -27,6 +27,7 @@ from converters.naming import (
     NoMatchError,
     as_patterns,
     check_all_matched,
+    dotted,
     matches_any,
     parent_and_leaf,
 )
@@ -34,11 +35,12 @@ from converters.naming import (
 from .activations import Swish
 from .checkpoint import (
     _assign,
+    _Entry,
     _plan_load,
+    _torch_arrays,
     _torch_entries,
     load_state_dict_file,
     save_state_dict_file,
-    torch_style_state_dict,
 )
 from .graph import get_submodule, named_modules, set_submodule
 
@@ -266,8 +268,7 @@ class AdaptedModel(nnx.Module):
         """What :meth:`saver` writes: the :attr:`trainable` parameters, keyed and laid out as in
         the PyTorch twin's ``state_dict()``, plus the non-parameter variables (BatchNorm's
         running statistics) of ``unfrozen_layers``."""
-        keep = set(self._trainable_keys()) | set(self._unfrozen_buffer_keys())
-        return {key: value for key, value in torch_style_state_dict(self).items() if key in keep}
+        return _torch_arrays(_entries_at(self, [*self._trainable_paths(), *self._unfrozen_buffer_paths()]))
 
     def saver(self, path: str) -> None:
         """Save only the trainable parameters (and running statistics of unfrozen layers).
@@ -293,7 +294,8 @@ class AdaptedModel(nnx.Module):
         del end_of_epoch
         arrays, _ = load_state_dict_file(path)
         report, assignments = _plan_load(self, arrays, strict=False)
-        missing = [key for key in report.missing if key in set(self._trainable_keys())]
+        trainable = {entry.key for entry in _entries_at(self, self._trainable_paths())}
+        missing = [key for key in report.missing if key in trainable]
         if report.unexpected or report.mismatched or missing:
             raise CheckpointError(
                 f"checkpoint {str(path)!r} does not fit this AdaptedModel: "
@@ -317,20 +319,19 @@ class AdaptedModel(nnx.Module):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {item!r}")
         return getattr(model, item)
 
-    def _trainable_keys(self) -> list[str]:
-        """PyTorch names of the :attr:`trainable` parameters."""
-        return _torch_keys(self, (path for path, _ in nnx.to_flat_state(nnx.state(self, self.trainable))))
+    def _trainable_paths(self) -> list[tuple[Any, ...]]:
+        """Graph paths of the :attr:`trainable` parameters."""
+        return [path for path, _ in nnx.to_flat_state(nnx.state(self, self.trainable))]
 
-    def _unfrozen_buffer_keys(self) -> list[str]:
-        """PyTorch names of the non-parameter variables of ``unfrozen_layers``."""
+    def _unfrozen_buffer_paths(self) -> list[tuple[Any, ...]]:
+        """Graph paths of the non-parameter variables (running statistics) of ``unfrozen_layers``."""
         prefixes = frozenset(_path_under_model(name) for name in self.unfrozen_module_names)
-        buffers = [
+        return [
             path
             for path, value in nnx.to_flat_state(nnx.state(self))
             if not isinstance(value, (nnx.Param, nnx.RngState))
-            and _under_any(tuple(str(p) for p in path), prefixes)
+            and _under_any(tuple(str(part) for part in path), prefixes)
         ]
-        return _torch_keys(self, buffers)
 
 
 def is_layer_adaptable(
@@ -738,8 +739,8 @@ def _under_any(parts: tuple[str, ...], prefixes: frozenset[tuple[str, ...]]) -> 
     return any(parts[: len(prefix)] == prefix for prefix in prefixes)
 
 
-def _torch_keys(model: nnx.Module, paths: Iterable[tuple[Any, ...]]) -> list[str]:
-    """PyTorch names of the variables at graph ``paths`` of ``model``, in ``state_dict`` order.
+def _entries_at(model: nnx.Module, paths: Iterable[tuple[Any, ...]]) -> list[_Entry]:
+    """The PyTorch-named entries of the variables at graph ``paths``, in ``state_dict`` order.
 
     Raises :class:`CheckpointError` naming any of them that sits in a module of no supported
     kind, rather than leaving a trained weight out of a checkpoint.
@@ -750,6 +751,6 @@ def _torch_keys(model: nnx.Module, paths: Iterable[tuple[Any, ...]]) -> list[str
     if unnamed:
         raise CheckpointError(
             "trainable variables with no PyTorch name (their module is not an nnx.Linear, "
-            f"nnx.Conv, norm, nnx.Embed or nnx.BatchNorm): {sorted('.'.join(map(str, p)) for p in unnamed)}"
+            f"nnx.Conv, norm, nnx.Embed or nnx.BatchNorm): {sorted(dotted(p) for p in unnamed)}"
         )
-    return [entry.key for entry in entries]
+    return entries

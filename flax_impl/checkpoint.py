@@ -117,12 +117,7 @@ def torch_style_state_dict(module: nnx.Module, *, strict: bool = True) -> dict[s
     >>> torch_style_state_dict(conv)["weight"].shape   # Flax kernel is (3, 2, 4)
     (4, 2, 3)
     """
-    entries = _torch_entries(module, strict=strict)
-    out = {}
-    for entry in entries:
-        _, array = flax_to_torch(entry.kind, entry.flax_name, np.asarray(entry.variable.get_value()))
-        out[entry.key] = array
-    return out
+    return _torch_arrays(_torch_entries(module, strict=strict))
 
 
 def load_torch_style_state_dict(
@@ -267,6 +262,15 @@ def _torch_entries(module: nnx.Module, *, strict: bool) -> list[_Entry]:
         return order[dotted(entry.path[:-1])], rank
 
     return sorted(entries, key=torch_order)
+
+
+def _torch_arrays(entries: list[_Entry]) -> dict[str, np.ndarray]:
+    """``{torch key: C-contiguous array in torch layout}``, bits and dtype unchanged."""
+    out = {}
+    for entry in entries:
+        _, array = flax_to_torch(entry.kind, entry.flax_name, np.asarray(entry.variable.get_value()))
+        out[entry.key] = array
+    return out
 
 
 def _torch_shape(entry: _Entry) -> tuple[int, ...]:

@@ -351,3 +351,16 @@ def test_save_load_round_trip_over_layer_geometries(
     trained.saver(path)
     fresh.loader(path)
     _assert_same(_snapshot(fresh), _snapshot(trained))
+
+
+def test_saver_refuses_a_trainable_variable_without_a_torch_name(tmp_path):
+    model = nnx.Sequential(Custom(nnx.Rngs(0)), nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    frozen_gain = AdaptedModel(model, LoRA, target_layers="layers.1", rngs=nnx.Rngs(1))
+    frozen_gain.saver(str(tmp_path / "ok.safetensors"))  # the frozen bare `gain` is not saved: fine
+    model = nnx.Sequential(Custom(nnx.Rngs(0)), nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    trained_gain = AdaptedModel(
+        model, LoRA, target_layers="layers.1", unfrozen_layers="layers.0", rngs=nnx.Rngs(1)
+    )
+    with pytest.raises(CheckpointError, match=r"no PyTorch name.*'adapted_model.layers.0.gain'"):
+        trained_gain.saver(str(tmp_path / "bad.safetensors"))
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -41,31 +41,37 @@ def test_merge_keeps_outputs_and_unmerge_restores_the_kernel(
     spatial, in_features, out_features, rank, strides_and_dilation, alpha
 ):
     strides, kernel_dilation = strides_and_dilation
-    if spatial:
-        base = nnx.Conv(
-            in_features,
-            out_features,
-            kernel_size=(3,) * spatial,
-            strides=strides,
-            padding=[(1, 1)] * spatial,
-            kernel_dilation=kernel_dilation,
-            rngs=nnx.Rngs(0),
-        )
-        x = jax.random.normal(jax.random.key(1), (2,) + (5,) * spatial + (in_features,))
-    else:
-        base = nnx.Linear(in_features, out_features, rngs=nnx.Rngs(0))
-        x = jax.random.normal(jax.random.key(1), (2, in_features))
-    kernel_before = np.asarray(base.kernel[...])
-    lora = LoRA(base, rank=rank, alpha=alpha, rngs=nnx.Rngs(2))
-    _randomize_up(lora, 3)
-    before = lora(x)
+    x_shape = (2,) + (5,) * spatial + (in_features,)
 
-    assert merge_lora(lora) == 1 and lora.merged
-    np.testing.assert_allclose(lora(x), before, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lora(x), base(x), rtol=0, atol=0)  # merged: the base layer only
-    assert unmerge_lora(lora) == 1 and not lora.merged
-    np.testing.assert_allclose(np.asarray(base.kernel[...]), kernel_before, rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(lora(x), before, rtol=1e-5, atol=1e-5)
+    def build_merge_unmerge(x):
+        # One jax.jit per example: a single compile instead of one per eager op.
+        if spatial:
+            base = nnx.Conv(
+                in_features,
+                out_features,
+                kernel_size=(3,) * spatial,
+                strides=strides,
+                padding=[(1, 1)] * spatial,
+                kernel_dilation=kernel_dilation,
+                rngs=nnx.Rngs(0),
+            )
+        else:
+            base = nnx.Linear(in_features, out_features, rngs=nnx.Rngs(0))
+        kernel_before = base.kernel[...]
+        lora = LoRA(base, rank=rank, alpha=alpha, rngs=nnx.Rngs(2))
+        _randomize_up(lora, 3)
+        before = lora(x)
+        assert merge_lora(lora) == 1 and lora.merged
+        merged, base_only = lora(x), base(x)
+        assert unmerge_lora(lora) == 1 and not lora.merged
+        return kernel_before, base.kernel[...], before, merged, base_only, lora(x)
+
+    x = jax.random.normal(jax.random.key(1), x_shape)
+    kernel_before, kernel_after, before, merged, base_only, after = jax.jit(build_merge_unmerge)(x)
+    np.testing.assert_allclose(merged, before, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(merged, base_only)  # merged: the base layer only
+    np.testing.assert_allclose(kernel_after, kernel_before, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_lora_counts_layers_and_skips_merged_ones():
