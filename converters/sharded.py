@@ -251,9 +251,12 @@ def open_checkpoint(path: str | os.PathLike[str]) -> ShardedCheckpoint | TensorF
     Example
     -------
     >>> import tempfile
-    >>> open_checkpoint(tempfile.mkdtemp())
-    Traceback (most recent call last):
-    FileNotFoundError: ... holds no model.safetensors.index.json
+    >>> folder = tempfile.mkdtemp()
+    >>> index = write_sharded(folder, {"w": np.zeros(2, np.float32)})
+    >>> type(open_checkpoint(folder)).__name__, type(open_checkpoint(index)).__name__
+    ('ShardedCheckpoint', 'ShardedCheckpoint')
+    >>> type(open_checkpoint(os.path.join(folder, "model-00001-of-00001.safetensors"))).__name__
+    'TensorFile'
     """
     path = Path(path)
     if path.is_dir() or path.name.endswith(".index.json"):
