@@ -138,6 +138,11 @@ def test_adapter_factors_follow_the_kernel_partitioning(mesh):
         assert tuple(kernel.get_metadata()["out_sharding"]) == spec
         assert kernel[...].sharding.spec == PartitionSpec(*spec)
         assert kernel[...].sharding.mesh.shape == mesh.shape
+    # What NNX's sharding utilities read back (e.g. for jax.lax.with_sharding_constraint).
+    specs = nnx.get_partition_spec(nnx.state(model, model.trainable))
+    assert specs["adapted_model"]["layer1"]["adapter_up_proj"]["kernel"].get_value() == PartitionSpec(
+        None, "model"
+    )
 
 
 def test_houlsby_factors_follow_the_kernel_output_partitioning(mesh):
