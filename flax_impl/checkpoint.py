@@ -251,9 +251,9 @@ def _torch_entries(module: nnx.Module, *, strict: bool) -> list[_Entry]:
         entries.append(_Entry(key, tuple(path), kind, flax_name, variable))
     if unsupported and strict:
         raise CheckpointError(
-            f"{len(unsupported)} variable(s) have no PyTorch name because their module is not "
-            f"one of nnx.{', nnx.'.join(t.__name__ for t, _ in _KIND_OF_TYPE)}: {unsupported}; "
-            "pass strict=False to leave them out"
+            f"{len(unsupported)} variable(s) have no PyTorch name: {unsupported}. Only the "
+            f"variables of nnx.{', nnx.'.join(t.__name__ for t, _ in _KIND_OF_TYPE)} layers have "
+            "one; pass strict=False to leave the others out"
         )
 
     def torch_order(entry: _Entry) -> tuple[int, int]:
