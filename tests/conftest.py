@@ -5,6 +5,7 @@ XLA_FLAGS must be set before jax is first imported, hence at the top of this fil
 
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import sys
 import types
@@ -43,6 +44,8 @@ def import_speechbrain_adapters():
         stub = types.ModuleType("torchaudio")
         stub.__path__ = []
         stub.__version__ = "0.0.0"
+        # transformers (imported by peft) calls importlib.util.find_spec("torchaudio").
+        stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None, is_package=True)
         sys.modules["torchaudio"] = stub
     import speechbrain.nnet.adapters as sb_adapters
     from speechbrain.utils.importutils import LazyModule
