@@ -29,6 +29,7 @@ import datetime
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from examples.reviews import LABELS, Split, batch_schedule, load_reviews
 
 __all__ = ["main", "parse_args"]
 
+MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TARGETS = ("encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value")
 #: AdamW's weight decay in both frameworks (optax's default differs from torch's).
 WEIGHT_DECAY = 0.01
@@ -48,7 +50,8 @@ WEIGHT_DECAY = 0.01
 
 @dataclasses.dataclass
 class Evaluation:
-    """Test-set accuracy and loss of one model, with its embeddings ``(n, hidden)`` for comparisons."""
+    """Test-set accuracy (correct / total, exact, so both frameworks report the same number for
+    the same predictions), mean loss, and the embeddings ``(n, hidden)`` for comparisons."""
 
     accuracy: float
     loss: float
@@ -101,7 +104,7 @@ class Run:
     def as_dict(self) -> dict[str, Any]:
         config = {k: v for k, v in vars(self.args).items() if k != "out"}
         return {
-            "model": "sentence-transformers/all-MiniLM-L6-v2",
+            "model": MODEL_NAME,
             "task": "reviews (examples/data: 240 train / 80 test, binary sentiment)",
             "config": config,
             "out": str(self.out),
@@ -224,8 +227,8 @@ def evaluate_torch(encoder: Any, head: Any, split: Split) -> Evaluation:
         embeddings = torch_embeddings(encoder, ids, mask)
         logits = head(embeddings)
         loss = torch.nn.functional.cross_entropy(logits, labels)
-    accuracy = (logits.argmax(-1) == labels).float().mean()
-    return Evaluation(float(accuracy), float(loss), embeddings.numpy())
+    correct = int((logits.argmax(-1) == labels).sum())
+    return Evaluation(correct / len(split), float(loss), embeddings.numpy())
 
 
 def train_torch(
@@ -310,6 +313,20 @@ def _flax_functions() -> tuple[Any, Any]:
     return embed, train_step
 
 
+def commit_to_device(*nodes: Any) -> None:
+    """Commit every array of ``nodes`` to the default device, in place.
+
+    New and converted arrays are uncommitted while a jitted call returns committed ones, so
+    without this every jitted function would compile twice: for the first call and the second.
+    """
+    import jax
+    from flax import nnx
+
+    device = jax.devices()[0]
+    for node in nodes:
+        nnx.update(node, jax.device_put(nnx.state(node), device))
+
+
 def evaluate_flax(encoder: Any, head: Any, split: Split) -> Evaluation:
     """Accuracy, mean cross-entropy and embeddings of the Flax model on ``split``."""
     import jax.numpy as jnp
@@ -319,8 +336,8 @@ def evaluate_flax(encoder: Any, head: Any, split: Split) -> Evaluation:
     embeddings = embed(encoder, jnp.asarray(split.input_ids), jnp.asarray(split.attention_mask))
     logits = head(embeddings)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.asarray(split.labels)).mean()
-    accuracy = (logits.argmax(-1) == jnp.asarray(split.labels)).mean()
-    return Evaluation(float(accuracy), float(loss), np.asarray(embeddings))
+    correct = int((logits.argmax(-1) == jnp.asarray(split.labels)).sum())
+    return Evaluation(correct / len(split), float(loss), np.asarray(embeddings))
 
 
 def train_flax(
@@ -336,6 +353,7 @@ def train_flax(
     _, train_step = _flax_functions()
     tx = optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WEIGHT_DECAY)
     optimizers = (nnx.Optimizer(encoder, tx, wrt=encoder.trainable), nnx.Optimizer(head, tx, wrt=nnx.Param))
+    commit_to_device(*optimizers)
     losses = []
     for index in tqdm(schedule, desc="Flax fine-tuning", unit="step"):
         ids, mask, labels = (jnp.asarray(a) for a in train.take(index))
@@ -379,11 +397,14 @@ def save_trained(encoder: Any, head: Any, out: Path) -> dict[str, Path]:
 
 
 def export_peft(encoder: Any, out: Path) -> Path:
-    """Write a PEFT LoRA adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``)."""
-    from converters.peft import export_peft as export
+    """Write a PEFT LoRA adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+    Raises ``converters.peft.PeftConversionError`` for what PEFT cannot express (Houlsby).
+    """
+    from converters.peft import export_peft_adapter
 
     folder = out / "peft_adapter"
-    export(encoder, folder)
+    export_peft_adapter(encoder, folder, base_model_name_or_path=MODEL_NAME)
     return folder
 
 
@@ -394,7 +415,9 @@ def check_peft_adapter(folder: Path, test: Split, expected: np.ndarray) -> float
     from peft import PeftModel
 
     _, bert = load_minilm()
-    model = PeftModel.from_pretrained(bert, str(folder)).eval()
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(bert, str(folder)).eval()
     ids, mask = (torch.from_numpy(a).long() for a in (test.input_ids, test.attention_mask))
     with torch.no_grad():
         embeddings = torch_embeddings(model, ids, mask).numpy()
@@ -444,6 +467,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         job.conversions["torch_to_flax"] = convert_to_flax(
             (torch_encoder, torch_head), (flax_encoder, flax_head)
         )
+        commit_to_device(flax_encoder, flax_head)
         flax_eval = evaluate_flax(flax_encoder, flax_head, test)
         job.diffs["torch_to_flax_embeddings"] = max_abs_diff(flax_eval.embeddings, torch_eval.embeddings)
         job.record("flax_converted", "converted to Flax", "flax", flax_eval)
@@ -473,30 +497,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     with job.timed("save"):
+        from converters.peft import PeftConversionError
+
         paths = save_trained(back_encoder, back_head, out)
-        if args.adapter == "lora":
+        job.diffs["peft_vs_ours_embeddings"] = None
+        try:
             peft_folder = export_peft(back_encoder, out)
-            paths.update({f"peft {p.name}": p for p in sorted(peft_folder.iterdir())})
-            job.diffs["peft_vs_ours_embeddings"] = check_peft_adapter(peft_folder, test, back_eval.embeddings)
+        except PeftConversionError as exc:  # Houlsby: PEFT has no such adapter
+            job.note(f"no PEFT export: {exc}")
         else:
-            job.note(
-                "PEFT has no Houlsby adapter: no PEFT export (converters refuses it rather than approximate)"
-            )
-            job.diffs["peft_vs_ours_embeddings"] = None
+            paths.update({p.name: p for p in sorted(peft_folder.iterdir())})
+            job.diffs["peft_vs_ours_embeddings"] = check_peft_adapter(peft_folder, test, back_eval.embeddings)
 
     with job.timed("merge"):
-        if args.adapter == "lora":
-            from torch_impl import merge_lora
+        from torch_impl import MergeError, merge_lora
 
+        job.diffs["merged_vs_unmerged_embeddings"] = None
+        try:
             merged_layers = merge_lora(back_encoder)
+        except MergeError as exc:  # Houlsby: a nonlinearity sits between its projections
+            job.note(f"no merge: {exc}")
+        else:
             merged_eval = evaluate_torch(back_encoder, back_head, test)
             job.diffs["merged_vs_unmerged_embeddings"] = max_abs_diff(
                 merged_eval.embeddings, back_eval.embeddings
             )
             job.record("torch_merged", f"LoRA merged ({merged_layers} layers)", "torch", merged_eval)
-        else:
-            job.note("Houlsby adapters have a nonlinearity between their projections: nothing to merge")
-            job.diffs["merged_vs_unmerged_embeddings"] = None
 
     with job.timed("report"):
         paths["plot"] = out / "loss_curves.png"

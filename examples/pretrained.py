@@ -53,7 +53,13 @@ def _hide_broken_torchaudio() -> None:
     """SpeechBrain pulls in a torchaudio wheel built for another torch; transformers imports
     torchaudio whenever it is installed, and then fails to import at all. Nothing here touches
     audio, so a torchaudio that does not load is replaced by an empty module."""
-    if "torchaudio" in sys.modules or importlib.util.find_spec("torchaudio") is None:
+    loaded = sys.modules.get("torchaudio")
+    if loaded is not None:
+        # Another stub (e.g. the test suite's) without a spec makes transformers' find_spec fail.
+        if getattr(loaded, "__spec__", None) is None:
+            loaded.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None)
+        return
+    if importlib.util.find_spec("torchaudio") is None:
         return
     try:
         import torchaudio  # noqa: F401

@@ -67,7 +67,7 @@ def format_report(report: Mapping[str, Any]) -> str:
                 [
                     s["stage"],
                     s["framework"],
-                    str(s["steps"]),
+                    str(s["steps"]) if s["steps"] else "-",
                     "-"
                     if s["train_loss_first"] is None
                     else f"{s['train_loss_first']:.3f} -> {s['train_loss_last']:.3f}",
