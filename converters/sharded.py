@@ -134,6 +134,11 @@ class ShardedCheckpoint:
         self.files = list(dict.fromkeys(sorted(self._file_of.values())))
         self._specs: dict[str, TensorSpec] = {}
         self.metadata: dict[str, str] = {}
+        missing = [str(file) for file in self.files if not file.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"checkpoint {str(self.path)!r} lacks the file(s) its index names: {missing[:5]}"
+            )
         for file in self.files:
             self._read_file_header(file)
         unlisted = [name for name in weight_map if name not in self._specs]
