@@ -26,6 +26,7 @@ __all__ = [
     "check_all_matched",
     "dotted",
     "matches_any",
+    "matches_unfrozen",
     "parent_and_leaf",
 ]
 
@@ -58,6 +59,18 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
     list selects the same layers wherever it runs.
     """
     return bool(name) and any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def matches_unfrozen(name: str, patterns: Sequence[str]) -> bool:
+    """Whether an ``unfrozen_layers`` pattern selects the module called ``name``.
+
+    Unlike ``target_layers`` (whose matching skips the root), SpeechBrain fnmatches the root's
+    empty name here too, so ``"*"`` unfreezes the parameters the root module holds itself.
+
+    >>> matches_unfrozen("", ["*"]), matches_any("", ["*"])
+    (True, False)
+    """
+    return matches_any(name, patterns) or (not name and any(fnmatchcase("", p) for p in patterns))
 
 
 def check_all_matched(

@@ -29,6 +29,7 @@ from converters.naming import (
     check_all_matched,
     dotted,
     matches_any,
+    matches_unfrozen,
     parent_and_leaf,
 )
 
@@ -61,7 +62,7 @@ __all__ = [
 _TORCH_DEFAULT_KERNEL_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
 
-class AdapterInsertionError(RuntimeError):
+class AdapterInsertionError(RuntimeError, ValueError):
     """Adapters were inserted twice, or into a layer that cannot take them."""
 
 
@@ -207,7 +208,7 @@ class AdaptedModel(nnx.Module):
         for name, module in named:
             if is_layer_adaptable(name, module, all_linear, all_conv, target_layers):
                 self.replace_layers.append(name)
-            elif matches_any(name, unfrozen_layers):
+            elif matches_unfrozen(name, unfrozen_layers):
                 self.unfrozen_module_names.append(name)
 
         # Dotted names (under adapted_model) of the pretrained layer inside each adapter.
@@ -234,9 +235,20 @@ class AdaptedModel(nnx.Module):
             rngs = vars(self).get("rngs")
         if rngs is None:
             raise TypeError("insert_adapters() needs rngs: pass rngs=nnx.Rngs(...)")
+        # Build every adapter before replacing any layer, so that a layer the adapter class
+        # refuses leaves the model unchanged (same order of random draws as torch_impl).
+        new_modules = []
         for name in self.replace_layers:
             module = get_submodule(self.adapted_model, name)
-            new_module = self.adapter_class(module, **self.adapter_kwargs, rngs=rngs)
+            try:
+                new_modules.append(self.adapter_class(module, **self.adapter_kwargs, rngs=rngs))
+            except (ValueError, TypeError) as exc:
+                adapter_name = getattr(self.adapter_class, "__name__", repr(self.adapter_class))
+                raise _with_message(
+                    exc, f"cannot wrap layer {name or '<root>'!r} ({type(module).__name__}) in {adapter_name}: {exc}"
+                ) from exc
+        for name, new_module in zip(self.replace_layers, new_modules, strict=True):
+            module = get_submodule(self.adapted_model, name)
             if name:
                 replace_module(self.adapted_model, name, new_module)
             else:  # the root itself is the adaptable layer (e.g. a bare nnx.Linear)
@@ -627,6 +639,15 @@ class LoRA(nnx.Module):
         new = (value.astype(delta.dtype) + delta).astype(value.dtype)
         sharding = getattr(value, "sharding", None)
         kernel.set_value(jax.device_put(new, sharding) if sharding is not None else new)
+
+
+def _with_message(exc: Exception, message: str) -> Exception:
+    """An exception of ``exc``'s type carrying ``message`` (AdapterInsertionError if the type
+    cannot be built from a message alone)."""
+    try:
+        return type(exc)(message)
+    except Exception:
+        return AdapterInsertionError(message)
 
 
 def _check_size(argument: str, value: object) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Mapping
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from converters.naming import (
     as_patterns,
     check_all_matched,
     matches_any,
+    matches_unfrozen,
     parent_and_leaf,
 )
 
@@ -176,7 +176,7 @@ class AdaptedModel(nn.Module):
                         warnings.warn(MHA_WARNING, stacklevel=2)
                     else:
                         self.replace_layers.append(name)
-                elif _unfreezes(name, unfrozen_layers):
+                elif matches_unfrozen(name, unfrozen_layers):
                     self.unfrozen_module_names.append(name)
                     for param in module.parameters():
                         param.requires_grad = True
@@ -569,15 +569,6 @@ class LoRA(nn.Module):
         weight = self.pretrained_module.weight
         with torch.no_grad():
             weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
-
-
-def _unfreezes(name: str, patterns: Iterable[str]) -> bool:
-    """Whether ``unfrozen_layers`` selects the module called ``name``.
-
-    Unlike ``target_layers`` (whose matching skips the root), SpeechBrain fnmatches the root's
-    empty name here too, so ``"*"`` unfreezes the parameters the root module holds itself.
-    """
-    return matches_any(name, tuple(patterns)) or (not name and any(fnmatchcase("", p) for p in patterns))
 
 
 def _types(named: list[tuple[str, nn.Module]], limit: int = 8) -> str:

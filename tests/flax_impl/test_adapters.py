@@ -436,3 +436,22 @@ def test_optimizer_with_wrt_trainable_updates_only_trainable_params():
     for path, value in nnx.to_flat_state(nnx.state(model, nnx.Not(model.trainable))):
         np.testing.assert_array_equal(np.asarray(value[...]), frozen_before[path])
     assert jnp.any(model.adapted_model.layer1.adapter_up_proj.kernel[...])
+
+
+def test_unfreeze_star_also_selects_the_root_like_speechbrain_and_torch_impl():
+    """SpeechBrain fnmatches the root's empty name against unfrozen_layers, so "*" unfreezes
+    every weight not wrapped by an adapter; both twins agree."""
+    model = AdaptedModel(Net(nnx.Rngs(0)), LoRA, target_layers="layer1", unfrozen_layers="*", rngs=nnx.Rngs(1))
+    assert "" in model.unfrozen_module_names
+    paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, model.trainable))}
+    assert "adapted_model.layer2.kernel" in paths and "adapted_model.layer3.bias" in paths
+    assert "adapted_model.layer1.pretrained_module.kernel" not in paths
+
+
+def test_refused_insertion_leaves_the_model_unchanged_and_names_the_layer():
+    """Adapters are all built before any layer is replaced: a refused layer changes nothing."""
+    base = Blocks(nnx.Rngs(0))
+    names_before = [name for name, _ in named_modules(base)]
+    with pytest.raises(ValueError, match="cannot wrap layer 'norm'"):
+        AdaptedModel(base, LoRA, target_layers=["blocks.*", "norm"], rngs=nnx.Rngs(1))
+    assert [name for name, _ in named_modules(base)] == names_before
