@@ -280,3 +280,35 @@ def test_fsdp2_matches_one_process_and_checkpoints_gather_only_trainable_shards(
     single.loader(str(tmp_path / "fsdp.safetensors"))
     with torch.no_grad():
         torch.testing.assert_close(single(_probe()), reference["probe"], atol=ATOL, rtol=ATOL)
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def test_multi_device_benchmark_runs_on_cpu_and_every_setup_agrees_with_one_device(tmp_path):
+    """``benchmarks/bench_multi_gpu.py`` at its CPU shape: gloo DDP/FSDP2 over 2 processes and
+    JAX meshes over 4 simulated devices, each row's losses within 1e-4 of the one-device run."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_multi_gpu.py"
+    out = tmp_path / "multi.md"
+    command = [sys.executable, str(script), "--device", "cpu", "--devices", "2", "--jax-devices", "4"]
+    command += ["--steps", "1", "--warmup", "1", "--check", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [
+        line.split("|")[1:-1]
+        for line in out.read_text().splitlines()
+        if line.startswith("| torch") or line.startswith("| jax")
+    ]
+    setups = [(cells[0].strip(), cells[1].strip(), int(cells[2])) for cells in rows]
+    assert setups == [
+        ("torch", "1 device", 1),
+        ("torch", "DDP", 2),
+        ("torch", "FSDP2", 2),
+        ("jax", "1 device", 1),
+        ("jax", "mesh data", 4),
+        ("jax", "mesh data x model", 4),
+    ]
+    for cells in rows:
+        assert float(cells[3]) > 0 and "MiB" in cells[5]
+        assert float(cells[6]) <= 1e-4, cells
