@@ -339,9 +339,10 @@ def bench_jax(shape: Shape, device_type: str, devices: int) -> list[dict]:
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "PYTHONPATH": str(ROOT)}
     if device_type == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
-        env["XLA_FLAGS"] = (
-            f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
-        )
+        flags = [
+            f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f
+        ]
+        env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     groups = [setups] if device_type == "cpu" else [[setup] for setup in setups]
     rows = []
     for group in groups:
