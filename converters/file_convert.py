@@ -93,7 +93,7 @@ def convert_file(
             view, dropped = to_flax_layout(view, kinds)
             notes += dropped
         used = {module_of(name) for name in view.names} | {module_of(name) for name in old_of}
-        metadata = _output_metadata(tensor_file, layout, {m: k for m, k in kinds.items() if m in used})
+        metadata = output_metadata(tensor_file, layout, {m: k for m, k in kinds.items() if m in used})
         total = sum(_nbytes(view, name) for name in view.names)
         with progress_bar(total, f"convert {os.path.basename(str(source))}", enabled=progress) as bar:
             write_safetensors(
@@ -145,7 +145,7 @@ class progress_bar:
             self._bar.close()
 
 
-def _output_metadata(tensor_file: TensorFile, layout: str, kinds: Mapping[str, str]) -> dict[str, str]:
+def output_metadata(tensor_file: TensorFile, layout: str, kinds: Mapping[str, str]) -> dict[str, str]:
     metadata = dict(tensor_file.metadata)
     if metadata.get("format") != FORMAT_NAME:  # a foreign or pickled file: describe what we know
         metadata.update(

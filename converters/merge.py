@@ -103,7 +103,7 @@ def merge_adapter_file(
         if base_file.layout == "flax":
             merged, dropped = to_flax_layout(merged, kinds)
             notes += dropped
-        metadata = _output_metadata(base_file.metadata, kinds, adapter_path, kwargs)
+        metadata = _merged_metadata(base_file.metadata, kinds, adapter_path, kwargs)
         total = sum(
             int(np.prod(shape)) * numpy_dtype(dtype).itemsize for dtype, shape in merged.specs.values()
         )
@@ -264,7 +264,7 @@ def _spec(array: np.ndarray) -> TensorSpec:
     return dtype_name(array.dtype), tuple(array.shape)
 
 
-def _output_metadata(
+def _merged_metadata(
     base_metadata: Mapping[str, str], kinds: Mapping[str, str], adapter_path: Any, kwargs: Mapping[str, Any]
 ) -> dict[str, str]:
     metadata = {

@@ -56,7 +56,7 @@ def save_torch_layout(
     ...     f.names, f.metadata["layout"], f.metadata["layer_kinds"], f.metadata["note"]
     (['weight', 'bias'], 'torch', '{"": "linear"}', 'demo')
     """
-    arrays, header = _model_arrays(model, "torch", metadata)
+    arrays, header = model_arrays(model, "torch", metadata)
     write_safetensors(_safetensors_path(path), arrays, header)
 
 
@@ -78,7 +78,7 @@ def save_flax_layout(
     ...     f.names, f.shape("kernel"), f.layout
     (['kernel', 'bias'], (3, 2), 'flax')
     """
-    arrays, header = _model_arrays(model, "flax", metadata)
+    arrays, header = model_arrays(model, "flax", metadata)
     kinds = json.loads(header["layer_kinds"])
     view, _ = to_flax_layout(TensorView.from_arrays(arrays), kinds)
     write_safetensors(_safetensors_path(path), {name: view.read(name) for name in view.names}, header)
@@ -118,7 +118,7 @@ def load_flax_layout(
     return load_into(path, model, strict=strict, rename=rename)
 
 
-def _model_arrays(model: Any, layout: str, metadata: Mapping[str, str] | None) -> tuple[dict, dict[str, str]]:
+def model_arrays(model: Any, layout: str, metadata: Mapping[str, str] | None) -> tuple[dict, dict[str, str]]:
     framework = framework_of(model)
     if framework is None:
         raise TypeError(f"expected a torch.nn.Module or a flax.nnx.Module, got {type(model).__name__}")

@@ -51,7 +51,7 @@ import numpy as np
 
 from . import layout
 from .checkpoint import CheckpointError, KeyReport, atomic_write, compare_keys, read_safetensors_header
-from .file_convert import _output_metadata, file_layer_kinds, progress_bar
+from .file_convert import file_layer_kinds, output_metadata, progress_bar
 from .files import (
     LAYOUTS,
     TensorFile,
@@ -356,11 +356,11 @@ def save_sharded(
     >>> json.loads(index.read_text())["weight_map"]
     {'bias': 'model-00002-of-00002.safetensors', 'weight': 'model-00001-of-00002.safetensors'}
     """
-    from .saving import _model_arrays
+    from .saving import model_arrays
 
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    arrays, header = _model_arrays(model, layout, metadata)
+    arrays, header = model_arrays(model, layout, metadata)
     view = TensorView.from_arrays(arrays)
     if layout == "flax":
         view, _ = to_flax_layout(view, json.loads(header["layer_kinds"]))
@@ -421,7 +421,7 @@ def convert_sharded(
         if layout == "flax":
             view, notes = to_flax_layout(view, kinds)
         used = {module_of(name) for name in view.names} | {module_of(name) for name in checkpoint.names}
-        metadata = _output_metadata(checkpoint, layout, {m: k for m, k in kinds.items() if m in used})
+        metadata = output_metadata(checkpoint, layout, {m: k for m, k in kinds.items() if m in used})
         total = sum(_nbytes(spec) for spec in view.specs.values())
         with progress_bar(total, f"convert {Path(source).name}", enabled=progress) as bar:
             write_sharded(
@@ -492,12 +492,12 @@ def load_flax_sharded(
     >>> bool((target.kernel[...] == nnx.Linear(3, 2, rngs=nnx.Rngs(0)).kernel[...]).all())
     True
     """
-    from flax_impl.checkpoint import _torch_entries
+    from flax_impl.checkpoint import torch_entries
 
     with open_checkpoint(checkpoint) as source:
         if not isinstance(source, ShardedCheckpoint):  # one file: read it through the same slicer
             source = ShardedCheckpoint(source.path)
-        entries = {_source_key(entry, source.layout): entry for entry in _torch_entries(model, strict=strict)}
+        entries = {_source_key(entry, source.layout): entry for entry in torch_entries(model, strict=strict)}
         report, notes = _check_flax_load(source, entries, strict=strict)
         arrays = [
             (entries[key].variable, _sharded_array(source, key, entries[key], mesh, cast=not strict))

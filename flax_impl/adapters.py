@@ -35,13 +35,13 @@ from converters.naming import (
 
 from .activations import Swish
 from .checkpoint import (
+    TorchEntry,
     _assign,
-    _Entry,
     _plan_load,
     _torch_arrays,
-    _torch_entries,
     load_state_dict_file,
     save_state_dict_file,
+    torch_entries,
 )
 from .graph import get_submodule, named_modules, set_submodule
 
@@ -760,14 +760,14 @@ def _under_any(parts: tuple[str, ...], prefixes: frozenset[tuple[str, ...]]) -> 
     return any(parts[: len(prefix)] == prefix for prefix in prefixes)
 
 
-def _entries_at(model: nnx.Module, paths: Iterable[tuple[Any, ...]]) -> list[_Entry]:
+def _entries_at(model: nnx.Module, paths: Iterable[tuple[Any, ...]]) -> list[TorchEntry]:
     """The PyTorch-named entries of the variables at graph ``paths``, in ``state_dict`` order.
 
     Raises :class:`CheckpointError` naming any of them that sits in a module of no supported
     kind, rather than leaving a trained weight out of a checkpoint.
     """
     wanted = set(paths)
-    entries = [entry for entry in _torch_entries(model, strict=False) if entry.path in wanted]
+    entries = [entry for entry in torch_entries(model, strict=False) if entry.path in wanted]
     unnamed = wanted - {entry.path for entry in entries}
     if unnamed:
         raise CheckpointError(

@@ -52,6 +52,8 @@ __all__ = [
     "load_state_dict_file",
     "load_torch_style_state_dict",
     "save_state_dict_file",
+    "TorchEntry",
+    "torch_entries",
     "torch_style_state_dict",
 ]
 
@@ -117,7 +119,7 @@ def torch_style_state_dict(module: nnx.Module, *, strict: bool = True) -> dict[s
     >>> torch_style_state_dict(conv)["weight"].shape   # Flax kernel is (3, 2, 4)
     (4, 2, 3)
     """
-    return _torch_arrays(_torch_entries(module, strict=strict))
+    return _torch_arrays(torch_entries(module, strict=strict))
 
 
 def load_torch_style_state_dict(
@@ -216,7 +218,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, np.nda
 
 
 @dataclass(frozen=True)
-class _Entry:
+class TorchEntry:
     """One Flax variable and its PyTorch name."""
 
     key: str
@@ -226,8 +228,19 @@ class _Entry:
     variable: nnx.Variable
 
 
-def _torch_entries(module: nnx.Module, *, strict: bool) -> list[_Entry]:
-    """Every exportable variable of ``module``, in PyTorch's ``state_dict`` order."""
+def torch_entries(module: nnx.Module, *, strict: bool) -> list[TorchEntry]:
+    """Every exportable variable of ``module`` with its PyTorch name, in ``state_dict`` order.
+
+    The lazy counterpart of :func:`torch_style_state_dict`: each :class:`TorchEntry` holds the
+    variable itself, so a caller (the sharded loader, the saver) converts only what it needs.
+    ``strict`` raises on variables in modules of no supported layer kind.
+
+    Example
+    -------
+    >>> layer = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    >>> [(e.key, e.kind, e.flax_name) for e in torch_entries(layer, strict=True)]
+    [('weight', 'linear', 'kernel'), ('bias', 'linear', 'bias')]
+    """
     order = {}
     kinds = {}
     for index, (name, submodule) in enumerate(named_modules(module)):
@@ -248,7 +261,7 @@ def _torch_entries(module: nnx.Module, *, strict: bool) -> list[_Entry]:
             unsupported.append(f"{dotted(path)} ({type(variable).__name__} of a {kind} layer)")
             continue
         key = f"{owner}.{torch_param}" if owner else torch_param
-        entries.append(_Entry(key, tuple(path), kind, flax_name, variable))
+        entries.append(TorchEntry(key, tuple(path), kind, flax_name, variable))
     if unsupported and strict:
         raise CheckpointError(
             f"{len(unsupported)} variable(s) have no PyTorch name: {unsupported}. Only the "
@@ -256,7 +269,7 @@ def _torch_entries(module: nnx.Module, *, strict: bool) -> list[_Entry]:
             "one; pass strict=False to leave the others out"
         )
 
-    def torch_order(entry: _Entry) -> tuple[int, int]:
+    def torch_order(entry: TorchEntry) -> tuple[int, int]:
         leaf = entry.key.rpartition(".")[2]
         rank = _TORCH_ORDER.index(leaf) if leaf in _TORCH_ORDER else len(_TORCH_ORDER)
         return order[dotted(entry.path[:-1])], rank
@@ -264,7 +277,7 @@ def _torch_entries(module: nnx.Module, *, strict: bool) -> list[_Entry]:
     return sorted(entries, key=torch_order)
 
 
-def _torch_arrays(entries: list[_Entry]) -> dict[str, np.ndarray]:
+def _torch_arrays(entries: list[TorchEntry]) -> dict[str, np.ndarray]:
     """``{torch key: C-contiguous array in torch layout}``, bits and dtype unchanged."""
     out = {}
     for entry in entries:
@@ -273,7 +286,7 @@ def _torch_arrays(entries: list[_Entry]) -> dict[str, np.ndarray]:
     return out
 
 
-def _torch_shape(entry: _Entry) -> tuple[int, ...]:
+def _torch_shape(entry: TorchEntry) -> tuple[int, ...]:
     """The shape the PyTorch twin gives this variable (layout's rule, no data touched)."""
     return flax_to_torch_shape(entry.kind, entry.flax_name, tuple(np.shape(entry.variable.get_value())))[1]
 
@@ -286,7 +299,7 @@ def _plan_load(
     Returns the key report and ``(variable, value in Flax layout and the variable's dtype)``
     for every loadable key.
     """
-    entries = {entry.key: entry for entry in _torch_entries(module, strict=strict)}
+    entries = {entry.key: entry for entry in torch_entries(module, strict=strict)}
     kinds = {name: layer_kind(m) for name, m in named_modules(module)}
     found, notes = {}, []
     for key, array in arrays.items():
