@@ -10,7 +10,9 @@ The stages, each a function below:
    default), add a classification head on the mean-pooled embeddings, and fine-tune in PyTorch;
 3. convert base weights, adapters and head to the Flax twin (``flax_impl.models.BertModel``)
    with ``converters``, check that both frameworks compute the same embeddings, and continue
-   training in Flax with optax under ``nnx.jit``, only on the ``trainable`` filter;
+   training in Flax with optax under ``nnx.jit``, only on the ``trainable`` filter; AdamW's
+   step count and moments are converted too (:mod:`examples.adam_state`), so the Flax steps
+   are the ones PyTorch would have taken next (to float rounding);
 4. convert back into a freshly loaded PyTorch model, save an adapter-only safetensors file and
    a PEFT adapter, merge LoRA into the base weights and check that nothing moved;
 5. print a report, and write it (``report.json``) with a plot of both loss curves
@@ -37,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from examples import report as reporting
+from examples.adam_state import torch_adamw_to_optax
 from examples.pretrained import load_minilm, minilm_path
 from examples.reviews import LABELS, Split, batch_schedule, load_reviews
 
@@ -44,7 +47,9 @@ __all__ = ["main", "parse_args"]
 
 MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 DEFAULT_TARGETS = ("encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value")
-#: AdamW's weight decay in both frameworks (optax's default differs from torch's).
+#: AdamW's hyper-parameters, spelled out for both frameworks (optax's default decay is 1e-4, torch's 0.01).
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
 WEIGHT_DECAY = 0.01
 
 
@@ -147,7 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / rank)")
     parser.add_argument("--torch-steps", type=int, default=60, help="training steps in PyTorch")
     parser.add_argument("--flax-steps", type=int, default=60, help="training steps in Flax")
-    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (both frameworks)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate (both frameworks)")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
     parser.add_argument("--seed", type=int, default=0, help="seed for initialisation and data order")
     parser.add_argument(
@@ -231,15 +236,19 @@ def evaluate_torch(encoder: Any, head: Any, split: Split) -> Evaluation:
     return Evaluation(correct / len(split), float(loss), embeddings.numpy())
 
 
-def train_torch(
-    encoder: Any, head: Any, train: Split, schedule: np.ndarray, args: argparse.Namespace
-) -> list[float]:
-    """AdamW on the adapters and the head for ``len(schedule)`` steps; returns the step losses."""
+def torch_optimizer(encoder: Any, head: Any, args: argparse.Namespace) -> Any:
+    """AdamW over the adapters (the parameters left trainable) and the head."""
+    import torch
+
+    params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
+    return torch.optim.AdamW(params, lr=args.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+
+
+def train_torch(encoder: Any, head: Any, optimizer: Any, train: Split, schedule: np.ndarray) -> list[float]:
+    """One ``optimizer`` step per row of ``schedule`` (batch indices); returns the step losses."""
     import torch
     from tqdm import tqdm
 
-    params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=WEIGHT_DECAY)
     losses = []
     for index in tqdm(schedule, desc="PyTorch fine-tuning", unit="step"):
         ids, mask, labels = (torch.from_numpy(a).long() for a in train.take(index))
@@ -340,20 +349,22 @@ def evaluate_flax(encoder: Any, head: Any, split: Split) -> Evaluation:
     return Evaluation(correct / len(split), float(loss), np.asarray(embeddings))
 
 
-def train_flax(
-    encoder: Any, head: Any, train: Split, schedule: np.ndarray, args: argparse.Namespace
-) -> list[float]:
-    """optax AdamW (same hyper-parameters as PyTorch) under ``nnx.jit``, on ``encoder.trainable``
-    and the head; returns the step losses. The optimizer state starts fresh."""
-    import jax.numpy as jnp
+def flax_optimizers(encoder: Any, head: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """optax AdamW with PyTorch's hyper-parameters: on ``encoder.trainable`` (the adapters; no
+    other weight gets a gradient or an update) and on the head."""
     import optax
     from flax import nnx
+
+    tx = optax.adamw(args.lr, b1=ADAM_BETAS[0], b2=ADAM_BETAS[1], eps=ADAM_EPS, weight_decay=WEIGHT_DECAY)
+    return nnx.Optimizer(encoder, tx, wrt=encoder.trainable), nnx.Optimizer(head, tx, wrt=nnx.Param)
+
+
+def train_flax(encoder: Any, head: Any, optimizers: Any, train: Split, schedule: np.ndarray) -> list[float]:
+    """One jit-compiled step per row of ``schedule`` (batch indices); returns the step losses."""
+    import jax.numpy as jnp
     from tqdm import tqdm
 
     _, train_step = _flax_functions()
-    tx = optax.adamw(args.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=WEIGHT_DECAY)
-    optimizers = (nnx.Optimizer(encoder, tx, wrt=encoder.trainable), nnx.Optimizer(head, tx, wrt=nnx.Param))
-    commit_to_device(*optimizers)
     losses = []
     for index in tqdm(schedule, desc="Flax fine-tuning", unit="step"):
         ids, mask, labels = (jnp.asarray(a) for a in train.take(index))
@@ -456,8 +467,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch_encoder, torch_head = build_torch_model(bert, args)
         job.parameters = parameter_counts(torch_encoder, torch_head)
         job.record("untrained", "untrained head", "torch", evaluate_torch(torch_encoder, torch_head, test))
+        optimizer = torch_optimizer(torch_encoder, torch_head, args)
         job.losses["torch"] = train_torch(
-            torch_encoder, torch_head, train, schedule[: args.torch_steps], args
+            torch_encoder, torch_head, optimizer, train, schedule[: args.torch_steps]
         )
         torch_eval = evaluate_torch(torch_encoder, torch_head, test)
         job.record("torch_trained", "after PyTorch fine-tuning", "torch", torch_eval, job.losses["torch"])
@@ -467,7 +479,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         job.conversions["torch_to_flax"] = convert_to_flax(
             (torch_encoder, torch_head), (flax_encoder, flax_head)
         )
-        commit_to_device(flax_encoder, flax_head)
+        optimizers = flax_optimizers(flax_encoder, flax_head, args)
+        if args.torch_steps:  # AdamW's step count and moments continue too, converted like the weights
+            job.conversions["torch_to_flax"]["adam_step"] = torch_adamw_to_optax(
+                optimizer, (torch_encoder, torch_head), (flax_encoder, flax_head), optimizers
+            )
+        commit_to_device(flax_encoder, flax_head, *optimizers)
         flax_eval = evaluate_flax(flax_encoder, flax_head, test)
         job.diffs["torch_to_flax_embeddings"] = max_abs_diff(flax_eval.embeddings, torch_eval.embeddings)
         job.record("flax_converted", "converted to Flax", "flax", flax_eval)
@@ -477,7 +494,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
 
     with job.timed("flax fine-tuning"):
-        job.losses["flax"] = train_flax(flax_encoder, flax_head, train, schedule[args.torch_steps :], args)
+        job.losses["flax"] = train_flax(
+            flax_encoder, flax_head, optimizers, train, schedule[args.torch_steps :]
+        )
         flax_eval = evaluate_flax(flax_encoder, flax_head, test)
         job.record("flax_trained", "after Flax fine-tuning", "flax", flax_eval, job.losses["flax"])
 

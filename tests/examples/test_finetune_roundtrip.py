@@ -63,6 +63,7 @@ def test_both_conversions_keep_the_embeddings_and_the_accuracy(tiny_run):
     assert accuracy["flax_converted"] == accuracy["torch_trained"]
     assert accuracy["torch_converted"] == accuracy["flax_trained"]
     assert "max abs diff of test embeddings" in stdout
+    assert report["conversions"]["torch_to_flax"]["adam_step"] == 8  # Flax continues AdamW at step 8
 
 
 def test_merged_lora_computes_what_the_unmerged_model_computes(tiny_run):
