@@ -182,7 +182,7 @@ class CaseResult:
     converted_back: dict[str, np.ndarray]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def run_case(pair_name: str, case_name: str, seed: int = 0) -> CaseResult:
     """:func:`run_pair` for a zoo pair and adapter case, by name. Cached: the forward, gradient
     and training tests of one case read the same run."""
@@ -319,6 +319,34 @@ def convert_back(twins: Twins) -> dict[str, np.ndarray]:
     target = copy.deepcopy(twins.torch_model)
     converters.flax_to_torch(twins.flax_model, target)
     return torch_state_dict(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# The real pretrained BERT
+
+
+def minilm_twins(
+    torch_model: torch.nn.Module, case: AdapterCase | None
+) -> tuple[torch.nn.Module, nnx.Module]:
+    """Adapt a pretrained ``transformers.BertModel`` as ``case`` says (non-zero adapters) and
+    convert it into a ``flax_impl.models.BertModel`` adapted the same way."""
+    from flax_impl.models import BertModel
+
+    torch_model = adapted(torch_model, case, "torch")
+    randomize_adapters(torch_model, scale=0.05)
+    config = torch_model.config  # an AdaptedModel forwards attributes to the wrapped model
+    flax_model = placeholder(lambda: adapted(BertModel(config, rngs=nnx.Rngs(0)), case, "flax"))
+    torch_model.eval()
+    flax_model.eval()
+    converters.torch_to_flax(torch_model, flax_model)
+    return torch_model, flax_model
+
+
+def min_token_cosine(a: np.ndarray, b: np.ndarray, attention_mask: np.ndarray) -> float:
+    """The smallest cosine similarity between ``a`` and ``b`` ``(batch, seq, hidden)`` over real tokens."""
+    keep = attention_mask.astype(bool)
+    a, b = a[keep].astype(np.float64), b[keep].astype(np.float64)
+    return float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ downloaded).
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.machinery
 import importlib.util
@@ -91,26 +92,23 @@ def minilm_path() -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=1)
-def _minilm_files() -> tuple[Any, Any]:
+@functools.cache
+def _minilm() -> tuple[Any, Any]:
     transformers = transformers_module()
     path = minilm_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = transformers.BertModel.from_pretrained(path, local_files_only=True)
-    return tokenizer, model.state_dict()
+    return model.eval(), tokenizer
 
 
 def load_minilm() -> tuple[Any, Any]:
     """Return ``(torch BertModel in eval mode, tokenizer)`` of all-MiniLM-L6-v2, read offline.
 
-    The files are read once per process; each call returns a fresh model (callers adapt it).
+    The files are read once per process; each call returns a fresh copy of the model, so a
+    caller may adapt it.
     """
-    transformers = transformers_module()
-    tokenizer, state_dict = _minilm_files()
-    config = transformers.BertConfig.from_pretrained(minilm_path(), local_files_only=True)
-    model = transformers.BertModel(config)
-    model.load_state_dict(state_dict)
-    return model.eval(), tokenizer
+    model, tokenizer = _minilm()
+    return copy.deepcopy(model), tokenizer
 
 
 def tokenize(tokenizer: Any, sentences: tuple[str, ...] = SENTENCES) -> dict[str, Any]:
