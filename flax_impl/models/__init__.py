@@ -6,8 +6,9 @@ patterns targets the same layers in both frameworks.
 
 >>> from flax import nnx
 >>> from flax_impl.models import BertConfig, BertModel
->>> model = BertModel(BertConfig(vocab_size=10, hidden_size=4, num_hidden_layers=1,
-...                              num_attention_heads=1, intermediate_size=4), rngs=nnx.Rngs(0))
+>>> config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+...                     num_attention_heads=2, intermediate_size=16, max_position_embeddings=16)
+>>> model = BertModel(config, rngs=nnx.Rngs(0))
 >>> type(model.encoder.layer[0].attention.self.query).__name__
 'Linear'
 """

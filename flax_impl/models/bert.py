@@ -18,7 +18,7 @@ Example
 -------
 >>> import jax.numpy as jnp
 >>> from flax import nnx
->>> config = BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=2,
+>>> config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=2,
 ...                     num_attention_heads=2, intermediate_size=16, max_position_embeddings=16)
 >>> model = BertModel(config, rngs=nnx.Rngs(0))
 >>> model.eval()
@@ -398,14 +398,14 @@ class BertModel(nnx.Module):
     >>> import jax.numpy as jnp
     >>> from flax import nnx
     >>> from flax_impl.graph import named_modules
-    >>> config = BertConfig(vocab_size=20, hidden_size=4, num_hidden_layers=1,
-    ...                     num_attention_heads=2, intermediate_size=8)
+    >>> config = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+    ...                     num_attention_heads=2, intermediate_size=16, max_position_embeddings=16)
     >>> model = BertModel(config, rngs=nnx.Rngs(0))
     >>> [name for name, _ in named_modules(model) if name.endswith("query")]
     ['encoder.layer.0.attention.self.query']
     >>> model.eval()
     >>> model(jnp.array([[1, 2, 3]])).shape
-    (1, 3, 4)
+    (1, 3, 8)
     """
 
     def __init__(

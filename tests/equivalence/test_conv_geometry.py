@@ -8,6 +8,7 @@ Linear head unfrozen. One AdamW step checks forward, gradients and the update to
 from __future__ import annotations
 
 import numpy as np
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -50,7 +51,7 @@ def _conv_pair(geometry: dict) -> Pair:
         make_torch=lambda: torch_models.ConvNet(**geometry),
         make_flax=lambda rngs: flax_models.ConvNet(**geometry, rngs=rngs),
         make_batch=lambda rng: {"x": rng.standard_normal(shape, dtype=np.float32)},
-        run_torch=lambda model, batch: (model(harness.torch.from_numpy(batch["x"])),),
+        run_torch=lambda model, batch: (model(torch.from_numpy(batch["x"])),),
         run_flax=lambda model, batch: (model(batch["x"].transpose(channels_last)),),
         cases=(
             AdapterCase(

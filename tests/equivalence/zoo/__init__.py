@@ -169,7 +169,7 @@ BERT = Pair(
         ),
         _lora(
             "unfrozen",
-            target_layers=("encoder.layer.*.attention.self.key",),
+            target_layers=("encoder.layer.*.intermediate.dense",),
             unfrozen_layers=(
                 "embeddings.LayerNorm",
                 "embeddings.position_embeddings",
