@@ -147,16 +147,6 @@ def flax_in_torch_layout(model: nnx.Module, state: nnx.State | None = None) -> d
     return out
 
 
-def torch_trainable(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The parameters that require grad, as numpy."""
-    return {name: p.detach().numpy().copy() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def flax_trainable(model: nnx.Module) -> dict[str, np.ndarray]:
-    """The parameters the ``AdaptedModel.trainable`` filter selects, in PyTorch layout."""
-    return flax_in_torch_layout(model, nnx.state(model, model.trainable))
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward, gradients, training
 
@@ -301,6 +291,16 @@ def train_flax(
             first_grads = flax_in_torch_layout(model, grads)
     nnx.update((model, optimizer), state)
     return first_outputs, first_grads
+
+
+def torch_gradients(twins: Twins, batch: Batch, targets: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Gradients of the parameters that require grad, by ``state_dict`` name (no optimizer step)."""
+    twins.torch_model.zero_grad(set_to_none=True)
+    outputs = twins.pair.run_torch(twins.torch_model, batch)
+    sum(((out - torch.from_numpy(t)) ** 2).mean() for out, t in zip(outputs, targets, strict=True)).backward()
+    return {
+        name: p.grad.numpy().copy() for name, p in twins.torch_model.named_parameters() if p.requires_grad
+    }
 
 
 def flax_gradients(twins: Twins, batch: Batch, targets: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
