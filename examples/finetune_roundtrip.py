@@ -63,7 +63,7 @@ class Evaluation:
     embeddings: np.ndarray
 
 
-class Run:
+class JobRecord:
     """What the stages record: evaluations, losses, diffs, files, notes and seconds per stage."""
 
     def __init__(self, args: argparse.Namespace, out: Path) -> None:
@@ -397,14 +397,14 @@ def convert_to_torch(flax_pair: tuple[Any, Any], torch_pair: tuple[Any, Any]) ->
     return {"tensors": sum(len(r.loaded) for r in reports), "notes": [n for r in reports for n in r.notes]}
 
 
-def save_trained(encoder: Any, head: Any, out: Path) -> dict[str, Path]:
+def save_trained(encoder: Any, head: Any, out: Path) -> list[Path]:
     """Write the adapter-only checkpoint (``AdaptedModel.saver``) and the head; return the paths."""
     from safetensors.torch import save_file
 
-    paths = {"adapter": out / "adapter.safetensors", "head": out / "head.safetensors"}
-    encoder.saver(str(paths["adapter"]))
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(paths["head"]))
-    return paths
+    adapter, head_file = out / "adapter.safetensors", out / "head.safetensors"
+    encoder.saver(str(adapter))
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(head_file))
+    return [adapter, head_file]
 
 
 def export_peft(encoder: Any, out: Path) -> Path:
@@ -448,111 +448,156 @@ def parameter_counts(encoder: Any, head: Any) -> dict[str, int]:
 # ----------------------------------------------------------------------------- the job
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Run every stage and return the report (also written to ``args.out``)."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    job = Run(args, out)
-    total_start = time.perf_counter()
+@dataclasses.dataclass
+class Data:
+    """The tokenized task and the order of every training batch (PyTorch's, then Flax's)."""
 
+    train: Split
+    test: Split
+    schedule: np.ndarray
+
+
+def load_stage(job: JobRecord) -> tuple[Any, Data]:
+    """Stage 1: the pretrained encoder (PyTorch) and the data."""
+    args = job.args
     with job.timed("load"):
         configure_torch(args.seed)
         configure_jax()
         tokenizer, bert = load_minilm()
         train, test = load_reviews(tokenizer)
-        schedule = batch_schedule(len(train), args.batch_size, args.torch_steps + args.flax_steps, args.seed)
+        steps = args.torch_steps + args.flax_steps
+        data = Data(train, test, batch_schedule(len(train), args.batch_size, steps, args.seed))
     print(f"loaded all-MiniLM-L6-v2 and {len(train)} train / {len(test)} test sentences")
+    return bert, data
 
+
+def torch_stage(job: JobRecord, bert: Any, data: Data) -> tuple[tuple[Any, Any], Any, Evaluation]:
+    """Stage 2: adapt and fine-tune in PyTorch. Returns ``((encoder, head), optimizer, evaluation)``."""
     with job.timed("torch fine-tuning"):
-        torch_encoder, torch_head = build_torch_model(bert, args)
-        job.parameters = parameter_counts(torch_encoder, torch_head)
-        job.record("untrained", "untrained head", "torch", evaluate_torch(torch_encoder, torch_head, test))
-        optimizer = torch_optimizer(torch_encoder, torch_head, args)
+        encoder, head = build_torch_model(bert, job.args)
+        job.parameters = parameter_counts(encoder, head)
+        job.record("untrained", "untrained head", "torch", evaluate_torch(encoder, head, data.test))
+        optimizer = torch_optimizer(encoder, head, job.args)
         job.losses["torch"] = train_torch(
-            torch_encoder, torch_head, optimizer, train, schedule[: args.torch_steps]
+            encoder, head, optimizer, data.train, data.schedule[: job.args.torch_steps]
         )
-        torch_eval = evaluate_torch(torch_encoder, torch_head, test)
-        job.record("torch_trained", "after PyTorch fine-tuning", "torch", torch_eval, job.losses["torch"])
+        evaluation = evaluate_torch(encoder, head, data.test)
+        job.record("torch_trained", "after PyTorch fine-tuning", "torch", evaluation, job.losses["torch"])
+    return (encoder, head), optimizer, evaluation
 
+
+def flax_stage(
+    job: JobRecord, torch_model: tuple[Any, Any], torch_optim: Any, torch_eval: Evaluation, data: Data
+) -> tuple[tuple[Any, Any], Evaluation]:
+    """Stage 3: convert to the Flax twin, compare, and continue training there."""
+    args = job.args
     with job.timed("convert to flax"):
-        flax_encoder, flax_head = build_flax_model(bert.config, args)
-        job.conversions["torch_to_flax"] = convert_to_flax(
-            (torch_encoder, torch_head), (flax_encoder, flax_head)
-        )
-        optimizers = flax_optimizers(flax_encoder, flax_head, args)
+        encoder, head = build_flax_model(torch_model[0].adapted_model.config, args)
+        job.conversions["torch_to_flax"] = convert_to_flax(torch_model, (encoder, head))
+        optimizers = flax_optimizers(encoder, head, args)
         if args.torch_steps:  # AdamW's step count and moments continue too, converted like the weights
             job.conversions["torch_to_flax"]["adam_step"] = torch_adamw_to_optax(
-                optimizer, (torch_encoder, torch_head), (flax_encoder, flax_head), optimizers
+                torch_optim, torch_model, (encoder, head), optimizers
             )
-        commit_to_device(flax_encoder, flax_head, *optimizers)
-        flax_eval = evaluate_flax(flax_encoder, flax_head, test)
-        job.diffs["torch_to_flax_embeddings"] = max_abs_diff(flax_eval.embeddings, torch_eval.embeddings)
-        job.record("flax_converted", "converted to Flax", "flax", flax_eval)
-    print(
-        f"torch -> flax: {job.conversions['torch_to_flax']['tensors']} tensors, "
-        f"max abs diff of test embeddings {job.diffs['torch_to_flax_embeddings']:.2e}"
-    )
+        commit_to_device(encoder, head, *optimizers)
+        evaluation = evaluate_flax(encoder, head, data.test)
+        job.diffs["torch_to_flax_embeddings"] = max_abs_diff(evaluation.embeddings, torch_eval.embeddings)
+        job.record("flax_converted", "converted to Flax", "flax", evaluation)
+    _print_conversion(job, "torch_to_flax", "torch -> flax")
 
     with job.timed("flax fine-tuning"):
         job.losses["flax"] = train_flax(
-            flax_encoder, flax_head, optimizers, train, schedule[args.torch_steps :]
+            encoder, head, optimizers, data.train, data.schedule[args.torch_steps :]
         )
-        flax_eval = evaluate_flax(flax_encoder, flax_head, test)
-        job.record("flax_trained", "after Flax fine-tuning", "flax", flax_eval, job.losses["flax"])
+        evaluation = evaluate_flax(encoder, head, data.test)
+        job.record("flax_trained", "after Flax fine-tuning", "flax", evaluation, job.losses["flax"])
+    return (encoder, head), evaluation
 
+
+def back_to_torch_stage(
+    job: JobRecord, flax_model: tuple[Any, Any], flax_eval: Evaluation, data: Data
+) -> tuple[tuple[Any, Any], Evaluation]:
+    """Stage 4a: convert back into a freshly loaded PyTorch model with fresh adapters, so that
+    everything it knows must have come from Flax."""
     with job.timed("convert to torch"):
-        # A freshly loaded model with fresh adapters: everything it knows must come from Flax.
         _, fresh_bert = load_minilm()
-        back_encoder, back_head = build_torch_model(fresh_bert, args)
-        job.conversions["flax_to_torch"] = convert_to_torch(
-            (flax_encoder, flax_head), (back_encoder, back_head)
-        )
-        back_eval = evaluate_torch(back_encoder, back_head, test)
-        job.diffs["flax_to_torch_embeddings"] = max_abs_diff(back_eval.embeddings, flax_eval.embeddings)
-        job.record("torch_converted", "converted back to PyTorch", "torch", back_eval)
-    print(
-        f"flax -> torch: {job.conversions['flax_to_torch']['tensors']} tensors, "
-        f"max abs diff of test embeddings {job.diffs['flax_to_torch_embeddings']:.2e}"
-    )
+        encoder, head = build_torch_model(fresh_bert, job.args)
+        job.conversions["flax_to_torch"] = convert_to_torch(flax_model, (encoder, head))
+        evaluation = evaluate_torch(encoder, head, data.test)
+        job.diffs["flax_to_torch_embeddings"] = max_abs_diff(evaluation.embeddings, flax_eval.embeddings)
+        job.record("torch_converted", "converted back to PyTorch", "torch", evaluation)
+    _print_conversion(job, "flax_to_torch", "flax -> torch")
+    return (encoder, head), evaluation
+
+
+def save_stage(job: JobRecord, torch_model: tuple[Any, Any], evaluation: Evaluation, data: Data) -> None:
+    """Stage 4b: adapter-only checkpoint, head, and a PEFT adapter checked with ``peft`` itself."""
+    from converters.peft import PeftConversionError
 
     with job.timed("save"):
-        from converters.peft import PeftConversionError
-
-        paths = save_trained(back_encoder, back_head, out)
+        paths = save_trained(*torch_model, job.out)
         job.diffs["peft_vs_ours_embeddings"] = None
         try:
-            peft_folder = export_peft(back_encoder, out)
+            peft_folder = export_peft(torch_model[0], job.out)
         except PeftConversionError as exc:  # Houlsby: PEFT has no such adapter
             job.note(f"no PEFT export: {exc}")
         else:
-            paths.update({p.name: p for p in sorted(peft_folder.iterdir())})
-            job.diffs["peft_vs_ours_embeddings"] = check_peft_adapter(peft_folder, test, back_eval.embeddings)
+            paths.extend(sorted(peft_folder.iterdir()))
+            job.diffs["peft_vs_ours_embeddings"] = check_peft_adapter(
+                peft_folder, data.test, evaluation.embeddings
+            )
+        job.files.update({str(p.relative_to(job.out)): p.stat().st_size for p in paths})
+
+
+def merge_stage(job: JobRecord, torch_model: tuple[Any, Any], evaluation: Evaluation, data: Data) -> None:
+    """Stage 4c: fold LoRA into the base weights; the outputs must not move."""
+    from torch_impl import MergeError, merge_lora
 
     with job.timed("merge"):
-        from torch_impl import MergeError, merge_lora
-
         job.diffs["merged_vs_unmerged_embeddings"] = None
         try:
-            merged_layers = merge_lora(back_encoder)
+            merged_layers = merge_lora(torch_model[0])
         except MergeError as exc:  # Houlsby: a nonlinearity sits between its projections
             job.note(f"no merge: {exc}")
-        else:
-            merged_eval = evaluate_torch(back_encoder, back_head, test)
-            job.diffs["merged_vs_unmerged_embeddings"] = max_abs_diff(
-                merged_eval.embeddings, back_eval.embeddings
-            )
-            job.record("torch_merged", f"LoRA merged ({merged_layers} layers)", "torch", merged_eval)
+            return
+        merged = evaluate_torch(*torch_model, data.test)
+        job.diffs["merged_vs_unmerged_embeddings"] = max_abs_diff(merged.embeddings, evaluation.embeddings)
+        job.record("torch_merged", f"LoRA merged ({merged_layers} layers)", "torch", merged)
 
+
+def report_stage(job: JobRecord, start: float) -> dict[str, Any]:
+    """Stage 5: plot, ``report.json`` and the printed summary."""
     with job.timed("report"):
-        paths["plot"] = out / "loss_curves.png"
-        reporting.plot_report(job.as_dict(), paths["plot"])
-        job.files = {str(p.relative_to(out)): p.stat().st_size for p in paths.values()}
+        plot = job.out / "loss_curves.png"
+        reporting.plot_report(job.as_dict(), plot)
+        job.files[plot.name] = plot.stat().st_size
         job.base_model_bytes = (minilm_path() / "model.safetensors").stat().st_size
-    job.seconds["total"] = round(time.perf_counter() - total_start, 2)
+    job.seconds["total"] = round(time.perf_counter() - start, 2)
     report = job.as_dict()
-    reporting.write_json(report, out / "report.json")
+    reporting.write_json(report, job.out / "report.json")
     print(reporting.format_report(report))
     return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every stage and return the report (also written to ``args.out``)."""
+    start = time.perf_counter()
+    job = JobRecord(args, Path(args.out))
+    job.out.mkdir(parents=True, exist_ok=True)
+    bert, data = load_stage(job)
+    torch_model, torch_optim, torch_eval = torch_stage(job, bert, data)
+    flax_model, flax_eval = flax_stage(job, torch_model, torch_optim, torch_eval, data)
+    torch_model, torch_eval = back_to_torch_stage(job, flax_model, flax_eval, data)
+    save_stage(job, torch_model, torch_eval, data)
+    merge_stage(job, torch_model, torch_eval, data)
+    return report_stage(job, start)
+
+
+def _print_conversion(job: JobRecord, key: str, label: str) -> None:
+    print(
+        f"{label}: {job.conversions[key]['tensors']} tensors, "
+        f"max abs diff of test embeddings {job.diffs[key + '_embeddings']:.2e}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
