@@ -53,6 +53,10 @@ ADAM_EPS = 1e-8
 WEIGHT_DECAY = 0.01
 
 
+class UsageError(ValueError):
+    """A command-line value that the job cannot use; reported in one line."""
+
+
 @dataclasses.dataclass
 class Evaluation:
     """Test-set accuracy (correct / total, exact, so both frameworks report the same number for
@@ -209,7 +213,10 @@ def build_torch_model(bert: Any, args: argparse.Namespace) -> tuple[Any, Any]:
     from torch_impl import AdaptedModel
 
     torch_class, _, kwargs = adapter_classes(args)
-    encoder = AdaptedModel(bert, torch_class, target_layers=args.targets, adapter_kwargs=kwargs).eval()
+    try:
+        encoder = AdaptedModel(bert, torch_class, target_layers=args.targets, adapter_kwargs=kwargs).eval()
+    except ValueError as exc:  # a pattern matching no layer, or matching a layer that is not a Linear
+        raise UsageError(f"--targets {' '.join(args.targets)}: {exc}") from exc
     head = torch.nn.Linear(bert.config.hidden_size, len(LABELS))
     return encoder, head
 
@@ -603,15 +610,13 @@ def _print_conversion(job: JobRecord, key: str, label: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point: parse ``argv``, run the job, return the exit status.
 
-    A ``--targets`` pattern that matches no layer of BertModel ends the job with a one-line
-    error that lists real layer names (exit status 2), not a traceback.
+    ``--targets`` patterns that match no layer of BertModel, or a layer the adapter cannot wrap,
+    end the job with a one-line error naming the pattern or layer (exit status 2), not a traceback.
     """
-    from converters.naming import NoMatchError
-
     args = parse_args(argv)
     try:
         run(args)
-    except NoMatchError as exc:
+    except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -175,25 +175,23 @@ def torch_global_flags():
     torch.use_deterministic_algorithms(enabled)
 
 
-def test_a_target_pattern_matching_no_layer_ends_with_a_one_line_error(tmp_path, capsys, torch_global_flags):
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("encoder.layer.*.attention.self.qkv", "'encoder.layer.*.attention.self.qkv' matches no layer"),
+        ("encoder.layer.*.attention.self.*", "cannot wrap layer 'encoder.layer.0.attention.self.dropout'"),
+    ],
+)
+def test_bad_target_patterns_end_with_a_one_line_error_naming_them(
+    pattern, expected, tmp_path, capsys, torch_global_flags
+):
     from examples.finetune_roundtrip import main
 
-    status = main(
-        [
-            "--targets",
-            "encoder.layer.*.attention.self.qkv",
-            "--torch-steps",
-            "0",
-            "--flax-steps",
-            "0",
-            "--out",
-            str(tmp_path),
-        ]
-    )
-    err = capsys.readouterr().err
-    assert status == 2
-    assert "'encoder.layer.*.attention.self.qkv' matches no layer" in err
-    assert "encoder.layer.0" in err  # real names to choose from
+    argv = ["--targets", pattern, "--torch-steps", "0", "--flax-steps", "0", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --targets") and "\n" not in err
+    assert expected in err
 
 
 def test_batch_schedule_visits_every_example_once_per_epoch_in_a_seeded_order():
