@@ -1,11 +1,12 @@
 """The main job, end to end: ``python -m examples.finetune_roundtrip`` with a tiny step count.
 
-One module-scoped run in a subprocess (as a user runs it) feeds most assertions; a second run
-with the same seed checks that the report reproduces.
+One run in a subprocess (as a user runs it) feeds most assertions, shared by all pytest-xdist
+workers of the session; a second run with the same seed checks that the report reproduces.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -40,12 +41,20 @@ def run_job(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, str]:
-    out = tmp_path_factory.mktemp("roundtrip")
-    result = run_job(out)
-    assert result.returncode == 0, f"job failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return out, json.loads((out / "report.json").read_text()), result.stdout
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> tuple[Path, dict, str]:
+    """``(out folder, report, stdout)`` of one tiny job. Under xdist, whichever worker asks
+    first runs it, under a lock in the session's shared temporary folder; the others reuse it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent
+    out, stdout = shared / "examples-roundtrip", shared / "examples-roundtrip.stdout"
+    with open(shared / "examples-roundtrip.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "report.json").is_file():
+            result = run_job(out)
+            assert result.returncode == 0, f"job failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+            stdout.write_text(result.stdout)
+    return out, json.loads((out / "report.json").read_text()), stdout.read_text()
 
 
 def test_fine_tuning_improves_test_accuracy_over_the_untrained_head(tiny_run):
