@@ -162,8 +162,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out",
         type=Path,
-        default=None,
-        help="output folder (default: ./runs/<timestamp>)",
+        default=Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"),
+        help="output folder, created if needed",
     )
     args = parser.parse_args(argv)
     for name in ("rank", "batch_size"):
@@ -174,8 +174,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 0, got {getattr(args, name)}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
-    if args.out is None:
-        args.out = Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return args
 
 
