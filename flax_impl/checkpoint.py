@@ -326,6 +326,9 @@ def _torch_leaf(key: str) -> str:
 def _assign(assignments: list[tuple[nnx.Variable, np.ndarray]]) -> None:
     """Set each variable to its new value, on the devices and sharding of its current value."""
     for variable, value in assignments:
+        # On CPU, jax may adopt a numpy buffer without copying; a buffer borrowed from a torch
+        # tensor (or a memory-mapped file) would then change under the Flax model. Own it.
+        value = np.array(value, copy=True)
         sharding = getattr(variable.get_value(), "sharding", None)
         new = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
         variable.set_value(new)

@@ -36,6 +36,8 @@ def named_modules(module: nnx.Module, prefix: str = "") -> Iterator[tuple[str, n
         seen.add(id(node))
         yield name, node
         for key, child in nnx.iter_module_children(node):
+            if not isinstance(child, nnx.Module):  # e.g. the RngStream inside nnx.Dropout(rngs=...)
+                continue
             yield from walk(child, dotted((name, key)) if name else str(key))
 
     yield from walk(module, prefix)
