@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import os
 import statistics
 import sys
 import time
@@ -264,7 +265,12 @@ def main(argv: list[str] | None = None) -> None:
     device = jax.devices()[0]
     environment = " · ".join(
         [
-            f"{kind.upper()}: {getattr(device, 'device_kind', str(device))}",
+            f"{kind.upper()}: {getattr(device, 'device_kind', str(device))}"
+            + (
+                f" (load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at start)"
+                if kind == "cpu"
+                else ""
+            ),
             f"jax {jax.__version__}",
             f"flax {flax.__version__}",
             f"optax {optax.__version__}",

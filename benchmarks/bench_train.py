@@ -22,6 +22,7 @@ Usage::
 
     python benchmarks/bench_train.py --device cuda --out benchmarks/results/torch_gpu.md
     python benchmarks/bench_train.py --device cpu --out benchmarks/results/torch_cpu.md
+    python benchmarks/bench_train.py --compile --setups ours --dtypes bf16   # torch.compile rows
 """
 
 from __future__ import annotations
@@ -371,7 +372,8 @@ def environment(device: torch.device) -> str:
         parts.append(f"GPU: {torch.cuda.get_device_name(device)}")
         parts.append(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
     else:
-        parts.append(f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads)")
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        parts.append(f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads, load average {load} at start)")
         parts.append(f"torch {torch.__version__}")
     parts += [
         f"transformers {transformers.__version__}",
