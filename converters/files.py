@@ -123,7 +123,54 @@ def layer_kinds_from_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return kinds
 
 
-class TensorFile:
+class _TensorSpecs:
+    """What every checkpoint reader answers from its headers alone, without reading tensor data.
+
+    Shared by :class:`TensorFile` and :class:`converters.sharded.ShardedCheckpoint`. A subclass
+    sets ``path``, ``names`` (file order), ``_specs`` (name -> :data:`TensorSpec`) and
+    ``metadata``, and calls :meth:`_read_layout` once they are known. The two message templates
+    name the reader in its errors (``path`` is formatted as a string).
+    """
+
+    _NO_TENSOR = "{path!r} has no tensor {name!r}"
+    _UNKNOWN_LAYOUT = "{path!r}: unknown layout {layout!r} in metadata; expected one of {layouts}"
+
+    path: Path
+    names: list[str]
+    metadata: dict[str, str]
+    _specs: dict[str, TensorSpec]
+
+    def _read_layout(self) -> None:
+        """Set ``layout`` and ``layer_kinds`` from ``metadata``, refusing an unknown layout."""
+        self.layout = self.metadata.get("layout", "torch")
+        if self.layout not in LAYOUTS:
+            raise CheckpointError(
+                self._UNKNOWN_LAYOUT.format(path=str(self.path), layout=self.layout, layouts=LAYOUTS)
+            )
+        self.layer_kinds = layer_kinds_from_metadata(self.metadata)
+
+    def spec(self, name: str) -> TensorSpec:
+        """``(dtype string, shape)`` of tensor ``name``, without reading it."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise KeyError(self._NO_TENSOR.format(path=str(self.path), name=name)) from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.spec(name)[1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return numpy_dtype(self.spec(name)[0])
+
+    def nbytes(self, name: str) -> int:
+        return _nbytes(*self.spec(name))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(name) for name in self.names)
+
+
+class TensorFile(_TensorSpecs):
     """A checkpoint file opened for reading one tensor at a time.
 
     Reads ``.safetensors`` (through ``safetensors.safe_open``; the header is validated first,
@@ -169,12 +216,7 @@ class TensorFile:
             self.metadata = {}
             self._specs = {name: _tensor_spec(name, t) for name, t in self._pickled.items()}
             self.names = list(self._pickled)
-        self.layout = self.metadata.get("layout", "torch")
-        if self.layout not in LAYOUTS:
-            raise CheckpointError(
-                f"{str(self.path)!r}: unknown layout {self.layout!r} in metadata; expected one of {LAYOUTS}"
-            )
-        self.layer_kinds = layer_kinds_from_metadata(self.metadata)
+        self._read_layout()
 
     def _open_safetensors(self) -> Any:
         from safetensors import safe_open
@@ -183,27 +225,6 @@ class TensorFile:
             return safe_open(str(self.path), framework="numpy")
         except Exception as exc:  # safetensors raises its own SafetensorError
             raise CheckpointError(f"cannot read safetensors file {str(self.path)!r}: {exc}") from None
-
-    def spec(self, name: str) -> TensorSpec:
-        """``(dtype string, shape)`` of tensor ``name``, without reading it."""
-        try:
-            return self._specs[name]
-        except KeyError:
-            raise KeyError(f"{str(self.path)!r} has no tensor {name!r}") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.spec(name)[1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return numpy_dtype(self.spec(name)[0])
-
-    def nbytes(self, name: str) -> int:
-        dtype, shape = self.spec(name)
-        return int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.nbytes(name) for name in self.names)
 
     def get(self, name: str) -> np.ndarray:
         """Read tensor ``name`` as a C-contiguous numpy array (a fresh copy for safetensors)."""

@@ -56,7 +56,8 @@ from .files import (
     LAYOUTS,
     TensorFile,
     TensorSpec,
-    layer_kinds_from_metadata,
+    _nbytes,
+    _TensorSpecs,
     numpy_dtype,
     write_safetensors,
 )
@@ -80,7 +81,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 _SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 
 
-class ShardedCheckpoint:
+class ShardedCheckpoint(_TensorSpecs):
     """A checkpoint split over safetensors files with an index, read one tensor at a time.
 
     Has the reading interface of :class:`converters.files.TensorFile` (``names``, ``spec``,
@@ -113,6 +114,9 @@ class ShardedCheckpoint:
         A malformed index, a file name leaving the folder, a tensor the index maps to a file
         that lacks it, a tensor of a file the index does not list, files of different layouts.
     """
+
+    _NO_TENSOR = "checkpoint {path!r} has no tensor {name!r}"
+    _UNKNOWN_LAYOUT = "{path!r}: unknown layout {layout!r}; expected one of {layouts}"
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
@@ -148,12 +152,7 @@ class ShardedCheckpoint:
                 f"{str(self.path)!r}: the index maps tensors to files that lack them: {where}"
             )
         self.names = list(self._specs)
-        self.layout = self.metadata.get("layout", "torch")
-        if self.layout not in LAYOUTS:
-            raise CheckpointError(
-                f"{str(self.path)!r}: unknown layout {self.layout!r}; expected one of {LAYOUTS}"
-            )
-        self.layer_kinds = layer_kinds_from_metadata(self.metadata)
+        self._read_layout()
 
     def _read_index(self, index: Path) -> dict[str, str]:
         try:
@@ -194,27 +193,6 @@ class ShardedCheckpoint:
             info = header[name]
             self._specs[name] = (str(info.get("dtype")), tuple(int(n) for n in info.get("shape", ())))
             numpy_dtype(self._specs[name][0])
-
-    def spec(self, name: str) -> TensorSpec:
-        """``(dtype string, shape)`` of tensor ``name``, without reading it."""
-        try:
-            return self._specs[name]
-        except KeyError:
-            raise KeyError(f"checkpoint {str(self.path)!r} has no tensor {name!r}") from None
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.spec(name)[1]
-
-    def dtype(self, name: str) -> np.dtype:
-        return numpy_dtype(self.spec(name)[0])
-
-    def nbytes(self, name: str) -> int:
-        dtype, shape = self.spec(name)
-        return int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.nbytes(name) for name in self.names)
 
     def file_of(self, name: str) -> Path:
         """The file that holds tensor ``name``."""
@@ -325,7 +303,7 @@ def write_sharded(
             progress=progress,
         )
         weight_map.update(dict.fromkeys(group, file_name))
-    total = sum(_nbytes(spec) for spec in specs.values())
+    total = sum(_nbytes(*spec) for spec in specs.values())
     content = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     atomic_write(
         index, lambda tmp: Path(tmp).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
@@ -422,7 +400,7 @@ def convert_sharded(
             view, notes = to_flax_layout(view, kinds)
         used = {module_of(name) for name in view.names} | {module_of(name) for name in checkpoint.names}
         metadata = output_metadata(checkpoint, layout, {m: k for m, k in kinds.items() if m in used})
-        total = sum(_nbytes(spec) for spec in view.specs.values())
+        total = sum(_nbytes(*spec) for spec in view.specs.values())
         with progress_bar(total, f"convert {Path(source).name}", enabled=progress) as bar:
             write_sharded(
                 target,
@@ -613,7 +591,7 @@ def _plan_files(specs: Mapping[str, TensorSpec], max_shard_bytes: int) -> list[l
     groups: list[list[str]] = [[]]
     size = 0
     for name, spec in specs.items():
-        nbytes = _nbytes(spec)
+        nbytes = _nbytes(*spec)
         if groups[-1] and size + nbytes > max_shard_bytes:
             groups.append([])
             size = 0
@@ -629,11 +607,6 @@ def _indexed_files(index: Path) -> set[str]:
         return {name for name in weight_map.values() if isinstance(name, str) and Path(name).name == name}
     except (OSError, ValueError, AttributeError):
         return set()
-
-
-def _nbytes(spec: TensorSpec) -> int:
-    dtype, shape = spec
-    return int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
 
 
 def _dtype_string(array: np.ndarray) -> str:
