@@ -41,19 +41,18 @@ _MEASURE = textwrap.dedent(
     """
     import json, os, sys, threading, time
 
-    def rss_anon():
+    def status_bytes(field):
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
         return 0
 
+    def rss_anon():
+        return status_bytes("RssAnon")
+
     def vm_hwm():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return 0
+        return status_bytes("VmHWM")
 
     task, source, target = sys.argv[1:4]
     import numpy, safetensors.numpy

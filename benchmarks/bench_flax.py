@@ -27,12 +27,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
-import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -44,48 +41,18 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import _common  # noqa: E402
+from benchmarks._common import BERT_TARGETS as TARGETS  # noqa: E402
+from benchmarks._common import RANK, Shape, bert_summary, fmt, time_calls, with_counts, write_report  # noqa: E402
 from flax_impl import AdaptedModel, LoRA  # noqa: E402
 from flax_impl.graph import get_submodule, set_submodule  # noqa: E402
 from flax_impl.models.bert import BertConfig, BertModel  # noqa: E402
 
-RANK = 16
-TARGETS = {
-    "q,v": ["encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value"],
-    "q,k,v,o": [
-        "encoder.layer.*.attention.self.query",
-        "encoder.layer.*.attention.self.key",
-        "encoder.layer.*.attention.self.value",
-        "encoder.layer.*.attention.output.dense",
-    ],
-}
 DTYPES = {"bf16": jnp.bfloat16, "fp32": None}
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """Model size, batch and step counts of one benchmark run."""
-
-    config: dict
-    batch: int
-    seq: int
-    steps: int
-    warmup: int
-
 
 SHAPES = {
     "gpu": Shape(config={}, batch=32, seq=128, steps=30, warmup=5),
-    "cpu": Shape(
-        config={
-            "hidden_size": 256,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "intermediate_size": 1024,
-        },
-        batch=8,
-        seq=64,
-        steps=30,
-        warmup=3,
-    ),
+    "cpu": _common.BERT_CPU_SHAPE,
 }
 
 
@@ -203,17 +170,6 @@ def bench(setup: str, targets: str, dtype: str, shape: Shape, key: jax.Array) ->
     return Row(setup, targets, dtype, trainable, ms, temp_mib)
 
 
-def time_calls(fn: Callable[[], None], steps: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 SETUPS = [
     ("floor", "-"),
     ("full", "-"),
@@ -224,10 +180,6 @@ SETUPS = [
 ]
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def table(rows: list[Row]) -> str:
     lines = [
         "| setup | targets | dtype | trainable params | ms/step | x floor | XLA temp MiB |",
@@ -236,7 +188,7 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         lines.append(
             f"| {r.setup} | {r.targets} | {r.dtype} | {r.trainable:,} | {r.ms:.2f} | "
-            f"{_fmt(r.ratio, '.2f')} | {_fmt(r.temp_mib, '.0f')} |"
+            f"{fmt(r.ratio, '.2f')} | {fmt(r.temp_mib, '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -255,34 +207,23 @@ def main(argv: list[str] | None = None) -> None:
     kind = "gpu" if args.device in ("gpu", "cuda") else "cpu"
     if jax.default_backend() != kind:
         raise SystemExit(f"JAX's backend is {jax.default_backend()!r}, not {kind!r}; set JAX_PLATFORMS")
-    shape = SHAPES[kind]
-    shape = dataclasses.replace(
-        shape,
-        steps=args.steps or shape.steps,
-        warmup=args.warmup if args.warmup is not None else shape.warmup,
-    )
+    shape = with_counts(SHAPES[kind], args.steps, args.warmup)
     config = BertConfig(**shape.config)
     device = jax.devices()[0]
     environment = " · ".join(
         [
             f"{kind.upper()}: {getattr(device, 'device_kind', str(device))}"
-            + (
-                f" (load average {', '.join(f'{x:.1f}' for x in os.getloadavg())} at start)"
-                if kind == "cpu"
-                else ""
-            ),
+            + (f" (load average {_common.load_average()} at start)" if kind == "cpu" else ""),
             f"jax {jax.__version__}",
             f"flax {flax.__version__}",
             f"optax {optax.__version__}",
             "float32 matmul precision 'highest'",
-            datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            _common.utc_timestamp(),
         ]
     )
     header = (
-        f"## Flax NNX: BERT twin ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"{config.num_attention_heads} heads, FFN {config.intermediate_size}), batch {shape.batch} x "
-        f"{shape.seq} tokens, rank {RANK}, optax.adamw, jax.jit; median of {shape.steps} steps after "
-        f"{shape.warmup} warm-up\n\n{environment}\n"
+        f"## Flax NNX: BERT twin {bert_summary(config, shape)}, optax.adamw, jax.jit; median of "
+        f"{shape.steps} steps after {shape.warmup} warm-up\n\n{environment}\n"
     )
     print(header, flush=True)
     rows = []
@@ -300,8 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     text = header + "\n" + table(rows) + "\n"
     print("\n" + text, flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_report(args.out, text)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (see KIND
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import write_report  # noqa: E402
+
 TARGETS = ["blocks.*.fc1", "blocks.*.fc2"]
 MEGATRON = {"blocks.*.fc1": (None, "model"), "blocks.*.fc2": ("model", None)}
 
@@ -434,8 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     report = table(summarize(rows), shape, args.device)
     print(report)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + "\n")
+        write_report(args.out, report + "\n")
     worst = max(row["loss_diff"] for row in rows)
     if args.check and worst > args.tolerance:
         print(f"loss differs from the one-device run by {worst:.2e} > {args.tolerance:.0e}", file=sys.stderr)

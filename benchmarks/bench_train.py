@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import importlib.machinery
 import os
@@ -66,48 +65,17 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from torch import nn  # noqa: E402
 
+from benchmarks import _common  # noqa: E402
+from benchmarks._common import BERT_TARGETS as TARGETS  # noqa: E402
+from benchmarks._common import RANK, Shape, bert_summary, fmt, with_counts, write_report  # noqa: E402
 from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, merge_lora  # noqa: E402
 
-RANK = 16
-TARGETS = {
-    "q,v": ["encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value"],
-    "q,k,v,o": [
-        "encoder.layer.*.attention.self.query",
-        "encoder.layer.*.attention.self.key",
-        "encoder.layer.*.attention.self.value",
-        "encoder.layer.*.attention.output.dense",
-    ],
-}
 PEFT_TARGETS = {"q,v": ["query", "value"], "q,k,v,o": ["query", "key", "value", "attention.output.dense"]}
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """Model size, batch and step counts of one benchmark run."""
-
-    config: dict
-    batch: int
-    seq: int
-    steps: int
-    warmup: int
-
-
 SHAPES = {
     "cuda": Shape(config={}, batch=32, seq=128, steps=30, warmup=10),
-    # Small enough for a couple of minutes on two cores; same structure and names.
-    "cpu": Shape(
-        config={
-            "hidden_size": 256,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "intermediate_size": 1024,
-        },
-        batch=8,
-        seq=64,
-        steps=30,
-        warmup=3,
-    ),
+    "cpu": _common.BERT_CPU_SHAPE,
 }
 
 
@@ -213,16 +181,7 @@ def make_step(
 
 def time_calls(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> list[float]:
     """Milliseconds of each of ``steps`` calls after ``warmup``, synchronising around each."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+    return _common.time_calls(fn, steps, warmup, sync=lambda: _sync(device))
 
 
 def time_graph(fn: Callable[[], object], prepare: Callable[[], None], steps: int, warmup: int) -> float:
@@ -372,14 +331,16 @@ def environment(device: torch.device) -> str:
         parts.append(f"GPU: {torch.cuda.get_device_name(device)}")
         parts.append(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
     else:
-        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-        parts.append(f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads, load average {load} at start)")
+        parts.append(
+            f"CPU: {_cpu_name()} ({torch.get_num_threads()} threads, "
+            f"load average {_common.load_average()} at start)"
+        )
         parts.append(f"torch {torch.__version__}")
     parts += [
         f"transformers {transformers.__version__}",
         f"peft {peft.__version__}",
         f"float32 matmul precision {torch.get_float32_matmul_precision()!r}",
-        datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        _common.utc_timestamp(),
     ]
     return " · ".join(parts)
 
@@ -394,10 +355,6 @@ def _cpu_name() -> str:
     return "unknown CPU"
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def training_table(rows: list[Row]) -> str:
     lines = [
         "| setup | targets | dtype | trainable params | ms/step | x floor | CUDA-graph ms | x floor (graph) | peak MiB |",
@@ -406,8 +363,8 @@ def training_table(rows: list[Row]) -> str:
     for row in rows:
         lines.append(
             f"| {row.setup} | {row.targets} | {row.dtype} | {row.trainable:,} | {row.ms:.2f} | "
-            f"{_fmt(row.ratio, '.2f')} | {_fmt(row.graph_ms, '.2f')} | {_fmt(row.graph_ratio, '.2f')} | "
-            f"{_fmt(row.peak_mib, '.0f')} |"
+            f"{fmt(row.ratio, '.2f')} | {fmt(row.graph_ms, '.2f')} | {fmt(row.graph_ratio, '.2f')} | "
+            f"{fmt(row.peak_mib, '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -419,8 +376,8 @@ def inference_table(rows: list[Row]) -> str:
     ]
     for row in rows:
         lines.append(
-            f"| {row.setup} | {row.targets} | {row.dtype} | {row.ms:.2f} | {_fmt(row.ratio, '.3f')} | "
-            f"{_fmt(row.graph_ms, '.2f')} | {_fmt(row.graph_ratio, '.3f')} | {_fmt(row.peak_mib, '.0f')} |"
+            f"| {row.setup} | {row.targets} | {row.dtype} | {row.ms:.2f} | {fmt(row.ratio, '.3f')} | "
+            f"{fmt(row.graph_ms, '.2f')} | {fmt(row.graph_ratio, '.3f')} | {fmt(row.peak_mib, '.0f')} |"
         )
     return "\n".join(lines)
 
@@ -486,21 +443,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    shape = SHAPES[device.type]
-    shape = dataclasses.replace(
-        shape,
-        steps=args.steps or shape.steps,
-        warmup=args.warmup if args.warmup is not None else shape.warmup,
-    )
+    shape = with_counts(SHAPES[device.type], args.steps, args.warmup)
     dtypes = [d for d in args.dtypes.split(",") if d]
     wanted = set(args.setups.split(",")) if args.setups else None
     graphs = not args.no_graphs and device.type == "cuda"
     config = transformers.BertConfig(**shape.config)
     header = (
-        f"## PyTorch: BERT ({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-        f"{config.num_attention_heads} heads, FFN {config.intermediate_size}), batch {shape.batch} x "
-        f"{shape.seq} tokens, rank {RANK}, AdamW; median of {shape.steps} steps after {shape.warmup} "
-        f"warm-up, synchronised timing\n\n{environment(device)}\n"
+        f"## PyTorch: BERT {bert_summary(config, shape)}, AdamW; median of {shape.steps} steps after "
+        f"{shape.warmup} warm-up, synchronised timing\n\n{environment(device)}\n"
     )
     print(header, flush=True)
 
@@ -514,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             print(
                 f"train {row.setup:8s} {row.targets:8s} {dtype}: {row.ms:8.2f} ms  graph "
-                f"{_fmt(row.graph_ms, '8.2f')} ms  {row.note}",
+                f"{fmt(row.graph_ms, '8.2f')} ms  {row.note}",
                 flush=True,
             )
     _set_ratios(rows, "floor (torch.compile)" if args.compile else "floor")
@@ -530,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
                 inference.append(row)
                 print(
                     f"infer {row.setup:12s} {row.targets:8s} {dtype}: {row.ms:8.2f} ms  graph "
-                    f"{_fmt(row.graph_ms, '8.2f')} ms  {row.note}",
+                    f"{fmt(row.graph_ms, '8.2f')} ms  {row.note}",
                     flush=True,
                 )
         _set_ratios(inference, "base")
@@ -550,8 +500,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("\n" + text, flush=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        write_report(args.out, text + "\n")
 
     if args.profile_out:
         profiles = []
@@ -560,8 +509,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             profiles.append(profile_training(setup, targets, dtype, shape, device))
             _release(device)
-        args.profile_out.parent.mkdir(parents=True, exist_ok=True)
-        args.profile_out.write_text(header + "\n" + "\n".join(profiles))
+        write_report(args.profile_out, header + "\n" + "\n".join(profiles))
         for profile_text in profiles:
             print(profile_text.splitlines()[0], flush=True)
 

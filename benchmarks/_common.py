@@ -1,0 +1,113 @@
+"""What the benchmark scripts share: the BERT benchmark's shape and targets, timing, report text.
+
+Standard library only, so that every script can import it before it imports its framework.
+The scripts run as ``python benchmarks/bench_x.py`` from the repository root and import it as
+``benchmarks._common`` once they have put the root on ``sys.path``.
+
+``bench_train.py`` (PyTorch) and ``bench_flax.py`` (Flax) take the BERT shape, targets and rank
+from here, so that their tables measure the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+RANK = 16
+BERT_TARGETS = {
+    "q,v": ["encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value"],
+    "q,k,v,o": [
+        "encoder.layer.*.attention.self.query",
+        "encoder.layer.*.attention.self.key",
+        "encoder.layer.*.attention.self.value",
+        "encoder.layer.*.attention.output.dense",
+    ],
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Model size, batch and step counts of one benchmark run."""
+
+    config: dict
+    batch: int
+    seq: int
+    steps: int
+    warmup: int
+
+
+# Small enough for a couple of minutes on two cores; same structure and names as BERT-base.
+BERT_CPU_SHAPE = Shape(
+    config={
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "intermediate_size": 1024,
+    },
+    batch=8,
+    seq=64,
+    steps=30,
+    warmup=3,
+)
+
+
+def with_counts(shape: Shape, steps: int | None, warmup: int | None) -> Shape:
+    """``shape`` with the step counts given on the command line (None: keep; ``--warmup 0`` counts)."""
+    return dataclasses.replace(
+        shape,
+        steps=steps or shape.steps,
+        warmup=warmup if warmup is not None else shape.warmup,
+    )
+
+
+def bert_summary(config: object, shape: Shape) -> str:
+    """``'(L layers, hidden H, A heads, FFN F), batch B x S tokens, rank R'`` for a report header;
+    ``config`` is a ``transformers.BertConfig`` or its Flax twin (same attribute names)."""
+    return (
+        f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_attention_heads} heads, FFN {config.intermediate_size}), batch {shape.batch} x "
+        f"{shape.seq} tokens, rank {RANK}"
+    )
+
+
+def time_calls(
+    fn: Callable[[], object], steps: int, warmup: int, sync: Callable[[], object] | None = None
+) -> list[float]:
+    """Milliseconds of each of ``steps`` calls of ``fn`` after ``warmup`` untimed ones; ``sync``
+    (e.g. a device synchronisation) is called just before and just after each timed call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        if sync is not None:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync is not None:
+            sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def fmt(value: float | None, spec: str) -> str:
+    """``value`` formatted by ``spec``, or ``'-'`` for a value not measured."""
+    return "-" if value is None else format(value, spec)
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, e.g. ``'0.3, 0.5, 0.4'``."""
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def utc_timestamp() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def write_report(path: Path, text: str) -> None:
+    """Write ``text`` to ``path``, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
