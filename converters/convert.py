@@ -73,14 +73,7 @@ def torch_to_flax(
     >>> report.loaded
     ['weight', 'bias']
     """
-    if framework_of(source) == "flax":
-        raise TypeError(
-            "torch_to_flax reads PyTorch weights but the source is a flax.nnx.Module; use flax_to_torch"
-        )
-    if framework_of(target) != "flax":
-        raise TypeError(
-            f"torch_to_flax fills a flax.nnx.Module, got a target of type {type(target).__name__}"
-        )
+    _check_direction(source, target, reads="torch", fills="flax")
     return load_into(source, target, strict=strict, rename=rename)
 
 
@@ -112,15 +105,24 @@ def flax_to_torch(
     >>> report.ok
     True
     """
-    if framework_of(source) == "torch":
-        raise TypeError(
-            "flax_to_torch reads Flax weights but the source is a torch.nn.Module; use torch_to_flax"
-        )
-    if framework_of(target) != "torch":
-        raise TypeError(
-            f"flax_to_torch fills a torch.nn.Module, got a target of type {type(target).__name__}"
-        )
+    _check_direction(source, target, reads="flax", fills="torch")
     return load_into(source, target, strict=strict, rename=rename)
+
+
+_WEIGHTS = {"torch": "PyTorch", "flax": "Flax"}
+_MODULE = {"torch": "torch.nn.Module", "flax": "flax.nnx.Module"}
+
+
+def _check_direction(source: Any, target: Any, *, reads: str, fills: str) -> None:
+    """Refuse a source model of the framework ``fills`` and a target that is not a ``fills`` model,
+    naming the public function (``{reads}_to_{fills}``) and the one to use instead."""
+    function, reverse = f"{reads}_to_{fills}", f"{fills}_to_{reads}"
+    if framework_of(source) == fills:
+        raise TypeError(
+            f"{function} reads {_WEIGHTS[reads]} weights but the source is a {_MODULE[fills]}; use {reverse}"
+        )
+    if framework_of(target) != fills:
+        raise TypeError(f"{function} fills a {_MODULE[fills]}, got a target of type {type(target).__name__}")
 
 
 def load_into(
