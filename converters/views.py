@@ -156,15 +156,7 @@ def to_torch_layout(view: TensorView, source_layout: str, kinds: Mapping[str, st
     if source_layout != "flax":
         raise CheckpointError(f"unknown layout {source_layout!r}; expected 'torch' or 'flax'")
     _require_kinds(view.names, kinds, "convert Flax-layout tensors to PyTorch's")
-    specs, readers = {}, {}
-    for name in view.names:
-        module, _, leaf = name.rpartition(".")
-        kind = kinds[module]
-        torch_leaf, shape = layout.flax_to_torch_shape(kind, leaf, view.shape(name))
-        new = f"{module}.{torch_leaf}" if module else torch_leaf
-        specs[new] = (view.specs[name][0], shape)
-        readers[new] = _relayout(view.readers[name], layout.flax_to_torch_view, kind, leaf)
-    return TensorView(specs, readers)
+    return _relaid_out(view, view.names, kinds, layout.flax_to_torch_shape, layout.flax_to_torch_view)
 
 
 def to_flax_layout(view: TensorView, kinds: Mapping[str, str]) -> tuple[TensorView, list[str]]:
@@ -182,15 +174,7 @@ def to_flax_layout(view: TensorView, kinds: Mapping[str, str]) -> tuple[TensorVi
         else:
             keep.append(name)
     _require_kinds(keep, kinds, "convert PyTorch-layout tensors to Flax's")
-    specs, readers = {}, {}
-    for name in keep:
-        module, _, leaf = name.rpartition(".")
-        kind = kinds[module]
-        flax_leaf, shape = layout.torch_to_flax_shape(kind, leaf, view.shape(name))
-        new = f"{module}.{flax_leaf}" if module else flax_leaf
-        specs[new] = (view.specs[name][0], shape)
-        readers[new] = _relayout(view.readers[name], layout.torch_to_flax_view, kind, leaf)
-    return TensorView(specs, readers), notes
+    return _relaid_out(view, keep, kinds, layout.torch_to_flax_shape, layout.torch_to_flax_view), notes
 
 
 def renamed(
@@ -214,6 +198,27 @@ def renamed_modules(by_module: Mapping[str, str], old_of: Mapping[str, str]) -> 
         if new != old and module_of(old) in by_module:
             out[module_of(new)] = by_module[module_of(old)]
     return out
+
+
+def _relaid_out(
+    view: TensorView,
+    names: Sequence[str],
+    kinds: Mapping[str, str],
+    shape_rule: Callable,
+    array_rule: Callable,
+) -> TensorView:
+    """A view of the tensors ``names`` of ``view``, each renamed and reshaped by ``shape_rule`` and
+    re-laid out when read by ``array_rule`` (one direction's pair of :mod:`converters.layout`
+    rules), by the kind of its module in ``kinds``."""
+    specs, readers = {}, {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        kind = kinds[module]
+        new_leaf, shape = shape_rule(kind, leaf, view.shape(name))
+        new = f"{module}.{new_leaf}" if module else new_leaf
+        specs[new] = (view.specs[name][0], shape)
+        readers[new] = _relayout(view.readers[name], array_rule, kind, leaf)
+    return TensorView(specs, readers)
 
 
 def _relayout(
