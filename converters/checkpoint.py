@@ -178,17 +178,21 @@ class KeyReport:
     def describe(self, limit: int = 20) -> str:
         """Human-readable summary, each list capped at ``limit`` names."""
         lines = [f"loaded: {len(self.loaded)}"]
-        for label, keys in (("missing", self.missing), ("unexpected", self.unexpected),
-                            ("mis-shaped", self.mismatched), ("notes", self.notes)):
+        for label, keys in (
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            ("mis-shaped", self.mismatched),
+            ("notes", self.notes),
+        ):
             if keys:
-                shown = ", ".join(keys[:limit]) + (f" ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+                shown = ", ".join(keys[:limit]) + (
+                    f" ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+                )
                 lines.append(f"{label} ({len(keys)}): {shown}")
         return "\n".join(lines)
 
 
-def compare_keys(
-    found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]
-) -> KeyReport:
+def compare_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> KeyReport:
     """Compare ``{key: shape}`` of a checkpoint with what the model expects.
 
     ``mismatched`` entries read ``"key: file (a, b) vs model (c, d)"``.

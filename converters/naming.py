@@ -73,9 +73,7 @@ def matches_unfrozen(name: str, patterns: Sequence[str]) -> bool:
     return matches_any(name, patterns) or (not name and any(fnmatchcase("", p) for p in patterns))
 
 
-def check_all_matched(
-    patterns: Sequence[str], names: Sequence[str], *, argument: str
-) -> None:
+def check_all_matched(patterns: Sequence[str], names: Sequence[str], *, argument: str) -> None:
     """Raise :class:`NoMatchError` for the first pattern that matches none of ``names``.
 
     The message lists the pattern and some real layer names, so a typo is visible at once

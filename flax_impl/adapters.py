@@ -245,7 +245,8 @@ class AdaptedModel(nnx.Module):
             except (ValueError, TypeError) as exc:
                 adapter_name = getattr(self.adapter_class, "__name__", repr(self.adapter_class))
                 raise _with_message(
-                    exc, f"cannot wrap layer {name or '<root>'!r} ({type(module).__name__}) in {adapter_name}: {exc}"
+                    exc,
+                    f"cannot wrap layer {name or '<root>'!r} ({type(module).__name__}) in {adapter_name}: {exc}",
                 ) from exc
         for name, new_module in zip(self.replace_layers, new_modules, strict=True):
             module = get_submodule(self.adapted_model, name)

@@ -441,7 +441,9 @@ def test_optimizer_with_wrt_trainable_updates_only_trainable_params():
 def test_unfreeze_star_also_selects_the_root_like_speechbrain_and_torch_impl():
     """SpeechBrain fnmatches the root's empty name against unfrozen_layers, so "*" unfreezes
     every weight not wrapped by an adapter; both twins agree."""
-    model = AdaptedModel(Net(nnx.Rngs(0)), LoRA, target_layers="layer1", unfrozen_layers="*", rngs=nnx.Rngs(1))
+    model = AdaptedModel(
+        Net(nnx.Rngs(0)), LoRA, target_layers="layer1", unfrozen_layers="*", rngs=nnx.Rngs(1)
+    )
     assert "" in model.unfrozen_module_names
     paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, model.trainable))}
     assert "adapted_model.layer2.kernel" in paths and "adapted_model.layer3.bias" in paths
