@@ -391,22 +391,9 @@ def _tensor_spec(name: str, tensor: Any) -> TensorSpec:
 
 def _load_pickle(path: Path) -> dict[str, Any]:
     try:
-        import torch
+        from torch_impl.checkpoint import load_pickled_state_dict
     except ImportError:
         raise CheckpointError(
             f"reading the pickled checkpoint {str(path)!r} needs PyTorch installed"
         ) from None
-    try:
-        try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
-            if "mmap" not in str(exc):
-                raise
-            loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad pickle/zip
-        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
-    ):
-        raise CheckpointError(f"{str(path)!r} does not hold a state dict of named tensors")
-    return dict(loaded)
+    return load_pickled_state_dict(path)

@@ -19,7 +19,7 @@ from converters.checkpoint import (
     read_safetensors_header,
 )
 
-__all__ = ["load_state_dict_file", "save_state_dict_file"]
+__all__ = ["load_pickled_state_dict", "load_state_dict_file", "save_state_dict_file"]
 
 
 def save_state_dict_file(
@@ -58,15 +58,38 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.
             raise CheckpointError(
                 f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}"
             ) from exc
+    return load_pickled_state_dict(path), {}
+
+
+def load_pickled_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a ``torch.save``d state dict (SpeechBrain's ``.ckpt``, ``.pt``, ``.bin``) safely.
+
+    ``weights_only=True`` (no arbitrary code from the pickle), memory-mapped where the file's
+    format allows it. Raises :class:`CheckpointError` naming the file when it is unreadable or
+    holds anything but named tensors.
+
+    Example
+    -------
+    >>> import tempfile
+    >>> path = tempfile.mkdtemp() + "/adapters.ckpt"
+    >>> torch.save({"adapted_model.layer.weight": torch.ones(2)}, path)
+    >>> load_pickled_state_dict(path)
+    {'adapted_model.layer.weight': tensor([1., 1.])}
+    """
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) files cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad pickle/zip
         raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {type(exc).__name__}: {exc}") from exc
     if not isinstance(loaded, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):
         raise CheckpointError(f"{str(path)!r} does not hold a state dict of named tensors")
-    return dict(loaded), {}
+    return dict(loaded)
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
