@@ -31,9 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from interchange.kinds import get_kind
+
 from .checkpoint import KeyReport, compare_keys, parse_metadata
 from .files import TensorSpec, numpy_dtype
-from .layout import BUFFERS_WITHOUT_FLAX_TWIN
 from .naming import as_patterns, matches_any
 from .rename import RenameRule
 from .sides import Source, Target, framework_of, is_adapter_key, read_source, target_of
@@ -281,7 +282,7 @@ def _refusal(report: KeyReport) -> str:
 
 
 def _no_flax_twin(kind: str | None) -> set[str]:
-    return BUFFERS_WITHOUT_FLAX_TWIN.get(kind or "", set())
+    return set(get_kind(kind).torch_only) if kind else set()
 
 
 def _under_unfrozen(key: str, patterns: tuple[str, ...]) -> bool:

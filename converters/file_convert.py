@@ -17,9 +17,10 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 
+from interchange.kinds import _ALIASES, KINDS
+
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, KeyReport, library_version
 from .files import LAYOUTS, TensorFile, write_safetensors
-from .layout import KINDS
 from .rename import RenameRule
 from .views import (
     TensorView,
@@ -112,7 +113,7 @@ def file_layer_kinds(tensor_file: TensorFile, extra: Mapping[str, str] | None = 
         for module, kind in adapter_implied_kinds(tensor_file.names, specs, adapter_class).items():
             kinds.setdefault(module, kind)
     for module, kind in (extra or {}).items():
-        if kind not in KINDS:
+        if kind not in KINDS and kind not in _ALIASES:
             raise ValueError(f"layer kind {kind!r} given for module {module!r} is not one of {list(KINDS)}")
         if module in kinds and kinds[module] != kind:
             raise ValueError(

@@ -38,12 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import (
-    CheckpointError,
-    atomic_write,
-    is_safetensors_path,
-    read_safetensors_header,
-)
+from interchange.dtypes import TensorSpec, dtype_name, numpy_dtype
+from interchange.dtypes import nbytes as _spec_nbytes
+from interchange.errors import CheckpointError
+from interchange.format import atomic_write, is_safetensors_path, read_safetensors_header
+from interchange.format import layer_kinds_from_metadata as _layer_kinds
 
 __all__ = [
     "LAYOUTS",
@@ -60,67 +59,10 @@ __all__ = [
 LAYOUTS = ("torch", "flax")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-# safetensors dtype string -> numpy dtype name (ml_dtypes supplies the ones numpy lacks)
-_DTYPES = {
-    "BOOL": "bool",
-    "U8": "uint8",
-    "I8": "int8",
-    "U16": "uint16",
-    "I16": "int16",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "U32": "uint32",
-    "I32": "int32",
-    "F32": "float32",
-    "U64": "uint64",
-    "I64": "int64",
-    "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-
-TensorSpec = tuple[str, tuple[int, ...]]
-"""``(safetensors dtype string, shape)`` of one tensor, known before reading it."""
-
-
-def numpy_dtype(name: str) -> np.dtype:
-    """The numpy dtype of a safetensors dtype string (``'BF16'`` -> ``ml_dtypes.bfloat16``)."""
-    try:
-        numpy_name = _DTYPES[name]
-    except KeyError:
-        raise CheckpointError(
-            f"unsupported safetensors dtype {name!r}; supported: {sorted(_DTYPES)}"
-        ) from None
-    if numpy_name in ("bfloat16", "float8_e4m3fn", "float8_e5m2"):
-        import ml_dtypes  # numpy has no bfloat16; jax, flax and safetensors use ml_dtypes'
-
-        return np.dtype(getattr(ml_dtypes, numpy_name))
-    return np.dtype(numpy_name)
-
-
-def dtype_name(dtype: np.dtype | type) -> str:
-    """The safetensors dtype string of a numpy dtype (``float32`` -> ``'F32'``)."""
-    name = np.dtype(dtype).name
-    for key, value in _DTYPES.items():
-        if value == name:
-            return key
-    raise CheckpointError(
-        f"dtype {name!r} cannot be stored in safetensors; supported: {sorted(_DTYPES.values())}"
-    )
-
 
 def layer_kinds_from_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     """Decode the ``layer_kinds`` metadata entry (``{}`` when the file has none)."""
-    raw = metadata.get("layer_kinds")
-    if not raw:
-        return {}
-    try:
-        kinds = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"metadata 'layer_kinds' is not valid JSON: {exc}") from None
-    if not isinstance(kinds, dict) or not all(isinstance(v, str) for v in kinds.values()):
-        raise CheckpointError("metadata 'layer_kinds' must be a JSON object {module: kind}")
-    return kinds
+    return _layer_kinds(metadata)
 
 
 class _TensorSpecs:
@@ -369,7 +311,7 @@ def _header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str]) -> tup
 
 
 def _nbytes(dtype: str, shape: Sequence[int]) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * numpy_dtype(dtype).itemsize
+    return _spec_nbytes((dtype, tuple(shape)))
 
 
 def _checked(name: str, array: Any, dtype: str, shape: Sequence[int]) -> np.ndarray:
@@ -384,7 +326,7 @@ def _checked(name: str, array: Any, dtype: str, shape: Sequence[int]) -> np.ndar
 
 
 def _tensor_spec(name: str, tensor: Any) -> TensorSpec:
-    from ._torch import torch_dtype_name
+    from ._torch import dtype_name as torch_dtype_name
 
     return torch_dtype_name(tensor.dtype), tuple(int(n) for n in tensor.shape)
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from interchange.errors import MergeError
+
 from .checkpoint import KeyReport, parse_metadata
 from .file_convert import file_layer_kinds, progress_bar
 from .files import TensorFile, TensorSpec, numpy_dtype, write_safetensors
@@ -31,10 +33,6 @@ __all__ = ["MergeError", "merge_adapter_file"]
 _PREFIX = "adapted_model."
 _WRAPPED = ("pretrained_module", "pretrained_linear")
 _LORA_DEFAULTS = {"rank": 16, "alpha": 1.0}  # LoRA's signature defaults, as AdaptedModel uses them
-
-
-class MergeError(ValueError):
-    """The adapter cannot be merged into the base file (Houlsby, unknown scaling, wrong base)."""
 
 
 def merge_adapter_file(

@@ -53,7 +53,9 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import CheckpointError, KeyReport, adapter_metadata, parse_metadata
+from interchange.errors import PeftConversionError
+
+from .checkpoint import KeyReport, adapter_metadata, parse_metadata
 from .files import TensorFile, write_safetensors
 from .sides import framework_of, model_state
 
@@ -94,10 +96,6 @@ _UNSUPPORTED = {
 }
 # Initialisations that rewrite the base weights: the adapter alone no longer describes the model.
 _BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
-
-
-class PeftConversionError(CheckpointError):
-    """A PEFT adapter, or one of ours, uses something the other side cannot represent."""
 
 
 @dataclass
@@ -496,10 +494,10 @@ def _from_model(model: Any) -> tuple[list[str], int, float, dict[str, np.ndarray
             )
         _check_peft_geometry(layer, _wrapped(lora), framework)
     kwargs = {"rank": 16, "alpha": 1.0, **model.adapter_kwargs}
-    arrays, _, _, _ = model_state(model)
+    state = model_state(model)
     tensors = {
-        k: v
-        for k, v in arrays.items()
+        k: np.ascontiguousarray(state.read(k))
+        for k in state.specs
         if k.endswith((".adapter_down_proj.weight", ".adapter_up_proj.weight"))
     }
     return list(model.replace_layers), kwargs["rank"], kwargs["alpha"], tensors

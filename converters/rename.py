@@ -27,15 +27,11 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from .naming import NoMatchError
+from interchange.errors import NoMatchError, RenameError
 
 __all__ = ["RenameError", "RenameRule", "rename_keys"]
 
 RenameRule = tuple[str, str]
-
-
-class RenameError(ValueError):
-    """A rename rule is malformed, or maps two names onto one."""
 
 
 def rename_keys(names: Iterable[str], rules: Sequence[RenameRule] | None) -> tuple[list[str], list[str]]:

@@ -122,7 +122,9 @@ def model_arrays(model: Any, layout: str, metadata: Mapping[str, str] | None) ->
     framework = framework_of(model)
     if framework is None:
         raise TypeError(f"expected a torch.nn.Module or a flax.nnx.Module, got {type(model).__name__}")
-    arrays, kinds, unknown, aliases = model_state(model)
+    state = model_state(model)
+    arrays = {key: state.read(key) for key in state.specs}
+    kinds, unknown, aliases = state.kinds, state.unknown, state.aliases
     if unknown and layout == "flax":
         listed = ", ".join(f"{m!r} ({t})" for m, t in unknown.items())
         from .views import UnknownLayerError

@@ -17,15 +17,22 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import adapter_metadata, parse_metadata
-from .files import TensorFile, TensorSpec, dtype_name
-from .views import ADAPTER_PROJECTIONS, TensorView, adapter_implied_kinds, file_view, to_torch_layout
+from interchange.adapters import adapter_of, get_adapter, implied_kinds, is_adapter_key
+from interchange.dtypes import TensorSpec
+from interchange.errors import UnknownAdapterError
+from interchange.format import adapter_metadata, parse_metadata
+from interchange.state import FlatState
+
+from .files import TensorFile
+from .views import TensorView, file_view, to_torch_layout
 
 __all__ = [
     "Source",
     "Target",
+    "file_adapter_kinds",
     "framework_of",
     "is_adapter_key",
+    "model_assign",
     "model_metadata",
     "model_state",
     "read_source",
@@ -77,35 +84,40 @@ def framework_of(obj: object) -> str | None:
     return None
 
 
-def is_adapter_key(key: str) -> bool:
-    """True for a tensor inside an adapter projection (``...adapter_down_proj.weight``)."""
-    return any(part in ADAPTER_PROJECTIONS for part in key.split(".")[:-1])
-
-
-def model_state(model: Any) -> tuple[dict[str, np.ndarray], dict[str, str], dict[str, str], dict[str, str]]:
-    """``(arrays, kinds, unknown, aliases)`` of a model of either framework, torch names/layouts."""
+def model_state(model: Any) -> FlatState:
+    """A model of either framework in the interchange format (torch names and layouts), through
+    its twin's bridge (``torch_impl.interchange`` / ``flax_impl.interchange``)."""
     framework = framework_of(model)
     if framework == "torch":
-        from ._torch import tensor_to_numpy, torch_state
+        from ._torch import model_state as torch_model_state
 
-        state = torch_state(model)
-        arrays = {key: tensor_to_numpy(t) for key, t in state.tensors.items()}
-        return arrays, state.kinds, state.unknown, state.aliases
+        return torch_model_state(model)
     if framework == "flax":
-        from ._flax import flax_kinds, flax_state_dict
+        from ._flax import model_state as flax_model_state
 
-        kinds, unknown = flax_kinds(model)
-        return flax_state_dict(model), kinds, unknown, {}
+        return flax_model_state(model)
     raise TypeError(f"expected a torch.nn.Module or a flax.nnx.Module, got {type(model).__name__}")
+
+
+def model_assign(model: Any) -> Callable[[dict[str, np.ndarray]], None]:
+    """The function that writes validated torch-layout arrays into ``model``."""
+    if framework_of(model) == "torch":
+        from ._torch import assign
+    else:
+        from ._flax import assign
+    return lambda arrays: assign(model, arrays)
 
 
 def model_metadata(model: Any, framework: str) -> dict[str, str]:
     """Header metadata describing ``model``: an AdaptedModel records its adapter settings."""
     adapter_class = getattr(model, "adapter_class", None)
     if adapter_class is not None and hasattr(model, "adapted_model"):
+        declared = adapter_of(adapter_class)
         return adapter_metadata(
             framework=framework,
-            adapter_class=getattr(adapter_class, "__name__", str(adapter_class)),
+            adapter_class=declared.name
+            if declared
+            else getattr(adapter_class, "__name__", str(adapter_class)),
             adapter_kwargs=getattr(model, "adapter_kwargs", {}),
             target_layers=list(getattr(model, "target_layers", ()) or getattr(model, "replace_layers", ())),
             unfrozen_layers=list(getattr(model, "unfrozen_layers", ())),
@@ -118,8 +130,9 @@ def read_source(source: Any) -> Source:
     """Turn a model, a checkpoint path or a state dict into a :class:`Source`."""
     framework = framework_of(source)
     if framework is not None:
-        arrays, kinds, unknown, aliases = model_state(source)
-        return Source(TensorView.from_arrays(arrays), framework, kinds, unknown, aliases)
+        state = model_state(source)
+        view = TensorView(state.specs, {key: (lambda key=key: state.read(key)) for key in state.specs})
+        return Source(view, framework, state.kinds, state.unknown, state.aliases)
     if isinstance(source, (str, os.PathLike)):
         return _file_source(source)
     if isinstance(source, Mapping):
@@ -139,21 +152,12 @@ def read_source(source: Any) -> Source:
 def target_of(model: Any) -> Target:
     """Describe ``model`` as a :class:`Target` (expected keys, kinds, and how to assign)."""
     framework = framework_of(model)
-    if framework == "torch":
-        from ._torch import assign_torch, torch_dtype_name, torch_state
-
-        state = torch_state(model)
-        specs = {k: (torch_dtype_name(t.dtype), tuple(t.shape)) for k, t in state.tensors.items()}
-        return Target(
-            "torch", specs, state.kinds, state.unknown, state.aliases, lambda a: assign_torch(model, a)
+    if framework is None:
+        raise TypeError(
+            f"the target must be a torch.nn.Module or a flax.nnx.Module, got {type(model).__name__}"
         )
-    if framework == "flax":
-        from ._flax import assign_flax, flax_kinds, flax_state_dict
-
-        kinds, unknown = flax_kinds(model)
-        specs = {k: (dtype_name(a.dtype), tuple(a.shape)) for k, a in flax_state_dict(model).items()}
-        return Target("flax", specs, kinds, unknown, {}, lambda a: assign_flax(model, a))
-    raise TypeError(f"the target must be a torch.nn.Module or a flax.nnx.Module, got {type(model).__name__}")
+    state = model_state(model)  # shapes only: nothing is copied or re-laid out to plan
+    return Target(framework, state.specs, state.kinds, state.unknown, state.aliases, model_assign(model))
 
 
 def _file_source(path: str | os.PathLike[str]) -> Source:
@@ -162,13 +166,24 @@ def _file_source(path: str | os.PathLike[str]) -> Source:
     view = file_view(tensor_file)
     kinds = dict(tensor_file.layer_kinds)
     if tensor_file.layout == "torch":
-        adapter_class = metadata.get("adapter_class", "")
-        for module, kind in adapter_implied_kinds(view.names, view.specs, adapter_class).items():
+        for module, kind in file_adapter_kinds(view.names, view.specs, metadata, kinds).items():
             kinds.setdefault(module, kind)
     view = to_torch_layout(view, tensor_file.layout, kinds)
     content = parse_metadata(metadata).get("content")
     adapter_only = content == "adapter" or (not metadata and _only_adapter_keys(view.names))
     return Source(view, "file", kinds, {}, {}, metadata, adapter_only, tensor_file.layout, tensor_file.close)
+
+
+def file_adapter_kinds(
+    names: list[str], specs: Mapping[str, TensorSpec], metadata: Mapping[str, str], kinds: Mapping[str, str]
+) -> dict[str, str]:
+    """Kinds of the adapter factor layers of a torch-layout file, from its recorded adapter class
+    (none for a file that records none or an adapter class no declaration describes)."""
+    try:
+        adapter = get_adapter(metadata.get("adapter_class", ""))
+    except UnknownAdapterError:
+        return {}
+    return implied_kinds(names, specs, adapter, kinds)
 
 
 def _only_adapter_keys(names: list[str]) -> bool:

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import layout
-from .checkpoint import CheckpointError, KeyReport
-from .files import TensorFile, TensorSpec, contiguous, dtype_name
+from interchange import kinds as layout
+from interchange.adapters import LORA, implied_kinds
+from interchange.dtypes import TensorSpec, dtype_name
+from interchange.errors import CheckpointError, ConversionError, UnknownLayerError
+
+from .files import TensorFile, contiguous
 from .rename import RenameRule, rename_keys
 
 __all__ = [
@@ -43,27 +46,8 @@ __all__ = [
     "to_torch_layout",
 ]
 
-ADAPTER_PROJECTIONS = ("adapter_down_proj", "adapter_up_proj")
-
-# Modules whose kind follows from the adapter class that owns them: LoRA wraps only Linear or
-# ConvNd (and its projections copy that type), Houlsby only Linear. Within {linear, conv} a
-# weight's rank is unambiguous (a conv weight has >= 3 dims), unlike e.g. linear vs embedding.
-_ADAPTER_CHILDREN = {
-    "LoRA": ("pretrained_module", "adapter_down_proj", "adapter_up_proj"),
-    "HoulsbyAdapterLinear": ("pretrained_linear", "adapter_down_proj", "adapter_up_proj"),
-}
-
-
-class ConversionError(CheckpointError):
-    """A conversion was refused; ``report`` lists the missing, unexpected and mis-shaped keys."""
-
-    def __init__(self, message: str, report: KeyReport | None = None) -> None:
-        super().__init__(message)
-        self.report = report
-
-
-class UnknownLayerError(TypeError):
-    """A tensor belongs to a layer type whose PyTorch <-> Flax layout is not known."""
+# The factor children of LoRA (kept for old imports; the vocabulary is interchange.adapters).
+ADAPTER_PROJECTIONS = LORA.factors
 
 
 def module_of(key: str) -> str:
@@ -122,28 +106,18 @@ def file_view(tensor_file: TensorFile, *, zero_copy: bool = False) -> TensorView
 def adapter_implied_kinds(
     names: Iterable[str], specs: Mapping[str, TensorSpec], adapter_class: str
 ) -> dict[str, str]:
-    """Kinds of the layers inside adapters, from the adapter class recorded in the metadata.
-
-    ``names`` are torch-layout tensor names; a module ``<x>.adapter_down_proj`` of a LoRA is
-    ``'linear'`` when its weight has 2 dims and ``'conv'`` otherwise; Houlsby's are ``'linear'``.
+    """Kinds of the layers inside adapters, from the adapter class recorded in the metadata
+    (see :func:`interchange.adapters.implied_kinds`); ``{}`` for an undeclared class.
 
     Example
     -------
     >>> adapter_implied_kinds(["m.adapter_down_proj.weight"], {"m.adapter_down_proj.weight": ("F32", (2, 4))}, "LoRA")
     {'m.adapter_down_proj': 'linear'}
     """
-    children = _ADAPTER_CHILDREN.get(adapter_class)
-    if children is None:
-        return {}
-    kinds = {}
-    for name in names:
-        module = module_of(name)
-        if module.rpartition(".")[2] not in children or not name.endswith(".weight"):
-            continue
-        ndim = len(specs[name][1])
-        kinds[module] = "linear" if adapter_class == "HoulsbyAdapterLinear" or ndim == 2 else "conv"
-    # the bias of a layer whose weight told its kind
-    return kinds
+    from interchange.adapters import ADAPTERS
+
+    adapter = ADAPTERS.get(adapter_class)
+    return implied_kinds(names, specs, adapter) if adapter is not None else {}
 
 
 def to_torch_layout(view: TensorView, source_layout: str, kinds: Mapping[str, str]) -> TensorView:
@@ -169,7 +143,7 @@ def to_flax_layout(view: TensorView, kinds: Mapping[str, str]) -> tuple[TensorVi
     keep = []
     for name in view.names:
         module, _, leaf = name.rpartition(".")
-        if leaf in layout.BUFFERS_WITHOUT_FLAX_TWIN.get(kinds.get(module, ""), ()):
+        if module in kinds and leaf in layout.get_kind(kinds[module]).torch_only:
             notes.append(f"{name}: {kinds[module]} buffer without a Flax twin, not converted")
         else:
             keep.append(name)

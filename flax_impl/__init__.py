@@ -1,5 +1,8 @@
 """Flax NNX adapters (LoRA, Houlsby): the twin of ``torch_impl``, with the same names.
 
+Needs only jax and flax (and numpy, safetensors): the rules shared with the PyTorch twin live in
+:mod:`interchange`, and the errors a Flax user meets are re-exported here.
+
 >>> import jax
 >>> from flax import nnx
 >>> from flax_impl import AdaptedModel, LoRA
@@ -9,26 +12,46 @@
 16
 """
 
-from .activations import Swish
-from .adapters import (
-    AdaptedModel,
+try:
+    import flax.nnx as _nnx  # noqa: F401
+    import jax as _jax  # noqa: F401
+except ImportError as _exc:  # pragma: no cover - exercised in the torch-only CI environment
+    raise ImportError("flax_impl needs JAX and Flax: pip install 'peft-twins[jax]'") from _exc
+
+from interchange.errors import (
+    AdapterError,
     AdapterInsertionError,
-    HoulsbyAdapterLinear,
-    LoRA,
-    TrainableFilter,
-    is_layer_adaptable,
-    replace_module,
+    CheckpointError,
+    ConversionError,
+    LayoutError,
+    MergeError,
+    NoMatchError,
+    UnknownLayerError,
 )
-from .merge import MergeError, merge_lora, unmerge_lora
+
+from .activations import Swish
+from .adapted_model import AdaptedModel, TrainableFilter, is_layer_adaptable, replace_module
+from .houlsby import HoulsbyAdapterLinear
+from .lora import LoRA
+from .merge import merge_lora, unmerge_lora
+
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaptedModel",
+    "AdapterError",
     "AdapterInsertionError",
+    "CheckpointError",
+    "ConversionError",
     "HoulsbyAdapterLinear",
+    "LayoutError",
     "LoRA",
     "MergeError",
+    "NoMatchError",
     "Swish",
     "TrainableFilter",
+    "UnknownLayerError",
+    "__version__",
     "is_layer_adaptable",
     "merge_lora",
     "replace_module",

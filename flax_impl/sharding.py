@@ -38,14 +38,16 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from converters.naming import as_patterns, check_all_matched, dotted, matches_any
+from interchange.adapters import adapter_of
+from interchange.errors import AdapterError
+from interchange.names import as_patterns, check_all_matched, dotted, matches_any
 
 from .graph import named_modules
 
 __all__ = ["ShardingRuleError", "shard_model"]
 
 
-class ShardingRuleError(ValueError):
+class ShardingRuleError(AdapterError):
     """A sharding rule that does not fit the model: wrong rank, unknown mesh axis, or a layer
     that already holds adapters."""
 
@@ -137,9 +139,7 @@ def _axes(spec: tuple) -> list[str]:
 
 
 def _refuse_adapters(named: list[tuple[str, Any]]) -> None:
-    from .adapters import HoulsbyAdapterLinear, LoRA
-
-    adapted = [name or "<root>" for name, module in named if isinstance(module, (LoRA, HoulsbyAdapterLinear))]
+    adapted = [name or "<root>" for name, module in named if adapter_of(module) is not None]
     if adapted:
         raise ShardingRuleError(
             f"the model already holds adapters at {adapted[:5]}; shard the base model first and adapt "

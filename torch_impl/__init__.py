@@ -1,5 +1,8 @@
 """PyTorch adapters (LoRA, Houlsby): a drop-in for ``speechbrain.nnet.adapters``.
 
+Needs only torch (and numpy, safetensors): the rules shared with the Flax twin live in
+:mod:`interchange`, and the errors a PyTorch user meets are re-exported here.
+
 >>> import torch
 >>> from torch_impl import AdaptedModel, LoRA
 >>> model = AdaptedModel(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoRA,
@@ -8,24 +11,46 @@
 16
 """
 
-from .activations import Swish
-from .adapters import (
-    AdaptedModel,
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as _exc:  # pragma: no cover - exercised in the jax-only CI environment
+    raise ImportError(
+        "torch_impl needs PyTorch: pip install 'peft-twins[torch]' (CPU: pip install torch first)"
+    ) from _exc
+
+from interchange.errors import (
+    AdapterError,
     AdapterInsertionError,
-    HoulsbyAdapterLinear,
-    LoRA,
-    is_layer_adaptable,
-    replace_module,
+    CheckpointError,
+    ConversionError,
+    LayoutError,
+    MergeError,
+    NoMatchError,
+    UnknownLayerError,
 )
-from .merge import MergeError, merge_lora, unmerge_lora
+
+from .activations import Swish
+from .adapted_model import AdaptedModel, is_layer_adaptable, replace_module
+from .houlsby import HoulsbyAdapterLinear
+from .lora import LoRA
+from .merge import merge_lora, unmerge_lora
+
+__version__ = "0.2.0"
 
 __all__ = [
     "AdaptedModel",
+    "AdapterError",
     "AdapterInsertionError",
+    "CheckpointError",
+    "ConversionError",
     "HoulsbyAdapterLinear",
+    "LayoutError",
     "LoRA",
     "MergeError",
+    "NoMatchError",
     "Swish",
+    "UnknownLayerError",
+    "__version__",
     "is_layer_adaptable",
     "merge_lora",
     "replace_module",

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from converters.checkpoint import (
+from interchange.format import (
     CheckpointError,
     atomic_write,
     is_safetensors_path,

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from .adapters import HoulsbyAdapterLinear, LoRA
+from interchange.adapters import adapter_of
+from interchange.errors import MergeError
+
+from .lora import LoRA
 
 __all__ = ["MergeError", "merge_lora", "unmerge_lora"]
-
-
-class MergeError(ValueError):
-    """The model holds adapters that cannot be merged (Houlsby has a nonlinearity)."""
 
 
 def merge_lora(model: nn.Module) -> int:
@@ -18,7 +17,8 @@ def merge_lora(model: nn.Module) -> int:
 
     Afterwards each LoRA layer computes only its pretrained module, at the base model's speed,
     with the same outputs (to float rounding). Returns the number of layers merged. Raises
-    :class:`MergeError` if ``model`` holds a Houlsby adapter, before changing anything.
+    :class:`MergeError` if ``model`` holds an adapter that cannot be merged (Houlsby), before
+    changing anything.
 
     Example
     -------
@@ -32,7 +32,7 @@ def merge_lora(model: nn.Module) -> int:
     >>> torch.allclose(layer(x), before, atol=1e-6)
     True
     """
-    _refuse_houlsby(model)
+    _refuse_unmergeable(model)
     layers = [m for m in model.modules() if isinstance(m, LoRA) and not m.merged]
     for layer in layers:
         layer.merge()
@@ -47,10 +47,11 @@ def unmerge_lora(model: nn.Module) -> int:
     return len(layers)
 
 
-def _refuse_houlsby(model: nn.Module) -> None:
+def _refuse_unmergeable(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, HoulsbyAdapterLinear):
+        kind = adapter_of(module)
+        if kind is not None and not kind.merges:
             raise MergeError(
-                f"layer {name or '<root>'!r} is a HoulsbyAdapterLinear, which cannot be merged: "
+                f"layer {name or '<root>'!r} is a {kind.name}, which cannot be merged: "
                 "its activation between the projections is not linear"
             )

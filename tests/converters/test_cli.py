@@ -65,7 +65,7 @@ def test_inspect_lists_tensors_dtypes_shapes_metadata_and_total_size(model_file)
     result = run_cli("inspect", model_file)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "layout: torch" in out and "content: base" in out and '"gn": "groupnorm"' in out
+    assert "layout: torch" in out and "content: base" in out and '"gn": "group_norm"' in out
     assert "conv1.weight" in out and "BF16" in out and "[8, 3, 3]" in out
     assert "bn.num_batches_tracked" in out and "I64" in out
     with TensorFile(model_file) as f:

@@ -62,7 +62,7 @@ def test_torch_layout_file_from_either_framework_loads_bit_exact_into_the_other(
     converters.save_torch_layout(source, path, {"run": "7"})
     with TensorFile(path) as f:
         assert f.layout == "torch" and f.metadata["run"] == "7" and f.metadata["content"] == "base"
-        assert json.loads(f.metadata["layer_kinds"])["gn"] == "groupnorm"
+        assert json.loads(f.metadata["layer_kinds"])["gn"] == "group_norm"
         assert f.dtype("conv1.weight").name == dtype
     assert not same_bits(_file_bits(path), {k: v for k, v in _np_state(source).items()})
 

@@ -196,7 +196,7 @@ def test_save_sharded_of_a_torch_model_equals_its_state_dict(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
     save_sharded(model, tmp_path, max_shard_bytes=256)
     checkpoint = ShardedCheckpoint(tmp_path)
-    assert len(checkpoint.files) > 1 and checkpoint.layer_kinds["1"] == "batchnorm"
+    assert len(checkpoint.files) > 1 and checkpoint.layer_kinds["1"] == "batch_norm"
     for key, tensor in model.state_dict().items():
         np.testing.assert_array_equal(checkpoint.get(key), tensor.numpy(), err_msg=key)
 

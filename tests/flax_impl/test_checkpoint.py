@@ -55,11 +55,11 @@ def test_layer_kind_covers_every_layout_kind_by_module_type():
     modules = {
         "linear": nnx.Linear(2, 2, rngs=rngs),
         "conv": nnx.Conv(2, 2, kernel_size=(3, 3), rngs=rngs),
-        "layernorm": nnx.LayerNorm(2, rngs=rngs),
-        "groupnorm": nnx.GroupNorm(4, num_groups=2, rngs=rngs),
-        "rmsnorm": nnx.RMSNorm(2, rngs=rngs),
+        "layer_norm": nnx.LayerNorm(2, rngs=rngs),
+        "group_norm": nnx.GroupNorm(4, num_groups=2, rngs=rngs),
+        "rms_norm": nnx.RMSNorm(2, rngs=rngs),
         "embedding": nnx.Embed(5, 2, rngs=rngs),
-        "batchnorm": nnx.BatchNorm(2, rngs=rngs),
+        "batch_norm": nnx.BatchNorm(2, rngs=rngs),
     }
     assert {kind: layer_kind(module) for kind, module in modules.items()} == {k: k for k in modules}
     assert set(modules) == set(KINDS)

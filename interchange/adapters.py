@@ -1,0 +1,225 @@
+"""The adapter vocabulary: one declaration per adapter class, read by everything that needs to
+know what an adapter holds.
+
+Framework-free. Each twin's adapter class points at its declaration (``LoRA.adapter_kind is
+LORA``); files record the declaration's ``name`` as ``adapter_class``. Converters, mergers,
+PEFT interop and sharding read these declarations instead of matching class names, so a new
+adapter class is the class in each twin plus one :func:`register_adapter` call.
+
+Example
+-------
+>>> LORA.wrapped, LORA.factors, LORA.merges
+('pretrained_module', ('adapter_down_proj', 'adapter_up_proj'), True)
+>>> get_adapter("HoulsbyAdapterLinear").merges
+False
+>>> is_adapter_key("adapted_model.fc.adapter_up_proj.weight"), is_adapter_key("fc.weight")
+(True, False)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .dtypes import TensorSpec
+from .errors import UnknownAdapterError
+from .kinds import get_kind, permutation
+
+__all__ = [
+    "ADAPTERS",
+    "AdapterKind",
+    "HOULSBY",
+    "LORA",
+    "MergeRule",
+    "adapter_of",
+    "factor_names",
+    "get_adapter",
+    "implied_kinds",
+    "is_adapter_key",
+    "register_adapter",
+    "wrapped_names",
+]
+
+MergeRule = Callable[[np.ndarray, Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]
+"""``merge(weight, tensors, kwargs) -> merged weight``, all in PyTorch layout: ``weight`` the
+wrapped layer's weight, ``tensors`` the adapter's own tensors keyed relative to the adapter
+(``'adapter_down_proj.weight'``), ``kwargs`` the adapter's arguments with defaults filled in."""
+
+
+@dataclass(frozen=True)
+class AdapterKind:
+    """What an adapter class holds, declared once.
+
+    Attributes
+    ----------
+    name : str
+        The class name, as files record it (``'LoRA'``).
+    wrapped : str
+        The child holding the pretrained layer (``'pretrained_module'``).
+    factors : tuple of str
+        The children (or direct parameters) holding the adapter's own, trained tensors.
+    defaults : mapping
+        The constructor's keyword defaults, so a file recording only some kwargs is complete.
+    wraps : tuple of str
+        The layer kinds (of :mod:`interchange.kinds`) the adapter wraps.
+    factor_kinds : mapping
+        Layer kind of each factor child; ``None`` means "the wrapped layer's kind".
+    merge : MergeRule or None
+        How to fold the adapter into the wrapped weight; ``None`` when it cannot be merged.
+    """
+
+    name: str
+    wrapped: str
+    factors: tuple[str, ...]
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    wraps: tuple[str, ...] = ("linear",)
+    factor_kinds: Mapping[str, str | None] = field(default_factory=dict)
+    merge: MergeRule | None = None
+
+    @property
+    def merges(self) -> bool:
+        """Whether the adapter folds into the wrapped weight."""
+        return self.merge is not None
+
+    def kwargs(self, given: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``given`` with the declaration's defaults filled in."""
+        return {**self.defaults, **dict(given or {})}
+
+    def factor_kind(self, factor: str, wrapped_kind: str | None) -> str | None:
+        """The layer kind of the factor child ``factor`` around a layer of ``wrapped_kind``."""
+        if factor not in self.factors:
+            return None
+        kind = self.factor_kinds.get(factor)
+        return kind if kind is not None else wrapped_kind
+
+
+ADAPTERS: dict[str, AdapterKind] = {}
+
+
+def register_adapter(kind: AdapterKind) -> AdapterKind:
+    """Declare an adapter class (the extension point for a new adapter); returns ``kind``."""
+    existing = ADAPTERS.get(kind.name)
+    if existing is not None and existing != kind:
+        raise ValueError(f"adapter {kind.name!r} is already declared as {existing}")
+    for layer_kind in kind.wraps:
+        get_kind(layer_kind)  # an unknown layer kind fails here, not at the first conversion
+    ADAPTERS[kind.name] = kind
+    return kind
+
+
+def get_adapter(name: str) -> AdapterKind:
+    """The declaration of the adapter class recorded as ``name``."""
+    try:
+        return ADAPTERS[name]
+    except (KeyError, TypeError):
+        raise UnknownAdapterError(
+            f"unknown adapter class {name!r}; declared adapters: {sorted(ADAPTERS)}"
+        ) from None
+
+
+def adapter_of(obj: object) -> AdapterKind | None:
+    """The declaration of an adapter class or instance (its ``adapter_kind``), else None."""
+    kind = getattr(obj, "adapter_kind", None)
+    return kind if isinstance(kind, AdapterKind) else None
+
+
+def factor_names() -> frozenset[str]:
+    """Names of every declared adapter's factor children."""
+    return frozenset(name for kind in ADAPTERS.values() for name in kind.factors)
+
+
+def wrapped_names() -> frozenset[str]:
+    """Names of the child that holds the pretrained layer, over every declared adapter."""
+    return frozenset(kind.wrapped for kind in ADAPTERS.values())
+
+
+def is_adapter_key(key: str) -> bool:
+    """True for a tensor held by an adapter itself (``...adapter_down_proj.weight``)."""
+    factors = factor_names()
+    return any(part in factors for part in key.split("."))
+
+
+def implied_kinds(
+    names: Iterable[str],
+    specs: Mapping[str, TensorSpec],
+    adapter: AdapterKind,
+    known: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Kinds of the factor layers of ``adapter`` in a torch-layout file, from the declaration.
+
+    A factor's kind is its declared kind, or the wrapped layer's: from ``known`` (a file's
+    ``layer_kinds``) when recorded, else the one kind of ``adapter.wraps`` whose layout admits
+    the weight's number of axes (a LoRA factor of 2 axes is ``'linear'``, of 3 to 5 ``'conv'``).
+
+    Example
+    -------
+    >>> implied_kinds(["m.adapter_down_proj.weight"], {"m.adapter_down_proj.weight": ("F32", (2, 4))}, LORA)
+    {'m.adapter_down_proj': 'linear'}
+    """
+    known = dict(known or {})
+    out: dict[str, str] = {}
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        parent, _, child = module.rpartition(".")
+        if child not in adapter.factors or leaf != "weight":
+            continue
+        wrapped_module = f"{parent}.{adapter.wrapped}" if parent else adapter.wrapped
+        wrapped_kind = known.get(wrapped_module)
+        if wrapped_kind is None:
+            ndim = len(specs[name][1])
+            fits = [kind for kind in adapter.wraps if _admits(kind, ndim)]
+            wrapped_kind = fits[0] if len(fits) == 1 else None
+        kind = adapter.factor_kind(child, wrapped_kind)
+        if kind is not None:
+            out[module] = kind
+    return out
+
+
+def _admits(kind: str, ndim: int) -> bool:
+    try:
+        permutation(kind, "weight", ndim)
+    except (ValueError, KeyError):
+        return False
+    return True
+
+
+def _lora_scaling(kwargs: Mapping[str, Any]) -> float:
+    return float(kwargs["alpha"]) / int(kwargs["rank"])
+
+
+def lora_merge(
+    weight: np.ndarray, tensors: Mapping[str, np.ndarray], kwargs: Mapping[str, Any]
+) -> np.ndarray:
+    """LoRA's merge: ``weight + scaling * up @ down`` in float32, cast back to the weight's dtype
+    (conv too: ``up (out, rank, 1..)``, ``down (rank, in, *k)``), as ``LoRA.merge`` does."""
+    down, up = tensors["adapter_down_proj.weight"], tensors["adapter_up_proj.weight"]
+    up32 = up.astype(np.float32).reshape(up.shape[0], -1)  # (out, rank)
+    down32 = down.astype(np.float32).reshape(down.shape[0], -1)  # (rank, in * prod(k))
+    delta = (up32 @ down32).reshape(weight.shape) * np.float32(_lora_scaling(kwargs))
+    return (weight.astype(np.float32) + delta).astype(weight.dtype)
+
+
+LORA = register_adapter(
+    AdapterKind(
+        name="LoRA",
+        wrapped="pretrained_module",
+        factors=("adapter_down_proj", "adapter_up_proj"),
+        defaults={"rank": 16, "alpha": 1.0},
+        wraps=("linear", "conv"),
+        factor_kinds={"adapter_down_proj": None, "adapter_up_proj": None},
+        merge=lora_merge,
+    )
+)
+HOULSBY = register_adapter(
+    AdapterKind(
+        name="HoulsbyAdapterLinear",
+        wrapped="pretrained_linear",
+        factors=("adapter_down_proj", "adapter_up_proj"),
+        defaults={"bias": True},
+        wraps=("linear",),
+        factor_kinds={"adapter_down_proj": "linear", "adapter_up_proj": "linear"},
+    )
+)

@@ -1,0 +1,105 @@
+"""Dotted layer names and the glob patterns that select them.
+
+Framework-free: both ``torch_impl`` and ``flax_impl`` call these functions, so a list of
+patterns selects the same layers in a PyTorch model and in its Flax twin. A layer's name is
+PyTorch's ``named_modules()`` name, which for an NNX model is its graph path joined with dots
+(list indices as digits).
+
+Example
+-------
+>>> as_patterns("layer1")
+('layer1',)
+>>> matches_any("encoder.layers.3.ffn", ["encoder.layers.*.ffn"])
+True
+>>> dotted(("blocks", 0, "linear1"))
+'blocks.0.linear1'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from fnmatch import fnmatchcase
+
+from .errors import NoMatchError
+
+__all__ = [
+    "NoMatchError",
+    "as_patterns",
+    "check_all_matched",
+    "dotted",
+    "matches_any",
+    "matches_unfrozen",
+    "parent_and_leaf",
+]
+
+
+def as_patterns(patterns: str | Iterable[str] | None) -> tuple[str, ...]:
+    """Return ``patterns`` as a tuple; a single string is one pattern, not its characters.
+
+    SpeechBrain iterates a string's characters, so ``"layer1"`` there matches every
+    one-letter name; here it is the pattern ``"layer1"``.
+    """
+    if patterns is None:
+        return ()
+    if isinstance(patterns, str):
+        return (patterns,)
+    out = tuple(patterns)
+    for pattern in out:
+        if not isinstance(pattern, str):
+            raise TypeError(f"layer patterns must be strings, got {pattern!r} ({type(pattern).__name__})")
+    return out
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """True when ``name`` is non-empty and matches one of the shell-style ``patterns``.
+
+    Matching is case-sensitive on every platform (``fnmatch.fnmatchcase``), so a pattern
+    list selects the same layers wherever it runs.
+    """
+    return bool(name) and any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def matches_unfrozen(name: str, patterns: Sequence[str]) -> bool:
+    """Whether an ``unfrozen_layers`` pattern selects the module called ``name``.
+
+    Unlike ``target_layers`` (whose matching skips the root), SpeechBrain fnmatches the root's
+    empty name here too, so ``"*"`` unfreezes the parameters the root module holds itself.
+
+    >>> matches_unfrozen("", ["*"]), matches_any("", ["*"])
+    (True, False)
+    """
+    return matches_any(name, patterns) or (not name and any(fnmatchcase("", p) for p in patterns))
+
+
+def check_all_matched(patterns: Sequence[str], names: Sequence[str], *, argument: str) -> None:
+    """Raise :class:`NoMatchError` for the first pattern that matches none of ``names``.
+
+    The message lists the pattern and some real layer names, so a typo is visible at once
+    instead of training a model with no adapters.
+    """
+    for pattern in patterns:
+        if not any(fnmatchcase(name, pattern) for name in names if name):
+            raise NoMatchError(
+                f"{argument} pattern {pattern!r} matches no layer of the model. "
+                f"Some layer names are: {_sample(names)}"
+            )
+
+
+def dotted(path: Iterable[object]) -> str:
+    """Join a graph path such as ``('blocks', 0, 'linear1')`` into ``'blocks.0.linear1'``."""
+    return ".".join(str(part) for part in path)
+
+
+def parent_and_leaf(name: str) -> tuple[str, str]:
+    """Split ``'a.b.c'`` into ``('a.b', 'c')``; a top-level name has parent ``''``."""
+    if not name:
+        raise ValueError("an empty name has no parent: the root module cannot be replaced")
+    parent, _, leaf = name.rpartition(".")
+    return parent, leaf
+
+
+def _sample(names: Sequence[str], limit: int = 12) -> str:
+    real = [name for name in names if name]
+    shown = ", ".join(repr(name) for name in real[:limit])
+    more = f" ... ({len(real) - limit} more)" if len(real) > limit else ""
+    return (shown + more) if real else "(the model has no named submodules)"

@@ -1,0 +1,74 @@
+"""Imports run one way: interchange <- torch_impl, flax_impl <- converters (SPEC, Layout).
+
+Walks the syntax tree of every module of the four packages, function-level imports included,
+so a lazy ``from converters ... import`` inside a twin's function fails here too.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("interchange", "torch_impl", "flax_impl", "converters")
+# What each package may import, of the four (itself always).
+ALLOWED = {
+    "interchange": set(),
+    "torch_impl": {"interchange"},
+    "flax_impl": {"interchange"},
+    "converters": {"interchange", "torch_impl", "flax_impl"},
+}
+# Frameworks each package may import (converters: lazily, inside functions or its _torch/_flax).
+FRAMEWORKS = {"torch", "jax", "flax", "optax"}
+ALLOWED_FRAMEWORKS = {
+    "interchange": set(),
+    "torch_impl": {"torch"},
+    "flax_impl": {"jax", "flax", "optax"},
+    "converters": FRAMEWORKS,
+}
+
+
+def imported_roots(path: Path) -> list[tuple[int, str]]:
+    """``(line, top-level package)`` of every import in ``path``, at any depth."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    roots = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.extend((node.lineno, alias.name.split(".")[0]) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.append((node.lineno, node.module.split(".")[0]))
+    return roots
+
+
+def modules_of(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_imports_only_the_packages_below_it(package):
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} imports {root}"
+        for path in modules_of(package)
+        for line, root in imported_roots(path)
+        if root in PACKAGES and root != package and root not in ALLOWED[package]
+    ]
+    assert not offenders, "imports must run interchange <- twins <- converters:\n" + "\n".join(offenders)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_imports_only_its_own_framework(package):
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line} imports {root}"
+        for path in modules_of(package)
+        for line, root in imported_roots(path)
+        if root in FRAMEWORKS and root not in ALLOWED_FRAMEWORKS[package]
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_walk_sees_function_level_imports(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("def f():\n    from converters.files import TensorFile\n    import torch\n")
+    assert imported_roots(source) == [(2, "converters"), (3, "torch")]

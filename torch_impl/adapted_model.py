@@ -1,0 +1,407 @@
+"""``AdaptedModel``: wrap a model, put adapters on the layers the patterns select, freeze the rest.
+
+A drop-in for ``speechbrain.nnet.adapters.AdaptedModel`` (1.1.x): same names, signatures,
+attribute names, ``state_dict`` keys, initialisation order and forward math, so checkpoints cross
+both ways and a seeded run reproduces after the swap. Where SpeechBrain has bugs we depart on
+purpose (see the README's "Departures" list): a single string is one pattern, patterns that
+match nothing raise, a second ``insert_adapters()`` raises, ``__getattr__`` does not shadow the
+wrapper's own attributes, and adapted ``nn.TransformerEncoderLayer`` linears work in eval mode.
+
+Authors of the original: Titouan Parcollet, Peter Plantinga (SpeechBrain, 2024).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from interchange.errors import AdapterInsertionError, CheckpointError, NoMatchError
+from interchange.format import adapter_metadata, compare_keys
+from interchange.names import (
+    as_patterns,
+    check_all_matched,
+    matches_any,
+    matches_unfrozen,
+    parent_and_leaf,
+)
+
+from . import _speechbrain, distributed
+from .checkpoint import load_state_dict_file, save_state_dict_file
+
+__all__ = ["MHA_WARNING", "AdaptedModel", "is_layer_adaptable", "replace_module"]
+
+MHA_WARNING = """
+Torch's native multi-head attention is not adaptable since it accesses layer
+weights directly to pass to highly optimized fused kernels. We are excluding
+all native Torch MHA layers from the list of layers to adapt.
+"""
+
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class AdaptedModel(nn.Module):
+    """Wrap a model and replace its target layers with adapters, keeping their parameters.
+
+    Every parameter of ``model_to_adapt`` is frozen; adapters and the layers matched by
+    ``unfrozen_layers`` train.
+
+    Arguments
+    ---------
+    model_to_adapt: nn.Module
+        The base PyTorch model to add adapters to.
+    adapter_class: class
+        An (uninitialized) adapter class, e.g. :class:`LoRA` or :class:`HoulsbyAdapterLinear`.
+    all_linear: bool
+        Whether to add the adapter to all linear layers (default: False).
+    all_conv: bool
+        Whether to add the adapter to all conv layers (default: False).
+    target_layers: list of str
+        Names of the modules to replace; shell-style wildcards ``(*, ?, [seq], [!seq])``.
+        A single string is one pattern. A pattern that matches no layer raises ``ValueError``.
+    unfrozen_layers: list of str
+        Names of layers to unfreeze for training, with the same wildcards.
+    adapter_kwargs: dict
+        Keyword arguments given to the adapter class.
+    manual_adapter_insertion: bool
+        When True, call :meth:`insert_adapters` yourself (e.g. after loading pretrained
+        parameters); otherwise adapters are inserted now.
+
+    Example
+    -------
+    >>> from collections import OrderedDict
+    >>> from torch_impl import LoRA
+    >>> model = torch.nn.Sequential(
+    ...   OrderedDict([
+    ...     ("layer1", torch.nn.Linear(10, 20)),
+    ...     ("layer2", torch.nn.Linear(20, 20)),
+    ...     ("layer3", torch.nn.Linear(20, 10)),
+    ...   ])
+    ... )
+    >>> lora_model = AdaptedModel(
+    ...   model_to_adapt=model,
+    ...   adapter_class=LoRA,
+    ...   target_layers=["layer[13]"],
+    ...   unfrozen_layers=["layer2"],
+    ...   adapter_kwargs={"rank": 2},
+    ... )
+    >>> lora_model
+    AdaptedModel(
+      (adapted_model): Sequential(
+        (layer1): LoRA(
+          (pretrained_module): Linear(in_features=10, out_features=20, bias=True)
+          (adapter_down_proj): Linear(in_features=10, out_features=2, bias=False)
+          (adapter_up_proj): Linear(in_features=2, out_features=20, bias=False)
+        )
+        (layer2): Linear(in_features=20, out_features=20, bias=True)
+        (layer3): LoRA(
+          (pretrained_module): Linear(in_features=20, out_features=10, bias=True)
+          (adapter_down_proj): Linear(in_features=20, out_features=2, bias=False)
+          (adapter_up_proj): Linear(in_features=2, out_features=10, bias=False)
+        )
+      )
+    )
+    """
+
+    def __init__(
+        self,
+        model_to_adapt: nn.Module,
+        adapter_class: type[nn.Module],
+        all_linear: bool = False,
+        all_conv: bool = False,
+        target_layers: Iterable[str] | str = (),
+        unfrozen_layers: Iterable[str] | str = (),
+        adapter_kwargs: Mapping[str, Any] | None = None,
+        manual_adapter_insertion: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(model_to_adapt, nn.Module):
+            raise TypeError(f"model_to_adapt must be an nn.Module instance, got {model_to_adapt!r:.100}")
+        if not callable(adapter_class):
+            raise TypeError(f"adapter_class must be an adapter class such as LoRA, got {adapter_class!r}")
+        target_layers = as_patterns(target_layers)
+        unfrozen_layers = as_patterns(unfrozen_layers)
+
+        # Validate before touching the user's model: a refused call leaves it as it was.
+        named = list(model_to_adapt.named_modules())
+        names = [name for name, _ in named]
+        check_all_matched(target_layers, names, argument="target_layers")
+        check_all_matched(unfrozen_layers, names, argument="unfrozen_layers")
+        if all_linear and not any(isinstance(m, nn.Linear) for _, m in named):
+            raise NoMatchError(
+                f"all_linear=True but the model has no nn.Linear layer; layers: {_types(named)}"
+            )
+        if all_conv and not any(isinstance(m, _CONV_TYPES) for _, m in named):
+            raise NoMatchError(
+                f"all_conv=True but the model has no nn.Conv1d/2d/3d layer; layers: {_types(named)}"
+            )
+
+        self.adapted_model = model_to_adapt
+        self.adapter_class = adapter_class
+        self.adapter_kwargs = dict(adapter_kwargs or {})
+        self.target_layers = list(target_layers)
+        self.unfrozen_layers = list(unfrozen_layers)
+        requires_grad = _requires_grad_flags(model_to_adapt)
+        try:
+            for param in model_to_adapt.parameters():
+                param.requires_grad = False
+
+            # Same walk as SpeechBrain: adaptable layers are queued, other matches are unfrozen.
+            self.replace_layers: list[str] = []
+            self.unfrozen_module_names: list[str] = []
+            for name, module in named:
+                if is_layer_adaptable(name, module, all_linear, all_conv, target_layers):
+                    parent = model_to_adapt.get_submodule(parent_and_leaf(name)[0]) if name else None
+                    if isinstance(parent, nn.MultiheadAttention):
+                        warnings.warn(MHA_WARNING, stacklevel=2)
+                    else:
+                        self.replace_layers.append(name)
+                elif matches_unfrozen(name, unfrozen_layers):
+                    self.unfrozen_module_names.append(name)
+                    for param in module.parameters():
+                        param.requires_grad = True
+
+            self.adapters_inserted = False
+            _speechbrain.register_if_loaded(type(self))
+            if not manual_adapter_insertion:
+                self.insert_adapters()
+        except BaseException:
+            _restore_requires_grad(requires_grad)
+            raise
+
+    def insert_adapters(self) -> None:
+        """Replace the queued layers with adapters. Call exactly once, before training.
+
+        Raises :class:`AdapterInsertionError` on a second call, which would otherwise wrap
+        adapters inside adapters.
+        """
+        if self.adapters_inserted:
+            raise AdapterInsertionError(
+                "insert_adapters() was already called on this AdaptedModel; a second call "
+                f"would wrap adapters in adapters (layers: {self.replace_layers})"
+            )
+        # Build every adapter before replacing any layer, so that a layer the adapter class
+        # refuses leaves the model unchanged. Creation order (hence the random numbers) is
+        # SpeechBrain's: one adapter per queued layer, in named_modules() order.
+        requires_grad = _requires_grad_flags(self.adapted_model)
+        new_modules = []
+        try:
+            for name in self.replace_layers:
+                module = self.adapted_model.get_submodule(name)
+                try:
+                    new_modules.append(self.adapter_class(module, **self.adapter_kwargs))
+                except (ValueError, TypeError) as exc:
+                    adapter_name = getattr(self.adapter_class, "__name__", repr(self.adapter_class))
+                    raise _with_message(
+                        exc,
+                        f"cannot wrap layer {name or '<root>'!r} ({type(module).__name__}) in {adapter_name}: {exc}",
+                    ) from exc
+        except BaseException:
+            _restore_requires_grad(requires_grad)
+            raise
+        for name, new_module in zip(self.replace_layers, new_modules, strict=True):
+            if name:
+                replace_module(self.adapted_model, name, new_module)
+            else:  # the root itself is the adaptable layer (e.g. a bare nn.Linear)
+                self.adapted_model = new_module
+        self.adapters_inserted = True
+        _disable_transformer_fast_path(self.adapted_model, self.replace_layers)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Pass arguments to the adapted model."""
+        return self.adapted_model(*args, **kwargs)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """What :meth:`saver` writes: parameters that require grad, keyed as in ``state_dict()``,
+        plus the buffers (e.g. BatchNorm running stats) of ``unfrozen_layers``.
+
+        Under FSDP2 (``fully_shard``) these tensors, and only these, are gathered whole from
+        their shards: a collective, so every rank must call it; frozen weights stay sharded.
+        """
+        full = self.state_dict(keep_vars=True)
+        return distributed.gather_full({name: full[name] for name in self._trainable_keys(full)})
+
+    def saver(self, path: str) -> None:
+        """Save only the trainable parameters (and buffers of unfrozen layers).
+
+        A path ending in ``.safetensors`` writes the interchange format with metadata;
+        any other path writes SpeechBrain's ``torch.save`` format. The write is atomic.
+        In a process group only rank 0 writes; under FSDP2 every rank must call ``saver``
+        (the trainable shards are gathered, the frozen ones never are).
+        """
+        metadata = adapter_metadata(
+            framework="torch",
+            adapter_class=getattr(self.adapter_class, "__name__", str(self.adapter_class)),
+            adapter_kwargs=self.adapter_kwargs,
+            target_layers=self.target_layers or self.replace_layers,
+            unfrozen_layers=self.unfrozen_layers,
+        )
+        state_dict = self.trainable_state_dict()
+        if distributed.is_writer():
+            save_state_dict_file(state_dict, path, metadata)
+
+    def loader(self, path: str, end_of_epoch: bool = False) -> None:
+        """Load trained parameters saved by :meth:`saver` (ours or SpeechBrain's).
+
+        The file may lack frozen weights, but every trainable parameter must be there, and an
+        unexpected or mis-shaped key raises :class:`CheckpointError` before anything is loaded.
+        In a process group every rank reads the file (DDP replicas must all load it); under
+        FSDP2 each rank keeps only its shard of each tensor, with no communication.
+        """
+        del end_of_epoch
+        state_dict, _ = load_state_dict_file(path)
+        current = self.state_dict()
+        expected = {name: tuple(t.shape) for name, t in current.items()}
+        report = compare_keys({k: tuple(v.shape) for k, v in state_dict.items()}, expected)
+        trainable = set(self._trainable_keys()) - set(self._unfrozen_buffer_keys())
+        missing = [key for key in report.missing if key in trainable]
+        if report.unexpected or report.mismatched or missing:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} does not fit this AdaptedModel: "
+                f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
+                f"missing trainable keys {missing}"
+            )
+        self.load_state_dict(
+            {key: distributed.shard_like(value, current[key]) for key, value in state_dict.items()},
+            strict=False,
+        )
+
+    def parameter_transfer(self, path: str) -> None:
+        """Load parameters for transfer (SpeechBrain's Pretrainer hook); same as ``loader``."""
+        self.loader(path, True)
+
+    def __getattr__(self, item: str) -> Any:
+        """Fall back to the adapted model for attributes the wrapper does not have."""
+        # nn.Module.__getattr__ resolves the wrapper's own parameters, buffers and submodules.
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            pass
+        model = super().__getattr__("adapted_model")
+        return getattr(model, item)
+
+    def _trainable_keys(self, full: Mapping[str, torch.Tensor] | None = None) -> list[str]:
+        """Keys of :meth:`trainable_state_dict`, in ``state_dict()`` order, gathering nothing."""
+        full = self.state_dict(keep_vars=True) if full is None else full
+        keep = {name for name, value in full.items() if value.requires_grad}
+        keep.update(key for key in self._unfrozen_buffer_keys() if key in full)
+        return [name for name in full if name in keep]
+
+    def _unfrozen_buffer_keys(self) -> list[str]:
+        keys = []
+        for name in self.unfrozen_module_names:
+            module = self.adapted_model.get_submodule(name)
+            prefix = f"adapted_model.{name}." if name else "adapted_model."
+            keys.extend(prefix + buffer_name for buffer_name, _ in module.named_buffers())
+        return keys
+
+
+_speechbrain.mark_hooks(AdaptedModel.saver, AdaptedModel.loader, AdaptedModel.parameter_transfer)
+
+
+def is_layer_adaptable(
+    name: str,
+    module: nn.Module,
+    all_linear: bool,
+    all_conv: bool,
+    target_layers: Iterable[str] | str,
+) -> bool:
+    """Check if a layer is among the layers to be adapted.
+
+    Arguments
+    ---------
+    name: str
+        The dotted name of the module (as in ``named_modules()``).
+    module: torch.nn.Module
+        The module to check.
+    all_linear: bool
+        Whether all linear layers should be adapted.
+    all_conv: bool
+        Whether all conv layers should be adapted.
+    target_layers: str or list of str
+        Shell-style patterns; a single string is one pattern.
+
+    Returns
+    -------
+    bool
+        Whether the layer is to be adapted.
+
+    Example
+    -------
+    >>> is_layer_adaptable("layer1", nn.Linear(2, 2), False, False, "layer1")
+    True
+    >>> is_layer_adaptable("layer2", nn.Linear(2, 2), False, False, "layer1")
+    False
+    """
+    return bool(
+        (all_linear and isinstance(module, nn.Linear))
+        or (all_conv and isinstance(module, _CONV_TYPES))
+        or matches_any(name, as_patterns(target_layers))
+    )
+
+
+def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
+    """Replace the layer at dotted ``name`` with ``new_module`` by assigning it on its parent.
+
+    Arguments
+    ---------
+    model: nn.Module
+        Model containing the module to be replaced.
+    name: str
+        Dotted name of the target module (the model itself is the parent of a top-level name).
+    new_module: nn.Module
+        New module made of the old plus the new parameters.
+
+    Example
+    -------
+    >>> model = nn.Sequential(nn.Linear(2, 2))
+    >>> replace_module(model, "0", nn.Identity())
+    >>> model
+    Sequential(
+      (0): Identity()
+    )
+    """
+    parent_name, target_name = parent_and_leaf(name)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, target_name, new_module)
+
+
+def _types(named: list[tuple[str, nn.Module]], limit: int = 8) -> str:
+    kinds = sorted({type(module).__name__ for _, module in named})
+    return ", ".join(kinds[:limit]) + (" ..." if len(kinds) > limit else "")
+
+
+def _requires_grad_flags(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:
+    return [(param, param.requires_grad) for param in model.parameters()]
+
+
+def _restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for param, flag in flags:
+        param.requires_grad_(flag)
+
+
+def _with_message(exc: Exception, message: str) -> Exception:
+    """An exception of ``exc``'s type carrying ``message`` (AdapterInsertionError if the type
+    cannot be built from a message alone)."""
+    try:
+        return type(exc)(message)
+    except Exception:
+        return AdapterInsertionError(message)
+
+
+def _disable_transformer_fast_path(model: nn.Module, adapted_names: Iterable[str]) -> None:
+    """PyTorch's fused TransformerEncoder(Layer) eval path reads ``linear1.weight`` and friends
+    directly, which would skip (or crash on) an adapter. Switch it off above every adapted layer
+    (whatever the adapter class)."""
+    for name in adapted_names:
+        parts = name.split(".") if name else []
+        for depth in range(len(parts)):  # the strict ancestors of ``name``, root first
+            ancestor = model.get_submodule(".".join(parts[:depth]))
+            if isinstance(ancestor, nn.TransformerEncoderLayer):
+                # Read only by the fast-path checks; the regular path uses ``self.activation``.
+                ancestor.activation_relu_or_gelu = 0
+            elif isinstance(ancestor, nn.TransformerEncoder):
+                ancestor.use_nested_tensor = False
