@@ -51,7 +51,6 @@ import numpy as np
 from .errors import LayoutError
 
 __all__ = [
-    "BUFFERS_WITHOUT_FLAX_TWIN",
     "KINDS",
     "LayerKind",
     "LayoutError",
