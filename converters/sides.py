@@ -59,18 +59,39 @@ class Source:
     adapter_only: bool = False
     layout: str = "torch"
     close: Callable[[], None] = lambda: None
+    buffers: set[str] = field(default_factory=set)
+
+    def state(self) -> FlatState:
+        """What the planner reads: specs, kinds and flags of this source (no tensor data)."""
+        unfrozen = parse_metadata(self.metadata).get("unfrozen_layers") or ()
+        return FlatState(
+            dict(self.view.specs),
+            kinds=dict(self.kinds),
+            unknown=dict(self.unknown),
+            aliases=dict(self.aliases),
+            buffers=set(self.buffers),
+            framework=self.framework,
+            layout=self.layout,
+            adapter_only=self.adapter_only,
+            unfrozen=tuple(unfrozen) if isinstance(unfrozen, list) else (),
+        )
 
 
 @dataclass
 class Target:
-    """A model about to be filled: expected torch-style keys and how to write them."""
+    """A model about to be filled: its flat state (specs and kinds, no data) and how to write
+    validated torch-layout arrays into it."""
 
-    framework: str
-    specs: dict[str, TensorSpec]
-    kinds: dict[str, str]
-    unknown: dict[str, str]
-    aliases: dict[str, str]
+    state: FlatState
     assign: Callable[[dict[str, np.ndarray]], None]
+
+    @property
+    def framework(self) -> str:
+        return self.state.framework
+
+    @property
+    def specs(self) -> dict[str, TensorSpec]:
+        return self.state.specs
 
 
 def framework_of(obj: object) -> str | None:
@@ -132,7 +153,7 @@ def read_source(source: Any) -> Source:
     if framework is not None:
         state = model_state(source)
         view = TensorView(state.specs, {key: (lambda key=key: state.read(key)) for key in state.specs})
-        return Source(view, framework, state.kinds, state.unknown, state.aliases)
+        return Source(view, framework, state.kinds, state.unknown, state.aliases, buffers=state.buffers)
     if isinstance(source, (str, os.PathLike)):
         return _file_source(source)
     if isinstance(source, Mapping):
@@ -156,8 +177,8 @@ def target_of(model: Any) -> Target:
         raise TypeError(
             f"the target must be a torch.nn.Module or a flax.nnx.Module, got {type(model).__name__}"
         )
-    state = model_state(model)  # shapes only: nothing is copied or re-laid out to plan
-    return Target(framework, state.specs, state.kinds, state.unknown, state.aliases, model_assign(model))
+    # shapes only: nothing is copied or re-laid out to plan
+    return Target(model_state(model), model_assign(model))
 
 
 def _file_source(path: str | os.PathLike[str]) -> Source:

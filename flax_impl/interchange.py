@@ -26,9 +26,16 @@ from flax import nnx
 
 from interchange.dtypes import dtype_name
 from interchange.errors import CheckpointError, LayoutError
-from interchange.format import KeyReport, compare_keys
-from interchange.kinds import flax_to_torch_shape, flax_to_torch_view, get_kind, torch_name, torch_to_flax
+from interchange.format import KeyReport
+from interchange.kinds import (
+    flax_to_torch_shape,
+    flax_to_torch_view,
+    torch_name,
+    torch_to_flax,
+    torch_to_flax_view,
+)
 from interchange.names import dotted
+from interchange.plan import plan_load
 from interchange.state import FlatState
 
 from .graph import named_modules
@@ -150,33 +157,28 @@ def _torch_shape(entry: TorchEntry) -> tuple[int, ...]:
 def _plan_load(
     module: nnx.Module, arrays: Mapping[str, Any], *, strict: bool
 ) -> tuple[KeyReport, list[tuple[nnx.Variable, np.ndarray]]]:
-    """Check ``arrays`` against ``module`` and convert them, assigning nothing.
+    """Check ``arrays`` (PyTorch names and layouts) against ``module`` with the one planner
+    (:func:`interchange.plan.plan_load`) and convert them, assigning nothing.
 
-    Returns the key report and ``(variable, value in Flax layout and the variable's dtype)``
-    for every loadable key.
+    Values take the target variable's dtype (bit-exact when the dtypes match; a cast is noted).
+    Returns the key report and ``(variable, value in Flax layout and the variable's dtype)`` for
+    every loadable key.
     """
-    entries = {entry.key: entry for entry in torch_entries(module, strict=strict)}
-    kinds = {name: layer_kind(m) for name, m in named_modules(module)}
-    found, notes = {}, []
-    for key, array in arrays.items():
-        owner, _, leaf = key.rpartition(".")
-        if key not in entries and kinds.get(owner) and leaf in get_kind(kinds[owner]).torch_only:
-            notes.append(f"{key}: PyTorch buffer with no Flax twin, not loaded")
-            continue
-        found[key] = tuple(np.shape(array))
-    report = compare_keys(found, {key: _torch_shape(entry) for key, entry in entries.items()})
-    report.notes.extend(notes)
+    torch_entries(module, strict=strict)  # strict: refuse variables that have no PyTorch name
+    target = model_state(module)
+    source = FlatState(
+        {key: (dtype_name(np.asarray(a).dtype), tuple(np.shape(a))) for key, a in arrays.items()},
+        framework="dict",
+    )
+    plan = plan_load(source, target, strict=False)
+    entries = {entry.key: entry for entry in torch_entries(module, strict=False)}
     assignments = []
-    for key in report.loaded:
+    for key, source_key in plan.reads.items():
         entry = entries[key]
         dtype = np.dtype(entry.variable.get_value().dtype)
-        _, value = torch_to_flax(entry.kind, entry.torch_name, np.asarray(arrays[key]))
+        _, value = torch_to_flax_view(entry.kind, entry.torch_name, np.asarray(arrays[source_key]))
         assignments.append((entry.variable, value.astype(dtype, copy=False)))
-    return report, assignments
-
-
-def _torch_leaf(key: str) -> str:
-    return key.rpartition(".")[2]
+    return plan.report, assignments
 
 
 def _assign(assignments: list[tuple[nnx.Variable, np.ndarray]]) -> None:
@@ -184,7 +186,7 @@ def _assign(assignments: list[tuple[nnx.Variable, np.ndarray]]) -> None:
     for variable, value in assignments:
         # On CPU, jax may adopt a numpy buffer without copying; a buffer borrowed from a torch
         # tensor (or a memory-mapped file) would then change under the Flax model. Own it.
-        value = np.array(value, copy=True)
+        value = np.array(value, copy=True, order="C")
         sharding = getattr(variable.get_value(), "sharding", None)
         new = jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
         variable.set_value(new)
@@ -201,8 +203,11 @@ def model_state(model: nnx.Module) -> FlatState:
         {
             key: (dtype_name(np.dtype(e.variable.get_value().dtype)), _torch_shape(e))
             for key, e in entries.items()
-        }
+        },
+        framework="flax",
     )
+    # Non-parameter variables (BatchNorm's running statistics) are PyTorch buffers.
+    state.buffers = {key for key, e in entries.items() if not isinstance(e.variable, nnx.Param)}
     for name, module in named_modules(model):
         kind = layer_kind(module)
         if kind is not None:

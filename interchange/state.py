@@ -18,6 +18,10 @@ from .dtypes import TensorSpec
 __all__ = ["FlatState"]
 
 
+def _unreadable(key: str) -> np.ndarray:
+    raise KeyError(f"this state describes tensors by spec only; {key!r} cannot be read")
+
+
 @dataclass
 class FlatState:
     """A model's tensors under their PyTorch names.
@@ -32,6 +36,16 @@ class FlatState:
         ``layer -> type name`` for layers that own tensors but have no known kind.
     aliases : dict[str, str]
         ``tied key -> the first key sharing its storage``.
+    buffers : set[str]
+        Keys known to be buffers, not weights (a torch model's ``named_buffers()``).
+    framework : str
+        ``'torch'`` or ``'flax'`` for a model, ``'file'`` or ``'dict'`` otherwise.
+    layout : str
+        The layout the tensors are stored in (``'torch'``, or ``'flax'`` for a Flax-layout file).
+    adapter_only : bool
+        An adapter checkpoint, which lacks the frozen base weights by design.
+    unfrozen : tuple[str, ...]
+        The ``unfrozen_layers`` patterns an adapter checkpoint records.
     read : callable
         ``read(key)`` returns the tensor in PyTorch's layout (possibly a non-contiguous view).
     """
@@ -40,7 +54,12 @@ class FlatState:
     kinds: dict[str, str] = field(default_factory=dict)
     unknown: dict[str, str] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
-    read: Callable[[str], np.ndarray] = field(default=lambda key: np.empty(0), repr=False)
+    buffers: set[str] = field(default_factory=set)
+    framework: str = "dict"
+    layout: str = "torch"
+    adapter_only: bool = False
+    unfrozen: tuple[str, ...] = ()
+    read: Callable[[str], np.ndarray] = field(default=_unreadable, repr=False)
 
     @property
     def names(self) -> list[str]:

@@ -121,7 +121,10 @@ def model_state(model: nn.Module) -> FlatState:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     tensors = dict(model.state_dict())
-    state = FlatState({key: (dtype_name(t.dtype), tuple(t.shape)) for key, t in tensors.items()})
+    state = FlatState(
+        {key: (dtype_name(t.dtype), tuple(t.shape)) for key, t in tensors.items()}, framework="torch"
+    )
+    state.buffers = {key for key, _ in model.named_buffers() if key in tensors}
     state.read = lambda key: tensor_to_numpy(tensors[key])
     claimed: set[str] = set()
     for name, module in model.named_modules():

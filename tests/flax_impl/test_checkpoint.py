@@ -184,7 +184,7 @@ def test_load_casts_to_the_variable_dtype_and_notes_torch_only_buffers():
     arrays = torch_style_state_dict(model) | {"bn.num_batches_tracked": np.array(3)}
     report = load_torch_style_state_dict(model, arrays)
     assert report.ok and report.notes == [
-        "bn.num_batches_tracked: PyTorch buffer with no Flax twin, not loaded"
+        "bn.num_batches_tracked: buffer (I64) the target does not hold, not converted"
     ]
 
 
