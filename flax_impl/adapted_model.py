@@ -20,6 +20,7 @@ from typing import Any
 
 from flax import nnx
 
+from interchange.adapters import adapter_of
 from interchange.errors import AdapterInsertionError, CheckpointError, NoMatchError
 from interchange.format import adapter_metadata
 from interchange.names import (
@@ -264,7 +265,7 @@ class AdaptedModel(nnx.Module):
         """
         metadata = adapter_metadata(
             framework="flax",
-            adapter_class=getattr(self.adapter_class, "__name__", str(self.adapter_class)),
+            adapter_class=_adapter_name(self.adapter_class),
             adapter_kwargs=self.adapter_kwargs,
             target_layers=self.target_layers or self.replace_layers,
             unfrozen_layers=self.unfrozen_layers,
@@ -420,3 +421,9 @@ def _entries_at(model: nnx.Module, paths: Iterable[tuple[Any, ...]]) -> list[Tor
             f"nnx.Conv, norm, nnx.Embed or nnx.BatchNorm): {sorted(dotted(p) for p in unnamed)}"
         )
     return entries
+
+
+def _adapter_name(adapter_class: object) -> str:
+    """The name files record for ``adapter_class``: its declaration's, else the class name."""
+    declared = adapter_of(adapter_class)
+    return declared.name if declared else getattr(adapter_class, "__name__", str(adapter_class))

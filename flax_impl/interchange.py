@@ -15,7 +15,7 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from interchange.format import KeyReport
 from interchange.kinds import (
     flax_to_torch_shape,
     flax_to_torch_view,
+    get_kind,
     torch_name,
     torch_to_flax,
     torch_to_flax_view,
@@ -44,7 +45,11 @@ __all__ = ["KIND_OF_TYPE", "TorchEntry", "assign", "layer_kind", "model_state", 
 
 # Subclasses count as their base (nnx.LoRALinear is an nnx.Linear); nnx.ConvTranspose is not an
 # nnx.Conv and has no kind: its PyTorch twin stores its weight as (in, out, *k).
-KIND_OF_TYPE: tuple[tuple[type[nnx.Module], str], ...] = (
+# The type table: module type (or a predicate on the module) -> layer kind of interchange.kinds.
+# First match wins.
+KIND_OF_TYPE: list[
+    tuple[type[nnx.Module] | tuple[type[nnx.Module], ...] | Callable[[nnx.Module], bool], str]
+] = [
     (nnx.Linear, "linear"),
     (nnx.Conv, "conv"),
     (nnx.LayerNorm, "layer_norm"),
@@ -52,9 +57,7 @@ KIND_OF_TYPE: tuple[tuple[type[nnx.Module], str], ...] = (
     (nnx.RMSNorm, "rms_norm"),
     (nnx.Embed, "embedding"),
     (nnx.BatchNorm, "batch_norm"),
-)
-# The order of a layer's entries in PyTorch's state_dict.
-_TORCH_ORDER = ("weight", "bias", "running_mean", "running_var")
+]
 
 
 def layer_kind(module: object) -> str | None:
@@ -69,8 +72,11 @@ def layer_kind(module: object) -> str | None:
     >>> layer_kind(nnx.Embed(10, 4, rngs=nnx.Rngs(0))), layer_kind(nnx.Dropout(0.1))
     ('embedding', None)
     """
-    for module_type, kind in KIND_OF_TYPE:
-        if isinstance(module, module_type):
+    for match, kind in KIND_OF_TYPE:
+        if isinstance(match, (type, tuple)):
+            if isinstance(module, match):
+                return kind
+        elif match(module):
             return kind
     return None
 
@@ -128,14 +134,14 @@ def torch_entries(module: nnx.Module, *, strict: bool) -> list[TorchEntry]:
     if unsupported and strict:
         raise CheckpointError(
             f"{len(unsupported)} variable(s) have no PyTorch name: {unsupported}. Only the "
-            f"variables of nnx.{', nnx.'.join(t.__name__ for t, _ in KIND_OF_TYPE)} layers have "
-            "one; pass strict=False to leave the others out"
+            f"variables of layers whose type has a kind in flax_impl.interchange.KIND_OF_TYPE "
+            f"({', '.join(_type_names())}) have one; pass strict=False to leave the others out"
         )
 
     def torch_order(entry: TorchEntry) -> tuple[int, int]:
-        leaf = entry.key.rpartition(".")[2]
-        rank = _TORCH_ORDER.index(leaf) if leaf in _TORCH_ORDER else len(_TORCH_ORDER)
-        return order[dotted(entry.path[:-1])], rank
+        # PyTorch's state_dict order: layers in module order, tensors in the kind table's order.
+        params = [param.torch for param in get_kind(entry.kind).params]
+        return order[dotted(entry.path[:-1])], params.index(entry.torch_name)
 
     return sorted(entries, key=torch_order)
 
@@ -236,3 +242,12 @@ def assign(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
         value = torch_to_flax(entry.kind, entry.torch_name, np.asarray(array))[1]
         assignments.append((entry.variable, value.astype(dtype, copy=False)))
     _assign(assignments)
+
+
+def _type_names() -> list[str]:
+    """The type names of :data:`KIND_OF_TYPE` (predicates by their function name), for errors."""
+    names = []
+    for match, _ in KIND_OF_TYPE:
+        types = match if isinstance(match, tuple) else (match,)
+        names.extend(getattr(t, "__qualname__", repr(t)) for t in types)
+    return names

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from interchange.adapters import adapter_of
 from interchange.errors import AdapterInsertionError, CheckpointError, NoMatchError
 from interchange.format import adapter_metadata, compare_keys
 from interchange.names import (
@@ -234,7 +235,7 @@ class AdaptedModel(nn.Module):
         """
         metadata = adapter_metadata(
             framework="torch",
-            adapter_class=getattr(self.adapter_class, "__name__", str(self.adapter_class)),
+            adapter_class=_adapter_name(self.adapter_class),
             adapter_kwargs=self.adapter_kwargs,
             target_layers=self.target_layers or self.replace_layers,
             unfrozen_layers=self.unfrozen_layers,
@@ -405,3 +406,9 @@ def _disable_transformer_fast_path(model: nn.Module, adapted_names: Iterable[str
                 ancestor.activation_relu_or_gelu = 0
             elif isinstance(ancestor, nn.TransformerEncoder):
                 ancestor.use_nested_tensor = False
+
+
+def _adapter_name(adapter_class: object) -> str:
+    """The name files record for ``adapter_class``: its declaration's, else the class name."""
+    declared = adapter_of(adapter_class)
+    return declared.name if declared else getattr(adapter_class, "__name__", str(adapter_class))
