@@ -1,40 +1,63 @@
-"""Exact weight conversion between PyTorch and Flax NNX, and the shared framework-free rules.
+"""Exact weight conversion between PyTorch and Flax NNX: the only package that knows both.
 
-``converters.naming``, ``converters.layout`` and ``converters.checkpoint`` import neither torch
-nor jax; the conversion functions import each framework only when called (a Flax-only install
-converts safetensors files without PyTorch, and the reverse).
+Built on :mod:`interchange` (the rules both twins share) and the twins' bridges
+(``torch_impl.interchange``, ``flax_impl.interchange``). Importing ``converters`` imports neither
+torch nor jax: each framework is imported only when a conversion touches one of its models or a
+pickled file, so a Flax-only install converts safetensors files without PyTorch, and the reverse.
 
 - Models: :func:`torch_to_flax`, :func:`flax_to_torch` (models, checkpoint files or state dicts
-  in; a model filled in place; a :class:`~converters.checkpoint.KeyReport` out).
+  in; a model filled in place; a :class:`KeyReport` out).
 - Files: :func:`save_torch_layout` (the interchange format), :func:`save_flax_layout` /
   :func:`load_flax_layout` (Flax names and layouts), :func:`convert_file` (streaming, between
   layouts and from pickled ``.ckpt``/``.pt``/``.bin``), :func:`merge_adapter_file`.
 - PEFT: :func:`import_peft_adapter`, :func:`export_peft_adapter`.
 - Command line: ``python -m converters --help`` (also installed as ``peft-twins-convert``).
+
+>>> import converters
+>>> converters.torch_to_flax.__module__, converters.KeyReport.__module__
+('converters.convert', 'interchange.format')
 """
 
-from __future__ import annotations
+from interchange.errors import (
+    AdapterError,
+    CheckpointError,
+    ConversionError,
+    LayoutError,
+    MergeError,
+    NoMatchError,
+    PeftConversionError,
+    RenameError,
+    UnknownLayerError,
+)
+from interchange.format import KeyReport
 
-from importlib import import_module
-from typing import Any
+from .convert import flax_to_torch, torch_to_flax
+from .file_convert import convert_file
+from .merge import merge_adapter_file
+from .peft import export_peft_adapter, import_peft_adapter
+from .saving import load_flax_layout, save_flax_layout, save_torch_layout
 
-_HOMES = {
-    "torch_to_flax": "convert",
-    "flax_to_torch": "convert",
-    "save_torch_layout": "saving",
-    "save_flax_layout": "saving",
-    "load_flax_layout": "saving",
-    "convert_file": "file_convert",
-    "merge_adapter_file": "merge",
-    "import_peft_adapter": "peft",
-    "export_peft_adapter": "peft",
-}
+__version__ = "0.2.0"
 
-__all__ = sorted(_HOMES)
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy: ``import converters.naming`` must not pull in torch or jax.
-    if name in _HOMES:
-        return getattr(import_module(f".{_HOMES[name]}", __name__), name)
-    raise AttributeError(f"module 'converters' has no attribute {name!r}")
+__all__ = [
+    "AdapterError",
+    "CheckpointError",
+    "ConversionError",
+    "KeyReport",
+    "LayoutError",
+    "MergeError",
+    "NoMatchError",
+    "PeftConversionError",
+    "RenameError",
+    "UnknownLayerError",
+    "__version__",
+    "convert_file",
+    "export_peft_adapter",
+    "flax_to_torch",
+    "import_peft_adapter",
+    "load_flax_layout",
+    "merge_adapter_file",
+    "save_flax_layout",
+    "save_torch_layout",
+    "torch_to_flax",
+]

@@ -72,3 +72,29 @@ def test_the_walk_sees_function_level_imports(tmp_path):
     source = tmp_path / "m.py"
     source.write_text("def f():\n    from converters.files import TensorFile\n    import torch\n")
     assert imported_roots(source) == [(2, "converters"), (3, "torch")]
+
+
+@pytest.mark.parametrize(
+    ("module", "absent"),
+    [
+        ("interchange", ("torch", "jax", "flax", "torch_impl", "flax_impl", "converters")),
+        ("converters", ("torch", "jax", "flax")),
+        ("torch_impl", ("jax", "flax", "converters", "flax_impl")),
+        ("flax_impl", ("torch", "converters", "torch_impl")),
+    ],
+)
+def test_importing_a_package_loads_no_framework_it_does_not_need(module, absent):
+    import subprocess
+    import sys
+
+    code = f"import sys, {module}; print(sorted(m for m in {absent!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_every_package_has_a_version_and_ships_py_typed():
+    import importlib
+
+    for package in PACKAGES:
+        assert importlib.import_module(package).__version__
+        assert (ROOT / package / "py.typed").is_file(), package
