@@ -123,10 +123,10 @@ def model_state(model: Any) -> FlatState:
 def model_assign(model: Any) -> Callable[[dict[str, np.ndarray]], None]:
     """The function that writes validated torch-layout arrays into ``model``."""
     if framework_of(model) == "torch":
-        from ._torch import assign
+        from . import _torch as bridge
     else:
-        from ._flax import assign
-    return lambda arrays: assign(model, arrays)
+        from . import _flax as bridge  # type: ignore[no-redef]
+    return lambda arrays: bridge.assign(model, arrays)
 
 
 def model_metadata(model: Any, framework: str) -> dict[str, str]:
@@ -152,7 +152,7 @@ def read_source(source: Any) -> Source:
     framework = framework_of(source)
     if framework is not None:
         state = model_state(source)
-        view = TensorView(state.specs, {key: (lambda key=key: state.read(key)) for key in state.specs})
+        view = TensorView(state.specs, {key: _state_reader(state, key) for key in state.specs})
         return Source(view, framework, state.kinds, state.unknown, state.aliases, buffers=state.buffers)
     if isinstance(source, (str, os.PathLike)):
         return _file_source(source)
@@ -223,3 +223,7 @@ def _to_numpy(key: str, value: Any) -> np.ndarray:
             raise TypeError(f"state dict entry {key!r} is not a numeric array")
         return np.asarray(array, order="C")  # keeps 0-d arrays 0-d, unlike ascontiguousarray
     raise TypeError(f"state dict entry {key!r} must be a tensor or an array, got {type(value).__name__}")
+
+
+def _state_reader(state: FlatState, key: str) -> Callable[[], np.ndarray]:
+    return lambda: state.read(key)

@@ -73,7 +73,7 @@ class TensorView:
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> TensorView:
         specs = {name: (dtype_name(a.dtype), tuple(a.shape)) for name, a in arrays.items()}
-        return cls(specs, {name: (lambda a=a: a) for name, a in arrays.items()})
+        return cls(specs, {name: _constant(a) for name, a in arrays.items()})
 
     @property
     def names(self) -> list[str]:
@@ -99,8 +99,16 @@ def file_view(tensor_file: TensorFile, *, zero_copy: bool = False) -> TensorView
     read = tensor_file.view if zero_copy else tensor_file.get
     return TensorView(
         {name: tensor_file.spec(name) for name in tensor_file.names},
-        {name: (lambda name=name: read(name)) for name in tensor_file.names},
+        {name: _reader(read, name) for name in tensor_file.names},
     )
+
+
+def _constant(array: np.ndarray) -> Callable[[], np.ndarray]:
+    return lambda: array
+
+
+def _reader(read: Callable[[str], np.ndarray], name: str) -> Callable[[], np.ndarray]:
+    return lambda: read(name)
 
 
 def adapter_implied_kinds(

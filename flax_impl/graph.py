@@ -63,7 +63,7 @@ def set_submodule(module: nnx.Module, name: str, new_module: nnx.Module) -> None
     parent_name, leaf = parent_and_leaf(name)
     parent = get_submodule(module, parent_name)
     if isinstance(parent, (list, nnx.List)) or (leaf.isdigit() and not hasattr(parent, leaf)):
-        parent[int(leaf)] = new_module
+        parent[int(leaf)] = new_module  # type: ignore[index]  # nnx.List, or a list-like module
     elif isinstance(parent, dict):
         parent[leaf] = new_module
     else:

@@ -76,7 +76,7 @@ def layer_kind(module: object) -> str | None:
         if isinstance(match, (type, tuple)):
             if isinstance(module, match):
                 return kind
-        elif match(module):
+        elif match(module):  # type: ignore[arg-type]  # a predicate on any module
             return kind
     return None
 
@@ -246,7 +246,7 @@ def assign(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
 
 def _type_names() -> list[str]:
     """The type names of :data:`KIND_OF_TYPE` (predicates by their function name), for errors."""
-    names = []
+    names: list[str] = []
     for match, _ in KIND_OF_TYPE:
         types = match if isinstance(match, tuple) else (match,)
         names.extend(getattr(t, "__qualname__", repr(t)) for t in types)

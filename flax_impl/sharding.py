@@ -106,12 +106,12 @@ def shard_model(
     return placed
 
 
-def _variable_spec(path: str, variable: nnx.Variable, spec: tuple, layer: str) -> tuple:
+def _variable_spec(path: str, variable: nnx.Variable, spec: Sequence[Any], layer: str) -> tuple[Any, ...]:
     ndim = len(getattr(variable.get_value(), "shape", ()))
     if not spec or ndim == 0:
         return ()
     if ndim == len(spec):
-        return spec
+        return tuple(spec)
     if ndim == 1:
         return (spec[-1],)
     raise ShardingRuleError(
@@ -128,7 +128,7 @@ def _place(variable: nnx.Variable, sharding: NamedSharding) -> None:
         variable.set_value(jax.device_put(value, sharding))
 
 
-def _axes(spec: tuple) -> list[str]:
+def _axes(spec: Sequence[Any]) -> list[str]:
     axes: list[str] = []
     for entry in spec:
         if isinstance(entry, (tuple, list)):

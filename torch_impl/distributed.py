@@ -27,6 +27,7 @@ tensor([1., 1.])
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, cast
 
 import torch
 
@@ -82,7 +83,7 @@ def gather_full(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for name, tensor in tensors.items():
         if is_sharded(tensor):
             # One tensor at a time: peak memory is the largest trainable tensor, not all of them.
-            out[name] = tensor.detach().full_tensor().cpu()
+            out[name] = cast(Any, tensor.detach()).full_tensor().cpu()
         else:
             out[name] = tensor.detach()
     return out
@@ -115,9 +116,9 @@ def shard_like(tensor: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return tensor
     from torch.distributed.tensor import distribute_tensor
 
-    mesh = target.device_mesh
-    local = tensor.to(device=target.to_local().device, dtype=target.dtype)
-    return distribute_tensor(local, mesh, target.placements, src_data_rank=None)
+    dtensor = cast(Any, target)  # a DTensor (is_sharded checked it)
+    local = tensor.to(device=dtensor.to_local().device, dtype=target.dtype)
+    return distribute_tensor(local, dtensor.device_mesh, dtensor.placements, src_data_rank=None)
 
 
 def _dtensor_type() -> type | None:
