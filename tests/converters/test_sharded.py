@@ -201,15 +201,34 @@ def test_save_sharded_of_a_torch_model_equals_its_state_dict(tmp_path):
         np.testing.assert_array_equal(checkpoint.get(key), tensor.numpy(), err_msg=key)
 
 
-def test_command_line_writes_a_sharded_checkpoint_and_reports_errors(tmp_path, capsys):
+def test_the_old_command_line_is_a_deprecated_alias_of_convert(tmp_path, capsys):
+    """``python -m converters.sharded`` keeps its flags (--layout, --layer-kind, default torch
+    layout and 5GB shards), says on stderr that it is deprecated, and runs the main ``convert``."""
     torch_path = tmp_path / "w.pt"
     torch.save({"fc.weight": torch.ones(4, 3), "fc.bias": torch.zeros(4)}, torch_path)
     args = [str(torch_path), str(tmp_path / "out"), "--layout", "flax", "--layer-kind", "fc=linear"]
     assert main([*args, "--max-shard-size", "40B"]) == 0
-    assert "2 tensors" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "deprecated" in captured.err and "python -m converters convert" in captured.err
+    assert "sharded: 2 file(s)" in captured.out and "loaded: 2" in captured.out
     assert ShardedCheckpoint(tmp_path / "out").shape("fc.kernel") == (3, 4)
+    assert main([str(torch_path), str(tmp_path / "plain")]) == 0  # old defaults: torch layout, one 5GB shard
+    assert ShardedCheckpoint(tmp_path / "plain").layout == "torch"
+    assert len(ShardedCheckpoint(tmp_path / "plain").files) == 1
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_every_public_name_is_importable_from_converters_sharded():
+    import converters.sharded as sharded
+    from converters.file_convert import convert_sharded as home
+    from converters.sharded_flax import load_flax_sharded as flax_home
+
+    assert sharded.convert_sharded is home and load_flax_sharded is flax_home
+    assert all(callable(getattr(sharded, name)) or name.isupper() for name in sharded.__all__)
+    # the storage module itself needs neither framework
+    code = "import sys, converters.sharded; assert 'torch' not in sys.modules and 'jax' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
 # ----------------------------------------------------------------------------- Flax, slice by slice
