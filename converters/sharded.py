@@ -146,7 +146,7 @@ class ShardedCheckpoint(TensorFile):
         self.files = list(dict.fromkeys(sorted(self._file_of.values())))
         self._specs: dict[str, TensorSpec] = {}
         self.metadata: dict[str, str] = {}
-        missing = [str(file) for file in self.files if not file.is_file()]
+        missing = [str(file) for file in self.files if not _is_file(file)]
         if missing:
             raise FileNotFoundError(
                 f"checkpoint {str(self.path)!r} lacks the file(s) its index names: {missing[:5]}"
@@ -252,6 +252,14 @@ class ShardedCheckpoint(TensorFile):
 
     def __enter__(self) -> ShardedCheckpoint:
         return self
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, with a name the file system refuses (too long, ...) reading as absent."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> TensorFile:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import pickletools
 import re
 import warnings
 from collections.abc import Mapping
@@ -134,6 +135,8 @@ def _weights_only_reason(message: str) -> str:
 def _check_legacy_sizes(data: io.BytesIO, path: str | os.PathLike[str]) -> None:
     """Refuse a legacy (pre-zip) file whose storages claim more bytes than the file holds: torch
     allocates each storage at its claimed size before reading it."""
+    if bytes(data.getbuffer()[:4]) == b"PK\x03\x04":
+        return  # a zip archive (torch.save's format) that could not be memory-mapped
     size = len(data.getbuffer())
     claimed = 0
 
@@ -147,6 +150,19 @@ def _check_legacy_sizes(data: io.BytesIO, path: str | os.PathLike[str]) -> None:
         def find_class(self, module: str, name: str) -> Any:
             return _Anything
 
+    try:
+        # Unpickling allocates each counted string or bytes at its claimed length before reading
+        # it; pickletools reads only what is there, so walk the pickles (magic number, protocol,
+        # system info, the state, the storage keys) first and refuse lengths past the end.
+        for _ in range(5):
+            for _op in pickletools.genops(data):
+                pass
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r}: not a torch.save file, or a truncated one "
+            f"({' '.join(str(exc).split())[:120]})"
+        ) from None
+    data.seek(0)
     try:
         for _ in range(3):  # magic number, protocol version, system info
             pickle.load(data)
