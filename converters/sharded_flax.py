@@ -22,7 +22,7 @@ from interchange.errors import ConversionError
 from interchange.format import KeyReport, compare_keys
 
 from .sharded import ShardedCheckpoint
-from .views import module_of
+from .views import is_buffer, module_of
 
 __all__ = ["load_flax_sharded"]
 
@@ -125,6 +125,9 @@ def _check_flax_load(
             model_kinds.get(owner, ""), ()
         ):
             notes.append(f"{name}: PyTorch buffer with no Flax twin, not loaded")
+            continue
+        if name not in expected and source.layout == "torch" and is_buffer(name, model_kinds):
+            notes.append(f"{name}: buffer (not a parameter), not loaded")
             continue
         found[name] = source.shape(name)
     report = compare_keys(found, expected)

@@ -502,3 +502,32 @@ def test_tensor_file_and_sharded_checkpoint_agree_on_a_single_file(tmp_path):
     assert single.names == sharded.names and single.metadata == sharded.metadata
     for name in single.names:
         assert single.spec(name) == sharded.spec(name)
+
+
+def test_a_hugging_face_buffer_in_the_checkpoint_is_named_and_not_loaded(tmp_path):
+    """transformers files hold buffers such as embeddings.position_ids that no Flax variable
+    mirrors: the strict load names them and loads every parameter."""
+
+    class Embedder(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.embeddings = nnx.Embed(6, 4, rngs=rngs)
+
+    weight = np.arange(24, dtype=np.float32).reshape(6, 4)
+    write_sharded(
+        tmp_path,
+        {
+            "embeddings.weight": weight,
+            "embeddings.position_ids": np.arange(6)[None],
+            "extra.position_ids": np.arange(3),
+        },
+        {"layout": "torch"},
+        max_shard_bytes=64,
+    )
+    model = Embedder(nnx.Rngs(0))
+    report = load_flax_sharded(model, tmp_path)
+    assert report.loaded == ["embeddings.weight"] and report.ok
+    assert report.notes == [
+        "embeddings.position_ids: buffer (not a parameter), not loaded",
+        "extra.position_ids: buffer (not a parameter), not loaded",
+    ]
+    np.testing.assert_array_equal(np.asarray(model.embeddings.embedding[...]), weight)
