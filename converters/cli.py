@@ -1,8 +1,12 @@
-"""``python -m converters`` (also ``peft-twins-convert``): inspect, convert and merge checkpoint
-files, and move LoRA adapters to and from PEFT, without writing any Python.
+"""``python -m converters`` (also ``peft-twins-convert``): inspect, convert and merge checkpoints,
+and move LoRA adapters to and from PEFT, without writing any Python.
 
-Every subcommand has ``--help``. Bad input ends with a one-line ``error: ...`` on stderr and
-exit status 1 (2 for a wrong command line), never a traceback, and never a partial output file.
+Every subcommand reads single ``.safetensors`` files (either layout), sharded checkpoints (a
+folder holding ``model.safetensors.index.json``, or the index itself) and pickled
+``.ckpt``/``.pt``/``.pth``/``.bin`` state dicts; ``convert`` also writes sharded checkpoints
+(``--max-shard-size``). Every subcommand has ``--help``. Bad input ends with a one-line
+``error: ...`` on stderr and exit status 1 (2 for a wrong command line), never a traceback, and
+never a partial output file. Progress bars go to stderr; output piped into ``head`` ends quietly.
 
 Example
 -------
@@ -27,22 +31,40 @@ __all__ = ["main"]
 
 _DESCRIPTION = """\
 Convert PyTorch <-> Flax NNX checkpoints exactly (safetensors; PyTorch names and layouts are the
-interchange format, a Flax layout is available), merge LoRA adapters into base checkpoints, and
-import/export PEFT LoRA adapters."""
+interchange format, a Flax layout is available), between single files, sharded folders and
+pickles; merge LoRA adapters into base checkpoints; import/export PEFT LoRA adapters."""
+
+_SOURCE_HELP = (
+    "a .safetensors file (either layout), a sharded checkpoint (folder or model.safetensors.index.json), "
+    "or a pickled .ckpt/.pt/.pth/.bin"
+)
+_KINDS_HELP = (
+    "layer kinds for modules the source does not describe: MODULE=KIND pairs (comma-separated; MODULE may "
+    "be a glob such as '*.LayerNorm'), a JSON object {module: kind}, or a path to one (e.g. written by the "
+    "'kinds' subcommand); repeatable, earlier wins. Kinds: linear, conv, layer_norm, group_norm, rms_norm, "
+    "embedding, batch_norm"
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.version:
-        print(f"peft-twins-convert {library_version()}")
-        return 0
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
+        if args.version:
+            print(f"peft-twins-convert {library_version()}")
+            return 0
+        if args.command is None:
+            parser.print_help()
+            return 2
         args.run(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``... | head``): what it wanted was written; end quietly, and
+        # keep Python's exit-time flush of stdout from failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted; no output file was written", file=sys.stderr)
         return 130
@@ -61,26 +83,41 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="store_true", help="print the library version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("inspect", help="list a checkpoint's tensors, dtypes, shapes, metadata and size")
-    p.add_argument("file", help=".safetensors (either layout) or pickled .ckpt/.pt/.pth/.bin")
+    p = sub.add_parser(
+        "inspect",
+        help="list a checkpoint's tensors, dtypes, shapes, metadata and size (files, folders, pickles)",
+    )
+    p.add_argument("file", help=_SOURCE_HELP)
     p.add_argument("--limit", type=int, default=0, help="show at most this many tensors (default: all)")
     p.set_defaults(run=_inspect)
 
     p = sub.add_parser(
         "convert",
-        help="convert a checkpoint file between torch and Flax layouts, or a .ckpt/.pt/.bin to safetensors",
-        description="Streams tensor by tensor; the output is written atomically. Layer kinds come from the "
-        "file's 'layer_kinds' metadata (recorded by save_torch_layout and in every Flax-layout file) or --kinds.",
+        help="convert a checkpoint between torch and Flax layouts, pickles and safetensors, one file and shards",
+        description="Streams tensor by tensor; every output file is written atomically (a sharded index last). "
+        "Layer kinds come from the file's 'layer_kinds' metadata (recorded by save_torch_layout and in every "
+        "Flax-layout file), from --kinds, or from a Flax twin (--like). Buffers that are not parameters "
+        "(position_ids, token_type_ids, num_batches_tracked, causal masks; --buffers for more) need no kind: "
+        "they are left out of a Flax layout, kept in a torch layout, and named in the report.",
     )
-    p.add_argument("source", help="input checkpoint")
-    p.add_argument("target", help="output .safetensors file")
+    p.add_argument("source", help=_SOURCE_HELP)
+    p.add_argument(
+        "target",
+        help="output: a .safetensors file, or a folder (a sharded checkpoint; with --max-shard-size, "
+        "an existing folder, or a path ending in '/')",
+    )
     p.add_argument(
         "--to",
         choices=("flax", "torch"),
         help="layout to write (default: the other layout; torch for a pickled source)",
     )
+    _kinds_flags(p)
     p.add_argument(
-        "--kinds", help="JSON object {module: kind}, or a path to one, for modules the file does not describe"
+        "--buffers",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="glob of more tensor names that are buffers, not parameters (e.g. '*.attn.bias'); repeatable",
     )
     p.add_argument(
         "--rename",
@@ -89,8 +126,25 @@ def _parser() -> argparse.ArgumentParser:
         metavar=("PATTERN", "REPLACEMENT"),
         help="rename tensors (glob, or 're:' regex); repeatable, first match wins",
     )
+    p.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="write a sharded checkpoint (files of at most SIZE, e.g. 2GB, 500MB, 2GiB, plus "
+        "model.safetensors.index.json) into the folder TARGET; default 5GB when TARGET is a folder",
+    )
     _progress_flags(p)
     p.set_defaults(run=_convert)
+
+    p = sub.add_parser(
+        "kinds",
+        help="print the layer kinds {module: kind} of a Flax twin or of a checkpoint, as JSON for --kinds",
+        description="With --like (and --config): the kinds of the twin's modules, from its module types. With "
+        "SOURCE: the kinds recorded in it, plus --kinds (globs resolved against its modules). Redirect the "
+        "output into a file and pass that file to 'convert --kinds'.",
+    )
+    p.add_argument("source", nargs="?", help=_SOURCE_HELP + " (optional)")
+    _kinds_flags(p)
+    p.set_defaults(run=_kinds_command)
 
     p = sub.add_parser(
         "merge",
@@ -98,7 +152,9 @@ def _parser() -> argparse.ArgumentParser:
         description="W += scaling * up @ down for every adapted layer (conv too), scaling = alpha / rank from the "
         "adapter file's metadata. Houlsby adapters cannot be merged.",
     )
-    p.add_argument("base", help="base checkpoint (either layout)")
+    p.add_argument(
+        "base", help="base checkpoint (either layout; one file, a sharded folder or index, or a pickle)"
+    )
     p.add_argument("adapter", help="adapter checkpoint written by AdaptedModel.saver")
     p.add_argument("output", help="merged .safetensors file (in the base file's layout)")
     p.add_argument("--rank", type=int, help="LoRA rank, for an adapter file without metadata")
@@ -120,9 +176,10 @@ def _parser() -> argparse.ArgumentParser:
         "peft-export",
         help="turn one of our LoRA adapter checkpoints into a PEFT adapter directory",
         description="Writes adapter_config.json and adapter_model.safetensors that "
-        "peft.PeftModel.from_pretrained(base, DIR) loads. Houlsby adapters and unfrozen layers are refused.",
+        "peft.PeftModel.from_pretrained(base, DIR) loads. Houlsby adapters and unfrozen layers are refused. "
+        "An existing non-empty directory is left alone unless --force.",
     )
-    p.add_argument("adapter", help="adapter checkpoint written by AdaptedModel.saver")
+    p.add_argument("adapter", help="adapter checkpoint written by AdaptedModel.saver (.safetensors or .ckpt)")
     p.add_argument("output_dir", help="PEFT adapter directory to write")
     p.add_argument("--base-model", help="recorded as base_model_name_or_path")
     p.add_argument(
@@ -130,14 +187,34 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="confirm that adapted convs use dilation 1 and padding_mode 'zeros' (PEFT cannot express others)",
     )
+    p.add_argument(
+        "--force", action="store_true", help="overwrite the adapter files of an existing directory"
+    )
     p.set_defaults(run=_peft_export)
     return parser
+
+
+def _kinds_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kinds", action="append", default=[], metavar="KINDS", help=_KINDS_HELP)
+    parser.add_argument(
+        "--like",
+        metavar="MODULE:CLASS",
+        help="a Flax NNX twin that describes the model (e.g. flax_impl.models:BertModel): its module types "
+        "give every layer's kind; built abstractly (no memory)",
+    )
+    parser.add_argument(
+        "--config", metavar="JSON", help="config.json for --like (e.g. transformers' config.json)"
+    )
 
 
 def _progress_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
-        "--progress", dest="progress", action="store_true", default=None, help="always show progress"
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show progress (on stderr)",
     )
     group.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
 
@@ -147,30 +224,43 @@ def _show_progress(args: argparse.Namespace, *paths: str) -> bool:
 
     if args.progress is not None:
         return args.progress
-    return sum(os.path.getsize(p) for p in paths if os.path.isfile(p)) >= PROGRESS_THRESHOLD
+    if not sys.stderr.isatty():
+        return False
+    return sum(_size_on_disk(p) for p in paths) >= PROGRESS_THRESHOLD
+
+
+def _size_on_disk(path: str) -> int:
+    if os.path.isdir(path):
+        return sum(f.stat().st_size for f in Path(path).glob("*.safetensors") if f.is_file())
+    return os.path.getsize(path) if os.path.isfile(path) else 0
 
 
 def _inspect(args: argparse.Namespace) -> None:
     from .files import TensorFile
+    from .sharded import ShardedCheckpoint
 
     with TensorFile(args.file) as f:
         names = f.names if args.limit <= 0 else f.names[: args.limit]
         width = max((len(n) for n in names), default=4)
-        print(f"file: {f.path}")
+        if isinstance(f, ShardedCheckpoint):
+            print(f"checkpoint: {f.path} (sharded, {len(f.files)} file(s))")
+        else:
+            print(f"file: {f.path}")
         print(f"layout: {f.layout}")
         metadata = parse_metadata(f.metadata)
         if metadata:
             print("metadata:")
             for key in sorted(metadata):
-                print(
-                    f"  {key}: {json.dumps(metadata[key]) if not isinstance(metadata[key], str) else metadata[key]}"
-                )
+                value = metadata[key]
+                print(f"  {key}: {value if isinstance(value, str) else json.dumps(value)}")
         else:
             print("metadata: (none)")
         print(f"tensors: {len(f.names)}")
+        sharded = isinstance(f, ShardedCheckpoint)
         for name in names:
             dtype, shape = f.spec(name)
-            print(f"  {name:<{width}}  {dtype:<5} {str(list(shape)):<20} {_human(f.nbytes(name))}")
+            where = f"  {f.file_of(name).name}" if sharded else ""
+            print(f"  {name:<{width}}  {dtype:<5} {str(list(shape)):<20} {_human(f.nbytes(name))}{where}")
         if len(names) < len(f.names):
             print(f"  ... ({len(f.names) - len(names)} more)")
         print(f"total: {_human(f.total_bytes)} ({f.total_bytes} bytes) in {len(f.names)} tensors")
@@ -179,23 +269,66 @@ def _inspect(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     from .file_convert import convert_file
     from .files import PICKLE_SUFFIXES, TensorFile
+    from .sharded import DEFAULT_MAX_SHARD_BYTES, parse_size
 
+    target = str(args.target)
+    sharded = args.max_shard_size is not None or os.path.isdir(target) or target.endswith(("/", os.sep))
+    if sharded and target.endswith(".safetensors"):
+        raise ValueError(
+            f"--max-shard-size writes a sharded checkpoint into a folder; {target!r} names a .safetensors file"
+        )
+    max_shard_bytes = None
+    if sharded:
+        max_shard_bytes = parse_size(args.max_shard_size) if args.max_shard_size else DEFAULT_MAX_SHARD_BYTES
     layout = args.to
     if layout is None:
-        if args.source.endswith(PICKLE_SUFFIXES):
+        if str(args.source).endswith(PICKLE_SUFFIXES):
             layout = "torch"
         else:
             with TensorFile(args.source) as f:
                 layout = "torch" if f.layout == "flax" else "flax"
     report = convert_file(
         args.source,
-        args.target,
+        target,
         layout=layout,
-        layer_kinds=_kinds(args.kinds),
+        layer_kinds=_layer_kinds(args),
         rename=[tuple(rule) for rule in args.rename or ()],
         progress=_show_progress(args, args.source),
+        max_shard_bytes=max_shard_bytes,
+        buffers=args.buffers,
     )
-    _print_report(report, f"wrote {args.target} ({layout} layout)")
+    if sharded:
+        from .sharded import ShardedCheckpoint
+
+        written = ShardedCheckpoint(target)
+        headline = (
+            f"wrote {target} ({layout} layout, sharded: {len(written.files)} file(s), "
+            f"{_human(written.total_bytes)})"
+        )
+    else:
+        headline = f"wrote {target} ({layout} layout)"
+    _print_report(report, headline)
+
+
+def _kinds_command(args: argparse.Namespace) -> None:
+    kinds: dict[str, str] = {}
+    if args.source is not None:
+        from .file_convert import file_layer_kinds
+        from .files import TensorFile
+
+        with TensorFile(args.source) as f:
+            kinds = file_layer_kinds(f, _layer_kinds(args))
+    else:
+        if not args.like and not args.kinds:
+            raise ValueError("give --like MODULE:CLASS (with --config), or a SOURCE checkpoint")
+        given = _layer_kinds(args) or {}
+        from .file_convert import resolve_kinds
+
+        globbed = [m for m in given if set(m) & set("*?[")]
+        if globbed:
+            raise ValueError(f"glob patterns {globbed} need a SOURCE checkpoint to match against")
+        kinds = resolve_kinds(given, [])
+    print(json.dumps(kinds, indent=2))
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -226,6 +359,14 @@ def _peft_import(args: argparse.Namespace) -> None:
 def _peft_export(args: argparse.Namespace) -> None:
     from .peft import export_peft_adapter
 
+    folder = Path(args.output_dir)
+    if folder.exists() and not args.force:
+        if not folder.is_dir():
+            raise FileExistsError(f"{str(folder)!r} exists and is not a directory")
+        if any(folder.iterdir()):
+            raise FileExistsError(
+                f"{str(folder)!r} already exists and is not empty; pass --force to overwrite its adapter files"
+            )
     config = export_peft_adapter(
         args.adapter,
         args.output_dir,
@@ -238,22 +379,60 @@ def _peft_export(args: argparse.Namespace) -> None:
     )
 
 
-def _kinds(value: str | None) -> dict[str, str] | None:
-    if value is None:
-        return None
-    text = Path(value).read_text() if os.path.isfile(value) else value
+def _layer_kinds(args: argparse.Namespace) -> dict[str, str] | None:
+    """``--kinds`` values (in order, earlier wins) then the kinds of the ``--like`` twin."""
+    kinds: dict[str, str] = {}
+    for value in args.kinds:
+        for module, kind in _parse_kinds(value).items():
+            kinds.setdefault(module, kind)
+    if args.config and not args.like:
+        raise ValueError("--config describes the --like twin; give --like MODULE:CLASS too")
+    if args.like:
+        from .file_convert import twin_layer_kinds
+
+        for module, kind in twin_layer_kinds(args.like, args.config).items():
+            kinds.setdefault(module, kind)
+    return kinds or None
+
+
+def _parse_kinds(value: str) -> dict[str, str]:
+    """One ``--kinds`` value: a path to a JSON object, a JSON object, or ``MODULE=KIND[,...]``."""
+    text = value.strip()
+    if os.path.isfile(value):
+        text = Path(value).read_text(encoding="utf-8")
+    elif not text.startswith("{"):
+        pairs = [item.strip() for item in text.split(",") if item.strip()]
+        bad = [item for item in pairs if "=" not in item]
+        if bad or not pairs:
+            raise ValueError(
+                f"--kinds takes MODULE=KIND pairs, a JSON object {{module: kind}} or a path to one; got {value!r}"
+            )
+        return dict(item.split("=", 1) for item in pairs)
     try:
         kinds = json.loads(text)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ValueError(f"--kinds must be a JSON object {{module: kind}} or a path to one: {exc}") from None
-    if not isinstance(kinds, dict):
-        raise ValueError("--kinds must be a JSON object {module: kind}")
+    if not isinstance(kinds, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in kinds.items()
+    ):
+        raise ValueError("--kinds must be a JSON object {module: kind} of strings")
     return kinds
 
 
 def _print_report(report: KeyReport, headline: str) -> None:
+    """The headline, the counts and the three lists, then each note on a line of its own."""
     print(headline)
-    print(report.describe())
+    print(f"loaded: {len(report.loaded)}")
+    for label, keys in (
+        ("missing", report.missing),
+        ("unexpected", report.unexpected),
+        ("mis-shaped", report.mismatched),
+        ("notes", report.notes),
+    ):
+        if keys:
+            print(f"{label} ({len(keys)}):")
+            for key in keys:
+                print(f"  {key}")
 
 
 def _human(size: int) -> str:

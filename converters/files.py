@@ -51,6 +51,7 @@ __all__ = [
     "TensorSpec",
     "contiguous",
     "dtype_name",
+    "is_sharded_path",
     "layer_kinds_from_metadata",
     "numpy_dtype",
     "write_safetensors",
@@ -60,9 +61,10 @@ LAYOUTS = ("torch", "flax")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
-def layer_kinds_from_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
-    """Decode the ``layer_kinds`` metadata entry (``{}`` when the file has none)."""
-    return _layer_kinds(metadata)
+def layer_kinds_from_metadata(metadata: Mapping[str, str], *, where: str = "") -> dict[str, str]:
+    """Decode the ``layer_kinds`` metadata entry (``{}`` when the file has none); ``where`` (the
+    file) is named in the error for a malformed entry."""
+    return _layer_kinds(metadata, where=where)
 
 
 class _TensorSpecs:
@@ -89,7 +91,7 @@ class _TensorSpecs:
             raise CheckpointError(
                 self._UNKNOWN_LAYOUT.format(path=str(self.path), layout=self.layout, layouts=LAYOUTS)
             )
-        self.layer_kinds = layer_kinds_from_metadata(self.metadata)
+        self.layer_kinds = layer_kinds_from_metadata(self.metadata, where=repr(str(self.path)))
 
     def spec(self, name: str) -> TensorSpec:
         """``(dtype string, shape)`` of tensor ``name``, without reading it."""
@@ -113,13 +115,16 @@ class _TensorSpecs:
 
 
 class TensorFile(_TensorSpecs):
-    """A checkpoint file opened for reading one tensor at a time.
+    """A checkpoint opened for reading one tensor at a time: one file, or a sharded folder.
 
     Reads ``.safetensors`` (through ``safetensors.safe_open``; the header is validated first,
     so a truncated or foreign file fails with a :class:`CheckpointError` naming it) and pickled
     PyTorch state dicts (``.ckpt``/``.pt``/``.pth``/``.bin``, via ``torch.load(weights_only=True,
-    mmap=True)``, SpeechBrain's saver format). Tensors come back as numpy arrays in the file's
-    dtype (bfloat16 as ``ml_dtypes.bfloat16``, bit-exact).
+    mmap=True)``, SpeechBrain's saver format). A folder holding ``model.safetensors.index.json``,
+    or such an index itself, opens as a :class:`converters.sharded.ShardedCheckpoint` (a
+    subclass with the same interface), so every reader of files reads sharded checkpoints too.
+    Tensors come back as numpy arrays in the file's dtype (bfloat16 as ``ml_dtypes.bfloat16``,
+    bit-exact).
 
     Attributes
     ----------
@@ -130,7 +135,22 @@ class TensorFile(_TensorSpecs):
         Tensor names in file order.
     layout : str
         ``'torch'`` or ``'flax'`` (from the metadata; pickles are ``'torch'``).
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``path`` does not exist.
+    CheckpointError
+        When it exists but is not a checkpoint we can read; the message names the file (and the
+        tensor, for an unsupported dtype).
     """
+
+    def __new__(cls, path: str | os.PathLike[str]) -> TensorFile:
+        if cls is TensorFile and is_sharded_path(path):
+            from .sharded import ShardedCheckpoint
+
+            return ShardedCheckpoint(path)
+        return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -140,23 +160,13 @@ class TensorFile(_TensorSpecs):
         self._mmap: mmap.mmap | None = None
         self._pickled: dict[str, Any] | None = None
         if is_safetensors_path(self.path) or not self.path.name.endswith(PICKLE_SUFFIXES):
-            header, metadata = read_safetensors_header(self.path)
-            self.metadata = dict(metadata)
-            self._specs = {
-                name: (str(info.get("dtype")), tuple(int(n) for n in info.get("shape", ())))
-                for name, info in header.items()
-            }
-            self.names = sorted(header, key=lambda name: int(header[name]["data_offsets"][0]))
-            for name in self.names:
-                numpy_dtype(self._specs[name][0])
-            self._offsets = {name: tuple(int(o) for o in header[name]["data_offsets"]) for name in header}
-            with self.path.open("rb") as f:
-                self._data_start = 8 + int.from_bytes(f.read(8), "little")
+            self._specs, self._offsets, self.metadata, self._data_start = safetensors_layout(self.path)
+            self.names = list(self._specs)
             self._handle = self._open_safetensors()
         else:
             self._pickled = _load_pickle(self.path)
             self.metadata = {}
-            self._specs = {name: _tensor_spec(name, t) for name, t in self._pickled.items()}
+            self._specs = {name: _tensor_spec(self.path, name, t) for name, t in self._pickled.items()}
             self.names = list(self._pickled)
         self._read_layout()
 
@@ -325,10 +335,33 @@ def _checked(name: str, array: Any, dtype: str, shape: Sequence[int]) -> np.ndar
     return contiguous(array)
 
 
-def _tensor_spec(name: str, tensor: Any) -> TensorSpec:
+def _tensor_spec(path: Path, name: str, tensor: Any) -> TensorSpec:
     from ._torch import dtype_name as torch_dtype_name
 
-    return torch_dtype_name(tensor.dtype), tuple(int(n) for n in tensor.shape)
+    try:
+        dtype = torch_dtype_name(tensor.dtype)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{str(path)!r}, tensor {name!r}: {exc}") from None
+    return dtype, tuple(int(n) for n in tensor.shape)
+
+
+def is_sharded_path(path: str | os.PathLike[str]) -> bool:
+    """True for a folder or a ``*.index.json`` file: a sharded checkpoint, not one file."""
+    return Path(path).is_dir() or str(path).endswith(".index.json")
+
+
+def safetensors_layout(
+    path: Path,
+) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]], dict[str, str], int]:
+    """``(specs in file order, data offsets, metadata, first data byte)`` of a safetensors file,
+    from its validated header (:func:`interchange.format.read_safetensors_header`)."""
+    header, metadata = read_safetensors_header(path)
+    order = sorted(header, key=lambda name: tuple(header[name]["data_offsets"]))
+    specs = {name: (header[name]["dtype"], tuple(header[name]["shape"])) for name in order}
+    offsets = {name: tuple(header[name]["data_offsets"]) for name in order}
+    with path.open("rb") as f:
+        data_start = 8 + int.from_bytes(f.read(8), "little")
+    return specs, offsets, dict(metadata), data_start
 
 
 def _load_pickle(path: Path) -> dict[str, Any]:

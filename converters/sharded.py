@@ -1,26 +1,24 @@
-"""Checkpoints split over several safetensors files, and Flax parameters loaded shard by shard.
+"""Checkpoints split over several safetensors files with an index: reading and writing them.
 
 The pretrained-model world stores large checkpoints as several ``.safetensors`` files plus an
 index, ``model.safetensors.index.json``: ``{"metadata": {"total_size": N}, "weight_map":
-{tensor name: file name}}``. Here:
+{tensor name: file name}}``. Here, framework-free:
 
 - :class:`ShardedCheckpoint` reads one (or a single ``.safetensors`` file) tensor by tensor,
-  or a slice of a tensor, opening one file at a time; it has the interface of
-  :class:`converters.files.TensorFile`, so the layout views of :mod:`converters.views` apply.
+  or a slice of a tensor, opening one file at a time. It is a :class:`converters.files.TensorFile`
+  (``TensorFile(folder)`` returns one), so every reader of files (conversion, merging, the
+  layout views of :mod:`converters.views`, the command line) reads sharded checkpoints too.
 - :func:`write_sharded` writes tensors produced one at a time into files of at most
   ``max_shard_bytes`` each; every file is written atomically and the index last, so a
   checkpoint exists only once it is complete.
-- :func:`save_sharded` and :func:`convert_sharded` are the sharded twins of
-  :func:`converters.save_torch_layout` / :func:`converters.convert_file` (same metadata, same
-  layout rules).
-- :func:`load_flax_sharded` fills a Flax NNX model, even an abstract one (``nnx.eval_shape``),
-  with arrays built by ``jax.make_array_from_callback``: each device reads only its slice of each
-  tensor (``safe_open(...).get_slice``), re-laid out from PyTorch's layout by the rules of
-  :mod:`converters.layout`. In a multi-process JAX program each process therefore reads only
-  the shards its devices own; peak memory is those shards plus about one tensor.
+- :func:`parse_size` reads ``--max-shard-size`` values such as ``'2GB'``.
 
-Framework-free except :func:`load_flax_sharded` (jax, flax) and :func:`save_sharded` (the
-model's framework). Command line: ``python -m converters.sharded SOURCE TARGET_FOLDER``.
+Elsewhere, and importable from here as before: :func:`convert_sharded`
+(:mod:`converters.file_convert`, the one file conversion, writing a sharded target),
+:func:`save_sharded` (:mod:`converters.sharded_save`, a model to a sharded checkpoint),
+:func:`load_flax_sharded` (:mod:`converters.sharded_flax`, each device reading only its slice).
+Command line: ``python -m converters convert SOURCE FOLDER/ --max-shard-size 2GB``
+(``python -m converters.sharded`` is a deprecated alias of it).
 
 Example
 -------
@@ -38,30 +36,26 @@ Example
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import layout
-from .checkpoint import CheckpointError, KeyReport, atomic_write, compare_keys, read_safetensors_header
-from .file_convert import file_layer_kinds, output_metadata, progress_bar
-from .files import (
-    LAYOUTS,
-    TensorFile,
-    TensorSpec,
-    _nbytes,
-    _TensorSpecs,
-    numpy_dtype,
-    write_safetensors,
-)
-from .views import ConversionError, TensorView, file_view, module_of, to_flax_layout, to_torch_layout
+from interchange.errors import CheckpointError
+from interchange.format import MAX_HEADER_BYTES, atomic_write
+
+from .files import TensorFile, TensorSpec, _nbytes, safetensors_layout, write_safetensors
+
+if TYPE_CHECKING:  # imported on first use (see __getattr__): they need the frameworks
+    from .file_convert import convert_sharded
+    from .sharded_flax import load_flax_sharded
+    from .sharded_save import save_sharded
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
@@ -80,14 +74,27 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # Hugging Face's default "5GB"
 _SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 
+# Public names that live in their own modules (one concern each), importable from here as before.
+_ELSEWHERE = {
+    "convert_sharded": "file_convert",
+    "save_sharded": "sharded_save",
+    "load_flax_sharded": "sharded_flax",
+}
 
-class ShardedCheckpoint(_TensorSpecs):
+
+def __getattr__(name: str) -> Any:
+    if name in _ELSEWHERE:
+        return getattr(import_module(f"converters.{_ELSEWHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class ShardedCheckpoint(TensorFile):
     """A checkpoint split over safetensors files with an index, read one tensor at a time.
 
-    Has the reading interface of :class:`converters.files.TensorFile` (``names``, ``spec``,
-    ``shape``, ``dtype``, ``nbytes``, ``total_bytes``, ``get``, ``metadata``, ``layout``,
-    ``layer_kinds``, ``path``), plus :meth:`read_slice` and :meth:`file_of`. Only headers are
-    read when it opens; the index and every file header are validated first.
+    A :class:`converters.files.TensorFile` (``names``, ``spec``, ``shape``, ``dtype``,
+    ``nbytes``, ``total_bytes``, ``get``, ``view``, ``metadata``, ``layout``, ``layer_kinds``,
+    ``path``), plus :meth:`read_slice` and :meth:`file_of`. Only headers are read when it
+    opens; the index and every file header are validated first.
 
     Arguments
     ---------
@@ -110,7 +117,7 @@ class ShardedCheckpoint(_TensorSpecs):
     ------
     FileNotFoundError
         Naming the missing index or file.
-    converters.checkpoint.CheckpointError
+    interchange.errors.CheckpointError
         A malformed index, a file name leaving the folder, a tensor the index maps to a file
         that lacks it, a tensor of a file the index does not list, files of different layouts.
     """
@@ -121,6 +128,8 @@ class ShardedCheckpoint(_TensorSpecs):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         self.index_total_size: int | None = None
+        self._handle = self._pickled = self._mmap = None
+        self._open: dict[Path, TensorFile] = {}
         if path.is_dir():
             index = path / INDEX_NAME
             if not index.is_file():
@@ -131,14 +140,13 @@ class ShardedCheckpoint(_TensorSpecs):
                 raise FileNotFoundError(f"checkpoint index not found: {str(path)!r}")
             weight_map = self._read_index(path)
         else:
-            header, _ = read_safetensors_header(path)
-            weight_map = {name: path.name for name in header}
+            weight_map = dict.fromkeys(safetensors_layout(path)[0], path.name)
         self.path = path if path.is_dir() else path.parent
         self._file_of = {name: self.path / file_name for name, file_name in weight_map.items()}
         self.files = list(dict.fromkeys(sorted(self._file_of.values())))
         self._specs: dict[str, TensorSpec] = {}
         self.metadata: dict[str, str] = {}
-        missing = [str(file) for file in self.files if not file.is_file()]
+        missing = [str(file) for file in self.files if not _is_file(file)]
         if missing:
             raise FileNotFoundError(
                 f"checkpoint {str(self.path)!r} lacks the file(s) its index names: {missing[:5]}"
@@ -155,32 +163,44 @@ class ShardedCheckpoint(_TensorSpecs):
         self._read_layout()
 
     def _read_index(self, index: Path) -> dict[str, str]:
+        where = repr(str(index))
         try:
-            content = json.loads(index.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{str(index)!r} is not a JSON checkpoint index: {exc}") from None
+            if index.stat().st_size > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{where} is larger than any checkpoint index ({MAX_HEADER_BYTES} bytes)"
+                )
+            content = json.loads(index.read_bytes().decode("utf-8"))
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot read the checkpoint index {where}: {exc.strerror or exc}"
+            ) from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            detail = str(exc)[:200] or type(exc).__name__
+            raise CheckpointError(f"{where} is not a JSON checkpoint index: {detail}") from None
         weight_map = content.get("weight_map") if isinstance(content, dict) else None
         if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
-            raise CheckpointError(
-                f"{str(index)!r}: 'weight_map' must be a JSON object {{tensor name: file name}}"
-            )
+            raise CheckpointError(f"{where}: 'weight_map' must be a JSON object {{tensor name: file name}}")
         for name, file_name in weight_map.items():
-            if Path(file_name).name != file_name or file_name in ("", ".", ".."):
+            if (
+                Path(file_name).name != file_name
+                or file_name in ("", ".", "..")
+                or "\\" in file_name
+                or "\x00" in file_name
+            ):
                 raise CheckpointError(
-                    f"{str(index)!r}: tensor {name!r} maps to {file_name!r}; expected a file name in the index's folder"
+                    f"{where}: tensor {name!r} maps to {file_name!r}; expected a file name in the index's folder"
                 )
-        total = (content.get("metadata") or {}).get("total_size")
-        self.index_total_size = (
-            int(total) if isinstance(total, (int, float, str)) and str(total).isdigit() else None
-        )
+        metadata = content.get("metadata")
+        total = metadata.get("total_size") if isinstance(metadata, dict) else None
+        self.index_total_size = total if isinstance(total, int) and not isinstance(total, bool) else None
         return weight_map
 
     def _read_file_header(self, file: Path) -> None:
-        header, metadata = read_safetensors_header(file)
+        specs, _, metadata, _ = safetensors_layout(file)
         listed = {name for name, owner in self._file_of.items() if owner == file}
-        extra = sorted(set(header) - listed)
+        extra = sorted(set(specs) - listed)
         if extra:
             raise CheckpointError(f"{str(file)!r} holds tensors the index does not list: {extra[:5]}")
         if self.metadata and metadata.get("layout", "torch") != self.metadata.get("layout", "torch"):
@@ -189,10 +209,9 @@ class ShardedCheckpoint(_TensorSpecs):
                 f"{self.metadata.get('layout', 'torch')}-layout checkpoint"
             )
         self.metadata = self.metadata or dict(metadata)
-        for name in sorted(listed & set(header), key=lambda n: int(header[n]["data_offsets"][0])):
-            info = header[name]
-            self._specs[name] = (str(info.get("dtype")), tuple(int(n) for n in info.get("shape", ())))
-            numpy_dtype(self._specs[name][0])
+        for name, spec in specs.items():  # in offset order
+            if name in listed:
+                self._specs[name] = spec
 
     def file_of(self, name: str) -> Path:
         """The file that holds tensor ``name``."""
@@ -202,6 +221,14 @@ class ShardedCheckpoint(_TensorSpecs):
     def get(self, name: str) -> np.ndarray:
         """Read tensor ``name`` whole (opening only its file) as a C-contiguous numpy array."""
         return self.read_slice(name, None)
+
+    def view(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a read-only array over a memory map of its file (no copy); the
+        file stays mapped until :meth:`close`."""
+        file = self.file_of(name)
+        if file not in self._open:
+            self._open[file] = TensorFile(file)
+        return self._open[file].view(name)
 
     def read_slice(self, name: str, index: tuple[slice, ...] | None) -> np.ndarray:
         """Read ``tensor[index]`` (a tuple of slices, one per leading axis; None for all of it),
@@ -218,18 +245,27 @@ class ShardedCheckpoint(_TensorSpecs):
             raise CheckpointError(f"cannot read tensor {name!r} from {str(file)!r}: {exc}") from None
 
     def close(self) -> None:
-        """Nothing stays open between reads; present for the ``TensorFile`` interface."""
+        """Unmap the files :meth:`view` mapped; nothing else stays open between reads."""
+        for opened in self._open.values():
+            opened.close()
+        self._open.clear()
 
     def __enter__(self) -> ShardedCheckpoint:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, with a name the file system refuses (too long, ...) reading as absent."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> ShardedCheckpoint | TensorFile:
-    """A :class:`ShardedCheckpoint` for a folder or an index, else a
-    :class:`~converters.files.TensorFile` (one safetensors file or a pickled state dict).
+def open_checkpoint(path: str | os.PathLike[str]) -> TensorFile:
+    """The checkpoint at ``path`` opened for reading: a :class:`ShardedCheckpoint` for a folder
+    or an index, else a :class:`~converters.files.TensorFile` (one safetensors file or a pickled
+    state dict). The same as ``TensorFile(path)``.
 
     Example
     -------
@@ -241,9 +277,6 @@ def open_checkpoint(path: str | os.PathLike[str]) -> ShardedCheckpoint | TensorF
     >>> type(open_checkpoint(os.path.join(folder, "model-00001-of-00001.safetensors"))).__name__
     'TensorFile'
     """
-    path = Path(path)
-    if path.is_dir() or path.name.endswith(".index.json"):
-        return ShardedCheckpoint(path)
     return TensorFile(path)
 
 
@@ -313,280 +346,6 @@ def write_sharded(
     return index
 
 
-def save_sharded(
-    model: Any,
-    folder: str | os.PathLike[str],
-    *,
-    layout: str = "torch",
-    metadata: Mapping[str, str] | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-) -> Path:
-    """Write every weight of ``model`` (PyTorch or Flax NNX) as a sharded checkpoint.
-
-    The same tensors, names, layouts and header metadata as :func:`converters.save_torch_layout`
-    (``layout='torch'``) or :func:`converters.save_flax_layout` (``layout='flax'``), split over
-    files of at most ``max_shard_bytes``. Returns the index file.
-
-    Example
-    -------
-    >>> import tempfile, torch
-    >>> index = save_sharded(torch.nn.Linear(3, 2), tempfile.mkdtemp(), max_shard_bytes=16)
-    >>> json.loads(index.read_text())["weight_map"]
-    {'bias': 'model-00002-of-00002.safetensors', 'weight': 'model-00001-of-00002.safetensors'}
-    """
-    from .saving import model_arrays
-
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    arrays, header = model_arrays(model, layout, metadata)
-    view = TensorView.from_arrays(arrays)
-    if layout == "flax":
-        view, _ = to_flax_layout(view, json.loads(header["layer_kinds"]))
-    return write_sharded(
-        folder, None, header, specs=view.specs, produce=view.read, max_shard_bytes=max_shard_bytes
-    )
-
-
-def convert_sharded(
-    source: str | os.PathLike[str],
-    target: str | os.PathLike[str],
-    *,
-    layout: str = "flax",
-    layer_kinds: Mapping[str, str] | None = None,
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-    progress: bool = False,
-) -> KeyReport:
-    """Convert a checkpoint into a sharded one in ``layout``, one tensor at a time.
-
-    Parameters
-    ----------
-    source : path
-        A sharded checkpoint (folder or index), one ``.safetensors`` file in either layout, or a
-        pickled ``.ckpt``/``.pt``/``.pth``/``.bin`` state dict.
-    target : path
-        The folder to write (files, then the index; see :func:`write_sharded`).
-    layout : {'flax', 'torch'}
-        The layout to write.
-    layer_kinds : dict, optional
-        ``{module: kind}`` for modules the source does not describe, as in
-        :func:`converters.convert_file`.
-    max_shard_bytes : int
-        The largest file to write (a bigger tensor gets a file of its own).
-    progress : bool
-        Show a tqdm progress bar (bytes) on stdout.
-
-    Returns
-    -------
-    KeyReport
-        ``loaded`` lists the written tensors; ``notes`` the buffers left out.
-
-    Example
-    -------
-    >>> import tempfile
-    >>> source, target = tempfile.mkdtemp(), tempfile.mkdtemp()
-    >>> _ = write_sharded(source, {"fc.weight": np.ones((2, 3), np.float32)}, {"layout": "torch"})
-    >>> convert_sharded(source, target, layer_kinds={"fc": "linear"}).loaded
-    ['fc.kernel']
-    >>> ShardedCheckpoint(target).shape("fc.kernel")
-    (3, 2)
-    """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    with open_checkpoint(source) as checkpoint:
-        kinds = file_layer_kinds(checkpoint, layer_kinds)
-        view = to_torch_layout(file_view(checkpoint), checkpoint.layout, kinds)
-        notes: list[str] = []
-        if layout == "flax":
-            view, notes = to_flax_layout(view, kinds)
-        used = {module_of(name) for name in view.names} | {module_of(name) for name in checkpoint.names}
-        metadata = output_metadata(checkpoint, layout, {m: k for m, k in kinds.items() if m in used})
-        total = sum(_nbytes(*spec) for spec in view.specs.values())
-        with progress_bar(total, f"convert {Path(source).name}", enabled=progress) as bar:
-            write_sharded(
-                target,
-                None,
-                metadata,
-                specs=view.specs,
-                produce=view.read,
-                max_shard_bytes=max_shard_bytes,
-                progress=bar.update,
-            )
-    return KeyReport(loaded=view.names, notes=notes)
-
-
-def load_flax_sharded(
-    model: Any,
-    checkpoint: str | os.PathLike[str],
-    *,
-    strict: bool = True,
-    mesh: Any = None,
-) -> KeyReport:
-    """Fill the Flax NNX ``model`` in place, each device reading only its slice of each tensor.
-
-    Every variable becomes a ``jax.Array`` with the sharding its current value has (a concrete
-    array's, or a ``jax.ShapeDtypeStruct``'s from ``nnx.eval_shape`` + sharding annotations, see
-    :func:`flax_impl.sharding.shard_model`), built with ``jax.make_array_from_callback``: the
-    callback of each addressable device reads its block with ``safe_open(...).get_slice`` and
-    re-lays it out (torch ``(out, in)`` -> Flax ``(in, out)``, etc., by
-    :mod:`converters.layout`). A process thus reads only the shards its devices own, and its
-    peak memory is those shards plus about one tensor's block, not the checkpoint.
-
-    Keys, shapes and dtypes are checked from the headers before anything is read; a refused load
-    leaves the model unchanged. Layer kinds come from the model's module types.
-
-    Parameters
-    ----------
-    model : flax.nnx.Module
-        The model to fill; an abstract one (``nnx.eval_shape``) costs no memory until loaded.
-    checkpoint : path
-        A sharded checkpoint (folder or index) or one ``.safetensors`` file, in torch layout
-        (PyTorch names and layouts) or Flax layout.
-    strict : bool
-        Refuse on missing or unexpected keys and on dtype differences (the default). With
-        ``strict=False`` what fits is loaded (dtypes cast) and the rest reported. Mis-shaped
-        keys are refused either way.
-    mesh : jax.sharding.Mesh, optional
-        The concrete mesh for abstract shardings (default: the one of ``jax.set_mesh``), and
-        the mesh to replicate variables on that have no sharding (default: the first device).
-
-    Returns
-    -------
-    KeyReport
-
-    Raises
-    ------
-    converters.views.ConversionError
-        With the three lists in ``report``.
-
-    Example
-    -------
-    >>> import tempfile
-    >>> from flax import nnx
-    >>> folder = tempfile.mkdtemp()
-    >>> _ = save_sharded(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), folder, max_shard_bytes=16)
-    >>> target = nnx.eval_shape(lambda: nnx.Linear(3, 2, rngs=nnx.Rngs(1)))
-    >>> load_flax_sharded(target, folder).loaded
-    ['weight', 'bias']
-    >>> bool((target.kernel[...] == nnx.Linear(3, 2, rngs=nnx.Rngs(0)).kernel[...]).all())
-    True
-    """
-    from flax_impl.checkpoint import torch_entries
-
-    with open_checkpoint(checkpoint) as source:
-        if not isinstance(source, ShardedCheckpoint):  # one file: read it through the same slicer
-            source = ShardedCheckpoint(source.path)
-        entries = {_source_key(entry, source.layout): entry for entry in torch_entries(model, strict=strict)}
-        report, notes = _check_flax_load(source, entries, strict=strict)
-        arrays = [
-            (entries[key].variable, _sharded_array(source, key, entries[key], mesh, cast=not strict))
-            for key in report.loaded
-        ]
-    for variable, array in arrays:  # assign only once every array is built
-        variable.set_value(array)
-    report.notes = notes
-    return report
-
-
-def _source_key(entry: Any, source_layout: str) -> str:
-    """The name of ``entry`` (a Flax variable of a known layer kind) in a file of ``source_layout``."""
-    if source_layout == "torch":
-        return entry.key
-    owner = module_of(entry.key)
-    return f"{owner}.{entry.flax_name}" if owner else entry.flax_name
-
-
-def _check_flax_load(
-    source: ShardedCheckpoint, entries: Mapping[str, Any], *, strict: bool
-) -> tuple[KeyReport, list[str]]:
-    notes: list[str] = []
-    expected: dict[str, tuple[int, ...]] = {}
-    for key, entry in entries.items():
-        shape = tuple(entry.variable.get_value().shape)
-        if source.layout == "torch":
-            shape = layout.flax_to_torch_shape(entry.kind, entry.flax_name, shape)[1]
-        expected[key] = shape
-    found = {}
-    model_kinds = {module_of(entry.key): entry.kind for entry in entries.values()}
-    for name in source.names:
-        owner, _, leaf = name.rpartition(".")
-        if name not in expected and leaf in layout.BUFFERS_WITHOUT_FLAX_TWIN.get(
-            model_kinds.get(owner, ""), ()
-        ):
-            notes.append(f"{name}: PyTorch buffer with no Flax twin, not loaded")
-            continue
-        found[name] = source.shape(name)
-    report = compare_keys(found, expected)
-    for key in list(report.loaded):
-        have, want = source.dtype(key), np.dtype(entries[key].variable.get_value().dtype)
-        if have != want:
-            if strict:
-                report.loaded.remove(key)
-                report.mismatched.append(
-                    f"{key}: dtype {have.name} in the checkpoint vs {want.name} in the model"
-                )
-            else:
-                notes.append(f"{key}: cast from {have.name} to the model's {want.name}")
-    if report.mismatched or (strict and not report.ok):
-        report.notes = notes
-        raise ConversionError(
-            f"loading {str(source.path)!r} refused, the model was left unchanged:\n{report.describe()}",
-            report,
-        )
-    return report, notes
-
-
-def _sharded_array(source: ShardedCheckpoint, key: str, entry: Any, mesh: Any, *, cast: bool) -> Any:
-    import jax
-
-    value = entry.variable.get_value()
-    shape, dtype = tuple(value.shape), np.dtype(value.dtype)
-    sharding = _target_sharding(value, mesh, key)
-    if source.layout == "torch":
-        # Flax axis i is torch axis torch_axis[i]: the layout rule applied to a probe shape.
-        probe = tuple(range(1, len(shape) + 1))
-        torch_probe = layout.flax_to_torch_shape(entry.kind, entry.flax_name, probe)[1]
-        torch_axis = [torch_probe.index(length) for length in probe]
-    blocks: dict[tuple, np.ndarray] = {}  # devices holding the same block (replicas) share one read
-
-    def read_block(index: tuple[slice, ...]) -> np.ndarray:
-        index = tuple(index)
-        bounds = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
-        if bounds not in blocks:
-            if source.layout == "torch":
-                torch_index = [slice(None)] * len(shape)
-                for flax_axis, axis in enumerate(torch_axis):
-                    torch_index[axis] = index[flax_axis]
-                block = source.read_slice(key, tuple(torch_index))
-                block = layout.torch_to_flax(entry.kind, key.rpartition(".")[2], block)[1]
-            else:
-                block = source.read_slice(key, index)
-            blocks[bounds] = block.astype(dtype, copy=False) if cast else block
-        return blocks[bounds]
-
-    return jax.make_array_from_callback(shape, sharding, read_block)
-
-
-def _target_sharding(value: Any, mesh: Any, key: str) -> Any:
-    """The concrete sharding a variable's value asks for."""
-    import jax
-    from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec, SingleDeviceSharding
-
-    sharding = getattr(value, "sharding", None)
-    if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, AbstractMesh):
-        concrete = mesh if mesh is not None else jax.sharding.get_mesh()
-        if concrete is None or getattr(concrete, "empty", False) or isinstance(concrete, AbstractMesh):
-            raise ValueError(
-                f"variable {key!r} is sharded over an abstract mesh {dict(sharding.mesh.shape)}; "
-                "pass mesh= (or load inside jax.set_mesh(mesh))"
-            )
-        return NamedSharding(concrete, sharding.spec)
-    if sharding is not None:
-        return sharding
-    if mesh is not None:
-        return NamedSharding(mesh, PartitionSpec())
-    return SingleDeviceSharding(jax.devices()[0])
-
-
 def _plan_files(specs: Mapping[str, TensorSpec], max_shard_bytes: int) -> list[list[str]]:
     groups: list[list[str]] = [[]]
     size = 0
@@ -645,55 +404,40 @@ def parse_size(text: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m converters.sharded SOURCE TARGET``: write a sharded checkpoint; returns the
-    exit status (1 with a one-line ``error:`` on bad input)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m converters.sharded",
-        description="Convert a checkpoint (sharded folder, index, .safetensors or pickled state dict) into "
-        f"a sharded checkpoint: files of at most --max-shard-size plus {INDEX_NAME}, written last.",
-    )
-    parser.add_argument(
-        "source", help="a sharded checkpoint folder or index, a .safetensors file, or a .ckpt/.pt/.bin"
-    )
-    parser.add_argument("target", help="the folder to write")
-    parser.add_argument("--layout", choices=LAYOUTS, default="torch", help="layout to write (default: torch)")
-    parser.add_argument(
-        "--max-shard-size", default="5GB", help="largest file, e.g. 5GB, 500MB (default: 5GB)"
-    )
-    parser.add_argument(
-        "--layer-kind",
-        action="append",
-        default=[],
-        metavar="MODULE=KIND",
-        help="kind of a module the source does not describe",
-    )
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
-    args = parser.parse_args(argv)
-    try:
-        kinds = dict(item.split("=", 1) for item in args.layer_kind if "=" in item)
-        if len(kinds) != len(args.layer_kind):
-            raise ValueError(f"--layer-kind takes MODULE=KIND, got {args.layer_kind}")
-        report = convert_sharded(
-            args.source,
-            args.target,
-            layout=args.layout,
-            layer_kinds=kinds or None,
-            max_shard_bytes=parse_size(args.max_shard_size),
-            progress=args.progress,
-        )
-    except (ValueError, TypeError, KeyError, OSError) as exc:
-        print(
-            f"error: {' | '.join(line.strip() for line in str(exc).splitlines() if line.strip())}",
-            file=sys.stderr,
-        )
-        return 1
-    checkpoint = ShardedCheckpoint(args.target)
+    """Deprecated: ``python -m converters.sharded SOURCE TARGET`` is
+    ``python -m converters convert SOURCE TARGET/ --max-shard-size 5GB --to torch``.
+
+    Prints a note saying so on stderr, translates the old flags (``--layout`` is ``--to``,
+    ``--layer-kind M=K`` is ``--kinds M=K``) and runs the main command line's ``convert``;
+    returns its exit status.
+    """
+    from .cli import main as cli_main
+
+    args = list(sys.argv[1:] if argv is None else argv)
     print(
-        f"wrote {len(report.loaded)} tensors, {checkpoint.total_bytes} bytes, in {len(checkpoint.files)} file(s) to {args.target}"
+        "note: python -m converters.sharded is deprecated; use "
+        "python -m converters convert SOURCE FOLDER/ --max-shard-size SIZE [--to flax|torch] [--kinds M=K]",
+        file=sys.stderr,
     )
-    for note in report.notes:
-        print(f"note: {note}")
-    return 0
+    translated, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, value = arg.partition("=")
+        if flag in ("--layout", "--layer-kind"):
+            new = "--to" if flag == "--layout" else "--kinds"
+            if eq:
+                translated += [new, value]
+            else:
+                translated += [new, *args[i + 1 : i + 2]]
+                i += 1
+        else:
+            translated.append(arg)
+        i += 1
+    if not any(a == "--max-shard-size" or a.startswith("--max-shard-size=") for a in translated):
+        translated += ["--max-shard-size", "5GB"]
+    if not any(a == "--to" or a.startswith("--to=") for a in translated) and not {"-h", "--help"} & set(args):
+        translated += ["--to", "torch"]  # the old default layout
+    return cli_main(["convert", *translated])
 
 
 if __name__ == "__main__":

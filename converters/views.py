@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import numpy as np
 
@@ -34,17 +35,26 @@ from .rename import RenameRule, rename_keys
 
 __all__ = [
     "ADAPTER_PROJECTIONS",
+    "BUFFER_NAMES",
     "ConversionError",
     "TensorView",
     "UnknownLayerError",
     "adapter_implied_kinds",
     "file_view",
+    "is_buffer",
     "module_of",
     "renamed",
     "renamed_modules",
     "to_flax_layout",
     "to_torch_layout",
 ]
+
+#: The last parts of tensor names that PyTorch models register as buffers, not parameters:
+#: transformers' position and token-type id tables, BatchNorm's step counter, causal masks.
+#: Such a tensor of no known layer needs no kind (see :func:`is_buffer`).
+BUFFER_NAMES = frozenset(
+    {"position_ids", "token_type_ids", "num_batches_tracked", "masked_bias", "causal_mask", "attn_mask"}
+)
 
 # The factor children of LoRA (kept for old imports; the vocabulary is interchange.adapters).
 ADAPTER_PROJECTIONS = LORA.factors
@@ -141,11 +151,37 @@ def to_torch_layout(view: TensorView, source_layout: str, kinds: Mapping[str, st
     return _relaid_out(view, view.names, kinds, layout.flax_to_torch_shape, layout.flax_to_torch_view)
 
 
-def to_flax_layout(view: TensorView, kinds: Mapping[str, str]) -> tuple[TensorView, list[str]]:
+def is_buffer(name: str, kinds: Mapping[str, str], buffers: Sequence[str] = ()) -> bool:
+    """Whether the tensor ``name`` is a PyTorch buffer that is not a parameter of its layer.
+
+    True when its last part is one of :data:`BUFFER_NAMES` or the whole name matches one of the
+    glob patterns ``buffers``, and its module has no known kind or a kind without such a
+    parameter (``embeddings.position_ids`` with ``embeddings`` given as an embedding layer is
+    still a buffer). A parameter of a known layer is never a buffer, whatever its name.
+
+    Example
+    -------
+    >>> is_buffer("embeddings.position_ids", {}), is_buffer("fc.weight", {})
+    (True, False)
+    >>> is_buffer("h.0.attn.bias", {}, ["*.attn.bias"]), is_buffer("fc.bias", {"fc": "linear"}, ["*"])
+    (True, False)
+    """
+    module, _, leaf = name.rpartition(".")
+    if leaf not in BUFFER_NAMES and not any(fnmatchcase(name, p) for p in buffers):
+        return False
+    return module not in kinds or leaf not in layout.get_kind(kinds[module])._by_torch
+
+
+def to_flax_layout(
+    view: TensorView, kinds: Mapping[str, str], *, buffers: Sequence[str] = ()
+) -> tuple[TensorView, list[str]]:
     """A Flax-layout view of a torch-layout ``view``; returns ``(view, notes)``.
 
-    Buffers Flax has no variable for (BatchNorm's ``num_batches_tracked``) are left out and
-    named in the notes. Raises :class:`UnknownLayerError` for tensors of unknown kind.
+    Buffers Flax has no variable for are left out and named in the notes: those a layer kind
+    declares (BatchNorm's ``num_batches_tracked``) and those that are no layer's parameter
+    (:func:`is_buffer`: ``position_ids``, ``token_type_ids``, causal masks, and the tensors
+    matching the glob patterns ``buffers``). Every other tensor is a parameter and needs a known
+    kind: :class:`UnknownLayerError` names those that have none.
     """
     notes = []
     keep = []
@@ -153,6 +189,8 @@ def to_flax_layout(view: TensorView, kinds: Mapping[str, str]) -> tuple[TensorVi
         module, _, leaf = name.rpartition(".")
         if module in kinds and leaf in layout.get_kind(kinds[module]).torch_only:
             notes.append(f"{name}: {kinds[module]} buffer without a Flax twin, not converted")
+        elif is_buffer(name, kinds, buffers):
+            notes.append(f"{name}: buffer (not a parameter), left out of the Flax layout")
         else:
             keep.append(name)
     _require_kinds(keep, kinds, "convert PyTorch-layout tensors to Flax's")

@@ -33,6 +33,19 @@ def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
+def run_main(*args) -> subprocess.CompletedProcess:
+    """The same command line in this process (no interpreter start-up: torch alone takes seconds)."""
+    import contextlib
+    import io
+
+    from converters.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def _bits(path) -> dict[str, np.ndarray]:
     with TensorFile(path) as f:
         return {name: f.get(name) for name in f.names}
@@ -55,7 +68,7 @@ def model_file(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", ["", "inspect", "convert", "merge", "peft-import", "peft-export"])
+@pytest.mark.parametrize("command", ["", "inspect", "convert", "kinds", "merge", "peft-import", "peft-export"])
 def test_every_subcommand_has_help(command):
     result = run_cli(*([command] if command else []), "--help")
     assert result.returncode == 0 and "usage: python -m converters" in result.stdout
@@ -78,7 +91,8 @@ def test_convert_torch_to_flax_and_back_is_bit_exact_and_reports(model_file, tmp
     assert "flax layout" in result.stdout and "bn.num_batches_tracked" in result.stdout
     assert TensorFile(tmp_path / "flax.safetensors").shape("head.kernel") == (8, 4)
     result = run_cli("convert", tmp_path / "flax.safetensors", tmp_path / "back.safetensors", "--progress")
-    assert result.returncode == 0 and "100%" in result.stdout, result
+    # the bar goes to stderr: stdout (perhaps redirected into a file) holds the report only
+    assert result.returncode == 0 and "100%" in result.stderr and "100%" not in result.stdout, result
     original = _bits(model_file)
     del original["bn.num_batches_tracked"]
     assert not same_bits(original, _bits(tmp_path / "back.safetensors"))
@@ -195,3 +209,260 @@ def test_file_level_commands_import_neither_torch_nor_jax(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+def test_inspect_reads_a_sharded_folder_and_its_index(tmp_path, model_file):
+    from converters.sharded import INDEX_NAME, ShardedCheckpoint, convert_sharded
+
+    convert_sharded(model_file, tmp_path / "shards", layout="torch", max_shard_bytes=200)
+    files = len(ShardedCheckpoint(tmp_path / "shards").files)
+    assert files > 1
+    for source in (tmp_path / "shards", tmp_path / "shards" / INDEX_NAME):
+        result = run_main("inspect", source)
+        assert result.returncode == 0, result.stderr
+        assert f"(sharded, {files} file(s))" in result.stdout and "conv1.weight" in result.stdout
+        with TensorFile(model_file) as f:
+            assert (
+                f"total: {f.total_bytes} B ({f.total_bytes} bytes) in {len(f.names)} tensors" in result.stdout
+            )
+
+
+def test_convert_between_one_file_and_a_sharded_folder_is_bit_exact(tmp_path, model_file):
+    from converters.sharded import INDEX_NAME, ShardedCheckpoint
+
+    result = run_main("convert", model_file, tmp_path / "flax", "--max-shard-size", "300B")
+    assert result.returncode == 0, result.stderr
+    assert "flax layout, sharded" in result.stdout and "bn.num_batches_tracked" in result.stdout
+    flax = ShardedCheckpoint(tmp_path / "flax")
+    assert flax.layout == "flax" and len(flax.files) > 1 and flax.shape("head.kernel") == (8, 4)
+    # folder -> one file, index -> a folder given with a trailing slash (default shard size)
+    assert run_main("convert", tmp_path / "flax", tmp_path / "back.safetensors").returncode == 0
+    result = run_main("convert", tmp_path / "flax" / INDEX_NAME, f"{tmp_path / 'back'}/", "--to", "torch")
+    assert result.returncode == 0 and "sharded: 1 file(s)" in result.stdout, result
+    original = _bits(model_file)
+    del original["bn.num_batches_tracked"]
+    assert not same_bits(original, _bits(tmp_path / "back.safetensors"))
+    assert not same_bits(original, _bits(tmp_path / "back"))
+    _one_line_error(
+        run_main("convert", model_file, tmp_path / "x.safetensors", "--max-shard-size", "1GB"), "folder"
+    )
+    _one_line_error(run_main("convert", model_file, tmp_path / "y", "--max-shard-size", "lots"), "not a size")
+
+
+def test_merge_accepts_a_sharded_base_and_writes_what_a_single_file_gives(tmp_path):
+    from converters.sharded import save_sharded
+
+    base = randomize_torch(TorchConvNet())
+    converters.save_torch_layout(base, tmp_path / "base.safetensors")
+    save_sharded(base, tmp_path / "base", max_shard_bytes=256)
+    adapted = torch_impl.AdaptedModel(
+        base, torch_impl.LoRA, target_layers="conv*", adapter_kwargs={"rank": 2}
+    )
+    randomize_torch(adapted, seed=5)
+    adapted.saver(str(tmp_path / "adapter.safetensors"))
+    for base_path, out in (
+        (tmp_path / "base", "sharded.safetensors"),
+        (tmp_path / "base.safetensors", "one.safetensors"),
+    ):
+        result = run_main("merge", base_path, tmp_path / "adapter.safetensors", tmp_path / out)
+        assert result.returncode == 0, result.stderr
+    assert not same_bits(_bits(tmp_path / "sharded.safetensors"), _bits(tmp_path / "one.safetensors"))
+
+
+def test_the_old_sharded_command_runs_convert_and_says_it_is_deprecated(tmp_path):
+    torch.save({"fc.weight": torch.ones(4, 3)}, tmp_path / "w.pt")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "converters.sharded", tmp_path / "w.pt", tmp_path / "out", "--layout", "flax"]
+        + ["--layer-kind", "fc=linear"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "deprecated" in result.stderr and "python -m converters convert" in result.stderr
+    assert TensorFile(tmp_path / "out").shape("fc.kernel") == (3, 4)
+
+
+# ----------------------------------------------------------------------------- manners (issue 14 item 10)
+def test_output_piped_into_head_ends_quietly(tmp_path):
+    many = {f"layer{i:04d}.weight": np.zeros(1, np.float32) for i in range(4000)}  # > a pipe's buffer
+    write_safetensors(tmp_path / "many.safetensors", many)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "converters", "inspect", str(tmp_path / "many.safetensors")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert process.stdout.readline().startswith(b"file: ")  # what `head -1` reads, then it exits
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 0 and stderr == "", stderr
+
+
+def test_an_unknown_dtype_names_the_file_and_the_tensor(tmp_path):
+    header = json.dumps({"enc.fc.weight": {"dtype": "F4", "shape": [2], "data_offsets": [0, 1]}}).encode()
+    (tmp_path / "odd.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + b"\0")
+    for command in ("inspect", "convert"):
+        args = [command, tmp_path / "odd.safetensors"] + (
+            [tmp_path / "o.safetensors"] if command == "convert" else []
+        )
+        _one_line_error(run_main(*args), "odd.safetensors", "'enc.fc.weight'", "'F4'")
+
+
+def test_a_pickle_holding_more_than_tensors_is_refused_in_one_plain_sentence(tmp_path):
+    torch.save({"w": np.ones(2)}, tmp_path / "numpy.pt")  # a numpy array: weights_only refuses it
+    result = run_main("inspect", tmp_path / "numpy.pt")
+    _one_line_error(result, "numpy.pt", "weights_only=True", "numpy")
+    assert (
+        "\x1b[" not in result.stderr and "Re-running" not in result.stderr and "Warning" not in result.stderr
+    )
+    torch.save({"w": torch.ones(2), "step": 3}, tmp_path / "step.pt")
+    _one_line_error(run_main("inspect", tmp_path / "step.pt"), "step.pt", "'step'", "int")
+
+
+def test_peft_export_leaves_an_existing_directory_alone_without_force(tmp_path):
+    _write_peft_dir(tmp_path / "peft")
+    assert run_main("peft-import", tmp_path / "peft", tmp_path / "ours.safetensors").returncode == 0
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "adapter_config.json").write_text("{}")
+    _one_line_error(run_main("peft-export", tmp_path / "ours.safetensors", tmp_path / "out"), "--force")
+    assert (tmp_path / "out" / "adapter_config.json").read_text() == "{}"
+    result = run_main("peft-export", tmp_path / "ours.safetensors", tmp_path / "out", "--force")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"] == 2
+    (tmp_path / "empty").mkdir()  # an empty directory holds nothing to lose
+    assert run_main("peft-export", tmp_path / "ours.safetensors", tmp_path / "empty").returncode == 0
+
+
+def test_merge_prints_its_notes_one_per_line(tmp_path):
+    base = randomize_torch(TorchConvNet())
+    converters.save_torch_layout(base, tmp_path / "base.safetensors")
+    adapted = torch_impl.AdaptedModel(
+        base, torch_impl.LoRA, target_layers="conv*", adapter_kwargs={"rank": 2}
+    )
+    adapted.saver(str(tmp_path / "adapter.safetensors"))
+    result = run_main(
+        "merge", tmp_path / "base.safetensors", tmp_path / "adapter.safetensors", tmp_path / "m.safetensors"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    notes = lines[lines.index(next(line for line in lines if line.startswith("notes (2):"))) + 1 :]
+    assert [line.split(" (")[0] for line in notes] == [
+        "  merged the LoRA update into conv1.weight",
+        "  merged the LoRA update into conv2.weight",
+    ]
+
+
+# ----------------------------------------------------------------------------- Hugging Face files (item 4)
+def test_buffers_need_no_kind_and_pass_through_a_torch_layout_conversion(tmp_path):
+    torch.save(
+        {
+            "emb.weight": torch.randn(5, 3),
+            "emb.position_ids": torch.arange(5)[None],
+            "fc.weight": torch.randn(2, 3),
+        },
+        tmp_path / "hf.bin",
+    )
+    result = run_main("convert", tmp_path / "hf.bin", tmp_path / "t.safetensors")
+    assert (
+        result.returncode == 0
+        and "emb.position_ids: buffer (not a parameter), passed through" in result.stdout
+    )
+    assert TensorFile(tmp_path / "t.safetensors").names == ["emb.weight", "emb.position_ids", "fc.weight"]
+    # to Flax: the buffer is left out and named; every parameter still needs its kind
+    _one_line_error(
+        run_main("convert", tmp_path / "hf.bin", tmp_path / "f.safetensors", "--to", "flax"), "'emb'", "'fc'"
+    )
+    result = run_main(
+        "convert",
+        tmp_path / "hf.bin",
+        tmp_path / "f.safetensors",
+        "--to",
+        "flax",
+        "--kinds",
+        "emb=embedding,f?=linear",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "emb.position_ids: buffer (not a parameter), left out of the Flax layout" in result.stdout
+    assert TensorFile(tmp_path / "f.safetensors").names == ["emb.embedding", "fc.kernel"]
+    _one_line_error(
+        run_main(
+            "convert",
+            tmp_path / "hf.bin",
+            tmp_path / "g.safetensors",
+            "--to",
+            "flax",
+            "--kinds",
+            "*.dense=linear",
+        ),
+        "'*.dense'",
+        "matches no module",
+    )
+
+
+@pytest.fixture(scope="module")
+def minilm_dir() -> Path:
+    from examples.pretrained import minilm_path
+
+    try:
+        return minilm_path()
+    except (ModuleNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(str(exc))
+
+
+def test_the_real_minilm_file_converts_to_flax_described_by_its_twin_or_by_globs(tmp_path, minilm_dir):
+    """The Hugging Face file holds the buffer embeddings.position_ids and records no kinds: the
+    Flax twin describes it (no hand-written kinds), or four glob patterns do; either way the
+    buffer is named and left out, and the Flax-layout file loads strictly into the twin and
+    computes what transformers computes."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from examples.pretrained import load_minilm
+    from flax_impl.models import BertConfig, BertModel
+
+    source, config = minilm_dir / "model.safetensors", minilm_dir / "config.json"
+    twin = ["--like", "flax_impl.models:BertModel", "--config", config]
+    result = run_main("convert", source, tmp_path / "twin.safetensors", *twin)
+    assert result.returncode == 0, result.stderr
+    assert "loaded: 103" in result.stdout
+    assert "embeddings.position_ids: buffer (not a parameter), left out of the Flax layout" in result.stdout
+    result = run_main(
+        "convert",
+        source,
+        tmp_path / "globs.safetensors",
+        "--kinds",
+        "*LayerNorm=layer_norm,*_embeddings=embedding",
+        "--kinds",
+        "*.dense=linear,*.self.*=linear",
+    )
+    assert result.returncode == 0, result.stderr
+    assert not same_bits(_bits(tmp_path / "twin.safetensors"), _bits(tmp_path / "globs.safetensors"))
+    # a kinds file written from the twin in one command says the same
+    kinds = run_main("kinds", *twin)
+    assert kinds.returncode == 0 and json.loads(kinds.stdout)["pooler.dense"] == "linear"
+    (tmp_path / "kinds.json").write_text(kinds.stdout)
+    result = run_main("convert", source, tmp_path / "file.safetensors", "--kinds", tmp_path / "kinds.json")
+    assert result.returncode == 0 and not same_bits(
+        _bits(tmp_path / "twin.safetensors"), _bits(tmp_path / "file.safetensors")
+    )
+    # strict for parameters: a kind-less parameter is still refused, named
+    _one_line_error(
+        run_main("convert", source, tmp_path / "x.safetensors", "--kinds", "*LayerNorm=layer_norm"),
+        "'embeddings.word_embeddings'",
+        "'encoder.layer.0.attention.self.query'",
+    )
+
+    _, torch_model = load_minilm()
+    flax_model = BertModel(BertConfig.from_config(torch_model.config), rngs=nnx.Rngs(0))
+    report = converters.load_flax_layout(flax_model, tmp_path / "twin.safetensors")
+    assert report.ok and len(report.loaded) == 103
+    flax_model.eval()
+    ids = np.array([[101, 7592, 2088, 2003, 1037, 3231, 102]])
+    with torch.no_grad():
+        expected = torch_model(torch.from_numpy(ids)).last_hidden_state.numpy()
+    np.testing.assert_allclose(np.asarray(flax_model(jnp.asarray(ids))), expected, atol=1e-4, rtol=1e-4)

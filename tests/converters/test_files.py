@@ -15,6 +15,7 @@ import converters
 from converters.checkpoint import CheckpointError
 from converters.files import TensorFile, write_safetensors
 from converters.views import ConversionError, UnknownLayerError
+from interchange.errors import LayoutError, NoMatchError
 
 from .twins import (
     DTYPES,
@@ -246,3 +247,51 @@ def _np_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     from converters._torch import tensor_to_numpy
 
     return {k: tensor_to_numpy(v) for k, v in model.state_dict().items()}
+
+
+def test_tensor_file_opens_a_sharded_folder_or_index_as_a_sharded_checkpoint(tmp_path):
+    from converters.sharded import INDEX_NAME, ShardedCheckpoint, write_sharded
+
+    tensors = {f"l{i}.weight": np.full((2, 2), i, np.float32) for i in range(3)}
+    write_sharded(tmp_path, tensors, max_shard_bytes=16)
+    for path in (tmp_path, tmp_path / INDEX_NAME):
+        with TensorFile(path) as f:
+            assert isinstance(f, ShardedCheckpoint) and isinstance(f, TensorFile) and len(f.files) == 3
+            assert f.view("l2.weight").tolist() == tensors["l2.weight"].tolist()
+
+
+def test_convert_file_writes_shards_and_kinds_may_be_globs_that_must_match(tmp_path):
+    from converters.sharded import ShardedCheckpoint
+
+    src = tmp_path / "t.safetensors"
+    write_safetensors(
+        src, {"a.fc.weight": np.ones((2, 3), np.float32), "b.fc.weight": np.ones((4, 2), np.float32)}
+    )
+    report = converters.convert_file(
+        src, tmp_path / "out", layer_kinds={"*.fc": "linear"}, max_shard_bytes=24
+    )
+    assert (
+        report.loaded == ["a.fc.kernel", "b.fc.kernel"]
+        and len(ShardedCheckpoint(tmp_path / "out").files) == 2
+    )
+    with pytest.raises(ValueError, match="folder"):
+        converters.convert_file(
+            src, tmp_path / "x.safetensors", layer_kinds={"*": "linear"}, max_shard_bytes=24
+        )
+    with pytest.raises(ValueError, match="max_shard_bytes"):
+        converters.convert_file(src, tmp_path / "folder", layer_kinds={"*": "linear"})
+    with pytest.raises(NoMatchError, match=r"'\*\.conv' matches no module"):
+        converters.convert_file(src, tmp_path / "y.safetensors", layer_kinds={"*.conv": "conv"})
+    with pytest.raises(LayoutError, match="'lineer' given for module 'a.fc'"):
+        converters.convert_file(
+            src, tmp_path / "y.safetensors", layer_kinds={"a.fc": "lineer", "*": "linear"}
+        )
+    # a glob never overrides what a file records: a disagreement is refused
+    converters.convert_file(src, tmp_path / "f.safetensors", layer_kinds={"*": "linear"})
+    with pytest.raises(ValueError, match="recorded as a linear layer"):
+        converters.convert_file(
+            tmp_path / "f.safetensors",
+            tmp_path / "z.safetensors",
+            layout="torch",
+            layer_kinds={"*.fc": "conv"},
+        )

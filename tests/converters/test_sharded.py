@@ -201,15 +201,34 @@ def test_save_sharded_of_a_torch_model_equals_its_state_dict(tmp_path):
         np.testing.assert_array_equal(checkpoint.get(key), tensor.numpy(), err_msg=key)
 
 
-def test_command_line_writes_a_sharded_checkpoint_and_reports_errors(tmp_path, capsys):
+def test_the_old_command_line_is_a_deprecated_alias_of_convert(tmp_path, capsys):
+    """``python -m converters.sharded`` keeps its flags (--layout, --layer-kind, default torch
+    layout and 5GB shards), says on stderr that it is deprecated, and runs the main ``convert``."""
     torch_path = tmp_path / "w.pt"
     torch.save({"fc.weight": torch.ones(4, 3), "fc.bias": torch.zeros(4)}, torch_path)
     args = [str(torch_path), str(tmp_path / "out"), "--layout", "flax", "--layer-kind", "fc=linear"]
     assert main([*args, "--max-shard-size", "40B"]) == 0
-    assert "2 tensors" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "deprecated" in captured.err and "python -m converters convert" in captured.err
+    assert "sharded: 2 file(s)" in captured.out and "loaded: 2" in captured.out
     assert ShardedCheckpoint(tmp_path / "out").shape("fc.kernel") == (3, 4)
+    assert main([str(torch_path), str(tmp_path / "plain")]) == 0  # old defaults: torch layout, one 5GB shard
+    assert ShardedCheckpoint(tmp_path / "plain").layout == "torch"
+    assert len(ShardedCheckpoint(tmp_path / "plain").files) == 1
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_every_public_name_is_importable_from_converters_sharded():
+    import converters.sharded as sharded
+    from converters.file_convert import convert_sharded as home
+    from converters.sharded_flax import load_flax_sharded as flax_home
+
+    assert sharded.convert_sharded is home and load_flax_sharded is flax_home
+    assert all(callable(getattr(sharded, name)) or name.isupper() for name in sharded.__all__)
+    # the storage module itself needs neither framework
+    code = "import sys, converters.sharded; assert 'torch' not in sys.modules and 'jax' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
 # ----------------------------------------------------------------------------- Flax, slice by slice
@@ -483,3 +502,32 @@ def test_tensor_file_and_sharded_checkpoint_agree_on_a_single_file(tmp_path):
     assert single.names == sharded.names and single.metadata == sharded.metadata
     for name in single.names:
         assert single.spec(name) == sharded.spec(name)
+
+
+def test_a_hugging_face_buffer_in_the_checkpoint_is_named_and_not_loaded(tmp_path):
+    """transformers files hold buffers such as embeddings.position_ids that no Flax variable
+    mirrors: the strict load names them and loads every parameter."""
+
+    class Embedder(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.embeddings = nnx.Embed(6, 4, rngs=rngs)
+
+    weight = np.arange(24, dtype=np.float32).reshape(6, 4)
+    write_sharded(
+        tmp_path,
+        {
+            "embeddings.weight": weight,
+            "embeddings.position_ids": np.arange(6)[None],
+            "extra.position_ids": np.arange(3),
+        },
+        {"layout": "torch"},
+        max_shard_bytes=64,
+    )
+    model = Embedder(nnx.Rngs(0))
+    report = load_flax_sharded(model, tmp_path)
+    assert report.loaded == ["embeddings.weight"] and report.ok
+    assert report.notes == [
+        "embeddings.position_ids: buffer (not a parameter), not loaded",
+        "extra.position_ids: buffer (not a parameter), not loaded",
+    ]
+    np.testing.assert_array_equal(np.asarray(model.embeddings.embedding[...]), weight)
