@@ -281,7 +281,7 @@ _PERSISTENCE_PREFIXES = (
     "to_onnx",
     "to_torchscript",
 )
-_PERSISTENCE_WORDS = ("state_dict", "pretrained", "checkpoint", "adapter")
+_PERSISTENCE_WORDS = ("state_dict", "pretrained", "adapter")
 
 
 def is_persistence_name(name: str) -> bool:
