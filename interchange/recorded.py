@@ -262,39 +262,38 @@ _PERSISTENCE_NAMES = frozenset(
         "save_pretrained",
         "from_pretrained",
         "from_config",
-        "state_dict",
-        "load_state_dict",
         "to_bettertransformer",
         "reverse_bettertransformer",
         "merge_and_unload",
         "unload",
         "dequantize",
+        # transformers' own PEFT integration would put a second kind of adapter on the bare model
+        "add_adapter",
+        "set_adapter",
+        "delete_adapter",
+        "enable_adapters",
+        "disable_adapters",
+        "active_adapter",
+        "active_adapters",
     }
 )
-_PERSISTENCE_PREFIXES = (
-    "save_",
-    "load_",
-    "from_",
-    "push_to_",
-    "export_",
-    "convert_",
-    "to_onnx",
-    "to_torchscript",
-)
-_PERSISTENCE_WORDS = ("state_dict", "pretrained", "adapter")
+_PERSISTENCE_PREFIXES = ("save_", "load_", "from_", "push_to_", "export_", "convert_", "to_onnx", "to_torchscript")
 
 
 def is_persistence_name(name: str) -> bool:
     """Whether an ``AdaptedModel`` must not hand the attribute ``name`` to the wrapped model:
     it would save, load or convert that model as if it were not adapted.
 
-    >>> [is_persistence_name(n) for n in ("push_to_hub", "load_adapter", "config", "get_input_embeddings")]
-    [True, True, False, False]
+    >>> [is_persistence_name(n) for n in ("push_to_hub", "load_adapter", "get_adapter_state_dict")]
+    [True, True, True]
+    >>> [is_persistence_name(n) for n in ("config", "pretrained_module", "gradient_checkpointing_enable")]
+    [False, False, False]
     """
     return (
         name in _PERSISTENCE_NAMES
         or name.startswith(_PERSISTENCE_PREFIXES)
-        or any(word in name for word in _PERSISTENCE_WORDS)
+        or name.endswith("_pretrained")
+        or "state_dict" in name
     )
 
 
