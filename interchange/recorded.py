@@ -18,7 +18,7 @@ Example
 >>> check_recorded_adapter(meta, "LoRA", {"rank": 8}, where="a.safetensors")
 Traceback (most recent call last):
 ...
-interchange.errors.CheckpointError: 'a.safetensors' was saved from LoRA(alpha=16.0, rank=8) but this model has LoRA(alpha=1.0, rank=8): alpha differs (file 16.0, model 1.0); build the AdaptedModel with adapter_kwargs matching the file
+interchange.errors.CheckpointError: checkpoint 'a.safetensors' does not fit this AdaptedModel: it was saved from LoRA(alpha=16.0, rank=8) but this model has LoRA(alpha=1.0, rank=8): alpha differs (file 16.0, model 1.0); build the AdaptedModel with adapter_kwargs matching the file
 """
 
 from __future__ import annotations
@@ -105,7 +105,8 @@ def check_recorded_adapter(
     file_class, file_kwargs = recorded
     if file_class != adapter_class:
         raise CheckpointError(
-            f"{where!r} holds {file_class} adapters but this model has {adapter_class} adapters; "
+            f"checkpoint {where!r} does not fit this AdaptedModel: it holds {file_class} adapters but "
+            f"this model has {adapter_class} adapters; "
             f"build the AdaptedModel with adapter_class={file_class}"
         )
     defaults = recorded_jsonable(dict(class_defaults or {}))
@@ -124,7 +125,8 @@ def check_recorded_adapter(
             for key in differ
         )
         raise CheckpointError(
-            f"{where!r} was saved from {file_class}({_signature(file_full)}) but this model has "
+            f"checkpoint {where!r} does not fit this AdaptedModel: it was saved from "
+            f"{file_class}({_signature(file_full)}) but this model has "
             f"{adapter_class}({_signature(model_full)}): {details}; build the AdaptedModel with "
             "adapter_kwargs matching the file"
         )
@@ -277,7 +279,16 @@ _PERSISTENCE_NAMES = frozenset(
         "active_adapters",
     }
 )
-_PERSISTENCE_PREFIXES = ("save_", "load_", "from_", "push_to_", "export_", "convert_", "to_onnx", "to_torchscript")
+_PERSISTENCE_PREFIXES = (
+    "save_",
+    "load_",
+    "from_",
+    "push_to_",
+    "export_",
+    "convert_",
+    "to_onnx",
+    "to_torchscript",
+)
 
 
 def is_persistence_name(name: str) -> bool:
