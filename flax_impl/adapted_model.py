@@ -15,6 +15,7 @@ What differs is freezing: NNX parameters carry no ``requires_grad`` flag, so
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -31,10 +32,17 @@ from interchange.names import (
     matches_unfrozen,
     parent_and_leaf,
 )
+from interchange.recorded import (
+    check_recorded_adapter,
+    is_persistence_name,
+    layer_kinds_entry,
+    not_forwarded_message,
+    signature_defaults,
+)
 
 from .checkpoint import load_state_dict_file, save_state_dict_file
 from .graph import get_submodule, named_modules, set_submodule
-from .interchange import TorchEntry, _assign, _plan_load, _torch_arrays, torch_entries
+from .interchange import TorchEntry, _assign, _plan_load, _torch_arrays, layer_kind, torch_entries
 
 __all__ = ["AdaptedModel", "TrainableFilter", "is_layer_adaptable", "replace_module"]
 
@@ -261,31 +269,54 @@ class AdaptedModel(nnx.Module):
         """Save only the trainable parameters (and running statistics of unfrozen layers).
 
         Writes the ``.safetensors`` interchange format with the same keys, layouts and metadata
-        as ``torch_impl.AdaptedModel.saver``. The write is atomic.
+        as ``torch_impl.AdaptedModel.saver``: the adapter class and kwargs (which :meth:`loader`
+        checks) and the kind of every layer written (``layer_kinds``). The write is atomic.
         """
-        metadata = adapter_metadata(
-            framework="flax",
-            adapter_class=_adapter_name(self.adapter_class),
-            adapter_kwargs=self.adapter_kwargs,
-            target_layers=self.target_layers or self.replace_layers,
-            unfrozen_layers=self.unfrozen_layers,
-        )
-        save_state_dict_file(self.trainable_state_dict(), path, metadata)
+        arrays = self.trainable_state_dict()
+        save_state_dict_file(arrays, path, self._file_metadata(arrays))
 
     def loader(self, path: str, end_of_epoch: bool = False) -> None:
         """Load trained parameters saved by :meth:`saver` (this twin's or the PyTorch one's).
 
         The file may lack frozen weights, but every trainable parameter must be there, and an
-        unexpected or mis-shaped key raises :class:`CheckpointError` before anything is loaded.
+        unexpected or mis-shaped key raises :class:`CheckpointError` before anything is loaded;
+        so does a file that records another adapter class or other adapter kwargs than this
+        model's (``alpha=16`` into a model built with the default ``alpha=1`` would scale every
+        update wrongly). Files that record nothing load unchecked.
         """
         del end_of_epoch
-        arrays, _ = load_state_dict_file(path)
+        arrays, metadata = load_state_dict_file(path)
+        self._load_checked(arrays, metadata, where=str(path))
+
+    def _file_metadata(self, arrays: Mapping[str, Any]) -> dict[str, str]:
+        """The safetensors metadata :meth:`saver` writes for ``arrays``."""
+        metadata = adapter_metadata(
+            framework="flax",
+            adapter_class=_adapter_class_name(self.adapter_class),
+            adapter_kwargs=self.adapter_kwargs,
+            target_layers=self.target_layers or self.replace_layers,
+            unfrozen_layers=self.unfrozen_layers,
+        )
+        kinds = {name: kind for name, module in named_modules(self) if (kind := layer_kind(module))}
+        metadata["layer_kinds"] = layer_kinds_entry(kinds, arrays)
+        return metadata
+
+    def _load_checked(self, arrays: Mapping[str, Any], metadata: Mapping[str, str], *, where: str) -> None:
+        """Check ``arrays`` (torch names and layouts, and the adapter ``metadata`` records)
+        against this model, then load them; nothing is assigned when a check fails."""
+        check_recorded_adapter(
+            metadata,
+            _adapter_class_name(self.adapter_class),
+            self.adapter_kwargs,
+            where=where,
+            class_defaults=signature_defaults(self.adapter_class),
+        )
         report, assignments = _plan_load(self, arrays, strict=False)
         trainable = {entry.key for entry in _entries_at(self, self._trainable_paths())}
         missing = [key for key in report.missing if key in trainable]
         if report.unexpected or report.mismatched or missing:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} does not fit this AdaptedModel: "
+                f"checkpoint {where!r} does not fit this AdaptedModel: "
                 f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
                 f"missing trainable keys {missing}"
             )
@@ -295,8 +326,52 @@ class AdaptedModel(nnx.Module):
         """Load parameters for transfer (SpeechBrain's Pretrainer hook); same as ``loader``."""
         self.loader(path, True)
 
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> str:
+        """Write the adapters (only them) to ``directory``, the habit of PEFT users.
+
+        PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, which
+        ``peft.PeftModel.from_pretrained(base, directory)`` loads onto the PyTorch twin of the
+        base model with the same outputs) where PEFT can represent the adapters: plain LoRA on
+        named Linear/Conv layers, nothing unfrozen. Our format otherwise
+        (``peft_twins_adapter.json`` + ``adapters.safetensors``, the :meth:`saver` file). The
+        write is atomic. Returns ``'peft'`` or ``'peft-twins'``.
+
+        Example
+        -------
+        >>> import tempfile
+        >>> from flax_impl import HoulsbyAdapterLinear
+        >>> model = AdaptedModel(nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0))), HoulsbyAdapterLinear,
+        ...                      target_layers="layers.0", adapter_kwargs={"projection_size": 2}, rngs=nnx.Rngs(1))
+        >>> model.save_pretrained(tempfile.mkdtemp() + "/houlsby")
+        'peft-twins'
+        """
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, base_model: nnx.Module, directory: str | os.PathLike[str], *, rngs: nnx.Rngs
+    ) -> AdaptedModel:
+        """Wrap ``base_model`` in the adapters saved in ``directory`` (by :meth:`save_pretrained`
+        of either twin, or by PEFT's ``save_pretrained`` for plain LoRA) and load them.
+
+        ``rngs`` initialises the adapters before their saved values overwrite them.
+        ``base_model`` is changed in place, as by the constructor; a refused load (a layer the
+        model lacks, a shape that does not fit, a PEFT option our LoRA cannot compute) raises
+        and puts it back as it was. See :mod:`flax_impl.pretrained` for an example.
+        """
+        from .pretrained import from_pretrained
+
+        return from_pretrained(cls, base_model, directory, rngs=rngs)
+
     def __getattr__(self, item: str) -> Any:
-        """Fall back to the adapted model for attributes the wrapper does not have."""
+        """Fall back to the adapted model for attributes the wrapper does not have.
+
+        Except those that would save, load or convert the wrapped model as if it were not
+        adapted (``state_dict``, ``load_adapter``, ...): they raise ``AttributeError`` saying
+        what to use instead (see :func:`interchange.recorded.is_persistence_name`).
+        """
         # Only reached when normal lookup fails, so the wrapper's own attributes come first.
         # Private names are never forwarded: NNX probes them while building the object.
         if item.startswith("_") or item in ("adapted_model", "rngs"):
@@ -304,6 +379,8 @@ class AdaptedModel(nnx.Module):
         model = vars(self).get("adapted_model")
         if model is None:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {item!r}")
+        if is_persistence_name(item) and hasattr(model, item):
+            raise AttributeError(not_forwarded_message(type(self).__name__, type(model).__name__, item))
         return getattr(model, item)
 
     def _trainable_paths(self) -> list[tuple[Any, ...]]:
@@ -388,6 +465,12 @@ def replace_module(model: nnx.Module, name: str, new_module: nnx.Module) -> None
     set_submodule(model, name, new_module)
 
 
+def _adapter_class_name(adapter_class: Any) -> str:
+    """The name files record for ``adapter_class``: its declaration's, else its class name."""
+    kind = adapter_of(adapter_class)
+    return kind.name if kind is not None else getattr(adapter_class, "__name__", str(adapter_class))
+
+
 def _with_message(exc: Exception, message: str) -> Exception:
     """An exception of ``exc``'s type carrying ``message`` (AdapterInsertionError if the type
     cannot be built from a message alone)."""
@@ -422,8 +505,3 @@ def _entries_at(model: nnx.Module, paths: Iterable[tuple[Any, ...]]) -> list[Tor
         )
     return entries
 
-
-def _adapter_name(adapter_class: object) -> str:
-    """The name files record for ``adapter_class``: its declaration's, else the class name."""
-    declared = adapter_of(adapter_class)
-    return declared.name if declared else getattr(adapter_class, "__name__", str(adapter_class))

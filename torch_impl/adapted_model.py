@@ -12,6 +12,7 @@ Authors of the original: Titouan Parcollet, Peter Plantinga (SpeechBrain, 2024).
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -29,9 +30,17 @@ from interchange.names import (
     matches_unfrozen,
     parent_and_leaf,
 )
+from interchange.recorded import (
+    check_recorded_adapter,
+    is_persistence_name,
+    layer_kinds_entry,
+    not_forwarded_message,
+    signature_defaults,
+)
 
 from . import _speechbrain, distributed
 from .checkpoint import load_state_dict_file, save_state_dict_file
+from .interchange import layer_kind
 
 __all__ = ["MHA_WARNING", "AdaptedModel", "is_layer_adaptable", "replace_module"]
 
@@ -228,32 +237,58 @@ class AdaptedModel(nn.Module):
     def saver(self, path: str) -> None:
         """Save only the trainable parameters (and buffers of unfrozen layers).
 
-        A path ending in ``.safetensors`` writes the interchange format with metadata;
+        A path ending in ``.safetensors`` writes the interchange format with metadata: the
+        adapter class and kwargs (which :meth:`loader` checks) and the kind of every layer
+        written (``layer_kinds``, so that converters can re-lay out unfrozen layers too);
         any other path writes SpeechBrain's ``torch.save`` format. The write is atomic.
         In a process group only rank 0 writes; under FSDP2 every rank must call ``saver``
         (the trainable shards are gathered, the frozen ones never are).
         """
-        metadata = adapter_metadata(
-            framework="torch",
-            adapter_class=_adapter_name(self.adapter_class),
-            adapter_kwargs=self.adapter_kwargs,
-            target_layers=self.target_layers or self.replace_layers,
-            unfrozen_layers=self.unfrozen_layers,
-        )
         state_dict = self.trainable_state_dict()
         if distributed.is_writer():
-            save_state_dict_file(state_dict, path, metadata)
+            save_state_dict_file(state_dict, path, self._file_metadata(state_dict))
 
     def loader(self, path: str, end_of_epoch: bool = False) -> None:
         """Load trained parameters saved by :meth:`saver` (ours or SpeechBrain's).
 
         The file may lack frozen weights, but every trainable parameter must be there, and an
-        unexpected or mis-shaped key raises :class:`CheckpointError` before anything is loaded.
+        unexpected or mis-shaped key raises :class:`CheckpointError` before anything is loaded;
+        so does a file that records another adapter class or other adapter kwargs than this
+        model's (``alpha=16`` into a model built with the default ``alpha=1`` would scale every
+        update wrongly). SpeechBrain's files record nothing and load unchecked.
         In a process group every rank reads the file (DDP replicas must all load it); under
         FSDP2 each rank keeps only its shard of each tensor, with no communication.
         """
         del end_of_epoch
-        state_dict, _ = load_state_dict_file(path)
+        state_dict, metadata = load_state_dict_file(path)
+        self._load_checked(state_dict, metadata, where=str(path))
+
+    def _file_metadata(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+        """The safetensors metadata :meth:`saver` writes for ``state_dict``."""
+        metadata = adapter_metadata(
+            framework="torch",
+            adapter_class=_adapter_class_name(self.adapter_class),
+            adapter_kwargs=self.adapter_kwargs,
+            target_layers=self.target_layers or self.replace_layers,
+            unfrozen_layers=self.unfrozen_layers,
+        )
+        # The bridge's kinds, from module types (no tensor is touched: safe under FSDP2).
+        kinds = {name: kind for name, module in self.named_modules() if (kind := layer_kind(module))}
+        metadata["layer_kinds"] = layer_kinds_entry(kinds, state_dict)
+        return metadata
+
+    def _load_checked(
+        self, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, where: str
+    ) -> None:
+        """Check ``state_dict`` (and the adapter its ``metadata`` records) against this model,
+        then load it; nothing is loaded when a check fails."""
+        check_recorded_adapter(
+            metadata,
+            _adapter_class_name(self.adapter_class),
+            self.adapter_kwargs,
+            where=where,
+            class_defaults=signature_defaults(self.adapter_class),
+        )
         current = self.state_dict()
         expected = {name: tuple(t.shape) for name, t in current.items()}
         report = compare_keys({k: tuple(v.shape) for k, v in state_dict.items()}, expected)
@@ -261,7 +296,7 @@ class AdaptedModel(nn.Module):
         missing = [key for key in report.missing if key in trainable]
         if report.unexpected or report.mismatched or missing:
             raise CheckpointError(
-                f"checkpoint {str(path)!r} does not fit this AdaptedModel: "
+                f"checkpoint {where!r} does not fit this AdaptedModel: "
                 f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
                 f"missing trainable keys {missing}"
             )
@@ -274,14 +309,56 @@ class AdaptedModel(nn.Module):
         """Load parameters for transfer (SpeechBrain's Pretrainer hook); same as ``loader``."""
         self.loader(path, True)
 
+    def save_pretrained(self, directory: str | os.PathLike[str]) -> str:
+        """Write the adapters (only them) to ``directory``, the habit of PEFT users.
+
+        PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, which
+        ``peft.PeftModel.from_pretrained(base, directory)`` loads with the same outputs) where
+        PEFT can represent the adapters: plain LoRA on named Linear/Conv layers, nothing
+        unfrozen. Our format otherwise (``peft_twins_adapter.json`` + ``adapters.safetensors``,
+        the :meth:`saver` file). The write is atomic. Returns ``'peft'`` or ``'peft-twins'``.
+
+        Example
+        -------
+        >>> import tempfile
+        >>> from torch_impl import HoulsbyAdapterLinear
+        >>> model = AdaptedModel(nn.Sequential(nn.Linear(4, 4)), HoulsbyAdapterLinear,
+        ...                      target_layers="0", adapter_kwargs={"projection_size": 2})
+        >>> model.save_pretrained(tempfile.mkdtemp() + "/houlsby")
+        'peft-twins'
+        """
+        from .pretrained import save_pretrained
+
+        return save_pretrained(self, directory)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike[str]) -> AdaptedModel:
+        """Wrap ``base_model`` in the adapters saved in ``directory`` (by :meth:`save_pretrained`
+        of either twin, or by PEFT's ``save_pretrained`` for plain LoRA) and load them.
+
+        ``base_model`` is changed in place, as by the constructor; a refused load (a layer the
+        model lacks, a shape that does not fit, a PEFT option our LoRA cannot compute) raises
+        and puts it back as it was. See :mod:`torch_impl.pretrained` for an example.
+        """
+        from .pretrained import from_pretrained
+
+        return from_pretrained(cls, base_model, directory)
+
     def __getattr__(self, item: str) -> Any:
-        """Fall back to the adapted model for attributes the wrapper does not have."""
+        """Fall back to the adapted model for attributes the wrapper does not have.
+
+        Except those that would save, load or convert the wrapped model as if it were not
+        adapted (``push_to_hub``, ``load_adapter``, ``to_bettertransformer``, ...): they raise
+        ``AttributeError`` saying what to use instead (see :func:`interchange.recorded.is_persistence_name`).
+        """
         # nn.Module.__getattr__ resolves the wrapper's own parameters, buffers and submodules.
         try:
             return super().__getattr__(item)
         except AttributeError:
             pass
         model = super().__getattr__("adapted_model")
+        if is_persistence_name(item) and hasattr(model, item):
+            raise AttributeError(not_forwarded_message(type(self).__name__, type(model).__name__, item))
         return getattr(model, item)
 
     def _trainable_keys(self, full: Mapping[str, torch.Tensor] | None = None) -> list[str]:
@@ -370,6 +447,12 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
     setattr(parent, target_name, new_module)
 
 
+def _adapter_class_name(adapter_class: Any) -> str:
+    """The name files record for ``adapter_class``: its declaration's, else its class name."""
+    kind = adapter_of(adapter_class)
+    return kind.name if kind is not None else getattr(adapter_class, "__name__", str(adapter_class))
+
+
 def _types(named: list[tuple[str, nn.Module]], limit: int = 8) -> str:
     kinds = sorted({type(module).__name__ for _, module in named})
     return ", ".join(kinds[:limit]) + (" ..." if len(kinds) > limit else "")
@@ -407,8 +490,3 @@ def _disable_transformer_fast_path(model: nn.Module, adapted_names: Iterable[str
             elif isinstance(ancestor, nn.TransformerEncoder):
                 ancestor.use_nested_tensor = False
 
-
-def _adapter_name(adapter_class: object) -> str:
-    """The name files record for ``adapter_class``: its declaration's, else the class name."""
-    declared = adapter_of(adapter_class)
-    return declared.name if declared else getattr(adapter_class, "__name__", str(adapter_class))

@@ -88,6 +88,25 @@ def test_peft_export_loads_in_peft_and_computes_the_same_embeddings(tiny_run):
     assert config["r"] == RANK
 
 
+def test_the_plot_puts_each_stage_on_its_step_and_the_exact_ones_on_the_flax_point(tiny_run):
+    from examples.report import stage_steps
+
+    out, report, _ = tiny_run
+    stages = {
+        s["key"]: (step, s) for s, step in zip(report["stages"], stage_steps(report["stages"]), strict=True)
+    }
+    flax_step, flax = stages["flax_trained"]
+
+    assert flax_step == len(report["losses"]["torch"]) + len(report["losses"]["flax"])
+    assert stages["flax_converted"][0] == stages["torch_trained"][0] == len(report["losses"]["torch"])
+    for key in ("torch_converted", "torch_merged"):
+        step, stage = stages[key]
+        assert step == flax_step
+        assert stage["test_accuracy"] == flax["test_accuracy"]
+        assert abs(stage["test_loss"] - flax["test_loss"]) < 1e-5
+    assert (out / "loss_curves.png").read_bytes().startswith(b"\x89PNG")
+
+
 def test_parameter_counts_are_the_adapters_and_the_head(tiny_run):
     _, report, _ = tiny_run
     hidden, layers, targets, labels = 384, 6, 2, 2

@@ -65,6 +65,16 @@ def test_plot_is_written_as_png_even_when_a_stage_has_no_accuracy(tmp_path):
     assert path.read_bytes().startswith(b"\x89PNG")
 
 
+def test_smoothing_follows_the_log_scale_and_keeps_the_ends_on_the_data():
+    losses = [0.6, 0.005, 0.6, 0.005, 0.6, 0.005]
+    smooth = report.smoothed(losses, window=3)
+
+    assert len(smooth) == len(losses)
+    # a geometric mean: the big batches do not dominate the curve on a log axis
+    assert max(smooth) < 0.2 and min(smooth) > 0.01
+    assert report.smoothed([0.3]) == pytest.approx([0.3])
+
+
 @pytest.mark.parametrize("module", [report, reviews], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)

@@ -1,0 +1,211 @@
+"""``save_pretrained`` / ``from_pretrained`` for ``AdaptedModel``: adapter-only directories, in
+PEFT's format where PEFT can represent the adapter, ours otherwise (see
+:mod:`interchange.peft_format`). The twin of ``torch_impl.pretrained``.
+
+The tensors are written in PyTorch's names and layouts, as :meth:`AdaptedModel.saver` writes
+them, so a directory saved here loads into the PyTorch twin (and, in PEFT's format, into
+``peft.PeftModel``) and the reverse. PEFT's format holds plain LoRA (rank and alpha only) on
+named Linear/Conv layers, with nothing unfrozen and convs of dilation 1 and zero padding.
+
+Example
+-------
+>>> import tempfile
+>>> from flax import nnx
+>>> from flax_impl import AdaptedModel, LoRA
+>>> def base():
+...     return nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)))
+>>> model = AdaptedModel(base(), LoRA, target_layers="layers.0",
+...                      adapter_kwargs={"rank": 2, "alpha": 4.0}, rngs=nnx.Rngs(1))
+>>> folder = tempfile.mkdtemp() + "/adapter"
+>>> model.save_pretrained(folder)
+'peft'
+>>> again = AdaptedModel.from_pretrained(base(), folder, rngs=nnx.Rngs(2))
+>>> again.adapter_kwargs, again.replace_layers
+({'rank': 2, 'alpha': 4.0}, ['layers.0'])
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from flax import nnx
+
+from interchange import peft_format
+from interchange.adapters import LORA, adapter_of
+from interchange.errors import CheckpointError, PeftConversionError
+from interchange.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
+
+from .checkpoint import load_state_dict_file, save_state_dict_file
+from .graph import get_submodule, named_modules, set_submodule
+from .houlsby import HoulsbyAdapterLinear
+from .lora import LoRA
+
+__all__ = ["from_pretrained", "peft_refusal", "save_pretrained"]
+
+#: This twin's adapter classes, looked up by their declaration's name.
+ADAPTER_CLASSES: tuple[type[nnx.Module], ...] = (LoRA, HoulsbyAdapterLinear)
+
+
+def peft_refusal(model: Any) -> str | None:
+    """Why PEFT's format cannot represent ``model``'s adapters, or None when it can."""
+    if adapter_of(model.adapter_class) is not LORA:
+        return f"{getattr(model.adapter_class, '__name__', model.adapter_class)} adapters are not LoRA"
+    defaults = signature_defaults(model.adapter_class)
+    extra = {
+        k: v for k, v in model.adapter_kwargs.items() if k not in ("rank", "alpha") and v != defaults.get(k)
+    }
+    if extra:
+        return f"LoRA options {extra} have no place in PEFT's plain LoRA config"
+    if model.unfrozen_module_names:
+        return f"unfrozen layers {model.unfrozen_module_names[:8]} would need PEFT's modules_to_save"
+    if not model.replace_layers or "" in model.replace_layers:
+        return "the adapter wraps the root module itself, which PEFT cannot target"
+    for name in model.replace_layers:
+        layer = get_submodule(model.adapted_model, name).pretrained_module
+        if isinstance(layer, nnx.Conv) and not _peft_conv_geometry(layer):
+            return (
+                f"layer {name!r} is an nnx.Conv with padding {layer.padding!r}, kernel_dilation "
+                f"{layer.kernel_dilation!r}, input_dilation {layer.input_dilation!r}; PEFT's LoRA conv "
+                "is a PyTorch conv of dilation 1 and symmetric zero padding"
+            )
+    return None
+
+
+def save_pretrained(model: Any, directory: str | os.PathLike[str]) -> str:
+    """Write ``model``'s adapters (only them) to ``directory``; returns the format written,
+    ``'peft'`` or ``'peft-twins'``."""
+    arrays = model.trainable_state_dict()
+    refusal = peft_refusal(model)
+    if refusal is None:
+        kwargs = LORA.kwargs(model.adapter_kwargs)
+        config = peft_format.peft_config(model.replace_layers, rank=kwargs["rank"], alpha=kwargs["alpha"])
+        peft_arrays = peft_format.to_peft_keys(arrays)
+        write = lambda path: save_state_dict_file(peft_arrays, path, {"format": "pt"})  # noqa: E731
+    else:
+        config = peft_format.ours_config(
+            framework="flax",
+            adapter_class=_class_name(model.adapter_class),
+            adapter_kwargs=recorded_jsonable(model.adapter_kwargs),
+            adapted_layers=model.replace_layers,
+            unfrozen_layers=model.unfrozen_module_names,
+        )
+        metadata = model._file_metadata(arrays)
+        write = lambda path: save_state_dict_file(arrays, path, metadata)  # noqa: E731
+    peft_format.write_adapter_directory(directory, peft=refusal is None, config=config, write_weights=write)
+    return "peft" if refusal is None else "peft-twins"
+
+
+def from_pretrained(
+    cls: type, base_model: nnx.Module, directory: str | os.PathLike[str], *, rngs: nnx.Rngs
+) -> Any:
+    """Wrap ``base_model`` (changed in place, like ``AdaptedModel``) in adapters rebuilt from
+    ``directory`` and load them. A refused load puts the base model back as it was."""
+    found = peft_format.read_adapter_directory(directory)
+    where = str(found.weights)
+    arrays, metadata = load_state_dict_file(found.weights)
+    if found.format == "peft":
+        arrays = peft_format.from_peft_keys(arrays, where=where)
+        lora = peft_format.lora_from_peft(
+            found.config, {k: tuple(v.shape) for k, v in arrays.items()}, where=str(directory)
+        )
+        candidates = [n for n, m in named_modules(base_model) if isinstance(m, (nnx.Linear, nnx.Conv))]
+        peft_format.check_peft_targets(found.config, lora.layers, candidates, where=str(directory))
+        adapter_class, kwargs = LoRA, _lora_kwargs(lora)
+        adapted, unfrozen, metadata = lora.layers, [], {}
+    else:
+        adapter_class = _adapter_class(found.config["adapter_class"], where)
+        kwargs = _resolve_kwargs(adapter_class, found.config["adapter_kwargs"], where)
+        adapted, unfrozen = found.config["adapted_layers"], found.config["unfrozen_layers"]
+    model = cls(
+        base_model,
+        adapter_class,
+        target_layers=[peft_format.escape_glob(name) for name in adapted],
+        unfrozen_layers=[peft_format.escape_glob(name) for name in unfrozen],
+        adapter_kwargs=kwargs,
+        rngs=rngs,
+    )
+    try:
+        if sorted(model.replace_layers) != sorted(adapted):
+            raise CheckpointError(
+                f"{str(directory)!r} adapts layers {sorted(adapted)[:8]} but the model offers {sorted(model.replace_layers)[:8]}"
+            )
+        model._load_checked(arrays, metadata, where=where)
+    except BaseException:
+        _put_back(model, base_model)
+        raise
+    return model
+
+
+def _peft_conv_geometry(conv: nnx.Conv) -> bool:
+    """Whether ``conv`` has the geometry of a PyTorch conv PEFT's LoRA conv copies exactly."""
+    ones = lambda value: value is None or all(d == 1 for d in ((value,) if isinstance(value, int) else value))  # noqa: E731
+    padding = conv.padding
+    symmetric = (
+        padding == "VALID"
+        or isinstance(padding, int)
+        or (
+            not isinstance(padding, str)
+            and all(not isinstance(p, int) and len(p) == 2 and p[0] == p[1] for p in padding)
+        )
+    )
+    return ones(conv.kernel_dilation) and ones(conv.input_dilation) and symmetric
+
+
+def _lora_kwargs(lora: peft_format.PeftLoRA) -> dict[str, Any]:
+    """Our LoRA's kwargs for a PEFT LoRA config."""
+    kwargs: dict[str, Any] = {"rank": lora.rank, "alpha": lora.alpha}
+    accepted = signature_defaults(LoRA)
+    if lora.use_rslora:
+        if "use_rslora" in accepted:
+            kwargs["use_rslora"] = True
+        else:
+            raise PeftConversionError(
+                "the PEFT adapter uses use_rslora (scaling lora_alpha / sqrt(r)), which this LoRA cannot compute"
+            )
+    if lora.dropout:
+        if "dropout" in accepted:
+            kwargs["dropout"] = lora.dropout
+        else:
+            warnings.warn(
+                f"lora_dropout={lora.dropout} is not applied: this LoRA has no dropout (outputs in eval are the same)",
+                stacklevel=3,
+            )
+    return kwargs
+
+
+def _adapter_class(name: str, where: str) -> type[nnx.Module]:
+    for adapter_class in ADAPTER_CLASSES:
+        if adapter_class.adapter_kind.name == name:
+            return adapter_class
+    raise CheckpointError(
+        f"{where!r} holds {name!r} adapters; flax_impl has {[c.adapter_kind.name for c in ADAPTER_CLASSES]}"
+    )
+
+
+def _resolve_kwargs(adapter_class: type, recorded: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Recorded kwargs back to Python values: a class-valued kwarg (Houlsby's ``activation``)
+    is recorded as a dotted name, resolved in this twin for the twins' own classes."""
+    defaults = signature_defaults(adapter_class)
+    out = {}
+    for key, value in recorded.items():
+        if isinstance(defaults.get(key), type) and isinstance(value, str):
+            value = resolve_recorded_class(value, twin="flax_impl", refuse=("torch",), where=where)
+        out[key] = value
+    return out
+
+
+def _class_name(adapter_class: Any) -> str:
+    kind = adapter_of(adapter_class)
+    return kind.name if kind is not None else getattr(adapter_class, "__name__", str(adapter_class))
+
+
+def _put_back(model: Any, base_model: nnx.Module) -> None:
+    """Undo what building ``model`` did to ``base_model``: the wrapped layers back in place
+    (freezing is a filter in NNX: nothing else changed)."""
+    for name in model.replace_layers:
+        adapter = get_submodule(model.adapted_model, name)
+        if name:
+            set_submodule(base_model, name, getattr(adapter, adapter_of(adapter).wrapped))

@@ -1,0 +1,119 @@
+"""Every ```python block of README.md runs as pasted.
+
+Each block runs in its own fresh Python process, in an empty temporary folder (the files it
+writes land there), with the repository importable and nothing downloaded (Hugging Face offline).
+A block is self-contained, except for what a reader's own program would already have and the
+README should not repeat: that goes in an HTML comment right before the block,
+
+    <!-- setup: what it stands for
+    python code
+    -->
+
+whose code runs first, in the same process. Several setup comments before one block run it once
+each (the DDP and the FSDP2 variants of one snippet). Nothing else is added to a block.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+_BLOCK = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
+
+
+@dataclass(frozen=True)
+class Snippet:
+    line: int
+    section: str
+    code: str
+    setup: str
+    variant: int = 0
+
+    @property
+    def id(self) -> str:
+        name = re.sub(r"[^A-Za-z0-9]+", "-", self.section).strip("-")[:40]
+        return f"line{self.line}-{name}" + (f"-setup{self.variant}" if self.variant else "")
+
+
+def snippets(text: str) -> list[Snippet]:
+    """The python blocks of ``text``, one per setup comment before it (or one with no setup)."""
+    out = []
+    for match in _BLOCK.finditer(text):
+        before = text[: match.start()]
+        line = before.count("\n") + 1
+        section = next((h for h in reversed(re.findall(r"^#+ (.*)$", before, re.M))), "")
+        setups = _setups_right_before(before)
+        out.extend(
+            Snippet(line, section, match.group(1), setup, variant if len(setups) > 1 else 0)
+            for variant, setup in enumerate(setups or [""], start=1)
+        )
+    return out
+
+
+def _setups_right_before(before: str) -> list[str]:
+    """The code of the setup comments that end right before a block (only blank lines between)."""
+    setups: list[str] = []
+    rest = before.rstrip()
+    while rest.endswith("-->"):
+        start = rest.rfind("<!-- setup:")
+        if start < 0 or "-->" in rest[start:-3]:
+            break
+        _, _, code = rest[start:-3].partition("\n")
+        setups.insert(0, code)
+        rest = rest[:start].rstrip()
+    return setups
+
+
+def test_setup_comments_are_found_only_right_before_their_block():
+    text = "<!-- setup: a\nx = 1\n-->\n<!-- setup: b\nx = 2\n-->\n```python\nprint(x)\n```\n\n```python\npass\n```\n"
+
+    found = snippets(text)
+
+    assert [(s.setup, s.code) for s in found] == [
+        ("x = 1\n", "print(x)\n"),
+        ("x = 2\n", "print(x)\n"),
+        ("", "pass\n"),
+    ]
+
+
+ALL = snippets(README.read_text())
+
+
+def test_the_readme_has_the_snippets_this_test_runs():
+    sections = {s.section for s in ALL}
+
+    assert {
+        "PyTorch: a drop-in for `speechbrain.nnet.adapters`",
+        "Flax NNX: the twin",
+        "Converting weights",
+    } <= sections
+    assert len(ALL) >= 7
+
+
+@pytest.mark.parametrize("snippet", ALL, ids=[s.id for s in ALL])
+def test_readme_snippet_runs_as_pasted(snippet, tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "JAX_PLATFORMS": "cpu",
+        "README_PORT": str(29500 + (os.getpid() + snippet.line) % 400),
+    }
+    env.pop("XLA_FLAGS", None)  # a block that needs several devices says so in its setup
+    script = snippet.setup + "\n" + snippet.code
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+
+    assert result.returncode == 0, (
+        f"README.md line {snippet.line} ({snippet.section}):\n{result.stderr[-3000:]}"
+    )

@@ -1,0 +1,203 @@
+"""``save_pretrained`` / ``from_pretrained`` for ``AdaptedModel``: adapter-only directories, in
+PEFT's format where PEFT can represent the adapter, ours otherwise (see
+:mod:`interchange.peft_format`). The twin of ``flax_impl.pretrained``.
+
+PEFT's format holds plain LoRA (rank and alpha, no other option) on named Linear/Conv layers,
+with nothing unfrozen and convs of dilation 1 and zero padding (PEFT's LoRA conv copies only the
+kernel, stride and padding). Anything else, Houlsby adapters and ``unfrozen_layers`` included,
+is written in our format, which ``from_pretrained`` reads back the same way.
+
+Example
+-------
+>>> import tempfile
+>>> from torch import nn
+>>> from torch_impl import AdaptedModel, LoRA
+>>> model = AdaptedModel(nn.Sequential(nn.Linear(4, 4)), LoRA, target_layers="0",
+...                      adapter_kwargs={"rank": 2, "alpha": 4.0})
+>>> folder = tempfile.mkdtemp() + "/adapter"
+>>> model.save_pretrained(folder)
+'peft'
+>>> again = AdaptedModel.from_pretrained(nn.Sequential(nn.Linear(4, 4)), folder)
+>>> again.adapter_kwargs, again.replace_layers
+({'rank': 2, 'alpha': 4.0}, ['0'])
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from interchange import peft_format
+from interchange.adapters import LORA, adapter_of
+from interchange.errors import CheckpointError, PeftConversionError
+from interchange.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
+
+from . import distributed
+from .checkpoint import load_state_dict_file, save_state_dict_file
+from .houlsby import HoulsbyAdapterLinear
+from .lora import LoRA
+
+__all__ = ["from_pretrained", "peft_refusal", "save_pretrained"]
+
+#: This twin's adapter classes, looked up by their declaration's name.
+ADAPTER_CLASSES: tuple[type[nn.Module], ...] = (LoRA, HoulsbyAdapterLinear)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def peft_refusal(model: Any) -> str | None:
+    """Why PEFT's format cannot represent ``model``'s adapters, or None when it can."""
+    if adapter_of(model.adapter_class) is not LORA:
+        return f"{getattr(model.adapter_class, '__name__', model.adapter_class)} adapters are not LoRA"
+    defaults = signature_defaults(model.adapter_class)
+    extra = {
+        k: v for k, v in model.adapter_kwargs.items() if k not in ("rank", "alpha") and v != defaults.get(k)
+    }
+    if extra:
+        return f"LoRA options {extra} have no place in PEFT's plain LoRA config"
+    if model.unfrozen_module_names:
+        return f"unfrozen layers {model.unfrozen_module_names[:8]} would need PEFT's modules_to_save"
+    if not model.replace_layers or "" in model.replace_layers:
+        return "the adapter wraps the root module itself, which PEFT cannot target"
+    for name in model.replace_layers:
+        layer = model.adapted_model.get_submodule(name).pretrained_module
+        if isinstance(layer, _CONV_TYPES):
+            if any(d != 1 for d in layer.dilation) or layer.padding_mode != "zeros":
+                return (
+                    f"layer {name!r} is a conv with dilation {layer.dilation} and padding_mode "
+                    f"{layer.padding_mode!r}; PEFT's LoRA conv has dilation 1 and zero padding"
+                )
+    return None
+
+
+def save_pretrained(model: Any, directory: str | os.PathLike[str]) -> str:
+    """Write ``model``'s adapters (only them) to ``directory``; returns the format written,
+    ``'peft'`` or ``'peft-twins'``. In a process group every rank must call it (the trainable
+    tensors are gathered) and rank 0 writes."""
+    tensors = model.trainable_state_dict()
+    refusal = peft_refusal(model)
+    if refusal is None:
+        kwargs = LORA.kwargs(model.adapter_kwargs)
+        config = peft_format.peft_config(model.replace_layers, rank=kwargs["rank"], alpha=kwargs["alpha"])
+        peft_tensors = peft_format.to_peft_keys(tensors)
+        write = lambda path: save_state_dict_file(peft_tensors, path, {"format": "pt"})  # noqa: E731
+    else:
+        config = peft_format.ours_config(
+            framework="torch",
+            adapter_class=_class_name(model.adapter_class),
+            adapter_kwargs=recorded_jsonable(model.adapter_kwargs),
+            adapted_layers=model.replace_layers,
+            unfrozen_layers=model.unfrozen_module_names,
+        )
+        metadata = model._file_metadata(tensors)
+        write = lambda path: save_state_dict_file(tensors, path, metadata)  # noqa: E731
+    if distributed.is_writer():
+        peft_format.write_adapter_directory(
+            directory, peft=refusal is None, config=config, write_weights=write
+        )
+    return "peft" if refusal is None else "peft-twins"
+
+
+def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLike[str]) -> Any:
+    """Wrap ``base_model`` (changed in place, like ``AdaptedModel``) in adapters rebuilt from
+    ``directory`` and load them. A refused load puts the base model back as it was."""
+    found = peft_format.read_adapter_directory(directory)
+    where = str(found.weights)
+    tensors, metadata = load_state_dict_file(found.weights)
+    if found.format == "peft":
+        tensors = peft_format.from_peft_keys(tensors, where=where)
+        lora = peft_format.lora_from_peft(
+            found.config, {k: tuple(v.shape) for k, v in tensors.items()}, where=str(directory)
+        )
+        candidates = [n for n, m in base_model.named_modules() if isinstance(m, (nn.Linear, *_CONV_TYPES))]
+        peft_format.check_peft_targets(found.config, lora.layers, candidates, where=str(directory))
+        adapter_class, kwargs = LoRA, _lora_kwargs(lora)
+        adapted, unfrozen, metadata = lora.layers, [], {}
+    else:
+        adapter_class = _adapter_class(found.config["adapter_class"], where)
+        kwargs = _resolve_kwargs(adapter_class, found.config["adapter_kwargs"], where)
+        adapted, unfrozen = found.config["adapted_layers"], found.config["unfrozen_layers"]
+    flags = [(p, p.requires_grad) for p in base_model.parameters()]
+    model = cls(
+        base_model,
+        adapter_class,
+        target_layers=[peft_format.escape_glob(name) for name in adapted],
+        unfrozen_layers=[peft_format.escape_glob(name) for name in unfrozen],
+        adapter_kwargs=kwargs,
+    )
+    try:
+        if sorted(model.replace_layers) != sorted(adapted):
+            raise CheckpointError(
+                f"{str(directory)!r} adapts layers {sorted(adapted)[:8]} but the model offers {sorted(model.replace_layers)[:8]}"
+            )
+        model._load_checked(tensors, metadata, where=where)
+    except BaseException:
+        _put_back(model, base_model, flags)
+        raise
+    return model
+
+
+def _lora_kwargs(lora: peft_format.PeftLoRA) -> dict[str, Any]:
+    """Our LoRA's kwargs for a PEFT LoRA config."""
+    kwargs: dict[str, Any] = {"rank": lora.rank, "alpha": lora.alpha}
+    accepted = signature_defaults(LoRA)
+    if lora.use_rslora:
+        if "use_rslora" in accepted:
+            kwargs["use_rslora"] = True
+        else:
+            raise PeftConversionError(
+                "the PEFT adapter uses use_rslora (scaling lora_alpha / sqrt(r)), which this LoRA cannot compute"
+            )
+    if lora.dropout:
+        if "dropout" in accepted:
+            kwargs["dropout"] = lora.dropout
+        else:
+            warnings.warn(
+                f"lora_dropout={lora.dropout} is not applied: this LoRA has no dropout (outputs in eval are the same)",
+                stacklevel=3,
+            )
+    return kwargs
+
+
+def _adapter_class(name: str, where: str) -> type[nn.Module]:
+    for adapter_class in ADAPTER_CLASSES:
+        if adapter_class.adapter_kind.name == name:
+            return adapter_class
+    raise CheckpointError(
+        f"{where!r} holds {name!r} adapters; torch_impl has {[c.adapter_kind.name for c in ADAPTER_CLASSES]}"
+    )
+
+
+def _resolve_kwargs(adapter_class: type, recorded: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Recorded kwargs back to Python values: a class-valued kwarg (Houlsby's ``activation``)
+    is recorded as a dotted name, resolved in this twin for the twins' own classes."""
+    defaults = signature_defaults(adapter_class)
+    out = {}
+    for key, value in recorded.items():
+        if isinstance(defaults.get(key), type) and isinstance(value, str):
+            value = resolve_recorded_class(
+                value, twin="torch_impl", refuse=("jax", "flax", "optax"), where=where
+            )
+        out[key] = value
+    return out
+
+
+def _class_name(adapter_class: Any) -> str:
+    kind = adapter_of(adapter_class)
+    return kind.name if kind is not None else getattr(adapter_class, "__name__", str(adapter_class))
+
+
+def _put_back(model: Any, base_model: nn.Module, flags: list[tuple[torch.Tensor, bool]]) -> None:
+    """Undo what building ``model`` did to ``base_model``: wrapped layers back in place,
+    ``requires_grad`` as it was."""
+    for name in model.replace_layers:
+        adapter = model.adapted_model.get_submodule(name)
+        wrapped = getattr(adapter, adapter_of(adapter).wrapped)
+        parent, _, leaf = name.rpartition(".")
+        setattr(base_model.get_submodule(parent) if parent else base_model, leaf, wrapped)
+    for param, flag in flags:
+        param.requires_grad_(flag)
