@@ -32,6 +32,7 @@ from interchange.names import dotted
 from interchange.state import FlatState
 
 from .graph import named_modules
+from .lora import LoRA
 
 __all__ = ["KIND_OF_TYPE", "TorchEntry", "assign", "layer_kind", "model_state", "torch_entries"]
 
@@ -45,6 +46,7 @@ KIND_OF_TYPE: tuple[tuple[type[nnx.Module], str], ...] = (
     (nnx.RMSNorm, "rms_norm"),
     (nnx.Embed, "embedding"),
     (nnx.BatchNorm, "batch_norm"),
+    (LoRA, "lora"),
 )
 # The order of a layer's entries in PyTorch's state_dict.
 _TORCH_ORDER = ("weight", "bias", "running_mean", "running_var")
