@@ -20,6 +20,7 @@ The wrapper exposes the wrapped layer's attributes read-only (``in_features``, `
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, ClassVar
 
@@ -241,9 +242,17 @@ class LoRA(nn.Module):
         return isinstance(self.pretrained_module, _CONV_TYPES)
 
     def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """``||W + s up @ down||`` per output row, detached (DoRA section 4.3, as PEFT does)."""
-        with torch.no_grad():
-            return _row_norm(weight.detach() + self._update(weight.dtype).detach())
+        """``||W + s up @ down||`` per output row, detached (DoRA section 4.3, as PEFT does), in the
+        weight's dtype even under autocast: one GEMM with the add in its epilogue, then the norm."""
+        up, down = self.adapter_up_proj.weight, self.adapter_down_proj.weight
+        with torch.no_grad(), _without_autocast(weight.device.type):
+            combined = torch.addmm(
+                weight.detach().flatten(1),
+                up.flatten(1).to(weight.dtype),
+                down.flatten(1).to(weight.dtype),
+                alpha=self.scaling,
+            )
+            return torch.linalg.vector_norm(combined, dim=1)
 
     def _update(self, dtype: torch.dtype) -> torch.Tensor:
         """``scaling * up @ down`` in the wrapped weight's layout, differentiable, in ``dtype``."""
@@ -376,6 +385,12 @@ def _check_embedding(embedding: nn.Embedding, use_dora: bool) -> None:
 def _row_norm(weight: torch.Tensor) -> torch.Tensor:
     """The L2 norm of each output row of a ``(out, in, *k)`` weight, shape ``(out,)``."""
     return torch.linalg.vector_norm(weight.flatten(1), dim=1)
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _has_own(module: nn.Module, name: str) -> bool:
