@@ -2,11 +2,15 @@
 
 Framework-free; works on files of either framework's origin (the format is shared) and on a
 base file in either layout (the output keeps the base file's layout). For every adapted layer
-``<name>``: ``<name>.weight += scaling * up @ down`` computed in float32 and cast back to the
-weight's dtype, exactly as ``LoRA.merge`` does (conv too: ``up (out, rank, 1..)``,
-``down (rank, in, *k)``); ``scaling = alpha / rank`` from the adapter file's ``adapter_kwargs``.
-Layers the adapter file holds in full (its ``unfrozen_layers``) replace the base's. Houlsby
-adapters have a nonlinearity between their projections and cannot be merged: refused.
+``<name>``, the LoRA declaration's merge rule (:func:`interchange.adapters.lora_merge`, what
+``LoRA.merge`` computes): ``<name>.weight += scaling * up @ down`` in float32, cast back to the
+weight's dtype (conv too: ``up (out, rank, 1..)``, ``down (rank, in, *k)``; embeddings:
+``down (num, rank) @ up (dim, rank).T``), DoRA's magnitude then folded in; ``scaling`` is
+``alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``) from the adapter file's
+``adapter_kwargs``. Layers the adapter file holds in full (its ``unfrozen_layers``) replace the
+base's. Houlsby adapters have a nonlinearity between their projections and cannot be merged, and
+a weight stored through a parametrization (``weight_norm``'s ``parametrizations.weight.original0/1``)
+cannot be written exactly by a file merge: both are refused before anything is written.
 
 Everything is checked from the two headers before the output is written; the base is streamed
 tensor by tensor and the write is atomic.
@@ -21,18 +25,20 @@ from typing import Any
 
 import numpy as np
 
+from interchange.adapters import LORA, lora_scaling
 from interchange.errors import MergeError
 
 from .checkpoint import KeyReport, parse_metadata
 from .file_convert import file_layer_kinds, progress_bar
 from .files import TensorFile, TensorSpec, numpy_dtype, write_safetensors
-from .views import ADAPTER_PROJECTIONS, TensorView, file_view, to_flax_layout, to_torch_layout
+from .views import TensorView, file_view, to_flax_layout, to_torch_layout
 
 __all__ = ["MergeError", "merge_adapter_file"]
 
 _PREFIX = "adapted_model."
 _WRAPPED = ("pretrained_module", "pretrained_linear")
-_LORA_DEFAULTS = {"rank": 16, "alpha": 1.0}  # LoRA's signature defaults, as AdaptedModel uses them
+_PROJECTIONS = ("adapter_down_proj", "adapter_up_proj")  # each a child layer with a weight
+_DIRECT = tuple(f for f in LORA.factors if f not in _PROJECTIONS)  # parameters of the LoRA itself
 
 
 def merge_adapter_file(
@@ -86,18 +92,20 @@ def merge_adapter_file(
         raise ValueError(f"the merged file must be a .safetensors file, got {str(out_path)!r}")
     with TensorFile(adapter_path) as adapter_file:
         scaling, rank, kwargs = _scaling(adapter_file, adapter_kwargs)
-        adapter = to_torch_layout(
-            file_view(adapter_file), adapter_file.layout, file_layer_kinds(adapter_file)
-        )
+        adapter_kinds = file_layer_kinds(adapter_file)
+        adapter = to_torch_layout(file_view(adapter_file), adapter_file.layout, adapter_kinds)
         updates, replacements = _split_adapter(adapter, str(adapter_path))
-        factors = {name: (adapter.read(down), adapter.read(up)) for name, (down, up) in updates.items()}
+        factors = {
+            name: {leaf: adapter.read(key) for leaf, key in found.items()} for name, found in updates.items()
+        }
         replaced = {key: adapter.read(source) for key, source in replacements.items()}
     with TensorFile(base_path) as base_file:
         kinds = file_layer_kinds(base_file)
         base = to_torch_layout(file_view(base_file, zero_copy=True), base_file.layout, kinds)
         base, kinds = _plain_names(base, kinds, str(base_path))
-        notes = _check(base, factors, replaced, rank, scaling, str(base_path))
-        merged = _merged_view(base, factors, replaced, scaling)
+        wrapped_kinds = {layer: _wrapped_kind(layer, kinds, adapter_kinds) for layer in factors}
+        notes = _check(base, factors, replaced, kwargs, wrapped_kinds, str(base_path))
+        merged = _merged_view(base, factors, replaced, kwargs, wrapped_kinds)
         if base_file.layout == "flax":
             merged, dropped = to_flax_layout(merged, kinds)
             notes += dropped
@@ -129,20 +137,21 @@ def _scaling(adapter_file: TensorFile, given: Mapping[str, Any] | None) -> tuple
             f"{where!r} records no adapter class and kwargs (a SpeechBrain .ckpt?): pass the LoRA "
             "rank and alpha it was trained with (adapter_kwargs={'rank': ..., 'alpha': ...}, CLI --rank/--alpha)"
         )
-    kwargs = {**_LORA_DEFAULTS, **(recorded if isinstance(recorded, dict) else {})}
+    kwargs = LORA.kwargs(recorded if isinstance(recorded, dict) else {})
     if given is not None:
         for key, value in given.items():
             if recorded is not None and key in recorded and recorded[key] != value:
                 raise MergeError(f"{where!r} records {key}={recorded[key]!r}, but {key}={value!r} was given")
             kwargs[key] = value
-    rank, alpha = kwargs["rank"], kwargs["alpha"]
+    rank = kwargs["rank"]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise MergeError(f"{where!r}: LoRA rank must be an integer >= 1, got {rank!r}")
-    return alpha / rank, rank, kwargs
+    return lora_scaling(kwargs), rank, kwargs
 
 
-def _split_adapter(adapter: TensorView, where: str) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
-    """``({layer: (down key, up key)}, {plain base key: adapter key})`` with plain layer names."""
+def _split_adapter(adapter: TensorView, where: str) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """``({layer: {tensor relative to the LoRA: adapter key}}, {plain base key: adapter key})``
+    with plain layer names (``'adapter_down_proj.weight'``, ``'adapter_magnitude'``, ...)."""
     updates: dict[str, dict[str, str]] = {}
     replacements: dict[str, str] = {}
     for key in adapter.names:
@@ -152,26 +161,37 @@ def _split_adapter(adapter: TensorView, where: str) -> tuple[dict[str, tuple[str
             )
         module, _, leaf = key.rpartition(".")
         parent, _, child = module.rpartition(".")
-        if child in ADAPTER_PROJECTIONS:
+        if child in _PROJECTIONS:
             if leaf != "weight":
                 raise MergeError(
                     f"{where!r}: {key!r} is not part of a LoRA adapter (LoRA projections have no {leaf})"
                 )
             layer = parent[len(_PREFIX) :] if parent != "adapted_model" else ""
-            updates.setdefault(layer, {})[child] = key
+            updates.setdefault(layer, {})[f"{child}.weight"] = key
+        elif leaf in _DIRECT:
+            layer = module[len(_PREFIX) :] if module != "adapted_model" else ""
+            updates.setdefault(layer, {})[leaf] = key
         else:
             replacements[key[len(_PREFIX) :]] = key
-    pairs = {}
     for layer, found in updates.items():
-        missing = [p for p in ADAPTER_PROJECTIONS if p not in found]
+        missing = [p for p in _PROJECTIONS if f"{p}.weight" not in found]
         if missing:
             raise MergeError(
                 f"{where!r}: the adapter of layer {layer or '<root>'!r} lacks {missing[0]}.weight"
             )
-        pairs[layer] = (found["adapter_down_proj"], found["adapter_up_proj"])
-    if not pairs:
+    if not updates:
         raise MergeError(f"{where!r} holds no LoRA adapter weights (keys '...adapter_down_proj.weight')")
-    return pairs, replacements
+    return updates, replacements
+
+
+def _wrapped_kind(layer: str, base_kinds: Mapping[str, str], adapter_kinds: Mapping[str, str]) -> str | None:
+    """The adapted layer's kind, as recorded by the base file, or by the adapter file (its
+    pretrained module or, for an embedding, its down factor)."""
+    inside = f"{_PREFIX}{layer}." if layer else _PREFIX
+    kind = base_kinds.get(layer) or adapter_kinds.get(f"{inside}pretrained_module")
+    if kind is None and adapter_kinds.get(f"{inside}adapter_down_proj") == "embedding":
+        kind = "embedding"
+    return kind
 
 
 def _plain_names(base: TensorView, kinds: dict[str, str], where: str) -> tuple[TensorView, dict[str, str]]:
@@ -181,7 +201,7 @@ def _plain_names(base: TensorView, kinds: dict[str, str], where: str) -> tuple[T
     specs, readers = {}, {}
     for name in base.names:
         parts = name[len(_PREFIX) :].split(".")
-        if any(part in ADAPTER_PROJECTIONS for part in parts):
+        if any(part in LORA.factors for part in parts):
             raise MergeError(
                 f"{where!r} holds adapter weights ({name!r}); the base file must be the model without adapters"
             )
@@ -197,28 +217,60 @@ def _plain_names(base: TensorView, kinds: dict[str, str], where: str) -> tuple[T
 
 def _check(
     base: TensorView,
-    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    factors: Mapping[str, Mapping[str, np.ndarray]],
     replaced: Mapping[str, np.ndarray],
-    rank: int,
-    scaling: float,
+    kwargs: Mapping[str, Any],
+    wrapped_kinds: dict[str, str | None],
     where: str,
 ) -> list[str]:
     notes = []
-    for layer, (down, up) in factors.items():
+    rank, scaling, dora = kwargs["rank"], lora_scaling(kwargs), bool(kwargs.get("use_dora"))
+    for layer, tensors in factors.items():
         key = f"{layer}.weight" if layer else "weight"
+        down, up = tensors["adapter_down_proj.weight"], tensors["adapter_up_proj.weight"]
         if key not in base.specs:
+            parametrized = [k for k in base.specs if k.startswith(f"{layer}.parametrizations.weight.")]
+            if parametrized:
+                raise MergeError(
+                    f"layer {layer!r}: its weight is stored through a parametrization in {where!r} "
+                    f"({', '.join(sorted(parametrized))}; weight_norm's g and v), which a file merge cannot "
+                    "write exactly; merge in the model instead (torch_impl.merge_lora writes through the "
+                    "parametrization's right_inverse and checks it) and save that"
+                )
             raise MergeError(f"the adapter adapts layer {layer or '<root>'!r} but {where!r} has no {key!r}")
-        if down.shape[0] != rank or up.shape[1] != rank:
+        weight_shape = tuple(base.shape(key))
+        kind = wrapped_kinds.get(layer)
+        if (
+            kind is None
+            and down.ndim == 2
+            and weight_shape == (down.shape[0], up.shape[0]) != (up.shape[0], down.shape[1])
+        ):
+            kind = "embedding"  # only an embedding's factors give this weight's shape
+        wrapped_kinds[layer] = kind
+        embedding = kind == "embedding"
+        down_rank = down.shape[1] if embedding else down.shape[0]
+        if down_rank != rank or up.shape[1] != rank:
             raise MergeError(
                 f"layer {layer!r}: adapter factors down {down.shape} / up {up.shape} do not have the recorded rank {rank}"
             )
-        delta_shape = (up.shape[0], *down.shape[1:])
-        if tuple(base.shape(key)) != delta_shape:
+        delta_shape = (down.shape[0], up.shape[0]) if embedding else (up.shape[0], *down.shape[1:])
+        if weight_shape != delta_shape:
             raise MergeError(
                 f"layer {layer!r}: the adapter's update has shape {delta_shape} but {key!r} in {where!r} "
                 f"has shape {base.shape(key)}"
             )
-        notes.append(f"merged the LoRA update into {key} (scaling {scaling})")
+        magnitude = tensors.get("adapter_magnitude")
+        if dora != (magnitude is not None):
+            raise MergeError(
+                f"layer {layer!r}: the adapter file records use_dora={dora} but "
+                f"{'has no' if dora else 'holds an'} adapter_magnitude for it"
+            )
+        if dora and magnitude.shape != (weight_shape[0],):
+            raise MergeError(
+                f"layer {layer!r}: adapter_magnitude has shape {magnitude.shape}, expected ({weight_shape[0]},)"
+            )
+        extra = ", DoRA magnitude folded in" if dora else ""
+        notes.append(f"merged the LoRA update into {key} (scaling {scaling}{extra})")
     for key, array in replaced.items():
         if key not in base.specs:
             raise MergeError(
@@ -232,26 +284,25 @@ def _check(
 
 def _merged_view(
     base: TensorView,
-    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    factors: Mapping[str, Mapping[str, np.ndarray]],
     replaced: Mapping[str, np.ndarray],
-    scaling: float,
+    kwargs: Mapping[str, Any],
+    wrapped_kinds: Mapping[str, str | None],
 ) -> TensorView:
     readers = dict(base.readers)
-    for layer, (down, up) in factors.items():
+    for layer, tensors in factors.items():
         key = f"{layer}.weight" if layer else "weight"
-        readers[key] = _merging_reader(base.readers[key], down, up, scaling)
+        readers[key] = _merging_reader(
+            base.readers[key], tensors, kwargs, wrapped_kinds.get(layer) or "linear"
+        )
     for key, array in replaced.items():
         readers[key] = lambda array=array: array
     return TensorView(dict(base.specs), readers)
 
 
-def _merging_reader(read, down: np.ndarray, up: np.ndarray, scaling: float):
+def _merging_reader(read, tensors: Mapping[str, np.ndarray], kwargs: Mapping[str, Any], kind: str):
     def read_merged() -> np.ndarray:
-        weight = read()
-        up32 = up.astype(np.float32).reshape(up.shape[0], -1)  # (out, rank)
-        down32 = down.astype(np.float32).reshape(down.shape[0], -1)  # (rank, in * prod(k))
-        delta = (up32 @ down32).reshape(weight.shape) * np.float32(scaling)
-        return (weight.astype(np.float32) + delta).astype(weight.dtype)
+        return LORA.merge(read(), tensors, kwargs, kind)
 
     return read_merged
 

@@ -7,22 +7,28 @@ and ``...adapter_up_proj.weight``, in the same layouts, so the tensors cross unc
 care is the scaling and what each side can express. This module reads and writes the files
 itself; it never imports ``peft``.
 
-Scaling: PEFT uses ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with ``use_rslora``); ours is
-``alpha / rank``. So ``alpha = lora_alpha`` (or ``lora_alpha * sqrt(r)``, equal up to float
-rounding, noted in the report).
+The options cross as they are: ``lora_dropout`` <-> ``dropout``, ``use_rslora`` <-> ``use_rslora``
+(``scaling = alpha / sqrt(rank)``: ``alpha = lora_alpha`` exactly), ``use_dora`` <-> ``use_dora``
+with ``lora_magnitude_vector`` (``(out,)``; convs ``(1, out, 1..)``) <-> ``adapter_magnitude``
+(``(out,)``). Embedding adapters: ``lora_embedding_A`` ``(r, num)`` is our
+``adapter_down_proj.weight`` transposed, ``lora_embedding_B`` ``(dim, r)`` our
+``adapter_up_proj.weight``.
+
+The config is validated as ``PeftModel.from_pretrained`` validates it: ``r`` a positive integer,
+``lora_alpha`` a number, ``target_modules`` present, ``lora_dropout`` a probability,
+``use_rslora``/``use_dora`` booleans.
 
 Refused with :class:`PeftConversionError`, never approximated:
 
 - to PEFT: Houlsby adapters; ``unfrozen_layers`` (PEFT's ``modules_to_save`` is not written);
   a merged LoRA; a LoRA on the root module; conv adapters on a dilated conv or a conv with
   ``padding_mode != 'zeros'`` (PEFT's ``lora_A`` conv has neither).
-- from PEFT: any ``peft_type`` but LORA; DoRA; ``modules_to_save``; ``bias != 'none'`` and
-  ``lora_bias``; ``fan_in_fan_out``; initialisations that change the base weights (PiSSA, OLoRA,
-  LoftQ, CorDA, LoRA-GA); ``target_parameters``, ``trainable_token_indices``,
-  ``layer_replication`` and the other variants; per-layer ranks or alphas
-  (``rank_pattern``/``alpha_pattern``) that differ, since our AdaptedModel has one rank and alpha;
-  tensors other than ``lora_A``/``lora_B`` weights (e.g. LoRA on embeddings). ``lora_dropout``
-  does not change a trained adapter's outputs at eval: accepted, with a note.
+- from PEFT: any ``peft_type`` but LORA; DoRA on embeddings; ``modules_to_save``;
+  ``bias != 'none'`` and ``lora_bias``; ``fan_in_fan_out``; initialisations that change the base
+  weights (PiSSA, OLoRA, LoftQ, CorDA, LoRA-GA); ``target_parameters``,
+  ``trainable_token_indices``, ``layer_replication`` and the other variants; per-layer ranks or
+  alphas (``rank_pattern``/``alpha_pattern``) that differ, since our AdaptedModel has one rank
+  and alpha; tensors other than the LoRA factors and DoRA magnitudes named above.
 
 Example
 -------
@@ -53,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from interchange.adapters import LORA, implied_kinds, lora_scaling
 from interchange.errors import PeftConversionError
 
 from .checkpoint import KeyReport, adapter_metadata, parse_metadata
@@ -75,10 +82,12 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 _PEFT_PREFIX = "base_model.model."
 _OURS_PREFIX = "adapted_model."
 _FACTORS = {"lora_A": "adapter_down_proj", "lora_B": "adapter_up_proj"}
+_EMBEDDING_FACTORS = {"lora_embedding_A": "adapter_down_proj", "lora_embedding_B": "adapter_up_proj"}
+_MAGNITUDE = "lora_magnitude_vector"
+_OPTION_DEFAULTS = {"dropout": 0.0, "use_rslora": False, "use_dora": False}
 
 # PEFT config fields whose presence (a value other than None/False/empty) we cannot express.
 _UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "lora_bias": "lora_bias (a bias on lora_B)",
     "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D layers)",
@@ -103,8 +112,9 @@ class PeftAdapter:
     """A PEFT LoRA adapter read into our terms.
 
     ``tensors`` holds our adapter keys (``adapted_model.<layer>.adapter_down_proj.weight``, ...)
-    in torch layout; ``layers`` the adapted layers' dotted names; ``rank`` and ``alpha`` our
-    LoRA's arguments (``scaling = alpha / rank``).
+    in torch layout; ``layers`` the adapted layers' dotted names; ``rank``, ``alpha`` and
+    ``options`` (``dropout``, ``use_rslora``, ``use_dora``, those that differ from the defaults)
+    our LoRA's arguments; ``embeddings`` the layers whose adapter is an embedding's.
     """
 
     config: dict[str, Any]
@@ -113,10 +123,12 @@ class PeftAdapter:
     alpha: float
     tensors: dict[str, np.ndarray]
     notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    embeddings: list[str] = field(default_factory=list)
 
     @property
     def adapter_kwargs(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": self.alpha}
+        return {"rank": self.rank, "alpha": self.alpha, **self.options}
 
 
 def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter:
@@ -148,22 +160,50 @@ def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter:
         raise PeftConversionError(f"{str(weights_path)!r} holds no LoRA weights")
 
     r, lora_alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    use_dora = bool(config.get("use_dora"))
     ranks: dict[str, tuple[int, float]] = {}
     tensors: dict[str, np.ndarray] = {}
+    embeddings = []
     for layer, found in factors.items():
-        if set(found) != set(_FACTORS):
-            missing = sorted(set(_FACTORS) - set(found))
-            raise PeftConversionError(f"{str(weights_path)!r}: layer {layer!r} lacks {missing[0]}.weight")
-        a, b = found["lora_A"], found["lora_B"]
+        embedding = any(name in _EMBEDDING_FACTORS for name in found)
+        names = _EMBEDDING_FACTORS if embedding else _FACTORS
+        expected = set(names) | ({_MAGNITUDE} if use_dora else set())
+        if embedding and use_dora:
+            raise PeftConversionError(
+                f"{str(weights_path)!r}: layer {layer!r} is an embedding adapted with DoRA, which our LoRA "
+                "does not support (DoRA wraps Linear and Conv layers)"
+            )
+        if set(found) != expected:
+            missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
+            what = (
+                f"lacks {missing[0]}" if missing else f"holds {extra[0]}, unexpected with use_dora={use_dora}"
+            )
+            raise PeftConversionError(f"{str(weights_path)!r}: layer {layer!r} {what}")
+        a, b = (found[name] for name in names)
         layer_r = _pattern_value(config.get("rank_pattern") or {}, layer, r)
         layer_alpha = _pattern_value(config.get("alpha_pattern") or {}, layer, lora_alpha)
-        if a.shape[0] != layer_r or b.shape[1] != layer_r or any(n != 1 for n in b.shape[2:]):
+        if embedding:
+            fits = a.ndim == 2 and b.ndim == 2 and a.shape[0] == layer_r and b.shape[1] == layer_r
+        else:
+            fits = a.shape[0] == layer_r and b.shape[1] == layer_r and all(n == 1 for n in b.shape[2:])
+        if not fits:
             raise PeftConversionError(
-                f"layer {layer!r}: lora_A {a.shape} / lora_B {b.shape} do not fit rank {layer_r} from {PEFT_CONFIG_NAME}"
+                f"layer {layer!r}: {'/'.join(names)} of shapes {a.shape} / {b.shape} do not fit rank "
+                f"{layer_r} from {PEFT_CONFIG_NAME}"
             )
         ranks[layer] = (layer_r, layer_alpha)
-        tensors[f"{_OURS_PREFIX}{layer}.adapter_down_proj.weight"] = a
-        tensors[f"{_OURS_PREFIX}{layer}.adapter_up_proj.weight"] = b
+        prefix = f"{_OURS_PREFIX}{layer}"
+        tensors[f"{prefix}.adapter_down_proj.weight"] = np.ascontiguousarray(a.T) if embedding else a
+        tensors[f"{prefix}.adapter_up_proj.weight"] = b
+        if use_dora:
+            magnitude = found[_MAGNITUDE]
+            if magnitude.size != b.shape[0] or sum(n != 1 for n in magnitude.shape) > 1:
+                raise PeftConversionError(
+                    f"layer {layer!r}: {_MAGNITUDE} of shape {magnitude.shape} does not fit {b.shape[0]} outputs"
+                )
+            tensors[f"{prefix}.adapter_magnitude"] = np.ascontiguousarray(magnitude.reshape(-1))
+        if embedding:
+            embeddings.append(layer)
     if len(set(ranks.values())) > 1:
         shown = ", ".join(f"{layer!r}: r={r_}, alpha={a_}" for layer, (r_, a_) in list(ranks.items())[:8])
         raise PeftConversionError(
@@ -171,18 +211,24 @@ def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter:
             f"{shown}); our AdaptedModel has one rank and one alpha for all its LoRA layers"
         )
     rank, peft_alpha = next(iter(ranks.values()))
-    alpha = float(peft_alpha)
-    if config.get("use_rslora"):
-        alpha = float(peft_alpha) * math.sqrt(rank)
-        notes.append(
-            f"use_rslora: scaling lora_alpha/sqrt(r) = {peft_alpha / math.sqrt(rank)!r} expressed as "
-            f"alpha/rank with alpha = {alpha!r} (equal up to float rounding: {alpha / rank!r})"
-        )
-    return PeftAdapter(config, list(factors), int(rank), alpha, tensors, notes)
+    options = {
+        "dropout": float(config.get("lora_dropout") or 0.0),
+        "use_rslora": bool(config.get("use_rslora")),
+        "use_dora": use_dora,
+    }
+    options = {key: value for key, value in options.items() if value != _OPTION_DEFAULTS[key]}
+    return PeftAdapter(
+        config, list(factors), int(rank), float(peft_alpha), tensors, notes, options, embeddings
+    )
 
 
 def import_peft_adapter(
-    directory: str | os.PathLike[str], model: Any, *, rngs: Any = None, strict: bool = True
+    directory: str | os.PathLike[str],
+    model: Any,
+    *,
+    rngs: Any = None,
+    strict: bool = True,
+    is_trainable: bool = False,
 ) -> tuple[Any, KeyReport]:
     """Load a PEFT LoRA adapter into our adapters, in either framework.
 
@@ -200,6 +246,9 @@ def import_peft_adapter(
         ``nnx.Rngs(0)``.
     strict : bool
         Passed to the load (see :func:`converters.torch_to_flax`).
+    is_trainable : bool
+        As ``PeftModel.from_pretrained``: by default the model is returned in eval mode (dropout
+        off, as PEFT loads for inference); True leaves its mode as it is, for further training.
 
     Returns
     -------
@@ -219,6 +268,8 @@ def import_peft_adapter(
         adapted = _build_adapted_model(model, adapter, framework, rngs)
     report = load_into(adapter.tensors, adapted, strict=strict)
     report.notes = adapter.notes + report.notes
+    if not is_trainable:
+        adapted.eval()
     return adapted, report
 
 
@@ -252,22 +303,33 @@ def export_peft_adapter(
         The PEFT config written.
     """
     if _is_adapted_model(source):
-        layers, rank, alpha, tensors = _from_model(source)
+        layers, kwargs, tensors, embeddings = _from_model(source)
     elif isinstance(source, (str, os.PathLike)):
-        layers, rank, alpha, tensors = _from_file(source, conv_geometry_checked)
+        layers, kwargs, tensors, embeddings = _from_file(source, conv_geometry_checked)
     else:
         raise TypeError(
             f"source must be a LoRA AdaptedModel or an adapter file path, got {type(source).__name__}"
         )
     if "" in layers:
         raise PeftConversionError("the LoRA adapter wraps the root module itself, which PEFT cannot target")
-    config = _peft_config(layers, rank, alpha, base_model_name_or_path)
+    kwargs = LORA.kwargs(kwargs)
+    config = _peft_config(layers, kwargs, base_model_name_or_path)
     peft_tensors = {}
     for layer in layers:
-        for factor, ours in _FACTORS.items():
-            peft_tensors[f"{_PEFT_PREFIX}{layer}.{factor}.weight"] = tensors[
-                f"{_OURS_PREFIX}{layer}.{ours}.weight"
-            ]
+        ours = f"{_OURS_PREFIX}{layer}"
+        down, up = tensors[f"{ours}.adapter_down_proj.weight"], tensors[f"{ours}.adapter_up_proj.weight"]
+        theirs = f"{_PEFT_PREFIX}{layer}"
+        if layer in embeddings:
+            peft_tensors[f"{theirs}.lora_embedding_A"] = np.ascontiguousarray(down.T)
+            peft_tensors[f"{theirs}.lora_embedding_B"] = up
+        else:
+            peft_tensors[f"{theirs}.lora_A.weight"] = down
+            peft_tensors[f"{theirs}.lora_B.weight"] = up
+        if kwargs["use_dora"]:
+            magnitude = tensors[f"{ours}.adapter_magnitude"]
+            # PEFT keeps a conv's magnitude as (1, out, 1, ...), a Linear's as (out,).
+            shape = (1, -1) + (1,) * (down.ndim - 2) if down.ndim > 2 else (-1,)
+            peft_tensors[f"{theirs}.{_MAGNITUDE}"] = np.ascontiguousarray(magnitude.reshape(shape))
     _write_directory(Path(directory), config, peft_tensors)
     return config
 
@@ -284,6 +346,14 @@ def peft_to_adapter_file(directory: str | os.PathLike[str], path: str | os.PathL
         adapter_kwargs=adapter.adapter_kwargs,
         target_layers=[_escape_glob(layer) for layer in adapter.layers],
     )
+    # Recorded so that a conversion never has to guess an embedding adapter's layout.
+    kinds = {}
+    for layer in adapter.embeddings:
+        kinds[f"{_OURS_PREFIX}{layer}.{LORA.wrapped}"] = "embedding"
+        kinds[f"{_OURS_PREFIX}{layer}.adapter_down_proj"] = "embedding"
+        kinds[f"{_OURS_PREFIX}{layer}.adapter_up_proj"] = "linear"
+    if kinds:
+        metadata["layer_kinds"] = json.dumps(kinds, sort_keys=True)
     write_safetensors(path, adapter.tensors, metadata)
     return KeyReport(loaded=list(adapter.tensors), notes=adapter.notes)
 
@@ -309,22 +379,63 @@ def _check_config(config: Mapping[str, Any], where: str) -> list[str]:
             f"{where!r}: init_lora_weights={init!r} rewrites the base weights at initialisation, so the "
             "adapter alone does not describe the fine-tuned model"
         )
-    if config.get("use_rslora") and (config.get("rank_pattern") or config.get("alpha_pattern")):
-        raise PeftConversionError(f"{where!r}: use_rslora with rank_pattern/alpha_pattern is not supported")
+    _check_values(config, where)
     notes = []
     if config.get("lora_dropout"):
-        notes.append(f"lora_dropout={config['lora_dropout']} is ignored: it does not change outputs at eval")
+        notes.append(f"lora_dropout={config['lora_dropout']}: carried as dropout (on in training mode only)")
     return notes
 
 
+def _check_values(config: Mapping[str, Any], where: str) -> None:
+    """The checks ``LoraConfig`` and ``update_layer`` make when ``PeftModel.from_pretrained``
+    loads the config (a string ``"2"`` for ``r`` fails there too, with a TypeError)."""
+    r = config.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise PeftConversionError(f"{where!r}: r must be a positive integer, got {r!r}")
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise PeftConversionError(f"{where!r}: lora_alpha must be a number, got {alpha!r}")
+    for key, patterns in (("rank_pattern", True), ("alpha_pattern", False)):
+        for pattern, value in (config.get(key) or {}).items():
+            bad = isinstance(value, bool) or not isinstance(value, (int, float) if not patterns else int)
+            if bad or (patterns and value < 1):
+                raise PeftConversionError(
+                    f"{where!r}: {key}[{pattern!r}] must be a positive number, got {value!r}"
+                )
+    targets = config.get("target_modules")
+    if targets is None or targets == [] or targets == "":
+        raise PeftConversionError(
+            f"{where!r}: the config has no target_modules; PEFT fills them in only for the model types "
+            "it knows, from the base model, which an adapter file does not name: give target_modules"
+        )
+    if not isinstance(targets, (str, list)) or (
+        isinstance(targets, list) and not all(isinstance(t, str) for t in targets)
+    ):
+        raise PeftConversionError(
+            f"{where!r}: target_modules must be a string or a list of strings, got {targets!r}"
+        )
+    dropout = config.get("lora_dropout", 0.0)
+    if dropout is None:
+        dropout = 0.0
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise PeftConversionError(f"{where!r}: lora_dropout must be a probability in [0, 1), got {dropout!r}")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            raise PeftConversionError(f"{where!r}: {key} must be true or false, got {config[key]!r}")
+
+
 def _parse_peft_key(key: str, where: str) -> tuple[str, str]:
-    match = re.fullmatch(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight", key)
+    match = re.fullmatch(
+        r"base_model\.model\.(.+)\.(?:(lora_A|lora_B)\.weight|(lora_embedding_A|lora_embedding_B|lora_magnitude_vector))",
+        key,
+    )
     if match is None:
         raise PeftConversionError(
-            f"{where!r}: tensor {key!r} is not a LoRA factor 'base_model.model.<layer>.lora_A/lora_B.weight'; "
-            "only LoRA on Linear and Conv layers converts"
+            f"{where!r}: tensor {key!r} is not a LoRA factor ('base_model.model.<layer>.lora_A/lora_B.weight', "
+            "'...lora_embedding_A/B', '...lora_magnitude_vector'); only LoRA and DoRA on Linear, Conv and "
+            "Embedding layers convert"
         )
-    return match.group(1), match.group(2)
+    return match.group(1), match.group(2) or match.group(3)
 
 
 def _pattern_value(patterns: Mapping[str, Any], layer: str, default: Any) -> Any:
@@ -382,8 +493,14 @@ def _check_peft_geometry(layer: str, module: Any, framework: str) -> None:
     """PEFT's conv lora_A copies kernel, stride and padding only; ours copies dilation too."""
     if not _is_lora_layer(module, framework):
         raise PeftConversionError(
-            f"layer {layer!r} is a {type(module).__name__}; our LoRA wraps Linear and Conv layers"
+            f"layer {layer!r} is a {type(module).__name__}; our LoRA wraps Linear, Conv and Embedding layers"
         )
+    if _is_embedding(module, framework):
+        if getattr(module, "max_norm", None) is not None:
+            raise PeftConversionError(
+                f"layer {layer!r}: an embedding with max_norm={module.max_norm}, which our LoRA refuses"
+            )
+        return
     if framework == "torch":
         dilation = getattr(module, "dilation", (1,))
         padding_mode = getattr(module, "padding_mode", "zeros")
@@ -405,10 +522,20 @@ def _is_lora_layer(module: Any, framework: str) -> bool:
     if framework == "torch":
         from torch import nn
 
-        return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))
     from flax import nnx
 
-    return isinstance(module, (nnx.Linear, nnx.Conv))
+    return isinstance(module, (nnx.Linear, nnx.Conv, nnx.Embed))
+
+
+def _is_embedding(module: Any, framework: str) -> bool:
+    if framework == "torch":
+        from torch import nn
+
+        return isinstance(module, nn.Embedding)
+    from flax import nnx
+
+    return isinstance(module, nnx.Embed)
 
 
 def _named_modules(model: Any, framework: str) -> tuple[list[str], dict[str, Any]]:
@@ -435,13 +562,17 @@ def _check_existing(model: Any, adapter: PeftAdapter) -> None:
         raise PeftConversionError(
             f"the target AdaptedModel uses {adapter_class} adapters; a PEFT LoRA adapter needs LoRA"
         )
-    kwargs = {"rank": 16, "alpha": 1.0, **model.adapter_kwargs}
-    if kwargs["rank"] != adapter.rank or not math.isclose(
-        kwargs["alpha"] / kwargs["rank"], adapter.alpha / adapter.rank
+    kwargs = LORA.kwargs(model.adapter_kwargs)
+    theirs = LORA.kwargs(adapter.adapter_kwargs)
+    if (
+        kwargs["rank"] != adapter.rank
+        or kwargs["use_dora"] != theirs["use_dora"]
+        or not math.isclose(lora_scaling(kwargs), lora_scaling(theirs))
     ):
+        shown = ("rank", "alpha", "use_rslora", "use_dora")
         raise PeftConversionError(
-            f"the target AdaptedModel has rank {kwargs['rank']} and alpha {kwargs['alpha']}, the PEFT adapter "
-            f"rank {adapter.rank} and alpha {adapter.alpha}"
+            f"the target AdaptedModel has {', '.join(f'{k}={kwargs[k]!r}' for k in shown)}, the PEFT adapter "
+            f"{', '.join(f'{k}={theirs[k]!r}' for k in shown)}"
         )
     if sorted(model.replace_layers) != sorted(adapter.layers):
         raise PeftConversionError(
@@ -476,7 +607,7 @@ def _escape_glob(name: str) -> str:
 # --- writing PEFT ------------------------------------------------------------------------------
 
 
-def _from_model(model: Any) -> tuple[list[str], int, float, dict[str, np.ndarray]]:
+def _from_model(model: Any) -> tuple[list[str], dict[str, Any], dict[str, np.ndarray], list[str]]:
     adapter_class = getattr(model.adapter_class, "__name__", str(model.adapter_class))
     if adapter_class != "LoRA":
         raise PeftConversionError(f"{adapter_class} adapters have no PEFT LoRA equivalent; only LoRA exports")
@@ -493,17 +624,23 @@ def _from_model(model: Any) -> tuple[list[str], int, float, dict[str, np.ndarray
                 f"layer {layer!r} is merged into its base weight; unmerge_lora(model) first"
             )
         _check_peft_geometry(layer, _wrapped(lora), framework)
-    kwargs = {"rank": 16, "alpha": 1.0, **model.adapter_kwargs}
+    embeddings = [
+        layer
+        for layer in model.replace_layers
+        if _is_embedding(_wrapped(_submodule(model.adapted_model, layer, framework)), framework)
+    ]
     state = model_state(model)
     tensors = {
         k: np.ascontiguousarray(state.read(k))
         for k in state.specs
-        if k.endswith((".adapter_down_proj.weight", ".adapter_up_proj.weight"))
+        if k.endswith((".adapter_down_proj.weight", ".adapter_up_proj.weight", ".adapter_magnitude"))
     }
-    return list(model.replace_layers), kwargs["rank"], kwargs["alpha"], tensors
+    return list(model.replace_layers), LORA.kwargs(model.adapter_kwargs), tensors, embeddings
 
 
-def _from_file(path: Any, conv_geometry_checked: bool) -> tuple[list[str], int, float, dict[str, np.ndarray]]:
+def _from_file(
+    path: Any, conv_geometry_checked: bool
+) -> tuple[list[str], dict[str, Any], dict[str, np.ndarray], list[str]]:
     where = str(path)
     with TensorFile(path) as tensor_file:
         if tensor_file.layout != "torch":
@@ -516,8 +653,12 @@ def _from_file(path: Any, conv_geometry_checked: bool) -> tuple[list[str], int, 
                 "with their adapter_kwargs in the metadata export to PEFT"
             )
         tensors = {name: tensor_file.get(name) for name in tensor_file.names}
+        specs = {name: tensor_file.spec(name) for name in tensor_file.names}
+        kinds = implied_kinds(tensor_file.names, specs, LORA, tensor_file.layer_kinds)
     layers = []
     for key, array in tensors.items():
+        if key.endswith(".adapter_magnitude"):
+            continue
         match = re.fullmatch(r"adapted_model\.(.*)\.adapter_(down|up)_proj\.weight", key)
         if match is None:
             raise PeftConversionError(
@@ -531,15 +672,21 @@ def _from_file(path: Any, conv_geometry_checked: bool) -> tuple[list[str], int, 
                     "dilation and padding mode, which PEFT cannot express unless 1 and 'zeros'. Confirm with "
                     "conv_geometry_checked=True (CLI --conv-geometry-checked)"
                 )
-    kwargs = {"rank": 16, "alpha": 1.0, **(meta.get("adapter_kwargs") or {})}
+    kwargs = LORA.kwargs(meta.get("adapter_kwargs") or {})
+    embeddings = [n for n in layers if kinds.get(f"{_OURS_PREFIX}{n}.adapter_down_proj") == "embedding"]
     for layer in layers:
         down = tensors.get(f"{_OURS_PREFIX}{layer}.adapter_down_proj.weight")
         up = tensors.get(f"{_OURS_PREFIX}{layer}.adapter_up_proj.weight")
-        if up is None or down.shape[0] != kwargs["rank"] or up.shape[1] != kwargs["rank"]:
+        down_rank = down.shape[1] if layer in embeddings else down.shape[0]
+        if up is None or down_rank != kwargs["rank"] or up.shape[1] != kwargs["rank"]:
             raise PeftConversionError(
                 f"{where!r}: layer {layer!r} lacks a factor or does not have rank {kwargs['rank']}"
             )
-    return layers, kwargs["rank"], kwargs["alpha"], tensors
+        if kwargs["use_dora"] and f"{_OURS_PREFIX}{layer}.adapter_magnitude" not in tensors:
+            raise PeftConversionError(
+                f"{where!r}: layer {layer!r} is recorded as DoRA but has no adapter_magnitude"
+            )
+    return layers, kwargs, tensors, embeddings
 
 
 def _submodule(model: Any, name: str, framework: str) -> Any:
@@ -556,20 +703,20 @@ def _wrapped(lora: Any) -> Any:
     return lora.pretrained_module
 
 
-def _peft_config(layers: Sequence[str], rank: int, alpha: float, base_model: str | None) -> dict[str, Any]:
+def _peft_config(layers: Sequence[str], kwargs: Mapping[str, Any], base_model: str | None) -> dict[str, Any]:
     # A regex matched with re.fullmatch selects exactly these layers; a list would also select
     # every module whose name merely ends with '.<layer>'.
     return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model,
-        "r": int(rank),
-        "lora_alpha": alpha,
+        "r": int(kwargs["rank"]),
+        "lora_alpha": kwargs["alpha"],
         "target_modules": "(?:" + "|".join(re.escape(layer) for layer in layers) + ")",
-        "lora_dropout": 0.0,
+        "lora_dropout": float(kwargs["dropout"]),
         "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
+        "use_rslora": bool(kwargs["use_rslora"]),
+        "use_dora": bool(kwargs["use_dora"]),
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "init_lora_weights": True,

@@ -33,7 +33,7 @@ from .activations import Swish
 from .adapted_model import AdaptedModel, TrainableFilter, is_layer_adaptable, replace_module
 from .houlsby import HoulsbyAdapterLinear
 from .lora import LoRA
-from .merge import merge_lora, unmerge_lora
+from .merge import merge_and_unload, merge_lora, unload, unmerge_lora
 
 __version__ = "0.2.0"
 
@@ -53,7 +53,9 @@ __all__ = [
     "UnknownLayerError",
     "__version__",
     "is_layer_adaptable",
+    "merge_and_unload",
     "merge_lora",
     "replace_module",
+    "unload",
     "unmerge_lora",
 ]

@@ -40,6 +40,7 @@ from interchange.plan import plan_load
 from interchange.state import FlatState
 
 from .graph import named_modules
+from .lora import LoRA
 
 __all__ = ["KIND_OF_TYPE", "TorchEntry", "assign", "layer_kind", "model_state", "torch_entries"]
 
@@ -57,6 +58,7 @@ KIND_OF_TYPE: list[
     (nnx.RMSNorm, "rms_norm"),
     (nnx.Embed, "embedding"),
     (nnx.BatchNorm, "batch_norm"),
+    (LoRA, "lora"),
 ]
 
 

@@ -1,12 +1,22 @@
-"""LoRA on an ``nnx.Linear`` or ``nnx.Conv``, with merging: the twin of ``torch_impl.lora``."""
+"""LoRA on an ``nnx.Linear``, ``nnx.Conv`` or ``nnx.Embed``, with PEFT's options (dropout, rsLoRA,
+DoRA) and exact merging: the twin of ``torch_impl.lora``.
+
+The options are keyword-only and compute what ``torch_impl.LoRA`` (and PEFT) compute with the
+same weights: ``use_rslora`` (``scaling = alpha / sqrt(rank)``), ``dropout`` (on the low-rank
+branch's input, when not ``deterministic``; ignored on embeddings, as PEFT does), ``use_dora``
+(a trainable ``adapter_magnitude`` per output feature, initialised to the kernel's column norms;
+output ``m / ||W + s down up|| * (W x + s up(down(x))) + b``, the norm under ``stop_gradient``).
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import math
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from interchange.adapters import LORA, AdapterKind
 from interchange.errors import AdapterInsertionError
@@ -31,21 +41,30 @@ class LoRA(nnx.Module):
     ``scaling = alpha / rank``. The up projection starts at zero, so a fresh adapter changes
     nothing. For ``nnx.Conv`` (1, 2 or 3 spatial dims) the down projection copies the
     pretrained conv's geometry (kernel_size, strides, padding, input and kernel dilation) and
-    the up projection is pointwise. Factors follow the wrapped kernel's dtype, the layer's
-    ``dtype`` and ``precision``, and the kernel's sharding: the down factor is partitioned
-    like the kernel's input axis, the up factor like its output axis, the rank axis never.
+    the up projection is pointwise. For ``nnx.Embed`` the down projection is an
+    ``nnx.Embed(num, rank)`` and the up projection an ``nnx.Linear(rank, features)``. Factors
+    follow the wrapped kernel's dtype, the layer's ``dtype`` and ``precision``, and the kernel's
+    sharding: the down factor is partitioned like the kernel's input axis, the up factor (and
+    DoRA's magnitude) like its output axis, the rank axis never.
 
     Arguments
     ---------
-    target_module: nnx.Linear or nnx.Conv
+    target_module: nnx.Linear, nnx.Conv or nnx.Embed
         The pretrained layer this adapter wraps; it is frozen under
         :attr:`AdaptedModel.trainable`.
     rank: int
         Rank of the update (at least 1).
     alpha: float
         Scaling numerator: ``scaling = alpha / rank``.
+    dropout: float
+        Keyword-only. Dropout probability on the low-rank branch's input (PEFT's
+        ``lora_dropout``); off under ``model.eval()``. Default 0.
+    use_rslora: bool
+        Keyword-only. Rank-stabilised scaling ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``).
+    use_dora: bool
+        Keyword-only. Weight-decomposed LoRA (PEFT's ``use_dora``), Linear and Conv only.
     rngs: nnx.Rngs
-        Random streams for the down projection's initial kernel.
+        Random streams for the down projection's initial kernel (and the dropout masks).
 
     Example
     -------
@@ -61,26 +80,63 @@ class LoRA(nnx.Module):
     >>> adapt = LoRA(base_conv, rank=4, rngs=nnx.Rngs(1))
     >>> adapt(x).shape == base_conv(x).shape
     True
+
+    >>> dora = LoRA(nnx.Linear(6, 5, rngs=nnx.Rngs(0)), rank=2, use_dora=True, use_rslora=True,
+    ...             rngs=nnx.Rngs(1))
+    >>> dora.adapter_magnitude.shape, round(dora.scaling, 4)
+    ((5,), 0.7071)
     """
 
     adapter_kind: ClassVar[AdapterKind] = LORA
 
     def __init__(
-        self, target_module: nnx.Linear | nnx.Conv, rank: int = 16, alpha: float = 1.0, *, rngs: nnx.Rngs
+        self,
+        target_module: nnx.Linear | nnx.Conv | nnx.Embed,
+        rank: int = 16,
+        alpha: float = 1.0,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+        rngs: nnx.Rngs,
     ) -> None:
-        if not isinstance(target_module, (nnx.Linear, nnx.Conv)):
+        if not isinstance(target_module, (nnx.Linear, nnx.Conv, nnx.Embed)):
             raise ValueError(
-                "LoRA supports nnx.Linear and nnx.Conv (1, 2 or 3 spatial dims) layers, "
+                "LoRA supports nnx.Linear, nnx.Conv (1, 2 or 3 spatial dims) and nnx.Embed layers, "
                 f"but instead got {type(target_module)}."
             )
         check_size("rank", rank)
+        _check_options(dropout, use_rslora, use_dora)
+        self.pretrained_module = target_module
+        if isinstance(target_module, nnx.Embed):
+            if use_dora:
+                raise ValueError(
+                    "use_dora=True is not supported on embeddings (nnx.Embed("
+                    f"{target_module.num_embeddings}, {target_module.features})); DoRA wraps nnx.Linear "
+                    "and nnx.Conv layers"
+                )
+            self._init_embedding(target_module, rank, rngs)
+        else:
+            self._init_projections(target_module, rank, rngs)
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.merged = False
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.use_dora = bool(use_dora)
+        self._merged_norm: tuple[float, ...] | None = None
+        if dropout > 0.0:
+            self.adapter_dropout = nnx.Dropout(dropout, rngs=rngs)
+        if use_dora:
+            kernel = target_module.kernel
+            norm = _column_norm(kernel[...].astype(jnp.promote_types(kernel.dtype, jnp.float32)))
+            self.adapter_magnitude = nnx.Param(_placed_like_output(kernel, norm.astype(kernel.dtype)))
+
+    def _init_projections(self, target_module: nnx.Linear | nnx.Conv, rank: int, rngs: nnx.Rngs) -> None:
         kernel = target_module.kernel
         spec = kernel_spec(kernel) or (None,) * kernel.ndim
         down_spec = (*spec[:-1], None)
         up_spec = (None,) * (kernel.ndim - 1) + (spec[-1],)
         layer = layer_kwargs(target_module)
-
-        self.pretrained_module = target_module
         if isinstance(target_module, nnx.Conv):
             _check_conv(target_module)
             spatial = len(target_module.kernel_size)
@@ -131,47 +187,159 @@ class LoRA(nnx.Module):
             )
         place_like(kernel, self.adapter_down_proj, down_spec)
         place_like(kernel, self.adapter_up_proj, up_spec)
-        self.scaling = alpha / rank
-        self.merged = False
+
+    def _init_embedding(self, target_module: nnx.Embed, rank: int, rngs: nnx.Rngs) -> None:
+        # Normal init for the looked-up factor (PyTorch's nn.Embedding default), zero for the up one.
+        table = target_module.embedding
+        dtype = table[...].dtype
+        self.adapter_down_proj = nnx.Embed(
+            target_module.num_embeddings,
+            rank,
+            dtype=target_module.dtype,
+            param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(1.0),
+            rngs=rngs,
+        )
+        self.adapter_up_proj = nnx.Linear(
+            rank,
+            target_module.features,
+            use_bias=False,
+            kernel_init=nnx.initializers.zeros,
+            dtype=target_module.dtype,
+            param_dtype=dtype,
+            rngs=rngs,
+        )
+        sharding = getattr(table.get_value(), "sharding", None)
+        if sharding is not None:
+            spec = kernel_spec(table) or (None, None)
+            for variable, axes in (
+                (self.adapter_down_proj.embedding, (spec[0], None)),
+                (self.adapter_up_proj.kernel, (None, spec[1])),
+            ):
+                placed = (
+                    NamedSharding(sharding.mesh, PartitionSpec(*axes))
+                    if isinstance(sharding, NamedSharding)
+                    else sharding
+                )
+                variable.set_value(jax.device_put(variable.get_value(), placed))
+
+    # --- forward ---------------------------------------------------------------------------
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Apply the pretrained layer plus the scaled low-rank update."""
+        """Apply the pretrained layer plus the scaled low-rank update (DoRA: rescaled columns)."""
         x_pretrained = self.pretrained_module(x)
         if self.merged:
             return x_pretrained
-        x_lora = self.adapter_up_proj(self.adapter_down_proj(x)) * self.scaling
-        return x_pretrained + x_lora
+        if isinstance(self.pretrained_module, nnx.Embed):
+            return x_pretrained + self.adapter_up_proj(self.adapter_down_proj(x)) * self.scaling
+        dropping = self._dropping()
+        x_lora_in = self.adapter_dropout(x) if dropping else x
+        x_lora = self.adapter_up_proj(self.adapter_down_proj(x_lora_in))
+        if not self.use_dora:
+            return x_pretrained + x_lora * self.scaling
+        bias = self.pretrained_module.bias
+        scale = self.adapter_magnitude[...] / self._dora_norm()  # (out,), norm under stop_gradient
+        if dropping:
+            # PEFT's order with active dropout: the rescaling term sees the dropped input too.
+            base = self.pretrained_module(x_lora_in)
+            base = base - bias[...] if bias is not None else base
+            return x_pretrained + (scale - 1) * base + scale * x_lora * self.scaling
+        base = x_pretrained - bias[...] if bias is not None else x_pretrained
+        out = scale.astype(base.dtype) * (base + x_lora * self.scaling)
+        return out + bias[...].astype(out.dtype) if bias is not None else out
+
+    def _dropping(self) -> bool:
+        dropout = vars(self).get("adapter_dropout")
+        return dropout is not None and not dropout.deterministic
+
+    def _dora_norm(self) -> jax.Array:
+        """``||W + s down @ up||`` per output feature, under ``stop_gradient`` (as PEFT detaches it)."""
+        kernel = self.pretrained_module.kernel[...]
+        return jax.lax.stop_gradient(_column_norm(kernel + self._update(kernel.dtype)))
+
+    def _update(self, dtype: Any) -> jax.Array:
+        """``scaling * down @ up`` in the wrapped kernel's layout, in ``dtype``."""
+        up = self.adapter_up_proj.kernel[...]  # (rank, out) or (1, ..., 1, rank, out)
+        if isinstance(self.pretrained_module, nnx.Embed):
+            down = self.adapter_down_proj.embedding[...]  # (num, rank)
+        else:
+            down = self.adapter_down_proj.kernel[...]  # (in, rank) or (*k, in, rank)
+        compute = jnp.promote_types(jnp.promote_types(down.dtype, up.dtype), dtype)
+        up = up.reshape(up.shape[-2:]).astype(compute)
+        delta = jnp.matmul(down.astype(compute), up, precision=jax.lax.Precision.HIGHEST)
+        return (delta * self.scaling).astype(dtype)
+
+    # --- merging ----------------------------------------------------------------------------
 
     def delta_weight(self) -> jax.Array:
-        """``scaling * down @ up`` in the wrapped kernel's layout (``(in, out)`` or
-        ``(*k, in, out)``), in float32 (or wider)."""
-        down = self.adapter_down_proj.kernel[...]  # (in, rank) or (*k, in, rank)
-        up = self.adapter_up_proj.kernel[...]  # (rank, out) or (1, ..., 1, rank, out)
-        dtype = jnp.promote_types(down.dtype, jnp.float32)
-        up = up.reshape(up.shape[-2:]).astype(dtype)
-        delta = jnp.matmul(down.astype(dtype), up, precision=jax.lax.Precision.HIGHEST)
-        return delta * self.scaling
+        """``scaling * down @ up`` in the wrapped kernel's layout (``(in, out)``,
+        ``(*k, in, out)``, embeddings ``(num, features)``), in float32 (or wider)."""
+        table = self._table()[...]
+        return self._update(jnp.promote_types(table.dtype, jnp.float32))
 
     def merge(self) -> None:
-        """Fold the update into the wrapped kernel, so inference costs the base layer's time."""
+        """Fold the update into the wrapped kernel, so inference costs the base layer's time
+        (DoRA: ``kernel <- m / ||kernel + delta|| * (kernel + delta)``)."""
         if self.merged:
             raise AdapterInsertionError("this LoRA layer is already merged")
-        self._add_to_kernel(self.delta_weight())
+        table = self._table()
+        combined = table[...].astype(jnp.promote_types(table.dtype, jnp.float32)) + self.delta_weight()
+        if self.use_dora:
+            norm = _column_norm(combined)
+            combined = combined * (self.adapter_magnitude[...].astype(combined.dtype) / norm)
+            self._merged_norm = tuple(float(v) for v in jax.device_get(norm))
+        self._write(combined)
         self.merged = True
 
     def unmerge(self) -> None:
         """Take the update back out of the wrapped kernel (inverse of :meth:`merge`)."""
         if not self.merged:
             raise AdapterInsertionError("this LoRA layer is not merged")
-        self._add_to_kernel(-self.delta_weight())
+        table = self._table()
+        value = table[...].astype(jnp.promote_types(table.dtype, jnp.float32))
+        if self.use_dora:
+            norm = jnp.asarray(self._merged_norm, dtype=value.dtype)
+            value = value / (self.adapter_magnitude[...].astype(value.dtype) / norm)
+        self._write(value - self.delta_weight())
+        self._merged_norm = None
         self.merged = False
 
-    def _add_to_kernel(self, delta: jax.Array) -> None:
-        kernel = self.pretrained_module.kernel
-        value = kernel[...]
-        new = (value.astype(delta.dtype) + delta).astype(value.dtype)
-        sharding = getattr(value, "sharding", None)
-        kernel.set_value(jax.device_put(new, sharding) if sharding is not None else new)
+    def _table(self) -> nnx.Variable:
+        module = self.pretrained_module
+        return module.embedding if isinstance(module, nnx.Embed) else module.kernel
+
+    def _write(self, value: jax.Array) -> None:
+        variable = self._table()
+        old = variable[...]
+        new = value.astype(old.dtype)
+        sharding = getattr(old, "sharding", None)
+        variable.set_value(jax.device_put(new, sharding) if sharding is not None else new)
+
+
+def _check_options(dropout: object, use_rslora: object, use_dora: object) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    for name, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _column_norm(kernel: jax.Array) -> jax.Array:
+    """The L2 norm over every axis but the last (output) one of an ``(in, out)`` or
+    ``(*k, in, out)`` kernel: PyTorch's per-row norm of ``(out, in, *k)``."""
+    flat = kernel.reshape(-1, kernel.shape[-1])
+    return jnp.sqrt(jnp.sum(jnp.square(flat), axis=0))
+
+
+def _placed_like_output(kernel: nnx.Variable, value: jax.Array) -> jax.Array:
+    """``value`` (one entry per output feature) partitioned like the kernel's output axis."""
+    sharding = getattr(kernel.get_value(), "sharding", None)
+    if sharding is None:
+        return value
+    if isinstance(sharding, NamedSharding):
+        spec = kernel_spec(kernel) or (None,) * kernel.ndim
+        return jax.device_put(value, NamedSharding(sharding.mesh, PartitionSpec(spec[-1])))
+    return jax.device_put(value, sharding)
 
 
 def _check_conv(conv: nnx.Conv) -> None:

@@ -9,7 +9,7 @@ Imports numpy, ml_dtypes and safetensors at most; never torch, jax, flax, ``torc
 >>> get_kind("linear").params[0]
 Param(torch='weight', flax='kernel', layout='o i -> i o')
 >>> LORA.defaults
-{'rank': 16, 'alpha': 1.0}
+{'rank': 16, 'alpha': 1.0, 'dropout': 0.0, 'use_rslora': False, 'use_dora': False}
 """
 
 from __future__ import annotations

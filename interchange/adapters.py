@@ -9,7 +9,9 @@ adapter class is the class in each twin plus one :func:`register_adapter` call.
 Example
 -------
 >>> LORA.wrapped, LORA.factors, LORA.merges
-('pretrained_module', ('adapter_down_proj', 'adapter_up_proj'), True)
+('pretrained_module', ('adapter_down_proj', 'adapter_up_proj', 'adapter_magnitude'), True)
+>>> LORA.factor_kind("adapter_up_proj", "embedding"), LORA.factor_kind("adapter_up_proj", "conv")
+('linear', 'conv')
 >>> get_adapter("HoulsbyAdapterLinear").merges
 False
 >>> is_adapter_key("adapted_model.fc.adapter_up_proj.weight"), is_adapter_key("fc.weight")
@@ -18,6 +20,7 @@ False
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .dtypes import TensorSpec
-from .errors import UnknownAdapterError
+from .errors import CheckpointError, UnknownAdapterError
 from .kinds import get_kind, permutation
 
 __all__ = [
@@ -35,18 +38,23 @@ __all__ = [
     "LORA",
     "MergeRule",
     "adapter_of",
+    "check_recorded_kwargs",
     "factor_names",
     "get_adapter",
     "implied_kinds",
     "is_adapter_key",
+    "lora_merge",
+    "lora_scaling",
     "register_adapter",
     "wrapped_names",
 ]
 
-MergeRule = Callable[[np.ndarray, Mapping[str, np.ndarray], Mapping[str, Any]], np.ndarray]
-"""``merge(weight, tensors, kwargs) -> merged weight``, all in PyTorch layout: ``weight`` the
-wrapped layer's weight, ``tensors`` the adapter's own tensors keyed relative to the adapter
-(``'adapter_down_proj.weight'``), ``kwargs`` the adapter's arguments with defaults filled in."""
+MergeRule = Callable[[np.ndarray, Mapping[str, np.ndarray], Mapping[str, Any], str], np.ndarray]
+"""``merge(weight, tensors, kwargs, wrapped_kind) -> merged weight``, all in PyTorch layout:
+``weight`` the wrapped layer's weight, ``tensors`` the adapter's own tensors keyed relative to
+the adapter (``'adapter_down_proj.weight'``, ``'adapter_magnitude'``), ``kwargs`` the adapter's
+arguments with defaults filled in, ``wrapped_kind`` the wrapped layer's kind (``'linear'``,
+``'conv'``, ``'embedding'``)."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +74,11 @@ class AdapterKind:
     wraps : tuple of str
         The layer kinds (of :mod:`interchange.kinds`) the adapter wraps.
     factor_kinds : mapping
-        Layer kind of each factor child; ``None`` means "the wrapped layer's kind".
+        Layer kind of each factor child; ``None`` means "the wrapped layer's kind". For a factor
+        that is a parameter of the adapter module itself, the kind the adapter module takes.
+    factor_kinds_by_wrapped : mapping
+        Per wrapped layer kind, factor kinds that differ from ``factor_kinds`` (an embedding
+        LoRA's up factor is a Linear).
     merge : MergeRule or None
         How to fold the adapter into the wrapped weight; ``None`` when it cannot be merged.
     """
@@ -77,6 +89,7 @@ class AdapterKind:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     wraps: tuple[str, ...] = ("linear",)
     factor_kinds: Mapping[str, str | None] = field(default_factory=dict)
+    factor_kinds_by_wrapped: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     merge: MergeRule | None = None
 
     @property
@@ -92,6 +105,9 @@ class AdapterKind:
         """The layer kind of the factor child ``factor`` around a layer of ``wrapped_kind``."""
         if factor not in self.factors:
             return None
+        kind = self.factor_kinds_by_wrapped.get(wrapped_kind or "", {}).get(factor)
+        if kind is not None:
+            return kind
         kind = self.factor_kinds.get(factor)
         return kind if kind is not None else wrapped_kind
 
@@ -153,16 +169,29 @@ def implied_kinds(
     A factor's kind is its declared kind, or the wrapped layer's: from ``known`` (a file's
     ``layer_kinds``) when recorded, else the one kind of ``adapter.wraps`` whose layout admits
     the weight's number of axes (a LoRA factor of 2 axes is ``'linear'``, of 3 to 5 ``'conv'``).
+    An embedding's weight has the same axes in both frameworks, so its number of axes tells
+    nothing: a LoRA of 2-axes factors is an embedding's only when the factors' shapes say so
+    (``down (num, rank)``, ``up (dim, rank)`` share their last axis, a Linear's ``down (rank,
+    in)``, ``up (out, rank)`` do not), and a Linear's when both readings fit (``num == rank``).
+    A direct parameter factor (DoRA's ``adapter_magnitude``) gives the adapter module its
+    declared kind.
 
     Example
     -------
     >>> implied_kinds(["m.adapter_down_proj.weight"], {"m.adapter_down_proj.weight": ("F32", (2, 4))}, LORA)
     {'m.adapter_down_proj': 'linear'}
+    >>> specs = {"e.adapter_down_proj.weight": ("F32", (100, 4)), "e.adapter_up_proj.weight": ("F32", (8, 4))}
+    >>> implied_kinds(specs, specs, LORA)
+    {'e.adapter_down_proj': 'embedding', 'e.adapter_up_proj': 'linear'}
     """
     known = dict(known or {})
+    names = list(names)
     out: dict[str, str] = {}
     for name in names:
         module, _, leaf = name.rpartition(".")
+        if leaf in adapter.factors and adapter.factor_kinds.get(leaf):
+            out[module] = adapter.factor_kinds[leaf]  # a parameter directly on the adapter
+            continue
         parent, _, child = module.rpartition(".")
         if child not in adapter.factors or leaf != "weight":
             continue
@@ -170,12 +199,29 @@ def implied_kinds(
         wrapped_kind = known.get(wrapped_module)
         if wrapped_kind is None:
             ndim = len(specs[name][1])
-            fits = [kind for kind in adapter.wraps if _admits(kind, ndim)]
+            fits = [kind for kind in adapter.wraps if kind != "embedding" and _admits(kind, ndim)]
             wrapped_kind = fits[0] if len(fits) == 1 else None
+            if (
+                wrapped_kind == "linear"
+                and "embedding" in adapter.wraps
+                and _embedding_factors(parent, specs)
+            ):
+                wrapped_kind = "embedding"
         kind = adapter.factor_kind(child, wrapped_kind)
         if kind is not None:
             out[module] = kind
     return out
+
+
+def _embedding_factors(parent: str, specs: Mapping[str, TensorSpec]) -> bool:
+    """Whether the LoRA factors under ``parent`` can only be an embedding's (see implied_kinds)."""
+    prefix = f"{parent}." if parent else ""
+    down = specs.get(f"{prefix}adapter_down_proj.weight")
+    up = specs.get(f"{prefix}adapter_up_proj.weight")
+    if down is None or up is None or len(down[1]) != 2 or len(up[1]) != 2:
+        return False
+    (d0, d1), (_, u1) = down[1], up[1]
+    return d1 == u1 and d0 != u1
 
 
 def _admits(kind: str, ndim: int) -> bool:
@@ -186,30 +232,96 @@ def _admits(kind: str, ndim: int) -> bool:
     return True
 
 
-def _lora_scaling(kwargs: Mapping[str, Any]) -> float:
-    return float(kwargs["alpha"]) / int(kwargs["rank"])
+def lora_scaling(kwargs: Mapping[str, Any]) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``, from LoRA's kwargs.
+
+    >>> lora_scaling({"rank": 4, "alpha": 8.0}), lora_scaling({"rank": 4, "alpha": 8.0, "use_rslora": True})
+    (2.0, 4.0)
+    """
+    rank, alpha = int(kwargs.get("rank", 16)), float(kwargs.get("alpha", 1.0))
+    return alpha / math.sqrt(rank) if kwargs.get("use_rslora") else alpha / rank
 
 
 def lora_merge(
-    weight: np.ndarray, tensors: Mapping[str, np.ndarray], kwargs: Mapping[str, Any]
+    weight: np.ndarray,
+    tensors: Mapping[str, np.ndarray],
+    kwargs: Mapping[str, Any],
+    wrapped_kind: str = "linear",
 ) -> np.ndarray:
-    """LoRA's merge: ``weight + scaling * up @ down`` in float32, cast back to the weight's dtype
-    (conv too: ``up (out, rank, 1..)``, ``down (rank, in, *k)``), as ``LoRA.merge`` does."""
+    """LoRA's merge, as ``LoRA.merge`` does it: ``weight + scaling * up @ down`` in float32, cast
+    back to the weight's dtype (conv too: ``up (out, rank, 1..)``, ``down (rank, in, *k)``;
+    embedding: ``weight (num, dim) + scaling * down (num, rank) @ up (dim, rank).T``); with
+    ``use_dora`` the rows are then rescaled to ``adapter_magnitude / ||row||``."""
     down, up = tensors["adapter_down_proj.weight"], tensors["adapter_up_proj.weight"]
     up32 = up.astype(np.float32).reshape(up.shape[0], -1)  # (out, rank)
-    down32 = down.astype(np.float32).reshape(down.shape[0], -1)  # (rank, in * prod(k))
-    delta = (up32 @ down32).reshape(weight.shape) * np.float32(_lora_scaling(kwargs))
-    return (weight.astype(np.float32) + delta).astype(weight.dtype)
+    if wrapped_kind == "embedding":
+        delta = down.astype(np.float32) @ up32.T  # (num, dim)
+    else:
+        down32 = down.astype(np.float32).reshape(down.shape[0], -1)  # (rank, in * prod(k))
+        delta = (up32 @ down32).reshape(weight.shape)
+    combined = weight.astype(np.float32) + delta * np.float32(lora_scaling(kwargs))
+    if kwargs.get("use_dora"):
+        magnitude = tensors["adapter_magnitude"].astype(np.float32)
+        norm = np.sqrt(np.sum(np.square(combined.reshape(combined.shape[0], -1)), axis=1))
+        combined = combined * (magnitude / norm).reshape(-1, *(1,) * (combined.ndim - 1))
+    return combined.astype(weight.dtype)
+
+
+def check_recorded_kwargs(
+    recorded_class: str | None,
+    recorded_kwargs: Mapping[str, Any] | None,
+    model_class: str,
+    model_kwargs: Mapping[str, Any] | None,
+    where: str,
+) -> None:
+    """Raise :class:`~interchange.errors.CheckpointError` naming both sides when a file recorded
+    with ``recorded_class(**recorded_kwargs)`` would load into adapters built otherwise.
+
+    Both sides are completed with the declaration's defaults before they are compared, so
+    ``{"rank": 8}`` and ``{"rank": 8, "alpha": 1.0}`` agree. A file that records no adapter
+    class (SpeechBrain's own ``.ckpt``) is not checked.
+
+    Example
+    -------
+    >>> check_recorded_kwargs("LoRA", {"rank": 8}, "LoRA", {"rank": 8, "alpha": 1.0}, "a.safetensors")
+    >>> check_recorded_kwargs("LoRA", {"rank": 8, "use_dora": True}, "LoRA", {"rank": 8}, "a.safetensors")
+    Traceback (most recent call last):
+    ...
+    interchange.errors.CheckpointError: 'a.safetensors' was saved from LoRA adapters with use_dora=True, but this model's LoRA adapters have use_dora=False (file: {'alpha': 1.0, 'dropout': 0.0, 'rank': 8, 'use_dora': True, 'use_rslora': False}; model: {'alpha': 1.0, 'dropout': 0.0, 'rank': 8, 'use_dora': False, 'use_rslora': False})
+    """
+    if not recorded_class:
+        return
+    if recorded_class != model_class:
+        raise CheckpointError(
+            f"{where!r} was saved from {recorded_class} adapters, but this model has {model_class} adapters"
+        )
+    try:
+        declared = get_adapter(model_class)
+    except UnknownAdapterError:
+        declared = AdapterKind(model_class, "", ())
+    file_kwargs, ours = declared.kwargs(recorded_kwargs), declared.kwargs(model_kwargs)
+    differing = [key for key in sorted(set(file_kwargs) | set(ours)) if file_kwargs.get(key) != ours.get(key)]
+    if differing:
+        shown_file = ", ".join(f"{key}={file_kwargs.get(key)!r}" for key in differing)
+        shown_model = ", ".join(f"{key}={ours.get(key)!r}" for key in differing)
+        raise CheckpointError(
+            f"{where!r} was saved from {model_class} adapters with {shown_file}, but this model's "
+            f"{model_class} adapters have {shown_model} (file: {dict(sorted(file_kwargs.items()))}; "
+            f"model: {dict(sorted(ours.items()))})"
+        )
 
 
 LORA = register_adapter(
     AdapterKind(
         name="LoRA",
         wrapped="pretrained_module",
-        factors=("adapter_down_proj", "adapter_up_proj"),
-        defaults={"rank": 16, "alpha": 1.0},
-        wraps=("linear", "conv"),
-        factor_kinds={"adapter_down_proj": None, "adapter_up_proj": None},
+        factors=("adapter_down_proj", "adapter_up_proj", "adapter_magnitude"),
+        defaults={"rank": 16, "alpha": 1.0, "dropout": 0.0, "use_rslora": False, "use_dora": False},
+        wraps=("linear", "conv", "embedding"),
+        # None: the wrapped layer's kind, except an embedding's up factor, a Linear(rank, dim);
+        # DoRA's magnitude is a parameter of the LoRA module itself, of layer kind 'lora'.
+        factor_kinds={"adapter_down_proj": None, "adapter_up_proj": None, "adapter_magnitude": "lora"},
+        factor_kinds_by_wrapped={"embedding": {"adapter_up_proj": "linear"}},
         merge=lora_merge,
     )
 )

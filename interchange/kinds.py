@@ -356,3 +356,6 @@ register_kind(
         aliases=("batchnorm",),
     )
 )
+# A LoRA module's own tensors (DoRA's magnitude, one entry per output feature); its factors are
+# layers of their own kinds. Registered last: kinds above are in files written earlier.
+register_kind(LayerKind("lora", (Param("adapter_magnitude", "adapter_magnitude"),)))

@@ -25,6 +25,8 @@ from interchange.errors import CheckpointError
 from interchange.kinds import get_kind
 from interchange.state import FlatState
 
+from .lora import LoRA
+
 __all__ = [
     "KIND_OF_TYPE",
     "assign",
@@ -47,6 +49,7 @@ KIND_OF_TYPE: list[
     (nn.RMSNorm, "rms_norm"),
     (nn.Embedding, "embedding"),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "batch_norm"),
+    (LoRA, "lora"),
 ]
 
 _DTYPES = {

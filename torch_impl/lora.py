@@ -1,14 +1,36 @@
-"""LoRA on an ``nn.Linear`` or ``nn.Conv1d/2d/3d`` (SpeechBrain's ``LoRA``), with merging."""
+"""LoRA on an ``nn.Linear``, ``nn.Conv1d/2d/3d`` or ``nn.Embedding`` (SpeechBrain's ``LoRA``,
+plus PEFT's options: dropout, rsLoRA, DoRA), with exact merging.
+
+Plain LoRA (the SpeechBrain drop-in) keeps SpeechBrain's positional signature, defaults,
+attribute order, parameter names and seed-for-seed initialisation; the options are keyword-only
+and follow PEFT's ``peft.tuners.lora`` so the same weights give the same numbers:
+
+- ``use_rslora``: ``scaling = alpha / sqrt(rank)`` instead of ``alpha / rank``;
+- ``dropout``: on the input of the low-rank branch only, in training mode only
+  (``up(down(dropout(x))) * scaling``); PEFT ignores it on embeddings, and so do we;
+- ``use_dora``: a trainable magnitude ``adapter_magnitude`` (PEFT's ``lora_magnitude_vector``)
+  per output feature, initialised to the norm of the pretrained weight's rows; output
+  ``m / ||W + s up down|| * (W x + s up(down(x))) + b`` with the norm detached from the graph.
+
+The wrapper exposes the wrapped layer's attributes read-only (``in_features``, ``stride``,
+``padding``, ``bias``, ...), and ``weight`` is the *effective* weight ``W + scaling * up @ down``
+(composed for convs, DoRA's too), differentiable, so code that computes with ``layer.weight``
+(transformers' WavLM attention, ``F.multi_head_attention_forward``) keeps the adapter.
+"""
 
 from __future__ import annotations
 
-from typing import ClassVar
+import contextlib
+import math
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from interchange.adapters import LORA, AdapterKind
-from interchange.errors import AdapterInsertionError
+from interchange.errors import AdapterInsertionError, MergeError
 
 from . import fused
 from ._factors import check_size, factory_kwargs
@@ -16,6 +38,9 @@ from ._factors import check_size, factory_kwargs
 __all__ = ["LoRA"]
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Never read from the wrapped layer: ``weight`` is the effective weight (a property that must
+# not fall back silently to the base weight), the rest are the wrapper's own.
+_NOT_FORWARDED = frozenset({"weight", "pretrained_module", "adapter_down_proj", "adapter_up_proj"})
 
 
 class LoRA(nn.Module):
@@ -25,16 +50,26 @@ class LoRA(nn.Module):
     Output: ``pretrained_module(x) + adapter_up_proj(adapter_down_proj(x)) * scaling`` with
     ``scaling = alpha / rank``. The up projection starts at zero, so a fresh adapter changes
     nothing. For ``nn.Conv1d/2d/3d`` the down projection copies the pretrained conv's geometry
-    (kernel, stride, padding, dilation, padding_mode) and the up projection is pointwise.
+    (kernel, stride, padding, dilation, padding_mode) and the up projection is pointwise. For
+    ``nn.Embedding`` the down projection is an ``nn.Embedding(num, rank)`` looked up like the
+    pretrained one (PEFT's ``lora_embedding_A`` transposed) and the up projection a
+    ``Linear(rank, dim)`` (``lora_embedding_B``).
 
     Arguments
     ---------
-    target_module: nn.Linear or nn.Conv1d/2d/3d
+    target_module: nn.Linear, nn.Conv1d/2d/3d or nn.Embedding
         The pretrained layer this adapter wraps; it is frozen.
     rank: int
         Rank of the update (at least 1).
     alpha: float
         Scaling numerator: ``scaling = alpha / rank``.
+    dropout: float
+        Keyword-only. Dropout probability on the low-rank branch's input, training only
+        (PEFT's ``lora_dropout``). Default 0.
+    use_rslora: bool
+        Keyword-only. Rank-stabilised scaling ``alpha / sqrt(rank)`` (PEFT's ``use_rslora``).
+    use_dora: bool
+        Keyword-only. Weight-decomposed LoRA (PEFT's ``use_dora``), Linear and convs only.
 
     Example
     -------
@@ -50,22 +85,41 @@ class LoRA(nn.Module):
     >>> adapt = LoRA(base_conv, rank=4)
     >>> adapt(x).shape == base_conv(x).shape
     True
+
+    >>> dora = LoRA(nn.Linear(6, 5), rank=2, use_dora=True, use_rslora=True, dropout=0.1)
+    >>> dora.adapter_magnitude.shape, dora.in_features, round(dora.scaling, 4)
+    (torch.Size([5]), 6, 0.7071)
+    >>> torch.equal(dora.weight, dora.pretrained_module.weight)  # a fresh adapter changes nothing
+    True
     """
 
     adapter_kind: ClassVar[AdapterKind] = LORA
 
-    def __init__(self, target_module: nn.Module, rank: int = 16, alpha: float = 1.0) -> None:
+    def __init__(
+        self,
+        target_module: nn.Module,
+        rank: int = 16,
+        alpha: float = 1.0,
+        *,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ) -> None:
         super().__init__()
-        if not isinstance(target_module, (nn.Linear, *_CONV_TYPES)):
+        if not isinstance(target_module, (nn.Linear, *_CONV_TYPES, nn.Embedding)):
             raise ValueError(
-                f"LoRA supports nn.Linear and nn.Conv1d/2d/3d layers, but instead got {type(target_module)}."
+                "LoRA supports nn.Linear, nn.Conv1d/2d/3d and nn.Embedding layers, "
+                f"but instead got {type(target_module)}."
             )
         check_size("rank", rank)
+        _check_options(dropout, use_rslora, use_dora)
         if isinstance(target_module, _CONV_TYPES) and target_module.groups != 1:
             raise ValueError(
                 "LoRA does not support convolutions with groups != 1, "
                 f"got groups={target_module.groups} for {target_module}."
             )
+        if isinstance(target_module, nn.Embedding):
+            _check_embedding(target_module, use_dora)
         factory = factory_kwargs(target_module)
 
         self.pretrained_module = target_module
@@ -88,6 +142,13 @@ class LoRA(nn.Module):
             self.adapter_up_proj = conv_cls(
                 rank, target_module.out_channels, kernel_size=1, bias=False, **factory
             )
+        elif isinstance(target_module, nn.Embedding):
+            # Normal init for the looked-up factor, zero for the up one (a fresh adapter changes
+            # nothing); the padding row starts at zero and gets no gradient, as PEFT's does.
+            self.adapter_down_proj = nn.Embedding(
+                target_module.num_embeddings, rank, padding_idx=target_module.padding_idx, **factory
+            )
+            self.adapter_up_proj = nn.Linear(rank, target_module.embedding_dim, bias=False, **factory)
         else:
             output_size, input_size = target_module.weight.shape
             self.adapter_down_proj = nn.Linear(input_size, rank, bias=False, **factory)
@@ -95,49 +156,291 @@ class LoRA(nn.Module):
 
         with torch.no_grad():
             self.adapter_up_proj.weight.zero_()
-        self.scaling = alpha / rank
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.merged = False
+        self.dropout = float(dropout)
+        self.use_rslora = bool(use_rslora)
+        self.use_dora = bool(use_dora)
+        self._merged_norm: torch.Tensor | None = None
+        if use_dora:
+            with torch.no_grad():
+                norm = _row_norm(target_module.weight.detach().float())
+            self.adapter_magnitude = nn.Parameter(norm.to(**factory))
+
+    # --- forward ---------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the pretrained layer plus the scaled low-rank update.
+        """Apply the pretrained layer plus the scaled low-rank update (DoRA: rescaled rows).
 
-        A frozen ``nn.Linear`` takes the fused path (:func:`torch_impl.fused.lora_linear`):
-        the same function with fewer passes over ``x`` and no weight gradient for the frozen
-        layer. Convs, hooked or unfrozen layers take the plain formula.
+        A frozen ``nn.Linear`` without DoRA or active dropout takes the fused path
+        (:func:`torch_impl.fused.lora_linear`): the same function with fewer passes over ``x`` and
+        no weight gradient for the frozen layer. Convs, embeddings, hooked or unfrozen layers take
+        the plain formula.
         """
         if self.merged:
             return self.pretrained_module(x)
         pretrained, down, up = self.pretrained_module, self.adapter_down_proj, self.adapter_up_proj
-        if isinstance(pretrained, nn.Linear) and fused.can_fuse_linear(pretrained, down, up):
+        if isinstance(pretrained, nn.Embedding):
+            return pretrained(x) + up(self._embed(x)) * self.scaling
+        dropping = self.training and self.dropout > 0.0
+        if self.use_dora:
+            return self._dora_forward(x, dropping)
+        if not dropping and isinstance(pretrained, nn.Linear) and fused.can_fuse_linear(pretrained, down, up):
             return fused.lora_linear(
                 x, pretrained.weight, pretrained.bias, down.weight, up.weight, self.scaling
             )
         x_pretrained = pretrained(x)
-        x_lora = up(down(x)) * self.scaling
+        x_lora = up(down(F.dropout(x, self.dropout, training=True) if dropping else x)) * self.scaling
         return x_pretrained + x_lora
 
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The down factor looked up as the pretrained embedding looks up its rows (PEFT's
+        ``_embed``: same padding index, gradient scaling and sparsity)."""
+        base = self.pretrained_module
+        return F.embedding(
+            x,
+            self.adapter_down_proj.weight,
+            padding_idx=base.padding_idx,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+
+    def _dora_forward(self, x: torch.Tensor, dropping: bool) -> torch.Tensor:
+        pretrained, down, up = self.pretrained_module, self.adapter_down_proj, self.adapter_up_proj
+        weight, bias = pretrained.weight, pretrained.bias
+        scale = self.adapter_magnitude / self._dora_norm(weight)  # (out,); the norm is detached
+        if dropping:
+            # PEFT's order with active dropout: the rescaling term sees the dropped input too.
+            result = pretrained(x)
+            x = F.dropout(x, self.dropout, training=True)
+            base = self._base_without_bias(x, weight)
+            lora = up(down(x))
+            shape = (-1,) + (1,) * (base.dim() - 2) if self._is_conv else (-1,)
+            scale = scale.view(shape)
+            return result + (scale - 1) * base + scale * lora * self.scaling
+        if self._is_conv:
+            y = torch.add(self._base_without_bias(x, weight), up(down(x)), alpha=self.scaling)
+            shape = (1, -1) + (1,) * (y.dim() - 2)
+            scale = scale.to(y.dtype).view(shape)
+            if bias is None:
+                return y * scale
+            return torch.addcmul(bias.to(y.dtype).view(shape), y, scale)
+        # Linear: W x + s up(down(x)) in one GEMM epilogue, then one pass for m/||.|| and b.
+        flat = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(F.linear(flat, weight), down(flat), up.weight.t(), alpha=self.scaling)
+        scale = scale.to(y.dtype)
+        out = y * scale if bias is None else torch.addcmul(bias.to(y.dtype), y, scale)
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    def _base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._is_conv:
+            return self.pretrained_module._conv_forward(x, weight, None)
+        return F.linear(x, weight)
+
+    @property
+    def _is_conv(self) -> bool:
+        return isinstance(self.pretrained_module, _CONV_TYPES)
+
+    def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """``||W + s up @ down||`` per output row, detached (DoRA section 4.3, as PEFT does), in the
+        weight's dtype even under autocast: one GEMM with the add in its epilogue, then the norm."""
+        up, down = self.adapter_up_proj.weight, self.adapter_down_proj.weight
+        with torch.no_grad(), _without_autocast(weight.device.type):
+            combined = torch.addmm(
+                weight.detach().flatten(1),
+                up.flatten(1).to(weight.dtype),
+                down.flatten(1).to(weight.dtype),
+                alpha=self.scaling,
+            )
+            return torch.linalg.vector_norm(combined, dim=1)
+
+    def _update(self, dtype: torch.dtype) -> torch.Tensor:
+        """``scaling * up @ down`` in the wrapped weight's layout, differentiable, in ``dtype``."""
+        up, down = self.adapter_up_proj.weight, self.adapter_down_proj.weight
+        if isinstance(self.pretrained_module, nn.Embedding):  # down (num, rank), up (dim, rank)
+            return (down @ up.t()).to(dtype) * self.scaling
+        delta = up.flatten(1) @ down.flatten(1)  # (out, rank) @ (rank, in * prod(k))
+        return delta.view(up.shape[0], *down.shape[1:]).to(dtype) * self.scaling
+
+    # --- the wrapped layer's attributes -----------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight, in the wrapped layer's layout: ``W + scaling * up @ down``
+        (DoRA: rows rescaled to ``m / ||W + scaling * up @ down||``, the norm detached); the
+        wrapped weight itself once merged. Differentiable: gradients reach the factors."""
+        base = self.pretrained_module.weight
+        if self.merged:
+            return base
+        combined = base + self._update(base.dtype)
+        if not self.use_dora:
+            return combined
+        scale = self.adapter_magnitude / self._dora_norm(base)
+        return combined * scale.to(base.dtype).view(-1, *(1,) * (base.dim() - 1))
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped layer's attributes (``in_features``, ``stride``, ``bias``, ...), read-only."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in _NOT_FORWARDED:
+                raise
+            modules = self.__dict__.get("_modules") or {}
+            wrapped = modules.get("pretrained_module")
+            if wrapped is None:
+                raise
+            return getattr(wrapped, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        modules = self.__dict__.get("_modules") or {}
+        wrapped = modules.get("pretrained_module")
+        if (
+            wrapped is not None
+            and not name.startswith("_")
+            and not _has_own(self, name)
+            and _has_own(wrapped, name)
+        ):
+            raise AttributeError(
+                f"{name!r} is an attribute of the wrapped {type(wrapped).__name__}, read-only through "
+                f"its LoRA wrapper; set it on .pretrained_module instead"
+            )
+        super().__setattr__(name, value)
+
+    # --- merging ----------------------------------------------------------------------------
+
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * up @ down`` in the wrapped layer's weight layout (``(out, in, *k)``)."""
-        up = self.adapter_up_proj.weight.float().flatten(1)  # (out, rank)
-        down = self.adapter_down_proj.weight.float()  # (rank, in, *k)
-        delta = (up @ down.flatten(1)).view(up.shape[0], *down.shape[1:])
-        return delta * self.scaling
+        """``scaling * up @ down`` in the wrapped layer's weight layout (``(out, in, *k)``,
+        embeddings ``(num, dim)``), in float32."""
+        return self._update(torch.float32).detach()
+
+    def merged_weight(self) -> torch.Tensor:
+        """The weight :meth:`merge` writes, in float32: ``W + delta`` (DoRA:
+        ``m / ||W + delta|| * (W + delta)``)."""
+        return self._merge_plan()[0]
 
     def merge(self) -> None:
-        """Fold the update into the wrapped weight, so inference costs the base layer's time."""
+        """Fold the update into the wrapped weight, so inference costs the base layer's time.
+
+        Exact to float rounding, DoRA too (its magnitude and norm fold into the weight). A
+        parametrized weight (``weight_norm``) is written through its parametrization's
+        ``right_inverse`` and checked; one that has none is refused with :class:`MergeError`
+        before anything changes.
+        """
         if self.merged:
             raise AdapterInsertionError("this LoRA layer is already merged")
-        self._add_to_weight(self.delta_weight())
+        check_writable_weight(self.pretrained_module)
+        new, norm = self._merge_plan()
+        write_weight(self.pretrained_module, new)
+        self._merged_norm = norm
         self.merged = True
 
     def unmerge(self) -> None:
         """Take the update back out of the wrapped weight (inverse of :meth:`merge`)."""
         if not self.merged:
             raise AdapterInsertionError("this LoRA layer is not merged")
-        self._add_to_weight(-self.delta_weight())
+        check_writable_weight(self.pretrained_module)
+        weight = self.pretrained_module.weight.detach().float()
+        delta = self.delta_weight()
+        if self.use_dora:
+            scale = (self.adapter_magnitude.detach().float() / self._merged_norm).view(
+                -1, *(1,) * (weight.dim() - 1)
+            )
+            weight = weight / scale
+        write_weight(self.pretrained_module, weight - delta)
+        self._merged_norm = None
         self.merged = False
 
-    def _add_to_weight(self, delta: torch.Tensor) -> None:
-        weight = self.pretrained_module.weight
+    def _merge_plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(merged weight in float32, DoRA norm or None)``."""
         with torch.no_grad():
-            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+            combined = self.pretrained_module.weight.detach().float() + self.delta_weight()
+            if not self.use_dora:
+                return combined, None
+            norm = _row_norm(combined)
+            scale = (self.adapter_magnitude.detach().float() / norm).view(-1, *(1,) * (combined.dim() - 1))
+            return combined * scale, norm
+
+
+def _check_options(dropout: object, use_rslora: object, use_dora: object) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    for name, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def _check_embedding(embedding: nn.Embedding, use_dora: bool) -> None:
+    if use_dora:
+        raise ValueError(
+            f"use_dora=True is not supported on embeddings ({embedding}); DoRA wraps nn.Linear and "
+            "nn.Conv1d/2d/3d layers"
+        )
+    if embedding.max_norm is not None:
+        raise ValueError(
+            f"LoRA does not support embeddings with max_norm (got max_norm={embedding.max_norm} for "
+            f"{embedding}): the renormalisation rewrites the rows in place at every lookup"
+        )
+
+
+def _row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each output row of a ``(out, in, *k)`` weight, shape ``(out,)``."""
+    return torch.linalg.vector_norm(weight.flatten(1), dim=1)
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _has_own(module: nn.Module, name: str) -> bool:
+    return (
+        name in module.__dict__
+        or name in module._parameters
+        or name in module._buffers
+        or name in module._modules
+        or hasattr(type(module), name)
+    )
+
+
+def check_writable_weight(module: nn.Module, name: str = "") -> None:
+    """Raise :class:`MergeError` (changing nothing) when ``module.weight`` cannot be written
+    exactly: a parametrization without ``right_inverse`` recomputes it from other tensors."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return
+    missing = [type(p).__name__ for p in module.parametrizations.weight if not hasattr(p, "right_inverse")]
+    if missing:
+        where = f"layer {name!r}" if name else f"the {type(module).__name__}"
+        raise MergeError(
+            f"cannot merge into {where}: its weight is computed by the parametrization(s) {missing}, "
+            "which have no right_inverse to write a merged weight back; keep the adapter unmerged, or "
+            "remove the parametrization first (torch.nn.utils.parametrize.remove_parametrizations)"
+        )
+
+
+def write_weight(module: nn.Module, value: torch.Tensor) -> None:
+    """Write ``value`` (float32, the weight's layout) as ``module.weight`` in its dtype.
+
+    A parametrized weight is written through ``right_inverse`` and read back: if the
+    parametrization does not reproduce ``value`` (to float rounding), its tensors are restored
+    and :class:`MergeError` is raised.
+    """
+    with torch.no_grad():
+        if not parametrize.is_parametrized(module, "weight"):
+            weight = module.weight
+            weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
+            return
+        originals = list(module.parametrizations.weight.parameters())
+        saved = [p.detach().clone() for p in originals]
+        dtype = originals[0].dtype
+        target = value.to(device=originals[0].device, dtype=dtype)
+        module.weight = target
+        got = module.weight.float()
+        tolerance = 64 * torch.finfo(dtype).eps * max(float(target.float().abs().max()), 1.0)
+        if float((got - target.float()).abs().max()) > tolerance:
+            for param, old in zip(originals, saved, strict=True):
+                param.copy_(old)
+            raise MergeError(
+                f"the parametrization of {type(module).__name__}.weight does not reproduce the merged "
+                "weight (its right_inverse is not exact); nothing was changed"
+            )

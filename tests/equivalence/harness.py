@@ -47,6 +47,7 @@ _FLAX_KINDS: tuple[tuple[type, str], ...] = (
     (nnx.GroupNorm, "groupnorm"),
     (nnx.Embed, "embedding"),
     (nnx.BatchNorm, "batchnorm"),
+    (flax_impl.LoRA, "lora"),  # its own variable: DoRA's adapter_magnitude
 )
 
 

@@ -60,6 +60,7 @@ def test_layer_kind_covers_every_layout_kind_by_module_type():
         "rms_norm": nnx.RMSNorm(2, rngs=rngs),
         "embedding": nnx.Embed(5, 2, rngs=rngs),
         "batch_norm": nnx.BatchNorm(2, rngs=rngs),
+        "lora": LoRA(nnx.Linear(2, 2, rngs=rngs), rank=1, rngs=rngs),  # its own tensor: DoRA's magnitude
     }
     assert {kind: layer_kind(module) for kind, module in modules.items()} == {k: k for k in modules}
     assert set(modules) == set(KINDS)
@@ -70,7 +71,6 @@ def test_layer_kind_covers_every_layout_kind_by_module_type():
         nnx.LinearGeneral(2, 2, rngs=rngs),
     ):
         assert layer_kind(other) is None
-    assert layer_kind(LoRA(nnx.Linear(2, 2, rngs=rngs), rank=1, rngs=rngs)) is None
 
 
 # ---------------------------------------------------------------------------------------------
