@@ -32,6 +32,8 @@ from interchange.names import dotted
 from interchange.state import FlatState
 
 from .graph import named_modules
+from .models._speech import SpeechModel, WeightNorm, WeightNormConv
+from .models.wavlm import WavLMAttention
 
 __all__ = ["KIND_OF_TYPE", "TorchEntry", "assign", "layer_kind", "model_state", "torch_entries"]
 
@@ -45,6 +47,10 @@ KIND_OF_TYPE: tuple[tuple[type[nnx.Module], str], ...] = (
     (nnx.RMSNorm, "rms_norm"),
     (nnx.Embed, "embedding"),
     (nnx.BatchNorm, "batch_norm"),
+    (WeightNorm, "conv_weight_norm"),
+    (WeightNormConv, "conv"),  # owns its bias; the weight norm sits below it
+    (SpeechModel, "masked_spec_embed"),
+    (WavLMAttention, "gated_relative_position"),
 )
 # The order of a layer's entries in PyTorch's state_dict.
 _TORCH_ORDER = ("weight", "bias", "running_mean", "running_var")
