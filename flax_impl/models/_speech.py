@@ -778,7 +778,18 @@ class SpeechModel(nnx.Module):
                 f"attention_mask has shape {tuple(attention_mask.shape)}, expected the shape of "
                 f"input_values {tuple(input_values.shape)}"
             )
-        features = self.feature_extractor(input_values)
+        hidden_states, mask = self.embed(input_values, attention_mask, mask_time_indices)
+        return self.encoder(hidden_states, mask)
+
+    def embed(
+        self,
+        input_values: jax.Array,
+        attention_mask: jax.Array | None = None,
+        mask_time_indices: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """What the ``encoder`` sees: the projected frames ``(batch, frames, hidden_size)`` and the
+        frame mask ``(batch, frames)`` (None without ``attention_mask``)."""
+        features = self.feature_extractor(jnp.asarray(input_values))
         mask = None
         if attention_mask is not None:
             mask = feature_vector_attention_mask(features.shape[1], attention_mask, self.config)
@@ -788,7 +799,7 @@ class SpeechModel(nnx.Module):
                 raise ValueError("mask_time_indices given but this model has no masked_spec_embed")
             embed = self.masked_spec_embed[...].astype(hidden_states.dtype)
             hidden_states = jnp.where(jnp.asarray(mask_time_indices)[:, :, None], embed, hidden_states)
-        return self.encoder(hidden_states, mask)
+        return hidden_states, mask
 
     @classmethod
     def from_pretrained(cls, path: Any, **kwargs: Any) -> Any:

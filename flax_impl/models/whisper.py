@@ -208,11 +208,18 @@ class WhisperEncoder(nnx.Module):
                 f"(num_mel_bins, 2 * max_source_positions), got {tuple(input_features.shape)}; pad the "
                 f"mel features to {expected[1]} frames"
             )
-        x = jnp.transpose(input_features, (0, 2, 1))  # channels last
+        return self.encode(self.embed(input_features))
+
+    def embed(self, input_features: jax.Array) -> jax.Array:
+        """The frames the layers see: ``gelu(conv2(gelu(conv1(x)))) + embed_positions``, dropout."""
+        x = jnp.transpose(jnp.asarray(input_features), (0, 2, 1))  # channels last
         x = jax.nn.gelu(self.conv1(x), approximate=False)
         x = jax.nn.gelu(self.conv2(x), approximate=False)
         hidden_states = x + self.embed_positions.embedding[...].astype(x.dtype)
-        hidden_states = _dropout(self, hidden_states, self.dropout)
+        return _dropout(self, hidden_states, self.dropout)
+
+    def encode(self, hidden_states: jax.Array) -> jax.Array:
+        """The ``layers`` (with LayerDrop in training mode) and the final ``layer_norm``."""
         keep = None
         if self.layerdrop > 0.0 and not self.deterministic:
             keep = jax.random.uniform(self.rngs(), (len(self.layers),)) >= self.layerdrop
