@@ -207,12 +207,32 @@ class SpeechConfig:
         return read_config(cls, config)
 
 
+#: ``None``: the attention written out in transformers' order of operations (the default, exact
+#: reference); ``"xla"``/``"cudnn"``: ``jax.nn.dot_product_attention`` with that implementation
+#: (``"cudnn"``: cuDNN flash attention on NVIDIA GPUs, bf16/fp16 only; it never materialises the
+#: ``frames x frames`` scores, which is what Whisper's 1500 frames need).
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
+
+
 class Layers:
     """The keyword arguments every layer of one model shares (dtypes, precision, rngs)."""
 
-    def __init__(self, config: Any, dtype: Any, param_dtype: Any, precision: Any, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self,
+        config: Any,
+        dtype: Any,
+        param_dtype: Any,
+        precision: Any,
+        rngs: nnx.Rngs,
+        attention_implementation: str | None = None,
+    ) -> None:
+        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got {attention_implementation!r}"
+            )
         self.config = config
         self.dtype, self.param_dtype, self.precision, self.rngs = dtype, param_dtype, precision, rngs
+        self.attention_implementation = attention_implementation
 
     def linear(self, in_features: int, out_features: int, *, use_bias: bool = True) -> nnx.Linear:
         return nnx.Linear(
@@ -600,10 +620,22 @@ class SpeechAttention(nnx.Module):
         self.dropout = dropout
         self.deterministic = False
         self.rngs = layers.rngs["dropout"].fork()
+        self.implementation = layers.attention_implementation
 
     def __call__(self, hidden_states: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         *batch_seq, _ = hidden_states.shape
         heads = (*batch_seq, self.num_heads, self.head_dim)
+        dropout_active = self.dropout > 0.0 and not self.deterministic
+        if self.implementation is not None and not dropout_active:  # the fused kernel has no dropout
+            context = jax.nn.dot_product_attention(
+                self.q_proj(hidden_states).reshape(heads),
+                self.k_proj(hidden_states).reshape(heads),
+                self.v_proj(hidden_states).reshape(heads),
+                bias=mask,
+                scale=self.scaling,
+                implementation=self.implementation,
+            )
+            return self.out_proj(context.reshape(*batch_seq, -1))
         query = self.q_proj(hidden_states)
         if self.scale_query:
             query = query * self.scaling
@@ -726,6 +758,11 @@ class SpeechModel(nnx.Module):
     state ``(batch, frames, hidden_size)``. ``mask_time_indices`` ``(batch, frames)`` replaces those
     frames by ``masked_spec_embed`` as transformers does; SpecAugment's own random masking in
     training mode is not drawn here: pass the indices you want.
+
+    ``attention_implementation`` (see :data:`ATTENTION_IMPLEMENTATIONS`): ``None`` writes the
+    attention out as transformers does; ``"cudnn"`` uses cuDNN's flash attention (GPU, bf16), falling
+    back to the written-out form while attention dropout is active. WavLM's biased attention is
+    always written out.
     """
 
     config_class: type = SpeechConfig
@@ -737,10 +774,11 @@ class SpeechModel(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        attention_implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         self.config = self.config_class.from_config(config)
-        layers = Layers(self.config, dtype, param_dtype, precision, rngs)
+        layers = Layers(self.config, dtype, param_dtype, precision, rngs, attention_implementation)
         self.feature_extractor = SpeechFeatureEncoder(layers)
         self.feature_projection = self.make_feature_projection(layers)
         if self.config.has_masked_spec_embed:

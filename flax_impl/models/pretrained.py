@@ -130,6 +130,7 @@ def from_pretrained(
     param_dtype: Any = jnp.float32,
     precision: Any = None,
     seed: int = 0,
+    **model_kwargs: Any,
 ) -> Any:
     """Build ``cls`` (a Flax twin) from the directory ``path`` and load its weights; eval mode.
 
@@ -148,6 +149,8 @@ def from_pretrained(
         As the twin's constructor takes them; tensors are cast to ``param_dtype``.
     seed : int
         Seeds the dropout streams (and, with ``strict=False``, the variables the file lacks).
+    **model_kwargs
+        Passed to the constructor (``attention_implementation="cudnn"``, BERT's ``add_pooling_layer``).
 
     Returns
     -------
@@ -165,7 +168,14 @@ def from_pretrained(
         )
 
     def make() -> Any:
-        return cls(config, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=nnx.Rngs(seed))
+        return cls(
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            rngs=nnx.Rngs(seed),
+            **model_kwargs,
+        )
 
     model = _without_initializers(make, seed) if strict else make()
     expected = {entry.key for entry in bridge.torch_entries(model, strict=False)}
