@@ -249,14 +249,15 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: flax {flax_note}", flush=True)
         eager = graph = None
         note = "torch not run"
+        torch_trainable = trainable
         if not args.no_torch:
-            eager, graph, _, note = torch_rows(name, inputs(name), args.steps, args.warmup)
+            eager, graph, torch_trainable, note = torch_rows(name, inputs(name), args.steps, args.warmup)
             print(f"{name}: torch eager {eager:.2f} ms, graph {fmt(graph, '.2f')} ms {note}", flush=True)
         rows = [
             ("flax floor" + label, 0, floor_ms, floor_compile, flax_note),
             ("flax LoRA" + label, trainable, lora_ms, lora_compile, flax_note),
-            ("torch LoRA eager", trainable, eager, None, ""),
-            ("torch LoRA CUDA graph", trainable, graph, None, note),
+            ("torch LoRA eager", torch_trainable, eager, None, ""),
+            ("torch LoRA CUDA graph", torch_trainable, graph, None, note),
         ]
         for setup, params, ms, compile_s, row_note in rows:
             ratio = None if ms is None or floor_ms is None else ms / floor_ms
