@@ -41,13 +41,14 @@ from interchange.state import FlatState
 
 from .graph import named_modules
 from .lora import LoRA
+from .models._speech import SpeechModel, WeightNorm, WeightNormConv
+from .models.wavlm import WavLMAttention
 
 __all__ = ["KIND_OF_TYPE", "TorchEntry", "assign", "layer_kind", "model_state", "torch_entries"]
 
-# Subclasses count as their base (nnx.LoRALinear is an nnx.Linear); nnx.ConvTranspose is not an
-# nnx.Conv and has no kind: its PyTorch twin stores its weight as (in, out, *k).
 # The type table: module type (or a predicate on the module) -> layer kind of interchange.kinds.
-# First match wins.
+# First match wins; subclasses count as their base (nnx.LoRALinear is an nnx.Linear).
+# nnx.ConvTranspose is not an nnx.Conv and has no kind: its PyTorch twin stores (in, out, *k).
 KIND_OF_TYPE: list[
     tuple[type[nnx.Module] | tuple[type[nnx.Module], ...] | Callable[[nnx.Module], bool], str]
 ] = [
@@ -59,14 +60,18 @@ KIND_OF_TYPE: list[
     (nnx.Embed, "embedding"),
     (nnx.BatchNorm, "batch_norm"),
     (LoRA, "lora"),
+    (WeightNorm, "conv_weight_norm"),
+    (WeightNormConv, "conv"),  # owns its bias; the weight norm sits below it
+    (SpeechModel, "masked_spec_embed"),
+    (WavLMAttention, "gated_relative_position"),
 ]
 
 
 def layer_kind(module: object) -> str | None:
-    """The layer kind of ``module`` (a key of ``converters.layout.KINDS``), or None.
+    """The layer kind of ``module`` (a key of ``interchange.kinds.KINDS``), or None.
 
-    'linear' (nnx.Linear), 'conv' (nnx.Conv), 'layernorm', 'groupnorm', 'rmsnorm',
-    'embedding' (nnx.Embed), 'batchnorm' (nnx.BatchNorm). Decided by the module's type, never
+    'linear' (nnx.Linear), 'conv' (nnx.Conv), 'layer_norm', 'group_norm', 'rms_norm',
+    'embedding' (nnx.Embed), 'batch_norm' (nnx.BatchNorm), ... Decided by the module's type, never
     by a variable's name or shape.
 
     Example

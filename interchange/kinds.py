@@ -356,6 +356,24 @@ register_kind(
         aliases=("batchnorm",),
     )
 )
+# Weight norm of a conv weight (transformers' positional conv of wav2vec2, HuBERT, WavLM): the two
+# tensors torch.nn.utils.parametrizations.weight_norm keeps in the layer's ParametrizationList
+# (``<conv>.parametrizations.weight``): g (``original0``, ones but PyTorch's ``dim``) and v
+# (``original1``, the conv weight's shape), both laid out like the kernel. The older spelling
+# (``weight_g``/``weight_v`` on the conv) is renamed to this one where checkpoints are read.
+register_kind(
+    LayerKind(
+        "conv_weight_norm",
+        (
+            Param("original0", "weight_g", "o i *k -> *k i o"),
+            Param("original1", "weight_v", "o i *k -> *k i o"),
+        ),
+    )
+)
+# Tensors a speech model owns directly rather than through a layer: wav2vec2/HuBERT/WavLM's
+# SpecAugment vector (on the model), WavLM's per-head gate constant (on its attention).
+register_kind(LayerKind("masked_spec_embed", (Param("masked_spec_embed", "masked_spec_embed"),)))
+register_kind(LayerKind("gated_relative_position", (Param("gru_rel_pos_const", "gru_rel_pos_const"),)))
 # A LoRA module's own tensors (DoRA's magnitude, one entry per output feature); its factors are
 # layers of their own kinds. Registered last: kinds above are in files written earlier.
 register_kind(LayerKind("lora", (Param("adapter_magnitude", "adapter_magnitude"),)))

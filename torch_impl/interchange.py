@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _WeightNorm
 
 from interchange.errors import CheckpointError
 from interchange.kinds import get_kind
@@ -50,7 +52,19 @@ KIND_OF_TYPE: list[
     (nn.Embedding, "embedding"),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "batch_norm"),
     (LoRA, "lora"),
+    (lambda m: _is_weight_norm(m), "conv_weight_norm"),
+    (lambda m: "masked_spec_embed" in m._parameters, "masked_spec_embed"),
+    (lambda m: "gru_rel_pos_const" in m._parameters, "gated_relative_position"),
 ]
+
+
+def _is_weight_norm(module: nn.Module) -> bool:
+    """True for the ``ParametrizationList`` that ``parametrizations.weight_norm`` puts at
+    ``<layer>.parametrizations.weight`` (it holds ``original0``/``original1``)."""
+    return isinstance(module, parametrize.ParametrizationList) and any(
+        isinstance(p, _WeightNorm) for p in module
+    )
+
 
 _DTYPES = {
     torch.bool: "BOOL",

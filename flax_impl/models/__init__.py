@@ -2,7 +2,12 @@
 
 A twin's dotted module names equal the PyTorch model's ``named_modules()`` names, so a torch
 ``state_dict`` converts onto it key for key (``converters.torch_to_flax``) and one list of glob
-patterns targets the same layers in both frameworks.
+patterns targets the same layers in both frameworks. Every twin has ``from_pretrained(path)``,
+which reads a transformers ``save_pretrained`` directory without torch and returns eval mode.
+
+- :class:`BertModel` (``transformers.BertModel``)
+- :class:`Wav2Vec2Model`, :class:`HubertModel`, :class:`WavLMModel` (raw 16 kHz audio in)
+- :class:`WhisperEncoder` (the encoder of ``transformers.WhisperModel``; log-mel features in)
 
 >>> from flax import nnx
 >>> from flax_impl.models import BertConfig, BertModel
@@ -14,5 +19,24 @@ patterns targets the same layers in both frameworks.
 """
 
 from .bert import BertConfig, BertModel, extended_attention_mask
+from .hubert import HubertConfig, HubertModel
+from .pretrained import from_pretrained, read_pretrained_tensors
+from .wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+from .wavlm import WavLMConfig, WavLMModel
+from .whisper import WhisperConfig, WhisperEncoder
 
-__all__ = ["BertConfig", "BertModel", "extended_attention_mask"]
+__all__ = [
+    "BertConfig",
+    "BertModel",
+    "HubertConfig",
+    "HubertModel",
+    "Wav2Vec2Config",
+    "Wav2Vec2Model",
+    "WavLMConfig",
+    "WavLMModel",
+    "WhisperConfig",
+    "WhisperEncoder",
+    "extended_attention_mask",
+    "from_pretrained",
+    "read_pretrained_tensors",
+]

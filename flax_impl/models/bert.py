@@ -32,7 +32,9 @@ Example
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import os
+import types
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
 
@@ -142,11 +144,14 @@ class BertConfig:
     def from_config(cls, config: Any) -> BertConfig:
         """Read the fields from any object that has them as attributes (a ``transformers.BertConfig``).
 
-        Missing attributes keep their defaults. A Hugging Face config with a relative
+        ``config`` may also be the dict of a ``config.json``. Missing attributes keep their
+        defaults. A Hugging Face config with a relative
         ``position_embedding_type`` is refused: this twin has absolute positions only.
         """
         if isinstance(config, cls):
             return config
+        if isinstance(config, Mapping):  # a config.json dict
+            config = types.SimpleNamespace(**config)
         position_type = getattr(config, "position_embedding_type", "absolute")
         if position_type != "absolute":
             raise ValueError(
@@ -408,6 +413,9 @@ class BertModel(nnx.Module):
     (1, 3, 8)
     """
 
+    model_type = "bert"
+    base_model_prefix = "bert"
+
     def __init__(
         self,
         config: BertConfig | Any,
@@ -444,3 +452,17 @@ class BertModel(nnx.Module):
                 )
             mask = extended_attention_mask(attention_mask, hidden_states.dtype)
         return self.encoder(hidden_states, mask)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], **kwargs: Any) -> BertModel:
+        """Read a transformers ``save_pretrained`` directory (``config.json`` plus ``model.safetensors``
+        or a sharded index) without torch; returns the model in eval mode (dropout off).
+
+        A directory saved from a model with a head (``BertForSequenceClassification``) is read
+        under ``bert.``, the head left out and noted. Keyword arguments: see
+        :func:`flax_impl.models.pretrained.from_pretrained` (``strict``, ``output_loading_info``,
+        ``dtype``, ``param_dtype``, ``precision``, ``seed``).
+        """
+        from .pretrained import from_pretrained
+
+        return from_pretrained(cls, path, **kwargs)

@@ -27,6 +27,8 @@ import torch_impl
 from converters import layout
 from converters.naming import dotted
 from flax_impl.graph import get_submodule
+from flax_impl.models._speech import SpeechModel, WeightNorm, WeightNormConv
+from flax_impl.models.wavlm import WavLMAttention
 
 from .zoo import PAIRS, AdapterCase, Batch, Pair
 
@@ -48,6 +50,10 @@ _FLAX_KINDS: tuple[tuple[type, str], ...] = (
     (nnx.Embed, "embedding"),
     (nnx.BatchNorm, "batchnorm"),
     (flax_impl.LoRA, "lora"),  # its own variable: DoRA's adapter_magnitude
+    (WeightNorm, "conv_weight_norm"),
+    (WeightNormConv, "conv"),
+    (SpeechModel, "masked_spec_embed"),
+    (WavLMAttention, "gated_relative_position"),
 )
 
 
