@@ -11,6 +11,7 @@ from flax import nnx
 from interchange.adapters import LORA, AdapterKind
 from interchange.errors import AdapterInsertionError
 
+from . import fused
 from ._factors import (
     TORCH_DEFAULT_KERNEL_INIT,
     check_size,
@@ -136,6 +137,9 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the pretrained layer plus the scaled low-rank update."""
+        layers = (self.pretrained_module, self.adapter_down_proj, self.adapter_up_proj)
+        if not self.merged and fused.can_fuse_linear(*layers):
+            return fused.lora_linear(*layers, self.scaling, x)  # same values, a leaner backward
         x_pretrained = self.pretrained_module(x)
         if self.merged:
             return x_pretrained
