@@ -67,7 +67,7 @@ from torch import nn  # noqa: E402
 from benchmarks import _common  # noqa: E402
 from benchmarks._common import BERT_TARGETS as TARGETS  # noqa: E402
 from benchmarks._common import RANK, Shape, bert_summary, fmt, with_counts, write_report  # noqa: E402
-from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, merge_lora  # noqa: E402
+from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, fused, merge_lora  # noqa: E402
 
 PEFT_TARGETS = {"q,v": ["query", "value"], "q,k,v,o": ["query", "key", "value", "attention.output.dense"]}
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
@@ -159,13 +159,16 @@ def build_model(setup: str, targets: str, shape: Shape, device: torch.device, ra
         # does the same eagerly, but torch.compile(fullgraph=True) refuses it.)
         base.embeddings.LayerNorm.weight.requires_grad_(True)
         return base.train()
-    if setup in ("ours", "plain", "houlsby"):
+    if setup in ("ours", "ours+qkv", "plain", "houlsby"):
         adapter, kwargs = {
             "ours": (LoRA, {"rank": rank}),
+            "ours+qkv": (LoRA, {"rank": rank}),
             "plain": (PlainLoRA, {"rank": rank}),
             "houlsby": (HoulsbyAdapterLinear, {"projection_size": rank}),
         }[setup]
         model = AdaptedModel(base, adapter, target_layers=TARGETS[targets], adapter_kwargs=kwargs)
+        if setup == "ours+qkv":
+            fused.group_shared_input(model)  # opt-in: q, k, v computed together
     elif setup == "peft":
         import peft
 
@@ -368,6 +371,8 @@ def training_cases(dtypes: list[str], modes: list[str], setups: list[str]) -> li
                     group.append(Case("full", dtype=dtype, mode=mode))
                     continue
                 for targets in TARGETS:
+                    if setup == "ours+qkv" and targets == "q,v":
+                        continue  # nothing to group: query and value only
                     group.append(Case(setup, targets, dtype, mode))
         groups.append(group)
     return groups
@@ -419,7 +424,7 @@ def target_summary(
 
     everything = {**train, **compiled, **scaling}
     for case in everything:
-        if case.setup != "ours":
+        if case.setup not in ("ours", "ours+qkv"):
             continue
         mode = "compile" if case.mode.startswith("compile") else case.mode
         limit = _common.TARGET_LIMITS.get((mode, case.targets))
