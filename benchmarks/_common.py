@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,14 +65,71 @@ def with_counts(shape: Shape, steps: int | None, warmup: int | None) -> Shape:
     )
 
 
-def bert_summary(config: object, shape: Shape) -> str:
+def bert_summary(config: object, shape: Shape, rank: int = RANK) -> str:
     """``'(L layers, hidden H, A heads, FFN F), batch B x S tokens, rank R'`` for a report header;
     ``config`` is a ``transformers.BertConfig`` or its Flax twin (same attribute names)."""
     return (
         f"({config.num_hidden_layers} layers, hidden {config.hidden_size}, "
         f"{config.num_attention_heads} heads, FFN {config.intermediate_size}), batch {shape.batch} x "
-        f"{shape.seq} tokens, rank {RANK}"
+        f"{shape.seq} tokens, rank {rank}"
     )
+
+
+# Issue 17's targets: ratio limits to the frozen floor of the same mode (same dtype, same run).
+TARGET_LIMITS = {
+    ("graph", "q,v"): 1.03,
+    ("graph", "q,k,v,o"): 1.06,
+    ("eager", "q,v"): 1.15,
+    ("eager", "q,k,v,o"): 1.30,
+    ("compile", "q,v"): 1.08,
+    ("compile", "q,k,v,o"): 1.08,
+}
+EAGER_VS_PEFT = 0.80  # ours' eager step at most this fraction of PEFT's, every row
+MEMORY_SLACK = 1.05  # peak <= (floor peak + adapter params, grads, optimizer states) * this
+MERGED_LIMIT = 1.01  # merged inference <= this x the base model
+README_IDIOM_LIMIT = 1.05  # the README's Flax step <= this x the best known step
+
+
+@dataclasses.dataclass
+class Timing:
+    """Per-round medians (ms) of one setup timed in :func:`interleaved`."""
+
+    rounds: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.rounds)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median over the rounds, as a fraction."""
+        return (max(self.rounds) - min(self.rounds)) / self.median if self.rounds else 0.0
+
+
+def interleaved(
+    cases: dict[str, Callable[[], object]],
+    rounds: int,
+    steps: int,
+    sync: Callable[[], object] | None = None,
+    log: Callable[[str], object] | None = None,
+) -> dict[str, Timing]:
+    """Time every case once a round, ``rounds`` times, in the same order each round, so that a
+    slow phase of the machine hits every case alike: per round, the median of ``steps`` calls
+    (each between two ``sync`` calls). Return each case's :class:`Timing`."""
+    timings = {name: Timing() for name in cases}
+    for index in range(rounds):
+        for name, fn in cases.items():
+            timings[name].rounds.append(statistics.median(time_calls(fn, steps, 0, sync)))
+        if log is not None:
+            log(f"  round {index + 1}/{rounds} done")
+    return timings
+
+
+def verdict(value: float | None, limit: float) -> str:
+    """``'met'``/``'missed'`` for ``value <= limit``, ``'not measured'`` for None."""
+    if value is None:
+        return "not measured"
+    return "met" if value <= limit else "missed"
 
 
 def time_calls(

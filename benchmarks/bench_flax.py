@@ -1,21 +1,30 @@
-"""Flax benchmark: a jitted LoRA training step on the Flax BERT twin against the jitted floor.
+"""Flax benchmark: a LoRA training step on the Flax BERT twin against the frozen floor.
 
 Model: ``flax_impl.models.bert.BertModel`` (the NNX twin of ``transformers.BertModel``, BERT-base
 shape, random init, dropout on), batch 32 x 128 tokens, rank 16, ``optax.adamw``, loss
-``mean(h.astype(float32)**2)`` over the last hidden state. Rows, each one ``jax.jit`` of a pure
-function over ``nnx.split`` state (so NNX's Python bookkeeping stays out of the timing):
+``mean(h.astype(float32)**2)`` over the last hidden state. Setups:
 
 - ``floor``: forward + backward of the frozen encoder with the gradient taken with respect to
   the embedding output only (XLA computes no weight gradient);
 - ``full``: full fine-tuning (``wrt=nnx.Param``);
-- ``ours``: ``flax_impl.AdaptedModel`` + ``flax_impl.LoRA``, optimised with ``wrt=model.trainable``;
+- ``ours``: ``flax_impl.AdaptedModel`` + ``flax_impl.LoRA`` (its fused path,
+  ``flax_impl.fused``), optimised with ``wrt=model.trainable``;
+- ``ours-plain``: the same with ``flax_impl.fused.disabled()`` (autodiff of the plain formula);
 - ``nnx.LoRA``: Flax's own ``nnx.LoRA`` wrapped around the same layers, ``wrt=nnx.LoRAParam``.
+
+Modes, each with its own floor: ``jit`` (a pure function over ``nnx.split`` state under
+``jax.jit``, state donated: NNX's Python bookkeeping stays out), ``nnx.jit`` (the README's idiom:
+``@nnx.jit def train_step(model, optimizer, ids)``) and ``cached_partial``
+(``nnx.cached_partial(train_step, model, optimizer)``: the same function, its graph traversal
+cached).
 
 bf16 rows build the model with ``dtype=bfloat16`` (float32 parameters, bf16 compute: the analogue
 of torch autocast); float32 rows use full float32 matmuls (``jax_default_matmul_precision =
-'highest'``, as torch's default, TF32 off). The median of ``--steps`` steps after ``--warmup``
-(compilation happens before) is reported, each ended by ``block_until_ready``; ``temp MiB`` is
-XLA's compiled temporary buffer size. ``--device cpu`` runs a smaller shape.
+'highest'``, as torch's default, TF32 off). Every setup of a group is timed once a round for
+``--rounds`` rounds (per round the median of ``--steps`` steps, each ended by
+``block_until_ready``); the table gives the median of the rounds and their spread. ``XLA temp
+MiB`` is the compiled step's temporary buffer size (``jit`` mode). ``--device cpu`` runs a
+smaller shape.
 
 Usage::
 
@@ -26,11 +35,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import statistics
+import gc
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,35 +52,58 @@ from flax import nnx  # noqa: E402
 
 from benchmarks import _common  # noqa: E402
 from benchmarks._common import BERT_TARGETS as TARGETS  # noqa: E402
-from benchmarks._common import RANK, Shape, bert_summary, fmt, time_calls, with_counts, write_report  # noqa: E402
-from flax_impl import AdaptedModel, LoRA  # noqa: E402
+from benchmarks._common import RANK, Shape, bert_summary, fmt, with_counts, write_report  # noqa: E402
+from flax_impl import AdaptedModel, LoRA, fused  # noqa: E402
 from flax_impl.graph import get_submodule, set_submodule  # noqa: E402
 from flax_impl.models.bert import BertConfig, BertModel  # noqa: E402
 
 DTYPES = {"bf16": jnp.bfloat16, "fp32": None}
 
 SHAPES = {
-    "gpu": Shape(config={}, batch=32, seq=128, steps=30, warmup=5),
+    "gpu": Shape(config={}, batch=32, seq=128, steps=20, warmup=3),
     "cpu": _common.BERT_CPU_SHAPE,
 }
 
 
-@dataclasses.dataclass
-class Row:
-    """One measured line of the table."""
+@dataclasses.dataclass(frozen=True)
+class Case:
+    setup: str  # floor, full, ours, ours-plain, nnx.LoRA
+    targets: str = "-"
+    dtype: str = "bf16"
+    mode: str = "jit"  # jit, nnx.jit, cached_partial
+    rank: int = RANK
+    batch: int = 0  # 0: the run's shape
+    seq: int = 0
 
-    setup: str
-    targets: str
-    dtype: str
-    trainable: int
-    ms: float
-    temp_mib: float | None
-    ratio: float | None = None
+    @property
+    def key(self) -> str:
+        size = (
+            ""
+            if (self.rank, self.batch, self.seq) == (RANK, 0, 0)
+            else f" r{self.rank} {self.batch}x{self.seq}"
+        )
+        return f"{self.setup} {self.targets} {self.dtype} {self.mode}{size}"
+
+    @property
+    def floor(self) -> Case:
+        return dataclasses.replace(self, setup="floor", targets="-", rank=RANK)
+
+
+@dataclasses.dataclass
+class Result:
+    case: Case
+    trainable: int = 0
+    adapter_mib: float = 0.0  # adapter params + grads + AdamW states
+    temp_mib: float | None = None
+    compile_s: float = 0.0
+    tokens: str = "-"
+    timing: _common.Timing | None = None
+    note: str = ""
 
 
 def _target_names(model: nnx.Module, patterns: list[str]) -> list[str]:
-    from converters.naming import matches_any
     from flax_impl.graph import named_modules
+    from interchange.names import matches_any
 
     return [name for name, module in named_modules(model) if matches_any(name, patterns)]
 
@@ -85,15 +117,15 @@ def _randomize(model: nnx.Module, leaf_names: tuple[str, ...], key: jax.Array) -
             variable.set_value(0.02 * jax.random.normal(sub, value.shape, value.dtype))
 
 
-def build(setup: str, targets: str, dtype: str, shape: Shape):
+def build(setup: str, targets: str, dtype: str, shape: Shape, rank: int = RANK):
     """Return ``(model, trainable filter or None)`` for one row."""
     config = BertConfig(**shape.config)
     model = BertModel(config, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))
     if setup in ("floor", "full"):
         return model, (nnx.Param if setup == "full" else None)
-    if setup == "ours":
+    if setup in ("ours", "ours-plain"):
         adapted = AdaptedModel(
-            model, LoRA, target_layers=TARGETS[targets], adapter_kwargs={"rank": RANK}, rngs=nnx.Rngs(1)
+            model, LoRA, target_layers=TARGETS[targets], adapter_kwargs={"rank": rank}, rngs=nnx.Rngs(1)
         )
         _randomize(adapted, ("adapter_up_proj",), jax.random.key(2))
         return adapted, adapted.trainable
@@ -103,7 +135,7 @@ def build(setup: str, targets: str, dtype: str, shape: Shape):
             linear = get_submodule(model, name)
             lora = nnx.LoRA(
                 linear.in_features,
-                RANK,
+                rank,
                 linear.out_features,
                 base_module=linear,
                 dtype=DTYPES[dtype],
@@ -119,90 +151,218 @@ def _loss(hidden: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(hidden.astype(jnp.float32)))
 
 
-def make_floor_step(model: nnx.Module):
-    """Jitted forward + backward of the frozen encoder, gradient w.r.t. the embedding output."""
-    graphdef, state = nnx.split(model)
-
-    @partial(jax.jit, donate_argnums=0)
-    def step(state, ids):
-        model = nnx.merge(graphdef, state)
-        hidden0 = model.embeddings(ids)
-        # argnums=0: the gradient is taken w.r.t. the hidden states only; the model rides along.
-        loss, grad = nnx.value_and_grad(lambda h, m: _loss(m.encoder(h)), argnums=0)(hidden0, model)
-        return (loss, grad), nnx.state(model)
-
-    return step, state
+def _floor_loss_and_grad(model: nnx.Module, ids: jax.Array):
+    hidden0 = model.embeddings(ids)
+    # argnums=0: the gradient is taken w.r.t. the hidden states only; the model rides along.
+    return nnx.value_and_grad(lambda h, m: _loss(m.encoder(h)), argnums=0)(hidden0, model)
 
 
-def make_train_step(model: nnx.Module, wrt):
-    """Jitted training step updating only ``wrt`` with AdamW."""
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=wrt)
-    graphdef, state = nnx.split((model, optimizer))
-
-    @partial(jax.jit, donate_argnums=0)
-    def step(state, ids):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(lambda m: _loss(m(ids)), argnums=nnx.DiffState(0, wrt))(model)
-        optimizer.update(model, grads)
-        return loss, nnx.state((model, optimizer))
-
-    return step, state
+def _train_update(model: nnx.Module, optimizer: nnx.Optimizer, ids: jax.Array, wrt) -> jax.Array:
+    loss, grads = nnx.value_and_grad(lambda m: _loss(m(ids)), argnums=nnx.DiffState(0, wrt))(model)
+    optimizer.update(model, grads)
+    return loss
 
 
-def bench(setup: str, targets: str, dtype: str, shape: Shape, key: jax.Array) -> Row:
-    model, wrt = build(setup, targets, dtype, shape)
-    trainable = 0 if wrt is None else sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
-    step, state = make_floor_step(model) if wrt is None else make_train_step(model, wrt)
-    del model
-    ids = jax.random.randint(key, (shape.batch, shape.seq), 0, BertConfig(**shape.config).vocab_size)
-    start = time.perf_counter()
-    compiled = step.lower(state, ids).compile()
-    print(f"  compiled {setup} {targets} {dtype} in {time.perf_counter() - start:.1f} s", flush=True)
+def make_jit_step(model: nnx.Module, wrt, ids: jax.Array):
+    """``jit`` mode: a pure function of the split state, donated; returns (step, compiled, temp MiB)."""
+    if wrt is None:
+        graphdef, state = nnx.split(model)
+
+        def pure(state, ids):
+            model = nnx.merge(graphdef, state)
+            out = _floor_loss_and_grad(model, ids)
+            return out, nnx.state(model)
+
+    else:
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=wrt)
+        graphdef, state = nnx.split((model, optimizer))
+
+        def pure(state, ids):
+            model, optimizer = nnx.merge(graphdef, state)
+            loss = _train_update(model, optimizer, ids, wrt)
+            return loss, nnx.state((model, optimizer))
+
+    compiled = jax.jit(pure, donate_argnums=0).lower(state, ids).compile()
     analysis = compiled.memory_analysis()
-    temp_mib = analysis.temp_size_in_bytes / 2**20 if analysis is not None else None
+    temp = analysis.temp_size_in_bytes / 2**20 if analysis is not None else None
     holder = [state]
 
     def run() -> None:
         out, holder[0] = compiled(holder[0], ids)
         jax.block_until_ready(out)
 
-    ms = statistics.median(time_calls(run, shape.steps, shape.warmup))
-    return Row(setup, targets, dtype, trainable, ms, temp_mib)
+    return run, temp
 
 
-SETUPS = [
-    ("floor", "-"),
-    ("full", "-"),
-    ("ours", "q,v"),
-    ("nnx.LoRA", "q,v"),
-    ("ours", "q,k,v,o"),
-    ("nnx.LoRA", "q,k,v,o"),
-]
+_NNX_STEPS: dict[tuple, tuple] = {}  # (setup, targets, dtype, size) -> (jitted step, its graph args)
 
 
-def table(rows: list[Row]) -> str:
+def make_nnx_step(model: nnx.Module, wrt, ids: jax.Array, cached: bool, share: tuple):
+    """``nnx.jit`` mode (the README's idiom) or its ``nnx.cached_partial`` form; the two modes
+    of one setup share the jitted function and the model (one compilation)."""
+    if share in _NNX_STEPS:
+        step, args = _NNX_STEPS[share]
+    elif wrt is None:
+
+        @nnx.jit
+        def floor_step(model, ids):
+            return _floor_loss_and_grad(model, ids)
+
+        step, args = floor_step, (model,)
+    else:
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=wrt)
+
+        @nnx.jit
+        def train_step(model, optimizer, ids):
+            return _train_update(model, optimizer, ids, wrt)
+
+        step, args = train_step, (model, optimizer)
+    _NNX_STEPS[share] = (step, args)
+    if cached:
+        partial_step = nnx.cached_partial(step, *args)
+
+        def run() -> None:
+            jax.block_until_ready(partial_step(ids))
+
+    else:
+
+        def run() -> None:
+            jax.block_until_ready(step(*args, ids))
+
+    return run, None
+
+
+def prepare(case: Case, shape: Shape, key: jax.Array):
+    batch, seq = case.batch or shape.batch, case.seq or shape.seq
+    run_shape = dataclasses.replace(shape, batch=batch, seq=seq)
+    model, wrt = build(case.setup, case.targets, case.dtype, run_shape, rank=case.rank)
+    trainable = 0 if wrt is None else sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
+    result = Result(case, trainable=trainable, tokens=f"{batch}x{seq}", adapter_mib=4 * 4 * trainable / 2**20)
+    ids = jax.random.randint(key, (batch, seq), 0, BertConfig(**shape.config).vocab_size)
+    began = time.perf_counter()
+    context = fused.disabled() if case.setup == "ours-plain" else contextlib.nullcontext()
+    with context:  # the switch is read at trace time
+        if case.mode == "jit":
+            run, result.temp_mib = make_jit_step(model, wrt, ids)
+        else:
+            share = (case.setup, case.targets, case.dtype, case.rank, batch, seq)
+            run, _ = make_nnx_step(model, wrt, ids, cached=case.mode == "cached_partial", share=share)
+        run()  # nnx.jit compiles here
+    result.compile_s = time.perf_counter() - began
+    for _ in range(shape.warmup):
+        run()
+    return run, result
+
+
+def run_group(title: str, cases: list[Case], shape: Shape, rounds: int, key: jax.Array, log) -> list[Result]:
+    log(f"{title}: preparing {len(cases)} cases")
+    fns, results = {}, {}
+    for case in cases:
+        try:
+            fns[case.key], results[case.key] = prepare(case, shape, key)
+            log(f"  {case.key}: compiled in {results[case.key].compile_s:.1f} s")
+        except Exception as error:  # reported in the table, not fatal
+            results[case.key] = Result(
+                case, note=f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            )
+            log(f"  {case.key}: {results[case.key].note}")
+    for name, timing in _common.interleaved(fns, rounds, shape.steps, log=log).items():
+        results[name].timing = timing
+    del fns
+    _NNX_STEPS.clear()
+    gc.collect()
+    return list(results.values())
+
+
+def _ms(result: Result | None) -> float | None:
+    return None if result is None or result.timing is None else result.timing.median
+
+
+def ratio(results: dict, case: Case, reference: Case | None = None) -> float | None:
+    value, ref = _ms(results.get(case)), _ms(results.get(reference or case.floor))
+    return None if value is None or ref is None else value / ref
+
+
+def table(results: dict[Case, Result]) -> str:
     lines = [
-        "| setup | targets | dtype | trainable params | ms/step | x floor | XLA temp MiB |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| setup | targets | dtype | mode | rank | tokens | trainable | ms (median of rounds) | spread | x floor | XLA temp MiB |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for case, r in results.items():
         lines.append(
-            f"| {r.setup} | {r.targets} | {r.dtype} | {r.trainable:,} | {r.ms:.2f} | "
-            f"{fmt(r.ratio, '.2f')} | {fmt(r.temp_mib, '.0f')} |"
+            f"| {case.setup} | {case.targets} | {case.dtype} | {case.mode} | {case.rank} | {r.tokens} | "
+            f"{r.trainable:,} | {fmt(_ms(r), '.2f')} | {fmt(r.timing.spread * 100 if r.timing else None, '.1f')}% | "
+            f"{fmt(ratio(results, case), '.3f')} | {fmt(r.temp_mib, '.0f')} |"
+            + (f" {r.note}" if r.note else "")
         )
+    return "\n".join(lines)
+
+
+def target_summary(results: dict[Case, Result]) -> str:
+    lines = ["| target | row | measured | limit | verdict |", "|---|---|---:|---:|---|"]
+
+    def add(target: str, row: str, value: float | None, limit: float) -> None:
+        lines.append(
+            f"| {target} | {row} | {fmt(value, '.3f')} | {limit:.2f} | {_common.verdict(value, limit)} |"
+        )
+
+    for case, r in results.items():
+        if case.setup != "ours":
+            continue
+        if case.mode == "jit":
+            add(
+                "Flax jax.jit x floor",
+                case.key,
+                ratio(results, case),
+                _common.TARGET_LIMITS[("graph", case.targets)],
+            )
+            floor = results.get(case.floor)
+            if floor is not None and floor.temp_mib is not None and r.temp_mib is not None:
+                allowed = (floor.temp_mib + r.adapter_mib) * _common.MEMORY_SLACK
+                add("XLA temp memory / allowed", case.key, r.temp_mib / allowed, 1.0)
+        nnx_lora = dataclasses.replace(case, setup="nnx.LoRA")
+        if nnx_lora in results:
+            add("ours x nnx.LoRA", case.key, ratio(results, case, nnx_lora), 1.0)
+        if case.mode == "nnx.jit":
+            best = [
+                ratio(results, case, dataclasses.replace(case, mode=m)) for m in ("jit", "cached_partial")
+            ]
+            best = [b for b in best if b is not None]
+            add(
+                "README idiom (nnx.jit) x best step",
+                case.key,
+                max(best) if best else None,
+                _common.README_IDIOM_LIMIT,
+            )
+            cached = dataclasses.replace(case, mode="cached_partial")
+            jit = dataclasses.replace(case, mode="jit")
+            if cached in results and jit in results:
+                add(
+                    "nnx.cached_partial x jax.jit step",
+                    cached.key,
+                    ratio(results, cached, jit),
+                    _common.README_IDIOM_LIMIT,
+                )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=jax.default_backend(), help="gpu or cpu (JAX's backend)")
-    parser.add_argument("--out", type=Path, help="write the markdown table here too")
+    parser.add_argument("--out", type=Path, help="write the markdown tables here too")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dtypes", default="bf16,fp32")
-    parser.add_argument("--setups", help="comma list of setup names (default: all; floor always runs)")
+    parser.add_argument("--setups", default="ours,ours-plain,nnx.LoRA", help="setups beside the floor")
+    parser.add_argument("--idiom-dtypes", default="bf16", help="dtypes of the nnx.jit / cached_partial rows")
+    parser.add_argument("--scaling-dtypes", default="bf16", help="dtypes of the rank / token scaling rows")
+    parser.add_argument(
+        "--deadline", type=float, default=0.0, help="seconds; skip later groups past it (0: none)"
+    )
     args = parser.parse_args(argv)
 
+    began = time.perf_counter()
     jax.config.update("jax_default_matmul_precision", "highest")
     kind = "gpu" if args.device in ("gpu", "cuda") else "cpu"
     if jax.default_backend() != kind:
@@ -222,26 +382,59 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     header = (
-        f"## Flax NNX: BERT twin {bert_summary(config, shape)}, optax.adamw, jax.jit; median of "
-        f"{shape.steps} steps after {shape.warmup} warm-up\n\n{environment}\n"
+        f"## Flax NNX: BERT twin {bert_summary(config, shape)}, optax.adamw; {args.rounds} interleaved rounds "
+        f"of {shape.steps} steps after {shape.warmup} warm-up (median of rounds, spread = (max - min) / median)"
+        f"\n\n{environment}\n"
     )
     print(header, flush=True)
-    rows = []
-    key = jax.random.key(0)
+
+    def log(text: str) -> None:
+        print(f"[{time.perf_counter() - began:6.0f} s] {text}", flush=True)
+
+    setups = [s for s in args.setups.split(",") if s]
+    groups: list[tuple[str, list[Case]]] = []
     for dtype in [d for d in args.dtypes.split(",") if d]:
-        for setup, targets in SETUPS:
-            if args.setups and setup not in args.setups.split(",") and setup != "floor":
+        cases = [Case("floor", dtype=dtype)]
+        for setup in setups:
+            if setup == "full":
+                cases.append(Case("full", dtype=dtype))
                 continue
-            row = bench(setup, targets, dtype, shape, key)
-            rows.append(row)
-            print(f"{setup:9s} {targets:8s} {dtype}: {row.ms:8.2f} ms", flush=True)
-    for row in rows:
-        floor = next(r for r in rows if r.dtype == row.dtype and r.setup == "floor")
-        row.ratio = row.ms / floor.ms
-    text = header + "\n" + table(rows) + "\n"
+            cases += [Case(setup, t, dtype) for t in TARGETS if not (setup == "ours-plain" and t == "q,v")]
+        groups.append((f"{dtype} jit", cases))
+        if dtype in args.idiom_dtypes.split(","):
+            # The README's idiom, q,k,v,o: its own group (its own floor), right after the jit one.
+            cases = []
+            for mode in ("nnx.jit", "cached_partial"):
+                cases.append(Case("floor", dtype=dtype, mode=mode))
+                cases += [Case(s, "q,k,v,o", dtype, mode) for s in ("ours", "nnx.LoRA") if s in setups]
+            groups.append((f"{dtype} nnx.jit / cached_partial", cases))
+    for dtype in [d for d in args.scaling_dtypes.split(",") if d and kind == "gpu"]:
+        groups.append(
+            (
+                f"scaling {dtype}",
+                [
+                    Case("floor", dtype=dtype, batch=8, seq=512),
+                    Case("ours", "q,k,v,o", dtype, rank=8),
+                    Case("ours", "q,k,v,o", dtype, rank=64),
+                    Case("ours", "q,k,v,o", dtype, batch=8, seq=512),
+                    Case("nnx.LoRA", "q,k,v,o", dtype, rank=64),
+                ],
+            )
+        )
+    results: dict[Case, Result] = {}
+    key = jax.random.key(0)
+    for title, cases in groups:
+        if args.deadline and time.perf_counter() - began > args.deadline:
+            log(f"{title}: skipped (past the {args.deadline:.0f} s deadline)")
+            continue
+        results.update({r.case: r for r in run_group(title, cases, shape, args.rounds, key, log)})
+        text = "\n".join(
+            [header, table(results), "", "### Targets (issue 17)\n", target_summary(results), ""]
+        )
+        if args.out:
+            write_report(args.out, text)
     print("\n" + text, flush=True)
-    if args.out:
-        write_report(args.out, text)
+    log("done")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import dataclasses
 import gc
 import importlib.machinery
 import os
-import statistics
 import sys
 import time
 import types
@@ -68,13 +67,13 @@ from torch import nn  # noqa: E402
 from benchmarks import _common  # noqa: E402
 from benchmarks._common import BERT_TARGETS as TARGETS  # noqa: E402
 from benchmarks._common import RANK, Shape, bert_summary, fmt, with_counts, write_report  # noqa: E402
-from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, merge_lora  # noqa: E402
+from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, fused, merge_lora  # noqa: E402
 
 PEFT_TARGETS = {"q,v": ["query", "value"], "q,k,v,o": ["query", "key", "value", "attention.output.dense"]}
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 
 SHAPES = {
-    "cuda": Shape(config={}, batch=32, seq=128, steps=30, warmup=10),
+    "cuda": Shape(config={}, batch=32, seq=128, steps=20, warmup=5),
     "cpu": _common.BERT_CPU_SHAPE,
 }
 
@@ -88,20 +87,45 @@ class PlainLoRA(LoRA):
         return x_pretrained + x_lora
 
 
-@dataclasses.dataclass
-class Row:
-    """One measured line of a table."""
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One setup of one table: what is built, in which dtype and mode, at which size."""
 
-    setup: str
-    targets: str
-    dtype: str
-    trainable: int
-    ms: float
-    graph_ms: float | None
-    peak_mib: float | None
-    ratio: float | None = None
-    graph_ratio: float | None = None
+    setup: str  # floor, full, ours, peft, plain, houlsby, base, "ours merged"
+    targets: str = "-"
+    dtype: str = "bf16"
+    mode: str = "eager"  # eager, graph, compile, compile-max-autotune-no-cudagraphs
+    rank: int = RANK
+    batch: int = 0  # 0: the run's shape
+    seq: int = 0
+    infer: bool = False  # an inference forward instead of a training step
+
+    @property
+    def key(self) -> str:
+        size = (
+            ""
+            if (self.rank, self.batch, self.seq) == (RANK, 0, 0)
+            else f" r{self.rank} {self.batch}x{self.seq}"
+        )
+        return (
+            f"{'infer' if self.infer else 'train'} {self.setup} {self.targets} {self.dtype} {self.mode}{size}"
+        )
+
+    @property
+    def floor(self) -> Case:
+        """The frozen floor this case's ratio is taken against (same dtype, mode and size)."""
+        return dataclasses.replace(self, setup="base" if self.infer else "floor", targets="-", rank=RANK)
+
+
+@dataclasses.dataclass
+class Result:
+    case: Case
+    trainable: int = 0
+    adapter_mib: float = 0.0  # adapter params + grads + AdamW states, float32
+    peak_mib: float | None = None
+    timing: _common.Timing | None = None
     note: str = ""
+    tokens: str = "-"
 
 
 def _sync(device: torch.device) -> None:
@@ -117,32 +141,39 @@ def _randomize_up_projections(model: nn.Module) -> None:
                 param.normal_(0.0, 0.02)
 
 
-def build_model(setup: str, targets: str, shape: Shape, device: torch.device) -> nn.Module:
+def build_model(setup: str, targets: str, shape: Shape, device: torch.device, rank: int = RANK) -> nn.Module:
     """The BERT model of one row, on ``device``, in train mode, with only its trainable
     parameters requiring grad."""
     torch.manual_seed(0)
-    base = transformers.BertModel(transformers.BertConfig(**shape.config)).to(device)
+    with device:  # initialise on the device: seconds less per model on a GPU
+        base = transformers.BertModel(transformers.BertConfig(**shape.config))
     if setup == "full":
         return base.train()
     base.requires_grad_(False)
     if setup == "base":
         return base.train()
     if setup == "floor":
-        # Activation gradients only: the embedding output is a fresh leaf that requires grad.
-        base.embeddings.register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        # Activation gradients only, as far down as the embeddings: the one trainable tensor is
+        # the embedding LayerNorm's scale (768 numbers; no optimizer), so autograd runs the whole
+        # encoder's backward for activations. (A hook making the embedding output require grad
+        # does the same eagerly, but torch.compile(fullgraph=True) refuses it.)
+        base.embeddings.LayerNorm.weight.requires_grad_(True)
         return base.train()
-    if setup in ("ours", "plain", "houlsby"):
+    if setup in ("ours", "ours+qkv", "plain", "houlsby"):
         adapter, kwargs = {
-            "ours": (LoRA, {"rank": RANK}),
-            "plain": (PlainLoRA, {"rank": RANK}),
-            "houlsby": (HoulsbyAdapterLinear, {"projection_size": RANK}),
+            "ours": (LoRA, {"rank": rank}),
+            "ours+qkv": (LoRA, {"rank": rank}),
+            "plain": (PlainLoRA, {"rank": rank}),
+            "houlsby": (HoulsbyAdapterLinear, {"projection_size": rank}),
         }[setup]
         model = AdaptedModel(base, adapter, target_layers=TARGETS[targets], adapter_kwargs=kwargs)
+        if setup == "ours+qkv":
+            fused.group_shared_input(model)  # opt-in: q, k, v computed together
     elif setup == "peft":
         import peft
 
         config = peft.LoraConfig(
-            r=RANK, lora_alpha=1.0, lora_dropout=0.0, target_modules=PEFT_TARGETS[targets]
+            r=rank, lora_alpha=1.0, lora_dropout=0.0, target_modules=PEFT_TARGETS[targets]
         )
         model = peft.get_peft_model(base, config)
     else:
@@ -151,12 +182,26 @@ def build_model(setup: str, targets: str, shape: Shape, device: torch.device) ->
     return model.train()
 
 
-def make_optimizer(model: nn.Module, device: torch.device) -> torch.optim.Optimizer | None:
+def make_optimizer(model: nn.Module, device: torch.device, setup: str) -> torch.optim.Optimizer | None:
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        return None
+    if setup == "floor":  # nothing to train: no optimizer, but zero_grad between steps
+        return _ZeroGrad(params)
     cuda = device.type == "cuda"
     return torch.optim.AdamW(params, lr=1e-4, fused=cuda, capturable=cuda)
+
+
+class _ZeroGrad:
+    """The floor's stand-in for an optimizer: ``zero_grad`` only, ``step`` does nothing."""
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def step(self) -> None:
+        return None
 
 
 def make_step(
@@ -179,13 +224,23 @@ def make_step(
     return step
 
 
-def time_calls(fn: Callable[[], object], steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Milliseconds of each of ``steps`` calls after ``warmup``, synchronising around each."""
-    return _common.time_calls(fn, steps, warmup, sync=lambda: _sync(device))
+def make_forward(
+    model: nn.Module, ids: torch.Tensor, amp_dtype: torch.dtype | None
+) -> Callable[[], torch.Tensor]:
+    device_type = ids.device.type
+
+    def forward() -> torch.Tensor:
+        with (
+            torch.inference_mode(),
+            torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
+        ):
+            return model(input_ids=ids).last_hidden_state
+
+    return forward
 
 
-def time_graph(fn: Callable[[], object], prepare: Callable[[], None], steps: int, warmup: int) -> float:
-    """Median ms of replaying ``fn`` captured whole in a CUDA graph (side-stream warm-up first)."""
+def capture_graph(fn: Callable[[], object], prepare: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured whole in a CUDA graph (side-stream warm-up first)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -197,88 +252,351 @@ def time_graph(fn: Callable[[], object], prepare: Callable[[], None], steps: int
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    times = time_calls(graph.replay, steps, warmup, torch.device("cuda"))
-    del graph
-    return statistics.median(times)
+    return graph
 
 
-def _release(device: torch.device) -> None:
+def _peak_mib(device: torch.device, start: int) -> float | None:
+    return (torch.cuda.max_memory_allocated(device) - start) / 2**20 if device.type == "cuda" else None
+
+
+def prepare(
+    case: Case, shape: Shape, device: torch.device, warmup: int
+) -> tuple[Callable[[], object], Result]:
+    """Build ``case``, warm it up (compiling or capturing it), and return one step to time.
+
+    The peak memory of an eager or compiled case is the allocator's peak over its warm-up minus
+    what was allocated before the case was built: its model, optimizer state and step alone.
+    """
+    gc.collect()
+    start = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    batch, seq = case.batch or shape.batch, case.seq or shape.seq
+    run_shape = dataclasses.replace(shape, batch=batch, seq=seq)
+    kind, _, merged = case.setup.partition(" ")
+    model = build_model(kind, case.targets, run_shape, device, rank=case.rank)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if case.setup == "floor":
+        trainable = []
+    result = Result(case, trainable=sum(p.numel() for p in trainable))
+    result.tokens = f"{batch}x{seq}"
+    result.adapter_mib = 4 * sum(p.numel() * p.element_size() for p in trainable) / 2**20
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
+    amp = DTYPES[case.dtype]
+    runner: nn.Module = model
+    if case.mode.startswith("compile"):
+        mode = None if case.mode == "compile" else case.mode.removeprefix("compile-")
+        runner = torch.compile(model, fullgraph=True, mode=mode)
+    if case.infer:
+        model.eval()
+        if merged == "merged":
+            merge_lora(model)
+        fn = make_forward(runner, ids, amp)
+        prepare_fn = lambda: None  # noqa: E731
+    else:
+        optimizer = make_optimizer(model, device, kind)
+        fn = make_step(runner, optimizer, ids, amp)
+        prepare_fn = (lambda: optimizer.zero_grad(set_to_none=True)) if optimizer else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    result.peak_mib = _peak_mib(device, start)
+    if case.mode == "graph":
+        capture = fn if case.infer else (lambda: fn(False))
+        graph = capture_graph(capture, prepare_fn)
+        for _ in range(warmup):
+            graph.replay()
+        _sync(device)
+        return graph.replay, result
+    return fn, result
+
+
+def run_group(
+    title: str, cases: list[Case], shape: Shape, device: torch.device, rounds: int, log
+) -> list[Result]:
+    """Prepare every case of a group, then time them interleaved (one step set a round each)."""
+    log(f"{title}: preparing {len(cases)} cases")
+    fns, results = {}, {}
+    for case in cases:
+        began = time.perf_counter()
+        try:
+            fns[case.key], results[case.key] = prepare(case, shape, device, shape.warmup)
+        except Exception as error:  # reported in the table, not fatal
+            results[case.key] = Result(
+                case, note=f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+            )
+        log(f"  {case.key}: ready in {time.perf_counter() - began:.1f} s {results[case.key].note}")
+    timings = _common.interleaved(fns, rounds, shape.steps, sync=lambda: _sync(device), log=log)
+    for key, timing in timings.items():
+        results[key].timing = timing
+    del fns
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    return list(results.values())
 
 
-def _peak_mib(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+def _ms(result: Result | None) -> float | None:
+    return None if result is None or result.timing is None else result.timing.median
 
 
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def ratio(results: dict[Case, Result], case: Case, reference: Case | None = None) -> float | None:
+    value, ref = _ms(results.get(case)), _ms(results.get(reference or case.floor))
+    return None if value is None or ref is None else value / ref
 
 
-def bench_training(
-    setup: str, targets: str, dtype: str, shape: Shape, device: torch.device, graphs: bool, compile_: bool
-) -> Row:
-    model = build_model(setup, targets, shape, device)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    optimizer = make_optimizer(model, device)
-    ids = torch.randint(0, model.config.vocab_size, (shape.batch, shape.seq), device=device)
-    runner = torch.compile(model) if compile_ else model
-    step = make_step(runner, optimizer, ids, DTYPES[dtype])
-    for _ in range(shape.warmup):
-        step()
-    _sync(device)
-    _reset_peak(device)
-    ms = statistics.median(time_calls(step, shape.steps, 0, device))
-    peak = _peak_mib(device)
-    graph_ms, note = None, ""
-    if graphs and device.type == "cuda" and not compile_:
-        try:
-            prepare = (lambda: optimizer.zero_grad(set_to_none=True)) if optimizer else (lambda: None)
-            graph_ms = time_graph(lambda: step(zero_grad=False), prepare, shape.steps, shape.warmup)
-        except Exception as error:  # a capture failure is reported, not fatal
-            note = f"graph capture failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
-    name = f"{setup} (torch.compile)" if compile_ else setup
-    return Row(
-        name,
-        targets if setup not in ("floor", "full") else "-",
-        dtype,
-        trainable,
-        ms,
-        graph_ms,
-        peak,
-        note=note,
+def table(results: dict[Case, Result], reference_name: str) -> str:
+    lines = [
+        f"| setup | targets | dtype | mode | rank | tokens | trainable | ms (median of rounds) | spread | x {reference_name} | peak MiB |",
+        "|---|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for case, r in results.items():
+        lines.append(
+            f"| {case.setup} | {case.targets} | {case.dtype} | {case.mode} | {case.rank} | {r.tokens} | "
+            f"{r.trainable:,} | {fmt(_ms(r), '.2f')} | {fmt(r.timing.spread * 100 if r.timing else None, '.1f')}% | "
+            f"{fmt(ratio(results, case), '.3f')} | {fmt(r.peak_mib, '.0f')} |"
+            + (f" {r.note}" if r.note else "")
+        )
+    return "\n".join(lines)
+
+
+def training_cases(dtypes: list[str], modes: list[str], setups: list[str]) -> list[list[Case]]:
+    groups = []
+    for dtype in dtypes:
+        group = []
+        for mode in modes:
+            group.append(Case("floor", dtype=dtype, mode=mode))
+            for setup in setups:
+                if setup == "full":
+                    group.append(Case("full", dtype=dtype, mode=mode))
+                    continue
+                for targets in TARGETS:
+                    if setup == "ours+qkv" and targets == "q,v":
+                        continue  # nothing to group: query and value only
+                    group.append(Case(setup, targets, dtype, mode))
+        groups.append(group)
+    return groups
+
+
+def scaling_cases(dtypes: list[str]) -> list[list[Case]]:
+    groups = []
+    for dtype in dtypes:
+        group = []
+        for mode in ("graph",):  # the targets' graph rows
+            group += [
+                Case("floor", dtype=dtype, mode=mode),
+                Case("floor", dtype=dtype, mode=mode, batch=8, seq=512),
+                Case("ours", "q,k,v,o", dtype, mode, rank=8),
+                Case("ours", "q,k,v,o", dtype, mode, rank=64),
+                Case("ours", "q,k,v,o", dtype, mode, batch=8, seq=512),
+                Case("peft", "q,k,v,o", dtype, mode, rank=64),
+            ]
+        groups.append(group)
+    return groups
+
+
+def inference_cases(dtypes: list[str], modes: list[str]) -> list[list[Case]]:
+    return [
+        [
+            Case(setup, targets, dtype, mode, infer=True)
+            for mode in modes
+            for setup, targets in [
+                ("base", "-"),
+                ("ours", "q,k,v,o"),
+                ("ours merged", "q,k,v,o"),
+                ("peft", "q,k,v,o"),
+            ]
+        ]
+        for dtype in dtypes
+    ]
+
+
+def target_summary(
+    train: dict[Case, Result], compiled: dict[Case, Result], scaling: dict, infer: dict
+) -> str:
+    """Issue 17's targets, each with its number and 'met' / 'missed'."""
+    lines = ["| target | row | measured | limit | verdict |", "|---|---|---:|---:|---|"]
+
+    def add(target: str, row: str, value: float | None, limit: float) -> None:
+        lines.append(
+            f"| {target} | {row} | {fmt(value, '.3f')} | {limit:.2f} | {_common.verdict(value, limit)} |"
+        )
+
+    everything = {**train, **compiled, **scaling}
+    for case in everything:
+        if case.setup not in ("ours", "ours+qkv"):
+            continue
+        mode = "compile" if case.mode.startswith("compile") else case.mode
+        limit = _common.TARGET_LIMITS.get((mode, case.targets))
+        if limit is not None:
+            add(f"{mode} x floor", case.key, ratio(everything, case), limit)
+        if case.mode == "eager":
+            peft = dataclasses.replace(case, setup="peft")
+            if peft in everything:
+                add("eager x PEFT", case.key, ratio(everything, case, peft), _common.EAGER_VS_PEFT)
+        if case.mode == "eager" and not case.batch and case.rank == RANK:
+            floor, mine = everything.get(case.floor), everything[case]
+            if floor is not None and floor.peak_mib is not None and mine.peak_mib is not None:
+                allowed = (floor.peak_mib + mine.adapter_mib) * _common.MEMORY_SLACK
+                add("peak memory / allowed", case.key, mine.peak_mib / allowed, 1.0)
+    for case in infer:
+        if case.setup == "ours merged":
+            add("merged inference x base", case.key, ratio(infer, case), _common.MERGED_LIMIT)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, help="write the markdown tables here too")
+    parser.add_argument("--steps", type=int, help="timed steps per round (median); default per device")
+    parser.add_argument("--warmup", type=int, help="untimed steps first; default per device")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds (median and spread over them)"
     )
+    parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32")
+    parser.add_argument(
+        "--setups", default="full,ours,peft,plain,houlsby", help="training setups beside the floor"
+    )
+    parser.add_argument("--modes", default="eager,graph", help="training modes: eager, graph")
+    parser.add_argument(
+        "--compile-modes",
+        default="",
+        help="comma list of torch.compile modes for the compile table (default, max-autotune-no-cudagraphs)",
+    )
+    parser.add_argument("--compile-setups", default="ours,plain,peft")
+    parser.add_argument(
+        "--compile-targets", default="q,v;q,k,v,o", help="';'-separated target sets to compile"
+    )
+    parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--no-inference", action="store_true")
+    parser.add_argument(
+        "--deadline", type=float, default=0.0, help="seconds; skip later groups past it (0: none)"
+    )
+    parser.add_argument("--profile-out", type=Path, help="write torch.profiler tables (bf16 rows) here")
+    args = parser.parse_args(argv)
+
+    began = time.perf_counter()
+    device = torch.device(args.device)
+    shape = with_counts(SHAPES[device.type], args.steps, args.warmup)
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    modes = [m for m in args.modes.split(",") if m and (m != "graph" or device.type == "cuda")]
+    config = transformers.BertConfig(**shape.config)
+    header = (
+        f"## PyTorch: BERT {bert_summary(config, shape)}, AdamW; {args.rounds} interleaved rounds of "
+        f"{shape.steps} steps after {shape.warmup} warm-up (median of rounds, spread = (max - min) / median)\n\n"
+        f"{environment(device)}\n"
+    )
+    print(header, flush=True)
+
+    def log(text: str) -> None:
+        print(f"[{time.perf_counter() - began:6.0f} s] {text}", flush=True)
+
+    def in_time(name: str) -> bool:
+        if args.deadline and time.perf_counter() - began > args.deadline:
+            log(f"{name}: skipped (past the {args.deadline:.0f} s deadline)")
+            return False
+        return True
+
+    sections: list[str] = []
+
+    def flush() -> None:
+        text = "\n".join([header, *sections])
+        if args.out:
+            write_report(args.out, text + "\n")
+
+    train: dict[Case, Result] = {}
+    for group in training_cases(dtypes, modes, args.setups.split(",")):
+        if in_time("training"):
+            train.update({r.case: r for r in run_group("training", group, shape, device, args.rounds, log)})
+    sections += [
+        "### Training step (x floor: the frozen floor of the same dtype and mode)\n",
+        table(train, "floor"),
+        "",
+    ]
+    print(sections[-2], flush=True)
+    flush()
+
+    scaling: dict[Case, Result] = {}
+    if device.type == "cuda" and not args.no_scaling:
+        for group in scaling_cases(dtypes):
+            if in_time("scaling"):
+                scaling.update(
+                    {r.case: r for r in run_group("scaling", group, shape, device, args.rounds, log)}
+                )
+        sections += [
+            "### Scaling: q,k,v,o at rank 8 and 64, and at 8 x 512 tokens\n",
+            table(scaling, "floor"),
+            "",
+        ]
+        print(sections[-2], flush=True)
+        flush()
+
+    infer: dict[Case, Result] = {}
+    if not args.no_inference:
+        for group in inference_cases(dtypes, modes):
+            if in_time("inference"):
+                infer.update(
+                    {r.case: r for r in run_group("inference", group, shape, device, args.rounds, log)}
+                )
+        sections += ["### Inference (forward, eval, inference_mode; x base)\n", table(infer, "base"), ""]
+        print(sections[-2], flush=True)
+        flush()
+
+    compiled: dict[Case, Result] = {}
+    for mode in [m for m in args.compile_modes.split(",") if m]:
+        name = "compile" if mode == "default" else f"compile-{mode}"
+        for dtype in dtypes:
+            group = [Case("floor", dtype=dtype, mode=name)]
+            for targets in args.compile_targets.split(";"):
+                group += [Case(s, targets, dtype, name) for s in args.compile_setups.split(",") if s]
+            if in_time(name):
+                torch._dynamo.reset()
+                compiled.update({r.case: r for r in run_group(name, group, shape, device, args.rounds, log)})
+            sections_now = ["### torch.compile (fullgraph=True; x the compiled floor of the same mode)\n"]
+            sections_now.append(table(compiled, "floor"))
+            flush_sections = [*sections, *sections_now, ""]
+            text = "\n".join([header, *flush_sections])
+            if args.out:
+                write_report(args.out, text + "\n")
+    if compiled:
+        sections += [
+            "### torch.compile (fullgraph=True; x the compiled floor of the same mode)\n",
+            table(compiled, "floor"),
+            "",
+        ]
+
+    notes = [
+        f"- {r.case.key}: {r.note}"
+        for r in [*train.values(), *scaling.values(), *infer.values(), *compiled.values()]
+        if r.note
+    ]
+    sections += [
+        "### Targets (issue 17)\n",
+        target_summary(train, compiled, scaling, infer),
+        "",
+        *(["Notes:", *notes, ""] if notes else []),
+    ]
+    print("\n" + "\n".join(sections[-3:]), flush=True)
+    flush()
+
+    if args.profile_out and in_time("profile"):
+        profiles = []
+        for setup, targets, dtype in PROFILED:
+            if dtype in dtypes:
+                profiles.append(profile_training(setup, targets, dtype, shape, device))
+                gc.collect()
+        write_report(args.profile_out, header + "\n" + "\n".join(profiles))
+        for profile_text in profiles:
+            print(profile_text.splitlines()[0], flush=True)
+    log("done")
 
 
-def bench_inference(
-    setup: str, targets: str, dtype: str, shape: Shape, device: torch.device, graphs: bool
-) -> Row:
-    kind, _, merged = setup.partition(" ")
-    model = build_model(kind, targets, shape, device).eval()
-    if merged == "merged":
-        merge_lora(model)
-    ids = torch.randint(0, model.config.vocab_size, (shape.batch, shape.seq), device=device)
-    amp_dtype = DTYPES[dtype]
-
-    def forward() -> torch.Tensor:
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
-        ):
-            return model(input_ids=ids).last_hidden_state
-
-    _reset_peak(device)
-    ms = statistics.median(time_calls(forward, shape.steps, shape.warmup, device))
-    peak = _peak_mib(device)
-    graph_ms, note = None, ""
-    if graphs and device.type == "cuda":
-        try:
-            graph_ms = time_graph(forward, lambda: None, shape.steps, shape.warmup)
-        except Exception as error:
-            note = f"graph capture failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}"
-    return Row(setup, targets if kind != "base" else "-", dtype, 0, ms, graph_ms, peak, note=note)
+PROFILED = [
+    ("floor", "-", "bf16"),
+    ("ours", "q,k,v,o", "bf16"),
+    ("ours+qkv", "q,k,v,o", "bf16"),
+]
 
 
 def profile_training(
@@ -288,7 +606,7 @@ def profile_training(
     from torch.profiler import ProfilerActivity, profile
 
     model = build_model(setup, targets, shape, device)
-    optimizer = make_optimizer(model, device)
+    optimizer = make_optimizer(model, device, setup)
     ids = torch.randint(0, model.config.vocab_size, (shape.batch, shape.seq), device=device)
     step = make_step(model, optimizer, ids, DTYPES[dtype])
     for _ in range(shape.warmup):
@@ -353,165 +671,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return "unknown CPU"
-
-
-def training_table(rows: list[Row]) -> str:
-    lines = [
-        "| setup | targets | dtype | trainable params | ms/step | x floor | CUDA-graph ms | x floor (graph) | peak MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.setup} | {row.targets} | {row.dtype} | {row.trainable:,} | {row.ms:.2f} | "
-            f"{fmt(row.ratio, '.2f')} | {fmt(row.graph_ms, '.2f')} | {fmt(row.graph_ratio, '.2f')} | "
-            f"{fmt(row.peak_mib, '.0f')} |"
-        )
-    return "\n".join(lines)
-
-
-def inference_table(rows: list[Row]) -> str:
-    lines = [
-        "| model | targets | dtype | ms/forward | x base | CUDA-graph ms | x base (graph) | peak MiB |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.setup} | {row.targets} | {row.dtype} | {row.ms:.2f} | {fmt(row.ratio, '.3f')} | "
-            f"{fmt(row.graph_ms, '.2f')} | {fmt(row.graph_ratio, '.3f')} | {fmt(row.peak_mib, '.0f')} |"
-        )
-    return "\n".join(lines)
-
-
-def _set_ratios(rows: list[Row], reference: str) -> None:
-    for dtype in {row.dtype for row in rows}:
-        ref = next((r for r in rows if r.dtype == dtype and r.setup == reference), None)
-        if ref is None:
-            continue
-        for row in rows:
-            if row.dtype == dtype:
-                row.ratio = row.ms / ref.ms
-                if row.graph_ms is not None and ref.graph_ms is not None:
-                    row.graph_ratio = row.graph_ms / ref.graph_ms
-
-
-TRAINING_SETUPS = [
-    ("floor", "-"),
-    ("full", "-"),
-    ("ours", "q,v"),
-    ("peft", "q,v"),
-    ("plain", "q,v"),
-    ("houlsby", "q,v"),
-    ("ours", "q,k,v,o"),
-    ("peft", "q,k,v,o"),
-    ("plain", "q,k,v,o"),
-    ("houlsby", "q,k,v,o"),
-]
-INFERENCE_SETUPS = [
-    ("base", "-"),
-    ("ours", "q,v"),
-    ("ours", "q,k,v,o"),
-    ("ours merged", "q,k,v,o"),
-    ("plain", "q,k,v,o"),
-    ("peft", "q,k,v,o"),
-    ("houlsby", "q,k,v,o"),
-]
-PROFILED = [
-    ("floor", "-", "bf16"),
-    ("full", "-", "bf16"),
-    ("ours", "q,v", "bf16"),
-    ("ours", "q,k,v,o", "bf16"),
-    ("plain", "q,k,v,o", "bf16"),
-    ("floor", "-", "fp32"),
-    ("ours", "q,k,v,o", "fp32"),
-]
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="write the markdown tables here too")
-    parser.add_argument("--steps", type=int, help="timed steps (median); default per device")
-    parser.add_argument("--warmup", type=int, help="untimed steps first; default per device")
-    parser.add_argument("--dtypes", default="bf16,fp32", help="comma list of bf16, fp32")
-    parser.add_argument("--setups", help="comma list of setup names to run (default: all)")
-    parser.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timings")
-    parser.add_argument("--no-inference", action="store_true")
-    parser.add_argument(
-        "--compile", action="store_true", help="run every training row under torch.compile (no inference)"
-    )
-    parser.add_argument("--profile-out", type=Path, help="write torch.profiler tables (bf16 rows) here")
-    args = parser.parse_args(argv)
-
-    device = torch.device(args.device)
-    shape = with_counts(SHAPES[device.type], args.steps, args.warmup)
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    wanted = set(args.setups.split(",")) if args.setups else None
-    graphs = not args.no_graphs and device.type == "cuda"
-    config = transformers.BertConfig(**shape.config)
-    header = (
-        f"## PyTorch: BERT {bert_summary(config, shape)}, AdamW; median of {shape.steps} steps after "
-        f"{shape.warmup} warm-up, synchronised timing\n\n{environment(device)}\n"
-    )
-    print(header, flush=True)
-
-    rows: list[Row] = []
-    for dtype in dtypes:
-        for setup, targets in TRAINING_SETUPS:
-            if wanted and setup not in wanted and setup != "floor":
-                continue
-            row = bench_training(setup, targets, dtype, shape, device, graphs, compile_=args.compile)
-            _release(device)
-            rows.append(row)
-            print(
-                f"train {row.setup:8s} {row.targets:8s} {dtype}: {row.ms:8.2f} ms  graph "
-                f"{fmt(row.graph_ms, '8.2f')} ms  {row.note}",
-                flush=True,
-            )
-    _set_ratios(rows, "floor (torch.compile)" if args.compile else "floor")
-
-    inference: list[Row] = []
-    if not (args.no_inference or args.compile):
-        for dtype in dtypes:
-            for setup, targets in INFERENCE_SETUPS:
-                if wanted and setup.split()[0] not in wanted and setup != "base":
-                    continue
-                row = bench_inference(setup, targets, dtype, shape, device, graphs)
-                _release(device)
-                inference.append(row)
-                print(
-                    f"infer {row.setup:12s} {row.targets:8s} {dtype}: {row.ms:8.2f} ms  graph "
-                    f"{fmt(row.graph_ms, '8.2f')} ms  {row.note}",
-                    flush=True,
-                )
-        _set_ratios(inference, "base")
-
-    notes = [f"- {r.setup} {r.targets} {r.dtype}: {r.note}" for r in rows + inference if r.note]
-    text = "\n".join(
-        [
-            header,
-            "### Training step (x floor: ratio to the frozen floor of the same dtype)\n",
-            training_table(rows),
-            "",
-            "### Inference (forward, eval, inference_mode)\n",
-            inference_table(inference) if inference else "(skipped)",
-            "",
-            *(["Notes:", *notes, ""] if notes else []),
-        ]
-    )
-    print("\n" + text, flush=True)
-    if args.out:
-        write_report(args.out, text + "\n")
-
-    if args.profile_out:
-        profiles = []
-        for setup, targets, dtype in PROFILED:
-            if dtype not in dtypes:
-                continue
-            profiles.append(profile_training(setup, targets, dtype, shape, device))
-            _release(device)
-        write_report(args.profile_out, header + "\n" + "\n".join(profiles))
-        for profile_text in profiles:
-            print(profile_text.splitlines()[0], flush=True)
 
 
 if __name__ == "__main__":

@@ -240,3 +240,97 @@ def test_lora_linear_casts_like_autocast_and_leaves_float64_alone():
             lora_linear(x, weight, None, down, up, 1.0)
         y = lora_linear(x.float(), weight, None, down, up, 1.0)
     assert y.dtype == torch.bfloat16
+
+
+# --- opt-in grouping of layers that share an input (fused.group_shared_input) ---------------
+
+GROUP_NODE = "_LoRAGroupFunctionBackward"
+QKVO = [
+    "*.attention.self.query",
+    "*.attention.self.key",
+    "*.attention.self.value",
+    "*.attention.output.dense",
+]
+
+
+def _adapted_bert(seed: int = 0) -> AdaptedModel:
+    from tests.equivalence.zoo import bert
+
+    torch.manual_seed(seed)
+    model = AdaptedModel(
+        bert.small_torch_bert().train(), LoRA, target_layers=QKVO, adapter_kwargs={"rank": 4}
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("adapter_up_proj.weight"):
+                param.normal_(0.0, 0.1)
+    return model
+
+
+def _train(model: AdaptedModel, ids: torch.Tensor, steps: int, autocast: bool = False) -> list[torch.Tensor]:
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    target = torch.randn(*ids.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks in both runs
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            hidden = model(input_ids=ids).last_hidden_state
+        loss = (hidden.float() - target).square().mean()  # (a LayerNorm output's mean square is flat)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return losses
+
+
+def test_grouped_qkv_trains_a_bert_like_the_separate_fused_layers():
+    from torch_impl.fused import group_shared_input, ungroup_shared_input
+
+    ids = torch.randint(0, 64, (2, 7))
+    model, reference = _adapted_bert(), _adapted_bert()
+    keys = list(model.state_dict())
+    assert group_shared_input(model) == 2  # one group a layer: query, key, value
+    attention = model.adapted_model.encoder.layer[0].attention.self
+    assert attention.query(torch.randn(2, 3, 16, requires_grad=True)).grad_fn.name() == GROUP_NODE
+    losses, losses_ref = _train(model, ids, 4), _train(reference, ids, 4)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(losses_ref), atol=1e-5, rtol=1e-5)
+    for (name, p), p_ref in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, p_ref, atol=1e-5, rtol=1e-5, msg=name)
+    assert list(model.state_dict()) == keys
+    assert all(not group.pending for m in model.modules() if (group := m.__dict__.get("_shared_input_group")))
+    assert ungroup_shared_input(model) == 6
+    assert attention.query(torch.randn(2, 3, 16, requires_grad=True)).grad_fn.name() == FUSED_NODE
+
+
+def test_grouped_qkv_under_bf16_autocast_matches_the_separate_layers():
+    from torch_impl.fused import group_shared_input
+
+    ids = torch.randint(0, 64, (2, 7))
+    model, reference = _adapted_bert(), _adapted_bert()
+    group_shared_input(model)
+    losses, losses_ref = _train(model, ids, 2, autocast=True), _train(reference, ids, 2, autocast=True)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(losses_ref), atol=1e-2, rtol=1e-2)
+    for p, p_ref in zip(model.parameters(), reference.parameters(), strict=True):
+        assert p.dtype == p_ref.dtype
+        torch.testing.assert_close(p, p_ref, atol=2e-2, rtol=2e-2)
+
+
+def test_a_group_member_on_another_input_or_after_a_weight_change_computes_alone():
+    from torch_impl.fused import group_shared_input
+
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.query, parent.key = make_lora(8, 6, 2, 1.0, True), make_lora(8, 6, 2, 1.0, False)
+    assert group_shared_input(parent) == 1
+    x, other = torch.randn(3, 8), torch.randn(3, 8)
+    parent.query(x)
+    torch.testing.assert_close(parent.key(other), plain_forward(parent.key, other), atol=1e-6, rtol=1e-6)
+    parent.query(x)
+    with torch.no_grad():
+        parent.key.adapter_up_proj.weight.add_(1.0)  # bumps its version: the pending output is stale
+    torch.testing.assert_close(parent.key(x), plain_forward(parent.key, x), atol=1e-6, rtol=1e-6)
+    parent.query(x)
+    x.add_(1.0)  # an in-place change of the input itself
+    torch.testing.assert_close(parent.key(x), plain_forward(parent.key, x), atol=1e-6, rtol=1e-6)
+    parent.key.adapter_down_proj.register_forward_hook(lambda *_: None)  # a hook: never grouped
+    assert parent.query(x.requires_grad_()).grad_fn.name() == FUSED_NODE

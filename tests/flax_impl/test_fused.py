@@ -1,0 +1,150 @@
+"""The fused LoRA Linear path (``flax_impl.fused``): the plain formula's values, its own backward.
+
+``LoRA.__call__`` takes the fused path by default for an ``nnx.Linear``; every test compares it
+with the three layers called one after the other (``fused.disabled()``), for outputs and for the
+gradients of the input, both factors and (when someone differentiates it) the wrapped kernel.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from flax_impl import AdaptedModel, LoRA, fused
+from tests.flax_impl.models import Net
+
+
+def make_lora(in_features=6, out_features=5, rank=3, alpha=2.0, bias=True, dtype=None, seed=0) -> LoRA:
+    base = nnx.Linear(in_features, out_features, use_bias=bias, dtype=dtype, rngs=nnx.Rngs(seed))
+    layer = LoRA(base, rank, alpha, rngs=nnx.Rngs(seed + 1))
+    up = layer.adapter_up_proj.kernel
+    up.set_value(jax.random.normal(jax.random.key(seed + 2), up[...].shape, up[...].dtype))
+    return layer
+
+
+def value_and_grads(layer: LoRA, x: jax.Array, g: jax.Array, wrt=nnx.LoRAParam):
+    """Output, and the gradients of ``<layer(x), g>`` w.r.t. ``x`` and the ``nnx.Param`` leaves."""
+
+    def loss(model, x):
+        return jnp.sum(model(x).astype(jnp.float32) * g)
+
+    y = layer(x)
+    grads_model, grad_x = nnx.grad(loss, argnums=(nnx.DiffState(0, nnx.Param), 1))(layer, x)
+    return y, grad_x, {p: v[...] for p, v in nnx.to_flat_state(grads_model)}
+
+
+def assert_tree_close(a: dict, b: dict, **tol) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(
+            np.asarray(a[key], np.float32), np.asarray(b[key], np.float32), err_msg=str(key), **tol
+        )
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("leading", [(), (4,), (2, 3)])
+def test_fused_matches_plain_formula_in_float32(bias, leading):
+    layer = make_lora(bias=bias)
+    x = jax.random.normal(jax.random.key(7), (*leading, 6))
+    g = jax.random.normal(jax.random.key(8), (*leading, 5))
+    with jax.default_matmul_precision("highest"):
+        y, gx, grads = value_and_grads(layer, x, g)
+        with fused.disabled():
+            y_ref, gx_ref, grads_ref = value_and_grads(layer, x, g)
+    np.testing.assert_array_equal(y, y_ref)  # the forward is the plain formula, op for op
+    np.testing.assert_allclose(gx, gx_ref, atol=1e-5, rtol=1e-5)
+    # every Param, the frozen kernel and bias too: exact gradients if anyone asks for them
+    assert_tree_close(grads, grads_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_backward_under_bf16_is_as_accurate_as_autodiff_of_the_plain_formula():
+    layer = make_lora(48, 40, 8, 16.0, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (3, 10, 48))
+    g = jax.random.normal(jax.random.key(2), (3, 10, 40))
+    y, gx, grads = value_and_grads(layer, x, g)
+    with fused.disabled():
+        y_plain, gx_plain, grads_plain = value_and_grads(layer, x, g)
+    reference = make_lora(48, 40, 8, 16.0, dtype=jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        _, gx_ref, grads_ref = value_and_grads(reference, x, g)
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_plain, np.float32))
+    assert rel(gx, gx_ref) <= 1.5 * rel(gx_plain, gx_ref) + 1e-3
+    for key in grads_ref:
+        assert grads[key].dtype == grads_plain[key].dtype == jnp.float32  # float32 params, float32 grads
+        assert rel(grads[key], grads_ref[key]) < 2e-2
+        assert rel(grads[key], grads_ref[key]) <= 1.5 * rel(grads_plain[key], grads_ref[key]) + 1e-3
+
+
+def test_adapted_model_trains_the_same_under_nnx_jit_with_and_without_the_fused_path():
+    def train(enabled: bool) -> tuple[list[float], dict]:
+        model = AdaptedModel(
+            Net(nnx.Rngs(0)), LoRA, all_linear=True, adapter_kwargs={"rank": 4}, rngs=nnx.Rngs(1)
+        )
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=model.trainable)
+        x, y = jax.random.normal(jax.random.key(3), (8, 10)), jax.random.normal(jax.random.key(4), (8, 10))
+
+        @nnx.jit
+        def step(model, optimizer):
+            loss, grads = nnx.value_and_grad(
+                lambda m: jnp.mean((m(x) - y) ** 2), argnums=nnx.DiffState(0, model.trainable)
+            )(model)
+            optimizer.update(model, grads)
+            return loss
+
+        previous = fused.set_enabled(enabled)
+        try:
+            losses = [float(step(model, optimizer)) for _ in range(10)]
+        finally:
+            fused.set_enabled(previous)
+        return losses, {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, model.trainable))}
+
+    with jax.default_matmul_precision("highest"):
+        losses, params = train(True)
+        losses_ref, params_ref = train(False)
+    assert losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, losses_ref, atol=1e-5, rtol=1e-5)
+    assert_tree_close(params, params_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_switch_and_fallbacks_take_the_plain_layers():
+    layer = make_lora()
+    calls = []
+
+    class CountingLinear(nnx.Linear):
+        def __call__(self, x):
+            calls.append(1)
+            return super().__call__(x)
+
+    assert fused.can_fuse_linear(layer.pretrained_module, layer.adapter_down_proj, layer.adapter_up_proj)
+    with fused.disabled():
+        assert not fused.can_fuse_linear(
+            layer.pretrained_module, layer.adapter_down_proj, layer.adapter_up_proj
+        )
+    counting = CountingLinear(6, 5, rngs=nnx.Rngs(0))
+    hooked = LoRA(counting, 2, rngs=nnx.Rngs(1))
+    hooked(jnp.ones((2, 6)))
+    assert calls == [1]  # a subclass overriding __call__ is called, not bypassed
+    conv = LoRA(nnx.Conv(3, 4, kernel_size=(3,), padding=[(1, 1)], rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
+    assert conv(jnp.ones((1, 5, 3))).shape == (1, 5, 4)
+
+
+@pytest.mark.parametrize("value, enabled", [("0", False), ("1", True)])
+def test_environment_variable_sets_the_initial_state(monkeypatch, value, enabled):
+    monkeypatch.setenv("FLAX_IMPL_FUSED", value)
+    try:
+        assert importlib.reload(fused).is_enabled() is enabled
+    finally:
+        monkeypatch.delenv("FLAX_IMPL_FUSED")
+        importlib.reload(fused)
+    assert fused.is_enabled()
