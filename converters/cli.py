@@ -256,10 +256,9 @@ def _inspect(args: argparse.Namespace) -> None:
         else:
             print("metadata: (none)")
         print(f"tensors: {len(f.names)}")
-        sharded = isinstance(f, ShardedCheckpoint)
         for name in names:
             dtype, shape = f.spec(name)
-            where = f"  {f.file_of(name).name}" if sharded else ""
+            where = f"  {f.file_of(name).name}" if isinstance(f, ShardedCheckpoint) else ""
             print(f"  {name:<{width}}  {dtype:<5} {str(list(shape)):<20} {_human(f.nbytes(name))}{where}")
         if len(names) < len(f.names):
             print(f"  ... ({len(f.names) - len(names)} more)")

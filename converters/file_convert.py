@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from interchange.errors import CheckpointError, LayoutError, NoMatchError
 from interchange.kinds import KINDS, canonical_kind
@@ -305,8 +305,8 @@ def twin_layer_kinds(
         settings = types.SimpleNamespace(**content)
 
     def build() -> Any:
-        rngs = nnx.Rngs(0)
-        return cls(rngs=rngs) if settings is None else cls(settings, rngs=rngs)
+        rngs, construct = nnx.Rngs(0), cast(Any, cls)
+        return construct(rngs=rngs) if settings is None else construct(settings, rngs=rngs)
 
     return dict(model_state(nnx.eval_shape(build)).kinds)
 
@@ -348,7 +348,7 @@ class progress_bar:
     def __init__(self, total: int, description: str, *, enabled: bool) -> None:
         self._bar = None
         if enabled:
-            from tqdm import tqdm
+            from tqdm import tqdm  # type: ignore[import-untyped]
 
             self._bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, file=sys.stderr)
 

@@ -274,26 +274,27 @@ def write_safetensors(
     """
     if (tensors is None) == (specs is None):
         raise TypeError("give either tensors or specs (with produce), not both")
+    plan: Mapping[str, TensorSpec]
+    make: Callable[[str], np.ndarray]
     if tensors is not None:
         arrays = dict(tensors)
-        specs = {name: (dtype_name(a.dtype), tuple(a.shape)) for name, a in arrays.items()}
-
-        def produce(name: str) -> np.ndarray:
-            return arrays[name]
-
-    elif produce is None:
+        plan = {name: (dtype_name(a.dtype), tuple(a.shape)) for name, a in arrays.items()}
+        make = arrays.__getitem__
+    elif produce is None or specs is None:
         raise TypeError("specs needs produce(name) -> array")
+    else:
+        plan, make = specs, produce
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    header, total = _header(specs, meta)
+    header, total = _header(plan, meta)
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(len(header).to_bytes(8, "little"))
             f.write(header)
             written = 0
-            for name, (dtype, shape) in specs.items():
-                array = _checked(name, produce(name), dtype, shape)
-                f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            for name, (dtype, shape) in plan.items():
+                array = _checked(name, make(name), dtype, shape)
+                f.write(array.reshape(-1).view(np.uint8).data)
                 written += array.nbytes
                 del array
                 if progress is not None:

@@ -310,15 +310,18 @@ def write_sharded(
         raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     if (tensors is None) == (specs is None):
         raise TypeError("give either tensors or specs (with produce), not both")
+    plan: Mapping[str, TensorSpec]
     if tensors is not None:
         arrays = dict(tensors)
-        specs = {name: (_dtype_string(a), tuple(a.shape)) for name, a in arrays.items()}
+        plan = {name: (_dtype_string(a), tuple(a.shape)) for name, a in arrays.items()}
         produce = arrays.__getitem__
-    elif produce is None:
+    elif produce is None or specs is None:
         raise TypeError("specs needs produce(name) -> array")
+    else:
+        plan = specs
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    groups = _plan_files(specs, max_shard_bytes)
+    groups = _plan_files(plan, max_shard_bytes)
     names = [_SHARD_NAME.format(index=i + 1, count=len(groups)) for i in range(len(groups))]
 
     index = folder / INDEX_NAME
@@ -331,16 +334,18 @@ def write_sharded(
             folder / file_name,
             None,
             metadata,
-            specs={name: specs[name] for name in group},
+            specs={name: plan[name] for name in group},
             produce=produce,
             progress=progress,
         )
         weight_map.update(dict.fromkeys(group, file_name))
-    total = sum(_nbytes(*spec) for spec in specs.values())
+    total = sum(_nbytes(dtype, shape) for dtype, shape in plan.values())
     content = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    atomic_write(
-        index, lambda tmp: Path(tmp).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
-    )
+
+    def write_index(tmp: str) -> None:
+        Path(tmp).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+
+    atomic_write(index, write_index)
     for stale in old_files - set(names):
         (folder / stale).unlink(missing_ok=True)
     return index

@@ -121,9 +121,8 @@ def _check_flax_load(
     model_kinds = {module_of(entry.key): entry.kind for entry in entries.values()}
     for name in source.names:
         owner, _, leaf = name.rpartition(".")
-        if name not in expected and leaf in layout.BUFFERS_WITHOUT_FLAX_TWIN.get(
-            model_kinds.get(owner, ""), ()
-        ):
+        kind = model_kinds.get(owner)
+        if name not in expected and kind is not None and leaf in layout.get_kind(kind).torch_only:
             notes.append(f"{name}: PyTorch buffer with no Flax twin, not loaded")
             continue
         if name not in expected and source.layout == "torch" and is_buffer(name, model_kinds):
@@ -163,7 +162,7 @@ def _sharded_array(source: ShardedCheckpoint, key: str, entry: Any, mesh: Any, *
         torch_axis = [torch_probe.index(length) for length in probe]
     blocks: dict[tuple, np.ndarray] = {}  # devices holding the same block (replicas) share one read
 
-    def read_block(index: tuple[slice, ...]) -> np.ndarray:
+    def read_block(index: Any) -> np.ndarray:  # a tuple of slices, one per axis
         index = tuple(index)
         bounds = tuple(s.indices(n) for s, n in zip(index, shape, strict=True))
         if bounds not in blocks:

@@ -260,5 +260,6 @@ def _require_kinds(names: Sequence[str], kinds: Mapping[str, str], action: str) 
             f"cannot {action}: no layer kind is known for module(s) {shown}. A layer's kind comes from its "
             "module type, never from a tensor's name or rank: convert from the model itself, write the file "
             "with save_torch_layout (which records 'layer_kinds'), or pass the kinds explicitly "
-            f"({{module: kind}}, kinds: {list(layout.KINDS)})"
+            f"({{module: kind}}; a module may be a glob such as '*.LayerNorm'; kinds: {list(layout.KINDS)}; "
+            "on the command line --kinds, or --like a Flax twin of the model)"
         )

@@ -13,6 +13,7 @@ import pickle
 import pickletools
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -87,6 +88,7 @@ def load_pickled_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {str(path)!r}")
     where = repr(str(path))
+    _check_zip_records(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's load-time warnings are no part of our output
@@ -121,6 +123,34 @@ def load_pickled_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Ten
                 f"{type(value).__name__}"
             )
     return dict(loaded)
+
+
+def _check_zip_records(path: str | os.PathLike[str]) -> None:
+    """Refuse a ``torch.save`` archive whose records claim more bytes than the file holds, or are
+    compressed (torch stores them uncompressed): torch allocates a record at its claimed size
+    before reading it. Files that are no zip archive are left to the legacy checks."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            return
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:  # reads only the central directory, within the file
+            records = archive.infolist()
+    except Exception as exc:  # zipfile raises several types for a damaged directory
+        raise CheckpointError(
+            f"cannot read checkpoint {str(path)!r}: a damaged torch.save archive ({' '.join(str(exc).split())[:120]})"
+        ) from None
+    for record in records:
+        if (
+            record.compress_type != zipfile.ZIP_STORED
+            or record.file_size != record.compress_size
+            or record.header_offset + record.compress_size > size
+        ):
+            raise CheckpointError(
+                f"cannot read checkpoint {str(path)!r}: its record {record.filename!r} claims "
+                f"{record.file_size} bytes ({record.compress_size} stored from byte {record.header_offset}) "
+                f"in a file of {size} bytes: truncated or corrupted"
+            )
 
 
 def _weights_only_reason(message: str) -> str:

@@ -68,7 +68,9 @@ def model_file(tmp_path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("command", ["", "inspect", "convert", "kinds", "merge", "peft-import", "peft-export"])
+@pytest.mark.parametrize(
+    "command", ["", "inspect", "convert", "kinds", "merge", "peft-import", "peft-export"]
+)
 def test_every_subcommand_has_help(command):
     result = run_cli(*([command] if command else []), "--help")
     assert result.returncode == 0 and "usage: python -m converters" in result.stdout

@@ -161,3 +161,16 @@ def test_odd_index_metadata_is_ignored_not_fatal(tmp_path, index):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     checkpoint = ShardedCheckpoint(tmp_path)
     assert checkpoint.names == ["w"] and checkpoint.index_total_size is None
+
+
+def test_a_torch_archive_whose_record_claims_4_gb_is_refused_before_torch_allocates_it(tmp_path):
+    """Found by the long fuzz run: a zip directory entry of 'archive/byteorder' grown to
+    0xFFFFFFFF bytes made torch allocate 4 GB for a 1.8 kB file; the directory is checked first."""
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(2)}, buffer)
+    content = bytearray(buffer.getvalue())
+    central = content.rindex(b"PK\x01\x02")  # the last central-directory entry
+    content[central + 20 : central + 28] = (0xFFFFFFFF).to_bytes(4, "little") * 2  # its two sizes
+    (tmp_path / "sd.ckpt").write_bytes(bytes(content))
+    with pytest.raises(CheckpointError, match="sd.ckpt.*claims 4294967295 bytes"):
+        load_pickled_state_dict(tmp_path / "sd.ckpt")
