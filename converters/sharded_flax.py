@@ -12,17 +12,18 @@ Imports jax and flax (only when called through :mod:`converters.sharded`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from interchange import kinds as layout
-from interchange.errors import ConversionError
-from interchange.format import KeyReport, compare_keys
+from interchange.dtypes import TensorSpec
+from interchange.format import KeyReport
+from interchange.plan import plan_load, refuse
+from interchange.state import FlatState
 
 from .sharded import ShardedCheckpoint
-from .views import is_buffer, module_of
+from .views import module_of
 
 __all__ = ["load_flax_sharded"]
 
@@ -84,19 +85,43 @@ def load_flax_sharded(
     >>> bool((target.kernel[...] == nnx.Linear(3, 2, rngs=nnx.Rngs(0)).kernel[...]).all())
     True
     """
-    from flax_impl.interchange import torch_entries
+    from flax_impl.interchange import model_state, torch_entries
 
     with ShardedCheckpoint(checkpoint) as source:  # one file too: read through the same slicer
-        entries = {_source_key(entry, source.layout): entry for entry in torch_entries(model, strict=strict)}
-        report, notes = _check_flax_load(source, entries, strict=strict)
+        entries = {entry.key: entry for entry in torch_entries(model, strict=strict)}
+        target = model_state(model)  # shapes and dtypes only: an abstract model costs nothing
+        name_of = {key: _source_key(entry, source.layout) for key, entry in entries.items()}
+        torch_of = {name: key for key, name in name_of.items()}
+        found = FlatState(
+            {
+                torch_of.get(n, n): _torch_spec(source, n, entries.get(torch_of.get(n, "")))
+                for n in source.names
+            },
+            kinds=dict(target.kinds),
+            framework="file",
+            layout=source.layout,
+        )
+        plan = plan_load(found, target, strict=strict)
+        report = plan.report
+        if report.mismatched or (strict and not report.ok):
+            raise refuse(report, f"loading {str(source.path)!r}")
         arrays = [
-            (entries[key].variable, _sharded_array(source, key, entries[key], mesh, cast=not strict))
+            (entries[key].variable, _sharded_array(source, name_of[key], entries[key], mesh, cast=not strict))
             for key in report.loaded
         ]
     for variable, array in arrays:  # assign only once every array is built
         variable.set_value(array)
-    report.notes = notes
+    for field in ("loaded", "missing", "unexpected"):  # report in the checkpoint's own names
+        setattr(report, field, [name_of.get(key, key) for key in getattr(report, field)])
     return report
+
+
+def _torch_spec(source: ShardedCheckpoint, name: str, entry: Any) -> TensorSpec:
+    """The spec of tensor ``name`` of ``source`` in PyTorch's layout (shapes only, nothing read)."""
+    dtype, shape = source.spec(name)
+    if source.layout == "flax" and entry is not None:
+        shape = layout.flax_to_torch_shape(entry.kind, entry.flax_name, shape)[1]
+    return dtype, tuple(shape)
 
 
 def _source_key(entry: Any, source_layout: str) -> str:
@@ -105,48 +130,6 @@ def _source_key(entry: Any, source_layout: str) -> str:
         return entry.key
     owner = module_of(entry.key)
     return f"{owner}.{entry.flax_name}" if owner else entry.flax_name
-
-
-def _check_flax_load(
-    source: ShardedCheckpoint, entries: Mapping[str, Any], *, strict: bool
-) -> tuple[KeyReport, list[str]]:
-    notes: list[str] = []
-    expected: dict[str, tuple[int, ...]] = {}
-    for key, entry in entries.items():
-        shape = tuple(entry.variable.get_value().shape)
-        if source.layout == "torch":
-            shape = layout.flax_to_torch_shape(entry.kind, entry.flax_name, shape)[1]
-        expected[key] = shape
-    found = {}
-    model_kinds = {module_of(entry.key): entry.kind for entry in entries.values()}
-    for name in source.names:
-        owner, _, leaf = name.rpartition(".")
-        kind = model_kinds.get(owner)
-        if name not in expected and kind is not None and leaf in layout.get_kind(kind).torch_only:
-            notes.append(f"{name}: PyTorch buffer with no Flax twin, not loaded")
-            continue
-        if name not in expected and source.layout == "torch" and is_buffer(name, model_kinds):
-            notes.append(f"{name}: buffer (not a parameter), not loaded")
-            continue
-        found[name] = source.shape(name)
-    report = compare_keys(found, expected)
-    for key in list(report.loaded):
-        have, want = source.dtype(key), np.dtype(entries[key].variable.get_value().dtype)
-        if have != want:
-            if strict:
-                report.loaded.remove(key)
-                report.mismatched.append(
-                    f"{key}: dtype {have.name} in the checkpoint vs {want.name} in the model"
-                )
-            else:
-                notes.append(f"{key}: cast from {have.name} to the model's {want.name}")
-    if report.mismatched or (strict and not report.ok):
-        report.notes = notes
-        raise ConversionError(
-            f"loading {str(source.path)!r} refused, the model was left unchanged:\n{report.describe()}",
-            report,
-        )
-    return report, notes
 
 
 def _sharded_array(source: ShardedCheckpoint, key: str, entry: Any, mesh: Any, *, cast: bool) -> Any:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 
 import numpy as np
 
@@ -29,6 +28,8 @@ from interchange import kinds as layout
 from interchange.adapters import LORA, implied_kinds
 from interchange.dtypes import TensorSpec, dtype_name
 from interchange.errors import CheckpointError, ConversionError, UnknownLayerError
+from interchange.kinds import BUFFER_NAMES
+from interchange.kinds import is_buffer_name as is_buffer
 
 from .files import TensorFile, contiguous
 from .rename import RenameRule, rename_keys
@@ -49,12 +50,6 @@ __all__ = [
     "to_torch_layout",
 ]
 
-#: The last parts of tensor names that PyTorch models register as buffers, not parameters:
-#: transformers' position and token-type id tables, BatchNorm's step counter, causal masks.
-#: Such a tensor of no known layer needs no kind (see :func:`is_buffer`).
-BUFFER_NAMES = frozenset(
-    {"position_ids", "token_type_ids", "num_batches_tracked", "masked_bias", "causal_mask", "attn_mask"}
-)
 
 # The factor children of LoRA (kept for old imports; the vocabulary is interchange.adapters).
 ADAPTER_PROJECTIONS = LORA.factors
@@ -149,27 +144,6 @@ def to_torch_layout(view: TensorView, source_layout: str, kinds: Mapping[str, st
         raise CheckpointError(f"unknown layout {source_layout!r}; expected 'torch' or 'flax'")
     _require_kinds(view.names, kinds, "convert Flax-layout tensors to PyTorch's")
     return _relaid_out(view, view.names, kinds, layout.flax_to_torch_shape, layout.flax_to_torch_view)
-
-
-def is_buffer(name: str, kinds: Mapping[str, str], buffers: Sequence[str] = ()) -> bool:
-    """Whether the tensor ``name`` is a PyTorch buffer that is not a parameter of its layer.
-
-    True when its last part is one of :data:`BUFFER_NAMES` or the whole name matches one of the
-    glob patterns ``buffers``, and its module has no known kind or a kind without such a
-    parameter (``embeddings.position_ids`` with ``embeddings`` given as an embedding layer is
-    still a buffer). A parameter of a known layer is never a buffer, whatever its name.
-
-    Example
-    -------
-    >>> is_buffer("embeddings.position_ids", {}), is_buffer("fc.weight", {})
-    (True, False)
-    >>> is_buffer("h.0.attn.bias", {}, ["*.attn.bias"]), is_buffer("fc.bias", {"fc": "linear"}, ["*"])
-    (True, False)
-    """
-    module, _, leaf = name.rpartition(".")
-    if leaf not in BUFFER_NAMES and not any(fnmatchcase(name, p) for p in buffers):
-        return False
-    return module not in kinds or leaf not in layout.get_kind(kinds[module])._by_torch
 
 
 def to_flax_layout(

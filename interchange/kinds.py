@@ -42,8 +42,9 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from functools import lru_cache
 
 import numpy as np
@@ -51,6 +52,7 @@ import numpy as np
 from .errors import LayoutError
 
 __all__ = [
+    "BUFFER_NAMES",
     "KINDS",
     "LayerKind",
     "LayoutError",
@@ -61,6 +63,7 @@ __all__ = [
     "flax_to_torch_shape",
     "flax_to_torch_view",
     "get_kind",
+    "is_buffer_name",
     "permutation",
     "register_kind",
     "split_key",
@@ -330,6 +333,35 @@ def _permutation(layout: str, ndim: int, what: str) -> tuple[int, ...]:
 
     torch_axes, flax_axes = expand(left), expand(right)
     return tuple(torch_axes.index(axis) for axis in flax_axes)
+
+
+#: The last parts of tensor names that PyTorch models register as buffers, not parameters:
+#: transformers' position and token-type id tables, BatchNorm's step counter, causal masks.
+#: Such a tensor of no known layer needs no kind (see :func:`is_buffer_name`).
+BUFFER_NAMES = frozenset(
+    {"position_ids", "token_type_ids", "num_batches_tracked", "masked_bias", "causal_mask", "attn_mask"}
+)
+
+
+def is_buffer_name(name: str, kinds: Mapping[str, str], buffers: Sequence[str] = ()) -> bool:
+    """Whether the tensor ``name`` is a PyTorch buffer that is not a parameter of its layer.
+
+    True when its last part is one of :data:`BUFFER_NAMES` or the whole name matches one of the
+    glob patterns ``buffers``, and its module has no known kind or a kind without such a
+    parameter (``embeddings.position_ids`` with ``embeddings`` given as an embedding layer is
+    still a buffer). A parameter of a known layer is never a buffer, whatever its name.
+
+    Example
+    -------
+    >>> is_buffer_name("embeddings.position_ids", {}), is_buffer_name("fc.weight", {})
+    (True, False)
+    >>> is_buffer_name("h.0.attn.bias", {}, ["*.attn.bias"]), is_buffer_name("fc.bias", {"fc": "linear"}, ["*"])
+    (True, False)
+    """
+    module, _, leaf = name.rpartition(".")
+    if leaf not in BUFFER_NAMES and not any(fnmatchcase(name, p) for p in buffers):
+        return False
+    return module not in kinds or leaf not in get_kind(kinds[module])._by_torch
 
 
 # The table. A new kind is one more call (and one line in each twin's type table).

@@ -17,8 +17,9 @@ Rules (``strict=True``, the default):
   ``token_type_ids``, BatchNorm's ``num_batches_tracked``, causal masks) is named in
   ``report.notes`` and left out, or left as it is in the target; strict stays strict for
   parameters. A buffer is one the side declares (``FlatState.buffers``: a torch model's
-  ``named_buffers()``, a kind's ``torch_only`` tensors) or an integer or boolean tensor, which is
-  never a trained weight.
+  ``named_buffers()``, a kind's ``torch_only`` tensors), one of the well-known buffer names of
+  :data:`interchange.kinds.BUFFER_NAMES` outside a layer that has such a parameter, or an
+  integer or boolean tensor, which is never a trained weight.
 - Tied aliases (two torch keys sharing storage) are written once; a target alias whose source
   holds both keys is checked equal to its primary.
 - Crossing layouts (to or from Flax) needs each tensor's layer kind: a layer of unknown type
@@ -46,7 +47,7 @@ from .adapters import is_adapter_key
 from .dtypes import TensorSpec
 from .errors import ConversionError, UnknownLayerError
 from .format import KeyReport, compare_keys
-from .kinds import KINDS, get_kind, split_key
+from .kinds import KINDS, get_kind, is_buffer_name, split_key
 from .names import matches_any
 from .state import FlatState
 
@@ -75,6 +76,8 @@ class Plan:
 def is_buffer(state: FlatState, key: str) -> bool:
     """Whether ``key`` of ``state`` is a buffer rather than a weight (see the module rules)."""
     if key in state.buffers or state.specs[key][0] in _NON_WEIGHT_DTYPES:
+        return True
+    if is_buffer_name(key, state.kinds):  # position_ids, causal masks, ... (interchange.kinds)
         return True
     layer, leaf = split_key(key, state.kinds)
     kind = state.kinds.get(layer)

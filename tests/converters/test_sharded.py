@@ -336,7 +336,7 @@ def test_dtype_differences_are_refused_when_strict_and_cast_otherwise(tmp_path):
     tensors = {k: v.astype(np.float32) for k, v in _tensors().items()}  # 'half' is bf16 in the model
     write_sharded(tmp_path, tensors, {"layout": "torch"})
     model = ConvNet(nnx.Rngs(0))
-    with pytest.raises(ConversionError, match="half.weight: dtype float32 in the checkpoint vs bfloat16"):
+    with pytest.raises(ConversionError, match="half.weight: dtype F32 in the source vs BF16 in the target"):
         load_flax_sharded(model, tmp_path)
     report = load_flax_sharded(model, tmp_path, strict=False)
     assert any("half.weight: cast" in note for note in report.notes)
