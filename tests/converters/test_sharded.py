@@ -527,7 +527,7 @@ def test_a_hugging_face_buffer_in_the_checkpoint_is_named_and_not_loaded(tmp_pat
     report = load_flax_sharded(model, tmp_path)
     assert report.loaded == ["embeddings.weight"] and report.ok
     assert report.notes == [
-        "embeddings.position_ids: buffer (not a parameter), not loaded",
-        "extra.position_ids: buffer (not a parameter), not loaded",
+        "embeddings.position_ids: buffer (I64) the target does not hold, not converted",
+        "extra.position_ids: buffer (I64) the target does not hold, not converted",
     ]
     np.testing.assert_array_equal(np.asarray(model.embeddings.embedding[...]), weight)
