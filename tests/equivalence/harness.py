@@ -27,8 +27,7 @@ import torch_impl
 from converters import layout
 from converters.naming import dotted
 from flax_impl.graph import get_submodule
-
-from .zoo import PAIRS, AdapterCase, Batch, Pair
+from tests.zoo.pairs import PAIRS, AdapterCase, Batch, Pair
 
 PAIRS_BY_NAME = {pair.name: pair for pair in PAIRS}
 
