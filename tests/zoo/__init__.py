@@ -10,9 +10,9 @@ weights are converted. A model without a namesake belongs to one framework only.
   ``transformer``, ``NestedModel``, ``ChannelsLastConvBlock``), each with an
   ``*_input()`` where tests need one. Imports torch only.
 - ``flax_models``: the Flax halves, the Flax-only models (``StackedLinears``,
-  ``Conv2dBatchNormNet``, ``PartitionedMLP``, ``MixedDtypeLayers``, ``BareGainNet``) and the layer builders with
-  PyTorch's semantics (``layer_norm``, ``conv``, ``gelu``, zero-initialised ``ZeroLinear`` ...).
-  Imports jax and flax only.
+  ``Conv2dBatchNormNet``, ``PartitionedMLP``, ``MixedDtypeLayers``, ``BareGainNet``) and the
+  layer builders with PyTorch's semantics (``layer_norm``, ``conv``, ``gelu``, zero-initialised
+  ``ZeroLinear`` ...). Imports jax and flax only.
 - ``layers``: one twin layer per layer kind (``torch_layer``, ``flax_layer``, ``layer_input``,
   ``LAYER_KINDS``, ``DTYPES``) and the inputs of ``TokenNet`` and ``Conv1dNormNet``.
 - ``pairs``: the equivalence pairs (``MLP``, ``CNN``, ``SPEECH``, ``BERT``, ``PAIRS``), each with

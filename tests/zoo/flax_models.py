@@ -348,7 +348,7 @@ class MixedDtypeLayers(nnx.Module):
 
 
 class BareGainNet(nnx.Module):
-    """``proj`` (Linear 2 -> 2) and a bare ``gain`` Param: a variable of no layer kind, hence no PyTorch name."""
+    """``proj`` (Linear 2 -> 2) and a bare ``gain`` Param: no layer kind, hence no PyTorch name."""
 
     def __init__(self, rngs: nnx.Rngs) -> None:
         self.proj = nnx.Linear(2, 2, rngs=rngs)

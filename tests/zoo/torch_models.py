@@ -280,7 +280,7 @@ SEED_REPR = """AdaptedModel(
 
 
 def seed_model() -> nn.Module:
-    """The seed example's model as its docstring prints it: a plain ``Sequential`` of ``layer1`` .. ``layer3``."""
+    """The seed example's model as SpeechBrain prints it: a plain ``Sequential``, ``layer1`` .. ``layer3``."""
     return nn.Sequential(
         OrderedDict(
             [("layer1", nn.Linear(10, 20)), ("layer2", nn.Linear(20, 20)), ("layer3", nn.Linear(20, 10))]
