@@ -1,6 +1,6 @@
 """Measure how far PyTorch and Flax twins are apart and print it as Markdown tables for the README.
 
-For every model pair of the equivalence zoo (``tests/equivalence/zoo``) and every adapter kind,
+For every model pair of the equivalence zoo (``tests/zoo/pairs.py``) and every adapter kind,
 the two frameworks run on their own from the same converted weights: the forward output, the
 gradients of every trainable parameter, and every weight after ten AdamW steps (``torch.optim.AdamW``
 vs ``optax.adamw``, same hyper-parameters) are compared, and the weights converted back to
@@ -84,8 +84,8 @@ def minilm_table() -> list[str]:
     import numpy as np
 
     from tests.equivalence import harness
-    from tests.equivalence.zoo import AdapterCase, run_flax_bert, run_torch_bert
-    from tests.equivalence.zoo.bert import SENTENCES, load_minilm, tokenize
+    from tests.zoo.bert import SENTENCES, load_minilm, tokenize
+    from tests.zoo.pairs import AdapterCase, run_flax_bert, run_torch_bert
 
     base, tokenizer = load_minilm()
     batch = tokenize(tokenizer)

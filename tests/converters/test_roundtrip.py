@@ -17,29 +17,25 @@ import converters
 import flax_impl
 import torch_impl
 from converters.views import ConversionError, UnknownLayerError
-
-from .twins import (
-    DTYPES,
-    LAYER_KINDS,
-    Conv,
-    Embed,
-    FlaxConvNet,
-    FlaxTokenNet,
-    Linear,
-    TorchConvNet,
-    TorchTokenNet,
-    conv_batch,
+from tests.zoo import flax_models, torch_models
+from tests.zoo.arrays import (
     flax_arrays,
-    flax_layer,
     flax_output,
-    layer_input,
     randomize_flax,
     randomize_torch,
     same_bits,
-    token_batch,
     torch_arrays,
-    torch_layer,
     torch_output,
+)
+from tests.zoo.flax_models import ZeroConv, ZeroEmbed, ZeroLinear
+from tests.zoo.layers import (
+    DTYPES,
+    LAYER_KINDS,
+    conv_batch,
+    flax_layer,
+    layer_input,
+    token_batch,
+    torch_layer,
 )
 
 NBT = ("num_batches_tracked",)
@@ -85,7 +81,7 @@ def test_converted_layer_computes_the_same_function(kind):
 
 def test_square_linear_is_transposed_and_a_swapped_kernel_computes_a_different_function():
     source = randomize_torch(nn.Linear(4, 4))
-    twin = Linear(4, 4, rngs=nnx.Rngs(0))
+    twin = ZeroLinear(4, 4, rngs=nnx.Rngs(0))
     converters.torch_to_flax(source, twin)
     weight = source.weight.detach().numpy()
     np.testing.assert_array_equal(np.asarray(twin.kernel[...]), weight.T)
@@ -107,7 +103,9 @@ def test_square_linear_is_transposed_and_a_swapped_kernel_computes_a_different_f
 )
 def test_linear_geometries_round_trip_bit_exact(in_features, out_features, bias, dtype):
     source = randomize_torch(nn.Linear(in_features, out_features, bias=bias)).to(getattr(torch, dtype))
-    twin = Linear(in_features, out_features, use_bias=bias, param_dtype=getattr(jnp, dtype), rngs=nnx.Rngs(0))
+    twin = ZeroLinear(
+        in_features, out_features, use_bias=bias, param_dtype=getattr(jnp, dtype), rngs=nnx.Rngs(0)
+    )
     back = nn.Linear(in_features, out_features, bias=bias).to(getattr(torch, dtype))
     converters.torch_to_flax(source, twin)
     converters.flax_to_torch(twin, back)
@@ -149,7 +147,7 @@ def test_conv_geometries_round_trip_bit_exact_and_compute_the_same_function(geom
             bias=g["bias"],
         )
     )
-    twin = Conv(
+    twin = ZeroConv(
         g["in_channels"],
         g["out_channels"],
         g["kernel"],
@@ -174,7 +172,10 @@ def test_conv_geometries_round_trip_bit_exact_and_compute_the_same_function(geom
 
 @pytest.mark.parametrize(
     ("torch_cls", "flax_cls", "batch"),
-    [(TorchTokenNet, FlaxTokenNet, token_batch), (TorchConvNet, FlaxConvNet, conv_batch)],
+    [
+        (torch_models.TokenNet, flax_models.TokenNet, token_batch),
+        (torch_models.Conv1dNormNet, flax_models.Conv1dNormNet, conv_batch),
+    ],
 )
 def test_converted_models_compute_the_same_function_both_ways(torch_cls, flax_cls, batch):
     source = randomize_torch(torch_cls()).eval()
@@ -191,11 +192,11 @@ def test_converted_models_compute_the_same_function_both_ways(torch_cls, flax_cl
 
 
 def test_batchnorm_num_batches_tracked_is_named_in_the_notes_both_ways():
-    source = randomize_torch(TorchConvNet())
-    twin = FlaxConvNet(nnx.Rngs(0))
+    source = randomize_torch(torch_models.Conv1dNormNet())
+    twin = flax_models.Conv1dNormNet(nnx.Rngs(0))
     to_flax = converters.torch_to_flax(source, twin)
     assert any(n.startswith("bn.num_batches_tracked") and "not converted" in n for n in to_flax.notes)
-    to_torch = converters.flax_to_torch(twin, TorchConvNet())
+    to_torch = converters.flax_to_torch(twin, torch_models.Conv1dNormNet())
     assert any(n.startswith("bn.num_batches_tracked") and "left as it is" in n for n in to_torch.notes)
     assert "bn.num_batches_tracked" not in to_torch.loaded + to_torch.missing
 
@@ -204,13 +205,13 @@ def _adapted_pair(adapter: str, dtype: str = "float32"):
     if adapter == "lora":
         kwargs = {"rank": 2, "alpha": 3.0}
         torch_model = torch_impl.AdaptedModel(
-            TorchConvNet().to(getattr(torch, dtype)),
+            torch_models.Conv1dNormNet().to(getattr(torch, dtype)),
             torch_impl.LoRA,
             target_layers=["conv*", "head"],
             adapter_kwargs=kwargs,
         )
         flax_model = flax_impl.AdaptedModel(
-            FlaxConvNet(nnx.Rngs(0)),
+            flax_models.Conv1dNormNet(nnx.Rngs(0)),
             flax_impl.LoRA,
             target_layers=["conv*", "head"],
             adapter_kwargs=kwargs,
@@ -219,14 +220,14 @@ def _adapted_pair(adapter: str, dtype: str = "float32"):
     else:
         kwargs = {"projection_size": 3}
         torch_model = torch_impl.AdaptedModel(
-            TorchTokenNet().to(getattr(torch, dtype)),
+            torch_models.TokenNet().to(getattr(torch, dtype)),
             torch_impl.HoulsbyAdapterLinear,
             target_layers="fc*",
             unfrozen_layers="norm",
             adapter_kwargs=kwargs,
         )
         flax_model = flax_impl.AdaptedModel(
-            FlaxTokenNet(nnx.Rngs(0)),
+            flax_models.TokenNet(nnx.Rngs(0)),
             flax_impl.HoulsbyAdapterLinear,
             target_layers="fc*",
             unfrozen_layers="norm",
@@ -263,8 +264,8 @@ def test_adapter_weights_round_trip_bit_exact_in_half_precision(dtype):
     class FlaxBase(nnx.Module):
         def __init__(self, rngs):
             p = getattr(jnp, dtype)
-            self.lin = Linear(6, 5, param_dtype=p, rngs=rngs)
-            self.conv = Conv(5, 4, (3,), padding="VALID", param_dtype=p, rngs=rngs)
+            self.lin = ZeroLinear(6, 5, param_dtype=p, rngs=rngs)
+            self.conv = ZeroConv(5, 4, (3,), padding="VALID", param_dtype=p, rngs=rngs)
 
     flax_model = flax_impl.AdaptedModel(
         FlaxBase(nnx.Rngs(0)),
@@ -313,12 +314,12 @@ def test_speechbrain_style_pickled_checkpoint_converts_with_weights_only(tmp_pat
 
 
 def test_strict_refusal_lists_missing_unexpected_and_misshaped_keys_and_leaves_the_target_unchanged():
-    source = randomize_torch(TorchTokenNet())
+    source = randomize_torch(torch_models.TokenNet())
     state = {k: v.clone() for k, v in source.state_dict().items()}
     del state["fc2.bias"]
     state["extra.weight"] = torch.zeros(2)
     state["fc1.weight"] = torch.zeros(16, 9)
-    twin = FlaxTokenNet(nnx.Rngs(0))
+    twin = flax_models.TokenNet(nnx.Rngs(0))
     before = flax_arrays(twin)
     with pytest.raises(ConversionError) as info:
         converters.torch_to_flax(state, twin)
@@ -330,19 +331,19 @@ def test_strict_refusal_lists_missing_unexpected_and_misshaped_keys_and_leaves_t
 
 
 def test_wrong_model_is_refused_and_the_torch_target_is_unchanged():
-    target = randomize_torch(TorchTokenNet())
+    target = randomize_torch(torch_models.TokenNet())
     before = copy.deepcopy(target.state_dict())
     with pytest.raises(ConversionError, match="conv1.weight"):
-        converters.flax_to_torch(FlaxConvNet(nnx.Rngs(0)), target)
+        converters.flax_to_torch(flax_models.Conv1dNormNet(nnx.Rngs(0)), target)
     for key, value in target.state_dict().items():
         assert torch.equal(value, before[key]), key
 
 
 def test_non_strict_loads_what_fits_and_reports_the_rest():
-    source = randomize_torch(TorchTokenNet())
+    source = randomize_torch(torch_models.TokenNet())
     state = {k: v for k, v in source.state_dict().items() if not k.startswith("fc2")}
     state["stray.weight"] = torch.ones(3)
-    twin = FlaxTokenNet(nnx.Rngs(0))
+    twin = flax_models.TokenNet(nnx.Rngs(0))
     report = converters.torch_to_flax(state, twin, strict=False)
     assert sorted(report.missing) == ["fc2.bias", "fc2.weight"] and report.unexpected == ["stray.weight"]
     np.testing.assert_array_equal(np.asarray(twin.fc1.kernel[...]), source.fc1.weight.detach().numpy().T)
@@ -354,7 +355,7 @@ def test_layer_kind_mismatch_between_source_and_target_is_refused():
 
     class FlaxEmbedHolder(nnx.Module):
         def __init__(self):
-            self.layers = nnx.List([Embed(4, 4, rngs=nnx.Rngs(0))])
+            self.layers = nnx.List([ZeroEmbed(4, 4, rngs=nnx.Rngs(0))])
 
     with pytest.raises(ConversionError, match="linear layer in the source vs a embedding layer"):
         converters.torch_to_flax(source, FlaxEmbedHolder(), rename=[("0.weight", "layers.0.weight")])
@@ -362,7 +363,7 @@ def test_layer_kind_mismatch_between_source_and_target_is_refused():
 
 def test_dtype_difference_is_refused_when_strict_and_cast_with_a_note_otherwise():
     source = randomize_torch(nn.Linear(3, 2))
-    twin = Linear(3, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    twin = ZeroLinear(3, 2, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
     with pytest.raises(ConversionError, match="dtype F32 in the source vs BF16"):
         converters.torch_to_flax(source, twin)
     report = converters.torch_to_flax(source, twin, strict=False)
@@ -380,7 +381,7 @@ def test_unknown_layer_type_is_refused_by_name():
 
     class FlaxTwin(nnx.Module):
         def __init__(self):
-            self.layers = nnx.List([Linear(3, 3, rngs=nnx.Rngs(0))])
+            self.layers = nnx.List([ZeroLinear(3, 3, rngs=nnx.Rngs(0))])
 
     with pytest.raises(UnknownLayerError, match=r"'1' \(Scaled\)"):
         converters.torch_to_flax(model, FlaxTwin(), rename=[("0.*", "layers.0.*")])
@@ -416,17 +417,17 @@ def test_rename_patterns_that_match_nothing_raise():
 
     with pytest.raises(NoMatchError, match="nothing.*"):
         converters.torch_to_flax(
-            nn.Linear(2, 2), Linear(2, 2, rngs=nnx.Rngs(0)), rename=[("nothing.*", "x.*")]
+            nn.Linear(2, 2), ZeroLinear(2, 2, rngs=nnx.Rngs(0)), rename=[("nothing.*", "x.*")]
         )
 
 
 def test_wrong_framework_arguments_raise_type_errors():
     with pytest.raises(TypeError, match="use flax_to_torch"):
-        converters.torch_to_flax(Linear(2, 2, rngs=nnx.Rngs(0)), Linear(2, 2, rngs=nnx.Rngs(0)))
+        converters.torch_to_flax(ZeroLinear(2, 2, rngs=nnx.Rngs(0)), ZeroLinear(2, 2, rngs=nnx.Rngs(0)))
     with pytest.raises(TypeError, match="fills a torch.nn.Module"):
-        converters.flax_to_torch({}, Linear(2, 2, rngs=nnx.Rngs(0)))
+        converters.flax_to_torch({}, ZeroLinear(2, 2, rngs=nnx.Rngs(0)))
     with pytest.raises(TypeError, match="source must be"):
-        converters.torch_to_flax(42, Linear(2, 2, rngs=nnx.Rngs(0)))
+        converters.torch_to_flax(42, ZeroLinear(2, 2, rngs=nnx.Rngs(0)))
 
 
 def test_weights_of_an_unknown_torch_layer_are_refused_or_skipped_never_loaded_untransposed():
@@ -437,7 +438,7 @@ def test_weights_of_an_unknown_torch_layer_are_refused_or_skipped_never_loaded_u
 
     class FlaxTwin(nnx.Module):
         def __init__(self):
-            self.layers = nnx.List([Linear(3, 3, use_bias=False, rngs=nnx.Rngs(0)) for _ in range(2)])
+            self.layers = nnx.List([ZeroLinear(3, 3, use_bias=False, rngs=nnx.Rngs(0)) for _ in range(2)])
 
     source = randomize_flax(FlaxTwin())
     target = nn.Sequential(nn.Linear(3, 3, bias=False), Custom())

@@ -29,8 +29,7 @@ from converters.naming import dotted
 from flax_impl.graph import get_submodule
 from flax_impl.models._speech import SpeechModel, WeightNorm, WeightNormConv
 from flax_impl.models.wavlm import WavLMAttention
-
-from .zoo import PAIRS, AdapterCase, Batch, Pair
+from tests.zoo.pairs import PAIRS, AdapterCase, Batch, Pair
 
 PAIRS_BY_NAME = {pair.name: pair for pair in PAIRS}
 

@@ -11,9 +11,10 @@ from flax import nnx
 
 from flax_impl.graph import named_modules
 from flax_impl.models import BertConfig, BertModel
+from tests.zoo import bert
+from tests.zoo.pairs import BERT
 
 from . import harness
-from .zoo import BERT, bert
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.zoo import flax_models, torch_models
+from tests.zoo.pairs import AdapterCase, Pair
+
 from . import harness
-from .zoo import AdapterCase, Pair, flax_models, torch_models
 
 
 @st.composite
@@ -48,8 +50,8 @@ def _conv_pair(geometry: dict) -> Pair:
     shape = (2, geometry["in_channels"], *spatial)
     return Pair(
         name="conv",
-        make_torch=lambda: torch_models.ConvNet(**geometry),
-        make_flax=lambda rngs: flax_models.ConvNet(**geometry, rngs=rngs),
+        make_torch=lambda: torch_models.ConvGeometryNet(**geometry),
+        make_flax=lambda rngs: flax_models.ConvGeometryNet(**geometry, rngs=rngs),
         make_batch=lambda rng: {"x": rng.standard_normal(shape, dtype=np.float32)},
         run_torch=lambda model, batch: (model(torch.from_numpy(batch["x"])),),
         run_flax=lambda model, batch: (model(batch["x"].transpose(channels_last)),),

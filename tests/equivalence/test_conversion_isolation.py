@@ -13,9 +13,9 @@ import torch
 from flax import nnx
 
 import converters
+from tests.zoo import flax_models, torch_models
 
 from . import harness
-from .zoo import flax_models, torch_models
 
 
 def _bump_all(model: torch.nn.Module) -> None:

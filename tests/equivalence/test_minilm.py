@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.zoo.bert import load_minilm, tokenize
+from tests.zoo.pairs import AdapterCase, run_flax_bert, run_torch_bert
+
 from . import harness
-from .zoo import AdapterCase, run_flax_bert, run_torch_bert
-from .zoo.bert import load_minilm, tokenize
 
 ATOL = 1e-4
 MIN_COSINE = 0.99999

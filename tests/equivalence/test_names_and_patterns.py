@@ -10,9 +10,9 @@ import flax_impl
 import torch_impl
 from converters.naming import NoMatchError
 from flax_impl.graph import named_modules
+from tests.zoo.pairs import PAIRS
 
 from . import harness
-from .zoo import PAIRS
 
 CASES = [pytest.param(pair, case, id=f"{pair.name}-{case.name}") for pair in PAIRS for case in pair.cases]
 

@@ -13,9 +13,10 @@ import torch
 from flax import nnx
 
 import converters
+from tests.zoo import flax_models
+from tests.zoo.pairs import CNN, MLP, SPEECH
 
 from . import harness
-from .zoo import CNN, MLP, SPEECH, flax_models
 
 
 def _forward_check(twins, batch):

@@ -11,8 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.zoo.pairs import PAIRS
+
 from . import harness
-from .zoo import PAIRS
 
 CASES = [
     pytest.param(pair.name, case.name, id=f"{pair.name}-{case.name}") for pair in PAIRS for case in pair.cases

@@ -22,7 +22,7 @@ from flax_impl import (
     replace_module,
 )
 from flax_impl.graph import named_modules
-from tests.flax_impl.models import Blocks, ConvNet, Net
+from tests.zoo.flax_models import Conv2dBatchNormNet, SeedMLP, StackedLinears
 
 SETTINGS = settings(max_examples=15, deadline=None)
 FEW = settings(max_examples=8, deadline=None)
@@ -259,7 +259,7 @@ def test_is_layer_adaptable_by_type_flags_and_patterns():
 
 
 def test_replace_module_assigns_on_parent_including_list_items():
-    model = Blocks(nnx.Rngs(0))
+    model = StackedLinears(nnx.Rngs(0))
     replace_module(model, "blocks.1", Swish())
     assert isinstance(model.blocks[1], Swish)
     replace_module(model, "norm", Swish(2.0))
@@ -275,7 +275,7 @@ def test_replace_module_assigns_on_parent_including_list_items():
 def _seed_example(**kwargs) -> AdaptedModel:
     options = {"target_layers": ["layer[13]"], "unfrozen_layers": ["layer2"], "adapter_kwargs": {"rank": 2}}
     options.update(kwargs)
-    return AdaptedModel(Net(nnx.Rngs(0)), LoRA, rngs=nnx.Rngs(1), **options)
+    return AdaptedModel(SeedMLP(nnx.Rngs(0)), LoRA, rngs=nnx.Rngs(1), **options)
 
 
 def test_adapted_model_wraps_the_seed_example_like_torch():
@@ -291,18 +291,18 @@ def test_adapted_model_wraps_the_seed_example_like_torch():
     names = [name for name, _ in named_modules(model)]
     assert "adapted_model.layer1.pretrained_module" in names
     x = jnp.ones((3, 10))
-    np.testing.assert_array_equal(model(x), Net(nnx.Rngs(0))(x))  # fresh adapters change nothing
+    np.testing.assert_array_equal(model(x), SeedMLP(nnx.Rngs(0))(x))  # fresh adapters change nothing
 
 
 def test_adapted_model_all_linear_and_all_conv_select_by_type():
-    model = AdaptedModel(ConvNet(nnx.Rngs(0)), LoRA, all_conv=True, rngs=nnx.Rngs(1))
+    model = AdaptedModel(Conv2dBatchNormNet(nnx.Rngs(0)), LoRA, all_conv=True, rngs=nnx.Rngs(1))
     assert model.replace_layers == ["conv1", "conv2"]
-    model = AdaptedModel(ConvNet(nnx.Rngs(0)), LoRA, all_linear=True, rngs=nnx.Rngs(1))
+    model = AdaptedModel(Conv2dBatchNormNet(nnx.Rngs(0)), LoRA, all_linear=True, rngs=nnx.Rngs(1))
     assert model.replace_layers == ["head"]
 
 
 def test_adapted_model_patterns_select_list_items_by_digit_names():
-    model = AdaptedModel(Blocks(nnx.Rngs(0)), LoRA, target_layers="blocks.[02]", rngs=nnx.Rngs(1))
+    model = AdaptedModel(StackedLinears(nnx.Rngs(0)), LoRA, target_layers="blocks.[02]", rngs=nnx.Rngs(1))
     assert model.replace_layers == ["blocks.0", "blocks.2"]
     assert isinstance(model.adapted_model.blocks[0], LoRA) and isinstance(
         model.adapted_model.blocks[1], nnx.Linear
@@ -323,21 +323,21 @@ def test_adapted_model_pattern_matching_nothing_raises_naming_pattern_and_real_n
 
 def test_adapted_model_all_linear_or_all_conv_without_such_layers_raises():
     with pytest.raises(NoMatchError, match="all_conv=True but the model has no nnx.Conv layer"):
-        AdaptedModel(Net(nnx.Rngs(0)), LoRA, all_conv=True, rngs=nnx.Rngs(1))
+        AdaptedModel(SeedMLP(nnx.Rngs(0)), LoRA, all_conv=True, rngs=nnx.Rngs(1))
     with pytest.raises(NoMatchError, match="all_linear=True but the model has no nnx.Linear layer"):
         AdaptedModel(nnx.Sequential(Swish()), LoRA, all_linear=True, rngs=nnx.Rngs(1))
 
 
 def test_adapted_model_target_of_unsupported_type_raises_naming_the_type():
     with pytest.raises(ValueError, match="but instead got .*LayerNorm"):
-        AdaptedModel(Blocks(nnx.Rngs(0)), LoRA, target_layers="norm", rngs=nnx.Rngs(1))
+        AdaptedModel(StackedLinears(nnx.Rngs(0)), LoRA, target_layers="norm", rngs=nnx.Rngs(1))
 
 
 def test_adapted_model_refuses_non_module_and_bad_rngs():
     with pytest.raises(TypeError, match="model_to_adapt must be an nnx.Module, got int"):
         AdaptedModel(3, LoRA, all_linear=True, rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="rngs must be an nnx.Rngs"):
-        AdaptedModel(Net(nnx.Rngs(0)), LoRA, all_linear=True, rngs=0)
+        AdaptedModel(SeedMLP(nnx.Rngs(0)), LoRA, all_linear=True, rngs=0)
 
 
 def test_manual_insertion_waits_then_second_insert_raises_instead_of_double_wrapping():
@@ -399,14 +399,20 @@ def test_trainable_is_hashable_and_equal_across_accesses():
 def test_trainable_excludes_adapted_layers_inside_unfrozen_modules_and_buffers():
     # torch_impl unfreezes the block, then LoRA freezes the layer it wraps again.
     model = AdaptedModel(
-        Blocks(nnx.Rngs(0)), LoRA, target_layers="blocks.1", unfrozen_layers="blocks", rngs=nnx.Rngs(1)
+        StackedLinears(nnx.Rngs(0)),
+        LoRA,
+        target_layers="blocks.1",
+        unfrozen_layers="blocks",
+        rngs=nnx.Rngs(1),
     )
     paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, model.trainable))}
     assert "adapted_model.blocks.0.kernel" in paths
     assert "adapted_model.blocks.1.adapter_down_proj.kernel" in paths
     assert not any("pretrained_module" in path for path in paths)
     assert not any(path.startswith("adapted_model.norm") for path in paths)
-    conv = AdaptedModel(ConvNet(nnx.Rngs(0)), LoRA, all_conv=True, unfrozen_layers="bn", rngs=nnx.Rngs(1))
+    conv = AdaptedModel(
+        Conv2dBatchNormNet(nnx.Rngs(0)), LoRA, all_conv=True, unfrozen_layers="bn", rngs=nnx.Rngs(1)
+    )
     selected = nnx.state(conv, conv.trainable)
     assert set(selected["adapted_model"]["bn"]) == {"scale", "bias"}  # running stats are no Param
 
@@ -442,7 +448,7 @@ def test_unfreeze_star_also_selects_the_root_like_speechbrain_and_torch_impl():
     """SpeechBrain fnmatches the root's empty name against unfrozen_layers, so "*" unfreezes
     every weight not wrapped by an adapter; both twins agree."""
     model = AdaptedModel(
-        Net(nnx.Rngs(0)), LoRA, target_layers="layer1", unfrozen_layers="*", rngs=nnx.Rngs(1)
+        SeedMLP(nnx.Rngs(0)), LoRA, target_layers="layer1", unfrozen_layers="*", rngs=nnx.Rngs(1)
     )
     assert "" in model.unfrozen_module_names
     paths = {".".join(map(str, path)) for path, _ in nnx.to_flat_state(nnx.state(model, model.trainable))}
@@ -452,7 +458,7 @@ def test_unfreeze_star_also_selects_the_root_like_speechbrain_and_torch_impl():
 
 def test_refused_insertion_leaves_the_model_unchanged_and_names_the_layer():
     """Adapters are all built before any layer is replaced: a refused layer changes nothing."""
-    base = Blocks(nnx.Rngs(0))
+    base = StackedLinears(nnx.Rngs(0))
     names_before = [name for name, _ in named_modules(base)]
     with pytest.raises(ValueError, match="cannot wrap layer 'norm'"):
         AdaptedModel(base, LoRA, target_layers=["blocks.*", "norm"], rngs=nnx.Rngs(1))

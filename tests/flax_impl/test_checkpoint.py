@@ -25,15 +25,7 @@ from flax_impl.checkpoint import (
     save_state_dict_file,
     torch_style_state_dict,
 )
-from tests.flax_impl.models import Blocks, ConvNet, Net
-
-
-class Custom(nnx.Module):
-    """A module with a bare parameter: no layer kind, hence no PyTorch name."""
-
-    def __init__(self, rngs):
-        self.proj = nnx.Linear(2, 2, rngs=rngs)
-        self.gain = nnx.Param(jnp.ones((2,)))
+from tests.zoo.flax_models import BareGainNet, Conv2dBatchNormNet, SeedMLP, StackedLinears
 
 
 def _snapshot(module) -> dict[str, np.ndarray]:
@@ -78,7 +70,7 @@ def test_layer_kind_covers_every_layout_kind_by_module_type():
 
 
 def test_torch_style_state_dict_uses_torch_names_order_and_layouts():
-    model = ConvNet(nnx.Rngs(0))
+    model = Conv2dBatchNormNet(nnx.Rngs(0))
     state = torch_style_state_dict(model)
     # Modules come in flax_impl.graph.named_modules order; within one, in state_dict order.
     assert set(state) == {
@@ -93,7 +85,7 @@ def test_torch_style_state_dict_uses_torch_names_order_and_layouts():
     np.testing.assert_array_equal(state["conv1.weight"], np.transpose(model.conv1.kernel[...], (3, 2, 0, 1)))
     np.testing.assert_array_equal(state["head.weight"], np.asarray(model.head.kernel[...]).T)
     assert all(array.flags["C_CONTIGUOUS"] and isinstance(array, np.ndarray) for array in state.values())
-    assert list(torch_style_state_dict(Blocks(nnx.Rngs(0)))) == [
+    assert list(torch_style_state_dict(StackedLinears(nnx.Rngs(0)))) == [
         "blocks.0.weight",
         "blocks.0.bias",
         "blocks.1.weight",
@@ -106,7 +98,7 @@ def test_torch_style_state_dict_uses_torch_names_order_and_layouts():
 
 
 def test_torch_style_state_dict_keeps_bfloat16_bit_exact():
-    model = Net(nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    model = SeedMLP(nnx.Rngs(0), param_dtype=jnp.bfloat16)
     state = torch_style_state_dict(model)
     assert state["layer1.weight"].dtype == ml_dtypes.bfloat16
     expected = np.asarray(model.layer1.kernel[...]).T.view(np.uint16)
@@ -115,8 +107,11 @@ def test_torch_style_state_dict_keeps_bfloat16_bit_exact():
 
 def test_torch_style_state_dict_names_variables_of_unsupported_modules():
     with pytest.raises(CheckpointError, match=r"'gain \(Param\)'.*strict=False"):
-        torch_style_state_dict(Custom(nnx.Rngs(0)))
-    assert list(torch_style_state_dict(Custom(nnx.Rngs(0)), strict=False)) == ["proj.weight", "proj.bias"]
+        torch_style_state_dict(BareGainNet(nnx.Rngs(0)))
+    assert list(torch_style_state_dict(BareGainNet(nnx.Rngs(0)), strict=False)) == [
+        "proj.weight",
+        "proj.bias",
+    ]
 
 
 def test_torch_style_state_dict_skips_rng_state_of_dropout():
@@ -129,7 +124,7 @@ def test_torch_style_state_dict_skips_rng_state_of_dropout():
 
 
 def test_load_round_trips_every_kind():
-    source, target = ConvNet(nnx.Rngs(0)), ConvNet(nnx.Rngs(1))
+    source, target = Conv2dBatchNormNet(nnx.Rngs(0)), Conv2dBatchNormNet(nnx.Rngs(1))
     source.bn.mean[...] = jnp.arange(8.0)
     report = load_torch_style_state_dict(target, torch_style_state_dict(source))
     assert report.ok and len(report.loaded) == 10
@@ -137,9 +132,9 @@ def test_load_round_trips_every_kind():
 
 
 def test_strict_load_reports_missing_unexpected_and_misshaped_keys_and_changes_nothing():
-    model = Net(nnx.Rngs(0))
+    model = SeedMLP(nnx.Rngs(0))
     before = _snapshot(model)
-    arrays = torch_style_state_dict(Net(nnx.Rngs(1)))
+    arrays = torch_style_state_dict(SeedMLP(nnx.Rngs(1)))
     del arrays["layer3.bias"]
     arrays["layer9.weight"] = np.zeros((2, 2), np.float32)
     arrays["layer2.weight"] = arrays["layer2.weight"].T[:, :5]
@@ -153,7 +148,7 @@ def test_strict_load_reports_missing_unexpected_and_misshaped_keys_and_changes_n
 
 
 def test_non_strict_load_allows_missing_but_refuses_unexpected_and_misshaped():
-    model, source = Net(nnx.Rngs(0)), Net(nnx.Rngs(1))
+    model, source = SeedMLP(nnx.Rngs(0)), SeedMLP(nnx.Rngs(1))
     arrays = {"layer1.weight": torch_style_state_dict(source)["layer1.weight"]}
     report = load_torch_style_state_dict(model, arrays, strict=False)
     assert report.loaded == ["layer1.weight"] and "layer3.bias" in report.missing
@@ -172,10 +167,10 @@ def test_square_linear_weight_is_transposed_on_load():
 
 
 def test_load_casts_to_the_variable_dtype_and_notes_torch_only_buffers():
-    model = ConvNet(nnx.Rngs(0))
+    model = Conv2dBatchNormNet(nnx.Rngs(0))
     model.bn.mean[...] = model.bn.mean[...].astype(jnp.float32)
-    bf16 = Net(nnx.Rngs(0), param_dtype=jnp.bfloat16)
-    arrays = {k: v.astype(np.float32) for k, v in torch_style_state_dict(Net(nnx.Rngs(1))).items()}
+    bf16 = SeedMLP(nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    arrays = {k: v.astype(np.float32) for k, v in torch_style_state_dict(SeedMLP(nnx.Rngs(1))).items()}
     load_torch_style_state_dict(bf16, arrays)
     assert bf16.layer1.kernel[...].dtype == jnp.bfloat16
     np.testing.assert_array_equal(
@@ -204,7 +199,7 @@ def test_load_keeps_the_variables_sharding():
 def _adapted(seed: int = 1, **kwargs) -> AdaptedModel:
     options = {"target_layers": ["layer[13]"], "unfrozen_layers": ["layer2"], "adapter_kwargs": {"rank": 2}}
     options.update(kwargs)
-    model = AdaptedModel(Net(nnx.Rngs(0)), LoRA, rngs=nnx.Rngs(seed), **options)
+    model = AdaptedModel(SeedMLP(nnx.Rngs(0)), LoRA, rngs=nnx.Rngs(seed), **options)
     for index, (_, variable) in enumerate(nnx.to_flat_state(nnx.state(model, model.trainable))):
         variable[...] = jax.random.normal(jax.random.key(index), variable.shape)
     return model
@@ -231,7 +226,9 @@ def test_saver_writes_trainable_params_under_torch_keys_with_metadata(tmp_path):
 
 
 def test_saver_includes_running_stats_of_unfrozen_batchnorm(tmp_path):
-    model = AdaptedModel(ConvNet(nnx.Rngs(0)), LoRA, all_conv=True, unfrozen_layers="bn", rngs=nnx.Rngs(1))
+    model = AdaptedModel(
+        Conv2dBatchNormNet(nnx.Rngs(0)), LoRA, all_conv=True, unfrozen_layers="bn", rngs=nnx.Rngs(1)
+    )
     assert {k for k in model.trainable_state_dict() if ".bn." in k} == {
         "adapted_model.bn.weight",
         "adapted_model.bn.bias",
@@ -354,10 +351,10 @@ def test_save_load_round_trip_over_layer_geometries(
 
 
 def test_saver_refuses_a_trainable_variable_without_a_torch_name(tmp_path):
-    model = nnx.Sequential(Custom(nnx.Rngs(0)), nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    model = nnx.Sequential(BareGainNet(nnx.Rngs(0)), nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     frozen_gain = AdaptedModel(model, LoRA, target_layers="layers.1", rngs=nnx.Rngs(1))
     frozen_gain.saver(str(tmp_path / "ok.safetensors"))  # the frozen bare `gain` is not saved: fine
-    model = nnx.Sequential(Custom(nnx.Rngs(0)), nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    model = nnx.Sequential(BareGainNet(nnx.Rngs(0)), nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
     trained_gain = AdaptedModel(
         model, LoRA, target_layers="layers.1", unfrozen_layers="layers.0", rngs=nnx.Rngs(1)
     )

@@ -5,8 +5,6 @@ Skipped where torch is not installed (flax_impl itself never imports torch).
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,50 +12,28 @@ from flax import nnx
 
 import flax_impl
 from flax_impl.checkpoint import load_torch_style_state_dict, torch_style_state_dict
-from tests.flax_impl.models import Net
+from tests.zoo import flax_models
 
 torch = pytest.importorskip("torch")
 torch_impl = pytest.importorskip("torch_impl")
+torch_models = pytest.importorskip("tests.zoo.torch_models")
 
-
-def _torch_net() -> torch.nn.Module:
-    """The twin of tests.flax_impl.models.Net."""
-    return torch.nn.Sequential(
-        OrderedDict(
-            [
-                ("layer1", torch.nn.Linear(10, 20)),
-                ("act1", torch.nn.ReLU()),
-                ("layer2", torch.nn.Linear(20, 20)),
-                ("act2", torch.nn.ReLU()),
-                ("layer3", torch.nn.Linear(20, 10)),
-            ]
-        )
-    )
-
-
-class FlaxConvNet(nnx.Module):
-    def __init__(self, rngs):
-        self.conv = nnx.Conv(3, 4, kernel_size=(3, 3), strides=2, padding=[(1, 1), (1, 1)], rngs=rngs)
-        self.head = nnx.Linear(4, 2, rngs=rngs)
-
-    def __call__(self, x):  # x: NHWC
-        return self.head(jnp.mean(self.conv(x), axis=(1, 2)))
-
-
-class TorchConvNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1)
-        self.head = torch.nn.Linear(4, 2)
-
-    def forward(self, x):  # x: NCHW
-        return self.head(self.conv(x).mean(dim=(2, 3)))
+# Stride 2 and padding 1: a conv kernel crosses the twins with PyTorch's geometry.
+CONV_GEOMETRY = {
+    "ndim": 2,
+    "in_channels": 3,
+    "out_channels": 4,
+    "kernel_size": (3, 3),
+    "stride": (2, 2),
+    "padding": (1, 1),
+    "dilation": (1, 1),
+}
 
 
 CONFIGS = {
     "lora_linear": (
-        _torch_net,
-        lambda r: Net(r),
+        torch_models.SeedMLP,
+        lambda r: flax_models.SeedMLP(r),
         "LoRA",
         {
             "target_layers": ["layer[13]"],
@@ -66,14 +42,14 @@ CONFIGS = {
         },
     ),
     "houlsby": (
-        _torch_net,
-        lambda r: Net(r),
+        torch_models.SeedMLP,
+        lambda r: flax_models.SeedMLP(r),
         "HoulsbyAdapterLinear",
         {"target_layers": ["layer2"], "adapter_kwargs": {"projection_size": 3}},
     ),
     "lora_conv": (
-        TorchConvNet,
-        lambda r: FlaxConvNet(r),
+        lambda: torch_models.ConvGeometryNet(**CONV_GEOMETRY),
+        lambda r: flax_models.ConvGeometryNet(**CONV_GEOMETRY, rngs=r),
         "LoRA",
         {"all_conv": True, "unfrozen_layers": "head", "adapter_kwargs": {"rank": 2}},
     ),

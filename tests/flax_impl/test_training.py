@@ -11,7 +11,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from flax_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA
-from tests.flax_impl.models import ConvNet, Net
+from tests.zoo.flax_models import Conv2dBatchNormNet, PartitionedMLP, SeedMLP
 
 
 @nnx.jit
@@ -37,7 +37,11 @@ def _data(shape_in, shape_out, seed=0):
 
 def test_lora_trains_under_jit_loss_falls_and_frozen_params_stay_bit_identical():
     model = AdaptedModel(
-        Net(nnx.Rngs(0)), LoRA, all_linear=True, adapter_kwargs={"rank": 4, "alpha": 8.0}, rngs=nnx.Rngs(1)
+        SeedMLP(nnx.Rngs(0)),
+        LoRA,
+        all_linear=True,
+        adapter_kwargs={"rank": 4, "alpha": 8.0},
+        rngs=nnx.Rngs(1),
     )
     frozen = _frozen(model)
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=model.trainable)
@@ -52,7 +56,9 @@ def test_lora_trains_under_jit_loss_falls_and_frozen_params_stay_bit_identical()
 
 
 def test_conv_lora_with_unfrozen_head_trains_under_jit():
-    model = AdaptedModel(ConvNet(nnx.Rngs(0)), LoRA, all_conv=True, unfrozen_layers="head", rngs=nnx.Rngs(1))
+    model = AdaptedModel(
+        Conv2dBatchNormNet(nnx.Rngs(0)), LoRA, all_conv=True, unfrozen_layers="head", rngs=nnx.Rngs(1)
+    )
     frozen = _frozen(model)
     optimizer = nnx.Optimizer(model, optax.sgd(0.05), wrt=model.trainable)
     x, y = _data((4, 6, 6, 3), (4, 4))
@@ -64,7 +70,7 @@ def test_conv_lora_with_unfrozen_head_trains_under_jit():
 
 def test_jitted_forward_matches_eager_forward():
     model = AdaptedModel(
-        Net(nnx.Rngs(0)),
+        SeedMLP(nnx.Rngs(0)),
         HoulsbyAdapterLinear,
         target_layers="layer2",
         adapter_kwargs={"projection_size": 3},
@@ -76,7 +82,7 @@ def test_jitted_forward_matches_eager_forward():
 
 def test_bfloat16_model_trains_with_bfloat16_adapters():
     model = AdaptedModel(
-        Net(nnx.Rngs(0), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16),
+        SeedMLP(nnx.Rngs(0), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16),
         LoRA,
         all_linear=True,
         adapter_kwargs={"rank": 4},
@@ -106,25 +112,9 @@ def mesh() -> jax.sharding.Mesh:
     return jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-class ShardedNet(nnx.Module):
-    """Megatron-style: layer1 split on its output axis, layer2 on its input axis."""
-
-    def __init__(self, rngs: nnx.Rngs, partitioned: bool = True):
-        init = nnx.initializers.lecun_normal()
-
-        def kernel_init(spec):
-            return nnx.with_partitioning(init, spec) if partitioned else init
-
-        self.layer1 = nnx.Linear(8, 16, kernel_init=kernel_init((None, "model")), rngs=rngs)
-        self.layer2 = nnx.Linear(16, 8, kernel_init=kernel_init(("model", None)), rngs=rngs)
-
-    def __call__(self, x):
-        return self.layer2(nnx.relu(self.layer1(x)))
-
-
 def test_adapter_factors_follow_the_kernel_partitioning(mesh):
     with jax.set_mesh(mesh):
-        base = ShardedNet(nnx.Rngs(0))
+        base = PartitionedMLP(nnx.Rngs(0))
     model = AdaptedModel(base, LoRA, all_linear=True, adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1))
     layer1, layer2 = model.adapted_model.layer1, model.adapted_model.layer2
     expected = {
@@ -147,7 +137,7 @@ def test_adapter_factors_follow_the_kernel_partitioning(mesh):
 
 def test_houlsby_factors_follow_the_kernel_output_partitioning(mesh):
     with jax.set_mesh(mesh):
-        adapter = HoulsbyAdapterLinear(ShardedNet(nnx.Rngs(0)).layer1, 4, rngs=nnx.Rngs(1))
+        adapter = HoulsbyAdapterLinear(PartitionedMLP(nnx.Rngs(0)).layer1, 4, rngs=nnx.Rngs(1))
     assert adapter.adapter_down_proj.kernel[...].sharding.spec == PartitionSpec("model", None)
     assert adapter.adapter_up_proj.kernel[...].sharding.spec == PartitionSpec(None, "model")
     assert adapter.adapter_up_proj.bias[...].sharding.spec == PartitionSpec("model")
@@ -169,9 +159,9 @@ def test_sharded_jitted_train_step_matches_the_unsharded_step(mesh):
     def build(sharded: bool) -> tuple[AdaptedModel, nnx.Optimizer]:
         if sharded:
             with jax.set_mesh(mesh):
-                base = ShardedNet(nnx.Rngs(0))
+                base = PartitionedMLP(nnx.Rngs(0))
         else:  # the same draws, no partitioning
-            base = ShardedNet(nnx.Rngs(0), partitioned=False)
+            base = PartitionedMLP(nnx.Rngs(0), partitioned=False)
         model = AdaptedModel(base, LoRA, all_linear=True, adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1))
         return model, nnx.Optimizer(model, optax.adam(1e-2), wrt=model.trainable)
 

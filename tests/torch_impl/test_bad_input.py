@@ -13,7 +13,7 @@ from torch import nn
 
 from converters.checkpoint import CheckpointError
 from converters.naming import NoMatchError
-from tests.torch_impl import models
+from tests.zoo import torch_models
 from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA
 
 FORMATS = ["adapters.ckpt", "adapters.safetensors"]
@@ -49,7 +49,7 @@ def _assert_unchanged(model: nn.Module, snapshot) -> None:
     ],
 )
 def test_no_match_raises_naming_the_pattern_and_leaves_the_model_as_it_was(kwargs, culprit):
-    model = models.nested_model()
+    model = torch_models.NestedModel()
     before = _snapshot(model)
     with pytest.raises(NoMatchError) as info:
         AdaptedModel(model, LoRA, **kwargs)
@@ -60,7 +60,7 @@ def test_no_match_raises_naming_the_pattern_and_leaves_the_model_as_it_was(kwarg
 
 def test_a_pattern_that_is_not_a_string_raises_type_error_naming_it():
     with pytest.raises(TypeError, match="3"):
-        AdaptedModel(models.mlp(), LoRA, target_layers=["layer1", 3])
+        AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1", 3])
 
 
 def test_model_to_adapt_must_be_a_module():
@@ -96,7 +96,9 @@ def test_adapted_model_names_the_layer_it_cannot_wrap_and_changes_nothing():
 
 
 def test_manual_insertion_into_an_unsupported_layer_changes_nothing():
-    adapted = AdaptedModel(models.mlp(), LoRA, target_layers=["layer1", "act"], manual_adapter_insertion=True)
+    adapted = AdaptedModel(
+        torch_models.SeedMLP(), LoRA, target_layers=["layer1", "act"], manual_adapter_insertion=True
+    )
     before = _snapshot(adapted)
     with pytest.raises(ValueError, match="'act'.*ReLU"):
         adapted.insert_adapters()
@@ -106,7 +108,7 @@ def test_manual_insertion_into_an_unsupported_layer_changes_nothing():
 
 def test_a_wrong_adapter_keyword_raises_type_error_naming_the_layer_and_keyword():
     with pytest.raises(TypeError, match="'layer1'.*rnk"):
-        AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"], adapter_kwargs={"rnk": 2})
+        AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1"], adapter_kwargs={"rnk": 2})
 
 
 @pytest.mark.parametrize("value", [0, -1, 2.5, 2.0, "4", True, None])
@@ -136,7 +138,9 @@ def test_grouped_convolutions_are_refused_naming_groups(conv):
 
 def _adapted() -> AdaptedModel:
     torch.manual_seed(0)
-    return AdaptedModel(models.mlp(), LoRA, target_layers=["layer1", "layer3"], unfrozen_layers=["layer2"])
+    return AdaptedModel(
+        torch_models.SeedMLP(), LoRA, target_layers=["layer1", "layer3"], unfrozen_layers=["layer2"]
+    )
 
 
 def _write(path: Path, state_dict: dict[str, torch.Tensor]) -> None:

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from converters.checkpoint import parse_metadata
-from tests.torch_impl import models
 from tests.torch_impl.twins import randomize_trainable, trainable_names
+from tests.zoo import torch_models
 from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA
 
 FORMATS = ["adapters.ckpt", "adapters.safetensors"]
@@ -32,14 +32,16 @@ def _read(path: Path) -> dict[str, torch.Tensor]:
 def _conv_model(seed: int = 0) -> AdaptedModel:
     """The same base weights whatever ``seed``; the seed only moves the adapters' init."""
     torch.manual_seed(0)
-    base = models.conv_net()
+    base = torch_models.MixedConvNet()
     torch.manual_seed(seed)
     return AdaptedModel(base, LoRA, all_conv=True, unfrozen_layers=["bn"], adapter_kwargs={"rank": 2})
 
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_saver_writes_only_trainable_parameters_keyed_as_in_state_dict(tmp_path, name):
-    model = AdaptedModel(models.mlp(), LoRA, target_layers=["layer[13]"], unfrozen_layers=["layer2"])
+    model = AdaptedModel(
+        torch_models.SeedMLP(), LoRA, target_layers=["layer[13]"], unfrozen_layers=["layer2"]
+    )
     model.saver(tmp_path / name)
     saved = _read(tmp_path / name)
     if name.endswith(".ckpt"):  # safetensors stores names sorted
@@ -53,7 +55,7 @@ def test_saver_writes_only_trainable_parameters_keyed_as_in_state_dict(tmp_path,
 def test_unfrozen_batchnorm_running_stats_are_saved_and_restored(tmp_path, name):
     model = _conv_model()
     randomize_trainable(model)
-    model.train()(models.conv_net_input())  # training moves the running stats
+    model.train()(torch_models.mixed_conv_net_input())  # training moves the running stats
     assert int(model.adapted_model.bn.num_batches_tracked) == 1
     model.saver(tmp_path / name)
     saved = _read(tmp_path / name)
@@ -63,7 +65,7 @@ def test_unfrozen_batchnorm_running_stats_are_saved_and_restored(tmp_path, name)
     fresh.loader(tmp_path / name)
     for key in BN_BUFFERS:
         assert torch.equal(fresh.state_dict()[key], model.state_dict()[key]), key
-    x = models.conv_net_input()
+    x = torch_models.mixed_conv_net_input()
     torch.testing.assert_close(fresh.eval()(x), model.eval()(x), rtol=0, atol=0)
 
 
@@ -80,12 +82,12 @@ def test_a_speechbrain_style_file_without_buffers_loads(tmp_path):
 
 
 def test_a_full_state_dict_including_frozen_weights_loads(tmp_path):
-    source = AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"])
+    source = AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1"])
     randomize_trainable(source)
     with torch.no_grad():
         source.adapted_model.layer2.weight.fill_(0.5)  # frozen, but in the file
     torch.save(source.state_dict(), tmp_path / "full.ckpt")
-    target = AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"])
+    target = AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1"])
     target.loader(tmp_path / "full.ckpt")
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
@@ -94,12 +96,12 @@ def test_a_full_state_dict_including_frozen_weights_loads(tmp_path):
 @pytest.mark.parametrize("name", FORMATS)
 def test_parameter_transfer_loads_like_loader(tmp_path, name):
     source = AdaptedModel(
-        models.mlp(), HoulsbyAdapterLinear, all_linear=True, adapter_kwargs={"projection_size": 2}
+        torch_models.SeedMLP(), HoulsbyAdapterLinear, all_linear=True, adapter_kwargs={"projection_size": 2}
     )
     randomize_trainable(source)
     source.saver(tmp_path / name)
     target = AdaptedModel(
-        models.mlp(), HoulsbyAdapterLinear, all_linear=True, adapter_kwargs={"projection_size": 2}
+        torch_models.SeedMLP(), HoulsbyAdapterLinear, all_linear=True, adapter_kwargs={"projection_size": 2}
     )
     target.parameter_transfer(tmp_path / name)
     for key in trainable_names(source):
@@ -108,7 +110,7 @@ def test_parameter_transfer_loads_like_loader(tmp_path, name):
 
 def test_safetensors_header_records_what_the_file_holds(tmp_path):
     model = AdaptedModel(
-        models.mlp(),
+        torch_models.SeedMLP(),
         LoRA,
         target_layers=["layer[13]"],
         unfrozen_layers=["layer2"],
@@ -127,7 +129,7 @@ def test_safetensors_header_records_what_the_file_holds(tmp_path):
 
 def test_safetensors_header_stores_a_houlsby_activation_class_by_name(tmp_path):
     model = AdaptedModel(
-        models.mlp(),
+        torch_models.SeedMLP(),
         HoulsbyAdapterLinear,
         all_linear=True,
         adapter_kwargs={"projection_size": 2, "activation": nn.GELU},
@@ -168,18 +170,22 @@ def test_tied_weights_in_unfrozen_layers_save_and_load(tmp_path, name):
 
 @pytest.mark.parametrize("name", FORMATS)
 def test_loader_keeps_the_models_dtype_when_the_file_holds_the_same(tmp_path, name):
-    model = AdaptedModel(models.mlp().to(torch.bfloat16), LoRA, all_linear=True, adapter_kwargs={"rank": 2})
+    model = AdaptedModel(
+        torch_models.SeedMLP().to(torch.bfloat16), LoRA, all_linear=True, adapter_kwargs={"rank": 2}
+    )
     randomize_trainable(model)
     model.saver(tmp_path / name)
     assert {v.dtype for v in _read(tmp_path / name).values()} == {torch.bfloat16}
-    fresh = AdaptedModel(models.mlp().to(torch.bfloat16), LoRA, all_linear=True, adapter_kwargs={"rank": 2})
+    fresh = AdaptedModel(
+        torch_models.SeedMLP().to(torch.bfloat16), LoRA, all_linear=True, adapter_kwargs={"rank": 2}
+    )
     fresh.loader(tmp_path / name)
     for key in trainable_names(model):
         assert torch.equal(fresh.state_dict()[key], model.state_dict()[key])
 
 
 def test_saver_accepts_str_and_pathlike(tmp_path):
-    model = AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"])
+    model = AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1"])
     model.saver(str(tmp_path / "a.ckpt"))
     model.saver(tmp_path / "b.safetensors")
     model.loader(str(tmp_path / "b.safetensors"))

@@ -14,8 +14,8 @@ from torch import nn
 
 import torch_impl
 from converters.naming import NoMatchError
-from tests.torch_impl import models
 from tests.torch_impl.twins import randomize_trainable, speechbrain_adapters, trainable_names
+from tests.zoo import torch_models
 from torch_impl import AdaptedModel, AdapterInsertionError, HoulsbyAdapterLinear, LoRA
 
 
@@ -33,10 +33,10 @@ def test_single_string_pattern_is_one_pattern_not_its_characters(sb):
     (and nothing called layer1). A user writing one pattern means that pattern."""
     theirs = sb.AdaptedModel(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), sb.LoRA, target_layers="layer1")
     assert _adapted_names(theirs, sb.LoRA) == ["adapted_model.1"]
-    theirs = sb.AdaptedModel(models.mlp(), sb.LoRA, target_layers="layer1")
+    theirs = sb.AdaptedModel(torch_models.SeedMLP(), sb.LoRA, target_layers="layer1")
     assert _adapted_names(theirs, sb.LoRA) == []
 
-    ours = AdaptedModel(models.mlp(), LoRA, target_layers="layer1", unfrozen_layers="layer2")
+    ours = AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers="layer1", unfrozen_layers="layer2")
     assert _adapted_names(ours, LoRA) == ["adapted_model.layer1"]
     assert ours.adapted_model.layer2.weight.requires_grad
     with pytest.raises(NoMatchError, match="'layer1'"):
@@ -47,11 +47,11 @@ def test_single_string_pattern_is_one_pattern_not_its_characters(sb):
 def test_pattern_matching_no_layer_raises_with_the_pattern_and_real_names(sb, argument):
     """SpeechBrain silently trains a model with no adapters (or nothing unfrozen) after a typo:
     PEFT users' most reported pain. We name the pattern and show real layer names."""
-    theirs = sb.AdaptedModel(models.mlp(), sb.LoRA, **{argument: ["layr1"]})
+    theirs = sb.AdaptedModel(torch_models.SeedMLP(), sb.LoRA, **{argument: ["layr1"]})
     assert _adapted_names(theirs, sb.LoRA) == []
 
     with pytest.raises(NoMatchError) as info:
-        AdaptedModel(models.mlp(), LoRA, **{argument: ["layer1", "layr1"]})
+        AdaptedModel(torch_models.SeedMLP(), LoRA, **{argument: ["layer1", "layr1"]})
     message = str(info.value)
     assert argument in message and "'layr1'" in message
     assert "'layer1'" in message and "'layer2'" in message
@@ -62,7 +62,7 @@ def test_pattern_matching_no_layer_raises_with_the_pattern_and_real_names(sb, ar
     "flag, factory, kind",
     [
         ("all_linear", lambda: nn.Sequential(nn.Conv1d(2, 2, 1)), "nn.Linear"),
-        ("all_conv", models.mlp, "Conv"),
+        ("all_conv", torch_models.SeedMLP, "Conv"),
     ],
 )
 def test_all_linear_or_all_conv_without_such_layers_raises(sb, flag, factory, kind):
@@ -92,12 +92,14 @@ def test_second_insert_adapters_raises_instead_of_wrapping_adapters_in_adapters(
     """SpeechBrain's docstring says 'call exactly once', and a second call hands each LoRA to
     ``LoRA()`` again: it dies deep inside with an AttributeError (an adapter class that accepts
     any module would silently nest adapters). Ours refuses clearly and changes nothing."""
-    theirs = sb.AdaptedModel(models.mlp(), sb.LoRA, target_layers=["layer1"], manual_adapter_insertion=True)
+    theirs = sb.AdaptedModel(
+        torch_models.SeedMLP(), sb.LoRA, target_layers=["layer1"], manual_adapter_insertion=True
+    )
     theirs.insert_adapters()
     with pytest.raises(AttributeError, match="'LoRA' object has no attribute 'weight'"):
         theirs.insert_adapters()
 
-    ours = AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"], manual_adapter_insertion=True)
+    ours = AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1"], manual_adapter_insertion=True)
     ours.insert_adapters()
     before = repr(ours), trainable_names(ours)
     with pytest.raises(AdapterInsertionError, match="already") as info:
@@ -106,18 +108,18 @@ def test_second_insert_adapters_raises_instead_of_wrapping_adapters_in_adapters(
     assert isinstance(info.value, ValueError)
     assert (repr(ours), trainable_names(ours)) == before
     with pytest.raises(AdapterInsertionError):
-        AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"]).insert_adapters()
+        AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1"]).insert_adapters()
 
 
 def test_getattr_does_not_shadow_the_wrappers_own_submodules(sb):
     """SpeechBrain's ``__getattr__`` asks the wrapped model first, so an AdaptedModel around a
     model that has an ``adapted_model`` attribute (e.g. another AdaptedModel) finds the wrong
     module and cannot even be built. Ours resolves the wrapper's own attributes first."""
-    inner_theirs = sb.AdaptedModel(models.mlp(), sb.LoRA, target_layers=["layer1"])
+    inner_theirs = sb.AdaptedModel(torch_models.SeedMLP(), sb.LoRA, target_layers=["layer1"])
     with pytest.raises(AttributeError):
         sb.AdaptedModel(inner_theirs, sb.LoRA, target_layers=["adapted_model.layer2"])
 
-    inner = AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"])
+    inner = AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1"])
     outer = AdaptedModel(inner, LoRA, target_layers=["adapted_model.layer2"])
     assert outer.adapted_model is inner
     assert isinstance(inner.adapted_model.layer2, LoRA)
@@ -154,15 +156,17 @@ def test_adapters_follow_a_bfloat16_model(sb):
     """SpeechBrain creates float32 adapters on a bf16 model, so its forward fails with a dtype
     mismatch; ours creates them in the wrapped layer's dtype."""
     theirs = sb.AdaptedModel(
-        models.mlp().to(torch.bfloat16), sb.LoRA, all_linear=True, adapter_kwargs={"rank": 2}
+        torch_models.SeedMLP().to(torch.bfloat16), sb.LoRA, all_linear=True, adapter_kwargs={"rank": 2}
     )
     assert theirs.adapted_model.layer1.adapter_down_proj.weight.dtype == torch.float32
-    x = models.mlp_input().to(torch.bfloat16)
+    x = torch_models.seed_mlp_input().to(torch.bfloat16)
     with pytest.raises(RuntimeError, match="dtype"):
         theirs(x)
 
     for adapter, kwargs in [(LoRA, {"rank": 2}), (HoulsbyAdapterLinear, {"projection_size": 2})]:
-        ours = AdaptedModel(models.mlp().to(torch.bfloat16), adapter, all_linear=True, adapter_kwargs=kwargs)
+        ours = AdaptedModel(
+            torch_models.SeedMLP().to(torch.bfloat16), adapter, all_linear=True, adapter_kwargs=kwargs
+        )
         assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
         out = ours(x)
         assert out.dtype == torch.bfloat16
@@ -178,17 +182,17 @@ def test_adapted_transformer_encoder_layers_work_in_eval_mode(sb, adapter, kwarg
     SpeechBrain's adapted layers crash there (AttributeError), or would silently skip the adapter.
     Ours switches the fast path off above adapted layers, so eval equals train mode (dropout 0)."""
     torch.manual_seed(0)
-    theirs = sb.AdaptedModel(models.transformer(), getattr(sb, adapter), target_layers=["layers.*.linear1"],
+    theirs = sb.AdaptedModel(torch_models.transformer(), getattr(sb, adapter), target_layers=["layers.*.linear1"],
                              adapter_kwargs=kwargs)  # fmt: skip
     theirs.eval()
     with pytest.raises(AttributeError, match="weight"), torch.no_grad():
-        theirs(models.transformer_input())
+        theirs(torch_models.transformer_input())
 
     torch.manual_seed(0)
-    ours = AdaptedModel(models.transformer(), getattr(torch_impl, adapter), target_layers=["layers.*.linear1"],
+    ours = AdaptedModel(torch_models.transformer(), getattr(torch_impl, adapter), target_layers=["layers.*.linear1"],
                         adapter_kwargs=kwargs)  # fmt: skip
     randomize_trainable(ours)
-    x = models.transformer_input()
+    x = torch_models.transformer_input()
     train_out = ours.train()(x)
     ours.eval()
     with torch.no_grad():
@@ -201,17 +205,17 @@ def test_adapted_transformer_encoder_layers_work_in_eval_mode(sb, adapter, kwarg
 
 def _base_transformer() -> nn.Module:
     torch.manual_seed(0)
-    return models.transformer().eval()
+    return torch_models.transformer().eval()
 
 
 def test_adapted_transformer_eval_with_padding_mask_matches_train_mode_on_real_tokens():
     """With a key-padding mask the encoder's eval path would pack a nested tensor and read
     ``layers[0].linear1.weight``; with it off, real (unpadded) positions equal train mode."""
     torch.manual_seed(0)
-    ours = AdaptedModel(models.transformer(), LoRA, target_layers=["layers.1.linear2"])
+    ours = AdaptedModel(torch_models.transformer(), LoRA, target_layers=["layers.1.linear2"])
     with torch.no_grad():
         ours.adapted_model.layers[1].linear2.adapter_up_proj.weight.normal_()
-    x = models.transformer_input()
+    x = torch_models.transformer_input()
     mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
     train_out = ours.train()(x, src_key_padding_mask=mask)
     with torch.no_grad(), warnings.catch_warnings():

@@ -18,8 +18,6 @@ from hypothesis import strategies as st
 from torch import nn
 
 import torch_impl
-from tests.torch_impl import models
-from tests.torch_impl.models import SEED_REPR
 from tests.torch_impl.twins import (
     assert_state_dicts_equal,
     assert_twins_agree,
@@ -28,26 +26,27 @@ from tests.torch_impl.twins import (
     speechbrain_adapters,
     trainable_names,
 )
+from tests.zoo import torch_models
 
 CASES = {
-    "seed-example": (models.mlp, models.mlp_input, "LoRA", {
+    "seed-example": (torch_models.SeedMLP, torch_models.seed_mlp_input, "LoRA", {
         "target_layers": ["layer[13]"], "unfrozen_layers": ["layer2"], "adapter_kwargs": {"rank": 2}}),
-    "mlp-houlsby-all-linear": (models.mlp, models.mlp_input, "HoulsbyAdapterLinear", {
+    "mlp-houlsby-all-linear": (torch_models.SeedMLP, torch_models.seed_mlp_input, "HoulsbyAdapterLinear", {
         "all_linear": True, "adapter_kwargs": {"projection_size": 3}}),
-    "convs-batchnorm-unfrozen": (models.conv_net, models.conv_net_input, "LoRA", {
+    "convs-batchnorm-unfrozen": (torch_models.MixedConvNet, torch_models.mixed_conv_net_input, "LoRA", {
         "all_conv": True, "unfrozen_layers": ["bn", "head"], "adapter_kwargs": {"rank": 3, "alpha": 2.0}}),
-    "convs-and-linears": (models.conv_net, models.conv_net_input, "LoRA", {
+    "convs-and-linears": (torch_models.MixedConvNet, torch_models.mixed_conv_net_input, "LoRA", {
         "all_conv": True, "all_linear": True, "adapter_kwargs": {"rank": 2}}),
-    "mha-all-linear": (models.attention_model, models.attention_input, "LoRA", {
+    "mha-all-linear": (torch_models.AttentionModel, torch_models.attention_input, "LoRA", {
         "all_linear": True, "unfrozen_layers": ["norm"], "adapter_kwargs": {"rank": 4}}),
-    "mha-houlsby-targets-out-proj": (models.attention_model, models.attention_input, "HoulsbyAdapterLinear", {
+    "mha-houlsby-targets-out-proj": (torch_models.AttentionModel, torch_models.attention_input, "HoulsbyAdapterLinear", {
         "target_layers": ["proj_in", "attn.out_proj", "ffn"], "adapter_kwargs": {"projection_size": 2}}),
-    "nested-globs": (models.nested_model, models.nested_input, "LoRA", {
+    "nested-globs": (torch_models.NestedModel, torch_models.nested_input, "LoRA", {
         "target_layers": ["encoder.blocks.*.ffn.*"], "unfrozen_layers": ["encoder.out"],
         "adapter_kwargs": {"rank": 2, "alpha": 4.0}}),
-    "nested-unfreeze-star-includes-root": (models.nested_model, models.nested_input, "LoRA", {
+    "nested-unfreeze-star-includes-root": (torch_models.NestedModel, torch_models.nested_input, "LoRA", {
         "all_linear": True, "unfrozen_layers": ["*"], "adapter_kwargs": {"rank": 1}}),
-    "nested-houlsby-gelu-no-bias": (models.nested_model, models.nested_input, "HoulsbyAdapterLinear", {
+    "nested-houlsby-gelu-no-bias": (torch_models.NestedModel, torch_models.nested_input, "HoulsbyAdapterLinear", {
         "target_layers": ["head", "encoder.blocks.1.ffn.down"],
         "adapter_kwargs": {"projection_size": 2, "activation": nn.GELU, "bias": False}}),
 }  # fmt: skip
@@ -66,22 +65,6 @@ def test_same_structure_numbers_outputs_gradients_and_checkpoints_as_speechbrain
     factory, make_input, adapter, kwargs = CASES[case]
     twins = build_twins(sb, factory, adapter, **kwargs)
     assert_twins_agree(twins, make_input, tmp_path)
-
-
-class ConvBlock(nn.Module):
-    """A channels-last wrapper around a Conv1d and a BatchNorm1d (nests the conv one level)."""
-
-    def __init__(
-        self, channels: int, out_channels: int, kernel: int, dilation: int, padding_mode: str
-    ) -> None:
-        super().__init__()
-        self.conv = nn.Conv1d(
-            channels, out_channels, kernel, dilation=dilation, padding="same", padding_mode=padding_mode
-        )
-        self.norm = nn.BatchNorm1d(out_channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(x.transpose(1, 2))).transpose(1, 2)
 
 
 @st.composite
@@ -118,7 +101,7 @@ def random_models(draw):
         layers = []
         for spec in specs:
             if spec[0] == "conv":
-                layers.append(ConvBlock(*spec[1:]))
+                layers.append(torch_models.ChannelsLastConvBlock(*spec[1:]))
             elif spec[0] == "linear":
                 layers.append(nn.Linear(spec[1], spec[2]))
             elif spec[0] == "nested":
@@ -167,28 +150,28 @@ def test_transformer_encoder_matches_speechbrain_in_train_mode(sb, adapter, tmp_
     kwargs = {"rank": 2} if adapter == "LoRA" else {"projection_size": 2}
     twins = build_twins(
         sb,
-        models.transformer,
+        torch_models.transformer,
         adapter,
         target_layers=["layers.*.linear?"],
         unfrozen_layers=["layers.1.norm*"],
         adapter_kwargs=kwargs,
     )
-    assert_twins_agree(twins, models.transformer_input, tmp_path, eval_mode=False)
+    assert_twins_agree(twins, torch_models.transformer_input, tmp_path, eval_mode=False)
 
 
 def test_transformer_all_linear_skips_attention_out_proj_with_the_same_warning_as_speechbrain(sb, tmp_path):
-    twins = build_twins(sb, models.transformer, "LoRA", all_linear=True, adapter_kwargs={"rank": 2})
+    twins = build_twins(sb, torch_models.transformer, "LoRA", all_linear=True, adapter_kwargs={"rank": 2})
     assert len(twins.ours_warnings) == 2  # one per layer's self_attn.out_proj
     assert twins.ours.replace_layers == twins.theirs.replace_layers
     assert not any("out_proj" in name for name in twins.ours.replace_layers)
-    assert_twins_agree(twins, models.transformer_input, tmp_path, eval_mode=False)
+    assert_twins_agree(twins, torch_models.transformer_input, tmp_path, eval_mode=False)
 
 
 def test_mha_out_proj_is_skipped_with_speechbrains_warning_text(sb):
     with pytest.warns(UserWarning) as ours_record:
-        ours = torch_impl.AdaptedModel(models.attention_model(), torch_impl.LoRA, all_linear=True)
+        ours = torch_impl.AdaptedModel(torch_models.AttentionModel(), torch_impl.LoRA, all_linear=True)
     with pytest.warns(UserWarning) as theirs_record:
-        sb.AdaptedModel(models.attention_model(), sb.LoRA, all_linear=True, adapter_kwargs={})
+        sb.AdaptedModel(torch_models.AttentionModel(), sb.LoRA, all_linear=True, adapter_kwargs={})
     ours_text = [str(w.message) for w in ours_record]
     assert ours_text == [str(w.message) for w in theirs_record]
     assert ours_text == [torch_impl.adapters.MHA_WARNING]
@@ -224,22 +207,22 @@ def test_same_seed_gives_same_adapter_numbers_as_speechbrain_for_each_layer_kind
 def test_manual_insertion_matches_speechbrain(sb, tmp_path):
     twins = build_twins(
         sb,
-        models.nested_model,
+        torch_models.NestedModel,
         target_layers=["encoder.blocks.0.ffn.up", "head"],
         adapter_kwargs={"rank": 2},
         manual_adapter_insertion=True,
     )
     assert twins.ours.replace_layers == ["encoder.blocks.0.ffn.up", "head"]
-    assert_twins_agree(twins, models.nested_input, tmp_path)
+    assert_twins_agree(twins, torch_models.nested_input, tmp_path)
 
 
 def test_seed_example_repr_is_byte_for_byte_speechbrains(sb):
     kwargs = {"target_layers": ["layer[13]"], "unfrozen_layers": ["layer2"], "adapter_kwargs": {"rank": 2}}
 
-    ours = repr(torch_impl.AdaptedModel(models.seed_model(), torch_impl.LoRA, **kwargs))
-    theirs = repr(sb.AdaptedModel(models.seed_model(), sb.LoRA, **kwargs))
+    ours = repr(torch_impl.AdaptedModel(torch_models.seed_model(), torch_impl.LoRA, **kwargs))
+    theirs = repr(sb.AdaptedModel(torch_models.seed_model(), sb.LoRA, **kwargs))
     assert ours == theirs
-    assert ours == SEED_REPR
+    assert ours == torch_models.SEED_REPR
 
 
 def _checkpointer_files(folder: Path) -> list[Path]:
@@ -251,10 +234,14 @@ def test_speechbrain_checkpointer_saves_only_trainable_params_and_recovers_our_m
 
     torch.manual_seed(0)
     model = torch_impl.AdaptedModel(
-        models.conv_net(), torch_impl.LoRA, all_conv=True, unfrozen_layers=["bn"], adapter_kwargs={"rank": 2}
+        torch_models.MixedConvNet(),
+        torch_impl.LoRA,
+        all_conv=True,
+        unfrozen_layers=["bn"],
+        adapter_kwargs={"rank": 2},
     )
     randomize_trainable(model)
-    model.train()(models.conv_net_input())  # moves the unfrozen BatchNorm's running stats
+    model.train()(torch_models.mixed_conv_net_input())  # moves the unfrozen BatchNorm's running stats
     saved = {k: v.clone() for k, v in model.state_dict().items()}
 
     checkpointer = Checkpointer(tmp_path, recoverables={"model": model})
@@ -287,7 +274,7 @@ def test_speechbrain_checkpointer_uses_our_hooks_for_a_subclass_of_adapted_model
         pass
 
     model = MyAdaptedModel(
-        models.mlp(), torch_impl.LoRA, target_layers=["layer1"], adapter_kwargs={"rank": 2}
+        torch_models.SeedMLP(), torch_impl.LoRA, target_layers=["layer1"], adapter_kwargs={"rank": 2}
     )
     Checkpointer(tmp_path, recoverables={"model": model}).save_checkpoint()
     [file] = _checkpointer_files(tmp_path)
@@ -299,14 +286,14 @@ def test_speechbrain_adapted_model_checkpoint_loads_into_ours_through_checkpoint
 
     kwargs = {"target_layers": ["layer1", "layer3"], "adapter_kwargs": {"rank": 2}}
     torch.manual_seed(0)
-    theirs = sb.AdaptedModel(models.mlp(), sb.LoRA, **kwargs)
+    theirs = sb.AdaptedModel(torch_models.SeedMLP(), sb.LoRA, **kwargs)
     randomize_trainable(theirs)
     Checkpointer(tmp_path, recoverables={"model": theirs}).save_checkpoint()
     torch.manual_seed(0)
-    ours = torch_impl.AdaptedModel(models.mlp(), torch_impl.LoRA, **kwargs)
+    ours = torch_impl.AdaptedModel(torch_models.SeedMLP(), torch_impl.LoRA, **kwargs)
     Checkpointer(tmp_path, recoverables={"model": ours}).recover_if_possible()
     assert_state_dicts_equal(theirs.state_dict(), ours.state_dict())
-    x = models.mlp_input()
+    x = torch_models.seed_mlp_input()
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-6)
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.torch_impl import models
+from tests.zoo import torch_models
 from torch_impl import (
     AdaptedModel,
     HoulsbyAdapterLinear,
@@ -264,7 +264,7 @@ def test_is_layer_adaptable_by_glob_pattern(name, patterns, expected):
 
 
 def test_replace_module_top_level_nested_list_and_dict():
-    model = models.nested_model()
+    model = torch_models.NestedModel()
     marker = [nn.Identity() for _ in range(4)]
     replace_module(model, "head", marker[0])
     replace_module(model, "encoder.out", marker[1])
@@ -286,18 +286,20 @@ def test_replace_module_refuses_the_empty_name_of_the_root():
 
 def test_seed_example_prints_byte_for_byte_as_in_the_seed():
     model = AdaptedModel(
-        model_to_adapt=models.seed_model(),
+        model_to_adapt=torch_models.seed_model(),
         adapter_class=LoRA,
         target_layers=["layer[13]"],
         unfrozen_layers=["layer2"],
         adapter_kwargs={"rank": 2},
     )
-    assert repr(model) == models.SEED_REPR
-    assert str(model) == models.SEED_REPR
+    assert repr(model) == torch_models.SEED_REPR
+    assert str(model) == torch_models.SEED_REPR
 
 
 def test_adapted_model_wraps_targets_unfreezes_others_and_freezes_the_rest():
-    model = AdaptedModel(models.seed_model(), LoRA, target_layers=["layer[13]"], unfrozen_layers=["layer2"])
+    model = AdaptedModel(
+        torch_models.seed_model(), LoRA, target_layers=["layer[13]"], unfrozen_layers=["layer2"]
+    )
     assert model.replace_layers == ["layer1", "layer3"]
     assert isinstance(model.adapted_model.layer1, LoRA) and isinstance(model.adapted_model.layer3, LoRA)
     assert type(model.adapted_model.layer2) is nn.Linear
@@ -312,8 +314,8 @@ def test_adapted_model_wraps_targets_unfreezes_others_and_freezes_the_rest():
 
 
 def test_adapted_model_keeps_the_pretrained_weights_and_output():
-    base = models.mlp()
-    x = models.mlp_input()
+    base = torch_models.SeedMLP()
+    x = torch_models.seed_mlp_input()
     expected = base(x)
     weights = copy.deepcopy(base.state_dict())
     model = AdaptedModel(base, LoRA, all_linear=True, adapter_kwargs={"rank": 2})
@@ -339,7 +341,7 @@ def test_adapted_model_passes_args_and_kwargs_through():
 
 def test_adapted_model_gives_adapter_kwargs_to_every_adapter():
     model = AdaptedModel(
-        models.mlp(),
+        torch_models.SeedMLP(),
         HoulsbyAdapterLinear,
         all_linear=True,
         adapter_kwargs={"projection_size": 3, "bias": False},
@@ -350,7 +352,7 @@ def test_adapted_model_gives_adapter_kwargs_to_every_adapter():
 
 
 def test_adapted_model_prefers_adapting_over_unfreezing_a_layer_both_select():
-    model = AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"], unfrozen_layers=["layer*"])
+    model = AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1"], unfrozen_layers=["layer*"])
     assert isinstance(model.adapted_model.layer1, LoRA)
     assert not model.adapted_model.layer1.pretrained_module.weight.requires_grad
     assert model.adapted_model.layer2.weight.requires_grad
@@ -358,7 +360,7 @@ def test_adapted_model_prefers_adapting_over_unfreezing_a_layer_both_select():
 
 
 def test_adapted_model_getattr_falls_back_to_the_wrapped_model():
-    base = models.nested_model()
+    base = torch_models.NestedModel()
     base.custom_attribute = "kept"
     model = AdaptedModel(base, LoRA, target_layers=["head"])
     assert model.custom_attribute == "kept"
@@ -370,7 +372,7 @@ def test_adapted_model_getattr_falls_back_to_the_wrapped_model():
 
 
 def test_adapted_model_deepcopies_and_the_copy_is_independent():
-    model = AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"], adapter_kwargs={"rank": 2})
+    model = AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1"], adapter_kwargs={"rank": 2})
     clone = copy.deepcopy(model)
     with torch.no_grad():
         clone.adapted_model.layer1.adapter_up_proj.weight.fill_(1.0)
@@ -379,13 +381,15 @@ def test_adapted_model_deepcopies_and_the_copy_is_independent():
 
 
 def test_adapted_model_state_dict_keys_are_prefixed_with_adapted_model():
-    model = AdaptedModel(models.mlp(), LoRA, target_layers=["layer3"])
+    model = AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer3"])
     assert all(key.startswith("adapted_model.") for key in model.state_dict())
     assert "adapted_model.layer3.pretrained_module.weight" in model.state_dict()
 
 
 def test_manual_insertion_waits_for_insert_adapters():
-    model = AdaptedModel(models.mlp(), LoRA, target_layers=["layer1"], manual_adapter_insertion=True)
+    model = AdaptedModel(
+        torch_models.SeedMLP(), LoRA, target_layers=["layer1"], manual_adapter_insertion=True
+    )
     assert type(model.adapted_model.layer1) is nn.Linear
     assert not any(p.requires_grad for p in model.parameters())
     model.insert_adapters()

@@ -1,6 +1,6 @@
 """Build our ``AdaptedModel`` and SpeechBrain's from one model factory, and compare them.
 
-The comparison is written for any model, not for the ones in ``models.py``: hand
+The comparison is written for any model, not for the ones in ``tests/zoo/torch_models.py``: hand
 :func:`build_twins` a factory (called under a fixed seed) and :func:`assert_twins_agree` a
 function making an input, and it checks everything a user swapping SpeechBrain for us relies on.
 """

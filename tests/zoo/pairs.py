@@ -1,8 +1,13 @@
-"""The twin zoo: model pairs written once per framework, their inputs, and the adapter cases.
+"""The equivalence pairs: twin models with a batch, a way to run each half, and adapter cases.
 
 A :class:`Pair` knows how to build each half, a batch (numpy, in PyTorch's layout), and how to
 run each half on it, returning outputs in one common layout. An :class:`AdapterCase` is one
 ``AdaptedModel`` configuration, given the same way to ``torch_impl`` and ``flax_impl``.
+
+The pairs, each with the adapter cases ``lora``, ``houlsby``, ``mixed`` and ``unfrozen``:
+:data:`MLP`, :data:`CNN`, :data:`SPEECH` (the namesake twins of ``torch_models.py`` and
+``flax_models.py``) and :data:`BERT` (``bert.py``); :data:`PAIRS` lists them.
+:func:`run_torch_bert` and :func:`run_flax_bert` run either half of BERT, also the real MiniLM.
 """
 
 from __future__ import annotations
