@@ -29,6 +29,7 @@ from interchange.errors import (
     UnknownLayerError,
 )
 
+from . import adapters as adapters  # the SpeechBrain-style facade: flax_impl.adapters.LoRA, ...
 from .activations import Swish
 from .adapted_model import AdaptedModel, TrainableFilter, is_layer_adaptable, replace_module
 from .houlsby import HoulsbyAdapterLinear
