@@ -27,6 +27,17 @@ except ImportError:
     pass
 
 try:
+    from hypothesis import settings
+
+    # The same examples on every run (a failure is reproducible, CI is not a lottery); set
+    # HYPOTHESIS_PROFILE=explore to draw new ones.
+    settings.register_profile("suite", derandomize=True, database=None)
+    settings.register_profile("explore", derandomize=False, database=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+except ImportError:
+    pass
+
+try:
     import jax
 
     jax.config.update("jax_default_matmul_precision", "highest")
