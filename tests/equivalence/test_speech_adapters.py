@@ -14,12 +14,9 @@ import functools
 
 import numpy as np
 import pytest
-import torch
-
-import torch_impl
 
 from . import harness
-from .zoo.speech import SPEECH_PAIRS, SPEECH_PAIRS_BY_NAME
+from .zoo.speech import SPEECH_PAIRS, SPEECH_PAIRS_BY_NAME, skip_reason
 
 CASES = [
     pytest.param(pair.name, case.name, id=f"{pair.name}-{case.name}")
@@ -28,18 +25,11 @@ CASES = [
 ]
 
 
-def _torch_lora_hides_conv_geometry() -> bool:
-    """transformers' Whisper encoder reads ``conv1.stride``; torch_impl's LoRA does not expose it
-    yet (issue 14, item 7)."""
-    return not hasattr(torch_impl.LoRA(torch.nn.Conv1d(2, 2, 3), rank=1), "stride")
-
-
 @functools.cache
 def run(pair_name: str, case_name: str) -> harness.CaseResult:
-    if (pair_name, case_name) == ("whisper", "convs") and _torch_lora_hides_conv_geometry():
-        pytest.skip(
-            "torch_impl.LoRA hides Conv1d.stride, which transformers' Whisper reads (issue 14, item 7)"
-        )
+    reason = skip_reason(pair_name, case_name)
+    if reason:
+        pytest.skip(reason)
     pair = SPEECH_PAIRS_BY_NAME[pair_name]
     return harness.run_pair(pair, pair.case(case_name))
 
