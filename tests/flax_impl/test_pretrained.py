@@ -214,3 +214,19 @@ def test_bad_directories_are_refused_naming_what_is_wrong(tmp_path, wav2vec2_dir
 
     with pytest.raises(error, match=message):
         Wav2Vec2Model.from_pretrained(path)
+
+
+def test_the_real_minilm_directory_loads_in_eval_mode_matching_transformers():
+    from examples.pretrained import minilm_path
+
+    torch_model, tokenizer = bert.load_minilm()
+    batch = bert.tokenize(tokenizer)
+
+    model, report = BertModel.from_pretrained(minilm_path(), output_loading_info=True)
+
+    assert report.ok and "embeddings.position_ids: integer buffer, not a weight, left out" in report.notes
+    with torch.no_grad():
+        expected = torch_model(**{k: torch.from_numpy(v) for k, v in batch.items()}).last_hidden_state.numpy()
+    actual = np.asarray(model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]))
+    keep = batch["attention_mask"].astype(bool)
+    harness.assert_close([expected[keep]], [actual[keep]], atol=1e-5, rtol=1e-5, what="minilm")
