@@ -66,16 +66,29 @@ def test_layer_kind_covers_every_layout_kind_by_module_type():
         # The speech twins' own tensors (flax_impl.models): weight norm, and parameters a model owns.
         "conv_weight_norm": WeightNorm((3, 2, 4), dim=2, param_dtype=jnp.float32, rngs=rngs),
         "masked_spec_embed": Wav2Vec2Model(
-            {"hidden_size": 4, "num_hidden_layers": 1, "num_attention_heads": 1, "intermediate_size": 4,
-             "conv_dim": [2], "conv_kernel": [2], "conv_stride": [2], "num_conv_pos_embeddings": 2,
-             "num_conv_pos_embedding_groups": 1},
+            {
+                "hidden_size": 4,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 1,
+                "intermediate_size": 4,
+                "conv_dim": [2],
+                "conv_kernel": [2],
+                "conv_stride": [2],
+                "num_conv_pos_embeddings": 2,
+                "num_conv_pos_embedding_groups": 1,
+            },
             rngs=rngs,
-        ),  # fmt: skip
+        ),
         "gated_relative_position": WavLMAttention(
-            Layers(WavLMConfig(hidden_size=4, num_attention_heads=2, num_conv_pos_embedding_groups=1),
-                   None, jnp.float32, None, rngs),
+            Layers(
+                WavLMConfig(hidden_size=4, num_attention_heads=2, num_conv_pos_embedding_groups=1),
+                None,
+                jnp.float32,
+                None,
+                rngs,
+            ),
             has_relative_position_bias=True,
-        ),  # fmt: skip
+        ),
     }
     assert {kind: layer_kind(module) for kind, module in modules.items()} == {k: k for k in modules}
     assert set(modules) == set(KINDS)
