@@ -3,6 +3,7 @@ checkpoints use, attention-mask semantics, configs read by attribute name, error
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -160,3 +161,15 @@ def test_training_mode_applies_dropout_and_eval_mode_removes_it():
 
     assert not np.allclose(train_a, train_b)
     np.testing.assert_array_equal(eval_a, eval_b)
+
+
+def test_an_attention_implementation_that_cannot_run_says_which_to_use():
+    model = speech.flax_model(
+        "wav2vec2", speech.torch_config("wav2vec2"), nnx.Rngs(0), attention_implementation="cudnn"
+    )
+    model.eval()
+    if jax.default_backend() == "gpu":
+        pytest.skip("cuDNN may run this shape on a GPU")
+
+    with pytest.raises(ValueError, match="attention_implementation=None"):
+        model(np.zeros((1, 16000), np.float32))
