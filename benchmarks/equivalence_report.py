@@ -1,6 +1,8 @@
 """Measure how far PyTorch and Flax twins are apart and print it as Markdown tables for the README.
 
-For every model pair of the equivalence zoo (``tests/zoo/pairs.py``) and every adapter kind,
+For every model pair of the equivalence zoo (``tests/zoo/pairs.py``) and every adapter kind
+(the toy pairs, and transformers' Wav2Vec2Model, HubertModel, WavLMModel and WhisperEncoder against
+the Flax twins in ``flax_impl.models``, ``tests/zoo/speech.py``),
 the two frameworks run on their own from the same converted weights: the forward output, the
 gradients of every trainable parameter, and every weight after ten AdamW steps (``torch.optim.AdamW``
 vs ``optax.adamw``, same hyper-parameters) are compared, and the weights converted back to
@@ -10,7 +12,7 @@ the script runs (float32, CPU, full precision); nothing is typed in.
 
 Usage::
 
-    .venv/bin/python benchmarks/equivalence_report.py [--pairs mlp cnn speech bert] [--no-minilm]
+    .venv/bin/python benchmarks/equivalence_report.py [--pairs mlp cnn speech bert wav2vec2 hubert wavlm whisper] [--no-minilm]
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def _fmt(value: float) -> str:
 def pair_table(pair_name: str) -> list[str]:
     """Markdown rows for one pair: one line per adapter case."""
     from tests.equivalence import harness
+    from tests.zoo.speech import SPEECH_PAIRS_BY_NAME, skip_reason
 
-    pair = harness.PAIRS_BY_NAME[pair_name]
+    pair = {**harness.PAIRS_BY_NAME, **SPEECH_PAIRS_BY_NAME}[pair_name]
     lines = [
         f"**{pair_name}** ({type(pair.make_torch()).__name__})",
         "",
@@ -54,7 +57,11 @@ def pair_table(pair_name: str) -> list[str]:
         "|---|---:|---:|---:|---:|---|",
     ]
     for case in pair.cases:
-        result = harness.run_case(pair.name, case.name)
+        reason = skip_reason(pair.name, case.name)
+        if reason:
+            lines.append(f"| {_describe(case)} | - | - | - | - | not run: {reason} |")
+            continue
+        result = harness.run_pair(pair, case)
         exact = sorted(result.converted_back) == sorted(result.flax_after) and all(
             (result.converted_back[k] == result.flax_after[k]).all() for k in result.flax_after
         )
@@ -117,7 +124,10 @@ def minilm_table() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--pairs", nargs="*", default=["mlp", "cnn", "speech", "bert"], help="zoo pairs to run"
+        "--pairs",
+        nargs="*",
+        default=["mlp", "cnn", "speech", "bert", "wav2vec2", "hubert", "wavlm", "whisper"],
+        help="zoo pairs to run",
     )
     parser.add_argument(
         "--no-minilm", action="store_true", help="skip the pretrained all-MiniLM-L6-v2 comparison"
@@ -131,10 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tests.equivalence import harness
+    from tests.zoo.speech import SPEECH_PAIRS_BY_NAME
 
-    unknown = [name for name in args.pairs if name not in harness.PAIRS_BY_NAME]
+    known = {**harness.PAIRS_BY_NAME, **SPEECH_PAIRS_BY_NAME}
+    unknown = [name for name in args.pairs if name not in known]
     if unknown:
-        parser.error(f"unknown pair(s) {unknown}; choose from {sorted(harness.PAIRS_BY_NAME)}")
+        parser.error(f"unknown pair(s) {unknown}; choose from {sorted(known)}")
 
     start = time.perf_counter()
     out = [

@@ -627,14 +627,22 @@ class SpeechAttention(nnx.Module):
         heads = (*batch_seq, self.num_heads, self.head_dim)
         dropout_active = self.dropout > 0.0 and not self.deterministic
         if self.implementation is not None and not dropout_active:  # the fused kernel has no dropout
-            context = jax.nn.dot_product_attention(
-                self.q_proj(hidden_states).reshape(heads),
-                self.k_proj(hidden_states).reshape(heads),
-                self.v_proj(hidden_states).reshape(heads),
-                bias=mask,
-                scale=self.scaling,
-                implementation=self.implementation,
-            )
+            try:
+                context = jax.nn.dot_product_attention(
+                    self.q_proj(hidden_states).reshape(heads),
+                    self.k_proj(hidden_states).reshape(heads),
+                    self.v_proj(hidden_states).reshape(heads),
+                    bias=mask,
+                    scale=self.scaling,
+                    implementation=self.implementation,
+                )
+            except (NotImplementedError, RuntimeError) as exc:  # cuDNN: absent, or this shape/dtype
+                raise ValueError(
+                    f"attention_implementation={self.implementation!r} cannot run this attention "
+                    f"({heads[-2]} heads of {heads[-1]} over {hidden_states.shape[-2]} frames, "
+                    f"{hidden_states.dtype}): {exc}. Build the model with attention_implementation=None "
+                    "(the written-out attention) for these inputs"
+                ) from exc
             return self.out_proj(context.reshape(*batch_seq, -1))
         query = self.q_proj(hidden_states)
         if self.scale_query:

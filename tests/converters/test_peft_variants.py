@@ -19,7 +19,8 @@ from converters.files import TensorFile
 from converters.peft import PeftConversionError, peft_to_adapter_file, read_peft_adapter
 from flax_impl.models import BertConfig, BertModel
 from tests.equivalence import harness
-from tests.equivalence.zoo import _bert_batch, bert, run_flax_bert, run_torch_bert
+from tests.zoo import bert
+from tests.zoo.pairs import _bert_batch, run_flax_bert, run_torch_bert
 
 from .test_peft import _edit_config, _peft
 

@@ -20,8 +20,7 @@ import converters
 import flax_impl
 import torch_impl
 from flax_impl.models import BertModel as FlaxBert
-
-from .zoo import bert
+from tests.zoo import bert
 
 peft = pytest.importorskip("peft")
 

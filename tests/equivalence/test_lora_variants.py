@@ -18,9 +18,9 @@ from torch import nn
 import converters
 import flax_impl
 import torch_impl
+from tests.zoo.pairs import AdapterCase, Batch, Pair
 
 from . import harness
-from .zoo import AdapterCase, Batch, Pair
 
 LAYERS = ("emb", "lin", "c1", "c2", "c3")
 OPTIONS = {

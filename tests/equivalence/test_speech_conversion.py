@@ -1,6 +1,6 @@
 """Speech checkpoints cross between transformers and the Flax twins exactly: from the model, from a
 file, from the command line; weight norm in both spellings; adapter checkpoints both ways,
-including one saved from SpeechBrain's ``Wav2Vec2`` wrapper, whose keys sit under ``model.``."""
+including one saved from SpeechBrain's real ``Wav2Vec2`` lobe, whose keys sit under ``model.``."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import converters
 import flax_impl
 import torch_impl
 from flax_impl.interchange import model_state
+from tests.zoo import speech
 
 from . import harness
-from .zoo import speech
 
 ROOT = Path(__file__).resolve().parents[2]
 FAMILIES = [
@@ -198,32 +198,29 @@ def test_an_adapter_checkpoint_saved_in_torch_loads_in_flax_and_the_reverse(tmp_
     )
 
 
-class SpeechBrainLikeWav2Vec2(torch.nn.Module):
-    """The key layout of ``speechbrain.lobes.models.huggingface_transformers.wav2vec2.Wav2Vec2``
-    (``speechbrain.integrations.huggingface.wav2vec2`` in SpeechBrain 1.1): the transformers model
-    is the lobe's ``self.model`` (``HFTransformersInterface``), and its forward returns the last
-    hidden state. The real lobe downloads its model from the Hub; this keeps its names offline."""
+def speechbrain_wav2vec2_lobe(directory: Path, hf_model: torch.nn.Module) -> torch.nn.Module:
+    """SpeechBrain's real ``Wav2Vec2`` lobe (``speechbrain.lobes.models.huggingface_transformers
+    .wav2vec2``, at ``speechbrain.integrations.huggingface.wav2vec2`` in 1.1) built offline from a
+    local ``save_pretrained`` directory: it keeps the transformers model at ``self.model``."""
+    from tests.conftest import import_speechbrain_adapters
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
+    import_speechbrain_adapters()  # stubs torchaudio, which does not load beside the CPU torch wheel
+    from speechbrain.integrations.huggingface.wav2vec2 import Wav2Vec2
 
-    def forward(self, wav: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.model(wav, attention_mask=attention_mask).last_hidden_state
+    hf_model.save_pretrained(str(directory))
+    speech.transformers_module().Wav2Vec2FeatureExtractor().save_pretrained(str(directory))
+    return Wav2Vec2(str(directory), save_path=str(directory / "cache"), freeze=False)
 
 
 def test_a_speechbrain_wav2vec2_adapter_checkpoint_crosses_with_one_rename_rule(tmp_path):
     torch.manual_seed(0)
-    hf_model = speech.torch_model("wav2vec2")
+    lobe = speechbrain_wav2vec2_lobe(tmp_path / "hf", speech.torch_model("wav2vec2"))
     flax_model = _flax_twin("wav2vec2", {})
-    converters.torch_to_flax(hf_model, flax_model)
-    lobe = torch_impl.AdaptedModel(
-        SpeechBrainLikeWav2Vec2(hf_model),
-        torch_impl.LoRA,
-        target_layers=["model.encoder.layers.*.attention.[qv]_proj"],
-    ).eval()
-    harness.randomize_adapters(lobe, seed=7)
-    lobe.saver(str(tmp_path / "sb.safetensors"))
+    converters.torch_to_flax(lobe.model, flax_model)
+    targets = ["model.encoder.layers.*.attention.[qv]_proj"]
+    adapted_lobe = torch_impl.AdaptedModel(lobe, torch_impl.LoRA, target_layers=targets).eval()
+    harness.randomize_adapters(adapted_lobe, seed=7)
+    adapted_lobe.saver(str(tmp_path / "sb.safetensors"))
     assert all(
         k.startswith("adapted_model.model.encoder.") for k in load_file(str(tmp_path / "sb.safetensors"))
     )
@@ -238,24 +235,26 @@ def test_a_speechbrain_wav2vec2_adapter_checkpoint_crosses_with_one_rename_rule(
 
     assert len(report.loaded) == 8 and report.ok
     batch = speech.audio_batch(np.random.default_rng(0))
-    values, mask = (torch.from_numpy(batch[k]) for k in ("input_values", "attention_mask"))
-    with torch.no_grad():
-        expected = lobe(values, attention_mask=mask).numpy()
     harness.assert_close(
-        [expected], [_flax_hidden(flax_adapted, batch)], atol=1e-5, rtol=1e-5, what="speechbrain"
+        [_torch_hidden(adapted_lobe.adapted_model.model, batch)],
+        [_flax_hidden(flax_adapted, batch)],
+        atol=1e-5,
+        rtol=1e-5,
+        what="speechbrain",
     )
 
-    # And back: the Flax adapters into the SpeechBrain lobe, with the reverse rule.
+    # And back: the Flax adapters into a fresh SpeechBrain lobe, with the reverse rule.
     flax_adapted.saver(str(tmp_path / "flax.safetensors"))
     fresh = torch_impl.AdaptedModel(
-        SpeechBrainLikeWav2Vec2(speech.torch_model("wav2vec2")), torch_impl.LoRA,
-        target_layers=["model.encoder.layers.*.attention.[qv]_proj"],
-    )  # fmt: skip
+        speechbrain_wav2vec2_lobe(tmp_path / "hf2", speech.torch_model("wav2vec2")),
+        torch_impl.LoRA,
+        target_layers=targets,
+    )
     converters.flax_to_torch(
         str(tmp_path / "flax.safetensors"), fresh, rename=[("adapted_model.*", "adapted_model.model.*")]
     )
     _assert_same_bits(
-        {k: v.detach().numpy() for k, v in lobe.trainable_state_dict().items()},
+        {k: v.detach().numpy() for k, v in adapted_lobe.trainable_state_dict().items()},
         {k: v.detach().numpy() for k, v in fresh.trainable_state_dict().items()},
     )
 

@@ -25,6 +25,9 @@ from flax_impl.checkpoint import (
     save_state_dict_file,
     torch_style_state_dict,
 )
+from flax_impl.models import Wav2Vec2Model, WavLMConfig
+from flax_impl.models._speech import Layers, WeightNorm
+from flax_impl.models.wavlm import WavLMAttention
 from tests.zoo.flax_models import BareGainNet, Conv2dBatchNormNet, SeedMLP, StackedLinears
 
 
@@ -53,6 +56,32 @@ def test_layer_kind_covers_every_layout_kind_by_module_type():
         "embedding": nnx.Embed(5, 2, rngs=rngs),
         "batch_norm": nnx.BatchNorm(2, rngs=rngs),
         "lora": LoRA(nnx.Linear(2, 2, rngs=rngs), rank=1, rngs=rngs),  # its own tensor: DoRA's magnitude
+        # The speech twins' own tensors (flax_impl.models): weight norm, and parameters a model owns.
+        "conv_weight_norm": WeightNorm((3, 2, 4), dim=2, param_dtype=jnp.float32, rngs=rngs),
+        "masked_spec_embed": Wav2Vec2Model(
+            {
+                "hidden_size": 4,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 1,
+                "intermediate_size": 4,
+                "conv_dim": [2],
+                "conv_kernel": [2],
+                "conv_stride": [2],
+                "num_conv_pos_embeddings": 2,
+                "num_conv_pos_embedding_groups": 1,
+            },
+            rngs=rngs,
+        ),
+        "gated_relative_position": WavLMAttention(
+            Layers(
+                WavLMConfig(hidden_size=4, num_attention_heads=2, num_conv_pos_embedding_groups=1),
+                None,
+                jnp.float32,
+                None,
+                rngs,
+            ),
+            has_relative_position_bias=True,
+        ),
     }
     assert {kind: layer_kind(module) for kind, module in modules.items()} == {k: k for k in modules}
     assert set(modules) == set(KINDS)

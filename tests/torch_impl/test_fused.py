@@ -254,7 +254,7 @@ QKVO = [
 
 
 def _adapted_bert(seed: int = 0) -> AdaptedModel:
-    from tests.equivalence.zoo import bert
+    from tests.zoo import bert
 
     torch.manual_seed(seed)
     model = AdaptedModel(
