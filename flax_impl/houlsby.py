@@ -46,6 +46,7 @@ class HoulsbyAdapterLinear(nnx.Module):
 
     Example
     -------
+    >>> import jax.numpy as jnp
     >>> x = jnp.ones((8, 60, 64))
     >>> base_linear = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
     >>> adapt = HoulsbyAdapterLinear(base_linear, 8, rngs=nnx.Rngs(1))
