@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from interchange.adapters import LORA, AdapterKind
-from interchange.errors import AdapterInsertionError
+from interchange.errors import AdapterError, AdapterInsertionError
 
 from ._factors import (
     TORCH_DEFAULT_KERNEL_INIT,
@@ -115,7 +115,7 @@ class LoRA(nnx.Module):
         self.pretrained_module = target_module
         if isinstance(target_module, nnx.Embed):
             if use_dora:
-                raise ValueError(
+                raise AdapterError(
                     "use_dora=True is not supported on embeddings (nnx.Embed("
                     f"{target_module.num_embeddings}, {target_module.features})); DoRA wraps nnx.Linear "
                     "and nnx.Conv layers"
@@ -353,10 +353,10 @@ class LoRA(nnx.Module):
 
 def _check_options(dropout: object, use_rslora: object, use_dora: object) -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        raise AdapterError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     for name, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+            raise AdapterError(f"{name} must be True or False, got {value!r}")
 
 
 def _column_norm(kernel: jax.Array) -> jax.Array:
