@@ -175,9 +175,12 @@ def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter:
             )
         if set(found) != expected:
             missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
-            what = (
-                f"lacks {missing[0]}" if missing else f"holds {extra[0]}, unexpected with use_dora={use_dora}"
-            )
+            if missing:
+                what = f"lacks {missing[0]}"
+                if missing[0] == _MAGNITUDE:
+                    what += " (its config says use_dora=True: DoRA needs each layer's magnitude)"
+            else:
+                what = f"holds {extra[0]}, unexpected with use_dora={use_dora}"
             raise PeftConversionError(f"{str(weights_path)!r}: layer {layer!r} {what}")
         a, b = (found[name] for name in names)
         layer_r = _pattern_value(config.get("rank_pattern") or {}, layer, r)

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from interchange.adapters import LORA, AdapterKind
-from interchange.errors import AdapterInsertionError
+from interchange.errors import AdapterError, AdapterInsertionError
 
 from . import fused
 from ._factors import (
@@ -32,6 +32,11 @@ from ._factors import (
 )
 
 __all__ = ["LoRA"]
+
+# Never read from the wrapped layer: the wrapper's own children and options.
+_NOT_FORWARDED = frozenset(
+    {"pretrained_module", "adapter_down_proj", "adapter_up_proj", "adapter_magnitude", "adapter_dropout"}
+)
 
 
 class LoRA(nnx.Module):
@@ -84,8 +89,8 @@ class LoRA(nnx.Module):
 
     >>> dora = LoRA(nnx.Linear(6, 5, rngs=nnx.Rngs(0)), rank=2, use_dora=True, use_rslora=True,
     ...             rngs=nnx.Rngs(1))
-    >>> dora.adapter_magnitude.shape, round(dora.scaling, 4)
-    ((5,), 0.7071)
+    >>> dora.adapter_magnitude.shape, round(dora.scaling, 4), dora.in_features
+    ((5,), 0.7071, 6)
     """
 
     adapter_kind: ClassVar[AdapterKind] = LORA
@@ -111,7 +116,7 @@ class LoRA(nnx.Module):
         self.pretrained_module = target_module
         if isinstance(target_module, nnx.Embed):
             if use_dora:
-                raise ValueError(
+                raise AdapterError(
                     "use_dora=True is not supported on embeddings (nnx.Embed("
                     f"{target_module.num_embeddings}, {target_module.features})); DoRA wraps nnx.Linear "
                     "and nnx.Conv layers"
@@ -274,6 +279,36 @@ class LoRA(nnx.Module):
         delta = jnp.matmul(down.astype(compute), up, precision=jax.lax.Precision.HIGHEST)
         return (delta * self.scaling).astype(dtype)
 
+    # --- the wrapped layer's attributes -----------------------------------------------------
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped layer's attributes (``in_features``, ``strides``, ``bias``, ...). Not its
+        ``kernel``/``embedding``: code computing with them would silently drop the adapter."""
+        if name.startswith("_") or name in _NOT_FORWARDED:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        wrapped = vars(self).get("pretrained_module")
+        if wrapped is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        if name in ("kernel", "embedding"):
+            raise AttributeError(
+                f"a LoRA layer has no {name!r}: the wrapped layer's would leave out the adapter; read "
+                f"pretrained_module.{name} (the frozen base) or merged_{name}() (base plus update)"
+            )
+        return getattr(wrapped, name)
+
+    def merged_kernel(self) -> jax.Array:
+        """The effective kernel (embeddings: table), in the wrapped layer's layout and dtype: the
+        base plus ``delta_weight()``, DoRA's columns rescaled; differentiable."""
+        table = self._table()[...]
+        if self.merged:
+            return table
+        combined = table + self._update(table.dtype)
+        if not self.use_dora:
+            return combined
+        return combined * (self.adapter_magnitude[...] / self._dora_norm()).astype(table.dtype)
+
+    merged_embedding = merged_kernel
+
     # --- merging ----------------------------------------------------------------------------
 
     def delta_weight(self) -> jax.Array:
@@ -323,10 +358,10 @@ class LoRA(nnx.Module):
 
 def _check_options(dropout: object, use_rslora: object, use_dora: object) -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        raise AdapterError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     for name, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+            raise AdapterError(f"{name} must be True or False, got {value!r}")
 
 
 def _column_norm(kernel: jax.Array) -> jax.Array:

@@ -49,12 +49,13 @@ __all__ = [
     "wrapped_names",
 ]
 
-MergeRule = Callable[[np.ndarray, Mapping[str, np.ndarray], Mapping[str, Any], str], np.ndarray]
-"""``merge(weight, tensors, kwargs, wrapped_kind) -> merged weight``, all in PyTorch layout:
-``weight`` the wrapped layer's weight, ``tensors`` the adapter's own tensors keyed relative to
-the adapter (``'adapter_down_proj.weight'``, ``'adapter_magnitude'``), ``kwargs`` the adapter's
-arguments with defaults filled in, ``wrapped_kind`` the wrapped layer's kind (``'linear'``,
-``'conv'``, ``'embedding'``)."""
+MergeRule = Callable[..., np.ndarray]
+"""``merge(weight, tensors, kwargs) -> merged weight``, all in PyTorch layout: ``weight`` the
+wrapped layer's weight, ``tensors`` the adapter's own tensors keyed relative to the adapter
+(``'adapter_down_proj.weight'``, ``'adapter_magnitude'``), ``kwargs`` the adapter's arguments with
+defaults filled in. A rule for an adapter that wraps kinds of different layouts also takes
+``wrapped_kind`` (``'linear'``, ``'conv'``, ``'embedding'``) as a fourth argument with a default,
+as :func:`lora_merge` does, so a three-argument call stays valid."""
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from interchange.adapters import LORA, AdapterKind
-from interchange.errors import AdapterInsertionError, MergeError
+from interchange.errors import AdapterError, AdapterInsertionError, MergeError
 
 from . import fused
 from ._factors import check_size, factory_kwargs
@@ -363,20 +363,20 @@ class LoRA(nn.Module):
 
 def _check_options(dropout: object, use_rslora: object, use_dora: object) -> None:
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        raise AdapterError(f"dropout must be a probability in [0, 1), got {dropout!r}")
     for name, value in (("use_rslora", use_rslora), ("use_dora", use_dora)):
         if not isinstance(value, bool):
-            raise ValueError(f"{name} must be True or False, got {value!r}")
+            raise AdapterError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_embedding(embedding: nn.Embedding, use_dora: bool) -> None:
     if use_dora:
-        raise ValueError(
+        raise AdapterError(
             f"use_dora=True is not supported on embeddings ({embedding}); DoRA wraps nn.Linear and "
             "nn.Conv1d/2d/3d layers"
         )
     if embedding.max_norm is not None:
-        raise ValueError(
+        raise AdapterError(
             f"LoRA does not support embeddings with max_norm (got max_norm={embedding.max_norm} for "
             f"{embedding}): the renormalisation rewrites the rows in place at every lookup"
         )

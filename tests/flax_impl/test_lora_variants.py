@@ -239,3 +239,14 @@ def test_merge_and_unload_refuses_houlsby_and_changes_nothing():
         merge_and_unload(model)
     assert isinstance(model.adapted_model.layers[0], HoulsbyAdapterLinear)
     assert type(unload(model).layers[0]) is nnx.Linear
+
+
+def test_wrapped_attributes_pass_through_but_not_the_kernel_which_would_drop_the_adapter():
+    conv = LoRA(nnx.Conv(3, 4, (3,), strides=2, rngs=nnx.Rngs(0)), rank=2, rngs=nnx.Rngs(1))
+    assert (conv.in_features, conv.out_features, conv.strides) == (3, 4, 2)
+    assert conv.bias is conv.pretrained_module.bias
+    with pytest.raises(AttributeError, match="merged_kernel"):
+        _ = conv.kernel
+    layer = _randomize(LoRA(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), rank=2, use_dora=True, rngs=nnx.Rngs(1)))
+    x = jax.random.normal(jax.random.key(0), (5, 4))
+    np.testing.assert_allclose(x @ layer.merged_kernel() + layer.bias[...], layer(x), **TOL)
