@@ -307,7 +307,14 @@ def prepare(
         for _ in range(warmup):
             graph.replay()
         _sync(device)
-        return graph.replay, result
+        # The graph reads the model's weights, the optimizer's state and ``ids`` where they were at
+        # capture time: keep them all alive for as long as the replay function lives.
+        keep = (graph, fn, model, runner, ids)
+
+        def replay(keep: tuple = keep) -> None:
+            keep[0].replay()
+
+        return replay, result
     return fn, result
 
 
