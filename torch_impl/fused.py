@@ -48,6 +48,8 @@ from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module
 
+from interchange.adapters import LORA
+
 __all__ = [
     "can_fuse_linear",
     "disabled",
@@ -484,9 +486,10 @@ def group_shared_input(model: nn.Module, names: tuple[str, ...] = ("query", "key
         members = [
             child
             for name, child in parent.named_children()
-            if name in names and getattr(child, "adapter_kind", None) is not None and hasattr(child, "merged")
+            if name in names
+            and getattr(child, "adapter_kind", None) is LORA
+            and isinstance(getattr(child, "pretrained_module", None), nn.Linear)
         ]
-        members = [m for m in members if isinstance(m.pretrained_module, nn.Linear)]
         if len(members) < 2 or any("_shared_input_group" in m.__dict__ for m in members):
             continue
         group = _SharedInputGroup(members)

@@ -364,3 +364,14 @@ def test_grouped_model_under_torch_compile_and_torch_func_takes_the_separate_lay
     parent.key.adapter_down_proj.weight.grad = None
     plain_forward(parent.key, x).sum().backward()
     torch.testing.assert_close(g, parent.key.adapter_down_proj.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_grouping_ignores_houlsby_and_peft_layers():
+    from torch_impl import HoulsbyAdapterLinear
+    from torch_impl.fused import group_shared_input
+
+    parent = nn.Module()
+    parent.query = HoulsbyAdapterLinear(nn.Linear(8, 8), 2)
+    parent.key = HoulsbyAdapterLinear(nn.Linear(8, 8), 2)
+    parent.value = make_lora(8, 8, 2, 1.0, True)
+    assert group_shared_input(parent) == 0
