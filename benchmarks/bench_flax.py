@@ -357,6 +357,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--setups", default="ours,ours-plain,nnx.LoRA", help="setups beside the floor")
     parser.add_argument("--idiom-dtypes", default="bf16", help="dtypes of the nnx.jit / cached_partial rows")
     parser.add_argument("--scaling-dtypes", default="bf16", help="dtypes of the rank / token scaling rows")
+    parser.add_argument("--targets", default="q,v;q,k,v,o", help="';'-separated target sets of the jit rows")
+    parser.add_argument(
+        "--jit-cases",
+        default="",
+        help="';'-separated setup:targets of the jit rows (instead of setups x targets)",
+    )
+    parser.add_argument(
+        "--idiom-setups", default="ours,nnx.LoRA", help="setups of the nnx.jit / cached_partial rows"
+    )
     parser.add_argument(
         "--deadline", type=float, default=0.0, help="seconds; skip later groups past it (0: none)"
     )
@@ -399,14 +408,20 @@ def main(argv: list[str] | None = None) -> None:
             if setup == "full":
                 cases.append(Case("full", dtype=dtype))
                 continue
-            cases += [Case(setup, t, dtype) for t in TARGETS if not (setup == "ours-plain" and t == "q,v")]
+            cases += [
+                Case(setup, t, dtype)
+                for t in args.targets.split(";")
+                if t in TARGETS and not (setup == "ours-plain" and t == "q,v") and not args.jit_cases
+            ]
+        for item in [c for c in args.jit_cases.split(";") if c]:
+            setup, _, targets = item.partition(":")
+            cases.append(Case(setup, targets, dtype))
         groups.append((f"{dtype} jit", cases))
         if dtype in args.idiom_dtypes.split(","):
             # The README's idiom, q,k,v,o: its own group (its own floor), right after the jit one.
             cases = []
             for mode in ("nnx.jit", "cached_partial"):
-                cases.append(Case("floor", dtype=dtype, mode=mode))
-                cases += [Case(s, "q,k,v,o", dtype, mode) for s in ("ours", "nnx.LoRA") if s in setups]
+                cases += [Case(s, "q,k,v,o", dtype, mode) for s in args.idiom_setups.split(",") if s]
             groups.append((f"{dtype} nnx.jit / cached_partial", cases))
     for dtype in [d for d in args.scaling_dtypes.split(",") if d and kind == "gpu"]:
         groups.append(

@@ -2,27 +2,39 @@
 
 Model: ``transformers.BertModel(BertConfig())`` (BERT-base shape, random init, sdpa attention,
 dropout on), batch 32 x 128 tokens, rank 16, AdamW (fused on CUDA), loss ``mean(h.float()**2)``
-over the last hidden state. One row per setup and dtype (bf16 autocast, float32):
+over the last hidden state. Setups, each in bf16 autocast and float32:
 
-- ``floor``: the frozen model, forward + backward with activation gradients only (the embedding
-  output requires grad); no adapter step can cost less;
+- ``floor``: the frozen model, forward + backward with activation gradients only (the one
+  trainable tensor is the embedding LayerNorm's scale, so the whole encoder backward runs for
+  activations; no optimizer); no adapter step can cost less;
 - ``full``: full fine-tuning;
-- ``ours``: ``torch_impl.AdaptedModel`` + ``LoRA`` (its fused path);
+- ``ours``: ``torch_impl.AdaptedModel`` + ``LoRA`` (its fused path, ``torch_impl.fused``);
+- ``ours+qkv``: the same plus the opt-in ``torch_impl.fused.group_shared_input(model)`` (query,
+  key and value computed in one autograd function);
 - ``peft``: PEFT's LoRA on the same layers (same rank and scaling, no dropout);
 - ``plain``: SpeechBrain's unfused formula ``pretrained(x) + up(down(x)) * scaling``;
 - ``houlsby``: ``HoulsbyAdapterLinear`` with ``projection_size = rank`` on the same layers.
 
-Targets are ``q,v`` (query, value) and ``q,k,v,o`` (query, key, value, attention.output.dense).
-Each step is timed with ``torch.cuda.synchronize()`` on both sides; the median of ``--steps``
-steps after ``--warmup`` is reported, plus the same step captured whole in a CUDA graph and
-replayed (no CPU launch overhead: what the GPU alone needs). Inference rows compare the base
-model with unmerged and merged adapters. ``--device cpu`` runs a smaller shape (see ``SHAPES``).
+Modes (``--modes``, ``--compile-modes``): ``eager``; ``graph`` (the whole step captured once in a
+CUDA graph and replayed: the GPU's time without the host's launch overhead); ``compile`` and
+``compile-max-autotune-no-cudagraphs`` (``torch.compile(model, fullgraph=True, mode=...)``, the
+optimizer step eager). Every ratio is taken to the floor of the same dtype and mode, timed in the
+same group: every setup of a group is prepared first, then timed once a round for ``--rounds``
+rounds (per round the median of ``--steps`` synchronised steps); the tables give the median of the
+rounds and their spread ``(max - min) / median``, so that a slow phase of the machine cannot decide
+a ranking. Peak memory is the allocator's peak over a case's warm-up minus what was allocated
+before it was built. Also: scaling rows (q,k,v,o at rank 8 and 64 and at 8 x 512 tokens, graph
+mode), inference (base, unmerged, merged), a torch.profiler table (``--profile-out``) and the
+issue-17 target table. ``--deadline`` skips the groups that would start past it, for device
+calls of bounded length. ``--device cpu`` runs a smaller shape (see ``SHAPES``).
 
 Usage::
 
-    python benchmarks/bench_train.py --device cuda --out benchmarks/results/torch_gpu.md
+    python benchmarks/bench_train.py --device cuda --out benchmarks/results/torch_gpu.md \
+        --profile-out benchmarks/results/torch_gpu_profile.txt
+    python benchmarks/bench_train.py --device cuda --modes "" --no-scaling --no-inference \
+        --compile-modes default,max-autotune-no-cudagraphs --out benchmarks/results/torch_gpu_compile.md
     python benchmarks/bench_train.py --device cpu --out benchmarks/results/torch_cpu.md
-    python benchmarks/bench_train.py --compile --setups ours --dtypes bf16   # torch.compile rows
 """
 
 from __future__ import annotations
@@ -307,7 +319,14 @@ def prepare(
         for _ in range(warmup):
             graph.replay()
         _sync(device)
-        return graph.replay, result
+        # The graph reads the model's weights, the optimizer's state and ``ids`` where they were at
+        # capture time: keep them all alive for as long as the replay function lives.
+        keep = (graph, fn, model, runner, ids)
+
+        def replay(keep: tuple = keep) -> None:
+            keep[0].replay()
+
+        return replay, result
     return fn, result
 
 
@@ -422,23 +441,24 @@ def target_summary(
             f"| {target} | {row} | {fmt(value, '.3f')} | {limit:.2f} | {_common.verdict(value, limit)} |"
         )
 
-    everything = {**train, **compiled, **scaling}
-    for case in everything:
-        if case.setup not in ("ours", "ours+qkv"):
-            continue
-        mode = "compile" if case.mode.startswith("compile") else case.mode
-        limit = _common.TARGET_LIMITS.get((mode, case.targets))
-        if limit is not None:
-            add(f"{mode} x floor", case.key, ratio(everything, case), limit)
-        if case.mode == "eager":
-            peft = dataclasses.replace(case, setup="peft")
-            if peft in everything:
-                add("eager x PEFT", case.key, ratio(everything, case, peft), _common.EAGER_VS_PEFT)
-        if case.mode == "eager" and not case.batch and case.rank == RANK:
-            floor, mine = everything.get(case.floor), everything[case]
-            if floor is not None and floor.peak_mib is not None and mine.peak_mib is not None:
-                allowed = (floor.peak_mib + mine.adapter_mib) * _common.MEMORY_SLACK
-                add("peak memory / allowed", case.key, mine.peak_mib / allowed, 1.0)
+    # Each ratio within its own group: the setups that were timed interleaved with it.
+    for group in (train, scaling, compiled):
+        for case in group:
+            if case.setup not in ("ours", "ours+qkv"):
+                continue
+            mode = "compile" if case.mode.startswith("compile") else case.mode
+            limit = _common.TARGET_LIMITS.get((mode, case.targets))
+            if limit is not None:
+                add(f"{mode} x floor", case.key, ratio(group, case), limit)
+            if case.mode == "eager":
+                peft = dataclasses.replace(case, setup="peft")
+                if peft in group:
+                    add("eager x PEFT", case.key, ratio(group, case, peft), _common.EAGER_VS_PEFT)
+            if case.mode == "eager" and not case.batch and case.rank == RANK:
+                floor, mine = group.get(case.floor), group[case]
+                if floor is not None and floor.peak_mib is not None and mine.peak_mib is not None:
+                    allowed = (floor.peak_mib + mine.adapter_mib) * _common.MEMORY_SLACK
+                    add("peak memory / allowed", case.key, mine.peak_mib / allowed, 1.0)
     for case in infer:
         if case.setup == "ours merged":
             add("merged inference x base", case.key, ratio(infer, case), _common.MERGED_LIMIT)

@@ -26,6 +26,13 @@ function is a classic ``autograd.Function`` (its Python overhead is about half t
 ``setup_context`` form's, and eager LoRA training is bound by exactly that overhead), which those
 transforms do not accept. ``set_enabled(False)``, the context manager ``disabled()`` or the
 environment variable ``TORCH_IMPL_FUSED=0`` (read at import) select the plain path everywhere.
+
+Opt-in, model level: ``group_shared_input(model)`` computes the LoRA ``query``, ``key`` and
+``value`` of each attention block together (``lora_linear_group``: one down-projection GEMM over
+the concatenated factors, one low-rank ``dx`` GEMM, one factor-gradient GEMM, the three base
+``dx`` GEMMs accumulated into one buffer instead of summed by autograd). On one H200 (BERT-base,
+32 x 128 tokens, rank 16, bf16, q,k,v,o) it took the CUDA-graph step from 1.155x to 1.075x the
+frozen floor and the eager step from 1.87x to 1.68x.
 """
 
 from __future__ import annotations
@@ -41,7 +48,18 @@ from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module
 
-__all__ = ["can_fuse_linear", "disabled", "is_enabled", "lora_linear", "set_enabled"]
+from interchange.adapters import LORA
+
+__all__ = [
+    "can_fuse_linear",
+    "disabled",
+    "group_shared_input",
+    "is_enabled",
+    "lora_linear",
+    "lora_linear_group",
+    "set_enabled",
+    "ungroup_shared_input",
+]
 
 _ENABLED = os.environ.get("TORCH_IMPL_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -468,9 +486,10 @@ def group_shared_input(model: nn.Module, names: tuple[str, ...] = ("query", "key
         members = [
             child
             for name, child in parent.named_children()
-            if name in names and getattr(child, "adapter_kind", None) is not None and hasattr(child, "merged")
+            if name in names
+            and getattr(child, "adapter_kind", None) is LORA
+            and isinstance(getattr(child, "pretrained_module", None), nn.Linear)
         ]
-        members = [m for m in members if isinstance(m.pretrained_module, nn.Linear)]
         if len(members) < 2 or any("_shared_input_group" in m.__dict__ for m in members):
             continue
         group = _SharedInputGroup(members)

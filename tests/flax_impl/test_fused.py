@@ -1,8 +1,9 @@
 """The fused LoRA Linear path (``flax_impl.fused``): the plain formula's values, its own backward.
 
-``LoRA.__call__`` takes the fused path by default for an ``nnx.Linear``; every test compares it
-with the three layers called one after the other (``fused.disabled()``), for outputs and for the
-gradients of the input, both factors and (when someone differentiates it) the wrapped kernel.
+The fused path is off by default (it did not pay on the GPU); these tests switch it on for each
+test and compare it with the three layers called one after the other (``fused.disabled()``), for
+outputs and for the gradients of the input, both factors and (when someone differentiates it)
+the wrapped kernel.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from flax import nnx
 
 from flax_impl import AdaptedModel, LoRA, fused
 from tests.flax_impl.models import Net
+
+
+@pytest.fixture(autouse=True)
+def _fused_on():
+    with fused.enabled():
+        yield
 
 
 def make_lora(in_features=6, out_features=5, rank=3, alpha=2.0, bias=True, dtype=None, seed=0) -> LoRA:
@@ -139,6 +146,18 @@ def test_switch_and_fallbacks_take_the_plain_layers():
     assert conv(jnp.ones((1, 5, 3))).shape == (1, 5, 4)
 
 
+def test_the_fused_path_is_off_by_default(monkeypatch):
+    monkeypatch.delenv("FLAX_IMPL_FUSED", raising=False)
+    try:
+        assert importlib.reload(fused).is_enabled() is False
+        layer = make_lora()
+        assert not fused.can_fuse_linear(
+            layer.pretrained_module, layer.adapter_down_proj, layer.adapter_up_proj
+        )
+    finally:
+        importlib.reload(fused)
+
+
 @pytest.mark.parametrize("value, enabled", [("0", False), ("1", True)])
 def test_environment_variable_sets_the_initial_state(monkeypatch, value, enabled):
     monkeypatch.setenv("FLAX_IMPL_FUSED", value)
@@ -147,4 +166,4 @@ def test_environment_variable_sets_the_initial_state(monkeypatch, value, enabled
     finally:
         monkeypatch.delenv("FLAX_IMPL_FUSED")
         importlib.reload(fused)
-    assert fused.is_enabled()
+    assert not fused.is_enabled()

@@ -334,3 +334,44 @@ def test_a_group_member_on_another_input_or_after_a_weight_change_computes_alone
     torch.testing.assert_close(parent.key(x), plain_forward(parent.key, x), atol=1e-6, rtol=1e-6)
     parent.key.adapter_down_proj.register_forward_hook(lambda *_: None)  # a hook: never grouped
     assert parent.query(x.requires_grad_()).grad_fn.name() == FUSED_NODE
+
+
+def test_grouped_model_under_torch_compile_and_torch_func_takes_the_separate_layers():
+    from torch.func import functional_call, grad
+
+    from torch_impl.fused import group_shared_input
+
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.query, parent.key, parent.value = (make_lora(8, 6, 2, 1.0, True) for _ in range(3))
+    group_shared_input(parent)
+
+    def forward(x):
+        return parent.query(x) * parent.key(x) + parent.value(x)
+
+    x = torch.randn(3, 8)
+    expected = plain_forward(parent.query, x) * plain_forward(parent.key, x) + plain_forward(parent.value, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+    params = {k: v.detach() for k, v in parent.named_parameters() if v.requires_grad}
+    # Under a torch.func transform the member finds no pending output and takes its own path.
+    parent.query(x)
+    g = grad(lambda w: (functional_call(parent.key, {"adapter_down_proj.weight": w}, (x,))).sum())(
+        params["key.adapter_down_proj.weight"]
+    )
+    parent.key.adapter_down_proj.weight.grad = None
+    plain_forward(parent.key, x).sum().backward()
+    torch.testing.assert_close(g, parent.key.adapter_down_proj.weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_grouping_ignores_houlsby_and_peft_layers():
+    from torch_impl import HoulsbyAdapterLinear
+    from torch_impl.fused import group_shared_input
+
+    parent = nn.Module()
+    parent.query = HoulsbyAdapterLinear(nn.Linear(8, 8), 2)
+    parent.key = HoulsbyAdapterLinear(nn.Linear(8, 8), 2)
+    parent.value = make_lora(8, 8, 2, 1.0, True)
+    assert group_shared_input(parent) == 0
