@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .dtypes import TensorSpec
-from .errors import CheckpointError, UnknownAdapterError
+from .errors import UnknownAdapterError
 from .kinds import get_kind, permutation
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "LORA",
     "MergeRule",
     "adapter_of",
-    "check_recorded_kwargs",
     "factor_names",
     "get_adapter",
     "implied_kinds",
@@ -266,50 +265,6 @@ def lora_merge(
         norm = np.sqrt(np.sum(np.square(combined.reshape(combined.shape[0], -1)), axis=1))
         combined = combined * (magnitude / norm).reshape(-1, *(1,) * (combined.ndim - 1))
     return combined.astype(weight.dtype)
-
-
-def check_recorded_kwargs(
-    recorded_class: str | None,
-    recorded_kwargs: Mapping[str, Any] | None,
-    model_class: str,
-    model_kwargs: Mapping[str, Any] | None,
-    where: str,
-) -> None:
-    """Raise :class:`~interchange.errors.CheckpointError` naming both sides when a file recorded
-    with ``recorded_class(**recorded_kwargs)`` would load into adapters built otherwise.
-
-    Both sides are completed with the declaration's defaults before they are compared, so
-    ``{"rank": 8}`` and ``{"rank": 8, "alpha": 1.0}`` agree. A file that records no adapter
-    class (SpeechBrain's own ``.ckpt``) is not checked.
-
-    Example
-    -------
-    >>> check_recorded_kwargs("LoRA", {"rank": 8}, "LoRA", {"rank": 8, "alpha": 1.0}, "a.safetensors")
-    >>> check_recorded_kwargs("LoRA", {"rank": 8, "use_dora": True}, "LoRA", {"rank": 8}, "a.safetensors")
-    Traceback (most recent call last):
-    ...
-    interchange.errors.CheckpointError: 'a.safetensors' was saved from LoRA adapters with use_dora=True, but this model's LoRA adapters have use_dora=False (file: {'alpha': 1.0, 'dropout': 0.0, 'rank': 8, 'use_dora': True, 'use_rslora': False}; model: {'alpha': 1.0, 'dropout': 0.0, 'rank': 8, 'use_dora': False, 'use_rslora': False})
-    """
-    if not recorded_class:
-        return
-    if recorded_class != model_class:
-        raise CheckpointError(
-            f"{where!r} was saved from {recorded_class} adapters, but this model has {model_class} adapters"
-        )
-    try:
-        declared = get_adapter(model_class)
-    except UnknownAdapterError:
-        declared = AdapterKind(model_class, "", ())
-    file_kwargs, ours = declared.kwargs(recorded_kwargs), declared.kwargs(model_kwargs)
-    differing = [key for key in sorted(set(file_kwargs) | set(ours)) if file_kwargs.get(key) != ours.get(key)]
-    if differing:
-        shown_file = ", ".join(f"{key}={file_kwargs.get(key)!r}" for key in differing)
-        shown_model = ", ".join(f"{key}={ours.get(key)!r}" for key in differing)
-        raise CheckpointError(
-            f"{where!r} was saved from {model_class} adapters with {shown_file}, but this model's "
-            f"{model_class} adapters have {shown_model} (file: {dict(sorted(file_kwargs.items()))}; "
-            f"model: {dict(sorted(ours.items()))})"
-        )
 
 
 LORA = register_adapter(

@@ -16,8 +16,8 @@ import converters
 import torch_impl
 from converters.checkpoint import adapter_metadata
 from converters.files import TensorFile, write_safetensors
-
-from .twins import TorchConvNet, randomize_torch, same_bits
+from tests.zoo import torch_models
+from tests.zoo.arrays import randomize_torch, same_bits
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ def _one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> Non
 @pytest.fixture
 def model_file(tmp_path) -> Path:
     path = tmp_path / "model.safetensors"
-    converters.save_torch_layout(randomize_torch(TorchConvNet()).to(torch.bfloat16), path)
+    converters.save_torch_layout(randomize_torch(torch_models.Conv1dNormNet()).to(torch.bfloat16), path)
     return path
 
 
@@ -120,7 +120,7 @@ def test_convert_pickled_checkpoint_with_kinds_and_rename(tmp_path):
 
 
 def test_merge_writes_the_same_file_as_the_python_api(tmp_path):
-    base = randomize_torch(TorchConvNet())
+    base = randomize_torch(torch_models.Conv1dNormNet())
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
     adapted = torch_impl.AdaptedModel(
         base, torch_impl.LoRA, target_layers="conv*", adapter_kwargs={"rank": 2}
@@ -255,7 +255,7 @@ def test_convert_between_one_file_and_a_sharded_folder_is_bit_exact(tmp_path, mo
 def test_merge_accepts_a_sharded_base_and_writes_what_a_single_file_gives(tmp_path):
     from converters.sharded import save_sharded
 
-    base = randomize_torch(TorchConvNet())
+    base = randomize_torch(torch_models.Conv1dNormNet())
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
     save_sharded(base, tmp_path / "base", max_shard_bytes=256)
     adapted = torch_impl.AdaptedModel(
@@ -341,7 +341,7 @@ def test_peft_export_leaves_an_existing_directory_alone_without_force(tmp_path):
 
 
 def test_merge_prints_its_notes_one_per_line(tmp_path):
-    base = randomize_torch(TorchConvNet())
+    base = randomize_torch(torch_models.Conv1dNormNet())
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
     adapted = torch_impl.AdaptedModel(
         base, torch_impl.LoRA, target_layers="conv*", adapter_kwargs={"rank": 2}

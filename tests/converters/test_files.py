@@ -16,19 +16,9 @@ from converters.checkpoint import CheckpointError
 from converters.files import TensorFile, write_safetensors
 from converters.views import ConversionError, UnknownLayerError
 from interchange.errors import LayoutError, NoMatchError
-
-from .twins import (
-    DTYPES,
-    NUMPY_DTYPES,
-    TORCH_DTYPES,
-    FlaxConvNet,
-    TorchConvNet,
-    flax_arrays,
-    randomize_flax,
-    randomize_torch,
-    same_bits,
-    torch_arrays,
-)
+from tests.zoo import flax_models, torch_models
+from tests.zoo.arrays import flax_arrays, randomize_flax, randomize_torch, same_bits, torch_arrays
+from tests.zoo.layers import DTYPES, NUMPY_DTYPES, TORCH_DTYPES
 
 
 def _file_bits(path) -> dict[str, np.ndarray]:
@@ -36,8 +26,8 @@ def _file_bits(path) -> dict[str, np.ndarray]:
         return {name: f.get(name) for name in f.names}
 
 
-def _torch_net(dtype: str = "float32") -> TorchConvNet:
-    model = randomize_torch(TorchConvNet())
+def _torch_net(dtype: str = "float32") -> torch_models.Conv1dNormNet:
+    model = randomize_torch(torch_models.Conv1dNormNet())
     for param in model.parameters():
         param.data = param.data.to(TORCH_DTYPES[dtype])
     return model
@@ -102,7 +92,7 @@ def test_flax_layout_file_holds_flax_names_and_layouts_and_loads_into_either_twi
 def test_load_flax_layout_refuses_a_torch_layout_file(tmp_path):
     converters.save_torch_layout(_torch_net(), tmp_path / "t.safetensors")
     with pytest.raises(ConversionError, match="torch-layout file, not a Flax-layout one"):
-        converters.load_flax_layout(TorchConvNet(), tmp_path / "t.safetensors")
+        converters.load_flax_layout(torch_models.Conv1dNormNet(), tmp_path / "t.safetensors")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -233,11 +223,11 @@ def test_failure_while_writing_keeps_the_previous_output_intact(tmp_path):
 
 def test_missing_source_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
-        converters.flax_to_torch(tmp_path / "nope.safetensors", TorchConvNet())
+        converters.flax_to_torch(tmp_path / "nope.safetensors", torch_models.Conv1dNormNet())
 
 
-def _flax_net(dtype: str) -> FlaxConvNet:
-    model = FlaxConvNet(nnx.Rngs(0))
+def _flax_net(dtype: str) -> flax_models.Conv1dNormNet:
+    model = flax_models.Conv1dNormNet(nnx.Rngs(0))
     for _, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         variable.set_value(variable.get_value().astype(NUMPY_DTYPES[dtype]))
     return model

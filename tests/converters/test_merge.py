@@ -14,17 +14,9 @@ import flax_impl
 import torch_impl
 from converters.files import TensorFile
 from converters.merge import MergeError
-
-from .twins import (
-    FlaxConvNet,
-    TorchConvNet,
-    TorchTokenNet,
-    conv_batch,
-    flax_output,
-    randomize_flax,
-    randomize_torch,
-    torch_output,
-)
+from tests.zoo import flax_models, torch_models
+from tests.zoo.arrays import flax_output, randomize_flax, randomize_torch, torch_output
+from tests.zoo.layers import conv_batch
 
 KWARGS = {"rank": 2, "alpha": 5.0}
 
@@ -45,7 +37,7 @@ def _trained_torch(base: torch.nn.Module) -> torch_impl.AdaptedModel:
 
 
 def test_merged_file_of_a_torch_adapter_computes_what_the_adapted_model_computes(tmp_path):
-    base = randomize_torch(TorchConvNet()).eval()
+    base = randomize_torch(torch_models.Conv1dNormNet()).eval()
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
     adapted = _trained_torch(base)
     adapted.saver(str(tmp_path / "adapter.safetensors"))
@@ -56,7 +48,7 @@ def test_merged_file_of_a_torch_adapter_computes_what_the_adapted_model_computes
     assert "merged the LoRA update into conv1.weight (scaling 2.5)" in report.notes
     assert "bn.running_mean: taken from the adapter file (unfrozen layer)" in report.notes
 
-    merged = TorchConvNet().eval()
+    merged = torch_models.Conv1dNormNet().eval()
     converters.flax_to_torch(tmp_path / "merged.safetensors", merged)
     x, _ = conv_batch()
     np.testing.assert_allclose(torch_output(merged, x), torch_output(adapted, x), rtol=1e-5, atol=1e-5)
@@ -73,7 +65,7 @@ def test_merged_file_of_a_torch_adapter_computes_what_the_adapted_model_computes
 
 
 def test_merged_file_of_a_flax_adapter_in_flax_layout_computes_what_the_flax_model_computes(tmp_path):
-    base = randomize_flax(FlaxConvNet(nnx.Rngs(0)))
+    base = randomize_flax(flax_models.Conv1dNormNet(nnx.Rngs(0)))
     converters.save_flax_layout(base, tmp_path / "base_flax.safetensors")
     adapted = flax_impl.AdaptedModel(
         base, flax_impl.LoRA, target_layers=["conv*"], adapter_kwargs=KWARGS, rngs=nnx.Rngs(1)
@@ -87,14 +79,14 @@ def test_merged_file_of_a_flax_adapter_in_flax_layout_computes_what_the_flax_mod
     )
     with TensorFile(tmp_path / "merged.safetensors") as f:
         assert f.layout == "flax" and "conv1.kernel" in f.names
-    merged = FlaxConvNet(nnx.Rngs(5))
+    merged = flax_models.Conv1dNormNet(nnx.Rngs(5))
     converters.load_flax_layout(merged, tmp_path / "merged.safetensors")
     _, x = conv_batch()
     np.testing.assert_allclose(flax_output(merged, x), flax_output(adapted, x), rtol=1e-5, atol=1e-5)
 
 
 def test_whole_adapted_model_file_as_base_comes_out_with_plain_names(tmp_path):
-    base = randomize_torch(TorchConvNet()).eval()
+    base = randomize_torch(torch_models.Conv1dNormNet()).eval()
     adapted = _trained_torch(base)
     frozen = torch_impl.AdaptedModel(
         copy.deepcopy(base), torch_impl.LoRA, target_layers=["conv*", "head"], adapter_kwargs=KWARGS
@@ -111,7 +103,7 @@ def test_whole_adapted_model_file_as_base_comes_out_with_plain_names(tmp_path):
 
 
 def test_half_precision_merge_matches_the_in_memory_merge(tmp_path):
-    base = randomize_torch(TorchConvNet()).eval().to(torch.bfloat16)
+    base = randomize_torch(torch_models.Conv1dNormNet()).eval().to(torch.bfloat16)
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
     adapted = _trained_torch(base)
     adapted.saver(str(tmp_path / "adapter.safetensors"))
@@ -125,7 +117,7 @@ def test_half_precision_merge_matches_the_in_memory_merge(tmp_path):
 
 
 def test_houlsby_adapter_is_refused_and_nothing_is_written(tmp_path):
-    base = TorchTokenNet()
+    base = torch_models.TokenNet()
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
     model = torch_impl.AdaptedModel(
         base, torch_impl.HoulsbyAdapterLinear, target_layers="fc1", adapter_kwargs={"projection_size": 2}
@@ -139,7 +131,7 @@ def test_houlsby_adapter_is_refused_and_nothing_is_written(tmp_path):
 
 
 def test_adapter_without_metadata_needs_rank_and_alpha(tmp_path):
-    base = randomize_torch(TorchConvNet()).eval()
+    base = randomize_torch(torch_models.Conv1dNormNet()).eval()
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
     adapted = _trained_torch(base)
     adapted.saver(str(tmp_path / "adapter.ckpt"))  # SpeechBrain's pickled format: no metadata
@@ -153,21 +145,21 @@ def test_adapter_without_metadata_needs_rank_and_alpha(tmp_path):
         tmp_path / "m.safetensors",
         adapter_kwargs=KWARGS,
     )
-    merged = TorchConvNet().eval()
+    merged = torch_models.Conv1dNormNet().eval()
     converters.flax_to_torch(tmp_path / "m.safetensors", merged)
     x, _ = conv_batch()
     np.testing.assert_allclose(torch_output(merged, x), torch_output(adapted, x), rtol=1e-5, atol=1e-5)
 
 
 def test_base_that_lacks_an_adapted_layer_or_has_other_shapes_is_refused(tmp_path):
-    adapted = _trained_torch(randomize_torch(TorchConvNet()))
+    adapted = _trained_torch(randomize_torch(torch_models.Conv1dNormNet()))
     adapted.saver(str(tmp_path / "adapter.safetensors"))
-    converters.save_torch_layout(TorchTokenNet(), tmp_path / "wrong.safetensors")
+    converters.save_torch_layout(torch_models.TokenNet(), tmp_path / "wrong.safetensors")
     with pytest.raises(MergeError, match="has no 'conv1.weight'"):
         converters.merge_adapter_file(
             tmp_path / "wrong.safetensors", tmp_path / "adapter.safetensors", tmp_path / "m.safetensors"
         )
-    other = TorchConvNet()
+    other = torch_models.Conv1dNormNet()
     other.head = torch.nn.Linear(8, 5)
     converters.save_torch_layout(other, tmp_path / "other.safetensors")
     with pytest.raises(MergeError, match=r"update has shape \(4, 8\) but 'head.weight'"):

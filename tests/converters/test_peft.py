@@ -18,8 +18,9 @@ import flax_impl
 import torch_impl
 from converters.files import TensorFile
 from converters.peft import PeftConversionError, peft_to_adapter_file, read_peft_adapter
-
-from .twins import FlaxConvNet, TorchConvNet, conv_batch, flax_output, randomize_torch, torch_output
+from tests.zoo import flax_models, torch_models
+from tests.zoo.arrays import flax_output, randomize_torch, torch_output
+from tests.zoo.layers import conv_batch
 
 
 def _peft():
@@ -46,7 +47,7 @@ def peft():
 @pytest.fixture
 def base():
     torch.manual_seed(0)
-    return randomize_torch(TorchConvNet()).eval()
+    return randomize_torch(torch_models.Conv1dNormNet()).eval()
 
 
 @pytest.fixture
@@ -91,7 +92,7 @@ def test_peft_adapter_imported_into_torch_computes_what_peft_computes(peft_dir, 
 
 def test_peft_adapter_imported_into_flax_computes_what_peft_computes(peft_dir, base):
     folder, expected = peft_dir
-    flax_base = FlaxConvNet(nnx.Rngs(0))
+    flax_base = flax_models.Conv1dNormNet(nnx.Rngs(0))
     converters.torch_to_flax(base, flax_base)
     adapted, _ = converters.import_peft_adapter(folder, flax_base, rngs=nnx.Rngs(3))
     assert isinstance(adapted, flax_impl.AdaptedModel)
@@ -134,7 +135,7 @@ def test_our_torch_adapter_exported_to_peft_loads_and_computes_the_same(tmp_path
 
 
 def test_our_flax_adapter_exported_to_peft_computes_what_the_flax_model_computes(tmp_path, peft, base):
-    flax_base = FlaxConvNet(nnx.Rngs(0))
+    flax_base = flax_models.Conv1dNormNet(nnx.Rngs(0))
     converters.torch_to_flax(base, flax_base)
     adapted = flax_impl.AdaptedModel(
         flax_base, flax_impl.LoRA, target_layers="head", adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1)

@@ -40,6 +40,8 @@ from converters.sharded import (
 )
 from converters.views import ConversionError
 from flax_impl.sharding import shard_model
+from tests.zoo import flax_models, torch_models
+from tests.zoo.flax_models import MixedDtypeLayers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -232,13 +234,6 @@ def test_every_public_name_is_importable_from_converters_sharded():
 
 
 # ----------------------------------------------------------------------------- Flax, slice by slice
-class ConvNet(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs):
-        self.conv = nnx.Conv(4, 8, kernel_size=(3,), padding=[(1, 1)], rngs=rngs)
-        self.fc = nnx.Linear(8, 6, rngs=rngs)
-        self.half = nnx.Linear(4, 4, use_bias=False, param_dtype=jax.numpy.bfloat16, rngs=rngs)
-
-
 @pytest.fixture(scope="module")
 def mesh() -> jax.sharding.Mesh:
     if jax.device_count() < 8:
@@ -263,7 +258,7 @@ def test_each_device_gets_its_slice_of_the_converted_tensor(tmp_path, mesh, rule
         kinds = {"conv": "conv", "fc": "linear", "half": "linear"}
         convert_sharded(source, tmp_path / "flax", layout="flax", layer_kinds=kinds, max_shard_bytes=200)
         source = tmp_path / "flax"
-    model = nnx.eval_shape(lambda: ConvNet(nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: MixedDtypeLayers(nnx.Rngs(0)))
     specs = shard_model(model, mesh, rules)
     report = load_flax_sharded(model, source, mesh=mesh)
     assert sorted(report.loaded) == sorted(
@@ -284,36 +279,19 @@ def test_each_device_gets_its_slice_of_the_converted_tensor(tmp_path, mesh, rule
             )
 
 
-class TorchMLP(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.tanh(self.fc1(x)))
-
-
-class FlaxMLP(nnx.Module):
-    def __init__(self, rngs: nnx.Rngs) -> None:
-        self.fc1, self.fc2 = nnx.Linear(8, 16, rngs=rngs), nnx.Linear(16, 4, rngs=rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.numpy.tanh(self.fc1(x)))
-
-
 def test_a_torch_model_saved_sharded_loads_onto_a_mesh_and_computes_the_same(tmp_path, mesh):
     torch.manual_seed(0)
-    torch_model = TorchMLP()
+    torch_model = torch_models.MLP(in_features=8, hidden=16, out_features=4)
     save_sharded(torch_model, tmp_path, max_shard_bytes=300)
     assert len(ShardedCheckpoint(tmp_path).files) > 1
-    twin = nnx.eval_shape(lambda: FlaxMLP(nnx.Rngs(0)))  # no memory until loaded
-    shard_model(twin, mesh, {"fc1": (None, "model"), "fc2": ("model", None)})
+    twin = nnx.eval_shape(lambda: flax_models.MLP(8, 16, 4, rngs=nnx.Rngs(0)))  # no memory until loaded
+    shard_model(twin, mesh, {"layer1": (None, "model"), "head": ("model", None)})
     load_flax_sharded(twin, tmp_path)
     x = np.linspace(-1, 1, 24, dtype=np.float32).reshape(3, 8)
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(twin(jax.numpy.asarray(x)), expected, rtol=1e-5, atol=1e-5)
-    assert twin.fc1.kernel[...].sharding.spec == PartitionSpec(None, "model")
+    assert twin.layer1.kernel[...].sharding.spec == PartitionSpec(None, "model")
 
 
 def test_a_refused_flax_load_names_the_keys_and_leaves_the_model_unchanged(tmp_path, mesh):
@@ -322,7 +300,7 @@ def test_a_refused_flax_load_names_the_keys_and_leaves_the_model_unchanged(tmp_p
     del tensors["conv.bias"]  # missing
     tensors["extra.weight"] = np.zeros(2, np.float32)  # unexpected
     write_sharded(tmp_path, tensors, {"layout": "torch"}, max_shard_bytes=200)
-    model = ConvNet(nnx.Rngs(0))
+    model = MixedDtypeLayers(nnx.Rngs(0))
     before = np.asarray(model.conv.kernel[...]).copy()
     with pytest.raises(ConversionError) as refused:
         load_flax_sharded(model, tmp_path)
@@ -335,7 +313,7 @@ def test_a_refused_flax_load_names_the_keys_and_leaves_the_model_unchanged(tmp_p
 def test_dtype_differences_are_refused_when_strict_and_cast_otherwise(tmp_path):
     tensors = {k: v.astype(np.float32) for k, v in _tensors().items()}  # 'half' is bf16 in the model
     write_sharded(tmp_path, tensors, {"layout": "torch"})
-    model = ConvNet(nnx.Rngs(0))
+    model = MixedDtypeLayers(nnx.Rngs(0))
     with pytest.raises(ConversionError, match="half.weight: dtype F32 in the source vs BF16 in the target"):
         load_flax_sharded(model, tmp_path)
     report = load_flax_sharded(model, tmp_path, strict=False)

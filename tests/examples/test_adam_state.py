@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -18,32 +17,19 @@ import converters  # noqa: E402
 import flax_impl  # noqa: E402
 import torch_impl  # noqa: E402
 from examples.adam_state import AdamStateError, torch_adamw_to_optax  # noqa: E402
+from tests.zoo import flax_models, torch_models  # noqa: E402
 
 LR, BETAS, EPS, DECAY = 1e-2, (0.9, 0.999), 1e-8, 0.01
-
-
-class FlaxNet(nnx.Module):
-    """The Flax twin of ``torch_net()``: same names, same function."""
-
-    def __init__(self, rngs: nnx.Rngs) -> None:
-        self.layer1 = nnx.Linear(6, 8, rngs=rngs)
-        self.layer2 = nnx.Linear(8, 3, rngs=rngs)
-
-    def __call__(self, x):
-        return self.layer2(jnp.tanh(self.layer1(x)))
-
-
-def torch_net() -> torch.nn.Module:
-    layers = [("layer1", torch.nn.Linear(6, 8)), ("act", torch.nn.Tanh()), ("layer2", torch.nn.Linear(8, 3))]
-    return torch.nn.Sequential(OrderedDict(layers))
 
 
 def adapted_pair():
     """LoRA on ``layer1`` and ``layer2`` unfrozen: adapters and a plain layer both train."""
     torch.manual_seed(0)
     kwargs = {"target_layers": ["layer1"], "unfrozen_layers": ["layer2"], "adapter_kwargs": {"rank": 2}}
-    torch_model = torch_impl.AdaptedModel(torch_net(), torch_impl.LoRA, **kwargs)
-    flax_model = flax_impl.AdaptedModel(FlaxNet(nnx.Rngs(0)), flax_impl.LoRA, **kwargs, rngs=nnx.Rngs(1))
+    torch_model = torch_impl.AdaptedModel(torch_models.MLP(), torch_impl.LoRA, **kwargs)
+    flax_model = flax_impl.AdaptedModel(
+        flax_models.MLP(rngs=nnx.Rngs(0)), flax_impl.LoRA, **kwargs, rngs=nnx.Rngs(1)
+    )
     return torch_model, flax_model
 
 

@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 from flax_impl import AdaptedModel, LoRA, fused
-from tests.flax_impl.models import Net
+from tests.zoo.flax_models import SeedMLP
 
 
 @pytest.fixture(autouse=True)
@@ -96,7 +96,7 @@ def test_fused_backward_under_bf16_is_as_accurate_as_autodiff_of_the_plain_formu
 def test_adapted_model_trains_the_same_under_nnx_jit_with_and_without_the_fused_path():
     def train(enabled: bool) -> tuple[list[float], dict]:
         model = AdaptedModel(
-            Net(nnx.Rngs(0)), LoRA, all_linear=True, adapter_kwargs={"rank": 4}, rngs=nnx.Rngs(1)
+            SeedMLP(nnx.Rngs(0)), LoRA, all_linear=True, adapter_kwargs={"rank": 4}, rngs=nnx.Rngs(1)
         )
         optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=model.trainable)
         x, y = jax.random.normal(jax.random.key(3), (8, 10)), jax.random.normal(jax.random.key(4), (8, 10))

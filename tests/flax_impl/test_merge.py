@@ -19,7 +19,7 @@ from flax_impl import (
     merge_lora,
     unmerge_lora,
 )
-from tests.flax_impl.models import ConvNet, Net
+from tests.zoo.flax_models import Conv2dBatchNormNet, SeedMLP
 
 
 def _randomize_up(lora: LoRA, seed: int) -> None:
@@ -75,7 +75,9 @@ def test_merge_keeps_outputs_and_unmerge_restores_the_kernel(
 
 
 def test_merge_lora_counts_layers_and_skips_merged_ones():
-    model = AdaptedModel(ConvNet(nnx.Rngs(0)), LoRA, all_conv=True, all_linear=True, rngs=nnx.Rngs(1))
+    model = AdaptedModel(
+        Conv2dBatchNormNet(nnx.Rngs(0)), LoRA, all_conv=True, all_linear=True, rngs=nnx.Rngs(1)
+    )
     assert merge_lora(model) == 3
     assert merge_lora(model) == 0
     assert unmerge_lora(model) == 3
@@ -92,7 +94,7 @@ def test_merge_and_unmerge_twice_on_one_layer_raise():
 
 
 def test_merge_refuses_houlsby_before_changing_anything():
-    model = AdaptedModel(Net(nnx.Rngs(0)), LoRA, target_layers="layer1", rngs=nnx.Rngs(1))
+    model = AdaptedModel(SeedMLP(nnx.Rngs(0)), LoRA, target_layers="layer1", rngs=nnx.Rngs(1))
     _randomize_up(model.adapted_model.layer1, 2)
     model.adapted_model.layer3 = HoulsbyAdapterLinear(model.adapted_model.layer3, 2, rngs=nnx.Rngs(3))
     kernel = np.asarray(model.adapted_model.layer1.pretrained_module.kernel[...])

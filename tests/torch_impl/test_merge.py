@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from tests.torch_impl import models
 from tests.torch_impl.twins import randomize_trainable
+from tests.zoo import torch_models
 from torch_impl import (
     AdaptedModel,
     AdapterInsertionError,
@@ -21,14 +21,16 @@ from torch_impl import (
 
 def _adapted_conv_net() -> AdaptedModel:
     torch.manual_seed(0)
-    model = AdaptedModel(models.conv_net(), LoRA, all_conv=True, all_linear=True, adapter_kwargs={"rank": 2})
+    model = AdaptedModel(
+        torch_models.MixedConvNet(), LoRA, all_conv=True, all_linear=True, adapter_kwargs={"rank": 2}
+    )
     randomize_trainable(model)
     return model.eval()
 
 
 def test_merged_model_computes_the_same_outputs_without_running_the_adapters():
     model = _adapted_conv_net()
-    x = models.conv_net_input()
+    x = torch_models.mixed_conv_net_input()
     with torch.no_grad():
         before = model(x)
     calls = []
@@ -74,7 +76,7 @@ def test_merge_lora_refuses_a_model_with_houlsby_naming_the_layer_and_changes_no
 
 def test_merge_lora_refuses_a_houlsby_adapted_model():
     model = AdaptedModel(
-        models.mlp(), HoulsbyAdapterLinear, all_linear=True, adapter_kwargs={"projection_size": 2}
+        torch_models.SeedMLP(), HoulsbyAdapterLinear, all_linear=True, adapter_kwargs={"projection_size": 2}
     )
     with pytest.raises(MergeError, match="adapted_model.layer1"):
         merge_lora(model)
@@ -90,9 +92,11 @@ def test_merging_a_layer_twice_or_unmerging_an_unmerged_layer_raises():
 
 
 def test_merge_on_a_bfloat16_model_stays_bfloat16_and_close():
-    model = AdaptedModel(models.mlp().to(torch.bfloat16), LoRA, all_linear=True, adapter_kwargs={"rank": 2})
+    model = AdaptedModel(
+        torch_models.SeedMLP().to(torch.bfloat16), LoRA, all_linear=True, adapter_kwargs={"rank": 2}
+    )
     randomize_trainable(model)
-    x = models.mlp_input().to(torch.bfloat16)
+    x = torch_models.seed_mlp_input().to(torch.bfloat16)
     with torch.no_grad():
         before = model(x).float()
         merge_lora(model)
