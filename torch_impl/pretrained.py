@@ -74,7 +74,9 @@ def peft_refusal(model: Any) -> str | None:
     return None
 
 
-def save_pretrained(model: Any, directory: str | os.PathLike[str]) -> str:
+def save_pretrained(
+    model: Any, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+) -> str:
     """Write ``model``'s adapters (only them) to ``directory``; returns the format written,
     ``'peft'`` or ``'peft-twins'``. In a process group every rank must call it (the trainable
     tensors are gathered) and rank 0 writes."""
@@ -82,7 +84,12 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str]) -> str:
     refusal = peft_refusal(model)
     if refusal is None:
         kwargs = LORA.kwargs(model.adapter_kwargs)
-        config = peft_format.peft_config(model.replace_layers, rank=kwargs["rank"], alpha=kwargs["alpha"])
+        config = peft_format.peft_config(
+            model.replace_layers,
+            rank=kwargs["rank"],
+            alpha=kwargs["alpha"],
+            base_model_name_or_path=base_model_name_or_path,
+        )
         peft_tensors = peft_format.to_peft_keys(tensors)
         write = lambda path: save_state_dict_file(peft_tensors, path, {"format": "pt"})  # noqa: E731
     else:
