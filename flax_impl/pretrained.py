@@ -129,7 +129,10 @@ def from_pretrained(
     model = cls(
         base_model,
         adapter_class,
-        target_layers=[peft_format.escape_glob(name) for name in adapted],
+        # A bare layer adapted at the root has no name to target: all_linear/all_conv select it.
+        all_linear="" in adapted and isinstance(base_model, nnx.Linear),
+        all_conv="" in adapted and isinstance(base_model, nnx.Conv),
+        target_layers=[peft_format.escape_glob(name) for name in adapted if name],
         unfrozen_layers=[peft_format.escape_glob(name) for name in unfrozen],
         adapter_kwargs=kwargs,
         rngs=rngs,

@@ -132,7 +132,10 @@ def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLi
     model = cls(
         base_model,
         adapter_class,
-        target_layers=[peft_format.escape_glob(name) for name in adapted],
+        # A bare layer adapted at the root has no name to target: all_linear/all_conv select it.
+        all_linear="" in adapted and isinstance(base_model, nn.Linear),
+        all_conv="" in adapted and isinstance(base_model, _CONV_TYPES),
+        target_layers=[peft_format.escape_glob(name) for name in adapted if name],
         unfrozen_layers=[peft_format.escape_glob(name) for name in unfrozen],
         adapter_kwargs=kwargs,
     )
@@ -202,6 +205,8 @@ def _put_back(model: Any, base_model: nn.Module, flags: list[tuple[torch.Tensor,
     """Undo what building ``model`` did to ``base_model``: wrapped layers back in place,
     ``requires_grad`` as it was."""
     for name in model.replace_layers:
+        if not name:  # a bare layer adapted at the root: the AdaptedModel wraps it, nothing to put back
+            continue
         adapter = model.adapted_model.get_submodule(name)
         wrapped = getattr(adapter, adapter_of(adapter).wrapped)
         parent, _, leaf = name.rpartition(".")
