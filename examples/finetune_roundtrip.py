@@ -413,14 +413,19 @@ def save_trained(encoder: Any, head: Any, out: Path) -> list[Path]:
 
 
 def export_peft(encoder: Any, out: Path) -> Path:
-    """Write a PEFT LoRA adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``).
+    """Write a PEFT LoRA adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``)
+    the PEFT way, ``AdaptedModel.save_pretrained``.
 
-    Raises ``converters.peft.PeftConversionError`` for what PEFT cannot express (Houlsby).
+    Raises ``PeftConversionError`` for what PEFT cannot express (Houlsby), before writing.
     """
-    from converters.peft import export_peft_adapter
+    from interchange.errors import PeftConversionError
+    from torch_impl.pretrained import peft_refusal
 
+    refusal = peft_refusal(encoder)
+    if refusal is not None:
+        raise PeftConversionError(f"PEFT's LoRA format cannot hold this adapter: {refusal}")
     folder = out / "peft_adapter"
-    export_peft_adapter(encoder, folder, base_model_name_or_path=MODEL_NAME)
+    encoder.save_pretrained(folder, base_model_name_or_path=MODEL_NAME)
     return folder
 
 

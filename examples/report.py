@@ -170,6 +170,7 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter
 
     torch_losses, flax_losses = list(report["losses"]["torch"]), list(report["losses"]["flax"])
     n_torch, n_flax = len(torch_losses), len(flax_losses)
@@ -195,7 +196,8 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
         loss_ax.plot(steps, losses, color=color, alpha=0.22, linewidth=0.9)
         loss_ax.plot(steps, smoothed(losses), color=color, linewidth=2.2, label=f"train loss in {label}")
     loss_ax.set_yscale("log")
-    loss_ax.set_ylabel("cross-entropy (log scale)")
+    loss_ax.set_ylabel("cross-entropy, log scale\n(train: curves, test: markers)")
+    loss_ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
 
     stages = list(report["stages"])
     positions = stage_steps(stages)
@@ -217,6 +219,16 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike[str]) -> None
                 markeredgewidth=1.6 if not filled else 0.8,
                 zorder=4 if filled else 5,
             )
+    # Every marker inside the panel, with a margin (the log axis would clip the last test point).
+    shown = [v for v in (*torch_losses, *flax_losses) if v > 0]
+    shown += [s["test_loss"] for s in stages if s.get("test_loss")]
+    if shown:
+        loss_ax.set_ylim(min(shown) / 1.25, max(shown) * 1.25)
+        # within a decade every minor tick gets its number; over several, only 2s and 5s
+        narrow = max(shown) / min(shown) < 10
+        loss_ax.yaxis.set_minor_formatter(
+            FuncFormatter(lambda value, _: f"{value:g}" if narrow or _leading(value) in (2, 5) else "")
+        )
     _annotate_accuracy(acc_ax, stages, positions)
     acc_ax.set_ylabel("test accuracy (%)")
     acc_ax.set_xlabel("training step")
@@ -296,6 +308,13 @@ def _stage_legend(stages: Sequence[Mapping[str, Any]]) -> list[Any]:
             )
         )
     return handles
+
+
+def _leading(value: float) -> int:
+    """The leading digit of a positive number (2 for 0.2 and 20)."""
+    import math
+
+    return int(f"{value:e}"[0]) if value > 0 and math.isfinite(value) else 0
 
 
 #: Short names of the stages for the accuracy labels.

@@ -326,7 +326,9 @@ class AdaptedModel(nnx.Module):
         """Load parameters for transfer (SpeechBrain's Pretrainer hook); same as ``loader``."""
         self.loader(path, True)
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> str:
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+    ) -> str:
         """Write the adapters (only them) to ``directory``, the habit of PEFT users.
 
         PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, which
@@ -334,7 +336,8 @@ class AdaptedModel(nnx.Module):
         base model with the same outputs) where PEFT can represent the adapters: plain LoRA on
         named Linear/Conv layers, nothing unfrozen. Our format otherwise
         (``peft_twins_adapter.json`` + ``adapters.safetensors``, the :meth:`saver` file). The
-        write is atomic. Returns ``'peft'`` or ``'peft-twins'``.
+        write is atomic. ``base_model_name_or_path`` is recorded in PEFT's config. Returns
+        ``'peft'`` or ``'peft-twins'``.
 
         Example
         -------
@@ -347,7 +350,7 @@ class AdaptedModel(nnx.Module):
         """
         from .pretrained import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, base_model_name_or_path=base_model_name_or_path)
 
     @classmethod
     def from_pretrained(

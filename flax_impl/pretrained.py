@@ -74,14 +74,21 @@ def peft_refusal(model: Any) -> str | None:
     return None
 
 
-def save_pretrained(model: Any, directory: str | os.PathLike[str]) -> str:
+def save_pretrained(
+    model: Any, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+) -> str:
     """Write ``model``'s adapters (only them) to ``directory``; returns the format written,
     ``'peft'`` or ``'peft-twins'``."""
     arrays = model.trainable_state_dict()
     refusal = peft_refusal(model)
     if refusal is None:
         kwargs = LORA.kwargs(model.adapter_kwargs)
-        config = peft_format.peft_config(model.replace_layers, rank=kwargs["rank"], alpha=kwargs["alpha"])
+        config = peft_format.peft_config(
+            model.replace_layers,
+            rank=kwargs["rank"],
+            alpha=kwargs["alpha"],
+            base_model_name_or_path=base_model_name_or_path,
+        )
         peft_arrays = peft_format.to_peft_keys(arrays)
         write = lambda path: save_state_dict_file(peft_arrays, path, {"format": "pt"})  # noqa: E731
     else:
@@ -122,7 +129,10 @@ def from_pretrained(
     model = cls(
         base_model,
         adapter_class,
-        target_layers=[peft_format.escape_glob(name) for name in adapted],
+        # A bare layer adapted at the root has no name to target: all_linear/all_conv select it.
+        all_linear="" in adapted and isinstance(base_model, nnx.Linear),
+        all_conv="" in adapted and isinstance(base_model, nnx.Conv),
+        target_layers=[peft_format.escape_glob(name) for name in adapted if name],
         unfrozen_layers=[peft_format.escape_glob(name) for name in unfrozen],
         adapter_kwargs=kwargs,
         rngs=rngs,

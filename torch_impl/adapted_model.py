@@ -309,14 +309,17 @@ class AdaptedModel(nn.Module):
         """Load parameters for transfer (SpeechBrain's Pretrainer hook); same as ``loader``."""
         self.loader(path, True)
 
-    def save_pretrained(self, directory: str | os.PathLike[str]) -> str:
+    def save_pretrained(
+        self, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+    ) -> str:
         """Write the adapters (only them) to ``directory``, the habit of PEFT users.
 
         PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, which
         ``peft.PeftModel.from_pretrained(base, directory)`` loads with the same outputs) where
         PEFT can represent the adapters: plain LoRA on named Linear/Conv layers, nothing
         unfrozen. Our format otherwise (``peft_twins_adapter.json`` + ``adapters.safetensors``,
-        the :meth:`saver` file). The write is atomic. Returns ``'peft'`` or ``'peft-twins'``.
+        the :meth:`saver` file). The write is atomic. ``base_model_name_or_path`` is recorded in
+        PEFT's config. Returns ``'peft'`` or ``'peft-twins'``.
 
         Example
         -------
@@ -329,7 +332,7 @@ class AdaptedModel(nn.Module):
         """
         from .pretrained import save_pretrained
 
-        return save_pretrained(self, directory)
+        return save_pretrained(self, directory, base_model_name_or_path=base_model_name_or_path)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike[str]) -> AdaptedModel:

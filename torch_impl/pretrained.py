@@ -74,7 +74,9 @@ def peft_refusal(model: Any) -> str | None:
     return None
 
 
-def save_pretrained(model: Any, directory: str | os.PathLike[str]) -> str:
+def save_pretrained(
+    model: Any, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+) -> str:
     """Write ``model``'s adapters (only them) to ``directory``; returns the format written,
     ``'peft'`` or ``'peft-twins'``. In a process group every rank must call it (the trainable
     tensors are gathered) and rank 0 writes."""
@@ -82,7 +84,12 @@ def save_pretrained(model: Any, directory: str | os.PathLike[str]) -> str:
     refusal = peft_refusal(model)
     if refusal is None:
         kwargs = LORA.kwargs(model.adapter_kwargs)
-        config = peft_format.peft_config(model.replace_layers, rank=kwargs["rank"], alpha=kwargs["alpha"])
+        config = peft_format.peft_config(
+            model.replace_layers,
+            rank=kwargs["rank"],
+            alpha=kwargs["alpha"],
+            base_model_name_or_path=base_model_name_or_path,
+        )
         peft_tensors = peft_format.to_peft_keys(tensors)
         write = lambda path: save_state_dict_file(peft_tensors, path, {"format": "pt"})  # noqa: E731
     else:
@@ -125,7 +132,10 @@ def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLi
     model = cls(
         base_model,
         adapter_class,
-        target_layers=[peft_format.escape_glob(name) for name in adapted],
+        # A bare layer adapted at the root has no name to target: all_linear/all_conv select it.
+        all_linear="" in adapted and isinstance(base_model, nn.Linear),
+        all_conv="" in adapted and isinstance(base_model, _CONV_TYPES),
+        target_layers=[peft_format.escape_glob(name) for name in adapted if name],
         unfrozen_layers=[peft_format.escape_glob(name) for name in unfrozen],
         adapter_kwargs=kwargs,
     )
@@ -195,6 +205,8 @@ def _put_back(model: Any, base_model: nn.Module, flags: list[tuple[torch.Tensor,
     """Undo what building ``model`` did to ``base_model``: wrapped layers back in place,
     ``requires_grad`` as it was."""
     for name in model.replace_layers:
+        if not name:  # a bare layer adapted at the root: the AdaptedModel wraps it, nothing to put back
+            continue
         adapter = model.adapted_model.get_submodule(name)
         wrapped = getattr(adapter, adapter_of(adapter).wrapped)
         parent, _, leaf = name.rpartition(".")

@@ -174,3 +174,22 @@ def test_saver_records_the_kind_of_every_layer_it_writes(tmp_path):
     assert kinds["adapted_model.embeddings.LayerNorm"] == "layer_norm"
     assert kinds["adapted_model.pooler.dense"] == "linear"
     assert kinds["adapted_model.encoder.layer.0.attention.self.query.adapter_down_proj"] == "linear"
+
+
+def test_a_bare_linear_adapted_at_the_root_round_trips_in_our_format(tmp_path):
+    model = AdaptedModel(
+        nnx.Linear(4, 3, rngs=nnx.Rngs(0)),
+        LoRA,
+        all_linear=True,
+        adapter_kwargs={"rank": 2},
+        rngs=nnx.Rngs(1),
+    )
+    _randomize(model)
+    x = jnp.ones((2, 4))
+
+    assert model.save_pretrained(tmp_path / "root") == "peft-twins"  # PEFT cannot target the root
+    again = AdaptedModel.from_pretrained(
+        nnx.Linear(4, 3, rngs=nnx.Rngs(0)), tmp_path / "root", rngs=nnx.Rngs(2)
+    )
+
+    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(model(x)))

@@ -250,3 +250,17 @@ def test_loader_still_loads_speechbrains_files_which_record_nothing(tmp_path):
     ours.loader(tmp_path / "sb.ckpt")
 
     torch.testing.assert_close(_out(ours), _out(sb_model.eval()), rtol=0, atol=0)
+
+
+def test_a_bare_linear_adapted_at_the_root_round_trips_in_our_format(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Linear(4, 3)
+    pristine = copy.deepcopy(base)
+    model = AdaptedModel(base, LoRA, all_linear=True, adapter_kwargs={"rank": 2})
+    _randomize(model)
+    x = torch.randn(2, 4)
+
+    assert model.save_pretrained(tmp_path / "root") == "peft-twins"  # PEFT cannot target the root
+    again = AdaptedModel.from_pretrained(pristine, tmp_path / "root")
+
+    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
