@@ -18,7 +18,7 @@ Example
 >>> check_recorded_adapter(meta, "LoRA", {"rank": 8}, where="a.safetensors")
 Traceback (most recent call last):
 ...
-interchange.errors.CheckpointError: checkpoint 'a.safetensors' does not fit this AdaptedModel: it was saved from LoRA(alpha=16.0, rank=8) but this model has LoRA(alpha=1.0, rank=8): alpha differs (file 16.0, model 1.0); build the AdaptedModel with adapter_kwargs matching the file
+interchange.errors.CheckpointError: checkpoint 'a.safetensors' does not fit this AdaptedModel: it was saved from LoRA(alpha=16.0, dropout=0.0, rank=8, use_dora=False, use_rslora=False) but this model has LoRA(alpha=1.0, dropout=0.0, rank=8, use_dora=False, use_rslora=False): alpha differs (file 16.0, model 1.0); build the AdaptedModel with adapter_kwargs matching the file
 """
 
 from __future__ import annotations

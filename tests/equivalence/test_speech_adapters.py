@@ -15,7 +15,7 @@ import functools
 import numpy as np
 import pytest
 
-from tests.zoo.speech import SPEECH_PAIRS, SPEECH_PAIRS_BY_NAME, skip_reason
+from tests.zoo.speech import SPEECH_PAIRS, SPEECH_PAIRS_BY_NAME
 
 from . import harness
 
@@ -28,9 +28,6 @@ CASES = [
 
 @functools.cache
 def run(pair_name: str, case_name: str) -> harness.CaseResult:
-    reason = skip_reason(pair_name, case_name)
-    if reason:
-        pytest.skip(reason)
     pair = SPEECH_PAIRS_BY_NAME[pair_name]
     return harness.run_pair(pair, pair.case(case_name))
 
@@ -80,12 +77,6 @@ def test_weights_converted_back_after_flax_training_are_bit_exact(pair, case):
     assert not changed, f"flax_to_torch changed the bits of {changed}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transformers' WavLM attention passes q_proj.weight to F.multi_head_attention_forward, so a "
-    "torch_impl LoRA on q_proj changes nothing there until LoRA.weight is the effective weight (issue 14, "
-    "item 7); the Flax twin calls q_proj, so its LoRA applies. Strict: this fails once the fix lands.",
-)
 def test_lora_on_wavlm_attention_projections_agrees_across_frameworks():
     from tests.zoo.pairs import _lora
 

@@ -152,7 +152,10 @@ def test_loader_refuses_a_file_recorded_with_another_alpha_and_names_both(tmp_pa
         _bert(), LoRA, target_layers=QV, adapter_kwargs={"rank": 4}, rngs=nnx.Rngs(1)
     )
 
-    with pytest.raises(CheckpointError, match=r"LoRA\(alpha=16, rank=4\).*LoRA\(alpha=1.0, rank=4\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"LoRA\(alpha=16, dropout=0.0, rank=4, .*\) but this model has LoRA\(alpha=1.0, dropout=0.0, rank=4, .*alpha differs \(file 16, model 1.0\)",
+    ):
         default_alpha.loader(tmp_path / "a.safetensors")
 
     same = AdaptedModel(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.equivalence.zoo.bert import transformers_module
+from tests.zoo.bert import transformers_module
 from torch_impl import AdaptedModel, LoRA, merge_and_unload, merge_lora, unmerge_lora
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}

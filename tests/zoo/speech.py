@@ -243,16 +243,5 @@ WHISPER = Pair(
 )
 
 
-def skip_reason(pair_name: str, case_name: str) -> str | None:
-    """Why a case cannot run today (None: it runs). transformers' Whisper encoder reads
-    ``conv1.stride``, which torch_impl's LoRA does not expose yet (issue 14, item 7)."""
-    if (pair_name, case_name) == ("whisper", "convs"):
-        import torch_impl
-
-        if not hasattr(torch_impl.LoRA(torch.nn.Conv1d(2, 2, 3), rank=1), "stride"):
-            return "torch_impl.LoRA hides Conv1d.stride, which transformers' Whisper reads (issue 14, item 7)"
-    return None
-
-
 SPEECH_PAIRS: tuple[Pair, ...] = (WAV2VEC2, HUBERT, WAVLM, WHISPER)
 SPEECH_PAIRS_BY_NAME = {pair.name: pair for pair in SPEECH_PAIRS}
