@@ -1,4 +1,7 @@
-"""Merge a LoRA adapter file into a base checkpoint file: a plain merged base checkpoint.
+"""Merge an adapter file into a base checkpoint file: a plain merged base checkpoint.
+
+Which adapters merge, and how, is their declaration's (:mod:`interchange.adapters`: ``merge``);
+LoRA's is described here, and a declared adapter of another class merges by its own rule.
 
 Framework-free; works on files of either framework's origin (the format is shared) and on a
 base file in either layout (the output keeps the base file's layout). For every adapted layer
@@ -20,13 +23,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from interchange.adapters import LORA, lora_scaling
-from interchange.errors import MergeError
+from interchange.adapters import LORA, AdapterKind, factor_names, get_adapter, lora_scaling, wrapped_names
+from interchange.errors import MergeError, UnknownAdapterError
 
 from .checkpoint import KeyReport, parse_metadata
 from .file_convert import file_layer_kinds, progress_bar
@@ -36,9 +39,6 @@ from .views import TensorView, file_view, to_flax_layout, to_torch_layout
 __all__ = ["MergeError", "merge_adapter_file"]
 
 _PREFIX = "adapted_model."
-_WRAPPED = ("pretrained_module", "pretrained_linear")
-_PROJECTIONS = ("adapter_down_proj", "adapter_up_proj")  # each a child layer with a weight
-_DIRECT = tuple(f for f in LORA.factors if f not in _PROJECTIONS)  # parameters of the LoRA itself
 
 
 def merge_adapter_file(
@@ -91,10 +91,10 @@ def merge_adapter_file(
     if not str(out_path).endswith(".safetensors"):
         raise ValueError(f"the merged file must be a .safetensors file, got {str(out_path)!r}")
     with TensorFile(adapter_path) as adapter_file:
-        scaling, rank, kwargs = _scaling(adapter_file, adapter_kwargs)
+        declared, kwargs = _declaration(adapter_file, adapter_kwargs)
         adapter_kinds = file_layer_kinds(adapter_file)
         adapter = to_torch_layout(file_view(adapter_file), adapter_file.layout, adapter_kinds)
-        updates, replacements = _split_adapter(adapter, str(adapter_path))
+        updates, replacements = _split_adapter(adapter, str(adapter_path), declared)
         factors = {
             name: {leaf: adapter.read(key) for leaf, key in found.items()} for name, found in updates.items()
         }
@@ -103,9 +103,12 @@ def merge_adapter_file(
         kinds = file_layer_kinds(base_file)
         base = to_torch_layout(file_view(base_file, zero_copy=True), base_file.layout, kinds)
         base, kinds = _plain_names(base, kinds, str(base_path))
-        wrapped_kinds = {layer: _wrapped_kind(layer, kinds, adapter_kinds) for layer in factors}
-        notes = _check(base, factors, replaced, kwargs, wrapped_kinds, str(base_path))
-        merged = _merged_view(base, factors, replaced, kwargs, wrapped_kinds)
+        wrapped_kinds = {layer: _wrapped_kind(layer, kinds, adapter_kinds, declared) for layer in factors}
+        if declared is LORA:  # LoRA's factor shapes, rank and DoRA magnitude, from the headers
+            notes = _check(base, factors, replaced, kwargs, wrapped_kinds, str(base_path))
+        else:  # another declared adapter: its rule's output is checked against the weight's spec
+            notes = _check_declared(base, factors, replaced, declared, str(base_path))
+        merged = _merged_view(base, factors, replaced, kwargs, wrapped_kinds, declared)
         if base_file.layout == "flax":
             merged, dropped = to_flax_layout(merged, kinds)
             notes += dropped
@@ -120,38 +123,59 @@ def merge_adapter_file(
     return KeyReport(loaded=merged.names, notes=notes)
 
 
-def _scaling(adapter_file: TensorFile, given: Mapping[str, Any] | None) -> tuple[float, int, dict[str, Any]]:
+def _declaration(
+    adapter_file: TensorFile, given: Mapping[str, Any] | None
+) -> tuple[AdapterKind, dict[str, Any]]:
+    """The declaration of the file's adapter class and its kwargs (defaults filled in), refusing
+    adapters that do not merge; a file that records no class (SpeechBrain's ``.ckpt``) is LoRA
+    with the ``given`` rank and alpha."""
     meta = parse_metadata(adapter_file.metadata)
     adapter_class = meta.get("adapter_class") or ""
     where = str(adapter_file.path)
-    if adapter_class == "HoulsbyAdapterLinear":
+    try:
+        declared = get_adapter(adapter_class) if adapter_class else LORA
+    except UnknownAdapterError:
         raise MergeError(
-            f"{where!r} holds Houlsby adapters, which cannot be merged: the activation between their "
-            "projections is not linear"
+            f"{where!r} holds {adapter_class} adapters, which no declaration describes "
+            "(interchange.adapters.register_adapter): their merge rule is unknown"
+        ) from None
+    if not declared.merges:
+        raise MergeError(
+            f"{where!r} holds {_plural(declared)} adapters, which cannot be merged: "
+            f"{declared.merge_refusal or 'their declaration has no merge rule'}"
         )
-    if adapter_class not in ("", "LoRA"):
-        raise MergeError(f"{where!r} holds {adapter_class} adapters; only LoRA adapters can be merged")
     recorded = meta.get("adapter_kwargs") if adapter_class else None
     if recorded is None and given is None:
         raise MergeError(
             f"{where!r} records no adapter class and kwargs (a SpeechBrain .ckpt?): pass the LoRA "
             "rank and alpha it was trained with (adapter_kwargs={'rank': ..., 'alpha': ...}, CLI --rank/--alpha)"
         )
-    kwargs = LORA.kwargs(recorded if isinstance(recorded, dict) else {})
+    kwargs = declared.kwargs(recorded if isinstance(recorded, dict) else {})
     if given is not None:
         for key, value in given.items():
             if recorded is not None and key in recorded and recorded[key] != value:
                 raise MergeError(f"{where!r} records {key}={recorded[key]!r}, but {key}={value!r} was given")
             kwargs[key] = value
-    rank = kwargs["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise MergeError(f"{where!r}: LoRA rank must be an integer >= 1, got {rank!r}")
-    return lora_scaling(kwargs), rank, kwargs
+    if declared is LORA:
+        rank = kwargs["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise MergeError(f"{where!r}: LoRA rank must be an integer >= 1, got {rank!r}")
+    return declared, kwargs
 
 
-def _split_adapter(adapter: TensorView, where: str) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
-    """``({layer: {tensor relative to the LoRA: adapter key}}, {plain base key: adapter key})``
-    with plain layer names (``'adapter_down_proj.weight'``, ``'adapter_magnitude'``, ...)."""
+def _plural(declared: AdapterKind) -> str:
+    return "Houlsby" if declared.name == "HoulsbyAdapterLinear" else declared.name
+
+
+def _split_adapter(
+    adapter: TensorView, where: str, declared: AdapterKind
+) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """``({layer: {tensor relative to the adapter: adapter key}}, {plain base key: adapter key})``
+    with plain layer names (``'adapter_down_proj.weight'``, ``'adapter_magnitude'``, ...).
+
+    A declared factor is either a child layer (``<layer>.<factor>.weight``) or a tensor the
+    adapter holds itself (``<layer>.<factor>``, DoRA's magnitude)."""
+    factors = set(declared.factors)
     updates: dict[str, dict[str, str]] = {}
     replacements: dict[str, str] = {}
     for key in adapter.names:
@@ -161,34 +185,41 @@ def _split_adapter(adapter: TensorView, where: str) -> tuple[dict[str, dict[str,
             )
         module, _, leaf = key.rpartition(".")
         parent, _, child = module.rpartition(".")
-        if child in _PROJECTIONS:
+        if child in factors:
             if leaf != "weight":
                 raise MergeError(
-                    f"{where!r}: {key!r} is not part of a LoRA adapter (LoRA projections have no {leaf})"
+                    f"{where!r}: {key!r} is not part of a {declared.name} adapter (its factor layers have no {leaf})"
                 )
             layer = parent[len(_PREFIX) :] if parent != "adapted_model" else ""
             updates.setdefault(layer, {})[f"{child}.weight"] = key
-        elif leaf in _DIRECT:
+        elif leaf in factors:
             layer = module[len(_PREFIX) :] if module != "adapted_model" else ""
             updates.setdefault(layer, {})[leaf] = key
         else:
             replacements[key[len(_PREFIX) :]] = key
+    projections = ("adapter_down_proj", "adapter_up_proj") if declared is LORA else ()
     for layer, found in updates.items():
-        missing = [p for p in _PROJECTIONS if f"{p}.weight" not in found]
+        missing = [p for p in projections if f"{p}.weight" not in found]
         if missing:
             raise MergeError(
                 f"{where!r}: the adapter of layer {layer or '<root>'!r} lacks {missing[0]}.weight"
             )
     if not updates:
-        raise MergeError(f"{where!r} holds no LoRA adapter weights (keys '...adapter_down_proj.weight')")
+        raise MergeError(
+            f"{where!r} holds no {declared.name} adapter weights (keys '...{declared.factors[0]}.weight')"
+        )
     return updates, replacements
 
 
-def _wrapped_kind(layer: str, base_kinds: Mapping[str, str], adapter_kinds: Mapping[str, str]) -> str | None:
+def _wrapped_kind(
+    layer: str, base_kinds: Mapping[str, str], adapter_kinds: Mapping[str, str], declared: AdapterKind
+) -> str | None:
     """The adapted layer's kind, as recorded by the base file, or by the adapter file (its
-    pretrained module or, for an embedding, its down factor)."""
+    wrapped layer or, for an embedding, its down factor)."""
     inside = f"{_PREFIX}{layer}." if layer else _PREFIX
-    kind = base_kinds.get(layer) or adapter_kinds.get(f"{inside}pretrained_module")
+    kind = base_kinds.get(layer) or adapter_kinds.get(f"{inside}{declared.wrapped}")
+    if kind is None and len(declared.wraps) == 1:
+        kind = declared.wraps[0]
     if kind is None and adapter_kinds.get(f"{inside}adapter_down_proj") == "embedding":
         kind = "embedding"
     return kind
@@ -201,17 +232,17 @@ def _plain_names(base: TensorView, kinds: dict[str, str], where: str) -> tuple[T
     specs, readers = {}, {}
     for name in base.names:
         parts = name[len(_PREFIX) :].split(".")
-        if any(part in LORA.factors for part in parts):
+        if any(part in factor_names() for part in parts):
             raise MergeError(
                 f"{where!r} holds adapter weights ({name!r}); the base file must be the model without adapters"
             )
-        plain = ".".join(part for part in parts if part not in _WRAPPED)
+        plain = ".".join(part for part in parts if part not in wrapped_names())
         specs[plain], readers[plain] = base.specs[name], base.readers[name]
     plain_kinds = {}
     for module, kind in kinds.items():
         if module == "adapted_model" or module.startswith(_PREFIX):
             parts = module.split(".")[1:]
-            plain_kinds[".".join(p for p in parts if p not in _WRAPPED)] = kind
+            plain_kinds[".".join(p for p in parts if p not in wrapped_names())] = kind
     return TensorView(specs, readers), plain_kinds
 
 
@@ -282,27 +313,63 @@ def _check(
     return notes
 
 
+def _check_declared(
+    base: TensorView,
+    factors: Mapping[str, Mapping[str, np.ndarray]],
+    replaced: Mapping[str, np.ndarray],
+    declared: AdapterKind,
+    where: str,
+) -> list[str]:
+    """For a declared adapter other than LoRA: every adapted layer's weight is in the base file
+    and the unfrozen tensors fit it; its merge rule's output is checked against the weight's spec
+    as it is written (the write is atomic: a misfit leaves no file)."""
+    notes = []
+    for layer in factors:
+        key = f"{layer}.weight" if layer else "weight"
+        if key not in base.specs:
+            raise MergeError(f"the adapter adapts layer {layer or '<root>'!r} but {where!r} has no {key!r}")
+        notes.append(f"merged the {declared.name} update into {key}")
+    for key, array in replaced.items():
+        if key not in base.specs or base.specs[key] != _spec(array):
+            raise MergeError(f"{key!r}: the adapter file's unfrozen tensor does not fit {where!r}")
+        notes.append(f"{key}: taken from the adapter file (unfrozen layer)")
+    return notes
+
+
 def _merged_view(
     base: TensorView,
     factors: Mapping[str, Mapping[str, np.ndarray]],
     replaced: Mapping[str, np.ndarray],
     kwargs: Mapping[str, Any],
     wrapped_kinds: Mapping[str, str | None],
+    declared: AdapterKind,
 ) -> TensorView:
     readers = dict(base.readers)
     for layer, tensors in factors.items():
         key = f"{layer}.weight" if layer else "weight"
         readers[key] = _merging_reader(
-            base.readers[key], tensors, kwargs, wrapped_kinds.get(layer) or "linear"
+            base.readers[key], tensors, kwargs, wrapped_kinds.get(layer) or "linear", declared
         )
     for key, array in replaced.items():
         readers[key] = lambda array=array: array
     return TensorView(dict(base.specs), readers)
 
 
-def _merging_reader(read, tensors: Mapping[str, np.ndarray], kwargs: Mapping[str, Any], kind: str):
+def _merging_reader(
+    read: Callable[[], np.ndarray],
+    tensors: Mapping[str, np.ndarray],
+    kwargs: Mapping[str, Any],
+    kind: str,
+    declared: AdapterKind,
+) -> Callable[[], np.ndarray]:
+    rule = declared.merge
+    assert rule is not None  # _declaration refused adapters without a rule
+
     def read_merged() -> np.ndarray:
-        return LORA.merge(read(), tensors, kwargs, kind)
+        # A rule for an adapter wrapping several layouts takes the wrapped layer's kind too.
+        if len(declared.wraps) > 1:
+            return rule(read(), tensors, kwargs, kind)
+        return rule(read(), tensors, kwargs)
 
     return read_merged
 

@@ -81,6 +81,8 @@ class AdapterKind:
         LoRA's up factor is a Linear).
     merge : MergeRule or None
         How to fold the adapter into the wrapped weight; ``None`` when it cannot be merged.
+    merge_refusal : str
+        Why it cannot be merged, for the error (an adapter without ``merge``).
     """
 
     name: str
@@ -91,6 +93,7 @@ class AdapterKind:
     factor_kinds: Mapping[str, str | None] = field(default_factory=dict)
     factor_kinds_by_wrapped: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     merge: MergeRule | None = None
+    merge_refusal: str = ""
 
     @property
     def merges(self) -> bool:
@@ -289,5 +292,6 @@ HOULSBY = register_adapter(
         defaults={"bias": True},
         wraps=("linear",),
         factor_kinds={"adapter_down_proj": "linear", "adapter_up_proj": "linear"},
+        merge_refusal="the activation between their projections is not linear",
     )
 )

@@ -257,6 +257,10 @@ class LoRA(nn.Module):
     def _update(self, dtype: torch.dtype) -> torch.Tensor:
         """``scaling * up @ down`` in the wrapped weight's layout, differentiable, in ``dtype``."""
         up, down = self.adapter_up_proj.weight, self.adapter_down_proj.weight
+        # The product in the wider of the factors' dtype and ``dtype``: a merge of bf16 factors
+        # multiplies in float32, as the file merge does (a bf16 product was up to 2 ulps off).
+        compute = torch.promote_types(up.dtype, dtype)
+        up, down = up.to(compute), down.to(compute)
         if isinstance(self.pretrained_module, nn.Embedding):  # down (num, rank), up (dim, rank)
             return (down @ up.t()).to(dtype) * self.scaling
         delta = up.flatten(1) @ down.flatten(1)  # (out, rank) @ (rank, in * prod(k))

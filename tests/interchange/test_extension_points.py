@@ -214,3 +214,31 @@ def test_new_adapter_checkpoints_cross_twins_and_layouts(tmp_path):
     fresh = _flax_adapted(seed=5)
     assert converters.load_flax_layout(fresh, tmp_path / "flax.safetensors").ok
     np.testing.assert_array_equal(_outputs(source, fresh)[1], _outputs(source, twin)[1])
+
+
+def test_new_adapter_merges_in_files_with_its_declared_rule(tmp_path):
+    source = torch_impl.AdaptedModel(
+        TorchNet(), TorchGainLoRA, target_layers="fc", adapter_kwargs={"gain": 0.5}
+    )
+    with torch.no_grad():
+        source.adapted_model.fc.adapter_b.weight.normal_()
+        source.adapted_model.fc.adapter_a.weight.normal_()
+    base = TorchNet()
+    base.load_state_dict(
+        {
+            k.replace("adapted_model.", "").replace("base_layer.", ""): v
+            for k, v in source.state_dict().items()
+            if "adapter_" not in k
+        }
+    )
+    converters.save_torch_layout(base, tmp_path / "base.safetensors")
+    source.saver(str(tmp_path / "adapter.safetensors"))
+    report = converters.merge_adapter_file(
+        tmp_path / "base.safetensors", tmp_path / "adapter.safetensors", tmp_path / "merged.safetensors"
+    )
+    assert any("fc.weight" in note for note in report.notes)
+    merged = TorchNet()
+    assert converters.flax_to_torch(str(tmp_path / "merged.safetensors"), merged).ok
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), source(x), atol=1e-5, rtol=1e-5)
