@@ -147,6 +147,8 @@ def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise PeftConversionError(f"{str(config_path)!r} is not valid JSON: {exc}") from None
+    except RecursionError:  # json recurses per nesting level: a hostile file can exhaust the stack
+        raise PeftConversionError(f"{str(config_path)!r} is nested too deeply to be a PEFT config") from None
     if not isinstance(config, dict):
         raise PeftConversionError(f"{str(config_path)!r} must hold a JSON object")
     notes = _check_config(config, str(config_path))
@@ -192,7 +194,7 @@ def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter:
         if not fits:
             raise PeftConversionError(
                 f"layer {layer!r}: {'/'.join(names)} of shapes {a.shape} / {b.shape} do not fit rank "
-                f"{layer_r} from {PEFT_CONFIG_NAME}"
+                f"{layer_r} from {str(config_path)!r}"
             )
         ranks[layer] = (layer_r, layer_alpha)
         prefix = f"{_OURS_PREFIX}{layer}"
@@ -399,7 +401,10 @@ def _check_values(config: Mapping[str, Any], where: str) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise PeftConversionError(f"{where!r}: lora_alpha must be a number, got {alpha!r}")
     for key, patterns in (("rank_pattern", True), ("alpha_pattern", False)):
-        for pattern, value in (config.get(key) or {}).items():
+        table = config.get(key) or {}
+        if not isinstance(table, dict):
+            raise PeftConversionError(f"{where!r}: {key} must be a JSON object {{pattern: value}}, got {table!r}")
+        for pattern, value in table.items():
             bad = isinstance(value, bool) or not isinstance(value, (int, float) if not patterns else int)
             if bad or (patterns and value < 1):
                 raise PeftConversionError(

@@ -249,13 +249,6 @@ def peft_inputs(draw) -> dict[str, bytes]:
     return {"adapter_config.json": text, "adapter_model.safetensors": weights}
 
 
-@pytest.mark.xfail(
-    reason="converters.peft.read_peft_adapter (not ours to edit; reported to the lead with reproducers): "
-    "lora_alpha null/list, rank_pattern or alpha_pattern not an object, use_rslora with a string alpha and "
-    "a deeply nested adapter_config.json raise TypeError/AttributeError/RecursionError; a rank mismatch "
-    "names adapter_config.json but not its folder",
-    strict=False,
-)
 @settings(settings.get_profile("fuzz"))
 @given(files=peft_inputs())
 def test_peft_adapter_reader(worker, files):
