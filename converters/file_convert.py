@@ -348,7 +348,7 @@ class progress_bar:
     def __init__(self, total: int, description: str, *, enabled: bool) -> None:
         self._bar = None
         if enabled:
-            from tqdm import tqdm  # type: ignore[import-untyped]
+            from tqdm import tqdm
 
             self._bar = tqdm(total=total, desc=description, unit="B", unit_scale=True, file=sys.stderr)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from flax import nnx
@@ -150,7 +150,7 @@ class AdaptedModel(nnx.Module):
     def __init__(
         self,
         model_to_adapt: nnx.Module,
-        adapter_class: type[nnx.Module],
+        adapter_class: Callable[..., nnx.Module],
         all_linear: bool = False,
         all_conv: bool = False,
         target_layers: Iterable[str] | str = (),
@@ -507,4 +507,3 @@ def _entries_at(model: nnx.Module, paths: Iterable[tuple[Any, ...]]) -> list[Tor
             f"nnx.Conv, norm, nnx.Embed or nnx.BatchNorm): {sorted(dotted(p) for p in unnamed)}"
         )
     return entries
-

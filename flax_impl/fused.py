@@ -25,7 +25,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -122,11 +122,13 @@ def enabled() -> Iterator[None]:
 
 
 def _plain_linear(layer: nnx.Module) -> bool:
+    if type(layer).__call__ is not nnx.Linear.__call__:
+        return False
+    linear = cast(nnx.Linear, layer)  # it runs nnx.Linear.__call__, which reads these attributes
     return (
-        type(layer).__call__ is nnx.Linear.__call__
-        and layer.dot_general is jax.lax.dot_general
-        and layer.promote_dtype is _dtypes.promote_dtype
-        and layer.preferred_element_type is None
+        linear.dot_general is jax.lax.dot_general
+        and linear.promote_dtype is _dtypes.promote_dtype
+        and linear.preferred_element_type is None
     )
 
 
@@ -165,8 +167,9 @@ def can_fuse_linear(pretrained: nnx.Module, down: nnx.Module, up: nnx.Module) ->
     return (
         _ENABLED
         and all(_plain_linear(layer) for layer in (pretrained, down, up))
-        and down.bias is None
-        and up.bias is None
+        # (``cast``: both are plain nnx.Linear by the line above.)
+        and cast(nnx.Linear, down).bias is None
+        and cast(nnx.Linear, up).bias is None
     )
 
 

@@ -11,7 +11,7 @@ output ``m / ||W + s down up|| * (W x + s up(down(x))) + b``, the norm under ``s
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -133,6 +133,7 @@ class LoRA(nnx.Module):
         if dropout > 0.0:
             self.adapter_dropout = nnx.Dropout(dropout, rngs=rngs)
         if use_dora:
+            assert not isinstance(target_module, nnx.Embed)  # refused above
             kernel = target_module.kernel
             norm = _column_norm(kernel[...].astype(jnp.promote_types(kernel.dtype, jnp.float32)))
             self.adapter_magnitude = nnx.Param(_placed_like_output(kernel, norm.astype(kernel.dtype)))
@@ -146,7 +147,7 @@ class LoRA(nnx.Module):
         if isinstance(target_module, nnx.Conv):
             _check_conv(target_module)
             spatial = len(target_module.kernel_size)
-            self.adapter_down_proj = nnx.Conv(
+            self.adapter_down_proj: nnx.Linear | nnx.Conv | nnx.Embed = nnx.Conv(
                 target_module.in_features,
                 rank,
                 kernel_size=target_module.kernel_size,
@@ -160,7 +161,7 @@ class LoRA(nnx.Module):
                 **sharding_kwargs(kernel, down_spec),
                 rngs=rngs,
             )
-            self.adapter_up_proj = nnx.Conv(
+            self.adapter_up_proj: nnx.Linear | nnx.Conv = nnx.Conv(
                 rank,
                 target_module.out_features,
                 kernel_size=(1,) * spatial,
@@ -198,7 +199,7 @@ class LoRA(nnx.Module):
         # Normal init for the looked-up factor (PyTorch's nn.Embedding default), zero for the up one.
         table = target_module.embedding
         dtype = table[...].dtype
-        self.adapter_down_proj = nnx.Embed(
+        down = self.adapter_down_proj = nnx.Embed(
             target_module.num_embeddings,
             rank,
             dtype=target_module.dtype,
@@ -206,7 +207,7 @@ class LoRA(nnx.Module):
             embedding_init=nnx.initializers.normal(1.0),
             rngs=rngs,
         )
-        self.adapter_up_proj = nnx.Linear(
+        up = self.adapter_up_proj = nnx.Linear(
             rank,
             target_module.features,
             use_bias=False,
@@ -219,8 +220,8 @@ class LoRA(nnx.Module):
         if sharding is not None:
             spec = kernel_spec(table) or (None, None)
             for variable, axes in (
-                (self.adapter_down_proj.embedding, (spec[0], None)),
-                (self.adapter_up_proj.kernel, (None, spec[1])),
+                (down.embedding, (spec[0], None)),
+                (up.kernel, (None, spec[1])),
             ):
                 placed = (
                     NamedSharding(sharding.mesh, PartitionSpec(*axes))
@@ -236,7 +237,9 @@ class LoRA(nnx.Module):
         layers = (self.pretrained_module, self.adapter_down_proj, self.adapter_up_proj)
         plain = not (self.merged or self.use_dora or self._dropping())
         if plain and fused.can_fuse_linear(*layers):
-            return fused.lora_linear(*layers, self.scaling, x)  # same values, a leaner backward
+            # (``cast``: can_fuse_linear found all three plain nnx.Linear.)
+            linears = cast(tuple[nnx.Linear, nnx.Linear, nnx.Linear], layers)
+            return fused.lora_linear(*linears, self.scaling, x)  # same values, a leaner backward
         x_pretrained = self.pretrained_module(x)
         if self.merged:
             return x_pretrained
@@ -264,16 +267,19 @@ class LoRA(nnx.Module):
 
     def _dora_norm(self) -> jax.Array:
         """``||W + s down @ up||`` per output feature, under ``stop_gradient`` (as PEFT detaches it)."""
-        kernel = self.pretrained_module.kernel[...]
+        pretrained = self.pretrained_module
+        assert not isinstance(pretrained, nnx.Embed)  # DoRA is refused on embeddings at construction
+        kernel = pretrained.kernel[...]
         return jax.lax.stop_gradient(_column_norm(kernel + self._update(kernel.dtype)))
 
     def _update(self, dtype: Any) -> jax.Array:
         """``scaling * down @ up`` in the wrapped kernel's layout, in ``dtype``."""
         up = self.adapter_up_proj.kernel[...]  # (rank, out) or (1, ..., 1, rank, out)
-        if isinstance(self.pretrained_module, nnx.Embed):
-            down = self.adapter_down_proj.embedding[...]  # (num, rank)
+        down_proj = self.adapter_down_proj
+        if isinstance(down_proj, nnx.Embed):  # the pretrained layer is an embedding
+            down = down_proj.embedding[...]  # (num, rank)
         else:
-            down = self.adapter_down_proj.kernel[...]  # (in, rank) or (*k, in, rank)
+            down = down_proj.kernel[...]  # (in, rank) or (*k, in, rank)
         compute = jnp.promote_types(jnp.promote_types(down.dtype, up.dtype), dtype)
         up = up.reshape(up.shape[-2:]).astype(compute)
         delta = jnp.matmul(down.astype(compute), up, precision=jax.lax.Precision.HIGHEST)

@@ -108,10 +108,10 @@ def _base_of(model: nnx.Module) -> nnx.Module:
 
 
 def _unwrap_all(model: nnx.Module) -> nnx.Module:
-    adapters = [(name, m) for name, m in named_modules(model) if adapter_of(m) is not None]
+    adapters = [(name, m, kind) for name, m in named_modules(model) if (kind := adapter_of(m)) is not None]
     # Deepest first, so a name stays valid while its ancestors are still in place.
-    for name, module in sorted(adapters, key=lambda item: -item[0].count(".") if item[0] else 1):
-        wrapped = getattr(module, adapter_of(module).wrapped)
+    for name, module, kind in sorted(adapters, key=lambda item: -item[0].count(".") if item[0] else 1):
+        wrapped = getattr(module, kind.wrapped)
         if not name:
             return wrapped
         replace_module(model, name, wrapped)

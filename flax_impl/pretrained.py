@@ -46,7 +46,7 @@ from .lora import LoRA
 __all__ = ["from_pretrained", "peft_refusal", "save_pretrained"]
 
 #: This twin's adapter classes, looked up by their declaration's name.
-ADAPTER_CLASSES: tuple[type[nnx.Module], ...] = (LoRA, HoulsbyAdapterLinear)
+ADAPTER_CLASSES: tuple[type[LoRA | HoulsbyAdapterLinear], ...] = (LoRA, HoulsbyAdapterLinear)
 
 
 def peft_refusal(model: Any) -> str | None:
@@ -64,7 +64,7 @@ def peft_refusal(model: Any) -> str | None:
     if not model.replace_layers or "" in model.replace_layers:
         return "the adapter wraps the root module itself, which PEFT cannot target"
     for name in model.replace_layers:
-        layer = get_submodule(model.adapted_model, name).pretrained_module
+        layer = getattr(get_submodule(model.adapted_model, name), LORA.wrapped)  # a LoRA-declared adapter
         if isinstance(layer, nnx.Conv) and not _peft_conv_geometry(layer):
             return (
                 f"layer {name!r} is an nnx.Conv with padding {layer.padding!r}, kernel_dilation "
@@ -111,6 +111,7 @@ def from_pretrained(
     """Wrap ``base_model`` (changed in place, like ``AdaptedModel``) in adapters rebuilt from
     ``directory`` and load them. A refused load puts the base model back as it was."""
     found = peft_format.read_adapter_directory(directory)
+    adapter_class: type[LoRA | HoulsbyAdapterLinear]
     where = str(found.weights)
     arrays, metadata = load_state_dict_file(found.weights)
     if found.format == "peft":
@@ -186,7 +187,7 @@ def _lora_kwargs(lora: peft_format.PeftLoRA) -> dict[str, Any]:
     return kwargs
 
 
-def _adapter_class(name: str, where: str) -> type[nnx.Module]:
+def _adapter_class(name: str, where: str) -> type[LoRA | HoulsbyAdapterLinear]:
     for adapter_class in ADAPTER_CLASSES:
         if adapter_class.adapter_kind.name == name:
             return adapter_class
@@ -218,4 +219,6 @@ def _put_back(model: Any, base_model: nnx.Module) -> None:
     for name in model.replace_layers:
         adapter = get_submodule(model.adapted_model, name)
         if name:
-            set_submodule(base_model, name, getattr(adapter, adapter_of(adapter).wrapped))
+            kind = adapter_of(adapter)
+            assert kind is not None  # every replace_layers entry holds the adapter this model inserted
+            set_submodule(base_model, name, getattr(adapter, kind.wrapped))

@@ -192,8 +192,9 @@ def implied_kinds(
     out: dict[str, str] = {}
     for name in names:
         module, _, leaf = name.rpartition(".")
-        if leaf in adapter.factors and adapter.factor_kinds.get(leaf):
-            out[module] = adapter.factor_kinds[leaf]  # a parameter directly on the adapter
+        factor_kind = adapter.factor_kinds.get(leaf)
+        if leaf in adapter.factors and factor_kind:
+            out[module] = factor_kind  # a parameter directly on the adapter
             continue
         parent, _, child = module.rpartition(".")
         if child not in adapter.factors or leaf != "weight":

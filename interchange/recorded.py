@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from .adapters import ADAPTERS, get_adapter
 from .errors import CheckpointError
@@ -213,7 +213,8 @@ def signature_defaults(adapter_class: Any) -> dict[str, Any]:
     import inspect
 
     # The constructor itself: a metaclass (NNX's) may hide it behind ``(*args, **kwargs)``.
-    init = adapter_class.__init__ if isinstance(adapter_class, type) else adapter_class
+    # (``cast``: mypy refuses ``__init__`` on a narrowed ``type``; the class's own is what we want.)
+    init = cast(Any, adapter_class).__init__ if isinstance(adapter_class, type) else adapter_class
     try:
         parameters = list(inspect.signature(init).parameters.values())
     except (TypeError, ValueError):

@@ -372,7 +372,7 @@ class AdaptedModel(nn.Module):
         return [name for name in full if name in keep]
 
     def _unfrozen_buffer_keys(self) -> list[str]:
-        keys = []
+        keys: list[str] = []
         for name in self.unfrozen_module_names:
             module = self.adapted_model.get_submodule(name)
             prefix = f"adapted_model.{name}." if name else "adapted_model."
@@ -492,4 +492,3 @@ def _disable_transformer_fast_path(model: nn.Module, adapted_names: Iterable[str
                 ancestor.activation_relu_or_gelu = 0
             elif isinstance(ancestor, nn.TransformerEncoder):
                 ancestor.use_nested_tensor = False
-

@@ -365,7 +365,9 @@ class _SharedInputGroup:
     else recomputes, so the group never changes what the model computes.
     """
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    # Members are LORA-declared adapters wrapping an nn.Linear, read by duck typing (``Any``):
+    # this module cannot import the LoRA class (lora.py imports it).
+    def __init__(self, members: list[Any]) -> None:
         self.members = members
         # index -> (input, its state, output); holding the input keeps its id from being reused
         self.pending: dict[int, tuple[torch.Tensor, tuple, torch.Tensor]] = {}
@@ -618,7 +620,10 @@ class _LoRAGroupFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         x2d = x.reshape(-1, x.shape[-1])
         gs = [None if g is None else g.reshape(-1, g.shape[-1]).to(h.dtype) for g in grads]
-        grad_hs, grad_ups, grad_downs, start = [], [], [], 0
+        grad_hs: list[torch.Tensor] = []
+        grad_ups: list[torch.Tensor | None] = []
+        grad_downs: list[torch.Tensor | None]
+        start = 0
         for i, (g, up, scaling, rank) in enumerate(zip(gs, ups, ctx.scalings, ctx.ranks, strict=True)):
             h_i = h[:, start : start + rank]
             start += rank
@@ -651,14 +656,14 @@ class _LoRAGroupFunction(torch.autograd.Function):
                 grad_down_cat = torch.mm(grad_h.t(), x2d, out_dtype=dtype)
             else:
                 grad_down_cat = torch.mm(grad_h.t(), x2d)
-            grad_downs = list(torch.split(grad_down_cat, ctx.ranks))
+            split_downs = list(torch.split(grad_down_cat, ctx.ranks))
             grad_downs = [
                 (gd.to(dt) if needs[3 + 4 * i + 2] else None)
-                for i, (gd, dt) in enumerate(zip(grad_downs, down_dtypes, strict=True))
+                for i, (gd, dt) in enumerate(zip(split_downs, down_dtypes, strict=True))
             ]
         else:
             grad_downs = [None] * count
-        flat_grads = []
-        for grad_down, grad_up in zip(grad_downs, grad_ups, strict=True):
-            flat_grads += [None, None, grad_down, grad_up]
+        flat_grads: list[torch.Tensor | None] = []
+        for down_grad, up_grad in zip(grad_downs, grad_ups, strict=True):
+            flat_grads += [None, None, down_grad, up_grad]
         return (grad_x, None, None, *flat_grads)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +94,9 @@ class LoRA(nn.Module):
     """
 
     adapter_kind: ClassVar[AdapterKind] = LORA
+    pretrained_module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Embedding
+    adapter_down_proj: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Embedding
+    adapter_up_proj: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d
 
     def __init__(
         self,
@@ -127,7 +130,9 @@ class LoRA(nn.Module):
             param.requires_grad = False
 
         if isinstance(target_module, _CONV_TYPES):
-            conv_cls = type(target_module)
+            # (``Any``: torch types each class's kernel_size etc. per dimension, tuple[int, int], while
+            # the conv's own attributes are tuple[int, ...]; the same conv class takes them back.)
+            conv_cls: Any = type(target_module)
             self.adapter_down_proj = conv_cls(
                 target_module.in_channels,
                 rank,
@@ -197,6 +202,7 @@ class LoRA(nn.Module):
         """The down factor looked up as the pretrained embedding looks up its rows (PEFT's
         ``_embed``: same padding index, gradient scaling and sparsity)."""
         base = self.pretrained_module
+        assert isinstance(base, nn.Embedding)  # only called for a wrapped embedding
         return F.embedding(
             x,
             self.adapter_down_proj.weight,
@@ -207,6 +213,7 @@ class LoRA(nn.Module):
 
     def _dora_forward(self, x: torch.Tensor, dropping: bool) -> torch.Tensor:
         pretrained, down, up = self.pretrained_module, self.adapter_down_proj, self.adapter_up_proj
+        assert not isinstance(pretrained, nn.Embedding)  # DoRA is refused on embeddings at construction
         weight, bias = pretrained.weight, pretrained.bias
         scale = self.adapter_magnitude / self._dora_norm(weight)  # (out,); the norm is detached
         if dropping:
@@ -233,8 +240,9 @@ class LoRA(nn.Module):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     def _base_without_bias(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self._is_conv:
-            return self.pretrained_module._conv_forward(x, weight, None)
+        pretrained = self.pretrained_module
+        if isinstance(pretrained, _CONV_TYPES):  # self._is_conv, spelled out so that it narrows
+            return pretrained._conv_forward(x, weight, None)
         return F.linear(x, weight)
 
     @property
@@ -346,6 +354,7 @@ class LoRA(nn.Module):
         weight = self.pretrained_module.weight.detach().float()
         delta = self.delta_weight()
         if self.use_dora:
+            assert self._merged_norm is not None  # merge() with DoRA recorded it
             scale = (self.adapter_magnitude.detach().float() / self._merged_norm).view(
                 -1, *(1,) * (weight.dim() - 1)
             )
@@ -412,7 +421,10 @@ def check_writable_weight(module: nn.Module, name: str = "") -> None:
     exactly: a parametrization without ``right_inverse`` recomputes it from other tensors."""
     if not parametrize.is_parametrized(module, "weight"):
         return
-    missing = [type(p).__name__ for p in module.parametrizations.weight if not hasattr(p, "right_inverse")]
+    # (``Any``: torch types a module attribute as Tensor | Module; this is the ModuleDict of
+    # ParametrizationList that is_parametrized found.)
+    parametrizations: Any = module.parametrizations
+    missing = [type(p).__name__ for p in parametrizations.weight if not hasattr(p, "right_inverse")]
     if missing:
         where = f"layer {name!r}" if name else f"the {type(module).__name__}"
         raise MergeError(
@@ -431,10 +443,11 @@ def write_weight(module: nn.Module, value: torch.Tensor) -> None:
     """
     with torch.no_grad():
         if not parametrize.is_parametrized(module, "weight"):
-            weight = module.weight
+            weight = cast(torch.Tensor, module.weight)  # torch types a module attribute Tensor | Module
             weight.copy_(value.to(device=weight.device, dtype=weight.dtype))
             return
-        originals = list(module.parametrizations.weight.parameters())
+        parametrizations: Any = module.parametrizations  # a ModuleDict (typed Tensor | Module)
+        originals = list(parametrizations.weight.parameters())
         saved = [p.detach().clone() for p in originals]
         dtype = originals[0].dtype
         target = value.to(device=originals[0].device, dtype=dtype)

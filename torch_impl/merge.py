@@ -118,10 +118,10 @@ def _base_of(model: nn.Module) -> nn.Module:
 
 
 def _unwrap_all(model: nn.Module) -> nn.Module:
-    adapters = [(name, m) for name, m in model.named_modules() if adapter_of(m) is not None]
+    adapters = [(name, m, kind) for name, m in model.named_modules() if (kind := adapter_of(m)) is not None]
     # Deepest first, so a name stays valid while its ancestors are still in place.
-    for name, module in sorted(adapters, key=lambda item: -item[0].count(".") if item[0] else 1):
-        wrapped = getattr(module, adapter_of(module).wrapped)
+    for name, module, kind in sorted(adapters, key=lambda item: -item[0].count(".") if item[0] else 1):
+        wrapped = getattr(module, kind.wrapped)
         if not name:
             return wrapped
         replace_module(model, name, wrapped)

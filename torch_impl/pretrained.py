@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from .lora import LoRA
 __all__ = ["from_pretrained", "peft_refusal", "save_pretrained"]
 
 #: This twin's adapter classes, looked up by their declaration's name.
-ADAPTER_CLASSES: tuple[type[nn.Module], ...] = (LoRA, HoulsbyAdapterLinear)
+ADAPTER_CLASSES: tuple[type[LoRA | HoulsbyAdapterLinear], ...] = (LoRA, HoulsbyAdapterLinear)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -113,6 +113,7 @@ def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLi
     """Wrap ``base_model`` (changed in place, like ``AdaptedModel``) in adapters rebuilt from
     ``directory`` and load them. A refused load puts the base model back as it was."""
     found = peft_format.read_adapter_directory(directory)
+    adapter_class: type[LoRA | HoulsbyAdapterLinear]
     where = str(found.weights)
     tensors, metadata = load_state_dict_file(found.weights)
     if found.format == "peft":
@@ -173,7 +174,7 @@ def _lora_kwargs(lora: peft_format.PeftLoRA) -> dict[str, Any]:
     return kwargs
 
 
-def _adapter_class(name: str, where: str) -> type[nn.Module]:
+def _adapter_class(name: str, where: str) -> type[LoRA | HoulsbyAdapterLinear]:
     for adapter_class in ADAPTER_CLASSES:
         if adapter_class.adapter_kind.name == name:
             return adapter_class
@@ -201,14 +202,16 @@ def _class_name(adapter_class: Any) -> str:
     return kind.name if kind is not None else getattr(adapter_class, "__name__", str(adapter_class))
 
 
-def _put_back(model: Any, base_model: nn.Module, flags: list[tuple[torch.Tensor, bool]]) -> None:
+def _put_back(model: Any, base_model: nn.Module, flags: Sequence[tuple[torch.Tensor, bool]]) -> None:
     """Undo what building ``model`` did to ``base_model``: wrapped layers back in place,
     ``requires_grad`` as it was."""
     for name in model.replace_layers:
         if not name:  # a bare layer adapted at the root: the AdaptedModel wraps it, nothing to put back
             continue
         adapter = model.adapted_model.get_submodule(name)
-        wrapped = getattr(adapter, adapter_of(adapter).wrapped)
+        kind = adapter_of(adapter)
+        assert kind is not None  # every replace_layers entry holds the adapter this model inserted
+        wrapped = getattr(adapter, kind.wrapped)
         parent, _, leaf = name.rpartition(".")
         setattr(base_model.get_submodule(parent) if parent else base_model, leaf, wrapped)
     for param, flag in flags:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -449,7 +449,7 @@ class SpeechPositionalConvEmbedding(nnx.Module):
         )
         if config.conv_pos_batch_norm:
             self.batch_norm = layers.batch_norm(size)
-            self.conv = layers.conv(size, size, k, padding=k // 2, groups=groups)
+            self.conv: nnx.Conv | WeightNormConv = layers.conv(size, size, k, padding=k // 2, groups=groups)
         else:
             self.conv = WeightNormConv(
                 size,
@@ -491,7 +491,7 @@ class ConvLayer(nnx.Module):
             use_bias=config.conv_bias,
         )
         if norm == "group":
-            self.layer_norm = layers.group_norm(out_dim, num_groups=out_dim)
+            self.layer_norm: nnx.GroupNorm | nnx.LayerNorm = layers.group_norm(out_dim, num_groups=out_dim)
         elif norm == "layer":
             self.layer_norm = layers.layer_norm(out_dim)  # PyTorch's default eps, as transformers
         self.activation = Activation(config.feat_extract_activation)
@@ -585,7 +585,24 @@ def additive_mask(mask: jax.Array | None, dtype: Any) -> jax.Array | None:
     return jnp.where(mask[:, None, None, :], 0.0, jnp.finfo(dtype).min).astype(dtype)
 
 
-def attention_dropout(module: nnx.Module, weights: jax.Array) -> jax.Array:
+class Stochastic(Protocol):
+    """A module that draws its own dropout: NNX's ``deterministic`` flag and a random stream."""
+
+    @property
+    def deterministic(self) -> bool: ...
+
+    @property
+    def rngs(self) -> Any: ...
+
+
+class DropoutSource(Stochastic, Protocol):
+    """What :func:`attention_dropout` reads: a :class:`Stochastic` module with a ``dropout`` rate."""
+
+    @property
+    def dropout(self) -> float: ...
+
+
+def attention_dropout(module: DropoutSource, weights: jax.Array) -> jax.Array:
     """Dropout at ``module.dropout`` on attention weights, in training mode only (``module.eval()``
     sets ``deterministic``), drawing from ``module.rngs``."""
     return nnx.Dropout(module.dropout, deterministic=module.deterministic)(weights, rngs=module.rngs)
@@ -634,7 +651,8 @@ class SpeechAttention(nnx.Module):
                     self.v_proj(hidden_states).reshape(heads),
                     bias=mask,
                     scale=self.scaling,
-                    implementation=self.implementation,
+                    # (``cast``: Layers checked it is one of ATTENTION_IMPLEMENTATIONS.)
+                    implementation=cast(Literal["xla", "cudnn"] | None, self.implementation),
                 )
             except (NotImplementedError, RuntimeError) as exc:  # cuDNN: absent, or this shape/dtype
                 raise ValueError(
@@ -773,7 +791,7 @@ class SpeechModel(nnx.Module):
     always written out.
     """
 
-    config_class: type = SpeechConfig
+    config_class: type[SpeechConfig] = SpeechConfig
 
     def __init__(
         self,

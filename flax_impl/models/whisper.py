@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ._speech import Layers, SpeechAttention, _activation_name, _positive, read_config
+from ._speech import Layers, SpeechAttention, Stochastic, _activation_name, _positive, read_config
 from .bert import Activation
 
 __all__ = ["WhisperConfig", "WhisperEncoder", "WhisperEncoderLayer", "sinusoids"]
@@ -104,7 +104,7 @@ def sinusoids(length: int, channels: int, max_timescale: float = 10000) -> np.nd
     return np.concatenate([np.sin(scaled), np.cos(scaled)], axis=1).astype(np.float32)
 
 
-def _dropout(module: nnx.Module, x: jax.Array, rate: float) -> jax.Array:
+def _dropout(module: Stochastic, x: jax.Array, rate: float) -> jax.Array:
     # transformers applies Whisper's dropouts functionally (no submodule): so does the twin.
     return nnx.Dropout(rate, deterministic=module.deterministic)(x, rngs=module.rngs)
 
