@@ -34,7 +34,7 @@ from interchange.errors import MergeError, UnknownAdapterError
 from .checkpoint import KeyReport, parse_metadata
 from .file_convert import file_layer_kinds, progress_bar
 from .files import TensorFile, TensorSpec, numpy_dtype, write_safetensors
-from .views import TensorView, file_view, to_flax_layout, to_torch_layout
+from .views import TensorView, _constant, file_view, to_flax_layout, to_torch_layout
 
 __all__ = ["MergeError", "merge_adapter_file"]
 
@@ -296,7 +296,7 @@ def _check(
                 f"layer {layer!r}: the adapter file records use_dora={dora} but "
                 f"{'has no' if dora else 'holds an'} adapter_magnitude for it"
             )
-        if dora and magnitude.shape != (weight_shape[0],):
+        if magnitude is not None and magnitude.shape != (weight_shape[0],):
             raise MergeError(
                 f"layer {layer!r}: adapter_magnitude has shape {magnitude.shape}, expected ({weight_shape[0]},)"
             )
@@ -351,7 +351,7 @@ def _merged_view(
             base.readers[key], tensors, kwargs, wrapped_kinds.get(layer) or "linear", declared
         )
     for key, array in replaced.items():
-        readers[key] = lambda array=array: array
+        readers[key] = _constant(array)
     return TensorView(dict(base.specs), readers)
 
 

@@ -403,7 +403,9 @@ def _check_values(config: Mapping[str, Any], where: str) -> None:
     for key, patterns in (("rank_pattern", True), ("alpha_pattern", False)):
         table = config.get(key) or {}
         if not isinstance(table, dict):
-            raise PeftConversionError(f"{where!r}: {key} must be a JSON object {{pattern: value}}, got {table!r}")
+            raise PeftConversionError(
+                f"{where!r}: {key} must be a JSON object {{pattern: value}}, got {table!r}"
+            )
         for pattern, value in table.items():
             bad = isinstance(value, bool) or not isinstance(value, (int, float) if not patterns else int)
             if bad or (patterns and value < 1):
@@ -463,7 +465,7 @@ def _peft_selects(config: Mapping[str, Any], name: str) -> bool:
                 return False
         elif name in exclude or any(name.endswith(f".{e}") for e in exclude):
             return False
-    targets = config.get("target_modules")
+    targets = config.get("target_modules") or ()  # validated present by _check_values
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return name in targets or any(name.endswith(f".{t}") for t in targets)
@@ -587,7 +589,7 @@ def _check_existing(model: Any, adapter: PeftAdapter) -> None:
             f"the target AdaptedModel adapts {sorted(model.replace_layers)[:8]}, the PEFT adapter "
             f"{sorted(adapter.layers)[:8]}"
         )
-    framework = framework_of(model)
+    framework = _framework(model)
     for layer in adapter.layers:
         _check_peft_geometry(layer, _wrapped(_submodule(model.adapted_model, layer, framework)), framework)
 
@@ -600,10 +602,15 @@ def _build_adapted_model(model: Any, adapter: PeftAdapter, framework: str, rngs:
         return AdaptedModel(model, LoRA, target_layers=targets, adapter_kwargs=adapter.adapter_kwargs)
     from flax import nnx
 
-    from flax_impl import AdaptedModel, LoRA
+    from flax_impl import AdaptedModel as FlaxAdaptedModel
+    from flax_impl import LoRA as FlaxLoRA
 
-    return AdaptedModel(
-        model, LoRA, target_layers=targets, adapter_kwargs=adapter.adapter_kwargs, rngs=rngs or nnx.Rngs(0)
+    return FlaxAdaptedModel(
+        model,
+        FlaxLoRA,
+        target_layers=targets,
+        adapter_kwargs=adapter.adapter_kwargs,
+        rngs=rngs or nnx.Rngs(0),
     )
 
 
@@ -624,7 +631,7 @@ def _from_model(model: Any) -> tuple[list[str], dict[str, Any], dict[str, np.nda
             f"unfrozen_layers {model.unfrozen_module_names[:8]} would need PEFT's modules_to_save, which this "
             "exporter does not write; export an AdaptedModel without unfrozen_layers"
         )
-    framework = framework_of(model)
+    framework = _framework(model)
     for layer in model.replace_layers:
         lora = _submodule(model.adapted_model, layer, framework)
         if getattr(lora, "merged", False):
@@ -685,7 +692,7 @@ def _from_file(
     for layer in layers:
         down = tensors.get(f"{_OURS_PREFIX}{layer}.adapter_down_proj.weight")
         up = tensors.get(f"{_OURS_PREFIX}{layer}.adapter_up_proj.weight")
-        down_rank = down.shape[1] if layer in embeddings else down.shape[0]
+        down_rank = None if down is None else down.shape[1] if layer in embeddings else down.shape[0]
         if up is None or down_rank != kwargs["rank"] or up.shape[1] != kwargs["rank"]:
             raise PeftConversionError(
                 f"{where!r}: layer {layer!r} lacks a factor or does not have rank {kwargs['rank']}"
@@ -754,3 +761,11 @@ def _write_directory(folder: Path, config: Mapping[str, Any], tensors: Mapping[s
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _framework(model: Any) -> str:
+    """``'torch'`` or ``'flax'`` for an AdaptedModel of either twin (refused otherwise)."""
+    framework = framework_of(model)
+    if framework is None:
+        raise TypeError(f"expected a torch_impl or flax_impl AdaptedModel, got {type(model).__name__}")
+    return framework
