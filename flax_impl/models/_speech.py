@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..interchange import KIND_OF_TYPE
 from .bert import ACTIVATIONS, Activation
 
 __all__ = [
@@ -871,3 +872,14 @@ class SpeechModel(nnx.Module):
         from .pretrained import from_pretrained
 
         return from_pretrained(cls, path, **kwargs)
+
+
+# One line each in the Flax type table (flax_impl.interchange.KIND_OF_TYPE) for the layer kinds
+# these modules hold (interchange.kinds: conv_weight_norm, masked_spec_embed).
+KIND_OF_TYPE.extend(
+    [
+        (WeightNorm, "conv_weight_norm"),
+        (WeightNormConv, "conv"),  # owns its bias; the weight norm sits below it
+        (SpeechModel, "masked_spec_embed"),
+    ]
+)

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ..interchange import KIND_OF_TYPE
 from ._speech import (
     Layers,
     SpeechConfig,
@@ -224,3 +225,7 @@ class WavLMModel(SpeechModel):
         return encoder_class(
             layers, [self.make_encoder_layer(layers, i) for i in range(layers.config.num_hidden_layers)]
         )
+
+
+# The gate constant WavLM's attention owns (interchange.kinds: gated_relative_position).
+KIND_OF_TYPE.append((WavLMAttention, "gated_relative_position"))

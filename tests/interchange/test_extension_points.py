@@ -11,21 +11,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from flax import nnx
-from torch import nn
 
-import converters
-import flax_impl
-import flax_impl.interchange
-import torch_impl
-import torch_impl.interchange
-from converters.files import TensorFile
-from interchange import adapters as vocabulary
-from interchange import kinds as kind_table
+torch = pytest.importorskip("torch")  # both frameworks: the single-framework CI environments skip
+jnp = pytest.importorskip("jax.numpy")
+nnx = pytest.importorskip("flax.nnx")
+nn = torch.nn
+
+import converters  # noqa: E402
+import flax_impl  # noqa: E402
+import flax_impl.interchange  # noqa: E402
+import torch_impl  # noqa: E402
+import torch_impl.interchange  # noqa: E402
+from converters.files import TensorFile  # noqa: E402
+from interchange import adapters as vocabulary  # noqa: E402
+from interchange import kinds as kind_table  # noqa: E402
 
 # --- the test-only layer kind: a mixing matrix and a per-feature gain ---------------------------
 MIX = kind_table.LayerKind(

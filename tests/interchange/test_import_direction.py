@@ -87,6 +87,8 @@ def test_importing_a_package_loads_no_framework_it_does_not_need(module, absent)
     import subprocess
     import sys
 
+    _skip_without_framework(module)
+
     code = f"import sys, {module}; print(sorted(m for m in {absent!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -94,7 +96,21 @@ def test_importing_a_package_loads_no_framework_it_does_not_need(module, absent)
 
 def test_every_package_has_a_version_and_ships_py_typed():
     import importlib
+    import importlib.util
 
     for package in PACKAGES:
-        assert importlib.import_module(package).__version__
         assert (ROOT / package / "py.typed").is_file(), package
+        if all(importlib.util.find_spec(f) for f in NEEDS.get(package, ())):
+            assert importlib.import_module(package).__version__, package
+
+
+# The framework each twin needs to import at all (the single-framework CI environments lack one).
+NEEDS = {"torch_impl": ("torch",), "flax_impl": ("jax", "flax")}
+
+
+def _skip_without_framework(package: str) -> None:
+    import importlib.util
+
+    missing = [f for f in NEEDS.get(package, ()) if importlib.util.find_spec(f) is None]
+    if missing:
+        pytest.skip(f"{package} needs {missing}, not installed in this environment")

@@ -209,6 +209,7 @@ def test_rslora_scaling_is_alpha_over_sqrt_rank():
 
 
 def test_plain_lora_signature_defaults_names_and_init_are_speechbrains():
+    pytest.importorskip("speechbrain")  # the torch-only CI environment has none; the full run has it
     signature = inspect.signature(LoRA)
     positional = [p.name for p in signature.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert positional == ["target_module", "rank", "alpha"]
