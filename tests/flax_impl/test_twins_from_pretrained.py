@@ -11,13 +11,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from safetensors.numpy import save_file
 
-from flax_impl.models import BertModel, HubertModel, Wav2Vec2Model, WavLMModel, WhisperEncoder
-from interchange.errors import CheckpointError
-from tests.equivalence import harness
-from tests.zoo import bert, speech
+# transformers (torch) writes the directories read here; the jax-only CI environment skips.
+torch = pytest.importorskip("torch")
+
+from safetensors.numpy import save_file  # noqa: E402
+
+from flax_impl.models import BertModel, HubertModel, Wav2Vec2Model, WavLMModel, WhisperEncoder  # noqa: E402
+from interchange.errors import CheckpointError  # noqa: E402
+from tests.equivalence import harness  # noqa: E402
+from tests.zoo import bert, speech  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
