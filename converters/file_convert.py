@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+from interchange.adapters import ADAPTERS, implied_kinds
 from interchange.errors import CheckpointError, LayoutError, NoMatchError
 from interchange.kinds import KINDS, canonical_kind
 from interchange.names import matches_any
@@ -34,7 +35,6 @@ from .files import LAYOUTS, TensorFile, write_safetensors
 from .rename import RenameRule
 from .views import (
     TensorView,
-    adapter_implied_kinds,
     file_view,
     module_of,
     renamed,
@@ -200,10 +200,10 @@ def file_layer_kinds(tensor_file: TensorFile, extra: Mapping[str, str] | None = 
     ``extra`` (exact names or glob patterns, see :func:`resolve_kinds`); a kind given twice
     must agree."""
     kinds = dict(tensor_file.layer_kinds)
-    if tensor_file.layout == "torch":
-        adapter_class = tensor_file.metadata.get("adapter_class", "")
+    adapter = ADAPTERS.get(tensor_file.metadata.get("adapter_class", ""))
+    if tensor_file.layout == "torch" and adapter is not None:  # the declaration fixes its factors' kinds
         specs = {name: tensor_file.spec(name) for name in tensor_file.names}
-        for module, kind in adapter_implied_kinds(tensor_file.names, specs, adapter_class).items():
+        for module, kind in implied_kinds(tensor_file.names, specs, adapter, kinds).items():
             kinds.setdefault(module, kind)
     modules = list(dict.fromkeys(module_of(name) for name in tensor_file.names))
     for module, kind in resolve_kinds(extra or {}, modules).items():

@@ -17,19 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from interchange.adapters import adapter_of, get_adapter, implied_kinds, is_adapter_key
+from interchange.adapters import adapter_of, is_adapter_key
 from interchange.dtypes import TensorSpec
-from interchange.errors import UnknownAdapterError
 from interchange.format import adapter_metadata, parse_metadata
 from interchange.state import FlatState
 
+from .file_convert import file_layer_kinds
 from .files import TensorFile
 from .views import TensorView, file_view, to_torch_layout
 
 __all__ = [
     "Source",
     "Target",
-    "file_adapter_kinds",
     "framework_of",
     "is_adapter_key",
     "model_assign",
@@ -185,26 +184,11 @@ def _file_source(path: str | os.PathLike[str]) -> Source:
     tensor_file = TensorFile(path)
     metadata = dict(tensor_file.metadata)
     view = file_view(tensor_file)
-    kinds = dict(tensor_file.layer_kinds)
-    if tensor_file.layout == "torch":
-        for module, kind in file_adapter_kinds(view.names, view.specs, metadata, kinds).items():
-            kinds.setdefault(module, kind)
+    kinds = file_layer_kinds(tensor_file)  # recorded, and implied by its adapter's declaration
     view = to_torch_layout(view, tensor_file.layout, kinds)
     content = parse_metadata(metadata).get("content")
     adapter_only = content == "adapter" or (not metadata and _only_adapter_keys(view.names))
     return Source(view, "file", kinds, {}, {}, metadata, adapter_only, tensor_file.layout, tensor_file.close)
-
-
-def file_adapter_kinds(
-    names: list[str], specs: Mapping[str, TensorSpec], metadata: Mapping[str, str], kinds: Mapping[str, str]
-) -> dict[str, str]:
-    """Kinds of the adapter factor layers of a torch-layout file, from its recorded adapter class
-    (none for a file that records none or an adapter class no declaration describes)."""
-    try:
-        adapter = get_adapter(metadata.get("adapter_class", ""))
-    except UnknownAdapterError:
-        return {}
-    return implied_kinds(names, specs, adapter, kinds)
 
 
 def _only_adapter_keys(names: list[str]) -> bool:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from interchange import kinds as layout
-from interchange.adapters import LORA, implied_kinds
 from interchange.dtypes import TensorSpec, dtype_name
 from interchange.errors import CheckpointError, ConversionError, UnknownLayerError
 from interchange.kinds import BUFFER_NAMES
@@ -35,12 +34,10 @@ from .files import TensorFile, contiguous
 from .rename import RenameRule, rename_keys
 
 __all__ = [
-    "ADAPTER_PROJECTIONS",
     "BUFFER_NAMES",
     "ConversionError",
     "TensorView",
     "UnknownLayerError",
-    "adapter_implied_kinds",
     "file_view",
     "is_buffer",
     "module_of",
@@ -49,10 +46,6 @@ __all__ = [
     "to_flax_layout",
     "to_torch_layout",
 ]
-
-
-# The factor children of LoRA (kept for old imports; the vocabulary is interchange.adapters).
-ADAPTER_PROJECTIONS = LORA.factors
 
 
 def module_of(key: str) -> str:
@@ -114,23 +107,6 @@ def _constant(array: np.ndarray) -> Callable[[], np.ndarray]:
 
 def _reader(read: Callable[[str], np.ndarray], name: str) -> Callable[[], np.ndarray]:
     return lambda: read(name)
-
-
-def adapter_implied_kinds(
-    names: Iterable[str], specs: Mapping[str, TensorSpec], adapter_class: str
-) -> dict[str, str]:
-    """Kinds of the layers inside adapters, from the adapter class recorded in the metadata
-    (see :func:`interchange.adapters.implied_kinds`); ``{}`` for an undeclared class.
-
-    Example
-    -------
-    >>> adapter_implied_kinds(["m.adapter_down_proj.weight"], {"m.adapter_down_proj.weight": ("F32", (2, 4))}, "LoRA")
-    {'m.adapter_down_proj': 'linear'}
-    """
-    from interchange.adapters import ADAPTERS
-
-    adapter = ADAPTERS.get(adapter_class)
-    return implied_kinds(names, specs, adapter) if adapter is not None else {}
 
 
 def to_torch_layout(view: TensorView, source_layout: str, kinds: Mapping[str, str]) -> TensorView:
