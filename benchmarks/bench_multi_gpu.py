@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import resource
@@ -195,6 +196,10 @@ def _torch_worker(
             dist.barrier()
         if rank == 0:
             Path(folder, "torch.json").write_text(json.dumps(results))
+        # Collect the runs' models and collective handles while the group is alive: gloo work
+        # freed during interpreter finalisation can abort the process (see the FSDP2 test).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -9,6 +9,7 @@ Workers write what they saw to ``tmp_path``; the assertions run here.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import time
 import warnings
@@ -140,47 +141,67 @@ def _init(rank: int, world: int, folder: str) -> None:
     )
 
 
+def _in_group(body, rank: int, world: int, folder: str) -> None:
+    """Run ``body(rank, world, folder)`` inside the process group, then tear the group down.
+
+    The body's objects (modules, FSDP2 state, collective handles) are collected while the group
+    and the interpreter are alive: gloo's worker threads can hold async work whose tensors
+    point back into Python, and destroying those during interpreter finalisation aborts the
+    process ("terminate called without an active exception", SIGABRT after every result was
+    written; about one run in ten on 2 cores, pytorch/pytorch#179291). A barrier keeps a rank
+    from leaving while the other is still inside a collective.
+    """
+    _init(rank, world, folder)
+    try:
+        body(rank, world, folder)
+        gc.collect()
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+        gc.collect()
+
+
 def _half(tensor: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return tensor.chunk(world)[rank]
 
 
 # ----------------------------------------------------------------------------- DDP
 def _ddp_worker(rank: int, world: int, folder: str) -> None:
+    _in_group(_ddp_body, rank, world, folder)
+
+
+def _ddp_body(rank: int, world: int, folder: str) -> None:
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    _init(rank, world, folder)
-    try:
-        model = _adapted()
-        names = {id(p): n for n, p in model.named_parameters()}
-        ddp = DDP(model)
-        reduced: set[str] = set()
+    model = _adapted()
+    names = {id(p): n for n, p in model.named_parameters()}
+    ddp = DDP(model)
+    reduced: set[str] = set()
 
-        def recording_allreduce(state, bucket):
-            reduced.update(names[id(p)] for p in bucket.parameters())
-            return allreduce_hook(state, bucket)
+    def recording_allreduce(state, bucket):
+        reduced.update(names[id(p)] for p in bucket.parameters())
+        return allreduce_hook(state, bucket)
 
-        ddp.register_comm_hook(None, recording_allreduce)
-        x, y = _batch()
-        losses, frozen_grad_free = _train(ddp, _half(x, rank, world), _half(y, rank, world), model)
+    ddp.register_comm_hook(None, recording_allreduce)
+    x, y = _batch()
+    losses, frozen_grad_free = _train(ddp, _half(x, rank, world), _half(y, rank, world), model)
 
-        # Every rank calls saver; only rank 0 may write (each names its own file to show it).
-        model.saver(os.path.join(folder, f"ddp_rank{rank}.safetensors"))
-        fresh = _adapted(seed=3)
-        fresh_ddp = DDP(fresh)
-        fresh.loader(os.path.join(folder, "single.safetensors"))  # every replica loads it
-        with torch.no_grad():
-            loaded_probe = fresh_ddp(_probe())
-        result = {
-            "losses": _global_mean(losses),
-            "frozen_grad_free": frozen_grad_free,
-            "reduced": sorted(reduced),
-            "state": model.trainable_state_dict(),
-            "loaded_probe": loaded_probe,
-        }
-        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    # Every rank calls saver; only rank 0 may write (each names its own file to show it).
+    model.saver(os.path.join(folder, f"ddp_rank{rank}.safetensors"))
+    fresh = _adapted(seed=3)
+    fresh_ddp = DDP(fresh)
+    fresh.loader(os.path.join(folder, "single.safetensors"))  # every replica loads it
+    with torch.no_grad():
+        loaded_probe = fresh_ddp(_probe())
+    result = {
+        "losses": _global_mean(losses),
+        "frozen_grad_free": frozen_grad_free,
+        "reduced": sorted(reduced),
+        "state": model.trainable_state_dict(),
+        "loaded_probe": loaded_probe,
+    }
+    torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
 
 
 def test_ddp_matches_one_process_and_all_reduces_only_trainable_parameters(tmp_path):
@@ -218,43 +239,43 @@ def _fsdp_model(seed: int, mesh) -> AdaptedModel:
 
 
 def _fsdp_worker(rank: int, world: int, folder: str) -> None:
+    _in_group(_fsdp_body, rank, world, folder)
+
+
+def _fsdp_body(rank: int, world: int, folder: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.debug import CommDebugMode
 
-    _init(rank, world, folder)
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        model = _fsdp_model(0, mesh)
-        x, y = _batch()
-        losses, frozen_grad_free = _train(model, _half(x, rank, world), _half(y, rank, world), model)
-        all_sharded = all(isinstance(p, DTensor) for p in model.parameters())
+    mesh = init_device_mesh("cpu", (world,))
+    model = _fsdp_model(0, mesh)
+    x, y = _batch()
+    losses, frozen_grad_free = _train(model, _half(x, rank, world), _half(y, rank, world), model)
+    all_sharded = all(isinstance(p, DTensor) for p in model.parameters())
 
-        with CommDebugMode() as comm:
-            model.saver(os.path.join(folder, "fsdp.safetensors"))  # a collective: every rank calls it
-        gathers = sum(count for op, count in comm.get_comm_counts().items() if "all_gather" in str(op))
+    with CommDebugMode() as comm:
+        model.saver(os.path.join(folder, "fsdp.safetensors"))  # a collective: every rank calls it
+    gathers = sum(count for op, count in comm.get_comm_counts().items() if "all_gather" in str(op))
 
-        fresh = _fsdp_model(3, mesh)
-        fresh.loader(os.path.join(folder, "single.safetensors"))
-        still_sharded = all(
-            isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0]
-            for p in fresh.parameters()
-            if p.shape[0] > 1
-        )
-        with torch.no_grad():
-            loaded_probe = fresh(_probe())
-        result = {
-            "losses": _global_mean(losses),
-            "frozen_grad_free": frozen_grad_free,
-            "all_sharded": all_sharded,
-            "gathers": gathers,
-            "state": model.trainable_state_dict(),
-            "loaded_probe": loaded_probe,
-            "still_sharded": still_sharded,
-        }
-        torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        torch.distributed.destroy_process_group()
+    fresh = _fsdp_model(3, mesh)
+    fresh.loader(os.path.join(folder, "single.safetensors"))
+    still_sharded = all(
+        isinstance(p, DTensor) and p.to_local().shape[0] < p.shape[0]
+        for p in fresh.parameters()
+        if p.shape[0] > 1
+    )
+    with torch.no_grad():
+        loaded_probe = fresh(_probe())
+    result = {
+        "losses": _global_mean(losses),
+        "frozen_grad_free": frozen_grad_free,
+        "all_sharded": all_sharded,
+        "gathers": gathers,
+        "state": model.trainable_state_dict(),
+        "loaded_probe": loaded_probe,
+        "still_sharded": still_sharded,
+    }
+    torch.save(result, os.path.join(folder, f"rank{rank}.pt"))
 
 
 def test_fsdp2_matches_one_process_and_checkpoints_gather_only_trainable_shards(tmp_path):
