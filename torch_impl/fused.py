@@ -342,9 +342,9 @@ class _LoRALinearFunction(torch.autograd.Function):
                     grad_down = torch.mm(grad_h.t(), x2d).to(down_dtype)
         if need_up:
             if _widening(g, up_dtype):
-                grad_up = torch.mm(g.t(), h, out_dtype=up_dtype)
-                if scaling != 1.0:
-                    grad_up.mul_(scaling)
+                # ``alpha`` carries the scaling (``up`` only lends its shape): one GEMM, where
+                # ``mm`` + ``mul_`` launched two kernels a layer.
+                grad_up = torch.addmm(up, g.t(), h, beta=0, alpha=scaling, out_dtype=up_dtype)
             else:
                 grad_up = torch.addmm(up, g.t(), h, beta=0, alpha=scaling).to(up_dtype)
         return grad_x, None, None, grad_down, grad_up, None, None
@@ -634,9 +634,7 @@ class _LoRAGroupFunction(torch.autograd.Function):
             grad_hs.append(torch.addmm(h_i, g, up, beta=0, alpha=scaling))
             if needs[3 + 4 * i + 3]:
                 if _widening(g, up_dtypes[i]):
-                    grad_up = torch.mm(g.t(), h_i, out_dtype=up_dtypes[i])
-                    if scaling != 1.0:
-                        grad_up.mul_(scaling)
+                    grad_up = torch.addmm(up, g.t(), h_i, beta=0, alpha=scaling, out_dtype=up_dtypes[i])
                 else:
                     grad_up = torch.addmm(up, g.t(), h_i, beta=0, alpha=scaling).to(up_dtypes[i])
                 grad_ups.append(grad_up)
