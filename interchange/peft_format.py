@@ -202,6 +202,7 @@ def _check_values(config: Mapping[str, Any], where: str) -> None:
                 f"{where!r}: {key} must be a JSON object {{pattern: value}}, got {table!r}"
             )
         for pattern, value in table.items():
+            _check_regex(rf"(.*\.)?({pattern})$", f"{key} key {pattern!r}", where)
             if not (_is_int(value) and value >= 1 if integer else _is_number(value)):
                 raise PeftConversionError(
                     f"{where!r}: {key}[{pattern!r}] must be a positive number, got {value!r}"
@@ -218,6 +219,9 @@ def _check_values(config: Mapping[str, Any], where: str) -> None:
         raise PeftConversionError(
             f"{where!r}: target_modules must be a string or a list of strings, got {targets!r}"
         )
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), str):
+            _check_regex(config[key], f"{key} {config[key]!r}", where)
     dropout = config.get("lora_dropout", 0.0)
     dropout = 0.0 if dropout is None else dropout
     if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
@@ -703,6 +707,14 @@ def _read_json(path: Path, error: type[CheckpointError]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise error(f"{str(path)!r} must hold a JSON object")
     return value
+
+
+def _check_regex(pattern: str, what: str, where: str) -> None:
+    """PEFT matches these with ``re``: a pattern ``re`` cannot compile fails there too."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise PeftConversionError(f"{where!r}: {what} is not a regular expression: {exc}") from None
 
 
 def _pattern_value(patterns: Mapping[str, Any], layer: str, default: Any) -> Any:
