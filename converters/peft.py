@@ -83,13 +83,13 @@ def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter[np.ndarr
     """Read and check a PEFT LoRA adapter directory (:func:`interchange.peft_format.peft_adapter`);
     raises :class:`PeftConversionError` for anything our LoRA cannot compute exactly."""
     found = peft_format.read_peft_directory(directory)
-    where = str(Path(directory) / PEFT_CONFIG_NAME)
-    notes = peft_format.check_peft_config(found.config, where)  # before the weights are read
-    with TensorFile(found.weights) as weights:
-        tensors = {key: weights.get(key) for key in weights.names}
-    adapter = peft_format.peft_adapter(found.config, tensors, where=where, weights=str(found.weights))
+
+    def read(path: Path) -> dict[str, np.ndarray]:
+        with TensorFile(path) as weights:
+            return {key: weights.get(key) for key in weights.names}
+
+    adapter = peft_format.load_peft_adapter(found, read)
     adapter.tensors = {key: np.ascontiguousarray(value) for key, value in adapter.tensors.items()}
-    adapter.notes = notes
     return adapter
 
 
@@ -183,10 +183,13 @@ def export_peft_adapter(
         )
     if "" in layers:
         raise PeftConversionError("the LoRA adapter wraps the root module itself, which PEFT cannot target")
-    kwargs = LORA.kwargs(kwargs)
-    config = peft_format.peft_config(layers, **kwargs, base_model_name_or_path=base_model_name_or_path)
-    peft_tensors = peft_format.to_peft_tensors(
-        tensors, layers, embeddings=embeddings, use_dora=kwargs["use_dora"], where=str(source)
+    config, peft_tensors = peft_format.peft_files(
+        tensors,
+        layers,
+        kwargs,
+        embeddings=embeddings,
+        base_model_name_or_path=base_model_name_or_path,
+        where=str(source),
     )
     peft_format.write_adapter_directory(
         directory,
@@ -225,13 +228,15 @@ def peft_to_adapter_file(directory: str | os.PathLike[str], path: str | os.PathL
 
 
 def _check_targets(model: Any, adapter: PeftAdapter[Any], framework: str, where: str) -> None:
-    """The PEFT adapter fits ``model`` (:func:`interchange.peft_format.check_peft_model`), and
-    its layers have the geometry PEFT's LoRA computes."""
+    """The PEFT adapter fits ``model`` (:func:`interchange.peft_format.check_peft_model`, with
+    the twin's geometry check)."""
     _, modules = _named_modules(model, framework)
-    kinds = {name: (_lora_kind(module, framework), type(module).__name__) for name, module in modules.items()}
-    peft_format.check_peft_model(adapter, kinds, where=where)
-    for layer in adapter.layers:
-        _check_peft_geometry(layer, modules[layer], framework)
+    peft_format.check_peft_model(
+        adapter,
+        {name: (_lora_kind(module, framework), type(module).__name__) for name, module in modules.items()},
+        where=where,
+        layer_refusal=lambda name: _twin(framework).peft_layer_refusal(name, modules[name]),
+    )
 
 
 def _check_peft_geometry(layer: str, module: Any, framework: str) -> None:
@@ -241,24 +246,26 @@ def _check_peft_geometry(layer: str, module: Any, framework: str) -> None:
         raise PeftConversionError(
             f"layer {layer!r} is a {type(module).__name__}; our LoRA wraps Linear, Conv and Embedding layers"
         )
-    if framework == "torch":
-        from torch_impl.pretrained import peft_layer_refusal
-    else:
-        from flax_impl.pretrained import peft_layer_refusal
-    refusal = peft_layer_refusal(layer, module)
+    refusal = _twin(framework).peft_layer_refusal(layer, module)
     if refusal is not None:
         raise PeftConversionError(refusal)
 
 
+def _twin(framework: str) -> Any:
+    """The twin's ``pretrained`` module: its PEFT layer kinds, geometry and refusals."""
+    if framework == "torch":
+        import torch_impl.pretrained
+
+        return torch_impl.pretrained
+    import flax_impl.pretrained
+
+    return flax_impl.pretrained
+
+
 def _lora_kind(module: Any, framework: str) -> str | None:
     """``'linear'``, ``'conv'`` or ``'embedding'`` for a layer our LoRA wraps, else None."""
-    if framework == "torch":
-        from torch_impl.pretrained import peft_layer_kind
-
-        return peft_layer_kind(module)
-    from flax_impl.pretrained import peft_layer_kind as flax_layer_kind
-
-    return flax_layer_kind(module)
+    kind: str | None = _twin(framework).peft_layer_kind(module)
+    return kind
 
 
 def _is_lora_layer(module: Any, framework: str) -> bool:
@@ -339,22 +346,15 @@ def _build_adapted_model(model: Any, adapter: PeftAdapter, framework: str, rngs:
 
 
 def _from_model(model: Any) -> tuple[list[str], dict[str, Any], dict[str, np.ndarray], list[str]]:
-    adapter_class = getattr(model.adapter_class, "__name__", str(model.adapter_class))
-    if adapter_class != "LoRA":
-        raise PeftConversionError(f"{adapter_class} adapters have no PEFT LoRA equivalent; only LoRA exports")
-    if getattr(model, "unfrozen_module_names", None):
-        raise PeftConversionError(
-            f"unfrozen_layers {model.unfrozen_module_names[:8]} would need PEFT's modules_to_save, which this "
-            "exporter does not write; export an AdaptedModel without unfrozen_layers"
-        )
     framework = _framework(model)
+    refusal = _twin(framework).peft_refusal(model)  # what the twin's save_pretrained refuses
+    if refusal is not None:
+        raise PeftConversionError(refusal)
     for layer in model.replace_layers:
-        lora = _submodule(model.adapted_model, layer, framework)
-        if getattr(lora, "merged", False):
+        if getattr(_submodule(model.adapted_model, layer, framework), "merged", False):
             raise PeftConversionError(
                 f"layer {layer!r} is merged into its base weight; unmerge_lora(model) first"
             )
-        _check_peft_geometry(layer, _wrapped(lora), framework)
     embeddings = [
         layer
         for layer in model.replace_layers

@@ -84,11 +84,14 @@ __all__ = [
     "check_peft_config",
     "check_peft_model",
     "escape_glob",
+    "load_peft_adapter",
     "ours_config",
     "parse_peft_key",
     "peft_adapter",
     "peft_config",
+    "peft_files",
     "peft_options",
+    "peft_refusal",
     "peft_selects",
     "read_adapter_directory",
     "read_peft_directory",
@@ -508,7 +511,11 @@ def peft_selects(config: Mapping[str, Any], name: str) -> bool | None:
 
 
 def check_peft_model(
-    adapter: PeftAdapter[Any], modules: Mapping[str, tuple[str | None, str]], *, where: str
+    adapter: PeftAdapter[Any],
+    modules: Mapping[str, tuple[str | None, str]],
+    *,
+    where: str,
+    layer_refusal: Callable[[str], str | None] | None = None,
 ) -> None:
     """Refuse a PEFT adapter that does not fit a model, before anything is changed.
 
@@ -517,7 +524,8 @@ def check_peft_model(
     others. Refused: an adapted layer the model lacks, or which our LoRA cannot wrap, or whose
     factors are an embedding's and the layer not (or the reverse); ``target_modules`` that select
     other layers of the model than the weights hold (the adapter was made for another model).
-    The layers' geometry (a conv's dilation, ...) is the framework's to check.
+    ``layer_refusal(name)``, the framework's check of a layer's geometry (a conv's dilation,
+    ...), says why PEFT's LoRA on it would compute something else, or None.
     """
     missing = [layer for layer in adapter.layers if layer not in modules]
     if missing:
@@ -536,6 +544,9 @@ def check_peft_model(
                 f"{where!r}: layer {layer!r} is a {type_name} but the adapter holds {theirs} for it: this "
                 "adapter was not made for this model"
             )
+        refusal = layer_refusal(layer) if layer_refusal is not None else None
+        if refusal is not None:
+            raise PeftConversionError(f"{where!r}: {refusal}")
     selected = []
     for name, (kind, _) in modules.items():
         if kind is None or not name:
@@ -553,6 +564,70 @@ def check_peft_model(
             f"have no weights in {PEFT_WEIGHTS_NAME}, or the weights hold layers {absent[:8]} it does not "
             "select: this adapter was not made for this model"
         )
+
+
+def peft_refusal(
+    *,
+    adapter_class: str | None,
+    adapter_kwargs: Mapping[str, Any],
+    unfrozen_layers: Sequence[str],
+    layers: Sequence[str],
+    layer_refusal: Callable[[str], str | None],
+) -> str | None:
+    """Why PEFT's format cannot hold an adapter, or None when it can: ``adapter_class`` is None
+    for LoRA, else the class's name; ``layer_refusal(name)`` is the framework's geometry check.
+
+    >>> peft_refusal(adapter_class=None, adapter_kwargs={"rank": 2, "use_dora": True}, unfrozen_layers=[],
+    ...              layers=["fc"], layer_refusal=lambda name: None) is None
+    True
+    >>> peft_refusal(adapter_class="HoulsbyAdapterLinear", adapter_kwargs={}, unfrozen_layers=[], layers=["fc"],
+    ...              layer_refusal=lambda name: None)
+    "HoulsbyAdapterLinear adapters have no PEFT LoRA equivalent; only LoRA is written in PEFT's format"
+    """
+    if adapter_class is not None:
+        return f"{adapter_class} adapters have no PEFT LoRA equivalent; only LoRA is written in PEFT's format"
+    try:
+        peft_options(adapter_kwargs)
+    except PeftConversionError as exc:
+        return str(exc)
+    if unfrozen_layers:
+        return f"unfrozen layers {list(unfrozen_layers)[:8]} would need PEFT's modules_to_save, which is not written"
+    if not layers or "" in layers:
+        return "the adapter wraps the root module itself, which PEFT cannot target"
+    for name in layers:
+        refusal = layer_refusal(name)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def peft_files(
+    tensors: Mapping[str, T],
+    layers: Sequence[str],
+    adapter_kwargs: Mapping[str, Any],
+    *,
+    embeddings: Collection[str] = (),
+    base_model_name_or_path: str | None = None,
+    where: str = "the adapter",
+) -> tuple[dict[str, Any], dict[str, T]]:
+    """The config and the tensors of PEFT's directory for our LoRA (``adapter_kwargs``) on
+    ``layers``: :func:`peft_config` and :func:`to_peft_tensors` together."""
+    kwargs = {"rank": 16, "alpha": 1.0, **_OUR_DEFAULTS, **adapter_kwargs}
+    config = peft_config(layers, **kwargs, base_model_name_or_path=base_model_name_or_path)
+    out = to_peft_tensors(
+        tensors, layers, embeddings=embeddings, use_dora=bool(kwargs["use_dora"]), where=where
+    )
+    return config, out
+
+
+def load_peft_adapter(
+    found: AdapterDirectory, read_tensors: Callable[[Path], Mapping[str, T]]
+) -> PeftAdapter[T]:
+    """Check the config of the PEFT directory ``found``, then read its weights with
+    ``read_tensors(path)`` (each side its own way) and map them (:func:`peft_adapter`)."""
+    where = str(found.weights.with_name(PEFT_CONFIG_NAME))
+    check_peft_config(found.config, where)  # before the weights are read
+    return peft_adapter(found.config, read_tensors(found.weights), where=where, weights=str(found.weights))
 
 
 def escape_glob(name: str) -> str:

@@ -38,7 +38,7 @@ from torch import nn
 
 from interchange import peft_format
 from interchange.adapters import LORA, adapter_of
-from interchange.errors import CheckpointError, PeftConversionError
+from interchange.errors import CheckpointError
 from interchange.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
 
 from . import distributed
@@ -91,22 +91,16 @@ def peft_layer_refusal(name: str, layer: nn.Module) -> str | None:
 
 
 def peft_refusal(model: Any) -> str | None:
-    """Why PEFT's format cannot represent ``model``'s adapters, or None when it can."""
-    if adapter_of(model.adapter_class) is not LORA:
-        return f"{getattr(model.adapter_class, '__name__', model.adapter_class)} adapters are not LoRA"
-    try:
-        peft_format.peft_options(model.adapter_kwargs)
-    except PeftConversionError as exc:
-        return str(exc)
-    if model.unfrozen_module_names:
-        return f"unfrozen layers {model.unfrozen_module_names[:8]} would need PEFT's modules_to_save"
-    if not model.replace_layers or "" in model.replace_layers:
-        return "the adapter wraps the root module itself, which PEFT cannot target"
-    for name in model.replace_layers:
-        refusal = peft_layer_refusal(name, getattr(model.adapted_model.get_submodule(name), LORA.wrapped))
-        if refusal is not None:
-            return refusal
-    return None
+    """Why PEFT's format cannot represent ``model``'s adapters, or None when it can
+    (:func:`interchange.peft_format.peft_refusal`, with this twin's :func:`peft_layer_refusal`)."""
+    lora = adapter_of(model.adapter_class) is LORA
+    return peft_format.peft_refusal(
+        adapter_class=None if lora else getattr(model.adapter_class, "__name__", str(model.adapter_class)),
+        adapter_kwargs=model.adapter_kwargs,
+        unfrozen_layers=model.unfrozen_module_names,
+        layers=model.replace_layers,
+        layer_refusal=lambda name: peft_layer_refusal(name, _wrapped(model, name)),
+    )
 
 
 def save_pretrained(
@@ -118,20 +112,13 @@ def save_pretrained(
     tensors = model.trainable_state_dict()
     refusal = peft_refusal(model)
     if refusal is None:
-        kwargs = LORA.kwargs(model.adapter_kwargs)
-        config = peft_format.peft_config(
-            model.replace_layers, **kwargs, base_model_name_or_path=base_model_name_or_path
-        )
-        embeddings = [
-            name
-            for name in model.replace_layers
-            if peft_layer_kind(getattr(model.adapted_model.get_submodule(name), LORA.wrapped)) == "embedding"
-        ]
-        peft_tensors = peft_format.to_peft_tensors(
+        embeddings = [n for n in model.replace_layers if peft_layer_kind(_wrapped(model, n)) == "embedding"]
+        config, peft_tensors = peft_format.peft_files(
             tensors,
             model.replace_layers,
+            model.adapter_kwargs,
             embeddings=embeddings,
-            use_dora=kwargs["use_dora"],
+            base_model_name_or_path=base_model_name_or_path,
             where=str(directory),
         )
         write = lambda path: save_state_dict_file(peft_tensors, path, {"format": "pt"})  # noqa: E731
@@ -161,17 +148,14 @@ def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLi
     metadata: Mapping[str, str]
     where = str(found.weights)
     if found.format == "peft":
-        config_path = str(found.weights.with_name(peft_format.PEFT_CONFIG_NAME))
-        peft_format.check_peft_config(found.config, config_path)  # before the weights are read
-        peft_tensors, _ = load_state_dict_file(found.weights)
-        adapter = peft_format.peft_adapter(found.config, peft_tensors, where=config_path, weights=where)
+        adapter = peft_format.load_peft_adapter(found, lambda path: load_state_dict_file(path)[0])
         modules = dict(base_model.named_modules())
-        kinds = {name: (peft_layer_kind(m), type(m).__name__) for name, m in modules.items()}
-        peft_format.check_peft_model(adapter, kinds, where=str(directory))
-        for name in adapter.layers:
-            refusal = peft_layer_refusal(name, modules[name])
-            if refusal is not None:
-                raise PeftConversionError(f"{str(directory)!r}: {refusal}")
+        peft_format.check_peft_model(
+            adapter,
+            {name: (peft_layer_kind(m), type(m).__name__) for name, m in modules.items()},
+            where=str(directory),
+            layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
+        )
         adapter_class, kwargs = LoRA, adapter.adapter_kwargs
         adapted, unfrozen = adapter.layers, []
         tensors, metadata = adapter.tensors, {}
@@ -224,6 +208,11 @@ def _resolve_kwargs(adapter_class: type, recorded: Mapping[str, Any], where: str
             )
         out[key] = value
     return out
+
+
+def _wrapped(model: Any, name: str) -> Any:
+    """The layer the adapter at ``name`` wraps."""
+    return getattr(model.adapted_model.get_submodule(name), LORA.wrapped)
 
 
 def _class_name(adapter_class: Any) -> str:
