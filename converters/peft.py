@@ -4,8 +4,13 @@ A PEFT LoRA adapter is a directory with ``adapter_config.json`` and ``adapter_mo
 (keys ``base_model.model.<layer>.lora_A.weight`` ``(r, in, *k)`` and ``...lora_B.weight``
 ``(out, r, 1..)``). Ours names the same factors ``adapted_model.<layer>.adapter_down_proj.weight``
 and ``...adapter_up_proj.weight``, in the same layouts, so the tensors cross unchanged; what needs
-care is the scaling and what each side can express. This module reads and writes the files
-itself; it never imports ``peft``.
+care is the scaling and what each side can express. It never imports ``peft``.
+
+Everything about the format itself (names, key mapping for factors, embedding factors and DoRA
+magnitudes, the config's checks and refusals, the options, the patterns, reading and atomic
+writing of directories) is :mod:`interchange.peft_format`'s, which the twins'
+``AdaptedModel.save_pretrained``/``from_pretrained`` use too; this module adds what needs a
+model: walking it, the geometry of its layers, building an ``AdaptedModel`` of the right twin.
 
 The options cross as they are: ``lora_dropout`` <-> ``dropout``, ``use_rslora`` <-> ``use_rslora``
 (``scaling = alpha / sqrt(rank)``: ``alpha = lora_alpha`` exactly), ``use_dora`` <-> ``use_dora``
@@ -13,10 +18,6 @@ with ``lora_magnitude_vector`` (``(out,)``; convs ``(1, out, 1..)``) <-> ``adapt
 (``(out,)``). Embedding adapters: ``lora_embedding_A`` ``(r, num)`` is our
 ``adapter_down_proj.weight`` transposed, ``lora_embedding_B`` ``(dim, r)`` our
 ``adapter_up_proj.weight``.
-
-The config is validated as ``PeftModel.from_pretrained`` validates it: ``r`` a positive integer,
-``lora_alpha`` a number, ``target_modules`` present, ``lora_dropout`` a probability,
-``use_rslora``/``use_dora`` booleans.
 
 Refused with :class:`PeftConversionError`, never approximated:
 
@@ -50,17 +51,15 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from interchange import peft_format
 from interchange.adapters import LORA, implied_kinds, lora_scaling
 from interchange.errors import PeftConversionError
+from interchange.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PeftAdapter
 
 from .checkpoint import KeyReport, adapter_metadata, parse_metadata
 from .files import TensorFile, write_safetensors
@@ -77,154 +76,21 @@ __all__ = [
     "read_peft_adapter",
 ]
 
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-_PEFT_PREFIX = "base_model.model."
-_OURS_PREFIX = "adapted_model."
-_FACTORS = {"lora_A": "adapter_down_proj", "lora_B": "adapter_up_proj"}
-_EMBEDDING_FACTORS = {"lora_embedding_A": "adapter_down_proj", "lora_embedding_B": "adapter_up_proj"}
-_MAGNITUDE = "lora_magnitude_vector"
-_OPTION_DEFAULTS = {"dropout": 0.0, "use_rslora": False, "use_dora": False}
-
-# PEFT config fields whose presence (a value other than None/False/empty) we cannot express.
-_UNSUPPORTED = {
-    "modules_to_save": "modules_to_save (fully trained extra modules)",
-    "lora_bias": "lora_bias (a bias on lora_B)",
-    "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D layers)",
-    "target_parameters": "target_parameters (LoRA on bare nn.Parameters)",
-    "trainable_token_indices": "trainable_token_indices",
-    "layer_replication": "layer_replication",
-    "use_qalora": "QA-LoRA",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "megatron_config": "Megatron parallel layers",
-    "use_bdlora": "block-diagonal LoRA",
-    "arrow_config": "Arrow routing",
-    "kasa_config": "KaSA",
-    "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA",
-}
-# Initialisations that rewrite the base weights: the adapter alone no longer describes the model.
-_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+_OURS_PREFIX = peft_format.OURS_PREFIX
 
 
-@dataclass
-class PeftAdapter:
-    """A PEFT LoRA adapter read into our terms.
+def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter[np.ndarray]:
+    """Read and check a PEFT LoRA adapter directory (:func:`interchange.peft_format.peft_adapter`);
+    raises :class:`PeftConversionError` for anything our LoRA cannot compute exactly."""
+    found = peft_format.read_peft_directory(directory)
 
-    ``tensors`` holds our adapter keys (``adapted_model.<layer>.adapter_down_proj.weight``, ...)
-    in torch layout; ``layers`` the adapted layers' dotted names; ``rank``, ``alpha`` and
-    ``options`` (``dropout``, ``use_rslora``, ``use_dora``, those that differ from the defaults)
-    our LoRA's arguments; ``embeddings`` the layers whose adapter is an embedding's.
-    """
+    def read(path: Path) -> dict[str, np.ndarray]:
+        with TensorFile(path) as weights:
+            return {key: weights.get(key) for key in weights.names}
 
-    config: dict[str, Any]
-    layers: list[str]
-    rank: int
-    alpha: float
-    tensors: dict[str, np.ndarray]
-    notes: list[str] = field(default_factory=list)
-    options: dict[str, Any] = field(default_factory=dict)
-    embeddings: list[str] = field(default_factory=list)
-
-    @property
-    def adapter_kwargs(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": self.alpha, **self.options}
-
-
-def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter:
-    """Read and check a PEFT LoRA adapter directory; raises :class:`PeftConversionError` for
-    anything our LoRA cannot compute exactly."""
-    folder = Path(directory)
-    config_path, weights_path = folder / PEFT_CONFIG_NAME, folder / PEFT_WEIGHTS_NAME
-    if not folder.is_dir():
-        raise FileNotFoundError(f"PEFT adapter directory not found: {str(folder)!r}")
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{str(folder)!r} is not a PEFT adapter directory: {path.name} is missing"
-            )
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PeftConversionError(f"{str(config_path)!r} is not valid JSON: {exc}") from None
-    except RecursionError:  # json recurses per nesting level: a hostile file can exhaust the stack
-        raise PeftConversionError(f"{str(config_path)!r} is nested too deeply to be a PEFT config") from None
-    if not isinstance(config, dict):
-        raise PeftConversionError(f"{str(config_path)!r} must hold a JSON object")
-    notes = _check_config(config, str(config_path))
-
-    with TensorFile(weights_path) as weights:
-        factors: dict[str, dict[str, np.ndarray]] = {}
-        for key in weights.names:
-            layer, factor = _parse_peft_key(key, str(weights_path))
-            factors.setdefault(layer, {})[factor] = weights.get(key)
-    if not factors:
-        raise PeftConversionError(f"{str(weights_path)!r} holds no LoRA weights")
-
-    r, lora_alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    use_dora = bool(config.get("use_dora"))
-    ranks: dict[str, tuple[int, float]] = {}
-    tensors: dict[str, np.ndarray] = {}
-    embeddings = []
-    for layer, found in factors.items():
-        embedding = any(name in _EMBEDDING_FACTORS for name in found)
-        names = _EMBEDDING_FACTORS if embedding else _FACTORS
-        expected = set(names) | ({_MAGNITUDE} if use_dora else set())
-        if embedding and use_dora:
-            raise PeftConversionError(
-                f"{str(weights_path)!r}: layer {layer!r} is an embedding adapted with DoRA, which our LoRA "
-                "does not support (DoRA wraps Linear and Conv layers)"
-            )
-        if set(found) != expected:
-            missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
-            if missing:
-                what = f"lacks {missing[0]}"
-                if missing[0] == _MAGNITUDE:
-                    what += " (its config says use_dora=True: DoRA needs each layer's magnitude)"
-            else:
-                what = f"holds {extra[0]}, unexpected with use_dora={use_dora}"
-            raise PeftConversionError(f"{str(weights_path)!r}: layer {layer!r} {what}")
-        a, b = (found[name] for name in names)
-        layer_r = _pattern_value(config.get("rank_pattern") or {}, layer, r)
-        layer_alpha = _pattern_value(config.get("alpha_pattern") or {}, layer, lora_alpha)
-        if embedding:
-            fits = a.ndim == 2 and b.ndim == 2 and a.shape[0] == layer_r and b.shape[1] == layer_r
-        else:
-            fits = a.shape[0] == layer_r and b.shape[1] == layer_r and all(n == 1 for n in b.shape[2:])
-        if not fits:
-            raise PeftConversionError(
-                f"layer {layer!r}: {'/'.join(names)} of shapes {a.shape} / {b.shape} do not fit rank "
-                f"{layer_r} from {str(config_path)!r}"
-            )
-        ranks[layer] = (layer_r, layer_alpha)
-        prefix = f"{_OURS_PREFIX}{layer}"
-        tensors[f"{prefix}.adapter_down_proj.weight"] = np.ascontiguousarray(a.T) if embedding else a
-        tensors[f"{prefix}.adapter_up_proj.weight"] = b
-        if use_dora:
-            magnitude = found[_MAGNITUDE]
-            if magnitude.size != b.shape[0] or sum(n != 1 for n in magnitude.shape) > 1:
-                raise PeftConversionError(
-                    f"layer {layer!r}: {_MAGNITUDE} of shape {magnitude.shape} does not fit {b.shape[0]} outputs"
-                )
-            tensors[f"{prefix}.adapter_magnitude"] = np.ascontiguousarray(magnitude.reshape(-1))
-        if embedding:
-            embeddings.append(layer)
-    if len(set(ranks.values())) > 1:
-        shown = ", ".join(f"{layer!r}: r={r_}, alpha={a_}" for layer, (r_, a_) in list(ranks.items())[:8])
-        raise PeftConversionError(
-            "the PEFT adapter gives its layers different ranks or alphas (rank_pattern/alpha_pattern: "
-            f"{shown}); our AdaptedModel has one rank and one alpha for all its LoRA layers"
-        )
-    rank, peft_alpha = next(iter(ranks.values()))
-    options = {
-        "dropout": float(config.get("lora_dropout") or 0.0),
-        "use_rslora": bool(config.get("use_rslora")),
-        "use_dora": use_dora,
-    }
-    options = {key: value for key, value in options.items() if value != _OPTION_DEFAULTS[key]}
-    return PeftAdapter(
-        config, list(factors), int(rank), float(peft_alpha), tensors, notes, options, embeddings
-    )
+    adapter = peft_format.load_peft_adapter(found, read)
+    adapter.tensors = {key: np.ascontiguousarray(value) for key, value in adapter.tensors.items()}
+    return adapter
 
 
 def import_peft_adapter(
@@ -269,7 +135,7 @@ def import_peft_adapter(
         _check_existing(model, adapter)
         adapted = model
     else:
-        _check_targets(model, adapter, framework)
+        _check_targets(model, adapter, framework, str(directory))
         adapted = _build_adapted_model(model, adapter, framework, rngs)
     report = load_into(adapter.tensors, adapted, strict=strict)
     report.notes = adapter.notes + report.notes
@@ -317,25 +183,20 @@ def export_peft_adapter(
         )
     if "" in layers:
         raise PeftConversionError("the LoRA adapter wraps the root module itself, which PEFT cannot target")
-    kwargs = LORA.kwargs(kwargs)
-    config = _peft_config(layers, kwargs, base_model_name_or_path)
-    peft_tensors = {}
-    for layer in layers:
-        ours = f"{_OURS_PREFIX}{layer}"
-        down, up = tensors[f"{ours}.adapter_down_proj.weight"], tensors[f"{ours}.adapter_up_proj.weight"]
-        theirs = f"{_PEFT_PREFIX}{layer}"
-        if layer in embeddings:
-            peft_tensors[f"{theirs}.lora_embedding_A"] = np.ascontiguousarray(down.T)
-            peft_tensors[f"{theirs}.lora_embedding_B"] = up
-        else:
-            peft_tensors[f"{theirs}.lora_A.weight"] = down
-            peft_tensors[f"{theirs}.lora_B.weight"] = up
-        if kwargs["use_dora"]:
-            magnitude = tensors[f"{ours}.adapter_magnitude"]
-            # PEFT keeps a conv's magnitude as (1, out, 1, ...), a Linear's as (out,).
-            shape = (1, -1) + (1,) * (down.ndim - 2) if down.ndim > 2 else (-1,)
-            peft_tensors[f"{theirs}.{_MAGNITUDE}"] = np.ascontiguousarray(magnitude.reshape(shape))
-    _write_directory(Path(directory), config, peft_tensors)
+    config, peft_tensors = peft_format.peft_files(
+        tensors,
+        layers,
+        kwargs,
+        embeddings=embeddings,
+        base_model_name_or_path=base_model_name_or_path,
+        where=str(source),
+    )
+    peft_format.write_adapter_directory(
+        directory,
+        peft=True,
+        config=config,
+        write_weights=lambda path: write_safetensors(path, peft_tensors, {"format": "pt"}),
+    )
     return config
 
 
@@ -349,7 +210,7 @@ def peft_to_adapter_file(directory: str | os.PathLike[str], path: str | os.PathL
         framework="peft",
         adapter_class="LoRA",
         adapter_kwargs=adapter.adapter_kwargs,
-        target_layers=[_escape_glob(layer) for layer in adapter.layers],
+        target_layers=[peft_format.escape_glob(layer) for layer in adapter.layers],
     )
     # Recorded so that a conversion never has to guess an embedding adapter's layout.
     kinds = {}
@@ -366,186 +227,53 @@ def peft_to_adapter_file(directory: str | os.PathLike[str], path: str | os.PathL
 # --- reading PEFT ------------------------------------------------------------------------------
 
 
-def _check_config(config: Mapping[str, Any], where: str) -> list[str]:
-    peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
-        raise PeftConversionError(f"{where!r}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key, what in _UNSUPPORTED.items():
-        value = config.get(key)
-        if value not in (None, False, [], {}, "", 0):
-            raise PeftConversionError(f"{where!r}: {what} ({key}={value!r}) has no equivalent in our LoRA")
-    if config.get("bias", "none") != "none":
-        raise PeftConversionError(
-            f"{where!r}: bias={config['bias']!r} trains the base layers' biases; only bias='none' converts"
-        )
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise PeftConversionError(
-            f"{where!r}: init_lora_weights={init!r} rewrites the base weights at initialisation, so the "
-            "adapter alone does not describe the fine-tuned model"
-        )
-    _check_values(config, where)
-    notes = []
-    if config.get("lora_dropout"):
-        notes.append(f"lora_dropout={config['lora_dropout']}: carried as dropout (on in training mode only)")
-    return notes
-
-
-def _check_values(config: Mapping[str, Any], where: str) -> None:
-    """The checks ``LoraConfig`` and ``update_layer`` make when ``PeftModel.from_pretrained``
-    loads the config (a string ``"2"`` for ``r`` fails there too, with a TypeError)."""
-    r = config.get("r", 8)
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise PeftConversionError(f"{where!r}: r must be a positive integer, got {r!r}")
-    alpha = config.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise PeftConversionError(f"{where!r}: lora_alpha must be a number, got {alpha!r}")
-    for key, patterns in (("rank_pattern", True), ("alpha_pattern", False)):
-        table = config.get(key) or {}
-        if not isinstance(table, dict):
-            raise PeftConversionError(
-                f"{where!r}: {key} must be a JSON object {{pattern: value}}, got {table!r}"
-            )
-        for pattern, value in table.items():
-            bad = isinstance(value, bool) or not isinstance(value, (int, float) if not patterns else int)
-            if bad or (patterns and value < 1):
-                raise PeftConversionError(
-                    f"{where!r}: {key}[{pattern!r}] must be a positive number, got {value!r}"
-                )
-    targets = config.get("target_modules")
-    if targets is None or targets == [] or targets == "":
-        raise PeftConversionError(
-            f"{where!r}: the config has no target_modules; PEFT fills them in only for the model types "
-            "it knows, from the base model, which an adapter file does not name: give target_modules"
-        )
-    if not isinstance(targets, (str, list)) or (
-        isinstance(targets, list) and not all(isinstance(t, str) for t in targets)
-    ):
-        raise PeftConversionError(
-            f"{where!r}: target_modules must be a string or a list of strings, got {targets!r}"
-        )
-    dropout = config.get("lora_dropout", 0.0)
-    if dropout is None:
-        dropout = 0.0
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise PeftConversionError(f"{where!r}: lora_dropout must be a probability in [0, 1), got {dropout!r}")
-    for key in ("use_rslora", "use_dora"):
-        if not isinstance(config.get(key, False), bool):
-            raise PeftConversionError(f"{where!r}: {key} must be true or false, got {config[key]!r}")
-
-
-def _parse_peft_key(key: str, where: str) -> tuple[str, str]:
-    match = re.fullmatch(
-        r"base_model\.model\.(.+)\.(?:(lora_A|lora_B)\.weight|(lora_embedding_A|lora_embedding_B|lora_magnitude_vector))",
-        key,
+def _check_targets(model: Any, adapter: PeftAdapter[Any], framework: str, where: str) -> None:
+    """The PEFT adapter fits ``model`` (:func:`interchange.peft_format.check_peft_model`, with
+    the twin's geometry check)."""
+    _, modules = _named_modules(model, framework)
+    peft_format.check_peft_model(
+        adapter,
+        {name: (_lora_kind(module, framework), type(module).__name__) for name, module in modules.items()},
+        where=where,
+        layer_refusal=lambda name: _twin(framework).peft_layer_refusal(name, modules[name]),
     )
-    if match is None:
-        raise PeftConversionError(
-            f"{where!r}: tensor {key!r} is not a LoRA factor ('base_model.model.<layer>.lora_A/lora_B.weight', "
-            "'...lora_embedding_A/B', '...lora_magnitude_vector'); only LoRA and DoRA on Linear, Conv and "
-            "Embedding layers convert"
-        )
-    return match.group(1), match.group(2) or match.group(3)
-
-
-def _pattern_value(patterns: Mapping[str, Any], layer: str, default: Any) -> Any:
-    """PEFT's ``get_pattern_key``: the first pattern matching the end of the layer name."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", layer):
-            return value
-    return default
-
-
-def _peft_selects(config: Mapping[str, Any], name: str) -> bool:
-    """Whether PEFT's ``target_modules``/``exclude_modules`` select the module ``name``."""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str):
-            if re.fullmatch(exclude, name):
-                return False
-        elif name in exclude or any(name.endswith(f".{e}") for e in exclude):
-            return False
-    targets = config.get("target_modules") or ()  # validated present by _check_values
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return name in targets or any(name.endswith(f".{t}") for t in targets)
-
-
-def _check_targets(model: Any, adapter: PeftAdapter, framework: str) -> None:
-    names, modules = _named_modules(model, framework)
-    missing = [layer for layer in adapter.layers if layer not in modules]
-    if missing:
-        raise PeftConversionError(
-            f"the PEFT adapter adapts layer(s) {missing[:8]} which the model does not have"
-        )
-    targets = adapter.config.get("target_modules")
-    checkable = isinstance(targets, (str, list)) and targets != "all-linear"
-    checkable = checkable and not adapter.config.get("layers_to_transform")
-    if checkable:
-        selected = [
-            n
-            for n in names
-            if n and _is_lora_layer(modules[n], framework) and _peft_selects(adapter.config, n)
-        ]
-        if sorted(selected) != sorted(adapter.layers):
-            extra = sorted(set(selected) - set(adapter.layers))
-            absent = sorted(set(adapter.layers) - set(selected))
-            raise PeftConversionError(
-                f"target_modules={targets!r} selects layers {extra[:8]} that have no weights in "
-                f"{PEFT_WEIGHTS_NAME}, or the weights hold layers {absent[:8]} it does not select: "
-                "this adapter was not made for this model"
-            )
-    for layer in adapter.layers:
-        _check_peft_geometry(layer, modules[layer], framework)
 
 
 def _check_peft_geometry(layer: str, module: Any, framework: str) -> None:
-    """PEFT's conv lora_A copies kernel, stride and padding only; ours copies dilation too."""
+    """Refuse a layer PEFT's LoRA computes differently from ours (the twin's
+    ``peft_layer_refusal``: a conv of dilation > 1, a scaled embedding, ...)."""
     if not _is_lora_layer(module, framework):
         raise PeftConversionError(
             f"layer {layer!r} is a {type(module).__name__}; our LoRA wraps Linear, Conv and Embedding layers"
         )
-    if _is_embedding(module, framework):
-        if getattr(module, "max_norm", None) is not None:
-            raise PeftConversionError(
-                f"layer {layer!r}: an embedding with max_norm={module.max_norm}, which our LoRA refuses"
-            )
-        return
+    refusal = _twin(framework).peft_layer_refusal(layer, module)
+    if refusal is not None:
+        raise PeftConversionError(refusal)
+
+
+def _twin(framework: str) -> Any:
+    """The twin's ``pretrained`` module: its PEFT layer kinds, geometry and refusals."""
     if framework == "torch":
-        dilation = getattr(module, "dilation", (1,))
-        padding_mode = getattr(module, "padding_mode", "zeros")
-    else:
-        dilation = getattr(module, "kernel_dilation", None) or (1,)
-        padding = getattr(module, "padding", None)
-        padding_mode = (
-            padding.lower() if isinstance(padding, str) and padding in ("CIRCULAR", "REFLECT") else "zeros"
-        )
-    dilation = (dilation,) if isinstance(dilation, int) else tuple(dilation)
-    if any(d != 1 for d in dilation) or padding_mode != "zeros":
-        raise PeftConversionError(
-            f"layer {layer!r}: a conv with dilation {dilation} and padding_mode {padding_mode!r}; PEFT's LoRA conv "
-            "uses dilation 1 and zero padding, so the two would compute different functions"
-        )
+        import torch_impl.pretrained
+
+        return torch_impl.pretrained
+    import flax_impl.pretrained
+
+    return flax_impl.pretrained
+
+
+def _lora_kind(module: Any, framework: str) -> str | None:
+    """``'linear'``, ``'conv'`` or ``'embedding'`` for a layer our LoRA wraps, else None."""
+    kind: str | None = _twin(framework).peft_layer_kind(module)
+    return kind
 
 
 def _is_lora_layer(module: Any, framework: str) -> bool:
-    if framework == "torch":
-        from torch import nn
-
-        return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding))
-    from flax import nnx
-
-    return isinstance(module, (nnx.Linear, nnx.Conv, nnx.Embed))
+    return _lora_kind(module, framework) is not None
 
 
 def _is_embedding(module: Any, framework: str) -> bool:
-    if framework == "torch":
-        from torch import nn
-
-        return isinstance(module, nn.Embedding)
-    from flax import nnx
-
-    return isinstance(module, nnx.Embed)
+    return _lora_kind(module, framework) == "embedding"
 
 
 def _named_modules(model: Any, framework: str) -> tuple[list[str], dict[str, Any]]:
@@ -595,7 +323,7 @@ def _check_existing(model: Any, adapter: PeftAdapter) -> None:
 
 
 def _build_adapted_model(model: Any, adapter: PeftAdapter, framework: str, rngs: Any) -> Any:
-    targets = [_escape_glob(layer) for layer in adapter.layers]
+    targets = [peft_format.escape_glob(layer) for layer in adapter.layers]
     if framework == "torch":
         from torch_impl import AdaptedModel, LoRA
 
@@ -614,31 +342,19 @@ def _build_adapted_model(model: Any, adapter: PeftAdapter, framework: str, rngs:
     )
 
 
-def _escape_glob(name: str) -> str:
-    """A glob matching exactly ``name`` (``*``, ``?`` and ``[`` are literal)."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
-
-
 # --- writing PEFT ------------------------------------------------------------------------------
 
 
 def _from_model(model: Any) -> tuple[list[str], dict[str, Any], dict[str, np.ndarray], list[str]]:
-    adapter_class = getattr(model.adapter_class, "__name__", str(model.adapter_class))
-    if adapter_class != "LoRA":
-        raise PeftConversionError(f"{adapter_class} adapters have no PEFT LoRA equivalent; only LoRA exports")
-    if getattr(model, "unfrozen_module_names", None):
-        raise PeftConversionError(
-            f"unfrozen_layers {model.unfrozen_module_names[:8]} would need PEFT's modules_to_save, which this "
-            "exporter does not write; export an AdaptedModel without unfrozen_layers"
-        )
     framework = _framework(model)
+    refusal = _twin(framework).peft_refusal(model)  # what the twin's save_pretrained refuses
+    if refusal is not None:
+        raise PeftConversionError(refusal)
     for layer in model.replace_layers:
-        lora = _submodule(model.adapted_model, layer, framework)
-        if getattr(lora, "merged", False):
+        if getattr(_submodule(model.adapted_model, layer, framework), "merged", False):
             raise PeftConversionError(
                 f"layer {layer!r} is merged into its base weight; unmerge_lora(model) first"
             )
-        _check_peft_geometry(layer, _wrapped(lora), framework)
     embeddings = [
         layer
         for layer in model.replace_layers
@@ -716,51 +432,6 @@ def _submodule(model: Any, name: str, framework: str) -> Any:
 
 def _wrapped(lora: Any) -> Any:
     return lora.pretrained_module
-
-
-def _peft_config(layers: Sequence[str], kwargs: Mapping[str, Any], base_model: str | None) -> dict[str, Any]:
-    # A regex matched with re.fullmatch selects exactly these layers; a list would also select
-    # every module whose name merely ends with '.<layer>'.
-    return {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model,
-        "r": int(kwargs["rank"]),
-        "lora_alpha": kwargs["alpha"],
-        "target_modules": "(?:" + "|".join(re.escape(layer) for layer in layers) + ")",
-        "lora_dropout": float(kwargs["dropout"]),
-        "bias": "none",
-        "use_rslora": bool(kwargs["use_rslora"]),
-        "use_dora": bool(kwargs["use_dora"]),
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "layers_to_transform": None,
-        "layers_pattern": None,
-    }
-
-
-def _write_directory(folder: Path, config: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> None:
-    """Write both files into a fresh sibling folder, then move them in: no half-written adapter."""
-    created = not folder.exists()
-    if not folder.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(folder)!r}: folder {str(folder.parent)!r} does not exist")
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write_safetensors(staging / PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
-        (staging / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        folder.mkdir(exist_ok=True)
-        for name in (PEFT_WEIGHTS_NAME, PEFT_CONFIG_NAME):
-            os.replace(staging / name, folder / name)
-    except BaseException:
-        if created and folder.exists():
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _framework(model: Any) -> str:

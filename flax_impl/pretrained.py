@@ -27,7 +27,6 @@ Example
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,7 +34,7 @@ from flax import nnx
 
 from interchange import peft_format
 from interchange.adapters import LORA, adapter_of
-from interchange.errors import CheckpointError, PeftConversionError
+from interchange.errors import CheckpointError
 from interchange.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
 
 from .checkpoint import load_state_dict_file, save_state_dict_file
@@ -43,35 +42,53 @@ from .graph import get_submodule, named_modules, set_submodule
 from .houlsby import HoulsbyAdapterLinear
 from .lora import LoRA
 
-__all__ = ["from_pretrained", "peft_refusal", "save_pretrained"]
+__all__ = ["from_pretrained", "peft_layer_kind", "peft_layer_refusal", "peft_refusal", "save_pretrained"]
 
 #: This twin's adapter classes, looked up by their declaration's name.
 ADAPTER_CLASSES: tuple[type[LoRA | HoulsbyAdapterLinear], ...] = (LoRA, HoulsbyAdapterLinear)
+_KINDS: dict[str, type[nnx.Module]] = {"linear": nnx.Linear, "conv": nnx.Conv, "embedding": nnx.Embed}
+
+
+def peft_layer_kind(module: Any) -> str | None:
+    """``'linear'``, ``'conv'`` or ``'embedding'`` for a layer our LoRA (and PEFT's) wraps, else None.
+
+    >>> peft_layer_kind(nnx.Embed(4, 2, rngs=nnx.Rngs(0))), peft_layer_kind(nnx.Dropout(0.1))
+    ('embedding', None)
+    """
+    return next((kind for kind, type_ in _KINDS.items() if isinstance(module, type_)), None)
+
+
+def peft_layer_refusal(name: str, layer: Any) -> str | None:
+    """Why PEFT's LoRA on the PyTorch twin of ``layer`` computes something else than ours, or None.
+
+    >>> peft_layer_refusal("conv", nnx.Conv(2, 2, (3,), kernel_dilation=2, rngs=nnx.Rngs(0)))[:40]
+    "layer 'conv' is an nnx.Conv with padding"
+    """
+    if isinstance(layer, nnx.Conv) and not _peft_conv_geometry(layer):
+        return (
+            f"layer {name!r} is an nnx.Conv with padding {layer.padding!r}, kernel_dilation "
+            f"{layer.kernel_dilation!r}, input_dilation {layer.input_dilation!r}; PEFT's LoRA conv "
+            "is a PyTorch conv of dilation 1 and symmetric zero padding"
+        )
+    if isinstance(layer, nnx.Embed) and hasattr(layer, "embed_scale"):
+        return (
+            f"layer {name!r} is a scaled embedding ({type(layer).__name__}.embed_scale): PEFT multiplies "
+            "the adapter's output by embed_scale, our LoRA does not"
+        )
+    return None
 
 
 def peft_refusal(model: Any) -> str | None:
-    """Why PEFT's format cannot represent ``model``'s adapters, or None when it can."""
-    if adapter_of(model.adapter_class) is not LORA:
-        return f"{getattr(model.adapter_class, '__name__', model.adapter_class)} adapters are not LoRA"
-    defaults = signature_defaults(model.adapter_class)
-    extra = {
-        k: v for k, v in model.adapter_kwargs.items() if k not in ("rank", "alpha") and v != defaults.get(k)
-    }
-    if extra:
-        return f"LoRA options {extra} have no place in PEFT's plain LoRA config"
-    if model.unfrozen_module_names:
-        return f"unfrozen layers {model.unfrozen_module_names[:8]} would need PEFT's modules_to_save"
-    if not model.replace_layers or "" in model.replace_layers:
-        return "the adapter wraps the root module itself, which PEFT cannot target"
-    for name in model.replace_layers:
-        layer = getattr(get_submodule(model.adapted_model, name), LORA.wrapped)  # a LoRA-declared adapter
-        if isinstance(layer, nnx.Conv) and not _peft_conv_geometry(layer):
-            return (
-                f"layer {name!r} is an nnx.Conv with padding {layer.padding!r}, kernel_dilation "
-                f"{layer.kernel_dilation!r}, input_dilation {layer.input_dilation!r}; PEFT's LoRA conv "
-                "is a PyTorch conv of dilation 1 and symmetric zero padding"
-            )
-    return None
+    """Why PEFT's format cannot represent ``model``'s adapters, or None when it can
+    (:func:`interchange.peft_format.peft_refusal`, with this twin's :func:`peft_layer_refusal`)."""
+    lora = adapter_of(model.adapter_class) is LORA
+    return peft_format.peft_refusal(
+        adapter_class=None if lora else getattr(model.adapter_class, "__name__", str(model.adapter_class)),
+        adapter_kwargs=model.adapter_kwargs,
+        unfrozen_layers=model.unfrozen_module_names,
+        layers=model.replace_layers,
+        layer_refusal=lambda name: peft_layer_refusal(name, _wrapped(model, name)),
+    )
 
 
 def save_pretrained(
@@ -82,14 +99,15 @@ def save_pretrained(
     arrays = model.trainable_state_dict()
     refusal = peft_refusal(model)
     if refusal is None:
-        kwargs = LORA.kwargs(model.adapter_kwargs)
-        config = peft_format.peft_config(
+        embeddings = [n for n in model.replace_layers if peft_layer_kind(_wrapped(model, n)) == "embedding"]
+        config, peft_arrays = peft_format.peft_files(
+            arrays,
             model.replace_layers,
-            rank=kwargs["rank"],
-            alpha=kwargs["alpha"],
+            model.adapter_kwargs,
+            embeddings=embeddings,
             base_model_name_or_path=base_model_name_or_path,
+            where=str(directory),
         )
-        peft_arrays = peft_format.to_peft_keys(arrays)
         write = lambda path: save_state_dict_file(peft_arrays, path, {"format": "pt"})  # noqa: E731
     else:
         config = peft_format.ours_config(
@@ -109,21 +127,26 @@ def from_pretrained(
     cls: type, base_model: nnx.Module, directory: str | os.PathLike[str], *, rngs: nnx.Rngs
 ) -> Any:
     """Wrap ``base_model`` (changed in place, like ``AdaptedModel``) in adapters rebuilt from
-    ``directory`` and load them. A refused load puts the base model back as it was."""
+    ``directory`` and load them; returns the model in eval mode, as PEFT does. A refused load
+    puts the base model back as it was."""
     found = peft_format.read_adapter_directory(directory)
     adapter_class: type[LoRA | HoulsbyAdapterLinear]
+    metadata: Mapping[str, str]
     where = str(found.weights)
-    arrays, metadata = load_state_dict_file(found.weights)
     if found.format == "peft":
-        arrays = peft_format.from_peft_keys(arrays, where=where)
-        lora = peft_format.lora_from_peft(
-            found.config, {k: tuple(v.shape) for k, v in arrays.items()}, where=str(directory)
+        adapter = peft_format.load_peft_adapter(found, lambda path: load_state_dict_file(path)[0])
+        modules = dict(named_modules(base_model))
+        peft_format.check_peft_model(
+            adapter,
+            {name: (peft_layer_kind(m), type(m).__name__) for name, m in modules.items()},
+            where=str(directory),
+            layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
         )
-        candidates = [n for n, m in named_modules(base_model) if isinstance(m, (nnx.Linear, nnx.Conv))]
-        peft_format.check_peft_targets(found.config, lora.layers, candidates, where=str(directory))
-        adapter_class, kwargs = LoRA, _lora_kwargs(lora)
-        adapted, unfrozen, metadata = lora.layers, [], {}
+        adapter_class, kwargs = LoRA, adapter.adapter_kwargs
+        adapted, unfrozen = adapter.layers, []
+        arrays, metadata = adapter.tensors, {}
     else:
+        arrays, metadata = load_state_dict_file(found.weights)
         adapter_class = _adapter_class(found.config["adapter_class"], where)
         kwargs = _resolve_kwargs(adapter_class, found.config["adapter_kwargs"], where)
         adapted, unfrozen = found.config["adapted_layers"], found.config["unfrozen_layers"]
@@ -147,6 +170,7 @@ def from_pretrained(
     except BaseException:
         _put_back(model, base_model)
         raise
+    model.eval()
     return model
 
 
@@ -163,28 +187,6 @@ def _peft_conv_geometry(conv: nnx.Conv) -> bool:
         )
     )
     return ones(conv.kernel_dilation) and ones(conv.input_dilation) and symmetric
-
-
-def _lora_kwargs(lora: peft_format.PeftLoRA) -> dict[str, Any]:
-    """Our LoRA's kwargs for a PEFT LoRA config."""
-    kwargs: dict[str, Any] = {"rank": lora.rank, "alpha": lora.alpha}
-    accepted = signature_defaults(LoRA)
-    if lora.use_rslora:
-        if "use_rslora" in accepted:
-            kwargs["use_rslora"] = True
-        else:
-            raise PeftConversionError(
-                "the PEFT adapter uses use_rslora (scaling lora_alpha / sqrt(r)), which this LoRA cannot compute"
-            )
-    if lora.dropout:
-        if "dropout" in accepted:
-            kwargs["dropout"] = lora.dropout
-        else:
-            warnings.warn(
-                f"lora_dropout={lora.dropout} is not applied: this LoRA has no dropout (outputs in eval are the same)",
-                stacklevel=3,
-            )
-    return kwargs
 
 
 def _adapter_class(name: str, where: str) -> type[LoRA | HoulsbyAdapterLinear]:
@@ -206,6 +208,11 @@ def _resolve_kwargs(adapter_class: type, recorded: Mapping[str, Any], where: str
             value = resolve_recorded_class(value, twin="flax_impl", refuse=("torch",), where=where)
         out[key] = value
     return out
+
+
+def _wrapped(model: Any, name: str) -> Any:
+    """The layer the adapter at ``name`` wraps."""
+    return getattr(get_submodule(model.adapted_model, name), LORA.wrapped)
 
 
 def _class_name(adapter_class: Any) -> str:

@@ -1,32 +1,58 @@
-"""Adapter directories: PEFT's LoRA format and our own, framework-free.
+"""PEFT's LoRA directory format, and our own adapter directories, framework-free.
 
-``AdaptedModel.save_pretrained(directory)`` (both twins) writes one of two adapter-only formats:
+The one place that knows PEFT's format: the file names, the tensor keys and layouts, the config
+fields and their checks, which options cross and which are refused, the per-layer patterns, and
+how a directory is read and written atomically. ``converters.peft`` (import/export between
+models and PEFT directories) and both twins' ``AdaptedModel.save_pretrained`` /
+``from_pretrained`` call it; what they keep is what needs a model (walking its modules, the
+geometry of its layers, building the adapters).
 
-- **PEFT's**, where PEFT can represent the adapter (plain LoRA on Linear/Conv layers, nothing
-  unfrozen): ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
-  ``base_model.model.<layer>.lora_A.weight`` ``(r, in, *k)`` and ``...lora_B.weight``
-  ``(out, r, 1..)``. ``peft.PeftModel.from_pretrained(base, directory)`` loads it. Ours names the
-  same factors ``adapted_model.<layer>.adapter_down_proj.weight`` and ``...adapter_up_proj.weight``
-  in the same layouts, and PEFT's ``scaling = lora_alpha / r`` is ours ``alpha / rank``, so the
-  tensors cross unchanged.
-- **Ours** otherwise (Houlsby adapters, ``unfrozen_layers``, LoRA options PEFT's plain LoRA has
-  not): ``peft_twins_adapter.json`` (adapter class, kwargs, the exact adapted and unfrozen layers)
-  and ``adapters.safetensors``, the file ``AdaptedModel.saver`` writes (keys as in
-  ``state_dict()``, metadata with the adapter and the layer kinds).
+PEFT's directory is ``adapter_config.json`` + ``adapter_model.safetensors``. Its keys and ours
+(``state_dict()`` names, torch layout):
 
-``AdaptedModel.from_pretrained(base_model, directory)`` reads either (:func:`read_adapter_directory`).
-A directory is written atomically: both files are staged in a sibling folder and moved in, and
-the other format's files are removed first, so a directory never holds a mix of the two.
+========================================================  ==============================================
+PEFT                                                       ours
+========================================================  ==============================================
+``base_model.model.<layer>.lora_A.weight`` ``(r, in, *k)``  ``adapted_model.<layer>.adapter_down_proj.weight``
+``base_model.model.<layer>.lora_B.weight`` ``(out, r, 1..)``  ``adapted_model.<layer>.adapter_up_proj.weight``
+``...<layer>.lora_embedding_A`` ``(r, num)``                ``...adapter_down_proj.weight`` ``(num, r)``: transposed
+``...<layer>.lora_embedding_B`` ``(dim, r)``                ``...adapter_up_proj.weight``
+``...<layer>.lora_magnitude_vector`` ``(out,)``; convs      ``...adapter_magnitude`` ``(out,)``
+``(1, out, 1..)``
+========================================================  ==============================================
+
+The options cross as they are (:data:`OPTIONS`): ``r`` <-> ``rank``, ``lora_alpha`` <->
+``alpha`` (``scaling = alpha / rank``, or ``alpha / sqrt(rank)`` with ``use_rslora``),
+``lora_dropout`` <-> ``dropout``, ``use_rslora`` and ``use_dora`` themselves. The config is
+checked as ``PeftModel.from_pretrained`` checks it; refused with :class:`PeftConversionError`,
+never approximated: any ``peft_type`` but LORA; the fields of :data:`UNSUPPORTED`
+(``modules_to_save``, ``lora_bias``, ``fan_in_fan_out``, the LoRA variants but DoRA, ...);
+``bias != 'none'``; the initialisations of :data:`BASE_CHANGING_INITS`, which rewrite the base
+weights (so the adapter alone does not describe the model); DoRA on an embedding; layers given
+different ranks or alphas by ``rank_pattern``/``alpha_pattern`` (an AdaptedModel has one);
+any tensor but those above.
+
+Our own format, for what PEFT cannot represent (Houlsby adapters, ``unfrozen_layers``, ...):
+``peft_twins_adapter.json`` (adapter class, kwargs, the exact adapted and unfrozen layers) and
+``adapters.safetensors``, the file ``AdaptedModel.saver`` writes.
 
 Example
 -------
->>> config = peft_config(["encoder.query", "encoder.value"], rank=4, alpha=8.0)
->>> config["r"], config["lora_alpha"], config["target_modules"]
-(4, 8.0, '(?:encoder\\\\.query|encoder\\\\.value)')
->>> to_peft_keys({"adapted_model.fc.adapter_down_proj.weight": 1})
-{'base_model.model.fc.lora_A.weight': 1}
->>> from_peft_keys({"base_model.model.fc.lora_B.weight": 2}, where="adapter_model.safetensors")
-{'adapted_model.fc.adapter_up_proj.weight': 2}
+>>> import numpy as np
+>>> config = peft_config(["encoder.query"], rank=2, alpha=4.0, use_dora=True)
+>>> config["r"], config["lora_alpha"], config["use_dora"], config["target_modules"]
+(2, 4.0, True, '(?:encoder\\\\.query)')
+>>> ours = {"adapted_model.encoder.query.adapter_down_proj.weight": np.ones((2, 3)),
+...         "adapted_model.encoder.query.adapter_up_proj.weight": np.ones((5, 2)),
+...         "adapted_model.encoder.query.adapter_magnitude": np.ones(5)}
+>>> theirs = to_peft_tensors(ours, ["encoder.query"], use_dora=True)
+>>> sorted(theirs)
+['base_model.model.encoder.query.lora_A.weight', 'base_model.model.encoder.query.lora_B.weight', 'base_model.model.encoder.query.lora_magnitude_vector']
+>>> adapter = peft_adapter(config, theirs, where="adapter")
+>>> adapter.layers, adapter.adapter_kwargs
+(['encoder.query'], {'rank': 2, 'alpha': 4.0, 'use_dora': True})
+>>> sorted(adapter.tensors) == sorted(ours)
+True
 """
 
 from __future__ import annotations
@@ -37,30 +63,39 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .errors import CheckpointError, PeftConversionError
 from .format import FORMAT_NAME, FORMAT_VERSION, library_version
 
 __all__ = [
+    "BASE_CHANGING_INITS",
+    "OPTIONS",
     "OURS_CONFIG_NAME",
     "OURS_WEIGHTS_NAME",
     "PEFT_CONFIG_NAME",
     "PEFT_WEIGHTS_NAME",
+    "UNSUPPORTED",
     "AdapterDirectory",
-    "PeftLoRA",
-    "check_peft_targets",
+    "PeftAdapter",
+    "check_peft_config",
+    "check_peft_model",
     "escape_glob",
-    "from_peft_keys",
-    "lora_from_peft",
+    "load_peft_adapter",
     "ours_config",
+    "parse_peft_key",
+    "peft_adapter",
     "peft_config",
+    "peft_files",
+    "peft_options",
+    "peft_refusal",
     "peft_selects",
     "read_adapter_directory",
-    "to_peft_keys",
+    "read_peft_directory",
+    "to_peft_tensors",
     "write_adapter_directory",
 ]
 
@@ -69,98 +104,186 @@ PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 OURS_CONFIG_NAME = "peft_twins_adapter.json"
 OURS_WEIGHTS_NAME = "adapters.safetensors"
 
-_PEFT_PREFIX = "base_model.model."
-_OURS_PREFIX = "adapted_model."
-_FACTORS = {"lora_A": "adapter_down_proj", "lora_B": "adapter_up_proj"}
-_PEFT_KEY = re.compile(r"base_model\.model\.(.+)\.(lora_A|lora_B)\.weight")
-_OURS_KEY = re.compile(r"adapted_model\.(.+)\.(adapter_down_proj|adapter_up_proj)\.weight")
+PEFT_PREFIX = "base_model.model."
+OURS_PREFIX = "adapted_model."
+DOWN, UP, MAGNITUDE = "adapter_down_proj.weight", "adapter_up_proj.weight", "adapter_magnitude"
+#: PEFT's factor names (after the layer) -> ours, for Linear/Conv layers and for embeddings.
+FACTORS = {"lora_A.weight": DOWN, "lora_B.weight": UP}
+EMBEDDING_FACTORS = {"lora_embedding_A": DOWN, "lora_embedding_B": UP}
+PEFT_MAGNITUDE = "lora_magnitude_vector"
 
-# PEFT LoRA options our plain LoRA cannot compute; a value other than None/False/empty refuses.
-_UNSUPPORTED = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
+#: PEFT's LoraConfig field -> our LoRA's argument, and its default (PEFT's default where it has one).
+OPTIONS = {
+    "r": ("rank", 8),
+    "lora_alpha": ("alpha", 8),
+    "lora_dropout": ("dropout", 0.0),
+    "use_rslora": ("use_rslora", False),
+    "use_dora": ("use_dora", False),
+}
+_OUR_DEFAULTS = {"dropout": 0.0, "use_rslora": False, "use_dora": False}
+
+#: PEFT LoraConfig fields whose presence (a value other than None/False/empty) we cannot compute:
+#: everything changing the forward or the trained set of PEFT's LoRA but DoRA, rsLoRA and dropout
+#: (``peft.LoraConfig``'s ``is_lora_variant`` fields among them).
+UNSUPPORTED = {
     "modules_to_save": "modules_to_save (fully trained extra modules)",
     "lora_bias": "lora_bias (a bias on lora_B)",
     "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D layers)",
-    "target_parameters": "target_parameters (LoRA on bare parameters)",
+    "target_parameters": "target_parameters (LoRA on bare nn.Parameters)",
     "trainable_token_indices": "trainable_token_indices",
     "layer_replication": "layer_replication",
     "use_qalora": "QA-LoRA",
-    "alora_invocation_tokens": "activated LoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
     "megatron_config": "Megatron parallel layers",
+    "use_bdlora": "block-diagonal LoRA",
     "arrow_config": "Arrow routing",
+    "kasa_config": "KaSA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
 }
-# Initialisations that rewrite the base weights: the adapter alone no longer describes the model.
-_BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga", "eva")
+#: ``init_lora_weights`` values (prefixes) that rewrite the base weights at initialisation
+#: (``peft/tuners/lora/layer.py``: ``pissa_init``, ``olora_init``, ``loftq_init``, ``corda_init``
+#: and ``lora_ga_init`` assign ``base_layer.weight``): the adapter alone no longer describes the
+#: fine-tuned model. Not ``"eva"``, ``"orthogonal"``, ``"gaussian"`` or ``"mica"``: they only
+#: initialise the factors, which the saved weights overwrite.
+BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 
 T = TypeVar("T")
-
-
-# --- keys --------------------------------------------------------------------------------------
-
-
-def to_peft_keys(tensors: Mapping[str, T]) -> dict[str, T]:
-    """Our LoRA factor keys -> PEFT's; any other key raises :class:`PeftConversionError`."""
-    out = {}
-    for key, value in tensors.items():
-        match = _OURS_KEY.fullmatch(key)
-        if match is None:
-            raise PeftConversionError(
-                f"{key!r} is not a LoRA factor 'adapted_model.<layer>.adapter_down_proj/adapter_up_proj.weight'; "
-                "PEFT's LoRA format has no place for it"
-            )
-        factor = "lora_A" if match.group(2) == "adapter_down_proj" else "lora_B"
-        out[f"{_PEFT_PREFIX}{match.group(1)}.{factor}.weight"] = value
-    return out
-
-
-def from_peft_keys(tensors: Mapping[str, T], *, where: str) -> dict[str, T]:
-    """PEFT's LoRA factor keys -> ours; raises :class:`PeftConversionError` naming ``where`` and
-    the key for anything else (LoRA on embeddings, biases, DoRA magnitudes, ...)."""
-    out = {}
-    for key, value in tensors.items():
-        match = _PEFT_KEY.fullmatch(key)
-        if match is None:
-            raise PeftConversionError(
-                f"{where!r}: tensor {key!r} is not a LoRA factor 'base_model.model.<layer>.lora_A/lora_B.weight'; "
-                "only plain LoRA on Linear and Conv layers loads"
-            )
-        out[f"{_OURS_PREFIX}{match.group(1)}.{_FACTORS[match.group(2)]}.weight"] = value
-    return out
-
-
-def escape_glob(name: str) -> str:
-    """A shell-style pattern matching exactly ``name`` (``*``, ``?`` and ``[`` literal).
-
-    >>> escape_glob("blocks[0].fc")
-    'blocks[[]0].fc'
-    """
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 # --- PEFT configs ------------------------------------------------------------------------------
 
 
+def check_peft_config(config: Mapping[str, Any], where: str) -> list[str]:
+    """Check a PEFT ``adapter_config.json`` (as a dict) as ``PeftModel.from_pretrained`` would,
+    and for what our LoRA cannot compute; returns notes for the load report.
+
+    Raises :class:`PeftConversionError` naming ``where`` and the field.
+
+    >>> check_peft_config({"peft_type": "LORA", "target_modules": ["q"], "lora_dropout": 0.1}, "a")
+    ['lora_dropout=0.1: carried as dropout (on in training mode only)']
+    >>> check_peft_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "pissa"}, "a")
+    Traceback (most recent call last):
+    ...
+    interchange.errors.PeftConversionError: 'a': init_lora_weights='pissa' rewrites the base weights at initialisation, so the adapter alone does not describe the fine-tuned model
+    """
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise PeftConversionError(f"{where!r}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key, what in UNSUPPORTED.items():
+        value = config.get(key)
+        if value not in (None, False, [], {}, "", 0):
+            raise PeftConversionError(f"{where!r}: {what} ({key}={value!r}) has no equivalent in our LoRA")
+    if config.get("bias", "none") != "none":
+        raise PeftConversionError(
+            f"{where!r}: bias={config['bias']!r} trains the base layers' biases; only bias='none' converts"
+        )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise PeftConversionError(
+            f"{where!r}: init_lora_weights={init!r} rewrites the base weights at initialisation, so the "
+            "adapter alone does not describe the fine-tuned model"
+        )
+    _check_values(config, where)
+    notes = []
+    if config.get("lora_dropout"):
+        notes.append(f"lora_dropout={config['lora_dropout']}: carried as dropout (on in training mode only)")
+    return notes
+
+
+def _check_values(config: Mapping[str, Any], where: str) -> None:
+    """The checks ``LoraConfig`` and ``update_layer`` make when ``PeftModel.from_pretrained``
+    loads the config (a string ``"2"`` for ``r`` fails there too, with a TypeError)."""
+    r = config.get("r", 8)
+    if not _is_int(r) or r < 1:
+        raise PeftConversionError(f"{where!r}: r must be a positive integer, got {r!r}")
+    if not _is_number(config.get("lora_alpha", 8)):
+        raise PeftConversionError(f"{where!r}: lora_alpha must be a number, got {config['lora_alpha']!r}")
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        table = config.get(key) or {}
+        if not isinstance(table, dict):
+            raise PeftConversionError(
+                f"{where!r}: {key} must be a JSON object {{pattern: value}}, got {table!r}"
+            )
+        for pattern, value in table.items():
+            _check_regex(rf"(.*\.)?({pattern})$", f"{key} key {pattern!r}", where)
+            if not (_is_int(value) and value >= 1 if integer else _is_number(value)):
+                raise PeftConversionError(
+                    f"{where!r}: {key}[{pattern!r}] must be a positive number, got {value!r}"
+                )
+    targets = config.get("target_modules")
+    if targets is None or targets == [] or targets == "":
+        raise PeftConversionError(
+            f"{where!r}: the config has no target_modules; PEFT fills them in only for the model types "
+            "it knows, from the base model, which an adapter file does not name: give target_modules"
+        )
+    if not isinstance(targets, (str, list)) or (
+        isinstance(targets, list) and not all(isinstance(t, str) for t in targets)
+    ):
+        raise PeftConversionError(
+            f"{where!r}: target_modules must be a string or a list of strings, got {targets!r}"
+        )
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(config.get(key), str):
+            _check_regex(config[key], f"{key} {config[key]!r}", where)
+    dropout = config.get("lora_dropout", 0.0)
+    dropout = 0.0 if dropout is None else dropout
+    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
+        raise PeftConversionError(f"{where!r}: lora_dropout must be a probability in [0, 1), got {dropout!r}")
+    for key in ("use_rslora", "use_dora"):
+        if not isinstance(config.get(key, False), bool):
+            raise PeftConversionError(f"{where!r}: {key} must be true or false, got {config[key]!r}")
+
+
+def peft_options(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """Our LoRA kwargs as PEFT's config fields (:data:`OPTIONS`); a kwarg PEFT has no field for
+    raises :class:`PeftConversionError`.
+
+    >>> peft_options({"rank": 4, "alpha": 8, "use_rslora": True})
+    {'r': 4, 'lora_alpha': 8.0, 'lora_dropout': 0.0, 'use_rslora': True, 'use_dora': False}
+    """
+    ours = {name: peft for peft, (name, _) in OPTIONS.items()}
+    extra = sorted(set(kwargs) - set(ours))
+    if extra:
+        raise PeftConversionError(f"LoRA options {extra} have no field in PEFT's LoraConfig")
+    given = {"rank": 16, "alpha": 1.0, **_OUR_DEFAULTS, **kwargs}  # our LoRA's own defaults
+    return {
+        "r": int(given["rank"]),
+        "lora_alpha": float(given["alpha"]),
+        "lora_dropout": float(given["dropout"]),
+        "use_rslora": bool(given["use_rslora"]),
+        "use_dora": bool(given["use_dora"]),
+    }
+
+
 def peft_config(
-    layers: Sequence[str], *, rank: int, alpha: float, base_model_name_or_path: str | None = None
+    layers: Sequence[str],
+    *,
+    rank: int,
+    alpha: float,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    use_dora: bool = False,
+    base_model_name_or_path: str | None = None,
 ) -> dict[str, Any]:
-    """A PEFT ``LoraConfig`` (as JSON) for plain LoRA of ``rank`` and ``alpha`` on exactly ``layers``.
+    """A PEFT ``LoraConfig`` (as JSON) for our LoRA of these arguments on exactly ``layers``.
 
     ``target_modules`` is a regular expression PEFT matches with ``re.fullmatch``: a list would
     also select every module whose name merely ends with ``.<layer>``.
     """
     if not layers or "" in layers:
-        raise PeftConversionError("PEFT's format needs named target layers (not the root module itself)")
+        raise PeftConversionError(
+            "PEFT's format needs named target layers (the adapter wraps the root module itself)"
+        )
+    options = peft_options(
+        {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "use_dora": use_dora}
+    )
     return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
-        "r": int(rank),
-        "lora_alpha": float(alpha),
+        **options,
         "target_modules": "(?:" + "|".join(re.escape(layer) for layer in layers) + ")",
-        "lora_dropout": 0.0,
         "bias": "none",
-        "use_rslora": False,
-        "use_dora": False,
         "fan_in_fan_out": False,
         "modules_to_save": None,
         "init_lora_weights": True,
@@ -172,86 +295,204 @@ def peft_config(
     }
 
 
-@dataclass
-class PeftLoRA:
-    """A PEFT LoRA adapter in our terms: the layers it adapts, one ``rank`` and ``alpha``
-    (``scaling = alpha / rank``, or ``alpha / sqrt(rank)`` when ``use_rslora``), and the
-    options our plain LoRA may or may not have (``dropout``)."""
+# --- tensors -----------------------------------------------------------------------------------
 
+
+def parse_peft_key(key: str, where: str) -> tuple[str, str]:
+    """``(layer, factor)`` of a PEFT LoRA tensor key; anything else raises :class:`PeftConversionError`.
+
+    >>> parse_peft_key("base_model.model.emb.lora_embedding_A", "f")
+    ('emb', 'lora_embedding_A')
+    """
+    match = re.fullmatch(
+        r"base_model\.model\.(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)",
+        key,
+    )
+    if match is None:
+        raise PeftConversionError(
+            f"{where!r}: tensor {key!r} is not a LoRA factor ('base_model.model.<layer>.lora_A/lora_B.weight', "
+            "'...lora_embedding_A/B', '...lora_magnitude_vector'); only LoRA and DoRA on Linear, Conv and "
+            "Embedding layers convert"
+        )
+    return match.group(1), match.group(2)
+
+
+@dataclass
+class PeftAdapter(Generic[T]):
+    """A PEFT LoRA adapter read into our terms.
+
+    ``tensors`` holds our adapter keys (``adapted_model.<layer>.adapter_down_proj.weight``, ...)
+    in torch layout, as arrays of whatever kind the caller gave (numpy, torch); ``layers`` the
+    adapted layers' dotted names; ``rank``, ``alpha`` and ``options`` (``dropout``,
+    ``use_rslora``, ``use_dora``, those that differ from the defaults) our LoRA's arguments;
+    ``embeddings`` the layers whose adapter is an embedding's.
+    """
+
+    config: dict[str, Any]
     layers: list[str]
     rank: int
     alpha: float
-    use_rslora: bool = False
-    dropout: float = 0.0
-    config: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, T]
+    notes: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)
+    embeddings: list[str] = field(default_factory=list)
+
+    @property
+    def adapter_kwargs(self) -> dict[str, Any]:
+        """Our LoRA's ``adapter_kwargs`` for this adapter."""
+        return {"rank": self.rank, "alpha": self.alpha, **self.options}
 
 
-def lora_from_peft(
-    config: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]], *, where: str
-) -> PeftLoRA:
-    """Check a PEFT ``adapter_config.json`` and the shapes of its tensors (our keys, as
-    :func:`from_peft_keys` gives them); raises :class:`PeftConversionError` naming ``where``
-    for anything our LoRA cannot compute exactly."""
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise PeftConversionError(f"{where!r}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key, what in _UNSUPPORTED.items():
-        value = config.get(key)
-        if value not in (None, False, [], {}, "", 0):
-            raise PeftConversionError(f"{where!r}: {what} ({key}={value!r}) has no equivalent in our LoRA")
-    if config.get("bias", "none") != "none":
-        raise PeftConversionError(
-            f"{where!r}: bias={config['bias']!r} trains the base biases; only 'none' loads"
-        )
-    init = config.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
-        raise PeftConversionError(
-            f"{where!r}: init_lora_weights={init!r} rewrites the base weights, so the adapter alone "
-            "does not describe the fine-tuned model"
-        )
-    if config.get("target_modules") is None:
-        raise PeftConversionError(f"{where!r}: no target_modules: PEFT cannot tell which layers are adapted")
-    rank, alpha = config.get("r", 8), config.get("lora_alpha", 8)
-    if not _is_int(rank) or rank < 1:
-        raise PeftConversionError(f"{where!r}: r must be a positive integer, got {rank!r}")
-    if not _is_number(alpha):
-        raise PeftConversionError(f"{where!r}: lora_alpha must be a number, got {alpha!r}")
-    dropout = config.get("lora_dropout", 0.0) or 0.0
-    if not _is_number(dropout) or not 0.0 <= dropout < 1.0:
-        raise PeftConversionError(f"{where!r}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+def peft_adapter(
+    config: Mapping[str, Any], tensors: Mapping[str, T], *, where: str, weights: str | None = None
+) -> PeftAdapter[T]:
+    """Check a PEFT config (:func:`check_peft_config`) and its tensors (PEFT's keys) and map
+    them to ours.
 
-    layers: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, shape in shapes.items():
-        match = _OURS_KEY.fullmatch(key)
-        if match is None:  # pragma: no cover - from_peft_keys has refused it already
-            raise PeftConversionError(f"{where!r}: {key!r} is not a LoRA factor")
-        layers.setdefault(match.group(1), {})[match.group(2)] = tuple(shape)
-    if not layers:
-        raise PeftConversionError(f"{where!r} holds no LoRA weights")
-    for layer, found in layers.items():
-        if set(found) != set(_FACTORS.values()):
-            missing = sorted(set(_FACTORS) - {k for k, v in _FACTORS.items() if v in found})
-            raise PeftConversionError(f"{where!r}: layer {layer!r} lacks {missing[0]}.weight")
-        layer_rank = _pattern_value(config.get("rank_pattern") or {}, layer, rank)
-        layer_alpha = _pattern_value(config.get("alpha_pattern") or {}, layer, alpha)
-        if layer_rank != rank or layer_alpha != alpha:
+    ``tensors`` may be numpy or torch arrays (``.T``, ``.reshape`` and ``.shape`` are used);
+    embedding factors come back as transposed views. Raises :class:`PeftConversionError` naming
+    ``where`` (the config) or ``weights`` (the tensor file) for anything our LoRA cannot compute
+    exactly: a missing or unexpected factor, shapes that do not fit ``r``, DoRA on an embedding,
+    layers of different ranks or alphas.
+    """
+    weights = weights or where
+    notes = check_peft_config(config, where)
+    factors: dict[str, dict[str, T]] = {}
+    for key, value in tensors.items():
+        layer, factor = parse_peft_key(key, weights)
+        factors.setdefault(layer, {})[factor] = value
+    if not factors:
+        raise PeftConversionError(f"{weights!r} holds no LoRA weights")
+    r, lora_alpha = config.get("r", 8), config.get("lora_alpha", 8)
+    use_dora = bool(config.get("use_dora"))
+    ranks: dict[str, tuple[int, float]] = {}
+    out: dict[str, T] = {}
+    embeddings = []
+    for layer, found in factors.items():
+        embedding = any(name in EMBEDDING_FACTORS for name in found)
+        names = EMBEDDING_FACTORS if embedding else FACTORS
+        if embedding and use_dora:
             raise PeftConversionError(
-                f"{where!r}: layer {layer!r} has r={layer_rank}, lora_alpha={layer_alpha} (rank_pattern/"
-                f"alpha_pattern) but the others r={rank}, lora_alpha={alpha}; our AdaptedModel has one rank and alpha"
+                f"{weights!r}: layer {layer!r} is an embedding adapted with DoRA, which our LoRA "
+                "does not support (DoRA wraps Linear and Conv layers)"
             )
-        down, up = found["adapter_down_proj"], found["adapter_up_proj"]
-        if down[0] != rank or len(up) < 2 or up[1] != rank or any(n != 1 for n in up[2:]):
+        expected = set(names) | ({PEFT_MAGNITUDE} if use_dora else set())
+        if set(found) != expected:
+            missing, extra = sorted(expected - set(found)), sorted(set(found) - expected)
+            if missing:
+                what = f"lacks {missing[0]}"
+                if missing[0] == PEFT_MAGNITUDE:
+                    what += " (its config says use_dora=True: DoRA needs each layer's magnitude)"
+            else:
+                what = f"holds {extra[0]}, unexpected with use_dora={use_dora}"
+            raise PeftConversionError(f"{weights!r}: layer {layer!r} {what}")
+        a, b = (found[name] for name in names)
+        a_shape, b_shape = tuple(a.shape), tuple(b.shape)  # type: ignore[attr-defined]
+        layer_r = _pattern_value(config.get("rank_pattern") or {}, layer, r)
+        layer_alpha = _pattern_value(config.get("alpha_pattern") or {}, layer, lora_alpha)
+        if embedding:
+            fits = len(a_shape) == 2 and len(b_shape) == 2 and a_shape[0] == layer_r and b_shape[1] == layer_r
+        else:
+            fits = (
+                len(a_shape) >= 2
+                and len(b_shape) >= 2
+                and a_shape[0] == layer_r
+                and b_shape[1] == layer_r
+                and all(n == 1 for n in b_shape[2:])
+            )
+        if not fits:
             raise PeftConversionError(
-                f"{where!r}: layer {layer!r}: lora_A {down} / lora_B {up} do not fit r={rank} of {PEFT_CONFIG_NAME}"
+                f"layer {layer!r}: {'/'.join(names)} of shapes {a_shape} / {b_shape} do not fit rank "
+                f"{layer_r} from {where!r}"
             )
-    return PeftLoRA(
-        list(layers), int(rank), float(alpha), bool(config.get("use_rslora")), float(dropout), dict(config)
-    )
+        ranks[layer] = (layer_r, layer_alpha)
+        prefix = f"{OURS_PREFIX}{layer}"
+        out[f"{prefix}.{DOWN}"] = a.T if embedding else a  # type: ignore[attr-defined]
+        out[f"{prefix}.{UP}"] = b
+        if use_dora:
+            magnitude = found[PEFT_MAGNITUDE]
+            shape = tuple(magnitude.shape)  # type: ignore[attr-defined]
+            if math.prod(shape) != b_shape[0] or sum(n != 1 for n in shape) > 1:
+                raise PeftConversionError(
+                    f"layer {layer!r}: {PEFT_MAGNITUDE} of shape {shape} does not fit {b_shape[0]} outputs"
+                )
+            out[f"{prefix}.{MAGNITUDE}"] = magnitude.reshape(-1)  # type: ignore[attr-defined]
+        if embedding:
+            embeddings.append(layer)
+    if len(set(ranks.values())) > 1:
+        shown = ", ".join(f"{layer!r}: r={r_}, alpha={a_}" for layer, (r_, a_) in list(ranks.items())[:8])
+        raise PeftConversionError(
+            "the PEFT adapter gives its layers different ranks or alphas (rank_pattern/alpha_pattern: "
+            f"{shown}); our AdaptedModel has one rank and one alpha for all its LoRA layers"
+        )
+    rank, alpha = next(iter(ranks.values()))
+    options = {
+        "dropout": float(config.get("lora_dropout") or 0.0),
+        "use_rslora": bool(config.get("use_rslora")),
+        "use_dora": use_dora,
+    }
+    options = {key: value for key, value in options.items() if value != _OUR_DEFAULTS[key]}
+    return PeftAdapter(dict(config), list(factors), int(rank), float(alpha), out, notes, options, embeddings)
+
+
+def to_peft_tensors(
+    tensors: Mapping[str, T],
+    layers: Sequence[str],
+    *,
+    embeddings: Collection[str] = (),
+    use_dora: bool = False,
+    where: str = "the adapter",
+) -> dict[str, T]:
+    """Our LoRA tensors (``state_dict()`` keys, torch layout) of ``layers`` as PEFT's.
+
+    ``embeddings`` are the layers that wrap an embedding (their down factor is transposed);
+    ``use_dora`` adds each layer's magnitude, reshaped to PEFT's ``(1, out, 1..)`` for convs.
+    A missing factor, or any tensor besides, raises :class:`PeftConversionError` naming it.
+    Embedding factors come back as transposed views: the writer makes them contiguous.
+    """
+    out: dict[str, T] = {}
+    used: set[str] = set()
+    for layer in layers:
+        ours, theirs = f"{OURS_PREFIX}{layer}", f"{PEFT_PREFIX}{layer}"
+        needed = (DOWN, UP, MAGNITUDE) if use_dora else (DOWN, UP)
+        missing = [f"{ours}.{name}" for name in needed if f"{ours}.{name}" not in tensors]
+        if missing:
+            raise PeftConversionError(f"{where!r}: layer {layer!r} has no {missing[0]!r}")
+        down, up = tensors[f"{ours}.{DOWN}"], tensors[f"{ours}.{UP}"]
+        if layer in embeddings:
+            out[f"{theirs}.lora_embedding_A"] = down.T  # type: ignore[attr-defined]
+            out[f"{theirs}.lora_embedding_B"] = up
+        else:
+            out[f"{theirs}.lora_A.weight"] = down
+            out[f"{theirs}.lora_B.weight"] = up
+        if use_dora:
+            ndim = len(down.shape)  # type: ignore[attr-defined]
+            # PEFT keeps a conv's magnitude as (1, out, 1, ...), a Linear's as (out,).
+            shape = (1, -1) + (1,) * (ndim - 2) if ndim > 2 else (-1,)
+            out[f"{theirs}.{PEFT_MAGNITUDE}"] = tensors[f"{ours}.{MAGNITUDE}"].reshape(shape)  # type: ignore[attr-defined]
+        used.update(f"{ours}.{name}" for name in needed)
+    extra = [key for key in tensors if key not in used]
+    if extra:
+        raise PeftConversionError(
+            f"{where!r}: {extra[0]!r} is not a LoRA factor of the adapted layers; PEFT's LoRA format has no "
+            "place for it (unfrozen layers would need PEFT's modules_to_save)"
+        )
+    return out
+
+
+# --- models ------------------------------------------------------------------------------------
 
 
 def peft_selects(config: Mapping[str, Any], name: str) -> bool | None:
     """Whether PEFT's ``target_modules``/``exclude_modules`` select the module ``name``, or None
     when the config selects by rules this check does not model (``all-linear``,
-    ``layers_to_transform``)."""
+    ``layers_to_transform``).
+
+    >>> peft_selects({"target_modules": ["query"]}, "encoder.layer.0.query")
+    True
+    >>> peft_selects({"target_modules": "(?:query)"}, "encoder.layer.0.query")
+    False
+    """
     targets = config.get("target_modules")
     if targets == "all-linear" or config.get("layers_to_transform") or config.get("layers_pattern"):
         return None
@@ -269,30 +510,136 @@ def peft_selects(config: Mapping[str, Any], name: str) -> bool | None:
     return None
 
 
-def check_peft_targets(
-    config: Mapping[str, Any], layers: Iterable[str], candidates: Iterable[str], *, where: str
+def check_peft_model(
+    adapter: PeftAdapter[Any],
+    modules: Mapping[str, tuple[str | None, str]],
+    *,
+    where: str,
+    layer_refusal: Callable[[str], str | None] | None = None,
 ) -> None:
-    """Refuse an adapter whose ``target_modules`` select other layers of the model (its
-    Linear/Conv ``candidates``) than those its weights hold: it was made for another model."""
-    layers = sorted(layers)
+    """Refuse a PEFT adapter that does not fit a model, before anything is changed.
+
+    ``modules`` maps each named module of the base model to ``(kind, type name)``, ``kind``
+    being ``'linear'``, ``'conv'`` or ``'embedding'`` for a layer our LoRA wraps, None for
+    others. Refused: an adapted layer the model lacks, or which our LoRA cannot wrap, or whose
+    factors are an embedding's and the layer not (or the reverse); ``target_modules`` that select
+    other layers of the model than the weights hold (the adapter was made for another model).
+    ``layer_refusal(name)``, the framework's check of a layer's geometry (a conv's dilation,
+    ...), says why PEFT's LoRA on it would compute something else, or None.
+    """
+    missing = [layer for layer in adapter.layers if layer not in modules]
+    if missing:
+        raise PeftConversionError(
+            f"{where!r}: the PEFT adapter adapts layer(s) {missing[:8]} which the model does not have"
+        )
+    for layer in adapter.layers:
+        kind, type_name = modules[layer]
+        if kind is None:
+            raise PeftConversionError(
+                f"{where!r}: layer {layer!r} is a {type_name}; our LoRA wraps Linear, Conv and Embedding layers"
+            )
+        if (kind == "embedding") != (layer in adapter.embeddings):
+            theirs = "lora_embedding_A/B" if layer in adapter.embeddings else "lora_A/lora_B"
+            raise PeftConversionError(
+                f"{where!r}: layer {layer!r} is a {type_name} but the adapter holds {theirs} for it: this "
+                "adapter was not made for this model"
+            )
+        refusal = layer_refusal(layer) if layer_refusal is not None else None
+        if refusal is not None:
+            raise PeftConversionError(f"{where!r}: {refusal}")
     selected = []
-    for name in candidates:
-        chosen = peft_selects(config, name)
+    for name, (kind, _) in modules.items():
+        if kind is None or not name:
+            continue
+        chosen = peft_selects(adapter.config, name)
         if chosen is None:
             return
-        if chosen and name:
+        if chosen:
             selected.append(name)
-    if sorted(selected) != layers:
-        extra = sorted(set(selected) - set(layers))
-        absent = sorted(set(layers) - set(selected))
+    if sorted(selected) != sorted(adapter.layers):
+        extra = sorted(set(selected) - set(adapter.layers))
+        absent = sorted(set(adapter.layers) - set(selected))
         raise PeftConversionError(
-            f"{where!r}: target_modules={config.get('target_modules')!r} selects layers {extra[:8]} with no "
-            f"weights in {PEFT_WEIGHTS_NAME}, or the weights hold layers {absent[:8]} it does not select "
-            "among the model's Linear/Conv layers: this adapter was not made for this model"
+            f"{where!r}: target_modules={adapter.config.get('target_modules')!r} selects layers {extra[:8]} that "
+            f"have no weights in {PEFT_WEIGHTS_NAME}, or the weights hold layers {absent[:8]} it does not "
+            "select: this adapter was not made for this model"
         )
 
 
-# --- our own directory format ------------------------------------------------------------------
+def peft_refusal(
+    *,
+    adapter_class: str | None,
+    adapter_kwargs: Mapping[str, Any],
+    unfrozen_layers: Sequence[str],
+    layers: Sequence[str],
+    layer_refusal: Callable[[str], str | None],
+) -> str | None:
+    """Why PEFT's format cannot hold an adapter, or None when it can: ``adapter_class`` is None
+    for LoRA, else the class's name; ``layer_refusal(name)`` is the framework's geometry check.
+
+    >>> peft_refusal(adapter_class=None, adapter_kwargs={"rank": 2, "use_dora": True}, unfrozen_layers=[],
+    ...              layers=["fc"], layer_refusal=lambda name: None) is None
+    True
+    >>> peft_refusal(adapter_class="HoulsbyAdapterLinear", adapter_kwargs={}, unfrozen_layers=[], layers=["fc"],
+    ...              layer_refusal=lambda name: None)
+    "HoulsbyAdapterLinear adapters have no PEFT LoRA equivalent; only LoRA is written in PEFT's format"
+    """
+    if adapter_class is not None:
+        return f"{adapter_class} adapters have no PEFT LoRA equivalent; only LoRA is written in PEFT's format"
+    try:
+        peft_options(adapter_kwargs)
+    except PeftConversionError as exc:
+        return str(exc)
+    if unfrozen_layers:
+        return f"unfrozen layers {list(unfrozen_layers)[:8]} would need PEFT's modules_to_save, which is not written"
+    if not layers or "" in layers:
+        return "the adapter wraps the root module itself, which PEFT cannot target"
+    for name in layers:
+        refusal = layer_refusal(name)
+        if refusal is not None:
+            return refusal
+    return None
+
+
+def peft_files(
+    tensors: Mapping[str, T],
+    layers: Sequence[str],
+    adapter_kwargs: Mapping[str, Any],
+    *,
+    embeddings: Collection[str] = (),
+    base_model_name_or_path: str | None = None,
+    where: str = "the adapter",
+) -> tuple[dict[str, Any], dict[str, T]]:
+    """The config and the tensors of PEFT's directory for our LoRA (``adapter_kwargs``) on
+    ``layers``: :func:`peft_config` and :func:`to_peft_tensors` together."""
+    kwargs = {"rank": 16, "alpha": 1.0, **_OUR_DEFAULTS, **adapter_kwargs}
+    config = peft_config(layers, **kwargs, base_model_name_or_path=base_model_name_or_path)
+    out = to_peft_tensors(
+        tensors, layers, embeddings=embeddings, use_dora=bool(kwargs["use_dora"]), where=where
+    )
+    return config, out
+
+
+def load_peft_adapter(
+    found: AdapterDirectory, read_tensors: Callable[[Path], Mapping[str, T]]
+) -> PeftAdapter[T]:
+    """Check the config of the PEFT directory ``found``, then read its weights with
+    ``read_tensors(path)`` (each side its own way) and map them (:func:`peft_adapter`)."""
+    where = str(found.weights.with_name(PEFT_CONFIG_NAME))
+    check_peft_config(found.config, where)  # before the weights are read
+    return peft_adapter(found.config, read_tensors(found.weights), where=where, weights=str(found.weights))
+
+
+def escape_glob(name: str) -> str:
+    """A shell-style pattern matching exactly ``name`` (``*``, ``?`` and ``[`` literal).
+
+    >>> escape_glob("blocks[0].fc")
+    'blocks[[]0].fc'
+    """
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+# --- directories -------------------------------------------------------------------------------
 
 
 def ours_config(
@@ -332,46 +679,52 @@ class AdapterDirectory:
     weights: Path
 
 
+def read_peft_directory(directory: str | os.PathLike[str]) -> AdapterDirectory:
+    """Read a PEFT adapter directory's config (the weights are the caller's: each side reads
+    safetensors its own way). A missing directory or file raises ``FileNotFoundError``, a config
+    that is not a JSON object :class:`PeftConversionError`, naming the file."""
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"PEFT adapter directory not found: {str(folder)!r}")
+    for name in (PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{str(folder)!r} is not a PEFT adapter directory: {name} is missing")
+    config = _read_json(folder / PEFT_CONFIG_NAME, PeftConversionError)
+    return AdapterDirectory("peft", config, folder / PEFT_WEIGHTS_NAME)
+
+
 def read_adapter_directory(directory: str | os.PathLike[str]) -> AdapterDirectory:
-    """Find which format ``directory`` holds and read its config (weights are the caller's:
-    each twin reads safetensors its own way). Errors name the directory and the file."""
+    """Find which format ``directory`` holds, ours or PEFT's, and read its config (weights are
+    the caller's). Errors name the directory and the file."""
     folder = Path(directory)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter directory not found: {str(folder)!r}")
-    if (folder / OURS_CONFIG_NAME).is_file():
-        config = _read_json(folder / OURS_CONFIG_NAME)
-        if config.get("format") != FORMAT_NAME:
-            raise CheckpointError(
-                f"{str(folder / OURS_CONFIG_NAME)!r}: format is {config.get('format')!r}, not {FORMAT_NAME!r}"
+    if not (folder / OURS_CONFIG_NAME).is_file():
+        if not (folder / PEFT_CONFIG_NAME).is_file():
+            raise FileNotFoundError(
+                f"{str(folder)!r} is not an adapter directory: neither {PEFT_CONFIG_NAME} (PEFT) nor "
+                f"{OURS_CONFIG_NAME} (ours) is there"
             )
-        for key, kind in (
-            ("adapter_class", str),
-            ("adapter_kwargs", dict),
-            ("adapted_layers", list),
-            ("unfrozen_layers", list),
-        ):
-            if not isinstance(config.get(key), kind):
-                raise CheckpointError(
-                    f"{str(folder / OURS_CONFIG_NAME)!r}: {key!r} must be a {kind.__name__}"
-                )
-        if not all(isinstance(n, str) for n in (*config["adapted_layers"], *config["unfrozen_layers"])):
-            raise CheckpointError(f"{str(folder / OURS_CONFIG_NAME)!r}: layer names must be strings")
-        weights = folder / OURS_WEIGHTS_NAME
-        fmt = FORMAT_NAME
-    elif (folder / PEFT_CONFIG_NAME).is_file():
-        config = _read_json(folder / PEFT_CONFIG_NAME)
-        weights = folder / PEFT_WEIGHTS_NAME
-        fmt = "peft"
-    else:
+        return read_peft_directory(folder)
+    path = folder / OURS_CONFIG_NAME
+    config = _read_json(path, CheckpointError)
+    if config.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{str(path)!r}: format is {config.get('format')!r}, not {FORMAT_NAME!r}")
+    for key, kind in (
+        ("adapter_class", str),
+        ("adapter_kwargs", dict),
+        ("adapted_layers", list),
+        ("unfrozen_layers", list),
+    ):
+        if not isinstance(config.get(key), kind):
+            raise CheckpointError(f"{str(path)!r}: {key!r} must be a {kind.__name__}")
+    if not all(isinstance(n, str) for n in (*config["adapted_layers"], *config["unfrozen_layers"])):
+        raise CheckpointError(f"{str(path)!r}: layer names must be strings")
+    if not (folder / OURS_WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
-            f"{str(folder)!r} is not an adapter directory: neither {PEFT_CONFIG_NAME} (PEFT) nor "
-            f"{OURS_CONFIG_NAME} (ours) is there"
+            f"{str(folder)!r} is not a complete adapter directory: {OURS_WEIGHTS_NAME} is missing"
         )
-    if not weights.is_file():
-        raise FileNotFoundError(
-            f"{str(folder)!r} is not a complete adapter directory: {weights.name} is missing"
-        )
-    return AdapterDirectory(fmt, config, weights)
+    return AdapterDirectory(FORMAT_NAME, config, folder / OURS_WEIGHTS_NAME)
 
 
 def write_adapter_directory(
@@ -419,14 +772,24 @@ def write_adapter_directory(
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def _read_json(path: Path, error: type[CheckpointError]) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{str(path)!r} is not valid JSON: {exc}") from None
+    except RecursionError:  # json recurses per nesting level: a hostile file can exhaust the stack
+        raise error(f"{str(path)!r} is nested too deeply to be an adapter config") from None
     if not isinstance(value, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object")
+        raise error(f"{str(path)!r} must hold a JSON object")
     return value
+
+
+def _check_regex(pattern: str, what: str, where: str) -> None:
+    """PEFT matches these with ``re``: a pattern ``re`` cannot compile fails there too."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise PeftConversionError(f"{where!r}: {what} is not a regular expression: {exc}") from None
 
 
 def _pattern_value(patterns: Mapping[str, Any], layer: str, default: Any) -> Any:

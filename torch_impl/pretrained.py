@@ -2,10 +2,15 @@
 PEFT's format where PEFT can represent the adapter, ours otherwise (see
 :mod:`interchange.peft_format`). The twin of ``flax_impl.pretrained``.
 
-PEFT's format holds plain LoRA (rank and alpha, no other option) on named Linear/Conv layers,
-with nothing unfrozen and convs of dilation 1 and zero padding (PEFT's LoRA conv copies only the
-kernel, stride and padding). Anything else, Houlsby adapters and ``unfrozen_layers`` included,
-is written in our format, which ``from_pretrained`` reads back the same way.
+PEFT's format holds LoRA with any of its options (``dropout``, ``use_rslora``, ``use_dora``) on
+named Linear, Conv and Embedding layers, with nothing unfrozen, convs of dilation 1 and zero
+padding (PEFT's LoRA conv copies only the kernel, stride and padding) and no scaled embeddings
+(PEFT scales the adapter's output by ``embed_scale``; ours does not). Anything else, Houlsby
+adapters and ``unfrozen_layers`` included, is written in our format, which ``from_pretrained``
+reads back the same way. ``from_pretrained`` reads every PEFT LoRA directory
+``converters.import_peft_adapter`` reads, refusing what our LoRA cannot compute exactly before
+the base model is touched, and, like ``peft.PeftModel.from_pretrained``, returns the model in
+eval mode (``.train()`` to train further).
 
 Example
 -------
@@ -25,7 +30,6 @@ Example
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -34,7 +38,7 @@ from torch import nn
 
 from interchange import peft_format
 from interchange.adapters import LORA, adapter_of
-from interchange.errors import CheckpointError, PeftConversionError
+from interchange.errors import CheckpointError
 from interchange.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
 
 from . import distributed
@@ -42,36 +46,61 @@ from .checkpoint import load_state_dict_file, save_state_dict_file
 from .houlsby import HoulsbyAdapterLinear
 from .lora import LoRA
 
-__all__ = ["from_pretrained", "peft_refusal", "save_pretrained"]
+__all__ = ["from_pretrained", "peft_layer_kind", "peft_layer_refusal", "peft_refusal", "save_pretrained"]
 
 #: This twin's adapter classes, looked up by their declaration's name.
 ADAPTER_CLASSES: tuple[type[LoRA | HoulsbyAdapterLinear], ...] = (LoRA, HoulsbyAdapterLinear)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_KINDS: dict[str, tuple[type[nn.Module], ...]] = {
+    "linear": (nn.Linear,),
+    "conv": _CONV_TYPES,
+    "embedding": (nn.Embedding,),
+}
+
+
+def peft_layer_kind(module: nn.Module) -> str | None:
+    """``'linear'``, ``'conv'`` or ``'embedding'`` for a layer our LoRA (and PEFT's) wraps, else None.
+
+    >>> peft_layer_kind(nn.Embedding(4, 2)), peft_layer_kind(nn.ReLU())
+    ('embedding', None)
+    """
+    return next((kind for kind, types in _KINDS.items() if isinstance(module, types)), None)
+
+
+def peft_layer_refusal(name: str, layer: nn.Module) -> str | None:
+    """Why PEFT's LoRA on ``layer`` computes something else than ours, or None when they agree.
+
+    >>> peft_layer_refusal("conv", nn.Conv1d(2, 2, 3, dilation=2))
+    "layer 'conv' is a conv with dilation (2,) and padding_mode 'zeros'; PEFT's LoRA conv has dilation 1 and zero padding"
+    """
+    if isinstance(layer, _CONV_TYPES):
+        if any(d != 1 for d in layer.dilation) or layer.padding_mode != "zeros":
+            return (
+                f"layer {name!r} is a conv with dilation {layer.dilation} and padding_mode "
+                f"{layer.padding_mode!r}; PEFT's LoRA conv has dilation 1 and zero padding"
+            )
+    if isinstance(layer, nn.Embedding):
+        if layer.max_norm is not None:
+            return f"layer {name!r} is an embedding with max_norm={layer.max_norm}, which our LoRA refuses"
+        if hasattr(layer, "embed_scale"):
+            return (
+                f"layer {name!r} is a scaled embedding ({type(layer).__name__}.embed_scale): PEFT multiplies "
+                "the adapter's output by embed_scale, our LoRA does not"
+            )
+    return None
 
 
 def peft_refusal(model: Any) -> str | None:
-    """Why PEFT's format cannot represent ``model``'s adapters, or None when it can."""
-    if adapter_of(model.adapter_class) is not LORA:
-        return f"{getattr(model.adapter_class, '__name__', model.adapter_class)} adapters are not LoRA"
-    defaults = signature_defaults(model.adapter_class)
-    extra = {
-        k: v for k, v in model.adapter_kwargs.items() if k not in ("rank", "alpha") and v != defaults.get(k)
-    }
-    if extra:
-        return f"LoRA options {extra} have no place in PEFT's plain LoRA config"
-    if model.unfrozen_module_names:
-        return f"unfrozen layers {model.unfrozen_module_names[:8]} would need PEFT's modules_to_save"
-    if not model.replace_layers or "" in model.replace_layers:
-        return "the adapter wraps the root module itself, which PEFT cannot target"
-    for name in model.replace_layers:
-        layer = model.adapted_model.get_submodule(name).pretrained_module
-        if isinstance(layer, _CONV_TYPES):
-            if any(d != 1 for d in layer.dilation) or layer.padding_mode != "zeros":
-                return (
-                    f"layer {name!r} is a conv with dilation {layer.dilation} and padding_mode "
-                    f"{layer.padding_mode!r}; PEFT's LoRA conv has dilation 1 and zero padding"
-                )
-    return None
+    """Why PEFT's format cannot represent ``model``'s adapters, or None when it can
+    (:func:`interchange.peft_format.peft_refusal`, with this twin's :func:`peft_layer_refusal`)."""
+    lora = adapter_of(model.adapter_class) is LORA
+    return peft_format.peft_refusal(
+        adapter_class=None if lora else getattr(model.adapter_class, "__name__", str(model.adapter_class)),
+        adapter_kwargs=model.adapter_kwargs,
+        unfrozen_layers=model.unfrozen_module_names,
+        layers=model.replace_layers,
+        layer_refusal=lambda name: peft_layer_refusal(name, _wrapped(model, name)),
+    )
 
 
 def save_pretrained(
@@ -83,14 +112,15 @@ def save_pretrained(
     tensors = model.trainable_state_dict()
     refusal = peft_refusal(model)
     if refusal is None:
-        kwargs = LORA.kwargs(model.adapter_kwargs)
-        config = peft_format.peft_config(
+        embeddings = [n for n in model.replace_layers if peft_layer_kind(_wrapped(model, n)) == "embedding"]
+        config, peft_tensors = peft_format.peft_files(
+            tensors,
             model.replace_layers,
-            rank=kwargs["rank"],
-            alpha=kwargs["alpha"],
+            model.adapter_kwargs,
+            embeddings=embeddings,
             base_model_name_or_path=base_model_name_or_path,
+            where=str(directory),
         )
-        peft_tensors = peft_format.to_peft_keys(tensors)
         write = lambda path: save_state_dict_file(peft_tensors, path, {"format": "pt"})  # noqa: E731
     else:
         config = peft_format.ours_config(
@@ -111,21 +141,26 @@ def save_pretrained(
 
 def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLike[str]) -> Any:
     """Wrap ``base_model`` (changed in place, like ``AdaptedModel``) in adapters rebuilt from
-    ``directory`` and load them. A refused load puts the base model back as it was."""
+    ``directory`` and load them; returns the model in eval mode, as PEFT does. A refused load
+    puts the base model back as it was."""
     found = peft_format.read_adapter_directory(directory)
     adapter_class: type[LoRA | HoulsbyAdapterLinear]
+    metadata: Mapping[str, str]
     where = str(found.weights)
-    tensors, metadata = load_state_dict_file(found.weights)
     if found.format == "peft":
-        tensors = peft_format.from_peft_keys(tensors, where=where)
-        lora = peft_format.lora_from_peft(
-            found.config, {k: tuple(v.shape) for k, v in tensors.items()}, where=str(directory)
+        adapter = peft_format.load_peft_adapter(found, lambda path: load_state_dict_file(path)[0])
+        modules = dict(base_model.named_modules())
+        peft_format.check_peft_model(
+            adapter,
+            {name: (peft_layer_kind(m), type(m).__name__) for name, m in modules.items()},
+            where=str(directory),
+            layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
         )
-        candidates = [n for n, m in base_model.named_modules() if isinstance(m, (nn.Linear, *_CONV_TYPES))]
-        peft_format.check_peft_targets(found.config, lora.layers, candidates, where=str(directory))
-        adapter_class, kwargs = LoRA, _lora_kwargs(lora)
-        adapted, unfrozen, metadata = lora.layers, [], {}
+        adapter_class, kwargs = LoRA, adapter.adapter_kwargs
+        adapted, unfrozen = adapter.layers, []
+        tensors, metadata = adapter.tensors, {}
     else:
+        tensors, metadata = load_state_dict_file(found.weights)
         adapter_class = _adapter_class(found.config["adapter_class"], where)
         kwargs = _resolve_kwargs(adapter_class, found.config["adapter_kwargs"], where)
         adapted, unfrozen = found.config["adapted_layers"], found.config["unfrozen_layers"]
@@ -149,29 +184,7 @@ def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLi
     except BaseException:
         _put_back(model, base_model, flags)
         raise
-    return model
-
-
-def _lora_kwargs(lora: peft_format.PeftLoRA) -> dict[str, Any]:
-    """Our LoRA's kwargs for a PEFT LoRA config."""
-    kwargs: dict[str, Any] = {"rank": lora.rank, "alpha": lora.alpha}
-    accepted = signature_defaults(LoRA)
-    if lora.use_rslora:
-        if "use_rslora" in accepted:
-            kwargs["use_rslora"] = True
-        else:
-            raise PeftConversionError(
-                "the PEFT adapter uses use_rslora (scaling lora_alpha / sqrt(r)), which this LoRA cannot compute"
-            )
-    if lora.dropout:
-        if "dropout" in accepted:
-            kwargs["dropout"] = lora.dropout
-        else:
-            warnings.warn(
-                f"lora_dropout={lora.dropout} is not applied: this LoRA has no dropout (outputs in eval are the same)",
-                stacklevel=3,
-            )
-    return kwargs
+    return model.eval()
 
 
 def _adapter_class(name: str, where: str) -> type[LoRA | HoulsbyAdapterLinear]:
@@ -195,6 +208,11 @@ def _resolve_kwargs(adapter_class: type, recorded: Mapping[str, Any], where: str
             )
         out[key] = value
     return out
+
+
+def _wrapped(model: Any, name: str) -> Any:
+    """The layer the adapter at ``name`` wraps."""
+    return getattr(model.adapted_model.get_submodule(name), LORA.wrapped)
 
 
 def _class_name(adapter_class: Any) -> str:

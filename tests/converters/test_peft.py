@@ -264,3 +264,23 @@ def test_existing_adapted_model_with_another_rank_is_refused(peft_dir, base):
     )
     with pytest.raises(PeftConversionError, match="rank=2, alpha=1.0.*the PEFT adapter rank=4"):
         converters.import_peft_adapter(folder, model)
+
+
+def test_a_scaled_embedding_is_refused_both_ways_as_the_twins_refuse_it(tmp_path, peft):
+    """PEFT multiplies an embedding adapter's output by the layer's ``embed_scale`` (Gemma's
+    scaled word embeddings); our LoRA does not, so neither direction converts it."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    def base():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(Gemma3TextScaledWordEmbedding(10, 4, padding_idx=0, embed_scale=2.0))
+
+    adapted = torch_impl.AdaptedModel(base(), torch_impl.LoRA, target_layers="0", adapter_kwargs={"rank": 2})
+    with pytest.raises(PeftConversionError, match="layer '0' is a scaled embedding"):
+        converters.export_peft_adapter(adapted, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    peft.get_peft_model(base(), peft.LoraConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path / "peft")
+    model = base()
+    with pytest.raises(PeftConversionError, match="layer '0' is a scaled embedding"):
+        converters.import_peft_adapter(tmp_path / "peft", model)
+    assert type(model[0]) is Gemma3TextScaledWordEmbedding

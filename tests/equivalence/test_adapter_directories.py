@@ -174,3 +174,73 @@ def test_adapter_files_with_unfrozen_layers_convert_with_the_cli(tmp_path, frame
     assert sorted(back) == sorted(original)
     for key, value in original.items():
         np.testing.assert_array_equal(back[key], value)
+
+
+# --- every LoRA option PEFT has, on the Flax twin -----------------------------------------------
+
+#: name -> (PEFT LoraConfig options, our adapter_kwargs beyond rank/alpha, extra PEFT targets).
+OPTIONS = {
+    "dropout": ({"lora_dropout": 0.2}, {"dropout": 0.2}, []),
+    "rslora": ({"use_rslora": True}, {"use_rslora": True}, []),
+    "dora": ({"use_dora": True}, {"use_dora": True}, []),
+    "embedding": ({}, {}, ["word_embeddings"]),
+    "dora-rslora-dropout": (
+        {"use_dora": True, "use_rslora": True, "lora_dropout": 0.1},
+        {"dropout": 0.1, "use_rslora": True, "use_dora": True},
+        [],
+    ),
+    "uniform-patterns": ({"rank_pattern": {"query": 4}, "alpha_pattern": {"value": 6}}, {}, []),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_peft_directories_of_every_option_load_into_the_flax_twin_with_peft_outputs(tmp_path, option):
+    peft_options, ours, extra = OPTIONS[option]
+    torch_bert, flax_bert = _pair()
+    config = peft.LoraConfig(
+        r=4, lora_alpha=6, target_modules=["query", "value", *extra], init_lora_weights=False, **peft_options
+    )
+    peft_model = peft.get_peft_model(copy.deepcopy(torch_bert), config)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.linspace(0.7, 1.3, param.numel()).view(param.shape))
+            elif "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    peft_model.eval().save_pretrained(str(tmp_path / "peft"))
+    expected = _torch_out(peft_model)
+
+    flax_model = flax_impl.AdaptedModel.from_pretrained(flax_bert, tmp_path / "peft", rngs=nnx.Rngs(3))
+
+    assert flax_model.adapter_kwargs == {"rank": 4, "alpha": 6.0, **ours}
+    np.testing.assert_allclose(_flax_out(flax_model), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(_flax_out(flax_model), _flax_out(flax_model))  # eval mode: no dropout
+
+
+@pytest.mark.parametrize("option", ["dropout", "rslora", "dora", "embedding", "dora-rslora-dropout"])
+def test_flax_save_pretrained_writes_every_lora_option_in_peft_format_and_peft_loads_it(tmp_path, option):
+    peft_options, ours, extra = OPTIONS[option]
+    kwargs = {"rank": 4, "alpha": 6.0, **ours}
+    targets = [*QV, "embeddings.word_embeddings"] if extra else QV
+    torch_bert, flax_bert = _pair()
+    torch_model = torch_impl.AdaptedModel(
+        copy.deepcopy(torch_bert), torch_impl.LoRA, target_layers=targets, adapter_kwargs=kwargs
+    )
+    _randomize_torch(torch_model)
+    flax_model = flax_impl.AdaptedModel(
+        flax_bert, flax_impl.LoRA, target_layers=targets, adapter_kwargs=kwargs, rngs=nnx.Rngs(1)
+    )
+    converters.torch_to_flax(torch_model, flax_model)  # trained-looking adapters, the same on both sides
+    flax_model.eval()
+    expected = _flax_out(flax_model)
+
+    assert flax_model.save_pretrained(tmp_path / "adapter") == "peft"
+
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert), str(tmp_path / "adapter"))
+    np.testing.assert_allclose(_torch_out(peft_model), expected, rtol=1e-5, atol=1e-5)
+    again = flax_impl.AdaptedModel.from_pretrained(_pair()[1], tmp_path / "adapter", rngs=nnx.Rngs(4))
+    assert again.adapter_kwargs == flax_model.adapter_kwargs
+    np.testing.assert_allclose(_flax_out(again), expected, rtol=1e-6, atol=1e-6)
+    torch_again = torch_impl.AdaptedModel.from_pretrained(copy.deepcopy(torch_bert), tmp_path / "adapter")
+    np.testing.assert_allclose(_torch_out(torch_again), expected, rtol=1e-5, atol=1e-5)

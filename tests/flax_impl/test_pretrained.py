@@ -15,6 +15,7 @@ from flax import nnx
 
 from flax_impl import AdaptedModel, CheckpointError, HoulsbyAdapterLinear, LoRA
 from flax_impl.models import BertConfig, BertModel
+from interchange.errors import PeftConversionError
 
 SMALL_BERT = BertConfig(
     vocab_size=64,
@@ -48,9 +49,8 @@ def _randomize(model: AdaptedModel, seed: int = 1) -> None:
 
 def _adapted_bert(**kwargs) -> AdaptedModel:
     kwargs.setdefault("adapter_kwargs", {"rank": 4, "alpha": 8.0})
-    model = AdaptedModel(
-        _bert(), kwargs.pop("adapter_class", LoRA), target_layers=QV, rngs=nnx.Rngs(1), **kwargs
-    )
+    kwargs.setdefault("target_layers", QV)
+    model = AdaptedModel(_bert(), kwargs.pop("adapter_class", LoRA), rngs=nnx.Rngs(1), **kwargs)
     _randomize(model)
     return model
 
@@ -196,3 +196,50 @@ def test_a_bare_linear_adapted_at_the_root_round_trips_in_our_format(tmp_path):
     )
 
     np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(model(x)))
+
+
+def test_dora_rslora_dropout_and_embedding_adapters_are_written_in_peft_format_and_read_back(tmp_path):
+    kwargs = {"rank": 4, "alpha": 6.0, "dropout": 0.1, "use_rslora": True}
+    for use_dora, targets in ((True, QV), (False, [*QV, "embeddings.word_embeddings"])):
+        model = _adapted_bert(
+            adapter_kwargs={**kwargs, **({"use_dora": True} if use_dora else {})}, target_layers=targets
+        )
+        model.eval()
+        expected = _out(model)
+        folder = tmp_path / f"dora{use_dora}"
+
+        assert model.save_pretrained(folder) == "peft"
+
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert (config["use_dora"], config["use_rslora"], config["lora_dropout"]) == (use_dora, True, 0.1)
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "adapter_model.safetensors"), "np") as f:
+            shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        query = "base_model.model.encoder.layer.0.attention.self.query"
+        if use_dora:
+            assert shapes[f"{query}.lora_magnitude_vector"] == [SMALL_BERT.hidden_size]
+        else:
+            words = "base_model.model.embeddings.word_embeddings"
+            assert shapes[f"{words}.lora_embedding_A"] == [4, SMALL_BERT.vocab_size]  # PEFT's (r, num)
+            assert shapes[f"{words}.lora_embedding_B"] == [SMALL_BERT.hidden_size, 4]
+        again = AdaptedModel.from_pretrained(_bert(), folder, rngs=nnx.Rngs(5))
+        assert again.adapter_kwargs == model.adapter_kwargs
+        np.testing.assert_array_equal(_out(again), expected)  # in eval mode: dropout off
+
+
+def test_a_peft_directory_on_a_dilated_conv_is_refused_before_the_base_changes(tmp_path):
+    def base(dilation: int) -> nnx.Module:
+        padding = [(dilation, dilation)]
+        return nnx.Sequential(
+            nnx.Conv(3, 4, (3,), kernel_dilation=dilation, padding=padding, rngs=nnx.Rngs(0))
+        )
+
+    model = AdaptedModel(base(1), LoRA, all_conv=True, adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1))
+    assert model.save_pretrained(tmp_path / "conv") == "peft"
+    dilated = base(2)
+
+    with pytest.raises(PeftConversionError, match="layer 'layers.0' is an nnx.Conv .*kernel_dilation 2"):
+        AdaptedModel.from_pretrained(dilated, tmp_path / "conv", rngs=nnx.Rngs(2))
+
+    assert type(dilated.layers[0]) is nnx.Conv

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from interchange.errors import PeftConversionError
 from torch_impl import AdaptedModel, CheckpointError, HoulsbyAdapterLinear, LoRA
 
 transformers = pytest.importorskip("transformers")
@@ -56,7 +57,8 @@ def _adapted_bert(**kwargs) -> tuple[AdaptedModel, nn.Module]:
     base = _bert()
     pristine = copy.deepcopy(base)
     kwargs.setdefault("adapter_kwargs", {"rank": 4, "alpha": 8.0})
-    model = AdaptedModel(base, kwargs.pop("adapter_class", LoRA), target_layers=QV, **kwargs).eval()
+    kwargs.setdefault("target_layers", QV)
+    model = AdaptedModel(base, kwargs.pop("adapter_class", LoRA), **kwargs).eval()
     _randomize(model)
     return model, pristine
 
@@ -267,3 +269,156 @@ def test_a_bare_linear_adapted_at_the_root_round_trips_in_our_format(tmp_path):
     again = AdaptedModel.from_pretrained(pristine, tmp_path / "root")
 
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+# --- every LoRA option PEFT has: DoRA, dropout, rsLoRA, embeddings, uniform patterns ------------
+
+#: PEFT LoraConfig options -> (our adapter_kwargs beyond rank/alpha, extra target modules).
+PEFT_OPTIONS = {
+    "dropout": ({"lora_dropout": 0.2}, {"dropout": 0.2}, []),
+    "rslora": ({"use_rslora": True}, {"use_rslora": True}, []),
+    "dora": ({"use_dora": True}, {"use_dora": True}, []),
+    "embedding": ({}, {}, ["word_embeddings"]),
+    "dora-rslora-dropout": (
+        {"use_dora": True, "use_rslora": True, "lora_dropout": 0.1},
+        {"dropout": 0.1, "use_rslora": True, "use_dora": True},
+        [],
+    ),
+    "rslora-embedding": ({"use_rslora": True}, {"use_rslora": True}, ["word_embeddings"]),
+    "uniform-patterns": ({"rank_pattern": {"query": 4}, "alpha_pattern": {"value": 6}}, {}, []),
+}
+
+
+def _peft_directory(folder, option: str, **changes) -> tuple[nn.Module, torch.Tensor]:
+    """A PEFT adapter made by peft itself on the small BERT, trained-looking (random factors,
+    magnitudes scaled off their initial norms); returns the untouched base and PEFT's outputs."""
+    peft_options, _, extra = PEFT_OPTIONS[option]
+    pristine = _bert()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=6,
+        target_modules=["query", "value", *extra],
+        init_lora_weights=False,
+        **{**peft_options, **changes},
+    )
+    peft_model = peft.get_peft_model(copy.deepcopy(pristine), config)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.linspace(0.7, 1.3, param.numel()).view(param.shape))
+            elif "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    peft_model.eval().save_pretrained(str(folder))
+    return pristine, _out(peft_model)
+
+
+@pytest.mark.parametrize("option", list(PEFT_OPTIONS))
+def test_from_pretrained_reads_every_peft_lora_option_with_peft_outputs(tmp_path, option):
+    pristine, expected = _peft_directory(tmp_path / "peft", option)
+    _, ours_kwargs, extra = PEFT_OPTIONS[option]
+    loaded_by_peft = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), str(tmp_path / "peft"))
+
+    ours = AdaptedModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "peft")
+
+    assert not any(m.training for m in ours.modules())  # eval mode, as PeftModel.from_pretrained
+    assert ours.adapter_kwargs == {"rank": 4, "alpha": 6.0, **ours_kwargs}
+    assert len(ours.replace_layers) == 2 * SMALL_BERT["num_hidden_layers"] + len(extra)
+    torch.testing.assert_close(_out(ours), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_out(loaded_by_peft), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("option", ["dropout", "rslora", "dora", "embedding", "dora-rslora-dropout"])
+def test_save_pretrained_writes_every_lora_option_in_peft_format_and_peft_loads_it(tmp_path, option):
+    peft_options, ours_kwargs, extra = PEFT_OPTIONS[option]
+    model, pristine = _adapted_bert(
+        adapter_kwargs={"rank": 4, "alpha": 6.0, **ours_kwargs},
+        **({"target_layers": [*QV, "embeddings.word_embeddings"]} if extra else {}),
+    )
+    expected = _out(model)
+
+    assert model.save_pretrained(tmp_path / "adapter") == "peft"
+
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    defaults = {"lora_dropout": 0.0, "use_rslora": False, "use_dora": False}
+    assert {k: config[k] for k in defaults} == {**defaults, **peft_options}
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), str(tmp_path / "adapter"))
+    torch.testing.assert_close(_out(peft_model), expected, rtol=1e-5, atol=1e-5)
+    again = AdaptedModel.from_pretrained(copy.deepcopy(pristine), tmp_path / "adapter")
+    assert again.adapter_kwargs == model.adapter_kwargs
+    torch.testing.assert_close(_out(again), expected, rtol=0, atol=0)
+
+
+class _ScaledEmbeddingNet(nn.Module):
+    """A Gemma-3 scaled word embedding (transformers' own class) before a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+        self.embed = Gemma3TextScaledWordEmbedding(10, 4, padding_idx=0, embed_scale=2.0)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+def _peft_on(base: nn.Module, folder, **config) -> None:
+    peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, **config)).save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("different-ranks", "different ranks or alphas.*our AdaptedModel has one rank"),
+        ("dora-embedding", "'embeddings.word_embeddings' is an embedding adapted with DoRA"),
+        ("pissa", "init_lora_weights='pissa' rewrites the base weights"),
+        ("modules-to-save", r"modules_to_save \(fully trained extra modules\)"),
+        ("dilated-conv", "layer 'conv' is a conv with dilation \\(2, 2\\).*PEFT's LoRA conv has dilation 1"),
+        ("scaled-embedding", "layer 'embed' is a scaled embedding.*embed_scale"),
+    ],
+)
+def test_peft_directories_our_lora_cannot_compute_are_refused_before_the_base_changes(
+    tmp_path, case, message
+):
+    folder = tmp_path / case
+    if case == "dilated-conv":
+        base = _Convs(dilation=2)
+        _peft_on(base, folder, target_modules=["conv", "head"])
+    elif case == "scaled-embedding":
+        base = _ScaledEmbeddingNet()
+        _peft_on(base, folder, target_modules=["embed", "head"])
+    else:
+        base = _bert()
+        kwargs = {
+            "different-ranks": {"target_modules": ["query", "value"], "rank_pattern": {"query": 4}},
+            "dora-embedding": {"target_modules": ["word_embeddings"], "use_dora": True},
+            "pissa": {"target_modules": ["query"]},
+            "modules-to-save": {"target_modules": ["query"], "modules_to_save": ["pooler"]},
+        }[case]
+        _peft_on(base, folder, **kwargs)
+        if case == "pissa":  # what a PiSSA adapter's config says; peft would rewrite the base on load
+            config = json.loads((folder / "adapter_config.json").read_text())
+            (folder / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    modules = [(n, type(m)) for n, m in base.named_modules()]
+
+    with pytest.raises(PeftConversionError, match=message):
+        AdaptedModel.from_pretrained(base, folder)
+
+    assert [(n, type(m)) for n, m in base.named_modules()] == modules
+    assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+    assert all(p.requires_grad for p in base.parameters())
+
+
+def test_save_pretrained_keeps_a_scaled_embedding_out_of_peft_format(tmp_path):
+    torch.manual_seed(0)
+    base = _ScaledEmbeddingNet()
+    pristine = copy.deepcopy(base)
+    model = AdaptedModel(base, LoRA, target_layers=["embed"], adapter_kwargs={"rank": 2})
+    _randomize(model)
+    ids = torch.tensor([[1, 2, 3], [4, 0, 9]])
+
+    assert model.save_pretrained(tmp_path / "scaled") == "peft-twins"  # PEFT would scale the adapter
+    again = AdaptedModel.from_pretrained(pristine, tmp_path / "scaled")
+    torch.testing.assert_close(again(ids), model.eval()(ids), rtol=0, atol=0)
