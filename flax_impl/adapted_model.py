@@ -333,8 +333,9 @@ class AdaptedModel(nnx.Module):
 
         PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, which
         ``peft.PeftModel.from_pretrained(base, directory)`` loads onto the PyTorch twin of the
-        base model with the same outputs) where PEFT can represent the adapters: plain LoRA on
-        named Linear/Conv layers, nothing unfrozen. Our format otherwise
+        base model with the same outputs) where PEFT can represent the adapters: LoRA with any
+        of its options (``dropout``, ``use_rslora``, ``use_dora``) on named Linear/Conv/Embed
+        layers, nothing unfrozen, convs of dilation 1 and zero padding. Our format otherwise
         (``peft_twins_adapter.json`` + ``adapters.safetensors``, the :meth:`saver` file). The
         write is atomic. ``base_model_name_or_path`` is recorded in PEFT's config. Returns
         ``'peft'`` or ``'peft-twins'``.
@@ -357,7 +358,10 @@ class AdaptedModel(nnx.Module):
         cls, base_model: nnx.Module, directory: str | os.PathLike[str], *, rngs: nnx.Rngs
     ) -> AdaptedModel:
         """Wrap ``base_model`` in the adapters saved in ``directory`` (by :meth:`save_pretrained`
-        of either twin, or by PEFT's ``save_pretrained`` for plain LoRA) and load them.
+        of either twin, or by PEFT's ``save_pretrained`` for LoRA with any option our LoRA
+        computes: DoRA, dropout, rsLoRA, embeddings, uniform rank/alpha patterns) and load them.
+        Like ``peft.PeftModel.from_pretrained``, the model comes back in eval mode (``.train()``
+        to train on).
 
         ``rngs`` initialises the adapters before their saved values overwrite them.
         ``base_model`` is changed in place, as by the constructor; a refused load (a layer the
