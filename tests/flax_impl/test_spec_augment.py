@@ -11,11 +11,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
 
 from flax_impl import AdaptedModel, LoRA
+from flax_impl.models import Wav2Vec2Model
 from flax_impl.models._speech import compute_mask_indices
 from tests.zoo import speech
 
@@ -316,3 +318,46 @@ def test_adapted_model_train_and_eval_reach_spec_augment():
     assert not np.allclose(eval_out, train_out)
     model.eval()
     np.testing.assert_array_equal(eval_out, np.asarray(model(values)))
+
+
+def test_the_readme_training_step_draws_new_spans_each_step():
+    """The README's idiom: jax.jit over the split (AdaptedModel, optimizer) state, gradients of the
+    adapters; the SpecAugment stream advances once per step through the returned state."""
+    model = AdaptedModel(
+        _model("wav2vec2"),
+        LoRA,
+        target_layers="encoder.layers.*.attention.[qv]_proj",
+        adapter_kwargs={"rank": 2},
+        rngs=nnx.Rngs(3),
+    )
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=model.trainable)
+    graphdef, state = nnx.split((model, optimizer))
+    trainable = model.trainable
+    values = jnp.asarray(_batch()["input_values"])
+
+    @jax.jit
+    def train_step(state, x):
+        model, optimizer = nnx.merge(graphdef, state)
+
+        def loss_fn(model):
+            return jnp.mean(model(x) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, trainable))(model)
+        optimizer.update(model, grads)
+        return loss, nnx.state((model, optimizer))
+
+    for _ in range(2):
+        _, state = train_step(state, values)
+    nnx.update((model, optimizer), state)
+
+    assert int(model.adapted_model.rngs.count[...]) == 2
+
+
+def test_from_pretrained_comes_back_in_eval_mode_and_train_draws_spans(tmp_path):
+    speech.torch_model("wav2vec2", **NO_DROPOUT).save_pretrained(str(tmp_path))
+    model = Wav2Vec2Model.from_pretrained(tmp_path)
+    values = _batch()["input_values"]
+
+    assert model.deterministic and not _masked_frames(model, model.embed(values)[0]).any()
+    model.train()
+    assert _masked_frames(model, model.embed(values)[0]).any()
