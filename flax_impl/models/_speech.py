@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal, Protocol, cast
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +45,7 @@ __all__ = [
     "SpeechPositionalConvEmbedding",
     "WeightNorm",
     "WeightNormConv",
+    "compute_mask_indices",
     "config_value",
     "feature_vector_attention_mask",
     "feat_extract_output_lengths",
@@ -134,7 +135,11 @@ class SpeechConfig:
     do_stable_layer_norm: bool = False
     apply_spec_augment: bool = True
     mask_time_prob: float = 0.05
+    mask_time_length: int = 10
+    mask_time_min_masks: int = 2
     mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
+    mask_feature_min_masks: int = 0
     add_adapter: bool = False
     adapter_attn_dim: int | None = None
     # HuBERT's options (wav2vec2 and WavLM always have the projection's LayerNorm, never BatchNorm).
@@ -576,6 +581,111 @@ def feature_vector_attention_mask(num_frames: int, attention_mask: jax.Array, co
 
 
 # ---------------------------------------------------------------------------------------------
+# SpecAugment
+
+
+def _num_masked_spans(
+    length: Any, mask_prob: float, mask_length: int, min_masks: int, size: int, epsilon: Any
+) -> Any:
+    """transformers' ``compute_num_masked_span``, elementwise on ``length`` (Python ints or arrays)."""
+    num = jnp.floor(mask_prob * length / mask_length + epsilon).astype(jnp.int32)
+    num = jnp.maximum(num, min_masks)
+    num = jnp.where(num * mask_length > size, size // mask_length, num)  # at most size // mask_length
+    starts = length - (mask_length - 1)
+    return jnp.where(starts < num, jnp.maximum(starts, 0), num)  # at most the possible span starts
+
+
+def compute_mask_indices(
+    key: jax.Array,
+    shape: tuple[int, int],
+    mask_prob: float,
+    mask_length: int,
+    attention_mask: jax.Array | None = None,
+    min_masks: int = 0,
+) -> jax.Array:
+    """SpecAugment's random spans, drawn as transformers' ``_compute_mask_indices`` draws them, in JAX.
+
+    The same distribution (not the same numbers: NumPy's global generator there, ``key`` here), and
+    jit-compatible: ``shape`` is static, the lengths (``attention_mask.sum(-1)``, or ``shape[1]``)
+    may be traced. One ``epsilon ~ U[0, 1)`` per call, shared by the batch, rounds
+    ``mask_prob * length / mask_length + epsilon`` down to the number of spans of each row; that is
+    at least ``min_masks``, at most ``shape[1] // mask_length`` and at most the ``length -
+    mask_length + 1`` possible starts. The starts are drawn uniformly without replacement from
+    ``[0, length - mask_length]`` and each masks ``mask_length`` frames (spans may overlap). As in
+    transformers, nothing is masked when a row of full length would get no span, and a shorter row
+    that gets none masks its last frame (a padding frame: the dummy index transformers pads with).
+
+    Parameters
+    ----------
+    key : jax.Array
+        A PRNG key.
+    shape : tuple of int
+        ``(batch, size)``: the mask's shape (size: frames for time masks, channels for feature masks).
+    mask_prob, mask_length, min_masks
+        transformers' ``mask_time_prob``/``mask_time_length``/``mask_time_min_masks`` (or the
+        ``mask_feature_*`` trio).
+    attention_mask : jax.Array, optional
+        ``(batch, size)``, 1/True for real frames (right padding): each row draws from its own length.
+
+    Returns
+    -------
+    jax.Array
+        ``(batch, size)`` booleans, True where masked.
+
+    Raises
+    ------
+    ValueError
+        ``mask_length < 1`` or ``mask_length > size``, with transformers' messages.
+
+    Example
+    -------
+    >>> mask = compute_mask_indices(jax.random.key(0), (2, 50), 0.2, 5, min_masks=1)
+    >>> mask.shape, bool(mask.any(-1).all())
+    ((2, 50), True)
+    """
+    batch_size, sequence_length = shape
+    if mask_length < 1:
+        raise ValueError("`mask_length` has to be bigger than 0.")
+    if mask_length > sequence_length:
+        raise ValueError(
+            f"`mask_length` has to be smaller than `sequence_length`, but got `mask_length`: {mask_length}"
+            f" and `sequence_length`: {sequence_length}`"
+        )
+    # The most spans any row can get (epsilon -> 1): the static width of the start table.
+    max_spans = max(int(mask_prob * sequence_length / mask_length + 1.0), min_masks)
+    if max_spans * mask_length > sequence_length:
+        max_spans = sequence_length // mask_length
+    max_spans = min(max_spans, sequence_length - mask_length + 1)
+    if max_spans == 0:
+        return jnp.zeros(shape, bool)
+    epsilon_key, starts_key = jax.random.split(key)
+    epsilon = jax.random.uniform(epsilon_key, (), jnp.float32)
+    if attention_mask is None:
+        lengths = jnp.full((batch_size,), sequence_length, jnp.int32)
+    else:
+        lengths = jnp.sum(jnp.asarray(attention_mask).astype(jnp.int32), axis=-1)
+    num_spans = _num_masked_spans(lengths, mask_prob, mask_length, min_masks, sequence_length, epsilon)
+    any_spans = (
+        _num_masked_spans(sequence_length, mask_prob, mask_length, min_masks, sequence_length, epsilon) > 0
+    )
+    # Uniform without replacement: the num_spans highest of i.i.d. random scores over the row's
+    # possible starts (the others score 0, below every real score).
+    num_starts = sequence_length - mask_length + 1
+    scores = (jax.random.bits(starts_key, (batch_size, num_starts), jnp.uint32) >> 1) + 1
+    allowed = jnp.arange(num_starts)[None, :] < (lengths - mask_length + 1)[:, None]
+    _, starts = jax.lax.top_k(jnp.where(allowed, scores, 0), max_spans)
+    used = jnp.arange(max_spans)[None, :] < num_spans[:, None]
+    rows = jnp.arange(batch_size)[:, None]
+    first = jnp.zeros((batch_size, sequence_length), jnp.int32).at[rows, starts].add(used.astype(jnp.int32))
+    # transformers' dummy index for a row without spans: the last frame (its span is clipped there).
+    first = first.at[:, sequence_length - 1].add((num_spans == 0).astype(jnp.int32))
+    # A frame is masked when a span starts in the mask_length frames up to it.
+    count = jnp.cumsum(first, axis=1)
+    before = jnp.pad(count, ((0, 0), (mask_length, 0)))[:, :sequence_length]
+    return ((count - before) > 0) & any_spans
+
+
+# ---------------------------------------------------------------------------------------------
 # Transformer encoder
 
 
@@ -782,17 +892,45 @@ class SpeechModel(nnx.Module):
     ``masked_spec_embed``, ``encoder``. Subclasses choose the config class and the layers.
 
     ``model(input_values, attention_mask=None, mask_time_indices=None)`` returns the last hidden
-    state ``(batch, frames, hidden_size)``. ``mask_time_indices`` ``(batch, frames)`` replaces those
-    frames by ``masked_spec_embed`` as transformers does; SpecAugment's own random masking in
-    training mode is not drawn here: pass the indices you want.
+    state ``(batch, frames, hidden_size)``. SpecAugment as transformers' ``_mask_hidden_states``
+    applies it to the projected frames, when ``config.apply_spec_augment``: ``mask_time_indices``
+    ``(batch, frames)``, if given, replaces those frames by ``masked_spec_embed`` in either mode;
+    otherwise, in training mode with ``mask_time_prob > 0``, random time spans are drawn (see
+    :func:`compute_mask_indices`; within each row's frames of ``attention_mask``, except for
+    HuBERT, whose transformers model draws over all frames) and replaced so; then, in training mode
+    with ``mask_feature_prob > 0``, random channel spans are set to 0 on every frame. The spans
+    come from the model's own fork of the ``dropout`` stream of ``rngs`` and ``model.train()`` /
+    ``model.eval()`` switch them on and off (the ``deterministic`` attribute, as ``nnx.Dropout``);
+    eval mode draws nothing.
 
     ``attention_implementation`` (see :data:`ATTENTION_IMPLEMENTATIONS`): ``None`` writes the
     attention out as transformers does; ``"cudnn"`` uses cuDNN's flash attention (GPU, bf16), falling
     back to the written-out form while attention dropout is active. WavLM's biased attention is
     always written out.
+
+    Example
+    -------
+    >>> from flax_impl.models import Wav2Vec2Model
+    >>> config = {"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+    ...           "intermediate_size": 16, "conv_dim": [4], "conv_kernel": [10], "conv_stride": [5],
+    ...           "num_conv_pos_embeddings": 4, "num_conv_pos_embedding_groups": 2,
+    ...           "mask_time_prob": 0.5, "mask_time_length": 2}
+    >>> model = Wav2Vec2Model(config, rngs=nnx.Rngs(params=0, dropout=1))
+    >>> values = jax.random.normal(jax.random.key(0), (1, 400))
+    >>> frames, _ = model.embed(values)  # training mode: 19 or 20 spans of 2 of the 79 frames
+    >>> masked = (frames == model.masked_spec_embed[...]).all(-1)
+    >>> 20 <= int(masked.sum()) <= 40
+    True
+    >>> model.eval()
+    >>> frames, _ = model.embed(values)
+    >>> bool((frames == model.masked_spec_embed[...]).all(-1).any())
+    False
     """
 
     config_class: type[SpeechConfig] = SpeechConfig
+    #: Whether the random time spans stay within each row's frames (transformers' HuBERT does not
+    #: pass its attention mask to ``_compute_mask_indices``: its spans may fall on padding).
+    spec_augment_reads_attention_mask: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -813,6 +951,10 @@ class SpeechModel(nnx.Module):
                 jax.random.uniform(rngs.params(), (self.config.hidden_size,), param_dtype)
             )
         self.encoder = self.make_encoder(layers)
+        # SpecAugment's random spans: training mode after construction, as the dropout layers;
+        # nnx's train()/eval() set ``deterministic``. Forked last, so the other streams are unchanged.
+        self.deterministic = False
+        self.rngs = rngs["dropout"].fork()
 
     def make_feature_projection(self, layers: Layers) -> nnx.Module:
         return SpeechFeatureProjection(layers)
@@ -858,13 +1000,59 @@ class SpeechModel(nnx.Module):
         mask = None
         if attention_mask is not None:
             mask = feature_vector_attention_mask(features.shape[1], attention_mask, self.config)
-        hidden_states = self.feature_projection(features)
-        if mask_time_indices is not None and self.config.apply_spec_augment:
-            if not self.config.has_masked_spec_embed:
-                raise ValueError("mask_time_indices given but this model has no masked_spec_embed")
-            embed = self.masked_spec_embed[...].astype(hidden_states.dtype)
-            hidden_states = jnp.where(jnp.asarray(mask_time_indices)[:, :, None], embed, hidden_states)
+        hidden_states = self.mask_hidden_states(self.feature_projection(features), mask_time_indices, mask)
         return hidden_states, mask
+
+    def mask_hidden_states(
+        self,
+        hidden_states: jax.Array,
+        mask_time_indices: jax.Array | None = None,
+        frame_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """transformers' ``_mask_hidden_states``: SpecAugment on ``(batch, frames, hidden_size)``.
+
+        Time spans (``mask_time_indices``, or drawn in training mode) become ``masked_spec_embed``,
+        then feature spans (drawn in training mode) become 0; nothing without
+        ``config.apply_spec_augment``. ``frame_mask`` ``(batch, frames)`` bounds each row's time spans.
+        """
+        config = self.config
+        if not config.apply_spec_augment:
+            return hidden_states
+        batch_size, sequence_length, hidden_size = hidden_states.shape
+        training = not self.deterministic
+        if mask_time_indices is None and training and config.mask_time_prob > 0.0:
+            mask_time_indices = compute_mask_indices(
+                self.rngs(),
+                (batch_size, sequence_length),
+                config.mask_time_prob,
+                config.mask_time_length,
+                frame_mask if self.spec_augment_reads_attention_mask else None,
+                config.mask_time_min_masks,
+            )
+        if mask_time_indices is not None:
+            if not config.has_masked_spec_embed:
+                raise ValueError("mask_time_indices given but this model has no masked_spec_embed")
+            mask_time_indices = jnp.asarray(mask_time_indices)
+            if tuple(mask_time_indices.shape) != (batch_size, sequence_length):
+                raise ValueError(
+                    f"mask_time_indices has shape {tuple(mask_time_indices.shape)}, expected (batch, frames) "
+                    f"= {(batch_size, sequence_length)}"
+                )
+            embed = self.masked_spec_embed[...].astype(hidden_states.dtype)
+            hidden_states = jnp.where(mask_time_indices.astype(bool)[:, :, None], embed, hidden_states)
+        if training and config.mask_feature_prob > 0.0:
+            mask_feature_indices = compute_mask_indices(
+                self.rngs(),
+                (batch_size, hidden_size),
+                config.mask_feature_prob,
+                config.mask_feature_length,
+                None,
+                config.mask_feature_min_masks,
+            )
+            hidden_states = jnp.where(mask_feature_indices[:, None, :], 0.0, hidden_states).astype(
+                hidden_states.dtype
+            )
+        return hidden_states
 
     @classmethod
     def from_pretrained(cls, path: Any, **kwargs: Any) -> Any:

@@ -2,7 +2,9 @@
 
 HuBERT is wav2vec2's architecture with two options of its own: ``feat_proj_layer_norm`` (the
 feature projection's LayerNorm, on by default) and ``conv_pos_batch_norm`` (a BatchNorm before a
-plain grouped positional convolution instead of weight norm). Both are honoured.
+plain grouped positional convolution instead of weight norm). Both are honoured. As in
+transformers, HuBERT's random SpecAugment time spans are drawn over all frames (its forward does not
+pass the attention mask on), where wav2vec2 and WavLM keep them within each row's real frames.
 
 Example
 -------
@@ -53,6 +55,8 @@ class HubertModel(SpeechModel):
     config_class = HubertConfig
     model_type = "hubert"
     base_model_prefix = "hubert"
+    # transformers' HubertModel.forward calls _mask_hidden_states without the attention mask.
+    spec_augment_reads_attention_mask = False
 
     def make_feature_projection(self, layers: Layers) -> nnx.Module:
         return SpeechFeatureProjection(layers, layer_norm=layers.config.feat_proj_layer_norm)

@@ -50,8 +50,8 @@ class Wav2Vec2Model(SpeechModel):
     Returns
     -------
     ``model(input_values, attention_mask=None)`` returns the last hidden state
-    ``(batch, frames, hidden_size)``. Training mode after construction (dropout on), as a torch
-    module; :meth:`from_pretrained` returns eval mode.
+    ``(batch, frames, hidden_size)``. Training mode after construction (dropout and SpecAugment
+    on), as a torch module; :meth:`from_pretrained` returns eval mode.
 
     Example
     -------

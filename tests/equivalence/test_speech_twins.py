@@ -175,3 +175,31 @@ def test_an_attention_implementation_that_cannot_run_says_which_to_use():
 
     with pytest.raises(ValueError, match="attention_implementation=None"):
         model(np.zeros((1, 16000), np.float32))
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "hubert", "wavlm"])
+def test_training_mode_with_given_mask_time_indices_matches_transformers(family):
+    """In training mode (dropout 0, so the run is deterministic) both sides use the given
+    mask_time_indices instead of drawing; mask_feature_prob=0 draws no feature spans."""
+    overrides = dict(hidden_dropout=0.0, activation_dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
+    if family == "wavlm":
+        overrides.update(num_buckets=16, max_bucket_distance=40)
+    torch_model, flax_model = _twins(family, overrides)
+    torch_model.train()
+    flax_model.train()
+    batch = speech.audio_batch(np.random.default_rng(3))
+    indices = np.zeros((2, 49), bool)
+    indices[0, 5:15] = indices[1, 20:30] = indices[1, 40:] = True
+
+    with torch.no_grad():
+        expected = torch_model(
+            torch.from_numpy(batch["input_values"]),
+            attention_mask=torch.from_numpy(batch["attention_mask"]),
+            mask_time_indices=torch.from_numpy(indices),
+        ).last_hidden_state.numpy()
+    actual = np.asarray(flax_model(batch["input_values"], batch["attention_mask"], mask_time_indices=indices))
+    flax_model.eval()
+    unmasked = np.asarray(flax_model(batch["input_values"], batch["attention_mask"]))
+
+    harness.assert_close([expected], [actual], atol=1e-5, rtol=1e-5, what=f"{family} train")
+    assert not np.allclose(actual, unmasked)
