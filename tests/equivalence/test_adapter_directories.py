@@ -178,19 +178,7 @@ def test_adapter_files_with_unfrozen_layers_convert_with_the_cli(tmp_path, frame
 
 # --- every LoRA option PEFT has, on the Flax twin -----------------------------------------------
 
-#: name -> (PEFT LoraConfig options, our adapter_kwargs beyond rank/alpha, extra PEFT targets).
-OPTIONS = {
-    "dropout": ({"lora_dropout": 0.2}, {"dropout": 0.2}, []),
-    "rslora": ({"use_rslora": True}, {"use_rslora": True}, []),
-    "dora": ({"use_dora": True}, {"use_dora": True}, []),
-    "embedding": ({}, {}, ["word_embeddings"]),
-    "dora-rslora-dropout": (
-        {"use_dora": True, "use_rslora": True, "lora_dropout": 0.1},
-        {"dropout": 0.1, "use_rslora": True, "use_dora": True},
-        [],
-    ),
-    "uniform-patterns": ({"rank_pattern": {"query": 4}, "alpha_pattern": {"value": 6}}, {}, []),
-}
+OPTIONS = bert.PEFT_LORA_OPTIONS
 
 
 @pytest.mark.parametrize("option", list(OPTIONS))

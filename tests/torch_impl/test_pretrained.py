@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from interchange.errors import PeftConversionError
+from tests.zoo import bert
 from torch_impl import AdaptedModel, CheckpointError, HoulsbyAdapterLinear, LoRA
 
 transformers = pytest.importorskip("transformers")
@@ -273,20 +274,7 @@ def test_a_bare_linear_adapted_at_the_root_round_trips_in_our_format(tmp_path):
 
 # --- every LoRA option PEFT has: DoRA, dropout, rsLoRA, embeddings, uniform patterns ------------
 
-#: PEFT LoraConfig options -> (our adapter_kwargs beyond rank/alpha, extra target modules).
-PEFT_OPTIONS = {
-    "dropout": ({"lora_dropout": 0.2}, {"dropout": 0.2}, []),
-    "rslora": ({"use_rslora": True}, {"use_rslora": True}, []),
-    "dora": ({"use_dora": True}, {"use_dora": True}, []),
-    "embedding": ({}, {}, ["word_embeddings"]),
-    "dora-rslora-dropout": (
-        {"use_dora": True, "use_rslora": True, "lora_dropout": 0.1},
-        {"dropout": 0.1, "use_rslora": True, "use_dora": True},
-        [],
-    ),
-    "rslora-embedding": ({"use_rslora": True}, {"use_rslora": True}, ["word_embeddings"]),
-    "uniform-patterns": ({"rank_pattern": {"query": 4}, "alpha_pattern": {"value": 6}}, {}, []),
-}
+PEFT_OPTIONS = bert.PEFT_LORA_OPTIONS  # name -> (PEFT options, our adapter_kwargs, extra targets)
 
 
 def _peft_directory(folder, option: str, **changes) -> tuple[nn.Module, torch.Tensor]:

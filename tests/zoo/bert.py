@@ -18,6 +18,23 @@ import examples.pretrained
 from examples.pretrained import hide_broken_torchaudio
 
 #: Real sentences of different lengths, so the batch is padded and the attention mask matters.
+#: Every LoRA option PEFT has, on BERT: name -> (PEFT ``LoraConfig`` options, our
+#: ``adapter_kwargs`` beyond rank/alpha, extra PEFT target modules). The torch twin's and the Flax
+#: twin's PEFT-directory tests both run it.
+PEFT_LORA_OPTIONS: dict[str, tuple[dict[str, Any], dict[str, Any], list[str]]] = {
+    "dropout": ({"lora_dropout": 0.2}, {"dropout": 0.2}, []),
+    "rslora": ({"use_rslora": True}, {"use_rslora": True}, []),
+    "dora": ({"use_dora": True}, {"use_dora": True}, []),
+    "embedding": ({}, {}, ["word_embeddings"]),
+    "dora-rslora-dropout": (
+        {"use_dora": True, "use_rslora": True, "lora_dropout": 0.1},
+        {"dropout": 0.1, "use_rslora": True, "use_dora": True},
+        [],
+    ),
+    "rslora-embedding": ({"use_rslora": True}, {"use_rslora": True}, ["word_embeddings"]),
+    "uniform-patterns": ({"rank_pattern": {"query": 4}, "alpha_pattern": {"value": 6}}, {}, []),
+}
+
 SENTENCES = (
     "The quick brown fox jumps over the lazy dog.",
     "Adapters let a frozen speech encoder learn a new accent with a few thousand parameters.",
