@@ -423,7 +423,9 @@ def is_layer_adaptable(
     all_linear: bool
         Whether all ``nnx.Linear`` layers should be adapted.
     all_conv: bool
-        Whether all ``nnx.Conv`` layers should be adapted.
+        Whether all convolutions should be adapted: ``nnx.Conv`` and every layer the type table
+        calls a ``conv`` (the speech twins' weight-normed positional conv among them, so that
+        ``all_conv`` meets the same layers as in PyTorch, where that conv is an ``nn.Conv1d``).
     target_layers: str or list of str
         Shell-style patterns; a single string is one pattern.
 
@@ -442,7 +444,7 @@ def is_layer_adaptable(
     """
     return bool(
         (all_linear and isinstance(module, nnx.Linear))
-        or (all_conv and isinstance(module, nnx.Conv))
+        or (all_conv and (isinstance(module, nnx.Conv) or layer_kind(module) == "conv"))
         or matches_any(name, as_patterns(target_layers))
     )
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -263,6 +264,17 @@ def test_all_conv_meets_the_grouped_positional_conv_and_target_layers_leave_it_o
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="encoder.pos_conv_embed.conv"):
         torch_impl.AdaptedModel(speech.torch_model("wav2vec2"), torch_impl.LoRA, all_conv=True)
+    # The Flax twin meets it too (it is a WeightNormConv there, not an nnx.Conv) and refuses the
+    # same way, naming it, before changing the model: it used to adapt the other convs silently.
+    twin = _flax_twin("wav2vec2", {})
+    before = [np.array(leaf) for leaf in jax.tree.leaves(nnx.state(twin, nnx.Param))]
+    with pytest.raises(ValueError, match="encoder.pos_conv_embed.conv"):
+        flax_impl.AdaptedModel(twin, flax_impl.LoRA, all_conv=True, rngs=nnx.Rngs(0))
+    assert type(twin.feature_extractor.conv_layers[0].conv) is nnx.Conv  # nothing was wrapped
+    after = jax.tree.leaves(nnx.state(twin, nnx.Param))
+    assert len(after) == len(before)
+    for old, new in zip(before, after, strict=True):
+        np.testing.assert_array_equal(np.array(new), old)
 
     convs = ["feature_extractor.conv_layers.*.conv"]  # what the README shows instead of all_conv
     adapted = torch_impl.AdaptedModel(speech.torch_model("wav2vec2"), torch_impl.LoRA, target_layers=convs)
