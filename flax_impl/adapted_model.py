@@ -21,7 +21,7 @@ from typing import Any
 
 from flax import nnx
 
-from interchange.adapters import adapter_of
+from interchange.adapters import adapter_class_name
 from interchange.errors import AdapterInsertionError, CheckpointError, NoMatchError
 from interchange.format import adapter_metadata
 from interchange.names import (
@@ -292,7 +292,7 @@ class AdaptedModel(nnx.Module):
         """The safetensors metadata :meth:`saver` writes for ``arrays``."""
         metadata = adapter_metadata(
             framework="flax",
-            adapter_class=_adapter_class_name(self.adapter_class),
+            adapter_class=adapter_class_name(self.adapter_class),
             adapter_kwargs=self.adapter_kwargs,
             target_layers=self.target_layers or self.replace_layers,
             unfrozen_layers=self.unfrozen_layers,
@@ -306,7 +306,7 @@ class AdaptedModel(nnx.Module):
         against this model, then load them; nothing is assigned when a check fails."""
         check_recorded_adapter(
             metadata,
-            _adapter_class_name(self.adapter_class),
+            adapter_class_name(self.adapter_class),
             self.adapter_kwargs,
             where=where,
             class_defaults=signature_defaults(self.adapter_class),
@@ -472,12 +472,6 @@ def replace_module(model: nnx.Module, name: str, new_module: nnx.Module) -> None
     """
     parent_and_leaf(name)  # the root has no parent: same ValueError as torch_impl
     set_submodule(model, name, new_module)
-
-
-def _adapter_class_name(adapter_class: Any) -> str:
-    """The name files record for ``adapter_class``: its declaration's, else its class name."""
-    kind = adapter_of(adapter_class)
-    return kind.name if kind is not None else getattr(adapter_class, "__name__", str(adapter_class))
 
 
 def _with_message(exc: Exception, message: str) -> Exception:

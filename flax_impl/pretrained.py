@@ -33,7 +33,7 @@ from typing import Any
 from flax import nnx
 
 from interchange import peft_format
-from interchange.adapters import LORA, adapter_of
+from interchange.adapters import LORA, adapter_class_name, adapter_of
 from interchange.errors import CheckpointError
 from interchange.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
 
@@ -80,14 +80,9 @@ def peft_layer_refusal(name: str, layer: Any) -> str | None:
 
 def peft_refusal(model: Any) -> str | None:
     """Why PEFT's format cannot represent ``model``'s adapters, or None when it can
-    (:func:`interchange.peft_format.peft_refusal`, with this twin's :func:`peft_layer_refusal`)."""
-    lora = adapter_of(model.adapter_class) is LORA
-    return peft_format.peft_refusal(
-        adapter_class=None if lora else getattr(model.adapter_class, "__name__", str(model.adapter_class)),
-        adapter_kwargs=model.adapter_kwargs,
-        unfrozen_layers=model.unfrozen_module_names,
-        layers=model.replace_layers,
-        layer_refusal=lambda name: peft_layer_refusal(name, _wrapped(model, name)),
+    (:func:`interchange.peft_format.adapted_model_refusal`, with this twin's :func:`peft_layer_refusal`)."""
+    return peft_format.adapted_model_refusal(
+        model, lambda name: peft_layer_refusal(name, _wrapped(model, name))
     )
 
 
@@ -112,7 +107,7 @@ def save_pretrained(
     else:
         config = peft_format.ours_config(
             framework="flax",
-            adapter_class=_class_name(model.adapter_class),
+            adapter_class=adapter_class_name(model.adapter_class),
             adapter_kwargs=recorded_jsonable(model.adapter_kwargs),
             adapted_layers=model.replace_layers,
             unfrozen_layers=model.unfrozen_module_names,
@@ -213,11 +208,6 @@ def _resolve_kwargs(adapter_class: type, recorded: Mapping[str, Any], where: str
 def _wrapped(model: Any, name: str) -> Any:
     """The layer the adapter at ``name`` wraps."""
     return getattr(get_submodule(model.adapted_model, name), LORA.wrapped)
-
-
-def _class_name(adapter_class: Any) -> str:
-    kind = adapter_of(adapter_class)
-    return kind.name if kind is not None else getattr(adapter_class, "__name__", str(adapter_class))
 
 
 def _put_back(model: Any, base_model: nnx.Module) -> None:

@@ -37,6 +37,7 @@ __all__ = [
     "HOULSBY",
     "LORA",
     "MergeRule",
+    "adapter_class_name",
     "adapter_of",
     "factor_names",
     "get_adapter",
@@ -143,6 +144,17 @@ def adapter_of(obj: object) -> AdapterKind | None:
     """The declaration of an adapter class or instance (its ``adapter_kind``), else None."""
     kind = getattr(obj, "adapter_kind", None)
     return kind if isinstance(kind, AdapterKind) else None
+
+
+def adapter_class_name(adapter_class: object) -> str:
+    """The name files record for ``adapter_class``: its declaration's, else its class name.
+
+    >>> class Mine: ...
+    >>> adapter_class_name(type("X", (), {"adapter_kind": LORA})), adapter_class_name(Mine)
+    ('LoRA', 'Mine')
+    """
+    kind = adapter_of(adapter_class)
+    return kind.name if kind is not None else getattr(adapter_class, "__name__", str(adapter_class))
 
 
 def factor_names() -> frozenset[str]:

@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from .adapters import LORA, adapter_of
 from .errors import CheckpointError, PeftConversionError
 from .format import FORMAT_NAME, FORMAT_VERSION, library_version
 
@@ -80,6 +81,7 @@ __all__ = [
     "PEFT_WEIGHTS_NAME",
     "UNSUPPORTED",
     "AdapterDirectory",
+    "adapted_model_refusal",
     "PeftAdapter",
     "check_peft_config",
     "check_peft_model",
@@ -599,6 +601,27 @@ def peft_refusal(
         if refusal is not None:
             return refusal
     return None
+
+
+def adapted_model_refusal(model: Any, layer_refusal: Callable[[str], str | None]) -> str | None:
+    """:func:`peft_refusal` of an ``AdaptedModel`` of either twin, read from its adapter class
+    and kwargs, unfrozen and adapted layers; ``layer_refusal(name)`` is the twin's check of the
+    layer wrapped at ``name``.
+
+    >>> from types import SimpleNamespace
+    >>> model = SimpleNamespace(adapter_class=SimpleNamespace(__name__="Houlsby"), adapter_kwargs={},
+    ...                         unfrozen_module_names=[], replace_layers=["fc"])
+    >>> adapted_model_refusal(model, lambda name: None)
+    "Houlsby adapters have no PEFT LoRA equivalent; only LoRA is written in PEFT's format"
+    """
+    lora = adapter_of(model.adapter_class) is LORA
+    return peft_refusal(
+        adapter_class=None if lora else getattr(model.adapter_class, "__name__", str(model.adapter_class)),
+        adapter_kwargs=model.adapter_kwargs,
+        unfrozen_layers=model.unfrozen_module_names,
+        layers=model.replace_layers,
+        layer_refusal=layer_refusal,
+    )
 
 
 def peft_files(

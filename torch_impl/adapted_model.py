@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from interchange.adapters import adapter_of
+from interchange.adapters import adapter_class_name
 from interchange.errors import AdapterInsertionError, CheckpointError, NoMatchError
 from interchange.format import adapter_metadata, compare_keys
 from interchange.names import (
@@ -267,7 +267,7 @@ class AdaptedModel(nn.Module):
         """The safetensors metadata :meth:`saver` writes for ``state_dict``."""
         metadata = adapter_metadata(
             framework="torch",
-            adapter_class=_adapter_class_name(self.adapter_class),
+            adapter_class=adapter_class_name(self.adapter_class),
             adapter_kwargs=self.adapter_kwargs,
             target_layers=self.target_layers or self.replace_layers,
             unfrozen_layers=self.unfrozen_layers,
@@ -284,7 +284,7 @@ class AdaptedModel(nn.Module):
         then load it; nothing is loaded when a check fails."""
         check_recorded_adapter(
             metadata,
-            _adapter_class_name(self.adapter_class),
+            adapter_class_name(self.adapter_class),
             self.adapter_kwargs,
             where=where,
             class_defaults=signature_defaults(self.adapter_class),
@@ -453,12 +453,6 @@ def replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
     parent_name, target_name = parent_and_leaf(name)
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, target_name, new_module)
-
-
-def _adapter_class_name(adapter_class: Any) -> str:
-    """The name files record for ``adapter_class``: its declaration's, else its class name."""
-    kind = adapter_of(adapter_class)
-    return kind.name if kind is not None else getattr(adapter_class, "__name__", str(adapter_class))
 
 
 def _types(named: list[tuple[str, nn.Module]], limit: int = 8) -> str:
