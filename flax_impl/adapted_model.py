@@ -181,7 +181,7 @@ class AdaptedModel(nnx.Module):
         check_all_matched(unfrozen_layers, names, argument="unfrozen_layers")
         if all_linear and not any(isinstance(m, nnx.Linear) for _, m in named):
             raise NoMatchError("all_linear=True but the model has no nnx.Linear layer")
-        if all_conv and not any(isinstance(m, nnx.Conv) for _, m in named):
+        if all_conv and not any(_is_conv(m) for _, m in named):
             raise NoMatchError("all_conv=True but the model has no nnx.Conv layer")
 
         # Same walk as torch_impl: adaptable layers are queued, other matches are unfrozen.
@@ -444,9 +444,15 @@ def is_layer_adaptable(
     """
     return bool(
         (all_linear and isinstance(module, nnx.Linear))
-        or (all_conv and (isinstance(module, nnx.Conv) or layer_kind(module) == "conv"))
+        or (all_conv and _is_conv(module))
         or matches_any(name, as_patterns(target_layers))
     )
+
+
+def _is_conv(module: nnx.Module) -> bool:
+    """Whether ``all_conv`` meets ``module``: the type table calls it a ``conv`` (``nnx.Conv`` and
+    the speech twins' ``WeightNormConv``)."""
+    return layer_kind(module) == "conv"
 
 
 def replace_module(model: nnx.Module, name: str, new_module: nnx.Module) -> None:
