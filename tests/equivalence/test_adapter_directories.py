@@ -24,7 +24,7 @@ from tests.zoo import bert
 
 peft = pytest.importorskip("peft")
 
-QV = ["encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value"]
+QV = bert.QUERY_VALUE
 UNFROZEN = ["embeddings.LayerNorm", "pooler.dense"]
 
 

@@ -16,17 +16,10 @@ from flax import nnx
 from flax_impl import AdaptedModel, CheckpointError, HoulsbyAdapterLinear, LoRA
 from flax_impl.models import BertConfig, BertModel
 from interchange.errors import PeftConversionError
+from tests.zoo import bert
 
-SMALL_BERT = BertConfig(
-    vocab_size=64,
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=32,
-    max_position_embeddings=24,
-    type_vocab_size=2,
-)
-QV = ["encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value"]
+SMALL_BERT = BertConfig(**bert.SMALL_CONFIG)
+QV = bert.QUERY_VALUE
 
 
 def _bert() -> BertModel:

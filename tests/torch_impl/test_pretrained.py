@@ -19,16 +19,8 @@ from torch_impl import AdaptedModel, CheckpointError, HoulsbyAdapterLinear, LoRA
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-SMALL_BERT = dict(
-    vocab_size=64,
-    hidden_size=16,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=32,
-    max_position_embeddings=24,
-    type_vocab_size=2,
-)
-QV = ["encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value"]
+SMALL_BERT = bert.SMALL_CONFIG
+QV = bert.QUERY_VALUE
 
 
 def _bert(seed: int = 0) -> nn.Module:

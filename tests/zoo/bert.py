@@ -42,6 +42,9 @@ SENTENCES = (
     "Numbers computed in PyTorch and in JAX should agree to five decimal places, or the twin is wrong.",
 )
 
+#: LoRA's usual targets on BERT: every layer's attention query and value.
+QUERY_VALUE = ["encoder.layer.*.attention.self.query", "encoder.layer.*.attention.self.value"]
+
 #: A small random BERT: two layers, four heads, both token types.
 SMALL_CONFIG = dict(
     vocab_size=64,
