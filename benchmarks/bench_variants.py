@@ -26,32 +26,20 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import importlib.machinery
 import os
 import statistics
 import sys
-import types
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from examples.pretrained import hide_broken_torchaudio  # noqa: E402
 
-def _stub_torchaudio_if_broken() -> None:
-    try:
-        import torchaudio  # noqa: F401
-    except (ImportError, OSError):
-        for name in [m for m in sys.modules if m == "torchaudio" or m.startswith("torchaudio.")]:
-            del sys.modules[name]
-        stub = types.ModuleType("torchaudio")
-        stub.__path__ = []
-        stub.__version__ = "0.0.0"
-        stub.__spec__ = importlib.machinery.ModuleSpec("torchaudio", None, is_package=True)
-        sys.modules["torchaudio"] = stub
-
-
-_stub_torchaudio_if_broken()
+# transformers and PEFT import torchaudio at import time; the one beside the CPU torch wheel of
+# the dev environment does not load, and nothing here touches audio.
+hide_broken_torchaudio()
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
