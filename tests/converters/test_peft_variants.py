@@ -56,12 +56,7 @@ def _make_peft(peft, folder, option):
     targets = ATTENTION + options.pop("extra", [])
     config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=targets, init_lora_weights=False, **options)
     model = peft.get_peft_model(_torch_bert(), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(torch.linspace(0.7, 1.3, param.numel()).view(param.shape))
-            elif "lora_" in name:
-                param.copy_(torch.randn_like(param) * 0.3)
+    bert.randomize_peft(model)
     model.eval().save_pretrained(folder)
     batch = _bert_batch(np.random.default_rng(0))
     with torch.no_grad():

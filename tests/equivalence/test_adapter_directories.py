@@ -189,13 +189,7 @@ def test_peft_directories_of_every_option_load_into_the_flax_twin_with_peft_outp
         r=4, lora_alpha=6, target_modules=["query", "value", *extra], init_lora_weights=False, **peft_options
     )
     peft_model = peft.get_peft_model(copy.deepcopy(torch_bert), config)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(torch.linspace(0.7, 1.3, param.numel()).view(param.shape))
-            elif "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    bert.randomize_peft(peft_model)
     peft_model.eval().save_pretrained(str(tmp_path / "peft"))
     expected = _torch_out(peft_model)
 

@@ -282,13 +282,7 @@ def _peft_directory(folder, option: str, **changes) -> tuple[nn.Module, torch.Te
         **{**peft_options, **changes},
     )
     peft_model = peft.get_peft_model(copy.deepcopy(pristine), config)
-    generator = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_magnitude_vector" in name:
-                param.mul_(torch.linspace(0.7, 1.3, param.numel()).view(param.shape))
-            elif "lora_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    bert.randomize_peft(peft_model)
     peft_model.eval().save_pretrained(str(folder))
     return pristine, _out(peft_model)
 

@@ -79,6 +79,22 @@ def small_torch_bert() -> Any:
 
 
 @functools.cache
+def randomize_peft(peft_model: Any, seed: int = 2) -> Any:
+    """Give a PEFT model's LoRA factors random values (0.3 x N(0, 1), from ``seed``) and its DoRA
+    magnitudes values off the weight norms (x 0.7 .. 1.3), so that every tensor shows in the
+    outputs; returns the model."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.linspace(0.7, 1.3, param.numel()).view(param.shape))
+            elif "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    return peft_model
+
+
 def _minilm() -> tuple[Any, Any]:
     transformers_module()
     tokenizer, model = examples.pretrained.load_minilm()
