@@ -104,7 +104,7 @@ class Result:
 
 def _target_names(model: nnx.Module, patterns: list[str]) -> list[str]:
     from flax_impl.graph import named_modules
-    from interchange.names import matches_any
+    from twinformat.names import matches_any
 
     return [name for name, module in named_modules(model) if matches_any(name, patterns)]
 

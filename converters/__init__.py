@@ -1,6 +1,6 @@
 """Exact weight conversion between PyTorch and Flax NNX: the only package that knows both.
 
-Built on :mod:`interchange` (the rules both twins share) and the twins' bridges
+Built on :mod:`twinformat` (the rules both twins share) and the twins' bridges
 (``torch_impl.interchange``, ``flax_impl.interchange``). Importing ``converters`` imports neither
 torch nor jax: each framework is imported only when a conversion touches one of its models or a
 pickled file, so a Flax-only install converts safetensors files without PyTorch, and the reverse.
@@ -15,10 +15,10 @@ pickled file, so a Flax-only install converts safetensors files without PyTorch,
 
 >>> import converters
 >>> converters.torch_to_flax.__module__, converters.KeyReport.__module__
-('converters.convert', 'interchange.format')
+('converters.convert', 'twinformat.format')
 """
 
-from interchange.errors import (
+from twinformat.errors import (
     AdapterError,
     CheckpointError,
     ConversionError,
@@ -29,7 +29,7 @@ from interchange.errors import (
     RenameError,
     UnknownLayerError,
 )
-from interchange.format import KeyReport
+from twinformat.format import KeyReport
 
 from .convert import flax_to_torch, torch_to_flax
 from .file_convert import convert_file
@@ -37,7 +37,7 @@ from .merge import merge_adapter_file
 from .peft import export_peft_adapter, import_peft_adapter
 from .saving import load_flax_layout, save_flax_layout, save_torch_layout
 
-__version__ = "0.2.0"
+from twinformat._version import __version__
 
 __all__ = [
     "AdapterError",

@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from interchange.dtypes import numpy_dtype
-from interchange.format import KeyReport
-from interchange.plan import Plan, plan_load, refuse
+from twinformat.dtypes import numpy_dtype
+from twinformat.format import KeyReport
+from twinformat.plan import Plan, plan_load, refuse
 
 from .rename import RenameRule
 from .sides import Source, Target, framework_of, read_source, target_of
@@ -130,7 +130,7 @@ def load_into(
     """Fill ``target`` (a model of either framework) from ``source`` (a model of either framework,
     a checkpoint path or a state dict), validating everything before writing anything.
 
-    Planning (:func:`interchange.plan.plan_load`) reads specs and kinds only; each planned tensor
+    Planning (:func:`twinformat.plan.plan_load`) reads specs and kinds only; each planned tensor
     is then read once and re-laid out once, on its way into the target.
     """
     src = read_source(source)

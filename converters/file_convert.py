@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from interchange.adapters import ADAPTERS, implied_kinds
-from interchange.errors import CheckpointError, LayoutError, NoMatchError
-from interchange.kinds import KINDS, canonical_kind
-from interchange.names import matches_any
+from twinformat.adapters import ADAPTERS, implied_kinds
+from twinformat.errors import CheckpointError, LayoutError, NoMatchError
+from twinformat.kinds import KINDS, canonical_kind
+from twinformat.names import matches_any
 
 from .checkpoint import FORMAT_NAME, FORMAT_VERSION, KeyReport, library_version
 from .files import LAYOUTS, TensorFile, write_safetensors
@@ -82,7 +82,7 @@ def convert_file(
         The layout to write.
     layer_kinds : dict, optional
         ``{module: kind}`` for modules the file does not describe (kinds in
-        :data:`interchange.kinds.KINDS`, old names accepted); a key may be a glob pattern
+        :data:`twinformat.kinds.KINDS`, old names accepted); a key may be a glob pattern
         (``'*.LayerNorm'``) matched against the source's module names: exact names first, then
         patterns in order, first match wins; a pattern that matches no module is an error.
     rename : list of (pattern, replacement), optional
@@ -222,8 +222,8 @@ def resolve_kinds(given: Mapping[str, str], modules: Sequence[str]) -> dict[str,
     An exact name applies as given (whether or not ``modules`` holds it: a kinds file written
     from a twin names modules a checkpoint may lack); a pattern (``*``, ``?``, ``[``) applies to
     each of ``modules`` it matches that no exact name and no earlier pattern gave. A pattern
-    that matches none of ``modules`` raises :class:`~interchange.errors.NoMatchError`; an
-    unknown kind :class:`~interchange.errors.LayoutError`.
+    that matches none of ``modules`` raises :class:`~twinformat.errors.NoMatchError`; an
+    unknown kind :class:`~twinformat.errors.LayoutError`.
 
     Example
     -------

@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from interchange.dtypes import TensorSpec, dtype_name, numpy_dtype
-from interchange.dtypes import nbytes as _spec_nbytes
-from interchange.errors import CheckpointError
-from interchange.format import atomic_write, is_safetensors_path, read_safetensors_header
-from interchange.format import layer_kinds_from_metadata as _layer_kinds
+from twinformat.dtypes import TensorSpec, dtype_name, numpy_dtype
+from twinformat.dtypes import nbytes as _spec_nbytes
+from twinformat.errors import CheckpointError
+from twinformat.format import atomic_write, is_safetensors_path, read_safetensors_header
+from twinformat.format import layer_kinds_from_metadata as _layer_kinds
 
 __all__ = [
     "LAYOUTS",
@@ -355,7 +355,7 @@ def safetensors_layout(
     path: Path,
 ) -> tuple[dict[str, TensorSpec], dict[str, tuple[int, int]], dict[str, str], int]:
     """``(specs in file order, data offsets, metadata, first data byte)`` of a safetensors file,
-    from its validated header (:func:`interchange.format.read_safetensors_header`)."""
+    from its validated header (:func:`twinformat.format.read_safetensors_header`)."""
     header, metadata = read_safetensors_header(path)
     order = sorted(header, key=lambda name: tuple(header[name]["data_offsets"]))
     specs = {name: (header[name]["dtype"], tuple(header[name]["shape"])) for name in order}

@@ -1,11 +1,11 @@
 """Merge an adapter file into a base checkpoint file: a plain merged base checkpoint.
 
-Which adapters merge, and how, is their declaration's (:mod:`interchange.adapters`: ``merge``);
+Which adapters merge, and how, is their declaration's (:mod:`twinformat.adapters`: ``merge``);
 LoRA's is described here, and a declared adapter of another class merges by its own rule.
 
 Framework-free; works on files of either framework's origin (the format is shared) and on a
 base file in either layout (the output keeps the base file's layout). For every adapted layer
-``<name>``, the LoRA declaration's merge rule (:func:`interchange.adapters.lora_merge`, what
+``<name>``, the LoRA declaration's merge rule (:func:`twinformat.adapters.lora_merge`, what
 ``LoRA.merge`` computes): ``<name>.weight += scaling * up @ down`` in float32, cast back to the
 weight's dtype (conv too: ``up (out, rank, 1..)``, ``down (rank, in, *k)``; embeddings:
 ``down (num, rank) @ up (dim, rank).T``), DoRA's magnitude then folded in; ``scaling`` is
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from interchange.adapters import LORA, AdapterKind, factor_names, get_adapter, lora_scaling, wrapped_names
-from interchange.errors import MergeError, UnknownAdapterError
+from twinformat.adapters import LORA, AdapterKind, factor_names, get_adapter, lora_scaling, wrapped_names
+from twinformat.errors import MergeError, UnknownAdapterError
 
 from .checkpoint import KeyReport, parse_metadata
 from .file_convert import file_layer_kinds, progress_bar
@@ -137,7 +137,7 @@ def _declaration(
     except UnknownAdapterError:
         raise MergeError(
             f"{where!r} holds {adapter_class} adapters, which no declaration describes "
-            "(interchange.adapters.register_adapter): their merge rule is unknown"
+            "(twinformat.adapters.register_adapter): their merge rule is unknown"
         ) from None
     if not declared.merges:
         raise MergeError(

@@ -1,5 +1,5 @@
-"""Moved to :mod:`interchange.names` (the rules both twins share live below them); this module
+"""Moved to :mod:`twinformat.names` (the rules both twins share live below them); this module
 keeps the old import path working."""
 
-from interchange.names import *  # noqa: F403
-from interchange.names import NoMatchError, __all__  # noqa: F401
+from twinformat.names import *  # noqa: F403
+from twinformat.names import NoMatchError, __all__  # noqa: F401

@@ -8,7 +8,7 @@ care is the scaling and what each side can express. It never imports ``peft``.
 
 Everything about the format itself (names, key mapping for factors, embedding factors and DoRA
 magnitudes, the config's checks and refusals, the options, the patterns, reading and atomic
-writing of directories) is :mod:`interchange.peft_format`'s, which the twins'
+writing of directories) is :mod:`twinformat.peft_format`'s, which the twins'
 ``AdaptedModel.save_pretrained``/``from_pretrained`` use too; this module adds what needs a
 model: walking it, the geometry of its layers, building an ``AdaptedModel`` of the right twin.
 
@@ -56,10 +56,10 @@ from typing import Any
 
 import numpy as np
 
-from interchange import peft_format
-from interchange.adapters import LORA, implied_kinds, lora_scaling
-from interchange.errors import PeftConversionError
-from interchange.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PeftAdapter
+from twinformat import peft_format
+from twinformat.adapters import LORA, implied_kinds, lora_scaling
+from twinformat.errors import PeftConversionError
+from twinformat.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PeftAdapter
 
 from .checkpoint import KeyReport, adapter_metadata, parse_metadata
 from .files import TensorFile, write_safetensors
@@ -80,7 +80,7 @@ _OURS_PREFIX = peft_format.OURS_PREFIX
 
 
 def read_peft_adapter(directory: str | os.PathLike[str]) -> PeftAdapter[np.ndarray]:
-    """Read and check a PEFT LoRA adapter directory (:func:`interchange.peft_format.peft_adapter`);
+    """Read and check a PEFT LoRA adapter directory (:func:`twinformat.peft_format.peft_adapter`);
     raises :class:`PeftConversionError` for anything our LoRA cannot compute exactly."""
     found = peft_format.read_peft_directory(directory)
 
@@ -228,7 +228,7 @@ def peft_to_adapter_file(directory: str | os.PathLike[str], path: str | os.PathL
 
 
 def _check_targets(model: Any, adapter: PeftAdapter[Any], framework: str, where: str) -> None:
-    """The PEFT adapter fits ``model`` (:func:`interchange.peft_format.check_peft_model`, with
+    """The PEFT adapter fits ``model`` (:func:`twinformat.peft_format.check_peft_model`, with
     the twin's geometry check)."""
     _, modules = _named_modules(model, framework)
     peft_format.check_peft_model(

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from interchange.errors import NoMatchError, RenameError
+from twinformat.errors import NoMatchError, RenameError
 
 __all__ = ["RenameError", "RenameRule", "rename_keys"]
 

@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from interchange.errors import CheckpointError
-from interchange.format import MAX_HEADER_BYTES, atomic_write
+from twinformat.errors import CheckpointError
+from twinformat.format import MAX_HEADER_BYTES, atomic_write
 
 from .files import TensorFile, TensorSpec, _nbytes, safetensors_layout, write_safetensors
 
@@ -117,7 +117,7 @@ class ShardedCheckpoint(TensorFile):
     ------
     FileNotFoundError
         Naming the missing index or file.
-    interchange.errors.CheckpointError
+    twinformat.errors.CheckpointError
         A malformed index, a file name leaving the folder, a tensor the index maps to a file
         that lacks it, a tensor of a file the index does not list, files of different layouts.
     """

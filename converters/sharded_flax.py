@@ -3,7 +3,7 @@
 :func:`load_flax_sharded` fills a Flax NNX model, even an abstract one (``nnx.eval_shape``),
 with arrays built by ``jax.make_array_from_callback``: each device reads only its slice of each
 tensor (``safe_open(...).get_slice``), re-laid out from PyTorch's layout by the rules of
-:mod:`interchange.kinds`. In a multi-process JAX program each process therefore reads only the
+:mod:`twinformat.kinds`. In a multi-process JAX program each process therefore reads only the
 shards its devices own; peak memory is those shards plus about one tensor.
 
 Imports jax and flax (only when called through :mod:`converters.sharded`).
@@ -16,11 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from interchange import kinds as layout
-from interchange.dtypes import TensorSpec
-from interchange.format import KeyReport
-from interchange.plan import plan_load, refuse
-from interchange.state import FlatState
+from twinformat import kinds as layout
+from twinformat.dtypes import TensorSpec
+from twinformat.format import KeyReport
+from twinformat.plan import plan_load, refuse
+from twinformat.state import FlatState
 
 from .sharded import ShardedCheckpoint
 from .views import module_of

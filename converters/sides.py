@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from interchange.adapters import adapter_of, is_adapter_key
-from interchange.dtypes import TensorSpec
-from interchange.format import adapter_metadata, parse_metadata
-from interchange.state import FlatState
+from twinformat.adapters import adapter_of, is_adapter_key
+from twinformat.dtypes import TensorSpec
+from twinformat.format import adapter_metadata, parse_metadata
+from twinformat.state import FlatState
 
 from .file_convert import file_layer_kinds
 from .files import TensorFile

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from interchange import kinds as layout
-from interchange.dtypes import TensorSpec, dtype_name
-from interchange.errors import CheckpointError, ConversionError, UnknownLayerError
-from interchange.kinds import BUFFER_NAMES
-from interchange.kinds import is_buffer_name as is_buffer
+from twinformat import kinds as layout
+from twinformat.dtypes import TensorSpec, dtype_name
+from twinformat.errors import CheckpointError, ConversionError, UnknownLayerError
+from twinformat.kinds import BUFFER_NAMES
+from twinformat.kinds import is_buffer_name as is_buffer
 
 from .files import TensorFile, contiguous
 from .rename import RenameRule, rename_keys

@@ -418,7 +418,7 @@ def export_peft(encoder: Any, out: Path) -> Path:
 
     Raises ``PeftConversionError`` for what PEFT cannot express (Houlsby), before writing.
     """
-    from interchange.errors import PeftConversionError
+    from twinformat.errors import PeftConversionError
     from torch_impl.pretrained import peft_refusal
 
     refusal = peft_refusal(encoder)

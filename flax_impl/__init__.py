@@ -1,7 +1,7 @@
 """Flax NNX adapters (LoRA, Houlsby): the twin of ``torch_impl``, with the same names.
 
 Needs only jax and flax (and numpy, safetensors): the rules shared with the PyTorch twin live in
-:mod:`interchange`, and the errors a Flax user meets are re-exported here.
+:mod:`twinformat`, and the errors a Flax user meets are re-exported here.
 
 >>> import jax
 >>> from flax import nnx
@@ -18,7 +18,7 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised in the torch-only CI environment
     raise ImportError("flax_impl needs JAX and Flax: pip install 'peft-twins[jax]'") from _exc
 
-from interchange.errors import (
+from twinformat.errors import (
     AdapterError,
     AdapterInsertionError,
     CheckpointError,
@@ -36,7 +36,7 @@ from .houlsby import HoulsbyAdapterLinear
 from .lora import LoRA
 from .merge import merge_and_unload, merge_lora, unload, unmerge_lora
 
-__version__ = "0.2.0"
+from twinformat._version import __version__
 
 __all__ = [
     "AdaptedModel",

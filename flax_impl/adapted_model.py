@@ -21,10 +21,10 @@ from typing import Any
 
 from flax import nnx
 
-from interchange.adapters import adapter_class_name
-from interchange.errors import AdapterInsertionError, CheckpointError, NoMatchError
-from interchange.format import adapter_metadata
-from interchange.names import (
+from twinformat.adapters import adapter_class_name
+from twinformat.errors import AdapterInsertionError, CheckpointError, NoMatchError
+from twinformat.format import adapter_metadata
+from twinformat.names import (
     as_patterns,
     check_all_matched,
     dotted,
@@ -32,7 +32,7 @@ from interchange.names import (
     matches_unfrozen,
     parent_and_leaf,
 )
-from interchange.recorded import (
+from twinformat.recorded import (
     check_recorded_adapter,
     is_persistence_name,
     layer_kinds_entry,
@@ -377,7 +377,7 @@ class AdaptedModel(nnx.Module):
 
         Except those that would save, load or convert the wrapped model as if it were not
         adapted (``state_dict``, ``load_adapter``, ...): they raise ``AttributeError`` saying
-        what to use instead (see :func:`interchange.recorded.is_persistence_name`).
+        what to use instead (see :func:`twinformat.recorded.is_persistence_name`).
         """
         # Only reached when normal lookup fails, so the wrapper's own attributes come first.
         # Private names are never forwarded: NNX probes them while building the object.

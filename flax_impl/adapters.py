@@ -7,7 +7,7 @@ concept (:mod:`~flax_impl.adapted_model`, :mod:`~flax_impl.lora`, :mod:`~flax_im
 'flax_impl.lora'
 """
 
-from interchange.errors import AdapterInsertionError
+from twinformat.errors import AdapterInsertionError
 
 from .activations import Swish
 from .adapted_model import AdaptedModel, TrainableFilter, is_layer_adaptable, replace_module

@@ -3,7 +3,7 @@
 :func:`torch_style_state_dict` and :func:`load_torch_style_state_dict` put every variable of a
 layer of known kind (see :mod:`flax_impl.interchange`) under the name and layout ``state_dict()``
 gives the PyTorch twin (``encoder.0.weight``, ``(out, in)``). Files are safetensors in the format
-of :mod:`interchange.format`; reading PyTorch's pickled ``.ckpt``/``.pt`` files needs torch and is
+of :mod:`twinformat.format`; reading PyTorch's pickled ``.ckpt``/``.pt`` files needs torch and is
 the converters' job. The twin of ``torch_impl.checkpoint``.
 
 Example
@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from interchange.errors import CheckpointError
-from interchange.format import KeyReport, atomic_write, is_safetensors_path, read_safetensors_header
+from twinformat.errors import CheckpointError
+from twinformat.format import KeyReport, atomic_write, is_safetensors_path, read_safetensors_header
 
 from .interchange import TorchEntry, _assign, _plan_load, _torch_arrays, layer_kind, torch_entries
 

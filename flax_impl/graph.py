@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from flax import nnx
 
-from interchange.names import dotted, parent_and_leaf
+from twinformat.names import dotted, parent_and_leaf
 
 __all__ = ["get_submodule", "named_modules", "set_submodule"]
 

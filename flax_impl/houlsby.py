@@ -7,7 +7,7 @@ from typing import ClassVar
 import jax
 from flax import nnx
 
-from interchange.adapters import HOULSBY, AdapterKind
+from twinformat.adapters import HOULSBY, AdapterKind
 
 from ._factors import (
     TORCH_DEFAULT_KERNEL_INIT,

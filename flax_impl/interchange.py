@@ -2,7 +2,7 @@
 in PyTorch names and layouts, and the assignment into it. The twin of ``torch_impl.interchange``.
 
 :func:`torch_entries` puts every variable of a layer of known kind under the name ``state_dict()``
-gives the PyTorch twin (``encoder.0.weight``), with the layout rules of :mod:`interchange.kinds`;
+gives the PyTorch twin (``encoder.0.weight``), with the layout rules of :mod:`twinformat.kinds`;
 :func:`model_state` describes the model by shapes alone (no array is re-laid out to plan).
 
 Example
@@ -24,10 +24,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from interchange.dtypes import dtype_name
-from interchange.errors import CheckpointError, LayoutError
-from interchange.format import KeyReport
-from interchange.kinds import (
+from twinformat.dtypes import dtype_name
+from twinformat.errors import CheckpointError, LayoutError
+from twinformat.format import KeyReport
+from twinformat.kinds import (
     flax_to_torch_shape,
     flax_to_torch_view,
     get_kind,
@@ -35,16 +35,16 @@ from interchange.kinds import (
     torch_to_flax,
     torch_to_flax_view,
 )
-from interchange.names import dotted
-from interchange.plan import plan_load
-from interchange.state import FlatState
+from twinformat.names import dotted
+from twinformat.plan import plan_load
+from twinformat.state import FlatState
 
 from .graph import named_modules
 from .lora import LoRA
 
 __all__ = ["KIND_OF_TYPE", "TorchEntry", "assign", "layer_kind", "model_state", "torch_entries"]
 
-# The type table: module type (or a predicate on the module) -> layer kind of interchange.kinds.
+# The type table: module type (or a predicate on the module) -> layer kind of twinformat.kinds.
 # First match wins; subclasses count as their base (nnx.LoRALinear is an nnx.Linear).
 # nnx.ConvTranspose is not an nnx.Conv and has no kind: its PyTorch twin stores (in, out, *k).
 KIND_OF_TYPE: list[
@@ -64,7 +64,7 @@ KIND_OF_TYPE: list[
 
 
 def layer_kind(module: object) -> str | None:
-    """The layer kind of ``module`` (a key of ``interchange.kinds.KINDS``), or None.
+    """The layer kind of ``module`` (a key of ``twinformat.kinds.KINDS``), or None.
 
     'linear' (nnx.Linear), 'conv' (nnx.Conv), 'layer_norm', 'group_norm', 'rms_norm',
     'embedding' (nnx.Embed), 'batch_norm' (nnx.BatchNorm), ... Decided by the module's type, never
@@ -167,7 +167,7 @@ def _plan_load(
     module: nnx.Module, arrays: Mapping[str, Any], *, strict: bool
 ) -> tuple[KeyReport, list[tuple[nnx.Variable, np.ndarray]]]:
     """Check ``arrays`` (PyTorch names and layouts) against ``module`` with the one planner
-    (:func:`interchange.plan.plan_load`) and convert them, assigning nothing.
+    (:func:`twinformat.plan.plan_load`) and convert them, assigning nothing.
 
     Values take the target variable's dtype (bit-exact when the dtypes match; a cast is noted).
     Returns the key report and ``(variable, value in Flax layout and the variable's dtype)`` for
@@ -202,7 +202,7 @@ def _assign(assignments: list[tuple[nnx.Variable, np.ndarray]]) -> None:
 
 
 def model_state(model: nnx.Module) -> FlatState:
-    """``model`` as a :class:`~interchange.state.FlatState`: every variable of a layer of known
+    """``model`` as a :class:`~twinformat.state.FlatState`: every variable of a layer of known
     kind under its PyTorch name, with its PyTorch-layout shape (computed, not transposed), the
     layer kinds, and the modules that own variables but have no known kind."""
     if not isinstance(model, nnx.Module):

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from interchange.adapters import LORA, AdapterKind
-from interchange.errors import AdapterError, AdapterInsertionError
+from twinformat.adapters import LORA, AdapterKind
+from twinformat.errors import AdapterError, AdapterInsertionError
 
 from . import fused
 from ._factors import (

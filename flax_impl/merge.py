@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from flax import nnx
 
-from interchange.adapters import adapter_of
-from interchange.errors import MergeError
+from twinformat.adapters import adapter_of
+from twinformat.errors import MergeError
 
 from .adapted_model import replace_module
 from .graph import named_modules

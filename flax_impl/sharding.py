@@ -38,9 +38,9 @@ import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from interchange.adapters import adapter_of
-from interchange.errors import AdapterError
-from interchange.names import as_patterns, check_all_matched, dotted, matches_any
+from twinformat.adapters import adapter_of
+from twinformat.errors import AdapterError
+from twinformat.names import as_patterns, check_all_matched, dotted, matches_any
 
 from .graph import named_modules
 

@@ -1,7 +1,7 @@
 """PyTorch adapters (LoRA, Houlsby): a drop-in for ``speechbrain.nnet.adapters``.
 
 Needs only torch (and numpy, safetensors): the rules shared with the Flax twin live in
-:mod:`interchange`, and the errors a PyTorch user meets are re-exported here.
+:mod:`twinformat`, and the errors a PyTorch user meets are re-exported here.
 
 >>> import torch
 >>> from torch_impl import AdaptedModel, LoRA
@@ -18,7 +18,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in the jax-only CI e
         "torch_impl needs PyTorch: pip install 'peft-twins[torch]' (CPU: pip install torch first)"
     ) from _exc
 
-from interchange.errors import (
+from twinformat.errors import (
     AdapterError,
     AdapterInsertionError,
     CheckpointError,
@@ -36,7 +36,7 @@ from .houlsby import HoulsbyAdapterLinear
 from .lora import LoRA
 from .merge import merge_and_unload, merge_lora, unload, unmerge_lora
 
-__version__ = "0.2.0"
+from twinformat._version import __version__
 
 __all__ = [
     "AdaptedModel",

@@ -20,17 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from interchange.adapters import adapter_class_name
-from interchange.errors import AdapterInsertionError, CheckpointError, NoMatchError
-from interchange.format import adapter_metadata, compare_keys
-from interchange.names import (
+from twinformat.adapters import adapter_class_name
+from twinformat.errors import AdapterInsertionError, CheckpointError, NoMatchError
+from twinformat.format import adapter_metadata, compare_keys
+from twinformat.names import (
     as_patterns,
     check_all_matched,
     matches_any,
     matches_unfrozen,
     parent_and_leaf,
 )
-from interchange.recorded import (
+from twinformat.recorded import (
     check_recorded_adapter,
     is_persistence_name,
     layer_kinds_entry,
@@ -357,7 +357,7 @@ class AdaptedModel(nn.Module):
 
         Except those that would save, load or convert the wrapped model as if it were not
         adapted (``push_to_hub``, ``load_adapter``, ``to_bettertransformer``, ...): they raise
-        ``AttributeError`` saying what to use instead (see :func:`interchange.recorded.is_persistence_name`).
+        ``AttributeError`` saying what to use instead (see :func:`twinformat.recorded.is_persistence_name`).
         """
         # nn.Module.__getattr__ resolves the wrapper's own parameters, buffers and submodules.
         try:

@@ -10,7 +10,7 @@ hold each concept (:mod:`~torch_impl.adapted_model`, :mod:`~torch_impl.lora`,
 'torch_impl.lora'
 """
 
-from interchange.errors import AdapterInsertionError
+from twinformat.errors import AdapterInsertionError
 
 from .activations import Swish
 from .adapted_model import MHA_WARNING, AdaptedModel, is_layer_adaptable, replace_module

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from interchange.format import (
+from twinformat.format import (
     CheckpointError,
     atomic_write,
     is_safetensors_path,

@@ -48,7 +48,7 @@ from torch import nn
 from torch.autograd import forward_ad as _forward_ad
 from torch.nn.modules import module as _module
 
-from interchange.adapters import LORA
+from twinformat.adapters import LORA
 
 __all__ = [
     "can_fuse_linear",

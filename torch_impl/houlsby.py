@@ -7,7 +7,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from interchange.adapters import HOULSBY, AdapterKind
+from twinformat.adapters import HOULSBY, AdapterKind
 
 from ._factors import check_size, factory_kwargs
 from .activations import Swish

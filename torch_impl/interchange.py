@@ -23,9 +23,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
-from interchange.errors import CheckpointError
-from interchange.kinds import get_kind
-from interchange.state import FlatState
+from twinformat.errors import CheckpointError
+from twinformat.kinds import get_kind
+from twinformat.state import FlatState
 
 from .lora import LoRA
 
@@ -39,7 +39,7 @@ __all__ = [
     "tensor_to_numpy",
 ]
 
-# The type table: module type (or a predicate on the module) -> layer kind of interchange.kinds.
+# The type table: module type (or a predicate on the module) -> layer kind of twinformat.kinds.
 # First match wins. Transposed convolutions are deliberately absent: their weight is (in, out, *k).
 KIND_OF_TYPE: list[
     tuple[type[nn.Module] | tuple[type[nn.Module], ...] | Callable[[nn.Module], bool], str]
@@ -133,7 +133,7 @@ def numpy_to_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def model_state(model: nn.Module) -> FlatState:
-    """``model`` as a :class:`~interchange.state.FlatState`: its ``state_dict()`` specs, layer
+    """``model`` as a :class:`~twinformat.state.FlatState`: its ``state_dict()`` specs, layer
     kinds, layers of unknown type, and tied aliases; tensors are read on demand."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")

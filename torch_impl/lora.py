@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from interchange.adapters import LORA, AdapterKind
-from interchange.errors import AdapterError, AdapterInsertionError, MergeError
+from twinformat.adapters import LORA, AdapterKind
+from twinformat.errors import AdapterError, AdapterInsertionError, MergeError
 
 from . import fused
 from ._factors import check_size, factory_kwargs

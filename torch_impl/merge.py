@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from interchange.adapters import adapter_of
-from interchange.errors import MergeError
+from twinformat.adapters import adapter_of
+from twinformat.errors import MergeError
 
 from .adapted_model import replace_module
 from .lora import LoRA, check_writable_weight

@@ -1,6 +1,6 @@
 """``save_pretrained`` / ``from_pretrained`` for ``AdaptedModel``: adapter-only directories, in
 PEFT's format where PEFT can represent the adapter, ours otherwise (see
-:mod:`interchange.peft_format`). The twin of ``flax_impl.pretrained``.
+:mod:`twinformat.peft_format`). The twin of ``flax_impl.pretrained``.
 
 PEFT's format holds LoRA with any of its options (``dropout``, ``use_rslora``, ``use_dora``) on
 named Linear, Conv and Embedding layers, with nothing unfrozen, convs of dilation 1 and zero
@@ -36,10 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from interchange import peft_format
-from interchange.adapters import LORA, adapter_class_name, adapter_of
-from interchange.errors import CheckpointError
-from interchange.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
+from twinformat import peft_format
+from twinformat.adapters import LORA, adapter_class_name, adapter_of
+from twinformat.errors import CheckpointError
+from twinformat.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
 
 from . import distributed
 from .checkpoint import load_state_dict_file, save_state_dict_file
@@ -92,7 +92,7 @@ def peft_layer_refusal(name: str, layer: nn.Module) -> str | None:
 
 def peft_refusal(model: Any) -> str | None:
     """Why PEFT's format cannot represent ``model``'s adapters, or None when it can
-    (:func:`interchange.peft_format.adapted_model_refusal`, with this twin's :func:`peft_layer_refusal`)."""
+    (:func:`twinformat.peft_format.adapted_model_refusal`, with this twin's :func:`peft_layer_refusal`)."""
     return peft_format.adapted_model_refusal(
         model, lambda name: peft_layer_refusal(name, _wrapped(model, name))
     )

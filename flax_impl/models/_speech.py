@@ -1063,7 +1063,7 @@ class SpeechModel(nnx.Module):
 
 
 # One line each in the Flax type table (flax_impl.interchange.KIND_OF_TYPE) for the layer kinds
-# these modules hold (interchange.kinds: conv_weight_norm, masked_spec_embed).
+# these modules hold (twinformat.kinds: conv_weight_norm, masked_spec_embed).
 KIND_OF_TYPE.extend(
     [
         (WeightNorm, "conv_weight_norm"),

@@ -16,7 +16,7 @@ Which tensors belong to the twin:
   renamed to ``parametrizations.weight.original0/original1``, with a note;
 - integer tensors (``position_ids``, ``token_type_ids`` buffers) are not weights: left out, noted;
 - anything else that does not fit (a missing, unexpected or mis-shaped tensor) refuses the load
-  with a :class:`~interchange.errors.CheckpointError` listing the keys (``strict=False``: loads
+  with a :class:`~twinformat.errors.CheckpointError` listing the keys (``strict=False``: loads
   what fits and reports the rest, the missing variables keeping their random initial values).
 
 Example
@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from interchange.errors import CheckpointError
+from twinformat.errors import CheckpointError
 
 __all__ = ["from_pretrained", "read_pretrained_tensors"]
 
@@ -143,7 +143,7 @@ def from_pretrained(
     strict : bool
         Refuse (before returning a model) on a missing, unexpected or mis-shaped tensor.
     output_loading_info : bool
-        Also return the :class:`~interchange.format.KeyReport` (loaded, missing, unexpected,
+        Also return the :class:`~twinformat.format.KeyReport` (loaded, missing, unexpected,
         notes: what was left out and why).
     dtype, param_dtype, precision
         As the twin's constructor takes them; tensors are cast to ``param_dtype``.
@@ -156,7 +156,7 @@ def from_pretrained(
     -------
     The model in eval mode, or ``(model, report)`` with ``output_loading_info=True``.
     """
-    from flax_impl import interchange as bridge
+    from flax_impl import twinformat as bridge
 
     config, tensors = read_pretrained_tensors(path)
     expected_type = getattr(cls, "model_type", None)

@@ -227,5 +227,5 @@ class WavLMModel(SpeechModel):
         )
 
 
-# The gate constant WavLM's attention owns (interchange.kinds: gated_relative_position).
+# The gate constant WavLM's attention owns (twinformat.kinds: gated_relative_position).
 KIND_OF_TYPE.append((WavLMAttention, "gated_relative_position"))

@@ -15,7 +15,7 @@ import converters
 from converters.checkpoint import CheckpointError
 from converters.files import TensorFile, write_safetensors
 from converters.views import ConversionError, UnknownLayerError
-from interchange.errors import LayoutError, NoMatchError
+from twinformat.errors import LayoutError, NoMatchError
 from tests.zoo import flax_models, torch_models
 from tests.zoo.arrays import flax_arrays, randomize_flax, randomize_torch, same_bits, torch_arrays
 from tests.zoo.layers import DTYPES, NUMPY_DTYPES, TORCH_DTYPES

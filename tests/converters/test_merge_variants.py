@@ -18,7 +18,7 @@ import flax_impl
 import torch_impl
 from converters.files import TensorFile
 from converters.merge import MergeError
-from interchange.errors import CheckpointError
+from twinformat.errors import CheckpointError
 from tests.zoo import flax_models, torch_models
 from tests.zoo.arrays import randomize_torch
 from tests.zoo.layers import token_batch

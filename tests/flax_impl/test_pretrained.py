@@ -15,7 +15,7 @@ from flax import nnx
 
 from flax_impl import AdaptedModel, CheckpointError, HoulsbyAdapterLinear, LoRA
 from flax_impl.models import BertConfig, BertModel
-from interchange.errors import PeftConversionError
+from twinformat.errors import PeftConversionError
 from tests.zoo import bert
 
 SMALL_BERT = BertConfig(**bert.SMALL_CONFIG)
@@ -161,7 +161,7 @@ def test_loader_refuses_a_file_recorded_with_another_alpha_and_names_both(tmp_pa
 def test_saver_records_the_kind_of_every_layer_it_writes(tmp_path):
     model = _adapted_bert(unfrozen_layers=["embeddings.LayerNorm", "pooler.dense"])
     model.saver(tmp_path / "a.safetensors")
-    from interchange.format import layer_kinds_from_metadata, read_safetensors_header
+    from twinformat.format import layer_kinds_from_metadata, read_safetensors_header
 
     header, metadata = read_safetensors_header(tmp_path / "a.safetensors")
     kinds = layer_kinds_from_metadata(metadata)

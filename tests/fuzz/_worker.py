@@ -2,7 +2,7 @@
 
 Each call writes the given files into a fresh folder, runs one reader on them and classifies
 the outcome: ``ok`` (it loaded, and what it loaded reads back consistently), ``ours`` (it
-raised an :class:`interchange.errors.AdapterError` or ``FileNotFoundError``), or ``other``
+raised an :class:`twinformat.errors.AdapterError` or ``FileNotFoundError``), or ``other``
 (anything else: a failure of the property). The peak of Python allocations during the call is
 measured with ``tracemalloc``; allocations outside Python (torch, safetensors' Rust) are caught
 by ``RLIMIT_AS``: the worker may grow by at most :data:`HEADROOM` bytes, so an allocation driven
@@ -62,7 +62,7 @@ def run(reader: str, files: dict[str, bytes], target: str) -> tuple[str, str, in
             READERS[reader](folder / target)
             outcome, message = "ok", ""
         except BaseException as exc:  # classified below; the worker must survive anything
-            from interchange.errors import AdapterError
+            from twinformat.errors import AdapterError
 
             if isinstance(exc, (AdapterError, FileNotFoundError)):
                 outcome, message = "ours", str(exc)
@@ -75,7 +75,7 @@ def run(reader: str, files: dict[str, bytes], target: str) -> tuple[str, str, in
 
 
 def _read_header(path: Path) -> None:
-    from interchange.format import read_safetensors_header
+    from twinformat.format import read_safetensors_header
 
     read_safetensors_header(path)
 

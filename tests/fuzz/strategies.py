@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 from hypothesis import strategies as st
 
-from interchange.dtypes import DTYPES
+from twinformat.dtypes import DTYPES
 
 NAMES = st.sampled_from(["fc.weight", "fc.bias", "enc.0.kernel", "a", "__metadata__", "x" * 40, "é.ü", ""])
 SHAPES = st.lists(st.integers(0, 4), min_size=0, max_size=3)
@@ -69,7 +69,7 @@ def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str] | 
 
 
 def _dtype_name(array: np.ndarray) -> str:
-    from interchange.dtypes import dtype_name
+    from twinformat.dtypes import dtype_name
 
     return dtype_name(array.dtype)
 

@@ -1,12 +1,12 @@
 """Property: every reader of outside bytes loads its input correctly or raises the library's own
 error naming the file; never another exception, a hang, or an allocation larger than the file.
 
-Readers: safetensors headers (``interchange.format.read_safetensors_header``), whole files
+Readers: safetensors headers (``twinformat.format.read_safetensors_header``), whole files
 (``converters.files.TensorFile``, every tensor read whole and memory-mapped), sharded
 checkpoints (``converters.sharded.ShardedCheckpoint``: the index and its files), pickled state
 dicts (``torch_impl.checkpoint.load_pickled_state_dict``, every tensor touched), PEFT adapter
 directories (``converters.peft.read_peft_adapter``), and our metadata
-(``interchange.format.parse_metadata`` / ``layer_kinds_from_metadata``). Each runs in a worker
+(``twinformat.format.parse_metadata`` / ``layer_kinds_from_metadata``). Each runs in a worker
 process (see :mod:`tests.fuzz._worker`: a hung call is a failure, and the address space is
 capped so that a native allocation driven by a claimed size fails loudly). ``FUZZ_EXAMPLES``
 sets the examples per reader (default 200; the long run used 10,000).
@@ -24,8 +24,8 @@ import pytest
 from hypothesis import currently_in_test_context, event, given, settings
 from hypothesis import strategies as st
 
-from interchange.errors import AdapterError
-from interchange.format import layer_kinds_from_metadata, parse_metadata
+from twinformat.errors import AdapterError
+from twinformat.format import layer_kinds_from_metadata, parse_metadata
 
 from . import strategies as s
 

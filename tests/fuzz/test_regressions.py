@@ -13,8 +13,8 @@ import torch
 
 from converters.files import TensorFile
 from converters.sharded import ShardedCheckpoint, write_sharded
-from interchange.errors import CheckpointError
-from interchange.format import read_safetensors_header
+from twinformat.errors import CheckpointError
+from twinformat.format import read_safetensors_header
 from torch_impl.checkpoint import load_pickled_state_dict
 
 from .strategies import safetensors_bytes

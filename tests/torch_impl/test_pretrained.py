@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from interchange.errors import PeftConversionError
+from twinformat.errors import PeftConversionError
 from tests.zoo import bert
 from torch_impl import AdaptedModel, CheckpointError, HoulsbyAdapterLinear, LoRA
 

@@ -25,8 +25,8 @@ import flax_impl.interchange  # noqa: E402
 import torch_impl  # noqa: E402
 import torch_impl.interchange  # noqa: E402
 from converters.files import TensorFile  # noqa: E402
-from interchange import adapters as vocabulary  # noqa: E402
-from interchange import kinds as kind_table  # noqa: E402
+from twinformat import adapters as vocabulary  # noqa: E402
+from twinformat import kinds as kind_table  # noqa: E402
 
 # --- the test-only layer kind: a mixing matrix and a per-feature gain ---------------------------
 MIX = kind_table.LayerKind(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from interchange.errors import CheckpointError
-from interchange.format import adapter_metadata
-from interchange.recorded import check_recorded_adapter, is_persistence_name
+from twinformat.errors import CheckpointError
+from twinformat.format import adapter_metadata
+from twinformat.recorded import check_recorded_adapter, is_persistence_name
 
 
 def _meta(adapter_class: str, kwargs: dict) -> dict[str, str]:

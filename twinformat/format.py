@@ -52,13 +52,10 @@ FORMAT_VERSION = "1"
 
 
 def library_version() -> str:
-    """The installed version of this distribution (``'unknown'`` when run from a bare tree)."""
-    from importlib.metadata import PackageNotFoundError, version
+    """This library's version, as recorded in the files it writes (``twinformat._version``)."""
+    from ._version import __version__
 
-    try:
-        return version("peft-twins")
-    except PackageNotFoundError:
-        return "unknown"
+    return __version__
 
 
 def is_safetensors_path(path: str | os.PathLike[str]) -> bool:

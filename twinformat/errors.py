@@ -80,7 +80,7 @@ class LayoutError(AdapterError, KeyError):
 
 
 class UnknownAdapterError(AdapterError, KeyError):
-    """An adapter class that no declaration describes (see :mod:`interchange.adapters`)."""
+    """An adapter class that no declaration describes (see :mod:`twinformat.adapters`)."""
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

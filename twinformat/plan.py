@@ -3,14 +3,14 @@ dtypes, shapes and layer kinds alone, before anything is read or written.
 
 Framework-free. Model conversion (``converters.torch_to_flax``/``flax_to_torch``), both twins'
 ``AdaptedModel.loader`` and sharded loading describe their two ends as
-:class:`~interchange.state.FlatState` (PyTorch names and layouts) and call :func:`plan_load`;
+:class:`~twinformat.state.FlatState` (PyTorch names and layouts) and call :func:`plan_load`;
 then they read each planned tensor once, re-lay it out once, and write it.
 
 Rules (``strict=True``, the default):
 
 - a key the target lacks is *unexpected*, a key the source lacks is *missing*, a shape, dtype or
   layer-kind difference is *mis-shaped*; any of the three refuses the load
-  (:func:`refuse` raises :class:`~interchange.errors.ConversionError` with the three lists).
+  (:func:`refuse` raises :class:`~twinformat.errors.ConversionError` with the three lists).
 - An adapter checkpoint (``source.adapter_only``) lacks the frozen base weights by design: only
   adapter keys and the keys of its ``unfrozen_layers`` count as missing.
 - Buffers are not weights: a buffer one side has and the other lacks (``position_ids``,
@@ -18,12 +18,12 @@ Rules (``strict=True``, the default):
   ``report.notes`` and left out, or left as it is in the target; strict stays strict for
   parameters. A buffer is one the side declares (``FlatState.buffers``: a torch model's
   ``named_buffers()``, a kind's ``torch_only`` tensors), one of the well-known buffer names of
-  :data:`interchange.kinds.BUFFER_NAMES` outside a layer that has such a parameter, or an
+  :data:`twinformat.kinds.BUFFER_NAMES` outside a layer that has such a parameter, or an
   integer or boolean tensor, which is never a trained weight.
 - Tied aliases (two torch keys sharing storage) are written once; a target alias whose source
   holds both keys is checked equal to its primary.
 - Crossing layouts (to or from Flax) needs each tensor's layer kind: a layer of unknown type
-  raises :class:`~interchange.errors.UnknownLayerError` (strict) or is skipped with a note.
+  raises :class:`~twinformat.errors.UnknownLayerError` (strict) or is skipped with a note.
 
 ``strict=False`` loads what fits and reports the rest (dtype differences cast, with a note);
 mis-shaped keys are always refused.
@@ -77,7 +77,7 @@ def is_buffer(state: FlatState, key: str) -> bool:
     """Whether ``key`` of ``state`` is a buffer rather than a weight (see the module rules)."""
     if key in state.buffers or state.specs[key][0] in _NON_WEIGHT_DTYPES:
         return True
-    if is_buffer_name(key, state.kinds):  # position_ids, causal masks, ... (interchange.kinds)
+    if is_buffer_name(key, state.kinds):  # position_ids, causal masks, ... (twinformat.kinds)
         return True
     layer, leaf = split_key(key, state.kinds)
     kind = state.kinds.get(layer)
@@ -182,7 +182,7 @@ def _kind_and_dtype_errors(
         listed = ", ".join(f"{m!r} ({t})" for m, t in list(unknown.items())[:10])
         raise UnknownLayerError(
             f"no PyTorch<->Flax layout is known for layer(s) {listed}; known layer kinds: {sorted(KINDS)} "
-            "(each twin's interchange.KIND_OF_TYPE says which module types have them)"
+            "(each twin's twinformat.KIND_OF_TYPE says which module types have them)"
         )
     for layer, type_name in unknown.items():
         notes.append(f"{layer}: layer of type {type_name} has no known PyTorch<->Flax layout, skipped")

@@ -167,7 +167,7 @@ def check_peft_config(config: Mapping[str, Any], where: str) -> list[str]:
     >>> check_peft_config({"peft_type": "LORA", "target_modules": ["q"], "init_lora_weights": "pissa"}, "a")
     Traceback (most recent call last):
     ...
-    interchange.errors.PeftConversionError: 'a': init_lora_weights='pissa' rewrites the base weights at initialisation, so the adapter alone does not describe the fine-tuned model
+    twinformat.errors.PeftConversionError: 'a': init_lora_weights='pissa' rewrites the base weights at initialisation, so the adapter alone does not describe the fine-tuned model
     """
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise PeftConversionError(f"{where!r}: peft_type {config.get('peft_type')!r} is not LORA")

@@ -66,9 +66,9 @@ def test_interchange_reads_and_writes_bf16_files_with_neither_framework(tmp_path
         f"""
         import ml_dtypes, numpy as np
         from safetensors.numpy import load_file, save_file
-        import interchange
-        from interchange.format import read_safetensors_header
-        from interchange import peft_format, recorded
+        import twinformat
+        from twinformat.format import read_safetensors_header
+        from twinformat import peft_format, recorded
 
         path = {str(tmp_path / "bf16.safetensors")!r}
         array = np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16)

@@ -73,7 +73,7 @@ class AdapterKind:
     defaults : mapping
         The constructor's keyword defaults, so a file recording only some kwargs is complete.
     wraps : tuple of str
-        The layer kinds (of :mod:`interchange.kinds`) the adapter wraps.
+        The layer kinds (of :mod:`twinformat.kinds`) the adapter wraps.
     factor_kinds : mapping
         Layer kind of each factor child; ``None`` means "the wrapped layer's kind". For a factor
         that is a parameter of the adapter module itself, the kind the adapter module takes.

@@ -1,4 +1,4 @@
-"""Imports run one way: interchange <- torch_impl, flax_impl <- converters (SPEC, Layout).
+"""Imports run one way: twinformat <- torch_impl, flax_impl <- converters (SPEC, Layout).
 
 Walks the syntax tree of every module of the four packages, function-level imports included,
 so a lazy ``from converters ... import`` inside a twin's function fails here too.
@@ -12,18 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("interchange", "torch_impl", "flax_impl", "converters")
+PACKAGES = ("twinformat", "torch_impl", "flax_impl", "converters")
 # What each package may import, of the four (itself always).
 ALLOWED = {
-    "interchange": set(),
-    "torch_impl": {"interchange"},
-    "flax_impl": {"interchange"},
-    "converters": {"interchange", "torch_impl", "flax_impl"},
+    "twinformat": set(),
+    "torch_impl": {"twinformat"},
+    "flax_impl": {"twinformat"},
+    "converters": {"twinformat", "torch_impl", "flax_impl"},
 }
 # Frameworks each package may import (converters: lazily, inside functions or its _torch/_flax).
 FRAMEWORKS = {"torch", "jax", "flax", "optax"}
 ALLOWED_FRAMEWORKS = {
-    "interchange": set(),
+    "twinformat": set(),
     "torch_impl": {"torch"},
     "flax_impl": {"jax", "flax", "optax"},
     "converters": FRAMEWORKS,
@@ -54,7 +54,7 @@ def test_package_imports_only_the_packages_below_it(package):
         for line, root in imported_roots(path)
         if root in PACKAGES and root != package and root not in ALLOWED[package]
     ]
-    assert not offenders, "imports must run interchange <- twins <- converters:\n" + "\n".join(offenders)
+    assert not offenders, "imports must run twinformat <- twins <- converters:\n" + "\n".join(offenders)
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -77,7 +77,7 @@ def test_the_walk_sees_function_level_imports(tmp_path):
 @pytest.mark.parametrize(
     ("module", "absent"),
     [
-        ("interchange", ("torch", "jax", "flax", "torch_impl", "flax_impl", "converters")),
+        ("twinformat", ("torch", "jax", "flax", "torch_impl", "flax_impl", "converters")),
         ("converters", ("torch", "jax", "flax")),
         ("torch_impl", ("jax", "flax", "converters", "flax_impl")),
         ("flax_impl", ("torch", "converters", "torch_impl")),

@@ -5,7 +5,7 @@ Imports numpy, ml_dtypes and safetensors at most; never torch, jax, flax, ``torc
 ``flax_impl`` or ``converters``. ``torch_impl`` and ``flax_impl`` build on it, and
 ``converters`` on all three.
 
->>> from interchange import get_kind, LORA
+>>> from twinformat import get_kind, LORA
 >>> get_kind("linear").params[0]
 Param(torch='weight', flax='kernel', layout='o i -> i o')
 >>> LORA.defaults
@@ -31,7 +31,7 @@ from .errors import (
 from .format import KeyReport
 from .kinds import KINDS, LayerKind, Param, get_kind, register_kind
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 __all__ = [
     "ADAPTERS",

@@ -1,7 +1,7 @@
 """What an adapter file records about its adapters, checked against the model that loads it.
 
 Framework-free. Our savers record the adapter class (its declaration's ``name``) and the
-adapter's keyword arguments in the file's metadata (:func:`interchange.format.adapter_metadata`),
+adapter's keyword arguments in the file's metadata (:func:`twinformat.format.adapter_metadata`),
 and the kind of every layer they write (``layer_kinds``). A loader compares the recorded class
 and kwargs with the model's, defaults filled in from the declaration, so that a model built with
 ``alpha=1`` refuses a file trained with ``alpha=16`` instead of computing with the wrong scaling.
@@ -18,7 +18,7 @@ Example
 >>> check_recorded_adapter(meta, "LoRA", {"rank": 8}, where="a.safetensors")
 Traceback (most recent call last):
 ...
-interchange.errors.CheckpointError: checkpoint 'a.safetensors' does not fit this AdaptedModel: it was saved from LoRA(alpha=16.0, dropout=0.0, rank=8, use_dora=False, use_rslora=False) but this model has LoRA(alpha=1.0, dropout=0.0, rank=8, use_dora=False, use_rslora=False): alpha differs (file 16.0, model 1.0); build the AdaptedModel with adapter_kwargs matching the file
+twinformat.errors.CheckpointError: checkpoint 'a.safetensors' does not fit this AdaptedModel: it was saved from LoRA(alpha=16.0, dropout=0.0, rank=8, use_dora=False, use_rslora=False) but this model has LoRA(alpha=1.0, dropout=0.0, rank=8, use_dora=False, use_rslora=False): alpha differs (file 16.0, model 1.0); build the AdaptedModel with adapter_kwargs matching the file
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def resolve_recorded_class(path: str, *, twin: str, refuse: Iterable[str], where
     >>> resolve_recorded_class("jax.nn.gelu", twin="torch_impl", refuse=("jax",), where="f")
     Traceback (most recent call last):
     ...
-    interchange.errors.CheckpointError: 'f' records the class 'jax.nn.gelu', which torch_impl cannot use
+    twinformat.errors.CheckpointError: 'f' records the class 'jax.nn.gelu', which torch_impl cannot use
     """
     import importlib
 

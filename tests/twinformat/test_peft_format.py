@@ -1,4 +1,4 @@
-"""``interchange.peft_format``, the one home of PEFT's LoRA directory format: its key mapping
+"""``twinformat.peft_format``, the one home of PEFT's LoRA directory format: its key mapping
 (factors, embedding factors, DoRA magnitudes) on numpy alone, and one table of refusals that
 ``converters.peft`` and both twins' ``AdaptedModel.from_pretrained`` share, checked against the
 real ``peft`` where it says why a value is refused or accepted."""
@@ -12,8 +12,8 @@ import warnings
 import numpy as np
 import pytest
 
-from interchange import peft_format
-from interchange.errors import PeftConversionError
+from twinformat import peft_format
+from twinformat.errors import PeftConversionError
 
 RNG = np.random.default_rng(0)
 LINEAR, CONV, EMBED = "encoder.fc", "conv", "embeddings.words"
