@@ -156,7 +156,7 @@ def from_pretrained(
     -------
     The model in eval mode, or ``(model, report)`` with ``output_loading_info=True``.
     """
-    from flax_impl import twinformat as bridge
+    from flax_impl import interchange as bridge
 
     config, tensors = read_pretrained_tensors(path)
     expected_type = getattr(cls, "model_type", None)
