@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import KeyReport, library_version, parse_metadata
+from twinformat.format import library_version, parse_metadata
+from twinformat.report import KeyReport
 
 __all__ = ["main"]
 
@@ -236,8 +237,7 @@ def _size_on_disk(path: str) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .files import TensorFile
-    from .sharded import ShardedCheckpoint
+    from .files import ShardedCheckpoint, TensorFile
 
     with TensorFile(args.file) as f:
         names = f.names if args.limit <= 0 else f.names[: args.limit]
@@ -297,7 +297,7 @@ def _convert(args: argparse.Namespace) -> None:
         buffers=args.buffers,
     )
     if sharded:
-        from .sharded import ShardedCheckpoint
+        from .files import ShardedCheckpoint
 
         written = ShardedCheckpoint(target)
         headline = (
@@ -312,8 +312,8 @@ def _convert(args: argparse.Namespace) -> None:
 def _kinds_command(args: argparse.Namespace) -> None:
     kinds: dict[str, str] = {}
     if args.source is not None:
-        from .file_convert import file_layer_kinds
         from .files import TensorFile
+        from .views import file_layer_kinds
 
         with TensorFile(args.source) as f:
             kinds = file_layer_kinds(f, _layer_kinds(args))
@@ -321,7 +321,7 @@ def _kinds_command(args: argparse.Namespace) -> None:
         if not args.like and not args.kinds:
             raise ValueError("give --like MODULE:CLASS (with --config), or a SOURCE checkpoint")
         given = _layer_kinds(args) or {}
-        from .file_convert import resolve_kinds
+        from .views import resolve_kinds
 
         globbed = [m for m in given if set(m) & set("*?[")]
         if globbed:

@@ -30,11 +30,12 @@ import numpy as np
 
 from twinformat.adapters import LORA, AdapterKind, factor_names, get_adapter, lora_scaling, wrapped_names
 from twinformat.errors import MergeError, UnknownAdapterError
+from twinformat.format import parse_metadata
+from twinformat.report import KeyReport
 
-from .checkpoint import KeyReport, parse_metadata
-from .file_convert import file_layer_kinds, progress_bar
+from .file_convert import progress_bar
 from .files import TensorFile, TensorSpec, numpy_dtype, write_safetensors
-from .views import TensorView, _constant, file_view, to_flax_layout, to_torch_layout
+from .views import TensorView, _constant, file_layer_kinds, file_view, to_flax_layout, to_torch_layout
 
 __all__ = ["MergeError", "merge_adapter_file"]
 
@@ -75,7 +76,7 @@ def merge_adapter_file(
     -------
     >>> import os, tempfile
     >>> import numpy as np
-    >>> from converters.checkpoint import adapter_metadata
+    >>> from twinformat.format import adapter_metadata
     >>> from converters.files import write_safetensors
     >>> folder = tempfile.mkdtemp()
     >>> base, adapter, out = (os.path.join(folder, n) for n in ("b.safetensors", "a.safetensors", "m.safetensors"))

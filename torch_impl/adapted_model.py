@@ -22,7 +22,8 @@ from torch import nn
 
 from twinformat.adapters import adapter_class_name
 from twinformat.errors import AdapterInsertionError, CheckpointError, NoMatchError
-from twinformat.format import adapter_metadata, compare_keys
+from twinformat.format import adapter_metadata
+from twinformat.report import compare_keys
 from twinformat.names import (
     as_patterns,
     check_all_matched,

@@ -46,9 +46,9 @@ from dataclasses import dataclass, field
 from .adapters import is_adapter_key
 from .dtypes import TensorSpec
 from .errors import ConversionError, UnknownLayerError
-from .format import KeyReport, compare_keys
 from .kinds import KINDS, get_kind, is_buffer_name, split_key
 from .names import matches_any
+from .report import KeyReport, compare_keys
 from .state import FlatState
 
 __all__ = ["Plan", "is_buffer", "plan_load", "refuse"]

@@ -4,7 +4,7 @@ Every submodule sits at the dotted name PyTorch's ``named_modules()`` gives for 
 ``BertModel`` (``embeddings.word_embeddings``, ``encoder.layer.0.attention.self.query``,
 ``encoder.layer.0.attention.output.LayerNorm``, ``encoder.layer.0.intermediate.dense``,
 ``pooler.dense``, ...), so a torch ``state_dict`` maps onto it key for key with the layout rules of
-``converters.layout``, and one list of glob patterns selects the same layers in both models.
+``twinformat.kinds``, and one list of glob patterns selects the same layers in both models.
 
 The layers are declared with PyTorch's semantics, which differ from Flax's defaults: LayerNorm
 uses the config's ``layer_norm_eps`` and the two-pass variance (``use_fast_variance=False``),
