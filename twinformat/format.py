@@ -297,7 +297,9 @@ def _short(exc: BaseException) -> str:
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``.
 
-    A failing ``write`` leaves no file behind and ``path`` exactly as it was.
+    A failing ``write`` leaves no file behind and ``path`` exactly as it was. The file gets the
+    mode a new file gets from the user's umask (``0o644`` under the usual ``022``), not the
+    ``0o600`` of the temporary file it was written as.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -307,11 +309,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(value: Any) -> Any:

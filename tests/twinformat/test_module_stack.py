@@ -131,6 +131,8 @@ def test_no_converters_module_only_forwards_names():
             for node in body
             if not isinstance(node, (ast.Import, ast.ImportFrom))
             and not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant))
-            and not (isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["__all__"])
+            and not (
+                isinstance(node, ast.Assign) and [getattr(t, "id", "") for t in node.targets] == ["__all__"]
+            )
         ]
         assert own, f"{path.name} only forwards names"
