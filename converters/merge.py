@@ -64,7 +64,7 @@ def merge_adapter_file(
     adapter_path : path
         An adapter checkpoint as ``AdaptedModel.saver`` writes it (either twin), or a PEFT LoRA
         adapter: its directory or its ``adapter_model.safetensors`` beside ``adapter_config.json``
-        (read as :func:`converters.peft_to_adapter_file` reads it, so merged with PEFT's rank,
+        (read as :func:`converters.peft.peft_to_adapter_file` reads it, so merged with PEFT's rank,
         alpha and options).
     out_path : path
         The merged ``.safetensors`` file, in the base file's layout, with plain names.
