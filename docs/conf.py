@@ -28,7 +28,7 @@ version = __version__
 
 extensions = ["myst_parser", "sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 source_suffix = {".md": "markdown"}
-exclude_patterns = ["_build"]
+exclude_patterns = ["_build", "results"]  # results/: generated tables, included by the pages
 myst_heading_anchors = 3
 
 # autodoc: members as each package's __all__ lists them, in source order, type hints in the text.
