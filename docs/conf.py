@@ -127,7 +127,9 @@ def _resolve_ours(app, env, node, contnode):
     if node.get("refdomain") != "py":
         return None
     target = node["reftarget"]
-    if node.get("reftype") == "class" and (target in _TYPE_WORDS or target[:1] in "'\"{" or target[-1:] in "'\"}"):
+    if node.get("reftype") == "class" and (
+        target in _TYPE_WORDS or target[:1] in "'\"{" or target[-1:] in "'\"}"
+    ):
         return contnode
     domain = env.get_domain("py")
     kind = node.get("reftype")
