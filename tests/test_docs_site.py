@@ -2,8 +2,8 @@
 
 The site is the one ``.ci/run`` builds before the test suite (``sphinx-build -W --keep-going -n``,
 into ``docs/_build/html``), named by ``DOCS_HTML``; without it (the test command on a developer's
-machine) the first test to need the site builds it once, with the same flags, into a temporary
-folder shared by the pytest-xdist workers. Then headless Chromium opens the home page, one guide
+machine) the first test to need the site builds it once, with the same flags, into the run's
+temporary folder, shared by the pytest-xdist workers. Then headless Chromium opens the home page, one guide
 and one API page and saves a screenshot of each (kept beside the site, in ``_screenshots/``): each
 page must carry its title and its code blocks in the HTML, and its screenshot must not be blank.
 
@@ -17,7 +17,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import zlib
 from html.parser import HTMLParser
 from pathlib import Path
@@ -36,20 +35,22 @@ SPHINX = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-n", "-q", "-b"
 
 
 @pytest.fixture(scope="session")
-def site() -> Path:
+def site(tmp_path_factory) -> Path:
     given = os.environ.get("DOCS_HTML")
     if given:
         html = Path(given).resolve()
         assert (html / "index.html").is_file(), f"DOCS_HTML={given} holds no built site"
         return html
-    # one build for all workers of this run: the first takes the lock and builds, the others wait
-    shared = (
-        Path(tempfile.gettempdir()) / f"peft-twins-docs-{os.getppid() if _xdist_worker() else os.getpid()}"
-    )
+    # One build for all pytest-xdist workers of this run: they share the run's base temporary
+    # folder; the first to take the lock builds, the others wait and reuse it.
+    run_dir = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        run_dir = run_dir.parent
+    shared = run_dir / "docs-site"
     shared.mkdir(exist_ok=True)
+    html = shared / "html"
     with open(shared / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        html = shared / "html"
         if not (shared / "built").exists():
             result = subprocess.run(
                 [*SPHINX, str(ROOT / "docs"), str(html)], capture_output=True, text=True, timeout=600
@@ -59,10 +60,6 @@ def site() -> Path:
             )
             (shared / "built").touch()
     return html
-
-
-def _xdist_worker() -> bool:
-    return "PYTEST_XDIST_WORKER" in os.environ
 
 
 class _Page(HTMLParser):
