@@ -150,7 +150,7 @@ def test_snippet_runs_as_pasted(snippet, tmp_path):
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "JAX_PLATFORMS": "cpu",
-        "README_PORT": str(29500 + (os.getpid() + snippet.line) % 400),
+        "DOCS_PORT": str(29500 + (os.getpid() + snippet.line) % 400),
     }
     env.pop("XLA_FLAGS", None)  # a block that needs several devices says so in its setup
     script = snippet.setup + "\n" + snippet.code
