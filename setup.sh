@@ -38,7 +38,7 @@ if [ "$ONLY" = torch ]; then
     "${PIP[@]}" -e ".[torch,test]" transformers peft
     exit 0
 fi
-"${PIP[@]}" -e ".[dev]"
+"${PIP[@]}" -e ".[dev,docs]"  # docs: Sphinx, MyST, furo (the site .ci/run builds)
 # SpeechBrain imports torchaudio, and no torchaudio release is built for torch 2.13: the compiled
 # extension of the newest (2.11.1, which accepts torch>=2.11) fails to load beside it. torchaudio
 # runs without its extension when the library files are absent (torchaudio._extension: "False if
