@@ -289,6 +289,41 @@ def _widening(low: torch.Tensor, dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and low.dtype in (torch.bfloat16, torch.float16) and low.is_cuda
 
 
+def _mm_widening(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, alpha: float = 1.0) -> torch.Tensor:
+    """``alpha * a @ b`` written in ``dtype`` (float32) straight from the bf16/fp16 GEMM.
+
+    Eager: ``torch.mm``/``torch.addmm`` with ``out_dtype`` (``alpha`` rides in the GEMM; the
+    ``(m, n)`` first operand of ``addmm`` only lends its shape, ``beta=0``). Under
+    ``torch.compile`` the same call goes through the opaque custom op ``torch_impl::mm_widening``:
+    torch 2.11's decomposition of ``addmm.dtype`` passes ``out_dtype`` where ``beta`` goes
+    (``addmm() got multiple values for argument 'beta'``, H100, torch 2.11.0+cu130), so a
+    compiled bf16 step failed to trace. The op runs the very same eager call, so the numbers do
+    not change; eager keeps the direct call (a Python custom op costs ~10 us of dispatch).
+    """
+    if torch.compiler.is_compiling():
+        return _mm_widening_op(a, b, dtype, float(alpha))
+    return _mm_widening_eager(a, b, dtype, alpha)
+
+
+def _mm_widening_eager(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, alpha: float) -> torch.Tensor:
+    if not a.is_cuda:  # portable fallback (``out_dtype`` GEMMs are CUDA-only): widen, then multiply
+        return torch.mm(a.to(dtype), b.to(dtype)).mul_(alpha)
+    if alpha == 1.0:
+        return torch.mm(a, b, out_dtype=dtype)
+    shape = a.new_empty((a.shape[0], b.shape[1]), dtype=dtype)  # not read: beta=0
+    return torch.addmm(shape, a, b, beta=0, alpha=alpha, out_dtype=dtype)
+
+
+@torch.library.custom_op("torch_impl::mm_widening", mutates_args=())
+def _mm_widening_op(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, alpha: float) -> torch.Tensor:
+    return _mm_widening_eager(a, b, dtype, alpha)
+
+
+@_mm_widening_op.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, alpha: float) -> torch.Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]), dtype=dtype)
+
+
 class _LoRALinearFunction(torch.autograd.Function):
     """Autograd for :func:`lora_linear`; ``x``, ``weight`` and ``bias`` already in the compute
     dtype, the factors in their own (cast here, so that no cast node sits in the graph).
@@ -337,14 +372,14 @@ class _LoRALinearFunction(torch.autograd.Function):
             if need_down:
                 x2d = x.reshape(-1, x.shape[-1])
                 if _widening(grad_h, down_dtype):
-                    grad_down = torch.mm(grad_h.t(), x2d, out_dtype=down_dtype)
+                    grad_down = _mm_widening(grad_h.t(), x2d, down_dtype)
                 else:
                     grad_down = torch.mm(grad_h.t(), x2d).to(down_dtype)
         if need_up:
             if _widening(g, up_dtype):
-                # ``alpha`` carries the scaling (``up`` only lends its shape): one GEMM, where
-                # ``mm`` + ``mul_`` launched two kernels a layer.
-                grad_up = torch.addmm(up, g.t(), h, beta=0, alpha=scaling, out_dtype=up_dtype)
+                # ``alpha`` carries the scaling: one GEMM, where ``mm`` + ``mul_`` launched two
+                # kernels a layer.
+                grad_up = _mm_widening(g.t(), h, up_dtype, scaling)
             else:
                 grad_up = torch.addmm(up, g.t(), h, beta=0, alpha=scaling).to(up_dtype)
         return grad_x, None, None, grad_down, grad_up, None, None
@@ -634,7 +669,7 @@ class _LoRAGroupFunction(torch.autograd.Function):
             grad_hs.append(torch.addmm(h_i, g, up, beta=0, alpha=scaling))
             if needs[3 + 4 * i + 3]:
                 if _widening(g, up_dtypes[i]):
-                    grad_up = torch.addmm(up, g.t(), h_i, beta=0, alpha=scaling, out_dtype=up_dtypes[i])
+                    grad_up = _mm_widening(g.t(), h_i, up_dtypes[i], scaling)
                 else:
                     grad_up = torch.addmm(up, g.t(), h_i, beta=0, alpha=scaling).to(up_dtypes[i])
                 grad_ups.append(grad_up)
@@ -651,7 +686,7 @@ class _LoRAGroupFunction(torch.autograd.Function):
         if any(needs[3 + 4 * i + 2] for i in range(count)):
             dtype = down_dtypes[0]
             if all(t == dtype for t in down_dtypes) and _widening(grad_h, dtype):
-                grad_down_cat = torch.mm(grad_h.t(), x2d, out_dtype=dtype)
+                grad_down_cat = _mm_widening(grad_h.t(), x2d, dtype)
             else:
                 grad_down_cat = torch.mm(grad_h.t(), x2d)
             split_downs = list(torch.split(grad_down_cat, ctx.ranks))
