@@ -497,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile-targets", default="q,v;q,k,v,o", help="';'-separated target sets to compile"
     )
+    parser.add_argument("--no-training", action="store_true", help="skip the training table")
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--no-inference", action="store_true")
     parser.add_argument(
@@ -543,8 +544,8 @@ def main(argv: list[str] | None = None) -> None:
             write_report(args.out, text + "\n")
 
     train: dict[Case, Result] = {}
-    for group in training_cases(dtypes, modes, args.setups.split(",")):
-        if in_time("training"):
+    for group in training_cases(dtypes, modes, [s for s in args.setups.split(",") if s]):
+        if in_time("training") and not args.no_training:
             train.update({r.case: r for r in run_group("training", group, shape, device, args.rounds, log)})
     sections += [
         "### Training step (x floor: the frozen floor of the same dtype and mode)\n",
