@@ -6,8 +6,8 @@ in float64, and three optimizer steps must leave finite, changed factors.
 
 Needs a CUDA device (skipped without one). CI has no GPU: run it on the device machine,
 ``python -m pytest tests/torch_impl/test_train_paths_cuda.py``. (Issue 24: on an H100 with torch
-2.11.0+cu130, ``torch.compile`` failed to trace the bf16 backward, ``addmm() got multiple values
-for argument 'beta'``; ``torch_impl.fused._mm_widening`` is the fix this file guards.)
+2.11.0+cu130, ``torch.compile`` failed to trace the fused bf16 backward, ``addmm() got multiple
+values for argument 'beta'``; compiled LoRA now takes the plain formula, which Inductor fuses.)
 """
 
 from __future__ import annotations
