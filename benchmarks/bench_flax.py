@@ -10,8 +10,8 @@ shape, random init, dropout on), batch 32 x 128 tokens, rank 16, ``optax.adamw``
 - ``ours``: ``flax_impl.AdaptedModel`` + ``flax_impl.LoRA`` (its fused path,
   ``flax_impl.fused``), optimised with ``wrt=model.trainable``;
 - ``ours-plain``: the same with ``flax_impl.fused.disabled()`` (autodiff of the plain formula);
-- ``ours-fused``: the same with ``flax_impl.fused.enabled()`` (its ``custom_vjp``: the down
-  projection in the base GEMM, ``g @ B.T`` in the frozen ``dx`` GEMM);
+- ``ours-fused``: the same with ``flax_impl.fused.enabled()`` (its ``custom_vjp``, off by
+  default);
 - ``nnx.LoRA``: Flax's own ``nnx.LoRA`` wrapped around the same layers, ``wrt=nnx.LoRAParam``.
 
 Modes, each with its own floor: ``jit`` (a pure function over ``nnx.split`` state under

@@ -14,7 +14,12 @@ value) under a ``jax.custom_vjp`` whose backward is the one we want:
 
 Off by default: on one H200 (2026-12-01, BERT-base, bf16, q,k,v,o, ``jax.jit``) it measured
 1.432x the frozen floor against 1.415x for XLA's autodiff of the plain formula, the same within
-the rounds' spread, so it is not switched on until it pays. ``set_enabled(True)``, the context
+the rounds' spread, so it is not switched on until it pays. Nor did a joint formulation (issue
+24, branch ``perf`` commit 48cdf6a: the down projection in the base GEMM, ``x @ [W | A]``, and
+``g @ B.T`` in the frozen ``dx`` GEMM, ``g @ [W; B].T``): on one H100 (2026-12-06) it took
+q,k,v,o from 1.406x to 1.367x (spreads 9-10%) and q,v from 1.171x to 1.170x, because XLA
+materialised the concatenations and transposes (+132 concatenate/transpose kernels for 66 fewer
+thin GEMMs) and its forward was no longer the plain formula bit for bit. ``set_enabled(True)``, the context
 manager ``enabled()`` or ``FLAX_IMPL_FUSED=1`` in the environment turn it on; ``disabled()``
 turns it off for a block.
 """
@@ -233,66 +238,16 @@ def _forward(config: tuple, x, kernel, bias, down, up):
     return y + low * scaling, (xb, kb, xd, dd, hu, uu)
 
 
-def _shared(config: tuple, kernel, down, up) -> bool:
-    """Whether the three layers compute in one dtype and precision, so that the base GEMM can
-    carry the low-rank factors (see :func:`_joint_forward`)."""
-    _, dtype, precision, down_dtype, down_precision, up_dtype, up_precision = config
-    return (
-        dtype == down_dtype == up_dtype
-        and precision == down_precision == up_precision
-        and kernel.dtype == down.dtype == up.dtype
-    )
-
-
-def _joint_forward(config: tuple, x, kernel, bias, down, up):
-    """The forward with the down projection riding in the base GEMM: ``[y0 | h] = x @ [W | A]``
-    (``(in, out + rank)``: one GEMM instead of two, and ``A`` is cast to the compute dtype in the
-    same fusion that casts ``W``, which the frozen model casts anyway), then
-    ``y = y0 + b + (h @ B) * scaling`` in the plain formula's order."""
-    scaling, dtype, precision = config[:3]
-    xb, kb, bb, db, ub = _dtypes.promote_dtype((x, kernel, bias, down, up), dtype=dtype)
-    out = kb.shape[-1]
-    z = _dot(xb, jnp.concatenate([kb, db], axis=-1), precision)
-    y, h = z[..., :out], z[..., out:]
-    if bb is not None:
-        y += jnp.reshape(bb, (1,) * (y.ndim - 1) + (-1,))
-    low = _dot(h, ub, precision)
-    return y + low * scaling, (xb, kb, db, ub, h)
-
-
-def _joint_bwd(config: tuple, residuals, g):
-    """The backward of :func:`_joint_forward`: ``[dx0 | gB] = g @ [W; B].T`` is the frozen
-    model's ``dx`` GEMM with ``rank`` more columns (``g @ B.T`` rides in it), then
-    ``dx = dx0 + (s gB) @ A.T``, ``dA = x.T @ (s gB)`` and ``dB = s h.T @ g``, the factor
-    gradients written in their own (float32) dtype by the GEMMs."""
-    scaling, _, precision = config[:3]
-    (xb, kb, db, ub, h), (x_t, kernel_t, bias_t, down_t, up_t) = residuals
-    g2 = _flat(g).astype(kb.dtype)
-    n_in = kb.shape[0]
-    gz = _dot(g2, jnp.concatenate([kb, ub], axis=0).T, precision)  # (N, in + rank)
-    dh = gz[:, n_in:] * jnp.asarray(scaling, gz.dtype)
-    x2 = _flat(xb)
-    dx = (gz[:, :n_in] + _dot(dh, db.T, precision)).astype(x_t.dtype)
-    d_down = _dot(x2.T, dh, precision, out=down_t.dtype)
-    d_up = _dot(_flat(h).T, g2, precision, out=up_t.dtype) * scaling
-    d_kernel = _dot(x2.T, g2, precision, out=kernel_t.dtype)  # dead code unless differentiated
-    d_bias = None if bias_t is None else jnp.sum(_flat(g), axis=0, dtype=bias_t.dtype)
-    return (dx.reshape(xb.shape), d_kernel, d_bias, d_down, d_up)
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _lora(config: tuple, x, kernel, bias, down, up):
-    if _shared(config, kernel, down, up):
-        return _joint_forward(config, x, kernel, bias, down, up)[0]
     return _forward(config, x, kernel, bias, down, up)[0]
 
 
 def _lora_fwd(config: tuple, x, kernel, bias, down, up):
-    joint = _shared(config, kernel, down, up)
-    out, saved = (_joint_forward if joint else _forward)(config, x, kernel, bias, down, up)
+    out, saved = _forward(config, x, kernel, bias, down, up)
     # Zero-size stand-ins carry the primal dtypes (and bias' presence) to the backward.
     dtypes = tuple(jnp.zeros((0,), t.dtype) if t is not None else None for t in (x, kernel, bias, down, up))
-    return out, (joint, saved, dtypes)
+    return out, (saved, dtypes)
 
 
 def _flat(t: jax.Array) -> jax.Array:
@@ -300,13 +255,6 @@ def _flat(t: jax.Array) -> jax.Array:
 
 
 def _lora_bwd(config: tuple, residuals, g):
-    joint, saved, dtypes = residuals
-    if joint:
-        return _joint_bwd(config, (saved, dtypes), g)
-    return _separate_bwd(config, (saved, dtypes), g)
-
-
-def _separate_bwd(config: tuple, residuals, g):
     scaling, _, precision, _, down_precision, _, up_precision = config
     (xb, kb, xd, dd, hu, uu), (x_t, kernel_t, bias_t, down_t, up_t) = residuals
     g2 = _flat(g)
