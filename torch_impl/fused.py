@@ -19,7 +19,9 @@ Inductor writes the fused kernels itself: traced, this autograd function made th
 slower than PEFT's (one H100, torch 2.11.0+cu130, BERT-base 32 x 128, bf16, q,k,v,o:
 1.398x the compiled floor against PEFT's 1.216x), and its bf16 backward did not trace at all
 before that (torch 2.11 decomposes ``addmm(..., out_dtype=)`` with ``out_dtype`` landing on
-``beta``: "addmm() got multiple values for argument 'beta'").
+``beta``: "addmm() got multiple values for argument 'beta'"). PEFT's formula is the plain one;
+our compiled step on it has not been timed yet (device time), only checked to train
+(``tests/torch_impl/test_train_paths_cuda.py``).
 
 The float32 factors (the usual case under autocast) are cast to the compute dtype inside the
 function, and on CUDA their gradients come out of the bf16/fp16 GEMMs directly in float32
