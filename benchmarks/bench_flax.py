@@ -10,6 +10,8 @@ shape, random init, dropout on), batch 32 x 128 tokens, rank 16, ``optax.adamw``
 - ``ours``: ``flax_impl.AdaptedModel`` + ``flax_impl.LoRA`` (its fused path,
   ``flax_impl.fused``), optimised with ``wrt=model.trainable``;
 - ``ours-plain``: the same with ``flax_impl.fused.disabled()`` (autodiff of the plain formula);
+- ``ours-fused``: the same with ``flax_impl.fused.enabled()`` (its ``custom_vjp``, off by
+  default);
 - ``nnx.LoRA``: Flax's own ``nnx.LoRA`` wrapped around the same layers, ``wrt=nnx.LoRAParam``.
 
 Modes, each with its own floor: ``jit`` (a pure function over ``nnx.split`` state under
@@ -124,7 +126,7 @@ def build(setup: str, targets: str, dtype: str, shape: Shape, rank: int = RANK):
     model = BertModel(config, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))
     if setup in ("floor", "full"):
         return model, (nnx.Param if setup == "full" else None)
-    if setup in ("ours", "ours-plain"):
+    if setup in ("ours", "ours-plain", "ours-fused"):
         adapted = AdaptedModel(
             model, LoRA, target_layers=TARGETS[targets], adapter_kwargs={"rank": rank}, rngs=nnx.Rngs(1)
         )
@@ -241,7 +243,9 @@ def prepare(case: Case, shape: Shape, key: jax.Array):
     result = Result(case, trainable=trainable, tokens=f"{batch}x{seq}", adapter_mib=4 * 4 * trainable / 2**20)
     ids = jax.random.randint(key, (batch, seq), 0, BertConfig(**shape.config).vocab_size)
     began = time.perf_counter()
-    context = fused.disabled() if case.setup == "ours-plain" else contextlib.nullcontext()
+    context = {"ours-plain": fused.disabled, "ours-fused": fused.enabled}.get(
+        case.setup, contextlib.nullcontext
+    )()
     with context:  # the switch is read at trace time
         if case.mode == "jit":
             run, result.temp_mib = make_jit_step(model, wrt, ids)
@@ -255,7 +259,69 @@ def prepare(case: Case, shape: Shape, key: jax.Array):
     return run, result
 
 
-def run_group(title: str, cases: list[Case], shape: Shape, rounds: int, key: jax.Array, log) -> list[Result]:
+def kernel_profile(run, steps: int = 5) -> dict[str, tuple[float, float]]:
+    """GPU kernels of ``steps`` calls of ``run`` from ``jax.profiler``'s perfetto trace: per kernel
+    name (fusion numbers stripped, so that programs compare), (count, microseconds) per step.
+    The method of ``../shared/tools/profile_flax_step.py``, for the cases this script built."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import os
+    import re
+    import tempfile
+
+    folder = tempfile.mkdtemp()
+    jax.profiler.start_trace(folder, create_perfetto_trace=True)
+    for _ in range(steps):
+        run()
+    jax.profiler.stop_trace()
+    path = glob.glob(os.path.join(folder, "**", "*perfetto_trace.json.gz"), recursive=True)[0]
+    events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    gpu = {p for p, n in names.items() if "GPU" in n.upper() or "/device:" in n.lower()} or set(names)
+    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e:
+            name = re.sub(r"([._]\d+)+", "", e["name"])
+            totals[name][0] += 1
+            totals[name][1] += e["dur"]
+    return {k: (c / steps, us / steps) for k, (c, us) in totals.items()}
+
+
+PROFILES: dict[Case, dict[str, tuple[float, float]]] = {}
+
+
+def profile_report(profiles: dict[Case, dict[str, tuple[float, float]]]) -> str:
+    """Kernels and GPU time per step of each profiled case, and what each adds over its floor."""
+    lines = ["| case | kernels / step | GPU kernel ms / step |", "|---|---:|---:|"]
+    for case, kernels in profiles.items():
+        count = sum(c for c, _ in kernels.values())
+        lines.append(f"| {case.key} | {count:.0f} | {sum(us for _, us in kernels.values()) / 1e3:.2f} |")
+    for case, kernels in profiles.items():
+        floor = profiles.get(case.floor)
+        if floor is None or case.setup == "floor":
+            continue
+        diff = []
+        for name in set(kernels) | set(floor):
+            (c1, t1), (c0, t0) = kernels.get(name, (0, 0.0)), floor.get(name, (0, 0.0))
+            if abs(t1 - t0) > 1.0 or abs(c1 - c0) >= 1:
+                diff.append((t1 - t0, c1 - c0, name))
+        diff.sort(reverse=True)
+        lines += ["", f"{case.key}: kernels it adds over the floor (us/step, count/step, name)", "```"]
+        lines += [f"{dt:9.1f} {dc:7.1f}  {name[:100]}" for dt, dc, name in diff[:14]]
+        lines.append("```")
+    return "\n".join(lines)
+
+
+def run_group(
+    title: str, cases: list[Case], shape: Shape, rounds: int, key: jax.Array, log, profile: bool = False
+) -> list[Result]:
     log(f"{title}: preparing {len(cases)} cases")
     fns, results = {}, {}
     for case in cases:
@@ -269,6 +335,10 @@ def run_group(title: str, cases: list[Case], shape: Shape, rounds: int, key: jax
             log(f"  {case.key}: {results[case.key].note}")
     for name, timing in _common.interleaved(fns, rounds, shape.steps, log=log).items():
         results[name].timing = timing
+    if profile:
+        for name, fn in fns.items():
+            PROFILES[results[name].case] = kernel_profile(fn)
+        log("  profiled")
     del fns
     _NNX_STEPS.clear()
     gc.collect()
@@ -372,6 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--deadline", type=float, default=0.0, help="seconds; skip later groups past it (0: none)"
     )
+    parser.add_argument(
+        "--profile-out", type=Path, help="also profile the jit groups' kernels (jax.profiler) into this file"
+    )
     args = parser.parse_args(argv)
 
     began = time.perf_counter()
@@ -446,7 +519,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.deadline and time.perf_counter() - began > args.deadline:
             log(f"{title}: skipped (past the {args.deadline:.0f} s deadline)")
             continue
-        results.update({r.case: r for r in run_group(title, cases, shape, args.rounds, key, log)})
+        profile = bool(args.profile_out) and title.endswith(" jit")
+        results.update({r.case: r for r in run_group(title, cases, shape, args.rounds, key, log, profile)})
+        if profile:
+            write_report(args.profile_out, header + "\n" + profile_report(PROFILES) + "\n")
         text = "\n".join(
             [header, table(results), "", "### Targets (issue 17)\n", target_summary(results), ""]
         )

@@ -43,6 +43,7 @@ import argparse
 import dataclasses
 import gc
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -65,7 +66,7 @@ from torch import nn  # noqa: E402
 from benchmarks import _common  # noqa: E402
 from benchmarks._common import BERT_TARGETS as TARGETS  # noqa: E402
 from benchmarks._common import RANK, Shape, bert_summary, fmt, with_counts, write_report  # noqa: E402
-from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, fused, merge_lora  # noqa: E402
+from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, fused, merge_and_unload, merge_lora  # noqa: E402
 
 PEFT_TARGETS = {"q,v": ["query", "value"], "q,k,v,o": ["query", "key", "value", "attention.output.dense"]}
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
@@ -97,6 +98,7 @@ class Case:
     batch: int = 0  # 0: the run's shape
     seq: int = 0
     infer: bool = False  # an inference forward instead of a training step
+    no_grad: bool = False  # inference under torch.no_grad() instead of torch.inference_mode()
 
     @property
     def key(self) -> str:
@@ -105,9 +107,8 @@ class Case:
             if (self.rank, self.batch, self.seq) == (RANK, 0, 0)
             else f" r{self.rank} {self.batch}x{self.seq}"
         )
-        return (
-            f"{'infer' if self.infer else 'train'} {self.setup} {self.targets} {self.dtype} {self.mode}{size}"
-        )
+        grad = " no_grad" if self.no_grad else ""
+        return f"{'infer' if self.infer else 'train'} {self.setup} {self.targets} {self.dtype} {self.mode}{grad}{size}"
 
     @property
     def floor(self) -> Case:
@@ -223,13 +224,14 @@ def make_step(
 
 
 def make_forward(
-    model: nn.Module, ids: torch.Tensor, amp_dtype: torch.dtype | None
+    model: nn.Module, ids: torch.Tensor, amp_dtype: torch.dtype | None, no_grad: bool = False
 ) -> Callable[[], torch.Tensor]:
     device_type = ids.device.type
+    grad_off = torch.no_grad if no_grad else torch.inference_mode
 
     def forward() -> torch.Tensor:
         with (
-            torch.inference_mode(),
+            grad_off(),
             torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
         ):
             return model(input_ids=ids).last_hidden_state
@@ -281,15 +283,22 @@ def prepare(
     result.adapter_mib = 4 * sum(p.numel() * p.element_size() for p in trainable) / 2**20
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=device)
     amp = DTYPES[case.dtype]
+    if case.infer:
+        model.eval()
+        if merged == "merged":
+            # Ours keeps the wrappers (merge_lora); PEFT's merge_and_unload drops them.
+            if kind == "ours":
+                merge_lora(model)
+            else:
+                model = model.merge_and_unload()
+        elif merged == "unloaded":
+            model = merge_and_unload(model)  # ours, wrappers dropped as PEFT's merge_and_unload does
     runner: nn.Module = model
     if case.mode.startswith("compile"):
         mode = None if case.mode == "compile" else case.mode.removeprefix("compile-")
         runner = torch.compile(model, fullgraph=True, mode=mode)
     if case.infer:
-        model.eval()
-        if merged == "merged":
-            merge_lora(model)
-        fn = make_forward(runner, ids, amp)
+        fn = make_forward(runner, ids, amp, no_grad=case.no_grad)
         prepare_fn = lambda: None  # noqa: E731
     else:
         optimizer = make_optimizer(model, device, kind)
@@ -357,7 +366,7 @@ def table(results: dict[Case, Result], reference_name: str) -> str:
     ]
     for case, r in results.items():
         lines.append(
-            f"| {case.setup} | {case.targets} | {case.dtype} | {case.mode} | {case.rank} | {r.tokens} | "
+            f"| {case.setup} | {case.targets} | {case.dtype} | {case.mode}{' no_grad' if case.no_grad else ''} | {case.rank} | {r.tokens} | "
             f"{r.trainable:,} | {fmt(_ms(r), '.2f')} | {fmt(r.timing.spread * 100 if r.timing else None, '.1f')}% | "
             f"{fmt(ratio(results, case), '.3f')} | {fmt(r.peak_mib, '.0f')} |"
             + (f" {r.note}" if r.note else "")
@@ -400,17 +409,27 @@ def scaling_cases(dtypes: list[str]) -> list[list[Case]]:
     return groups
 
 
-def inference_cases(dtypes: list[str], modes: list[str]) -> list[list[Case]]:
+INFERENCE_SETUPS = [
+    ("base", "-"),
+    ("ours", "q,k,v,o"),
+    ("ours merged", "q,k,v,o"),  # merge_lora: the wrappers stay
+    ("ours unloaded", "q,k,v,o"),  # merge_and_unload: plain layers again
+    ("peft", "q,k,v,o"),
+    ("peft merged", "q,k,v,o"),  # PEFT's merge_and_unload
+]
+
+
+def inference_cases(
+    dtypes: list[str], modes: list[str], no_grad: tuple[bool, ...] = (False, True)
+) -> list[list[Case]]:
+    """One group per dtype: every setup under ``inference_mode`` and under ``no_grad`` (the
+    context most user code and SpeechBrain's evaluation use), each against its own base row."""
     return [
         [
-            Case(setup, targets, dtype, mode, infer=True)
+            Case(setup, targets, dtype, mode, infer=True, no_grad=grad)
             for mode in modes
-            for setup, targets in [
-                ("base", "-"),
-                ("ours", "q,k,v,o"),
-                ("ours merged", "q,k,v,o"),
-                ("peft", "q,k,v,o"),
-            ]
+            for grad in no_grad
+            for setup, targets in INFERENCE_SETUPS
         ]
         for dtype in dtypes
     ]
@@ -446,8 +465,12 @@ def target_summary(
                     allowed = (floor.peak_mib + mine.adapter_mib) * _common.MEMORY_SLACK
                     add("peak memory / allowed", case.key, mine.peak_mib / allowed, 1.0)
     for case in infer:
-        if case.setup == "ours merged":
+        if case.setup in ("ours merged", "ours unloaded"):
             add("merged inference x base", case.key, ratio(infer, case), _common.MERGED_LIMIT)
+        if case.setup == "ours":
+            peft = dataclasses.replace(case, setup="peft")
+            if peft in infer:
+                add("unmerged inference x PEFT", case.key, ratio(infer, case, peft), 1.0)
     return "\n".join(lines)
 
 
@@ -474,8 +497,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile-targets", default="q,v;q,k,v,o", help="';'-separated target sets to compile"
     )
+    parser.add_argument("--no-training", action="store_true", help="skip the training table")
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--no-inference", action="store_true")
+    parser.add_argument(
+        "--infer-grad-modes",
+        default="inference_mode,no_grad",
+        help="inference contexts: inference_mode, no_grad",
+    )
+    parser.add_argument(
+        "--profile-infer", type=Path, help="write torch.profiler tables of eager bf16 inference rows here"
+    )
     parser.add_argument(
         "--deadline", type=float, default=0.0, help="seconds; skip later groups past it (0: none)"
     )
@@ -512,8 +544,8 @@ def main(argv: list[str] | None = None) -> None:
             write_report(args.out, text + "\n")
 
     train: dict[Case, Result] = {}
-    for group in training_cases(dtypes, modes, args.setups.split(",")):
-        if in_time("training"):
+    for group in training_cases(dtypes, modes, [s for s in args.setups.split(",") if s]):
+        if in_time("training") and not args.no_training:
             train.update({r.case: r for r in run_group("training", group, shape, device, args.rounds, log)})
     sections += [
         "### Training step (x floor: the frozen floor of the same dtype and mode)\n",
@@ -540,12 +572,17 @@ def main(argv: list[str] | None = None) -> None:
 
     infer: dict[Case, Result] = {}
     if not args.no_inference:
-        for group in inference_cases(dtypes, modes):
+        grads = tuple(g == "no_grad" for g in args.infer_grad_modes.split(",") if g)
+        for group in inference_cases(dtypes, modes, grads):
             if in_time("inference"):
                 infer.update(
                     {r.case: r for r in run_group("inference", group, shape, device, args.rounds, log)}
                 )
-        sections += ["### Inference (forward, eval, inference_mode; x base)\n", table(infer, "base"), ""]
+        sections += [
+            "### Inference (forward, eval; inference_mode, or no_grad where the mode says so; x base)\n",
+            table(infer, "base"),
+            "",
+        ]
         print(sections[-2], flush=True)
         flush()
 
@@ -586,6 +623,10 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + "\n".join(sections[-3:]), flush=True)
     flush()
 
+    if args.profile_infer and in_time("profile inference"):
+        write_report(args.profile_infer, header + "\n" + profile_inference(shape, device, args.rounds))
+        print(args.profile_infer.read_text().split("\n### ")[0][-3000:], flush=True)
+
     if args.profile_out and in_time("profile"):
         profiles = []
         for setup, targets, dtype in PROFILED:
@@ -603,6 +644,62 @@ PROFILED = [
     ("ours", "q,k,v,o", "bf16"),
     ("ours+qkv", "q,k,v,o", "bf16"),
 ]
+
+
+PROFILED_INFERENCE = ["base", "ours", "ours merged", "ours unloaded", "peft", "peft merged"]
+
+
+def profile_inference(shape: Shape, device: torch.device, rounds: int, steps: int = 5) -> str:
+    """Eager bf16 inference under ``no_grad`` and ``inference_mode``: per forward, the host time
+    (until the forward returns, before synchronising), the wall time, the GPU kernel time and
+    the number of kernels and of dispatched ops; then the op tables of ``ours`` in both contexts."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    lines = [
+        "### Eager bf16 inference, q,k,v,o: host and GPU time per forward",
+        "",
+        "| setup | context | host ms (median) | wall ms (median) | GPU kernel ms | kernels | ops |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    tables = []
+    for grad in (True, False):
+        for setup in PROFILED_INFERENCE:
+            case = Case(
+                setup, "-" if setup == "base" else "q,k,v,o", "bf16", "eager", infer=True, no_grad=grad
+            )
+            fn, _ = prepare(case, shape, device, shape.warmup)
+            host, wall = [], []
+            for _ in range(rounds * shape.steps):
+                _sync(device)
+                start = time.perf_counter()
+                fn()
+                host.append(time.perf_counter() - start)
+                _sync(device)
+                wall.append(time.perf_counter() - start)
+            with profile(activities=activities) as prof:
+                for _ in range(steps):
+                    fn()
+                _sync(device)
+            events = prof.events()
+            gpu = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+            ops = sum(1 for e in events if e.name.startswith("aten::"))
+            context = "no_grad" if grad else "inference_mode"
+            lines.append(
+                f"| {setup} | {context} | {statistics.median(host) * 1e3:.2f} | "
+                f"{statistics.median(wall) * 1e3:.2f} | {sum(e.device_time_total for e in gpu) / 1e3 / steps:.2f} | "
+                f"{len(gpu) / steps:.0f} | {ops / steps:.0f} |"
+            )
+            if setup in ("ours", "ours merged"):
+                averages = prof.key_averages()
+                table = averages.table(sort_by="cpu_time_total", row_limit=25, max_name_column_width=60)
+                tables.append(
+                    f"\n#### {setup}, {context}: ops by CPU time ({steps} forwards)\n\n```\n{table}\n```\n"
+                )
+            del fn
+            gc.collect()
+    return "\n".join(lines) + "\n" + "".join(tables)
 
 
 def profile_training(

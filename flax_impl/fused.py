@@ -14,7 +14,12 @@ value) under a ``jax.custom_vjp`` whose backward is the one we want:
 
 Off by default: on one H200 (2026-12-01, BERT-base, bf16, q,k,v,o, ``jax.jit``) it measured
 1.432x the frozen floor against 1.415x for XLA's autodiff of the plain formula, the same within
-the rounds' spread, so it is not switched on until it pays. ``set_enabled(True)``, the context
+the rounds' spread, so it is not switched on until it pays. Nor did a joint formulation (issue
+24, branch ``perf`` commit 48cdf6a: the down projection in the base GEMM, ``x @ [W | A]``, and
+``g @ B.T`` in the frozen ``dx`` GEMM, ``g @ [W; B].T``): on one H100 (2026-12-06) it took
+q,k,v,o from 1.406x to 1.367x (spreads 9-10%) and q,v from 1.171x to 1.170x, because XLA
+materialised the concatenations and transposes (+132 concatenate/transpose kernels for 66 fewer
+thin GEMMs) and its forward was no longer the plain formula bit for bit. ``set_enabled(True)``, the context
 manager ``enabled()`` or ``FLAX_IMPL_FUSED=1`` in the environment turn it on; ``disabled()``
 turns it off for a block.
 """

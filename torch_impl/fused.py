@@ -12,8 +12,16 @@
 
 Under autocast, ``x`` and the weights are cast once to the autocast dtype before the function
 (so the three GEMMs share one cast of ``x``, and autograd casts the gradients back), which is
-what autocast does for ``F.linear`` too. Everything here is plain ATen, so ``torch.compile``
-traces it without graph breaks.
+what autocast does for ``F.linear`` too.
+
+Under ``torch.compile`` (``torch.compiler.is_compiling()``) LoRA takes the plain formula, and
+Inductor writes the fused kernels itself: traced, this autograd function made the compiled step
+slower than PEFT's (one H100, torch 2.11.0+cu130, BERT-base 32 x 128, bf16, q,k,v,o:
+1.398x the compiled floor against PEFT's 1.216x), and its bf16 backward did not trace at all
+before that (torch 2.11 decomposes ``addmm(..., out_dtype=)`` with ``out_dtype`` landing on
+``beta``: "addmm() got multiple values for argument 'beta'"). PEFT's formula is the plain one;
+our compiled step on it has not been timed yet (device time), only checked to train
+(``tests/torch_impl/test_train_paths_cuda.py``).
 
 The float32 factors (the usual case under autocast) are cast to the compute dtype inside the
 function, and on CUDA their gradients come out of the bf16/fp16 GEMMs directly in float32
@@ -128,8 +136,13 @@ def disabled() -> Iterator[None]:
 
 
 def _transformed() -> bool:
-    """Whether a ``torch.func`` transform or a forward-mode AD level is active."""
-    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+    """Whether a ``torch.func`` transform or a forward-mode AD level is active, or
+    ``torch.compile`` is tracing: each takes the plain formula (see the module doc)."""
+    return (
+        torch._C._are_functorch_transforms_active()
+        or _forward_ad._current_level >= 0
+        or torch.compiler.is_compiling()
+    )
 
 
 # Dtypes autocast would cast (it leaves float64 and integer tensors alone).
@@ -221,7 +234,8 @@ def lora_linear(
     True
     """
     if _transformed():
-        # torch.func transforms and forward-mode AD do not take a classic autograd.Function.
+        # torch.func transforms and forward-mode AD do not take a classic autograd.Function;
+        # torch.compile fuses the plain formula better than it traces this one.
         return _plain(x, weight, bias, down, up, scaling)
     device_type = x.device.type
     compute = None
@@ -394,7 +408,7 @@ class _SharedInputGroup:
 
     def forward(self, index: int, x: torch.Tensor) -> torch.Tensor | None:
         """Member ``index``'s output, or None where the member must compute it itself."""
-        if torch.compiler.is_compiling() or _transformed():
+        if _transformed():
             self.pending.clear()
             return None
         state = self.state(x)
