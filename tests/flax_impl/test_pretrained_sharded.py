@@ -100,6 +100,19 @@ def test_single_and_sharded_directories_load_every_tensor_bit_for_bit(tmp_path, 
     assert model.embeddings.dropout.deterministic  # eval mode
 
 
+def test_transposed_blocks_read_in_many_slabs_are_bit_exact(tmp_path, monkeypatch):
+    monkeypatch.setattr(loader, "_SLAB_BYTES", 100)  # a few rows per slab, ragged last slab
+    state = {k: v.astype(ml_dtypes.bfloat16) for k, v in _state().items()}
+    devices = jax.devices()[:2]
+    mesh = make_mesh({"model": len(devices)}, devices=devices)
+
+    model = BertModel.from_pretrained(_write(tmp_path, state), mesh=mesh, rules=tensor_parallel_rules("bert"))
+
+    loaded = torch_style_state_dict(model)
+    for key, array in state.items():  # bf16 in the file, float32 in the model: an exact widening
+        np.testing.assert_array_equal(loaded[key], array.astype(np.float32), err_msg=key)
+
+
 def test_the_twin_is_built_abstractly_without_running_an_initializer(tmp_path):
     built = []
 
@@ -319,9 +332,9 @@ def bert_dir(tmp_path_factory) -> Path:
     return _write(tmp_path_factory.mktemp("bert"), state, shards=2, config=MESH_CONFIG)
 
 
-def _adapted(base: BertModel) -> AdaptedModel:
+def _adapted(base: nnx.Module, targets: list[str] = TARGETS) -> AdaptedModel:
     model = AdaptedModel(
-        base, LoRA, target_layers=TARGETS, adapter_kwargs={"rank": 4, "alpha": 8.0}, rngs=nnx.Rngs(1)
+        base, LoRA, target_layers=targets, adapter_kwargs={"rank": 4, "alpha": 8.0}, rngs=nnx.Rngs(1)
     )
     # Random up projections, so that every factor gets a gradient from the first step.
     for index, (_, variable) in enumerate(nnx.to_flat_state(nnx.state(model, model.trainable))):
@@ -385,6 +398,56 @@ def test_each_default_rule_set_places_every_param_and_lora_trains_as_on_one_devi
     assert _spec(lora.adapter_down_proj.kernel[...]) == (kernel[0], None)  # like the kernel's input
     assert _spec(lora.adapter_up_proj.kernel[...]) == (None, kernel[1])  # like its output
     losses, trained = _train(model, jax.device_put(ids, batch), jax.device_put(target, batch))
+
+    np.testing.assert_allclose(losses, losses_one, rtol=1e-5, atol=1e-5)
+    for path, value in trained.items():
+        np.testing.assert_allclose(value, trained_one[path], rtol=1e-4, atol=1e-4, err_msg=path)
+
+
+LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "tie_word_embeddings": True,
+}
+
+
+def test_a_tied_llama_on_a_2d_mesh_loads_and_trains_lora_as_on_one_device(mesh, tmp_path):
+    from flax_impl.models.llama import LlamaForCausalLM
+
+    state = torch_style_state_dict(LlamaForCausalLM(LLAMA, rngs=nnx.Rngs(0)))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].copy()  # saved tied: equal, dropped
+    directory = _write(tmp_path, state, shards=2, config=LLAMA)
+    rules = tensor_parallel_rules("llm", fsdp_axis="fsdp")
+
+    base, report = LlamaForCausalLM.from_pretrained(
+        directory, mesh=mesh, rules=rules, output_loading_info=True
+    )
+
+    assert "lm_head.weight: tied alias of model.embed_tokens.weight, checked equal to it" in report.notes
+    specs = {path: _spec(value) for path, value in _params(base).items()}
+    assert specs["model.embed_tokens.embedding"] == ("model", "fsdp")  # vocab-parallel
+    for name in ("q_proj", "k_proj", "v_proj"):
+        assert specs[f"model.layers.0.self_attn.{name}.kernel"] == ("fsdp", "model")  # column
+    assert specs["model.layers.0.self_attn.o_proj.kernel"] == ("model", "fsdp")  # row
+    assert specs["model.layers.0.mlp.gate_proj.kernel"] == specs["model.layers.0.mlp.up_proj.kernel"]
+    assert specs["model.layers.0.mlp.down_proj.kernel"] == ("model", "fsdp")
+    assert specs["model.norm.scale"] == (None,)
+
+    targets = ["*.q_proj", "*.v_proj", "*.o_proj", "*.down_proj"]
+    ids = jax.random.randint(jax.random.key(2), (8, 12), 0, LLAMA["vocab_size"])
+    target = jax.random.normal(jax.random.key(3), (8, 12, LLAMA["vocab_size"]))
+    losses_one, trained_one = _train(
+        _adapted(LlamaForCausalLM.from_pretrained(directory), targets), ids, target
+    )
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    losses, trained = _train(
+        _adapted(base, targets), jax.device_put(ids, batch), jax.device_put(target, batch)
+    )
 
     np.testing.assert_allclose(losses, losses_one, rtol=1e-5, atol=1e-5)
     for path, value in trained.items():
