@@ -525,3 +525,29 @@ def test_peak_host_memory_is_the_weights_plus_one_shard_and_one_tensor(tmp_path)
     # 64 MiB of slack: the JAX runtime's own first-use allocations, measured at ~35 MiB.
     bound = weights + largest_shard + largest_tensor + 64 * 2**20
     assert growth <= bound, f"peak RSS grew {growth / 2**20:.0f} MiB; bound {bound / 2**20:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------- the guide
+GUIDE = ROOT / "docs" / "guides" / "large_models.md"
+
+
+def test_the_large_models_guide_runs_as_pasted(tmp_path):
+    from tests.test_readme import snippets
+
+    blocks = snippets(GUIDE.read_text())
+    assert blocks, f"{GUIDE} has no python block"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # a block that needs several devices says so in its setup
+    printed = ""
+    for block in blocks:
+        done = subprocess.run(
+            [sys.executable, "-c", block.setup + "\n" + block.code],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, f"{GUIDE.name} line {block.line}:\n{done.stderr[-3000:]}"
+        printed += done.stdout
+    assert "P('fsdp', 'model')" in printed and "filled through it" in printed, printed  # what it says
