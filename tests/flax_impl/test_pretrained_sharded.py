@@ -298,6 +298,11 @@ STRATEGIES = {
 }
 
 
+# A train step compiles for ~4 s of CPU per partitioning: the split ones train here; replicated
+# weights (data parallel) change nothing in the step, and the 2-D rules train on the Llama below.
+TRAINED = ("fsdp", "tensor_parallel")
+
+
 def _expected(strategy: str, path: str, shape: tuple[int, ...]) -> tuple:
     """Each strategy's placement, written out independently of the rule tables."""
     spec = [None] * len(shape)
@@ -375,7 +380,7 @@ def one_device_run(bert_dir):
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_each_default_rule_set_places_every_param_and_lora_trains_as_on_one_device(
+def test_each_default_rule_set_places_every_param_and_lora_steps_as_on_one_device(
     mesh, bert_dir, one_device_run, strategy
 ):
     base = BertModel.from_pretrained(bert_dir, mesh=mesh, rules=STRATEGIES[strategy])
@@ -397,6 +402,8 @@ def test_each_default_rule_set_places_every_param_and_lora_trains_as_on_one_devi
     lora = model.adapted_model.encoder.layer[0].attention.self.query
     assert _spec(lora.adapter_down_proj.kernel[...]) == (kernel[0], None)  # like the kernel's input
     assert _spec(lora.adapter_up_proj.kernel[...]) == (None, kernel[1])  # like its output
+    if strategy not in TRAINED:
+        return
     losses, trained = _train(model, jax.device_put(ids, batch), jax.device_put(target, batch))
 
     np.testing.assert_allclose(losses, losses_one, rtol=1e-5, atol=1e-5)
