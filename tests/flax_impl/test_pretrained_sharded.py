@@ -100,8 +100,9 @@ def test_single_and_sharded_directories_load_every_tensor_bit_for_bit(tmp_path, 
     assert model.embeddings.dropout.deterministic  # eval mode
 
 
-def test_transposed_blocks_read_in_many_slabs_are_bit_exact(tmp_path, monkeypatch):
+def test_transposed_blocks_read_in_slabs_and_tiles_are_bit_exact(tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "_SLAB_BYTES", 100)  # a few rows per slab, ragged last slab
+    monkeypatch.setattr(loader, "_TILE", 3)  # tiles of 3 x 3, ragged at the edges
     state = {k: v.astype(ml_dtypes.bfloat16) for k, v in _state().items()}
     devices = jax.devices()[:2]
     mesh = make_mesh({"model": len(devices)}, devices=devices)
