@@ -16,8 +16,9 @@ The default rule sets:
   ``fsdp`` axis divides (ZeRO-3 style; XLA gathers each weight where it is used); vectors replicated;
 - :func:`tensor_parallel_rules`: Megatron-style for the LLM naming of transformers (Llama, Mistral,
   Qwen2, Qwen3, Gemma 3: ``q/k/v_proj`` and ``gate/up_proj`` column-parallel, ``o_proj`` and
-  ``down_proj`` row-parallel, ``embed_tokens``/``lm_head`` over the vocabulary or the hidden size) and
-  for BERT's naming; ``fsdp_axis=`` splits their other axis too (2-D parallelism).
+  ``down_proj`` row-parallel, ``embed_tokens``/``lm_head`` over the vocabulary or the hidden size), and
+  the same roles in BERT's, the speech encoders' (wav2vec2, HuBERT, WavLM) and Whisper's naming;
+  ``fsdp_axis=`` splits their other axis too (2-D parallelism).
 
 LoRA and the partitioning. Partition the *base* model (``from_pretrained(..., mesh=, rules=)``), then
 adapt it: :class:`flax_impl.LoRA` puts its down factor ``(in, rank)`` like the kernel's input axis and
@@ -84,6 +85,25 @@ FAMILIES: dict[str, list[tuple[str, str]]] = {
         ("*embed_tokens.embedding", "embedding"),
         ("lm_head.kernel", "head"),
     ],
+    # transformers' Wav2Vec2Model naming, shared by HubertModel and WavLMModel (WavLM's relative
+    # position tables stay replicated).
+    "speech": [
+        ("*.attention.q_proj.*", "column"),
+        ("*.attention.k_proj.*", "column"),
+        ("*.attention.v_proj.*", "column"),
+        ("*.attention.out_proj.*", "row"),
+        ("*.feed_forward.intermediate_dense.*", "column"),
+        ("*.feed_forward.output_dense.*", "row"),
+    ],
+    # transformers' Whisper encoder naming.
+    "whisper": [
+        ("*.self_attn.q_proj.*", "column"),
+        ("*.self_attn.k_proj.*", "column"),
+        ("*.self_attn.v_proj.*", "column"),
+        ("*.self_attn.out_proj.*", "row"),
+        ("*.fc1.*", "column"),
+        ("*.fc2.*", "row"),
+    ],
     # transformers' BertModel naming.
     "bert": [
         ("*.attention.self.query.*", "column"),
@@ -140,7 +160,8 @@ def fsdp_rules(shapes: Mapping[str, tuple[int, ...]], mesh: Mesh, *, axis: str =
 def tensor_parallel_rules(
     family: str = "llm", *, axis: str = "model", fsdp_axis: str | None = None, embedding: str = "vocab"
 ) -> list[Rule]:
-    """Megatron-style tensor parallelism for ``family``'s naming (``'llm'`` or ``'bert'``).
+    """Megatron-style tensor parallelism for ``family``'s naming (a key of :data:`FAMILIES`: ``'llm'``,
+    ``'bert'``, ``'speech'`` for wav2vec2/HuBERT/WavLM, ``'whisper'``).
 
     Column-parallel kernels ``(in, out)`` get ``P(fsdp_axis, axis)`` and their biases ``P(axis)``;
     row-parallel kernels ``P(axis, fsdp_axis)``; the embedding table ``(vocab, hidden)``

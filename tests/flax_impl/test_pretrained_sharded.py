@@ -462,6 +462,72 @@ def test_a_tied_llama_on_a_2d_mesh_loads_and_trains_lora_as_on_one_device(mesh, 
         np.testing.assert_allclose(value, trained_one[path], rtol=1e-4, atol=1e-4, err_msg=path)
 
 
+SPEECH = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "conv_dim": [8, 8],
+    "conv_stride": [5, 2],
+    "conv_kernel": [10, 3],
+    "num_conv_pos_embeddings": 4,
+    "num_conv_pos_embedding_groups": 2,
+}
+WHISPER = {
+    "model_type": "whisper",
+    "d_model": 16,
+    "encoder_layers": 1,
+    "encoder_attention_heads": 2,
+    "encoder_ffn_dim": 32,
+    "num_mel_bins": 8,
+    "max_source_positions": 8,
+}
+
+
+@pytest.mark.parametrize(
+    ("twin", "config", "family", "column", "row"),
+    [
+        (
+            "Wav2Vec2Model",
+            {"model_type": "wav2vec2", **SPEECH},
+            "speech",
+            "attention.q_proj",
+            "attention.out_proj",
+        ),
+        (
+            "WavLMModel",
+            {"model_type": "wavlm", **SPEECH},
+            "speech",
+            "feed_forward.intermediate_dense",
+            "feed_forward.output_dense",
+        ),
+        ("WhisperEncoder", WHISPER, "whisper", "fc1", "fc2"),
+    ],
+)
+def test_speech_twins_load_onto_their_tensor_parallel_rules_bit_for_bit(
+    mesh, tmp_path, twin, config, family, column, row
+):
+    import flax_impl.models as models
+
+    cls = getattr(models, twin)
+    state = torch_style_state_dict(cls(config, rngs=nnx.Rngs(0)))
+    directory = _write(tmp_path, state, shards=2, config=config)
+
+    model = cls.from_pretrained(directory, mesh=mesh, rules=tensor_parallel_rules(family, fsdp_axis="fsdp"))
+
+    loaded = torch_style_state_dict(model)
+    for key, array in state.items():
+        np.testing.assert_array_equal(loaded[key], array, err_msg=key)
+    specs = {path: _spec(value) for path, value in _params(model).items()}
+    prefix = "layers.0" if twin == "WhisperEncoder" else "encoder.layers.0"
+    assert specs[f"{prefix}.{column}.kernel"] == ("fsdp", "model")
+    assert specs[f"{prefix}.{column}.bias"] == ("model",)
+    assert specs[f"{prefix}.{row}.kernel"] == ("model", "fsdp")
+    assert all(spec == (None,) for path, spec in specs.items() if "layer_norm" in path)
+    for variable in jax.tree.leaves(nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        assert variable.get_value().sharding.mesh.shape == mesh.shape  # random-key streams too
+
+
 def test_a_dimension_the_mesh_does_not_divide_is_refused_naming_the_variable(mesh):
     with pytest.raises(ShardingRuleError, match=r"'a\.kernel' \(6, 4\).*axis 0 of length 6"):
         partition_specs({"a.kernel": (6, 4)}, mesh, [("a.*", P(("data", "fsdp")))])
