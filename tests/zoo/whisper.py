@@ -58,12 +58,20 @@ def perturb(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch
     return model
 
 
-def torch_model(config: dict[str, Any] | None = None, *, head: bool = True, seed: int = 0) -> torch.nn.Module:
-    """transformers' ``WhisperForConditionalGeneration`` (``head``) or ``WhisperModel``, perturbed, eval."""
+#: The perturbation that makes a random model's greedy tokens depend on context (at 0.05 every
+#: step repeats one token, which would test little of the cache).
+DECODING_SCALE = 0.5
+
+
+def torch_model(
+    config: dict[str, Any] | None = None, *, head: bool = True, seed: int = 0, scale: float = 0.05
+) -> torch.nn.Module:
+    """transformers' ``WhisperForConditionalGeneration`` (``head``) or ``WhisperModel``, perturbed
+    by noise of std ``scale``, eval mode."""
     transformers = transformers_module()
     torch.manual_seed(seed)
     cls = transformers.WhisperForConditionalGeneration if head else transformers.WhisperModel
-    return perturb(cls(transformers.WhisperConfig(**(config or TINY))), seed).eval()
+    return perturb(cls(transformers.WhisperConfig(**(config or TINY))), seed, scale).eval()
 
 
 def flax_twin(model: torch.nn.Module, **kwargs: Any) -> nnx.Module:
