@@ -24,6 +24,7 @@ from .hubert import HubertConfig, HubertModel
 from .pretrained import from_pretrained, read_pretrained_tensors
 from .wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from .wavlm import WavLMConfig, WavLMModel
+from .whisper_features import whisper_log_mel
 from .whisper import (
     WhisperConfig,
     WhisperEncoder,
@@ -47,4 +48,5 @@ __all__ = [
     "extended_attention_mask",
     "from_pretrained",
     "read_pretrained_tensors",
+    "whisper_log_mel",
 ]
