@@ -851,9 +851,13 @@ class WhisperForConditionalGeneration(nnx.Module):
             )
         if eos_token_id is None:
             eos_token_id = self.config.eos_token_id
+        if eos_token_id is not None and eos_token_id < 0:
+            raise ValueError(f"eos_token_id must be a token id (>= 0) or None, got {eos_token_id}")
         graphdef, state = nnx.split(self)
         features = None if input_features is None or encoder_outputs is not None else jnp.asarray(input_features)
-        return _greedy(graphdef, state, features, encoder_outputs, prompt.astype(jnp.int32), max_new_tokens, eos_token_id)
+        # The end-of-sequence id is traced, not static: another id reuses the compiled loop.
+        eos = jnp.int32(-1 if eos_token_id is None else eos_token_id)
+        return _greedy(graphdef, state, features, encoder_outputs, prompt.astype(jnp.int32), max_new_tokens, eos)
 
     @classmethod
     def from_pretrained(cls, path: Any, **kwargs: Any) -> Any:
@@ -871,7 +875,7 @@ def _suppressed(tokens: tuple[int, ...] | None, vocab_size: int) -> np.ndarray:
     return np.isin(np.arange(vocab_size), np.asarray(tokens or (), np.int64))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_token_id"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
 def _greedy(
     graphdef: nnx.GraphDef,
     state: nnx.State,
@@ -879,9 +883,10 @@ def _greedy(
     encoder_outputs: jax.Array | None,
     prompt: jax.Array,
     max_new_tokens: int,
-    eos_token_id: int | None,
+    eos_token_id: jax.Array,
 ) -> jax.Array:
-    """The compiled greedy loop of :meth:`WhisperForConditionalGeneration.generate`."""
+    """The compiled greedy loop of :meth:`WhisperForConditionalGeneration.generate`;
+    ``eos_token_id`` -1: rows never stop (no token id is negative)."""
     model = nnx.merge(graphdef, state)
     model.eval()  # a copy: the caller's model keeps its mode
     config = model.config
@@ -903,7 +908,7 @@ def _greedy(
     logits, cache = step(prompt, cache, 0)
     suppress = jnp.asarray(_suppressed(config.suppress_tokens, config.vocab_size))
     begin = jnp.asarray(_suppressed(config.begin_suppress_tokens, config.vocab_size))
-    fill = 0 if eos_token_id is None else eos_token_id
+    fill = jnp.maximum(eos_token_id, 0)  # after a row's end; never read without an eos
     tokens = jnp.full((batch_size, total), fill, jnp.int32).at[:, :prompt_length].set(prompt)
     done = jnp.zeros((batch_size,), bool)
 
@@ -915,9 +920,8 @@ def _greedy(
         i, logits, cache, tokens, done = carry
         banned = suppress | (begin & (i == 0))
         next_token = jnp.argmax(jnp.where(banned, -jnp.inf, logits), axis=-1).astype(jnp.int32)
-        if eos_token_id is not None:
-            next_token = jnp.where(done, eos_token_id, next_token)
-            done = done | (next_token == eos_token_id)
+        next_token = jnp.where(done, eos_token_id, next_token)
+        done = done | (next_token == eos_token_id)
         tokens = jax.lax.dynamic_update_slice(tokens, next_token[:, None], (0, prompt_length + i))
         logits, cache = step(next_token[:, None], cache, prompt_length + i)
         return i + 1, logits, cache, tokens, done
