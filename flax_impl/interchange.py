@@ -5,6 +5,13 @@ in PyTorch names and layouts, and the assignment into it. The twin of ``torch_im
 gives the PyTorch twin (``encoder.0.weight``), with the layout rules of :mod:`twinformat.kinds`;
 :func:`model_state` describes the model by shapes alone (no array is re-laid out to plan).
 
+Tied weights: a model whose PyTorch twin holds one tensor under two keys (Whisper's ``proj_out.weight``
+is ``model.decoder.embed_tokens.weight``) stores it once and declares the other key in a
+``tied_weights`` attribute of its class, ``{tied key: key it is tied to}`` (relative to that module).
+The tied key is exported with its source's values (an entry with ``alias_of`` set) and, on the way
+in, is a :attr:`~twinformat.state.FlatState.aliases` entry: absent is fine, present is checked
+equal to its source and never written twice.
+
 Example
 -------
 >>> from flax import nnx
@@ -15,7 +22,9 @@ Example
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,13 +95,14 @@ def layer_kind(module: object) -> str | None:
 
 @dataclass(frozen=True)
 class TorchEntry:
-    """One Flax variable and its PyTorch name."""
+    """One Flax variable and its PyTorch name (``alias_of``: the key this tied key repeats)."""
 
     key: str
     path: tuple[Any, ...]
     kind: str
     flax_name: str
     variable: nnx.Variable
+    alias_of: str | None = None
 
     @property
     def torch_name(self) -> str:
@@ -146,7 +156,31 @@ def torch_entries(module: nnx.Module, *, strict: bool) -> list[TorchEntry]:
         params = [param.torch for param in get_kind(entry.kind).params]
         return order[dotted(entry.path[:-1])], params.index(entry.torch_name)
 
-    return sorted(entries, key=torch_order)
+    entries = sorted(entries, key=torch_order)
+    # Tied keys come last, as PyTorch's state_dict lists a tied output projection after the decoder.
+    return entries + _tied_entries(module, entries)
+
+
+def _tied_entries(module: nnx.Module, entries: list[TorchEntry]) -> list[TorchEntry]:
+    """An entry for every tied key the modules of ``module`` declare (``tied_weights``), sharing
+    the variable of the key it is tied to."""
+    by_key = {entry.key: entry for entry in entries}
+    tied = []
+    for name, submodule in named_modules(module):
+        # Looked up on the class: AdaptedModel forwards unknown attributes to the wrapped model,
+        # whose ties it must not repeat under its own (unprefixed) names.
+        if inspect.getattr_static(submodule, "tied_weights", None) is None:
+            continue
+        prefix = f"{name}." if name else ""
+        for alias, primary in submodule.tied_weights.items():
+            source = by_key.get(prefix + primary)
+            if source is None:
+                raise CheckpointError(
+                    f"{type(submodule).__name__} at {name or '<root>'!r} ties {alias!r} to {primary!r}, "
+                    f"which is not a variable of the model (was {primary!r}'s layer replaced?)"
+                )
+            tied.append(dataclasses.replace(source, key=prefix + alias, alias_of=source.key))
+    return tied
 
 
 def _torch_arrays(entries: list[TorchEntry]) -> dict[str, np.ndarray]:
@@ -180,6 +214,9 @@ def _plan_load(
         framework="dict",
     )
     plan = plan_load(source, target, strict=False)
+    for alias, primary in plan.alias_checks:  # a tied key given with its source: one value, or refuse
+        if not np.array_equal(np.asarray(arrays[alias]), np.asarray(arrays[primary])):
+            plan.report.mismatched.append(f"{alias}: tied to {primary} in the model but holds different values")
     entries = {entry.key: entry for entry in torch_entries(module, strict=False)}
     assignments = []
     for key, source_key in plan.reads.items():
@@ -215,6 +252,7 @@ def model_state(model: nnx.Module) -> FlatState:
         },
         framework="flax",
     )
+    state.aliases = {key: e.alias_of for key, e in entries.items() if e.alias_of is not None}
     # Non-parameter variables (BatchNorm's running statistics) are PyTorch buffers.
     state.buffers = {key for key, e in entries.items() if not isinstance(e.variable, nnx.Param)}
     for name, module in named_modules(model):

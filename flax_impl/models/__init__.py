@@ -7,7 +7,8 @@ which reads a transformers ``save_pretrained`` directory without torch and retur
 
 - :class:`BertModel` (``transformers.BertModel``)
 - :class:`Wav2Vec2Model`, :class:`HubertModel`, :class:`WavLMModel` (raw 16 kHz audio in)
-- :class:`WhisperEncoder` (the encoder of ``transformers.WhisperModel``; log-mel features in)
+- :class:`WhisperEncoder`, :class:`WhisperModel`, :class:`WhisperForConditionalGeneration`
+  (log-mel features in, from :func:`whisper_log_mel`; greedy ``generate``)
 
 >>> from flax import nnx
 >>> from flax_impl.models import BertConfig, BertModel
@@ -23,7 +24,13 @@ from .hubert import HubertConfig, HubertModel
 from .pretrained import from_pretrained, read_pretrained_tensors
 from .wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from .wavlm import WavLMConfig, WavLMModel
-from .whisper import WhisperConfig, WhisperEncoder
+from .whisper_features import whisper_log_mel
+from .whisper import (
+    WhisperConfig,
+    WhisperEncoder,
+    WhisperForConditionalGeneration,
+    WhisperModel,
+)
 
 __all__ = [
     "BertConfig",
@@ -36,7 +43,10 @@ __all__ = [
     "WavLMModel",
     "WhisperConfig",
     "WhisperEncoder",
+    "WhisperForConditionalGeneration",
+    "WhisperModel",
     "extended_attention_mask",
     "from_pretrained",
     "read_pretrained_tensors",
+    "whisper_log_mel",
 ]
