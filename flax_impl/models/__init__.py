@@ -9,6 +9,10 @@ which reads a transformers ``save_pretrained`` directory without torch and retur
 - :class:`Wav2Vec2Model`, :class:`HubertModel`, :class:`WavLMModel` (raw 16 kHz audio in)
 - :class:`WhisperEncoder`, :class:`WhisperModel`, :class:`WhisperForConditionalGeneration`
   (log-mel features in, from :func:`whisper_log_mel`; greedy ``generate``)
+- decoder LLMs on one shared decoder (:mod:`flax_impl.models.decoder`): :class:`LlamaForCausalLM`,
+  :class:`MistralForCausalLM`, :class:`Qwen2ForCausalLM`, :class:`Qwen3ForCausalLM`,
+  :class:`Gemma3ForCausalLM` and their headless ``...Model`` (greedy ``generate``); loaded at LLM
+  size onto a mesh with :mod:`flax_impl.models.partitioning`'s rules
 
 >>> from flax import nnx
 >>> from flax_impl.models import BertConfig, BertModel
@@ -19,9 +23,15 @@ which reads a transformers ``save_pretrained`` directory without torch and retur
 'Linear'
 """
 
+from . import partitioning
 from .bert import BertConfig, BertModel, extended_attention_mask
+from .gemma3 import Gemma3ForCausalLM, Gemma3TextModel
 from .hubert import HubertConfig, HubertModel
+from .llama import LlamaForCausalLM, LlamaModel
+from .mistral import MistralForCausalLM, MistralModel
 from .pretrained import from_pretrained, read_pretrained_tensors
+from .qwen2 import Qwen2ForCausalLM, Qwen2Model
+from .qwen3 import Qwen3ForCausalLM, Qwen3Model
 from .wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from .wavlm import WavLMConfig, WavLMModel
 from .whisper_features import whisper_log_mel
@@ -35,8 +45,18 @@ from .whisper import (
 __all__ = [
     "BertConfig",
     "BertModel",
+    "Gemma3ForCausalLM",
+    "Gemma3TextModel",
     "HubertConfig",
     "HubertModel",
+    "LlamaForCausalLM",
+    "LlamaModel",
+    "MistralForCausalLM",
+    "MistralModel",
+    "Qwen2ForCausalLM",
+    "Qwen2Model",
+    "Qwen3ForCausalLM",
+    "Qwen3Model",
     "Wav2Vec2Config",
     "Wav2Vec2Model",
     "WavLMConfig",
@@ -47,6 +67,7 @@ __all__ = [
     "WhisperModel",
     "extended_attention_mask",
     "from_pretrained",
+    "partitioning",
     "read_pretrained_tensors",
     "whisper_log_mel",
 ]
