@@ -1,0 +1,1077 @@
+"""The decoder-only transformer that the LLM twins share: Llama, Mistral, Qwen2, Qwen3, Gemma 3.
+
+One implementation, written after ``transformers`` 5.24 (``models/llama/modeling_llama.py``,
+``mistral``, ``qwen2``, ``qwen3``, ``gemma3`` and ``modeling_rope_utils.py``/``masking_utils.py``),
+with a :class:`DecoderConfig` that says where the families differ:
+
+- **norms**: RMSNorm computed in float32 (Llama: ``w * normed.to(input dtype)``; Gemma:
+  ``(normed * (1 + w)).to(input dtype)``, ``norm_plus_one``); Gemma's pre- *and* post-norms around
+  attention and MLP (``sandwich_norms``); per-head q/k RMSNorm (Qwen3, Gemma 3: ``qk_norm``);
+- **projections**: q/k/v bias (Qwen2), o bias (Llama's ``attention_bias``), MLP bias (``mlp_bias``),
+  ``head_dim`` independent of ``hidden_size / heads``, grouped-query attention;
+- **attention**: scale ``head_dim ** -0.5`` or ``query_pre_attn_scalar ** -0.5`` (Gemma), logit
+  softcapping, sliding-window layers (``layer_types``) with their own RoPE;
+- **RoPE**: ``default``, ``linear``, ``dynamic`` (NTK, recomputed from the longest position as
+  transformers' ``dynamic_rope_update`` does) and ``llama3``, per layer type;
+- **embeddings and head**: Gemma's embeddings times ``sqrt(hidden_size)`` (the scale rounded to
+  the compute dtype first, as transformers does); tied or untied ``lm_head``; final logit softcapping.
+
+Module names are transformers' (``model.embed_tokens``, ``model.layers.0.self_attn.q_proj``,
+``model.layers.0.mlp.gate_proj``, ``model.norm``, ``lm_head``), so a ``state_dict`` converts key
+for key and one list of glob patterns targets the same layers in both frameworks. RMSNorms are
+``nnx.RMSNorm`` subclasses and the scaled embedding an ``nnx.Embed`` subclass: the bridge's
+existing kinds (``rms_norm``: ``weight`` <-> ``scale``; ``embedding``) apply unchanged.
+
+Masks follow ``masking_utils``: causal (and sliding: ``kv > q - window``) over token *indices*,
+padding from ``attention_mask``; without a mask, explicit ``position_ids`` that restart mark
+packed sequences, which do not see each other. Without ``position_ids`` the forward uses
+``arange(seq)`` as transformers' forward does (left padding shifts the positions);
+:func:`generate` derives them from the mask as transformers' ``generate`` does.
+
+This module does not import torch; a transformers config is read by attribute name, a
+``config.json`` by key.
+
+Example
+-------
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> config = {"model_type": "llama", "vocab_size": 32, "hidden_size": 16, "intermediate_size": 32,
+...           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+>>> model = DecoderForCausalLM(llama_config(config), rngs=nnx.Rngs(0))
+>>> model(jnp.array([[1, 2, 3]])).shape
+(1, 3, 32)
+>>> model.generate(jnp.array([[1, 2, 3]]), 4).shape
+(1, 7)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from twinformat.adapters import adapter_of
+
+from .bert import ACTIVATIONS
+from ._speech import config_value
+
+__all__ = [
+    "Attention",
+    "DecoderConfig",
+    "DecoderForCausalLM",
+    "DecoderLayer",
+    "DecoderModel",
+    "KVCache",
+    "MLP",
+    "RMSNorm",
+    "Rope",
+    "ScaledEmbed",
+    "causal_mask",
+    "generation_positions",
+    "llama_config",
+    "rope_inv_freq",
+]
+
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+#: The RoPE types the twins compute (transformers' ``ROPE_INIT_FUNCTIONS`` keys, plus 'default').
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Rope:
+    """One layer type's rotary embedding: ``rope_type`` and the parameters that type reads.
+
+    >>> Rope("llama3", 500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    ...      original_max_position_embeddings=8192).rope_type
+    'llama3'
+    """
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Everything the shared decoder needs, resolved (a family's reader fills it from a transformers
+    config or ``config.json``: :func:`llama_config`, ``mistral.mistral_config`` ...).
+
+    Hashable (tuples only), so a twin's config is static under ``jax.jit``.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    norm_plus_one: bool = False
+    sandwich_norms: bool = False
+    scale_embeddings: bool = False
+    attention_scale: float | None = None
+    attention_dropout: float = 0.0
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    rope: tuple[tuple[str, Rope], ...] = ()
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{self.model_type} config: {name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"{self.model_type} config: num_attention_heads ({self.num_attention_heads}) must be a "
+                f"multiple of num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"{self.model_type} config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(
+                f"{self.model_type} config: activation {self.hidden_act!r} is not supported; expected one "
+                f"of {sorted(ACTIVATIONS)}"
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"{self.model_type} config: layer_types has {len(self.layer_types)} entries for "
+                f"{self.num_hidden_layers} layers"
+            )
+        ropes = dict(self.rope)
+        for i, layer_type in enumerate(self.layer_types):
+            if layer_type not in (FULL, SLIDING):
+                raise ValueError(
+                    f"{self.model_type} config: layer_types[{i}] is {layer_type!r}; the twin computes "
+                    f"{FULL!r} and {SLIDING!r} layers"
+                )
+            if layer_type == SLIDING and self.sliding_window is None:
+                raise ValueError(
+                    f"{self.model_type} config: layer {i} is a {SLIDING!r} layer but sliding_window is None "
+                    "(transformers refuses it too); set sliding_window or make the layer full_attention"
+                )
+            if layer_type not in ropes:
+                raise ValueError(f"{self.model_type} config: no RoPE parameters for {layer_type!r} layers")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"{self.model_type} config: sliding_window must be >= 1, got {self.sliding_window}")
+
+    @property
+    def scaling(self) -> float:
+        """The factor on ``q . k``: ``attention_scale`` when the family sets one, else ``head_dim ** -0.5``."""
+        return self.head_dim**-0.5 if self.attention_scale is None else self.attention_scale
+
+    def rope_of(self, layer_type: str) -> Rope:
+        """The :class:`Rope` of ``layer_type`` layers."""
+        return dict(self.rope)[layer_type]
+
+
+def _read(config: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """``{name: value}`` for every name of ``defaults``, from ``config`` (object or dict) or the default."""
+    return {name: config_value(config, name, default) for name, default in defaults.items()}
+
+
+def _eos(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def read_rope(
+    params: Mapping[str, Any] | None, *, theta: float, max_position_embeddings: int, where: str
+) -> Rope:
+    """A :class:`Rope` from one (flat) ``rope_parameters``/``rope_scaling`` dict, as transformers'
+    ``standardize_rope_params`` reads it: ``type`` is the older spelling of ``rope_type``; a
+    missing ``rope_theta`` is ``theta``; ``llama3``'s ``original_max_position_embeddings``
+    defaults to ``max_position_embeddings``.
+
+    >>> read_rope({"type": "linear", "factor": 2.0}, theta=1e4, max_position_embeddings=64, where="x")
+    Rope(rope_type='linear', theta=10000.0, factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=None)
+    """
+    params = dict(params or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"{where}: rope_type {rope_type!r} is not supported by the twin; it computes {list(ROPE_TYPES)}"
+        )
+    partial = params.get("partial_rotary_factor", 1.0)
+    if partial not in (None, 1, 1.0):
+        raise ValueError(
+            f"{where}: partial_rotary_factor={partial!r} is not supported (transformers' Llama-family "
+            "attention rotates the whole head); remove it from rope_parameters"
+        )
+    theta = float(params.get("rope_theta") if params.get("rope_theta") is not None else theta)
+    factor = float(params.get("factor", 1.0))
+    if rope_type != "default" and "factor" not in params:
+        raise ValueError(f"{where}: rope_type {rope_type!r} needs a 'factor' in rope_parameters")
+    original = params.get("original_max_position_embeddings")
+    if rope_type == "llama3":
+        missing = [k for k in ("low_freq_factor", "high_freq_factor") if k not in params]
+        if missing:
+            raise ValueError(f"{where}: rope_type 'llama3' needs {missing} in rope_parameters")
+        original = int(original if original is not None else max_position_embeddings)
+    return Rope(
+        rope_type,
+        theta,
+        factor=factor,
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=original,
+    )
+
+
+def flat_rope_parameters(config: Any, fields: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The one ``rope_parameters`` dict of a Llama-style config: transformers 5 spells it
+    ``rope_parameters`` (with ``rope_theta`` inside), older configs ``rope_scaling`` beside a
+    top-level ``rope_theta`` (``rope_scaling`` wins where both are set, as in
+    ``convert_rope_params_to_dict``)."""
+    scaling = config_value(config, "rope_scaling", None)
+    params = scaling or config_value(config, "rope_parameters", None)
+    return dict(params) if params else None
+
+
+#: transformers' LlamaConfig defaults (the fields the twin reads).
+LLAMA_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=None,
+    head_dim=None,
+    hidden_act="silu",
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    mlp_bias=False,
+    attention_dropout=0.0,
+    rope_theta=10000.0,
+    pad_token_id=None,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def llama_style_config(
+    config: Any,
+    *,
+    model_type: str,
+    defaults: Mapping[str, Any],
+    layer_types: Sequence[str] | None = None,
+    sliding_window: int | None = None,
+    **options: Any,
+) -> DecoderConfig:
+    """A :class:`DecoderConfig` for a family with one global RoPE (Llama, Mistral, Qwen2, Qwen3):
+    the fields of ``defaults`` read from ``config``, plus the family's ``options``."""
+    f = _read(config, defaults)
+    heads = f["num_attention_heads"]
+    head_dim = f["head_dim"] or (f["hidden_size"] // heads if isinstance(heads, int) and heads else 0)
+    layers = f["num_hidden_layers"]
+    layer_types = tuple(layer_types) if layer_types is not None else (FULL,) * layers
+    rope = read_rope(
+        flat_rope_parameters(config, f),
+        theta=float(f["rope_theta"] if f["rope_theta"] is not None else 10000.0),
+        max_position_embeddings=f["max_position_embeddings"],
+        where=f"{model_type} config",
+    )
+    return DecoderConfig(
+        model_type=model_type,
+        vocab_size=f["vocab_size"],
+        hidden_size=f["hidden_size"],
+        intermediate_size=f["intermediate_size"],
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=f["num_key_value_heads"] or heads,
+        head_dim=head_dim,
+        hidden_act=f["hidden_act"],
+        max_position_embeddings=f["max_position_embeddings"],
+        rms_norm_eps=float(f["rms_norm_eps"]),
+        tie_word_embeddings=bool(f["tie_word_embeddings"]),
+        attention_dropout=float(f["attention_dropout"] or 0.0),
+        layer_types=layer_types,
+        sliding_window=sliding_window,
+        rope=tuple((t, rope) for t in sorted(set(layer_types))),
+        pad_token_id=f["pad_token_id"],
+        bos_token_id=f["bos_token_id"],
+        eos_token_id=_eos(f["eos_token_id"]),
+        **options,
+    )
+
+
+def llama_config(config: Any) -> DecoderConfig:
+    """Read a ``transformers.LlamaConfig`` (Llama 2, 3, 3.1-3.3) or its ``config.json`` dict.
+
+    ``attention_bias`` puts a bias on q, k, v *and* o; ``mlp_bias`` on the three MLP projections;
+    ``head_dim`` may differ from ``hidden_size / num_attention_heads``. ``pretraining_tp`` is
+    ignored, as transformers 5 ignores it.
+
+    >>> llama_config({"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1,
+    ...               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    ...                                "high_freq_factor": 4.0}, "rope_theta": 500000.0}).rope_of("full_attention").theta
+    500000.0
+    """
+    if isinstance(config, DecoderConfig):
+        return config
+    bias = bool(config_value(config, "attention_bias", False))
+    return llama_style_config(
+        config,
+        model_type="llama",
+        defaults=LLAMA_DEFAULTS,
+        qkv_bias=bias,
+        o_bias=bias,
+        mlp_bias=bool(config_value(config, "mlp_bias", False)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+
+
+class RMSNorm(nnx.RMSNorm):
+    """transformers' RMSNorm: statistics in float32, ``scale`` is PyTorch's ``weight``.
+
+    Llama style (``plus_one=False``): ``scale * (x32 * rsqrt(mean(x32**2) + eps)).astype(x.dtype)``.
+    Gemma style (``plus_one=True``, ``scale`` starts at 0): ``(normed32 * (1 + scale32)).astype(x.dtype)``.
+
+    Example
+    -------
+    >>> norm = RMSNorm(4, epsilon=1e-6, rngs=nnx.Rngs(0))
+    >>> [round(v, 4) for v in norm(jnp.array([1.0, -1.0, 1.0, -1.0])).tolist()]
+    [1.0, -1.0, 1.0, -1.0]
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float,
+        plus_one: bool = False,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ) -> None:
+        init = nnx.initializers.zeros if plus_one else nnx.initializers.ones
+        super().__init__(
+            num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, scale_init=init, rngs=rngs
+        )
+        self.plus_one = plus_one
+
+    def __call__(self, x: jax.Array, mask: Any = None) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        scale = self.scale[...]
+        if self.plus_one:
+            out = (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+        else:
+            out = scale * normed.astype(x.dtype)  # torch's promotion: f32 weight * bf16 -> f32
+        return out if self.dtype is None else out.astype(self.dtype)
+
+
+class ScaledEmbed(nnx.Embed):
+    """Gemma's embedding: the lookup times ``embed_scale`` (``sqrt(hidden_size)``), the scale first
+    rounded to the output dtype as transformers does (55.4256 becomes 55.5 in bfloat16).
+
+    >>> embed = ScaledEmbed(4, 2, embed_scale=2.0, embedding_init=nnx.initializers.ones, rngs=nnx.Rngs(0))
+    >>> embed(jnp.array([1])).tolist()
+    [[2.0, 2.0]]
+    """
+
+    def __init__(self, num_embeddings: int, features: int, *, embed_scale: float, **kwargs: Any) -> None:
+        super().__init__(num_embeddings, features, **kwargs)
+        self.embed_scale = float(embed_scale)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        out = super().__call__(inputs)
+        return out * jnp.asarray(self.embed_scale, jnp.float32).astype(out.dtype)
+
+
+class _Layers:
+    """The keyword arguments every layer of one model shares (dtypes, precision, rngs)."""
+
+    def __init__(self, config: DecoderConfig, dtype: Any, param_dtype: Any, precision: Any, rngs: nnx.Rngs):
+        self.config, self.dtype, self.param_dtype, self.precision, self.rngs = (
+            config,
+            dtype,
+            param_dtype,
+            precision,
+            rngs,
+        )
+
+    def linear(self, in_features: int, out_features: int, bias: bool) -> nnx.Linear:
+        return nnx.Linear(
+            in_features,
+            out_features,
+            use_bias=bias,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            precision=self.precision,
+            kernel_init=nnx.initializers.normal(0.02),
+            rngs=self.rngs,
+        )
+
+    def norm(self, features: int) -> RMSNorm:
+        return RMSNorm(
+            features,
+            epsilon=self.config.rms_norm_eps,
+            plus_one=self.config.norm_plus_one,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            rngs=self.rngs,
+        )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """One attention layer's key/value cache: ``keys``/``values`` ``(batch, slots, kv_heads, head_dim)``
+    and ``index`` ``(slots,)``, the token index each slot holds (-1: empty).
+
+    A full-attention layer has a slot per token; a sliding-window layer a ring of ``window`` slots
+    (token ``i`` in slot ``i % window``), so its memory stays the window's. Nothing here is
+    specific to self-attention: an encoder-decoder's cross-attention would fill one once.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    index: jax.Array
+
+    def write(self, keys: jax.Array, values: jax.Array, position: jax.Array) -> KVCache:
+        """The cache with one step's ``keys``/``values`` ``(batch, 1, kv_heads, head_dim)`` written
+        for token index ``position`` (a scalar)."""
+        slot = position % self.index.shape[0]
+        return KVCache(
+            jax.lax.dynamic_update_slice_in_dim(self.keys, keys.astype(self.keys.dtype), slot, axis=1),
+            jax.lax.dynamic_update_slice_in_dim(self.values, values.astype(self.values.dtype), slot, axis=1),
+            self.index.at[slot].set(position),
+        )
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """``cat(-x2, x1)`` of the two halves of the last axis (transformers' ``rotate_half``)."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``
+    (and ``q_norm``/``k_norm`` per head where the family has them).
+
+    ``x`` is ``(batch, seq, hidden)``; ``cos``/``sin`` ``(batch, seq, head_dim)``; ``mask`` the
+    additive ``(batch, 1, seq, keys)`` mask. With ``cache`` (decoding one step), the step's key and
+    value are written at token index ``position`` and the query attends to the whole cache.
+    Returns the output and the keys/values (the step's own, or the updated cache).
+    """
+
+    def __init__(self, layers: _Layers, layer_idx: int) -> None:
+        config = layers.config
+        self.head_dim = config.head_dim
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.scaling = config.scaling
+        self.softcap = config.attn_logit_softcapping
+        self.precision = layers.precision
+        self.layer_type = config.layer_types[layer_idx]
+        self.sliding_window = config.sliding_window if self.layer_type == SLIDING else None
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = layers.linear(config.hidden_size, q_out, config.qkv_bias)
+        self.k_proj = layers.linear(config.hidden_size, kv_out, config.qkv_bias)
+        self.v_proj = layers.linear(config.hidden_size, kv_out, config.qkv_bias)
+        self.o_proj = layers.linear(q_out, config.hidden_size, config.o_bias)
+        if config.qk_norm:
+            self.q_norm = layers.norm(self.head_dim)
+            self.k_norm = layers.norm(self.head_dim)
+        self.qk_norm = config.qk_norm
+        self.dropout = config.attention_dropout
+        self.deterministic = False
+        self.rngs = layers.rngs["dropout"].fork()
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+        position: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | tuple[jax.Array, jax.Array]]:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            cache = cache.write(k, v, position)
+            keys, values, kv = cache.keys, cache.values, cache
+        else:
+            keys, values, kv = k, v, (k, v)
+        group = self.num_heads // self.num_kv_heads
+        # (b, t, kv_head, group, d): query head h reads kv head h // group, as repeat_kv does.
+        q = q.reshape(batch, seq, self.num_kv_heads, group, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), precision=self.precision)
+        scores = _softcap(scores * self.scaling, self.softcap)
+        scores = scores + mask[:, :, None].astype(scores.dtype)
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(q.dtype)
+        if self.dropout > 0.0 and not self.deterministic:
+            weights = nnx.Dropout(self.dropout, deterministic=False)(weights, rngs=self.rngs)
+        out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(q.dtype), precision=self.precision)
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), kv
+
+
+class MLP(nnx.Module):
+    """The gated feed-forward block: ``down_proj(act(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, layers: _Layers) -> None:
+        config = layers.config
+        self.gate_proj = layers.linear(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.up_proj = layers.linear(config.hidden_size, config.intermediate_size, config.mlp_bias)
+        self.down_proj = layers.linear(config.intermediate_size, config.hidden_size, config.mlp_bias)
+        self.hidden_act = config.hidden_act
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(ACTIVATIONS[self.hidden_act](self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """One pre-norm block: ``self_attn`` and ``mlp`` with their residuals (Gemma: each also
+    post-normed, ``pre_feedforward_layernorm``/``post_feedforward_layernorm``)."""
+
+    def __init__(self, layers: _Layers, layer_idx: int) -> None:
+        config = layers.config
+        self.self_attn = Attention(layers, layer_idx)
+        self.mlp = MLP(layers)
+        self.input_layernorm = layers.norm(config.hidden_size)
+        self.post_attention_layernorm = layers.norm(config.hidden_size)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = layers.norm(config.hidden_size)
+            self.post_feedforward_layernorm = layers.norm(config.hidden_size)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        mask: jax.Array,
+        cache: KVCache | None = None,
+        position: jax.Array | None = None,
+    ) -> tuple[jax.Array, Any]:
+        attended, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, position)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attended)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
+        x = x + attended
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+# ---------------------------------------------------------------------------------------------
+# Positions, RoPE, masks
+
+
+def rope_inv_freq(rope: Rope, dim: int, max_position_embeddings: int, seq_len: Any = None) -> Any:
+    """The inverse frequencies ``(dim // 2,)`` float32 of ``rope``, as transformers computes them.
+
+    ``dynamic`` depends on ``seq_len`` (``max(position_ids) + 1``, a traced scalar allowed): the
+    NTK-scaled base when it exceeds ``max_position_embeddings``, the plain frequencies otherwise.
+
+    >>> rope_inv_freq(Rope(), 4, 16).tolist()
+    [1.0, 0.009999999776482582]
+    """
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(rope.theta) ** exponents)).astype(np.float32)
+    if rope.rope_type == "linear":
+        return (inv_freq / np.float32(rope.factor)).astype(np.float32)
+    if rope.rope_type == "llama3":
+        return _llama3_inv_freq(rope, inv_freq)
+    if rope.rope_type == "dynamic" and seq_len is not None:
+        length = jnp.maximum(jnp.asarray(seq_len, jnp.float32), float(max_position_embeddings))
+        base = jnp.float32(rope.theta) * (
+            (rope.factor * length / max_position_embeddings) - (rope.factor - 1)
+        ) ** jnp.float32(dim / (dim - 2))
+        scaled = 1.0 / (base ** jnp.asarray(exponents))
+        return jnp.where(jnp.asarray(seq_len) > max_position_embeddings, scaled, jnp.asarray(inv_freq))
+    return inv_freq
+
+
+def _llama3_inv_freq(rope: Rope, inv_freq: np.ndarray) -> np.ndarray:
+    """Llama 3.1's frequency-dependent scaling (``_compute_llama3_parameters``), in float32."""
+    f32 = np.float32
+    factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
+    old = rope.original_max_position_embeddings
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = (f32(2 * math.pi) / inv_freq).astype(f32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / f32(factor), inv_freq).astype(f32)
+    smooth = ((f32(old) / wavelen - f32(low)) / f32(high - low)).astype(f32)
+    smoothed = ((1 - smooth) * scaled / f32(factor) + smooth * scaled).astype(f32)
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(f32)
+
+
+def rope_cos_sin(
+    rope: Rope, dim: int, max_position_embeddings: int, positions: jax.Array, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """``cos``, ``sin`` ``(batch, seq, dim)`` of integer ``positions``, computed in float32 and cast
+    to ``dtype`` (the hidden states' dtype), as transformers' rotary embedding returns them."""
+    seq_len = jnp.max(positions) + 1 if rope.rope_type == "dynamic" else None
+    inv_freq = jnp.asarray(rope_inv_freq(rope, dim, max_position_embeddings, seq_len), jnp.float32)
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def causal_mask(
+    q_pos: jax.Array,
+    kv_pos: jax.Array,
+    kv_valid: jax.Array,
+    window: int | None,
+    dtype: Any,
+    same_segment: jax.Array | None = None,
+) -> jax.Array:
+    """The additive mask ``(batch, 1, queries, keys)``: 0 where a query sees a key, the dtype's
+    minimum elsewhere (transformers' eager mask).
+
+    A query at ``q_pos`` ``(batch, queries)`` sees a key at ``kv_pos`` ``(batch, keys)`` when
+    ``kv_pos <= q_pos``, ``kv_pos > q_pos - window`` for a sliding layer, ``kv_valid`` (not
+    padding, not an empty cache slot) and, for packed sequences, ``same_segment``.
+
+    >>> m = causal_mask(jnp.arange(3)[None], jnp.arange(3)[None], jnp.ones((1, 3), bool), 2, jnp.float32)
+    >>> (m[0, 0] == 0).astype(int).tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+    """
+    q, k = q_pos[:, :, None], kv_pos[:, None, :]
+    allowed = (k <= q) & kv_valid[:, None, :]
+    if window is not None:
+        allowed &= k > q - window
+    if same_segment is not None:
+        allowed &= same_segment
+    return jnp.where(allowed, 0.0, jnp.finfo(dtype).min).astype(dtype)[:, None]
+
+
+def generation_positions(attention_mask: jax.Array) -> jax.Array:
+    """Position ids from a (left-padded) mask, as transformers' ``generate`` derives them:
+    ``cumsum(mask) - 1``, 0 on padding.
+
+    >>> generation_positions(jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]])).tolist()
+    [[0, 0, 0, 1], [0, 1, 2, 3]]
+    """
+    mask = jnp.asarray(attention_mask).astype(jnp.int32)
+    return jnp.where(mask == 0, 0, jnp.cumsum(mask, axis=-1) - 1)
+
+
+def _packed_segments(position_ids: jax.Array) -> jax.Array:
+    """transformers' ``find_packed_sequence_indices``: a new sequence starts where the position
+    does not grow by one."""
+    first = position_ids[:, :1] - 1
+    diff = jnp.diff(position_ids, prepend=first, axis=-1)
+    return jnp.cumsum(diff != 1, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+class DecoderModel(nnx.Module):
+    """The decoder without its head (transformers' ``LlamaModel``, ``Qwen2Model``, ``Gemma3TextModel``...):
+    ``embed_tokens``, ``layers``, ``norm``. Called on ``input_ids`` ``(batch, seq)`` it returns the
+    last hidden state ``(batch, seq, hidden_size)``.
+
+    A family subclass sets ``read_config`` (its config reader) and ``model_type``.
+    """
+
+    model_type = "llama"
+    base_model_prefix = "model"
+    read_config = staticmethod(llama_config)
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.config = type(self).read_config(config)
+        config = self.config
+        layers = _Layers(config, dtype, param_dtype, precision, rngs)
+        embed_kwargs = dict(
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+        if config.scale_embeddings:
+            self.embed_tokens: nnx.Embed = ScaledEmbed(
+                config.vocab_size, config.hidden_size, embed_scale=config.hidden_size**0.5, **embed_kwargs
+            )
+        else:
+            self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, **embed_kwargs)
+        self.layers = nnx.List([DecoderLayer(layers, i) for i in range(config.num_hidden_layers)])
+        self.norm = layers.norm(config.hidden_size)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """The last hidden state ``(batch, seq, hidden_size)``; see :meth:`DecoderForCausalLM.__call__`."""
+        return self.prefill(input_ids, attention_mask, position_ids)[0]
+
+    def prefill(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+    ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
+        """The last hidden state and every layer's keys/values ``(batch, seq, kv_heads, head_dim)``."""
+        input_ids = _check_ids(input_ids)
+        batch, seq = input_ids.shape
+        hidden = self.embed_tokens(input_ids)
+        index = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
+        same_segment = None
+        if attention_mask is None:
+            valid = jnp.ones((batch, seq), bool)
+        else:
+            attention_mask = jnp.asarray(attention_mask)
+            if attention_mask.shape != (batch, seq):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected the shape of "
+                    f"input_ids {(batch, seq)} (a 2-D mask of 1 for tokens, 0 for padding)"
+                )
+            valid = attention_mask.astype(bool)
+        if position_ids is None:
+            positions = index
+        else:
+            positions = jnp.broadcast_to(jnp.asarray(position_ids), (batch, seq))
+            if attention_mask is None:
+                # transformers reads explicit positions without a mask as packed sequences: the
+                # mask then compares positions, and sequences do not see each other.
+                segments = _packed_segments(positions)
+                same_segment = segments[:, :, None] == segments[:, None, :]
+        q_pos = kv_pos = positions if same_segment is not None else index
+        masks, ropes = {}, {}
+        for layer_type in set(self.config.layer_types):
+            window = self.config.sliding_window if layer_type == SLIDING else None
+            masks[layer_type] = causal_mask(q_pos, kv_pos, valid, window, hidden.dtype, same_segment)
+            ropes[layer_type] = self._rope(layer_type, positions, hidden.dtype)
+        kvs = []
+        for layer in self.layers:
+            layer_type = layer.self_attn.layer_type
+            hidden, kv = layer(hidden, *ropes[layer_type], masks[layer_type])
+            kvs.append(kv)
+        return self.norm(hidden), kvs
+
+    def decode_step(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        index: jax.Array,
+        valid: jax.Array,
+        caches: list[KVCache],
+    ) -> tuple[jax.Array, list[KVCache]]:
+        """One decoding step: ``input_ids`` ``(batch, 1)`` at ``positions`` ``(batch, 1)`` and token
+        index ``index`` (a scalar); ``valid`` ``(batch, total)`` says which token indices are not
+        padding. Returns the hidden state ``(batch, 1, hidden)`` and the updated caches."""
+        hidden = self.embed_tokens(input_ids)
+        ropes = {t: self._rope(t, positions, hidden.dtype) for t in set(self.config.layer_types)}
+        new_caches = []
+        for layer, cache in zip(self.layers, caches, strict=True):
+            layer_type = layer.self_attn.layer_type
+            window = self.config.sliding_window if layer_type == SLIDING else None
+            slots = cache.index.at[index % cache.index.shape[0]].set(index)
+            batch = input_ids.shape[0]
+            slot_valid = (slots >= 0)[None, :] & jnp.take(valid, jnp.maximum(slots, 0), axis=1)
+            mask = causal_mask(
+                jnp.full((batch, 1), index),
+                jnp.broadcast_to(slots, (batch, slots.shape[0])),
+                slot_valid,
+                window,
+                hidden.dtype,
+            )
+            hidden, cache = layer(hidden, *ropes[layer_type], mask, cache, index)
+            new_caches.append(cache)
+        return self.norm(hidden), new_caches
+
+    def _rope(self, layer_type: str, positions: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        config = self.config
+        return rope_cos_sin(
+            config.rope_of(layer_type), config.head_dim, config.max_position_embeddings, positions, dtype
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], *, dtype: Any = None, mesh: Any = None, rules: Any = None, **kwargs: Any
+    ) -> Any:
+        """Read a transformers ``save_pretrained`` directory without torch; eval mode. A
+        ``...ForCausalLM`` directory is read under ``model.``, its ``lm_head`` left out and noted.
+        See :func:`flax_impl.models.pretrained.from_pretrained` for the other keywords."""
+        return _from_pretrained(cls, path, dtype=dtype, mesh=mesh, rules=rules, **kwargs)
+
+
+class DecoderForCausalLM(nnx.Module):
+    """A decoder with its language-model head (transformers' ``LlamaForCausalLM`` ...): ``model``
+    (a :class:`DecoderModel`) and ``lm_head`` (absent when the embeddings are tied: the logits then
+    use ``model.embed_tokens``' table, and :attr:`tied_weights` names the key the twin does not store).
+
+    Arguments
+    ---------
+    config : a transformers config of the family, its ``config.json`` dict, or a :class:`DecoderConfig`
+    dtype, param_dtype, precision
+        Computation dtype, parameter dtype and matmul precision of every layer (Flax's meaning).
+    rngs : nnx.Rngs
+        Parameter initialisation (and attention dropout, where the config sets it).
+
+    Returns
+    -------
+    ``model(input_ids, attention_mask=None, position_ids=None)`` returns the logits
+    ``(batch, seq, vocab_size)`` in float32 (``logits_dtype`` to choose).
+
+    Example
+    -------
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> config = {"vocab_size": 32, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+    ...           "num_attention_heads": 2, "tie_word_embeddings": True}
+    >>> model = DecoderForCausalLM(config, rngs=nnx.Rngs(0))
+    >>> model.tied_weights, hasattr(model, "lm_head")
+    ({'lm_head.weight': 'model.embed_tokens.weight'}, False)
+    """
+
+    model_type = "llama"
+    base_model_prefix = "model"
+    base_class: type[DecoderModel] = DecoderModel
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        rngs: nnx.Rngs,
+    ) -> None:
+        self.model = type(self).base_class(
+            config, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs
+        )
+        self.config = self.model.config
+        self.precision = precision
+        if not self.config.tie_word_embeddings:
+            self.lm_head = nnx.Linear(
+                self.config.hidden_size,
+                self.config.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                precision=precision,
+                kernel_init=nnx.initializers.normal(0.02),
+                rngs=rngs,
+            )
+
+    @property
+    def tied_weights(self) -> dict[str, str]:
+        """``{torch key the twin does not store: the key it shares}``: ``{"lm_head.weight":
+        "model.embed_tokens.weight"}`` with tied embeddings, else ``{}``."""
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.config.tie_word_embeddings else {}
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        *,
+        logits_dtype: Any = jnp.float32,
+    ) -> jax.Array:
+        """Logits ``(batch, seq, vocab_size)`` of ``input_ids`` ``(batch, seq)``.
+
+        ``attention_mask`` ``(batch, seq)`` is 1 for tokens, 0 for padding (left or right).
+        ``position_ids`` default to ``arange(seq)`` as in transformers' forward (left padding then
+        shifts the real tokens' positions; pass :func:`generation_positions` of the mask to number
+        each row from its first token). Explicit ``position_ids`` without a mask mark packed
+        sequences where they restart.
+        """
+        hidden = self.model(input_ids, attention_mask, position_ids)
+        return self.logits(hidden).astype(logits_dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The head on hidden states: ``lm_head``, or the tied embedding's transpose; softcapped
+        where the config says (in the compute dtype, as transformers does)."""
+        if self.config.tie_word_embeddings:
+            table = _embedding(self.model.embed_tokens).embedding[...]
+            logits = jnp.einsum("...h,vh->...v", hidden, table.astype(hidden.dtype), precision=self.precision)
+        else:
+            logits = self.lm_head(hidden)
+        return _softcap(logits, self.config.final_logit_softcapping)
+
+    def generate(
+        self,
+        input_ids: jax.Array,
+        max_new_tokens: int,
+        *,
+        attention_mask: jax.Array | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+    ) -> jax.Array:
+        """Greedy decoding with a key/value cache, the loop compiled (``jax.lax.while_loop``).
+
+        Returns ``(batch, seq + max_new_tokens)`` int32: the prompt, then the new tokens. A row
+        stops at an ``eos_token_id`` (default: the config's) and is padded with the first eos id
+        from then on; the loop ends early when every row has stopped (the rest is eos). Positions
+        come from ``attention_mask`` (left padding) as transformers' ``generate`` derives them,
+        so the tokens are those of transformers' greedy ``generate`` on the same weights.
+        """
+        input_ids = _check_ids(input_ids)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        eos = self.config.eos_token_id if eos_token_id is None else _eos(eos_token_id)
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(input_ids.shape)}"
+            )
+        return _generate(self, input_ids, attention_mask, max_new_tokens=max_new_tokens, eos=tuple(eos))
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | os.PathLike[str], *, dtype: Any = None, mesh: Any = None, rules: Any = None, **kwargs: Any
+    ) -> Any:
+        """Read a transformers ``save_pretrained`` directory without torch; eval mode. See
+        :func:`flax_impl.models.pretrained.from_pretrained` for the other keywords."""
+        return _from_pretrained(cls, path, dtype=dtype, mesh=mesh, rules=rules, **kwargs)
+
+
+def _embedding(module: Any) -> nnx.Embed:
+    """The embedding layer itself, also when an adapter wraps it (the head ties to the base table)."""
+    kind = adapter_of(module)
+    return getattr(module, kind.wrapped) if kind is not None else module
+
+
+def _check_ids(input_ids: Any) -> jax.Array:
+    input_ids = jnp.asarray(input_ids)
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(
+            f"input_ids must be integer token ids of shape (batch, seq), got {input_ids.dtype} "
+            f"{tuple(input_ids.shape)}"
+        )
+    return input_ids
+
+
+def _from_pretrained(cls: type, path: Any, *, dtype: Any, mesh: Any, rules: Any, **kwargs: Any) -> Any:
+    from .pretrained import from_pretrained
+
+    # mesh/rules are passed on only when given: pretrained.from_pretrained gains them separately.
+    extra = {k: v for k, v in (("mesh", mesh), ("rules", rules)) if v is not None}
+    return from_pretrained(cls, path, dtype=dtype, **extra, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy decoding
+
+
+def _empty_caches(
+    model: DecoderForCausalLM, kvs: list[tuple[jax.Array, jax.Array]], total: int
+) -> list[KVCache]:
+    """Caches holding the prompt's keys/values: a slot per token for full-attention layers, a ring
+    of ``sliding_window`` slots (the prompt's last tokens) for sliding layers."""
+    config = model.config
+    caches = []
+    for layer, (k, v) in zip(model.model.layers, kvs, strict=True):
+        batch, prompt, heads, dim = k.shape
+        window = config.sliding_window if layer.self_attn.layer_type == SLIDING else None
+        slots = total if window is None or window >= total else window
+        # Static: which prompt token lands in which slot (the later token wins a shared slot).
+        index = np.full((slots,), -1, np.int32)
+        for i in range(prompt):
+            index[i % slots] = i
+        take = np.maximum(index, 0)
+        keys = jnp.zeros((batch, slots, heads, dim), k.dtype).at[:, index >= 0].set(k[:, take[index >= 0]])
+        values = jnp.zeros((batch, slots, heads, dim), v.dtype).at[:, index >= 0].set(v[:, take[index >= 0]])
+        caches.append(KVCache(keys, values, jnp.asarray(index)))
+    return caches
+
+
+@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "eos"))
+def _generate(
+    model: DecoderForCausalLM,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    max_new_tokens: int,
+    eos: tuple[int, ...],
+) -> jax.Array:
+    batch, prompt = input_ids.shape
+    total = prompt + max_new_tokens
+    positions = generation_positions(attention_mask)
+    hidden, kvs = model.model.prefill(input_ids, attention_mask, positions)
+    caches = _empty_caches(model, kvs, total)
+    valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((batch, max_new_tokens), bool)], axis=1)
+    pad = eos[0] if eos else 0
+    eos_ids = jnp.asarray(eos if eos else (-1,), jnp.int32)
+
+    def pick(hidden: jax.Array) -> jax.Array:
+        return jnp.argmax(model.logits(hidden[:, -1]).astype(jnp.float32), axis=-1).astype(jnp.int32)
+
+    first = pick(hidden)
+    done = jnp.isin(first, eos_ids)
+    tokens = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
+    state = (1, first, positions[:, -1:] + 1, done, tokens, caches)
+
+    def cond(state: Any) -> jax.Array:
+        step, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state: Any) -> Any:
+        step, last, position, done, tokens, caches = state
+        index = prompt + step - 1  # the token index of ``last`` in the sequence
+        hidden, caches = model.model.decode_step(last[:, None], position, index, valid, caches)
+        token = jnp.where(done, pad, pick(hidden))
+        tokens = tokens.at[:, step].set(token)
+        return step + 1, token, position + 1, done | jnp.isin(token, eos_ids), tokens, caches
+
+    tokens = jax.lax.while_loop(cond, body, state)[4]
+    return jnp.concatenate([input_ids.astype(jnp.int32), tokens], axis=1)
