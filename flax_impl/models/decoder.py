@@ -23,8 +23,8 @@ for key and one list of glob patterns targets the same layers in both frameworks
 existing kinds (``rms_norm``: ``weight`` <-> ``scale``; ``embedding``) apply unchanged.
 
 Masks follow ``masking_utils``: causal (and sliding: ``kv > q - window``) over token *indices*,
-padding from ``attention_mask``; without a mask, explicit ``position_ids`` that restart mark
-packed sequences, which do not see each other. Without ``position_ids`` the forward uses
+padding from ``attention_mask``; ``packed=True`` reads sequences packed in one row from
+``position_ids`` that restart, as transformers does without a mask and without a cache. Without ``position_ids`` the forward uses
 ``arange(seq)`` as transformers' forward does (left padding shifts the positions);
 :func:`generate` derives them from the mask as transformers' ``generate`` does.
 
@@ -60,7 +60,7 @@ from flax import nnx
 
 from twinformat.adapters import adapter_of
 
-from .bert import ACTIVATIONS
+from .bert import ACTIVATIONS, Activation
 from ._speech import config_value
 
 __all__ = [
@@ -570,10 +570,10 @@ class MLP(nnx.Module):
         self.gate_proj = layers.linear(config.hidden_size, config.intermediate_size, config.mlp_bias)
         self.up_proj = layers.linear(config.hidden_size, config.intermediate_size, config.mlp_bias)
         self.down_proj = layers.linear(config.intermediate_size, config.hidden_size, config.mlp_bias)
-        self.hidden_act = config.hidden_act
+        self.act_fn = Activation(config.hidden_act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(ACTIVATIONS[self.hidden_act](self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
@@ -758,15 +758,19 @@ class DecoderModel(nnx.Module):
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        *,
+        packed: bool = False,
     ) -> jax.Array:
         """The last hidden state ``(batch, seq, hidden_size)``; see :meth:`DecoderForCausalLM.__call__`."""
-        return self.prefill(input_ids, attention_mask, position_ids)[0]
+        return self.prefill(input_ids, attention_mask, position_ids, packed=packed)[0]
 
     def prefill(
         self,
         input_ids: jax.Array,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
+        *,
+        packed: bool = False,
     ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         """The last hidden state and every layer's keys/values ``(batch, seq, kv_heads, head_dim)``."""
         input_ids = _check_ids(input_ids)
@@ -788,9 +792,14 @@ class DecoderModel(nnx.Module):
             positions = index
         else:
             positions = jnp.broadcast_to(jnp.asarray(position_ids), (batch, seq))
-            if attention_mask is None:
-                # transformers reads explicit positions without a mask as packed sequences: the
-                # mask then compares positions, and sequences do not see each other.
+            if packed:
+                if attention_mask is not None:
+                    raise ValueError(
+                        "packed=True reads the sequences from position_ids; pass no attention_mask "
+                        "(transformers detects packed sequences only without one)"
+                    )
+                # As transformers without a mask and without a cache: the mask compares
+                # positions, and sequences do not see each other.
                 segments = _packed_segments(positions)
                 same_segment = segments[:, :, None] == segments[:, None, :]
         q_pos = kv_pos = positions if same_segment is not None else index
@@ -924,6 +933,7 @@ class DecoderForCausalLM(nnx.Module):
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         *,
+        packed: bool = False,
         logits_dtype: Any = jnp.float32,
     ) -> jax.Array:
         """Logits ``(batch, seq, vocab_size)`` of ``input_ids`` ``(batch, seq)``.
@@ -931,10 +941,12 @@ class DecoderForCausalLM(nnx.Module):
         ``attention_mask`` ``(batch, seq)`` is 1 for tokens, 0 for padding (left or right).
         ``position_ids`` default to ``arange(seq)`` as in transformers' forward (left padding then
         shifts the real tokens' positions; pass :func:`generation_positions` of the mask to number
-        each row from its first token). Explicit ``position_ids`` without a mask mark packed
-        sequences where they restart.
+        each row from its first token). ``packed=True`` (with ``position_ids``, without a mask)
+        makes every restart of the positions a new sequence that does not see the previous ones,
+        as transformers does when called with ``use_cache=False`` and no mask (with its default
+        ``use_cache=True`` it does not: neither does the twin by default).
         """
-        hidden = self.model(input_ids, attention_mask, position_ids)
+        hidden = self.model(input_ids, attention_mask, position_ids, packed=packed)
         return self.logits(hidden).astype(logits_dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -8,7 +8,11 @@ attention scale; GELU-tanh gating; local (``sliding_attention``, window ``slidin
 global layers from ``layer_types`` or the older ``sliding_window_pattern`` (every n-th layer
 global), each type with its own RoPE (``rope_parameters`` nested by layer type, or the older
 ``rope_theta`` (global), ``rope_local_base_freq`` (local) and ``rope_scaling`` (global));
-attention and final logit softcapping where the config sets them. Embeddings are tied by default.
+final logit softcapping where the config sets it. Embeddings are tied by default.
+
+``attn_logit_softcapping`` is read and, as in transformers 5.24 (whose ``Gemma3Attention`` does not
+pass it to the attention function, eager or SDPA), not applied: the twin computes what
+transformers computes. (The released Gemma 3 configs set it to ``null``.)
 
 Not computed (refused when the config asks): ``use_bidirectional_attention`` (EmbeddingGemma's
 encoder mode).
@@ -102,7 +106,8 @@ def gemma3_config(config: Any) -> DecoderConfig:
         scale_embeddings=True,
         attention_scale=float(f["query_pre_attn_scalar"]) ** -0.5,
         attention_dropout=float(f["attention_dropout"] or 0.0),
-        attn_logit_softcapping=f["attn_logit_softcapping"],
+        # Not f["attn_logit_softcapping"]: transformers' Gemma 3 attention never applies it.
+        attn_logit_softcapping=None,
         final_logit_softcapping=f["final_logit_softcapping"],
         layer_types=tuple(layer_types),
         sliding_window=f["sliding_window"],
