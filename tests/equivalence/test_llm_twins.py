@@ -337,3 +337,51 @@ def test_jax_traces_the_forward_under_jit():
     jitted = nnx.jit(lambda m, i, a: m(i, a))(flax_model, batch["input_ids"], batch["attention_mask"])
     np.testing.assert_allclose(np.asarray(jitted), eager, atol=1e-5)
     assert jax.devices()[0].platform == "cpu"
+
+
+# ---------------------------------------------------------------------------------------------
+# PEFT's LoRA directories, both ways
+
+#: (variant, LoraConfig options): each family once, each option PEFT users set on LLMs once.
+PEFT_CASES = [
+    pytest.param("llama", dict(target_modules=llm.PEFT_TARGETS), id="llama-qkvo-mlp"),
+    pytest.param("mistral-window", dict(target_modules="all-linear", use_rslora=True), id="mistral-all-linear-rslora"),
+    pytest.param("qwen2-window", dict(target_modules=llm.PEFT_TARGETS, use_dora=True), id="qwen2-dora"),
+    # Tied embeddings with a LoRA on them: the head keeps reading the base table, as in PEFT.
+    pytest.param("qwen3", dict(target_modules=[*llm.PEFT_TARGETS, "embed_tokens"]), id="qwen3-tied-embedding-lora"),
+    pytest.param(
+        "gemma3", dict(target_modules="all-linear", use_rslora=True, use_dora=True), id="gemma3-all-linear-rslora-dora"
+    ),
+]
+
+
+@pytest.mark.parametrize(("variant", "options"), PEFT_CASES)
+def test_a_peft_lora_loads_into_the_flax_twin_and_saves_back_for_peft(variant, options, tmp_path):
+    import peft
+
+    from tests.zoo.bert import randomize_peft
+
+    torch_model, flax_model = llm.twins(variant)
+    peft_model = peft.get_peft_model(llm.fresh_copy(torch_model), peft.LoraConfig(r=4, lora_alpha=8, **options))
+    randomize_peft(peft_model).eval()
+    # PEFT would also save the whole base embedding (a LoRA on it sets save_embedding_layers);
+    # the adapter alone is the adapter.
+    peft_model.save_pretrained(tmp_path / "peft", save_embedding_layers=False)
+    batch = llm.token_batch(seed=3)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = mask.astype(bool)
+    with torch.no_grad():
+        expected = peft_model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
+        ).logits.numpy()
+
+    adapted = flax_impl.AdaptedModel.from_pretrained(flax_model, tmp_path / "peft", rngs=nnx.Rngs(0))
+    harness.assert_close(
+        [expected[real]], [np.asarray(adapted(ids, mask))[real]], atol=ATOL, rtol=RTOL, what=f"{variant} PEFT"
+    )
+
+    assert adapted.save_pretrained(tmp_path / "flax") == "peft"
+    again = peft.PeftModel.from_pretrained(llm.fresh_copy(torch_model), tmp_path / "flax").eval()
+    with torch.no_grad():
+        back = again(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    np.testing.assert_array_equal(back, expected)  # the same tensors, bit for bit
