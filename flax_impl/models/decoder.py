@@ -64,6 +64,7 @@ from .bert import ACTIVATIONS, Activation
 from ._speech import config_value
 
 __all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
     "Attention",
     "DecoderConfig",
     "DecoderForCausalLM",
@@ -84,6 +85,11 @@ FULL = "full_attention"
 SLIDING = "sliding_attention"
 #: The RoPE types the twins compute (transformers' ``ROPE_INIT_FUNCTIONS`` keys, plus 'default').
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+#: ``None``: the attention written out in transformers' eager order of operations (the exact
+#: reference); ``"xla"``/``"cudnn"``: ``jax.nn.dot_product_attention`` with that implementation
+#: for the forward without a cache (``"cudnn"``: flash attention on NVIDIA GPUs, bf16/fp16; it
+#: never materialises the ``seq x seq`` scores, which long training sequences need).
+ATTENTION_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,7 +432,20 @@ class ScaledEmbed(nnx.Embed):
 class _Layers:
     """The keyword arguments every layer of one model shares (dtypes, precision, rngs)."""
 
-    def __init__(self, config: DecoderConfig, dtype: Any, param_dtype: Any, precision: Any, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: DecoderConfig,
+        dtype: Any,
+        param_dtype: Any,
+        precision: Any,
+        rngs: nnx.Rngs,
+        attention_implementation: str | None = None,
+    ):
+        if attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention_implementation must be one of {ATTENTION_IMPLEMENTATIONS}, got "
+                f"{attention_implementation!r}"
+            )
         self.config, self.dtype, self.param_dtype, self.precision, self.rngs = (
             config,
             dtype,
@@ -434,6 +453,7 @@ class _Layers:
             precision,
             rngs,
         )
+        self.attention_implementation = attention_implementation
 
     def linear(self, in_features: int, out_features: int, bias: bool) -> nnx.Linear:
         return nnx.Linear(
@@ -525,6 +545,7 @@ class Attention(nnx.Module):
         self.dropout = config.attention_dropout
         self.deterministic = False
         self.rngs = layers.rngs["dropout"].fork()
+        self.implementation = layers.attention_implementation
 
     def __call__(
         self,
@@ -534,6 +555,7 @@ class Attention(nnx.Module):
         mask: jax.Array,
         cache: KVCache | None = None,
         position: jax.Array | None = None,
+        causal_only: bool = False,
     ) -> tuple[jax.Array, KVCache | tuple[jax.Array, jax.Array]]:
         batch, seq, _ = x.shape
         q = self.q_proj(x).reshape(batch, seq, self.num_heads, self.head_dim)
@@ -549,6 +571,9 @@ class Attention(nnx.Module):
             keys, values, kv = cache.keys, cache.values, cache
         else:
             keys, values, kv = k, v, (k, v)
+        fused = cache is None and self.softcap is None and not (self.dropout > 0.0 and not self.deterministic)
+        if self.implementation is not None and fused:
+            return self.o_proj(self._fused(q, keys, values, mask, causal_only)), kv
         group = self.num_heads // self.num_kv_heads
         # (b, t, kv_head, group, d): query head h reads kv head h // group, as repeat_kv does.
         q = q.reshape(batch, seq, self.num_kv_heads, group, self.head_dim)
@@ -560,6 +585,31 @@ class Attention(nnx.Module):
             weights = nnx.Dropout(self.dropout, deterministic=False)(weights, rngs=self.rngs)
         out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(q.dtype), precision=self.precision)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), kv
+
+
+    def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal_only: bool) -> jax.Array:
+        """``jax.nn.dot_product_attention``: causal (and windowed) by its own flags when nothing
+        else is masked, else with the additive mask as its bias."""
+        batch, seq = q.shape[:2]
+        window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+        try:
+            out = jax.nn.dot_product_attention(
+                q,
+                k.astype(q.dtype),
+                v.astype(q.dtype),
+                bias=None if causal_only else mask.astype(q.dtype),
+                scale=self.scaling,
+                is_causal=causal_only,
+                local_window_size=window if causal_only else None,
+                implementation=self.implementation,  # type: ignore[arg-type]  # one of ATTENTION_IMPLEMENTATIONS
+            )
+        except (NotImplementedError, RuntimeError, ValueError) as exc:  # cuDNN: absent, or this shape/dtype
+            raise ValueError(
+                f"attention_implementation={self.implementation!r} cannot run this attention "
+                f"({self.num_heads} heads of {self.head_dim} over {seq} tokens, {q.dtype}): {exc}. Build "
+                "the model with attention_implementation=None (the written-out attention) for these inputs"
+            ) from exc
+        return out.reshape(batch, seq, self.num_heads * self.head_dim)
 
 
 class MLP(nnx.Module):
@@ -599,8 +649,9 @@ class DecoderLayer(nnx.Module):
         mask: jax.Array,
         cache: KVCache | None = None,
         position: jax.Array | None = None,
+        causal_only: bool = False,
     ) -> tuple[jax.Array, Any]:
-        attended, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, position)
+        attended, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, position, causal_only)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attended)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x))), kv
@@ -733,11 +784,12 @@ class DecoderModel(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        attention_implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         self.config = type(self).read_config(config)
         config = self.config
-        layers = _Layers(config, dtype, param_dtype, precision, rngs)
+        layers = _Layers(config, dtype, param_dtype, precision, rngs, attention_implementation)
         embed_kwargs = dict(
             dtype=dtype,
             param_dtype=param_dtype,
@@ -809,9 +861,11 @@ class DecoderModel(nnx.Module):
             masks[layer_type] = causal_mask(q_pos, kv_pos, valid, window, hidden.dtype, same_segment)
             ropes[layer_type] = self._rope(layer_type, positions, hidden.dtype)
         kvs = []
+        # Nothing but causality (and windows) to mask: a fused kernel may use its own flags.
+        causal_only = attention_mask is None and same_segment is None
         for layer in self.layers:
             layer_type = layer.self_attn.layer_type
-            hidden, kv = layer(hidden, *ropes[layer_type], masks[layer_type])
+            hidden, kv = layer(hidden, *ropes[layer_type], masks[layer_type], causal_only=causal_only)
             kvs.append(kv)
         return self.norm(hidden), kvs
 
@@ -872,6 +926,10 @@ class DecoderForCausalLM(nnx.Module):
     config : a transformers config of the family, its ``config.json`` dict, or a :class:`DecoderConfig`
     dtype, param_dtype, precision
         Computation dtype, parameter dtype and matmul precision of every layer (Flax's meaning).
+    attention_implementation : None, "xla" or "cudnn"
+        ``None`` writes the attention out as transformers' eager attention does (the reference);
+        ``"cudnn"`` is cuDNN's flash attention (NVIDIA GPU, bf16) for the forward without a cache:
+        the fast choice for training on long sequences. ``generate``'s steps always use the cache.
     rngs : nnx.Rngs
         Parameter initialisation (and attention dropout, where the config sets it).
 
@@ -902,10 +960,16 @@ class DecoderForCausalLM(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         precision: Any = None,
+        attention_implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         self.model = type(self).base_class(
-            config, dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            precision=precision,
+            attention_implementation=attention_implementation,
+            rngs=rngs,
         )
         self.config = self.model.config
         self.precision = precision

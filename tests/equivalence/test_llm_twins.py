@@ -385,3 +385,17 @@ def test_a_peft_lora_loads_into_the_flax_twin_and_saves_back_for_peft(variant, o
     with torch.no_grad():
         back = again(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
     np.testing.assert_array_equal(back, expected)  # the same tensors, bit for bit
+
+
+@pytest.mark.parametrize("variant", ["qwen2-window", "gemma3"])
+def test_the_fused_attention_computes_the_same_function(variant):
+    _, reference = llm.twins(variant)
+    _, fused = llm.twins(variant, attention_implementation="xla")
+    batch = llm.token_batch()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    real = mask.astype(bool)
+
+    harness.assert_close([np.asarray(reference(ids))], [np.asarray(fused(ids))], atol=ATOL, rtol=RTOL, what="causal")
+    harness.assert_close(
+        [np.asarray(reference(ids, mask))[real]], [np.asarray(fused(ids, mask))[real]], atol=ATOL, rtol=RTOL, what="mask"
+    )
