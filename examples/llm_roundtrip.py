@@ -152,7 +152,9 @@ def causal_lm_loss_torch(model: Any, ids: Any) -> Any:
     """Mean next-token cross-entropy."""
     torch, _ = _torch()
     logits = model(input_ids=ids).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
 
 
 def train_torch(base: Any, data: np.ndarray, args: argparse.Namespace, out: Path) -> tuple[Any, list[float]]:
@@ -163,7 +165,11 @@ def train_torch(base: Any, data: np.ndarray, args: argparse.Namespace, out: Path
     config = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=TARGETS, lora_dropout=0.0)
     model = peft.get_peft_model(base, config)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01
+        [p for p in model.parameters() if p.requires_grad],
+        lr=args.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.01,
     )
     ids = torch.from_numpy(data)
     losses = []
@@ -233,7 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     base = save_base(out, args.seed)
     with torch.no_grad():
         base_tokens = base.generate(
-            torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=NEW_TOKENS, do_sample=False
+            torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
         ).numpy()[:, PROMPT:]
     peft_model, torch_losses = train_torch(base, data, args, out)
     seconds["torch"] = round(time.perf_counter() - clock, 2)
@@ -246,7 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     to_flax = float(np.abs(np.asarray(adapted(data)) - torch_logits).max())
     flax_losses = train_flax(adapted, data, args)
     flax_logits = np.asarray(adapted(data))
-    flax_tokens = np.asarray(adapted.generate(ids, NEW_TOKENS, attention_mask=mask, eos_token_id=[]))[:, PROMPT:]
+    flax_tokens = np.asarray(adapted.generate(ids, NEW_TOKENS, attention_mask=mask, eos_token_id=[]))[
+        :, PROMPT:
+    ]
     written = adapted.save_pretrained(out / "peft_flax")
     seconds["flax"] = round(time.perf_counter() - clock, 2)
 
@@ -305,7 +316,9 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"max abs diff of logits, PEFT (torch) -> Flax twin: {report['diffs']['torch_to_flax_logits']:.2e}")
     print(f"max abs diff of logits, Flax -> PeftModel:         {report['diffs']['flax_to_peft_logits']:.2e}")
     correct = report["correct_tokens"]
-    print(f"right continuation tokens: base {correct['base']}/{correct['of']}, trained {correct['trained']}/{correct['of']}")
+    print(
+        f"right continuation tokens: base {correct['base']}/{correct['of']}, trained {correct['trained']}/{correct['of']}"
+    )
     print(f"greedy tokens of transformers' generate == Flax generate: {report['same_greedy_tokens']}")
     for prompt, flax in zip(report["tokens"]["prompts"], report["tokens"]["flax"], strict=True):
         print(f"  {' '.join(str(t) for t in prompt)} -> {' '.join(str(t) for t in flax)}")

@@ -47,7 +47,6 @@ Example
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -60,8 +59,8 @@ from flax import nnx
 
 from twinformat.adapters import adapter_of
 
-from .bert import ACTIVATIONS, Activation
 from ._speech import config_value
+from .bert import ACTIVATIONS, Activation
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -164,7 +163,9 @@ class DecoderConfig:
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{self.model_type} config: {name} must be a positive integer, got {value!r}")
+                raise ValueError(
+                    f"{self.model_type} config: {name} must be a positive integer, got {value!r}"
+                )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"{self.model_type} config: num_attention_heads ({self.num_attention_heads}) must be a "
@@ -197,7 +198,9 @@ class DecoderConfig:
             if layer_type not in ropes:
                 raise ValueError(f"{self.model_type} config: no RoPE parameters for {layer_type!r} layers")
         if self.sliding_window is not None and self.sliding_window < 1:
-            raise ValueError(f"{self.model_type} config: sliding_window must be >= 1, got {self.sliding_window}")
+            raise ValueError(
+                f"{self.model_type} config: sliding_window must be >= 1, got {self.sliding_window}"
+            )
 
     @property
     def scaling(self) -> float:
@@ -243,7 +246,8 @@ def read_rope(
             f"{where}: partial_rotary_factor={partial!r} is not supported (transformers' Llama-family "
             "attention rotates the whole head); remove it from rope_parameters"
         )
-    theta = float(params.get("rope_theta") if params.get("rope_theta") is not None else theta)
+    given = params.get("rope_theta")
+    theta = float(given) if given is not None else theta
     factor = float(params.get("factor", 1.0))
     if rope_type != "default" and "factor" not in params:
         raise ValueError(f"{where}: rope_type {rope_type!r} needs a 'factor' in rope_parameters")
@@ -403,6 +407,7 @@ class RMSNorm(nnx.RMSNorm):
     def __call__(self, x: jax.Array, mask: Any = None) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        assert self.scale is not None  # built with use_scale=True: transformers' norms all have a weight
         scale = self.scale[...]
         if self.plus_one:
             out = (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
@@ -424,8 +429,8 @@ class ScaledEmbed(nnx.Embed):
         super().__init__(num_embeddings, features, **kwargs)
         self.embed_scale = float(embed_scale)
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
-        out = super().__call__(inputs)
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        out = super().__call__(inputs, out_sharding=out_sharding)
         return out * jnp.asarray(self.embed_scale, jnp.float32).astype(out.dtype)
 
 
@@ -566,9 +571,12 @@ class Attention(nnx.Module):
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        kv: KVCache | tuple[jax.Array, jax.Array]
         if cache is not None:
-            cache = cache.write(k, v, position)
-            keys, values, kv = cache.keys, cache.values, cache
+            if position is None:
+                raise ValueError("decoding with a cache needs the token index (position) to write at")
+            kv = cache.write(k, v, position)
+            keys, values = kv.keys, kv.values
         else:
             keys, values, kv = k, v, (k, v)
         fused = cache is None and self.softcap is None and not (self.dropout > 0.0 and not self.deterministic)
@@ -586,8 +594,9 @@ class Attention(nnx.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", weights, values.astype(q.dtype), precision=self.precision)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim)), kv
 
-
-    def _fused(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal_only: bool) -> jax.Array:
+    def _fused(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, causal_only: bool
+    ) -> jax.Array:
         """``jax.nn.dot_product_attention``: causal (and windowed) by its own flags when nothing
         else is masked, else with the additive mask as its bias."""
         batch, seq = q.shape[:2]
@@ -693,6 +702,7 @@ def _llama3_inv_freq(rope: Rope, inv_freq: np.ndarray) -> np.ndarray:
     f32 = np.float32
     factor, low, high = rope.factor, rope.low_freq_factor, rope.high_freq_factor
     old = rope.original_max_position_embeddings
+    assert old is not None  # read_rope fills it for llama3
     low_wavelen, high_wavelen = old / low, old / high
     wavelen = (f32(2 * math.pi) / inv_freq).astype(f32)
     scaled = np.where(wavelen > low_wavelen, inv_freq / f32(factor), inv_freq).astype(f32)
@@ -807,27 +817,35 @@ class DecoderModel(nnx.Module):
 
     def __call__(
         self,
-        input_ids: jax.Array,
+        input_ids: jax.Array | None,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         *,
         packed: bool = False,
+        inputs_embeds: jax.Array | None = None,
     ) -> jax.Array:
         """The last hidden state ``(batch, seq, hidden_size)``; see :meth:`DecoderForCausalLM.__call__`."""
-        return self.prefill(input_ids, attention_mask, position_ids, packed=packed)[0]
+        return self.prefill(
+            input_ids, attention_mask, position_ids, packed=packed, inputs_embeds=inputs_embeds
+        )[0]
 
     def prefill(
         self,
-        input_ids: jax.Array,
+        input_ids: jax.Array | None,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         *,
         packed: bool = False,
+        inputs_embeds: jax.Array | None = None,
     ) -> tuple[jax.Array, list[tuple[jax.Array, jax.Array]]]:
         """The last hidden state and every layer's keys/values ``(batch, seq, kv_heads, head_dim)``."""
-        input_ids = _check_ids(input_ids)
-        batch, seq = input_ids.shape
-        hidden = self.embed_tokens(input_ids)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds (as transformers)")
+        if inputs_embeds is None:
+            hidden = self.embed_tokens(_check_ids(input_ids))
+        else:
+            hidden = jnp.asarray(inputs_embeds)
+        batch, seq = hidden.shape[:2]
         index = jnp.broadcast_to(jnp.arange(seq), (batch, seq))
         same_segment = None
         if attention_mask is None:
@@ -908,7 +926,13 @@ class DecoderModel(nnx.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], *, dtype: Any = None, mesh: Any = None, rules: Any = None, **kwargs: Any
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dtype: Any = None,
+        mesh: Any = None,
+        rules: Any = None,
+        **kwargs: Any,
     ) -> Any:
         """Read a transformers ``save_pretrained`` directory without torch; eval mode. A
         ``...ForCausalLM`` directory is read under ``model.``, its ``lm_head`` left out and noted.
@@ -993,11 +1017,12 @@ class DecoderForCausalLM(nnx.Module):
 
     def __call__(
         self,
-        input_ids: jax.Array,
+        input_ids: jax.Array | None,
         attention_mask: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         *,
         packed: bool = False,
+        inputs_embeds: jax.Array | None = None,
         logits_dtype: Any = jnp.float32,
     ) -> jax.Array:
         """Logits ``(batch, seq, vocab_size)`` of ``input_ids`` ``(batch, seq)``.
@@ -1008,9 +1033,12 @@ class DecoderForCausalLM(nnx.Module):
         each row from its first token). ``packed=True`` (with ``position_ids``, without a mask)
         makes every restart of the positions a new sequence that does not see the previous ones,
         as transformers does when called with ``use_cache=False`` and no mask (with its default
-        ``use_cache=True`` it does not: neither does the twin by default).
+        ``use_cache=True`` it does not: neither does the twin by default). ``inputs_embeds``
+        ``(batch, seq, hidden_size)`` replaces ``input_ids`` (pass ``None`` for them), as in transformers.
         """
-        hidden = self.model(input_ids, attention_mask, position_ids, packed=packed)
+        hidden = self.model(
+            input_ids, attention_mask, position_ids, packed=packed, inputs_embeds=inputs_embeds
+        )
         return self.logits(hidden).astype(logits_dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -1054,7 +1082,13 @@ class DecoderForCausalLM(nnx.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], *, dtype: Any = None, mesh: Any = None, rules: Any = None, **kwargs: Any
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        dtype: Any = None,
+        mesh: Any = None,
+        rules: Any = None,
+        **kwargs: Any,
     ) -> Any:
         """Read a transformers ``save_pretrained`` directory without torch; eval mode. See
         :func:`flax_impl.models.pretrained.from_pretrained` for the other keywords."""
@@ -1111,8 +1145,7 @@ def _empty_caches(
     return caches
 
 
-@functools.partial(nnx.jit, static_argnames=("max_new_tokens", "eos"))
-def _generate(
+def _generate_loop(
     model: DecoderForCausalLM,
     input_ids: jax.Array,
     attention_mask: jax.Array,
@@ -1151,3 +1184,7 @@ def _generate(
 
     tokens = jax.lax.while_loop(cond, body, state)[4]
     return jnp.concatenate([input_ids.astype(jnp.int32), tokens], axis=1)
+
+
+# Compiled once per (graph, shapes, max_new_tokens, eos): the prefill, the cache and the loop.
+_generate: Any = nnx.jit(_generate_loop, static_argnames=("max_new_tokens", "eos"))

@@ -18,7 +18,15 @@ from __future__ import annotations
 from typing import Any
 
 from ._speech import config_value
-from .decoder import FULL, LLAMA_DEFAULTS, SLIDING, DecoderConfig, DecoderForCausalLM, DecoderModel, llama_style_config
+from .decoder import (
+    FULL,
+    LLAMA_DEFAULTS,
+    SLIDING,
+    DecoderConfig,
+    DecoderForCausalLM,
+    DecoderModel,
+    llama_style_config,
+)
 
 __all__ = ["MistralForCausalLM", "MistralModel", "mistral_config"]
 

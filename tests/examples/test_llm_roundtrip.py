@@ -69,6 +69,7 @@ def test_the_flax_adapter_is_a_peft_directory_of_the_trained_rank(run):
         for name in ("self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.down_proj"):
             assert re.escape(f"model.layers.{layer}.{name}") in config["target_modules"]
 
+
 def test_prompts_are_left_padded_and_their_continuations_known():
     from examples.llm_roundtrip import expected_continuations, prompts
 

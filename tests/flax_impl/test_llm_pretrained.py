@@ -56,7 +56,7 @@ def test_bfloat16_is_asked_for_with_dtype(tmp_path):
     model = LlamaForCausalLM.from_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
 
     assert model.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
-    assert model(llm.token_batch()["input_ids"]).dtype == jnp.float32
+    assert model.model.embed_tokens.embedding[...].dtype == jnp.bfloat16
 
 
 def test_a_directory_of_another_family_is_refused_naming_both(tmp_path):
