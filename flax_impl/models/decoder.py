@@ -12,7 +12,7 @@ with a :class:`DecoderConfig` that says where the families differ:
 - **attention**: scale ``head_dim ** -0.5`` or ``query_pre_attn_scalar ** -0.5`` (Gemma), logit
   softcapping, sliding-window layers (``layer_types``) with their own RoPE;
 - **RoPE**: ``default``, ``linear``, ``dynamic`` (NTK, recomputed from the longest position as
-  transformers' ``dynamic_rope_update`` does) and ``llama3``, per layer type;
+  transformers' ``dynamic_rope_update`` does), ``llama3`` and ``yarn``, per layer type;
 - **embeddings and head**: Gemma's embeddings times ``sqrt(hidden_size)`` (the scale rounded to
   the compute dtype first, as transformers does); tied or untied ``lm_head``; final logit softcapping.
 
@@ -83,7 +83,7 @@ __all__ = [
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 #: The RoPE types the twins compute (transformers' ``ROPE_INIT_FUNCTIONS`` keys, plus 'default').
-ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 #: ``None``: the attention written out in transformers' eager order of operations (the exact
 #: reference); ``"xla"``/``"cudnn"``: ``jax.nn.dot_product_attention`` with that implementation
 #: for the forward without a cache (``"cudnn"``: flash attention on NVIDIA GPUs, bf16/fp16; it
@@ -110,6 +110,10 @@ class Rope:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    attention_factor: float = 1.0  # yarn's scale of cos and sin (1 for the other types)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,15 +252,18 @@ def read_rope(
         )
     given = params.get("rope_theta")
     theta = float(given) if given is not None else theta
-    factor = float(params.get("factor", 1.0))
+    original = params.get("original_max_position_embeddings")
+    if rope_type in ("llama3", "yarn"):  # standardize_rope_params' default
+        original = int(original if original is not None else max_position_embeddings)
+    if rope_type == "yarn" and params.get("factor") is None:
+        params["factor"] = max_position_embeddings / original
     if rope_type != "default" and "factor" not in params:
         raise ValueError(f"{where}: rope_type {rope_type!r} needs a 'factor' in rope_parameters")
-    original = params.get("original_max_position_embeddings")
+    factor = float(params.get("factor", 1.0))
     if rope_type == "llama3":
         missing = [k for k in ("low_freq_factor", "high_freq_factor") if k not in params]
         if missing:
             raise ValueError(f"{where}: rope_type 'llama3' needs {missing} in rope_parameters")
-        original = int(original if original is not None else max_position_embeddings)
     return Rope(
         rope_type,
         theta,
@@ -264,7 +271,26 @@ def read_rope(
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=original,
+        attention_factor=_yarn_attention_factor(params, factor) if rope_type == "yarn" else 1.0,
+        beta_fast=float(params.get("beta_fast") or 32),
+        beta_slow=float(params.get("beta_slow") or 1),
+        truncate=bool(params.get("truncate", True)),
     )
+
+
+def _yarn_attention_factor(params: Mapping[str, Any], factor: float) -> float:
+    """YaRN's ``attention_factor`` as ``_compute_yarn_parameters`` infers it when not given."""
+    given = params.get("attention_factor")
+    if given is not None:
+        return float(given)
+
+    def get_mscale(scale: float, mscale: float = 1) -> float:
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return float(get_mscale(factor, mscale) / get_mscale(factor, mscale_all_dim))
+    return get_mscale(factor)
 
 
 def flat_rope_parameters(config: Any, fields: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -687,6 +713,8 @@ def rope_inv_freq(rope: Rope, dim: int, max_position_embeddings: int, seq_len: A
         return (inv_freq / np.float32(rope.factor)).astype(np.float32)
     if rope.rope_type == "llama3":
         return _llama3_inv_freq(rope, inv_freq)
+    if rope.rope_type == "yarn":
+        return _yarn_inv_freq(rope, dim)
     if rope.rope_type == "dynamic" and seq_len is not None:
         length = jnp.maximum(jnp.asarray(seq_len, jnp.float32), float(max_position_embeddings))
         base = jnp.float32(rope.theta) * (
@@ -712,6 +740,28 @@ def _llama3_inv_freq(rope: Rope, inv_freq: np.ndarray) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(f32)
 
 
+def _yarn_inv_freq(rope: Rope, dim: int) -> np.ndarray:
+    """YaRN's blend of interpolated and extrapolated frequencies (``_compute_yarn_parameters``)."""
+    f32, base, original = np.float32, rope.theta, rope.original_max_position_embeddings
+    assert original is not None  # read_rope fills it for yarn
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = (f32(base) ** (np.arange(0, dim, 2, dtype=f32) / f32(dim))).astype(f32)
+    extrapolation = (f32(1.0) / pos_freqs).astype(f32)
+    interpolation = (f32(1.0) / (f32(rope.factor) * pos_freqs)).astype(f32)
+    ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+    keep = (1 - ramp).astype(f32)
+    return (interpolation * (1 - keep) + extrapolation * keep).astype(f32)
+
+
 def rope_cos_sin(
     rope: Rope, dim: int, max_position_embeddings: int, positions: jax.Array, dtype: Any
 ) -> tuple[jax.Array, jax.Array]:
@@ -721,7 +771,10 @@ def rope_cos_sin(
     inv_freq = jnp.asarray(rope_inv_freq(rope, dim, max_position_embeddings, seq_len), jnp.float32)
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if rope.attention_factor != 1.0:  # yarn scales both (transformers' attention_scaling)
+        cos, sin = cos * rope.attention_factor, sin * rope.attention_factor
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def causal_mask(

@@ -3,7 +3,7 @@
 The math is the shared decoder's (:mod:`flax_impl.models.decoder`, after transformers 5.24's
 ``modeling_llama.py``); this file names the classes and reads the config
 (:func:`~flax_impl.models.decoder.llama_config`): GQA, ``head_dim``, ``attention_bias`` (q, k, v
-and o), ``mlp_bias``, tied or untied embeddings, RoPE ``default``/``linear``/``dynamic``/``llama3``
+and o), ``mlp_bias``, tied or untied embeddings, RoPE ``default``/``linear``/``dynamic``/``llama3``/``yarn``
 from ``rope_parameters`` or the older ``rope_scaling`` + ``rope_theta``.
 
 Example

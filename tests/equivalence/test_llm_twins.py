@@ -308,8 +308,8 @@ def test_a_config_the_twin_cannot_compute_is_refused_naming_the_field():
     from flax_impl.models.llama import LlamaForCausalLM
 
     base = dict(llm.BASE)
-    with pytest.raises(ValueError, match="rope_type 'yarn' is not supported"):
-        LlamaForCausalLM({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="rope_type 'longrope' is not supported"):
+        LlamaForCausalLM({**base, "rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         LlamaForCausalLM({**base, "rope_parameters": {"partial_rotary_factor": 0.5}}, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="use_bidirectional_attention"):

@@ -107,6 +107,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
             max_position_embeddings=8, rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4)
         ),
     ),
+    "qwen2-yarn-rope": (
+        "qwen2",
+        dict(
+            rope_parameters=dict(
+                rope_type="yarn", factor=4.0, original_max_position_embeddings=16, rope_theta=1e4
+            )
+        ),
+    ),
     "mistral-window": ("mistral", dict(sliding_window=4)),
     "qwen2-window": (
         "qwen2",
