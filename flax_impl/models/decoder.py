@@ -255,7 +255,7 @@ def read_rope(
     original = params.get("original_max_position_embeddings")
     if rope_type in ("llama3", "yarn"):  # standardize_rope_params' default
         original = int(original if original is not None else max_position_embeddings)
-    if rope_type == "yarn" and params.get("factor") is None:
+    if rope_type == "yarn" and params.get("factor") is None and original is not None:
         params["factor"] = max_position_embeddings / original
     if rope_type != "default" and "factor" not in params:
         raise ValueError(f"{where}: rope_type {rope_type!r} needs a 'factor' in rope_parameters")
