@@ -235,8 +235,12 @@ def read_rope(
     missing ``rope_theta`` is ``theta``; ``llama3``'s ``original_max_position_embeddings``
     defaults to ``max_position_embeddings``.
 
-    >>> read_rope({"type": "linear", "factor": 2.0}, theta=1e4, max_position_embeddings=64, where="x")
-    Rope(rope_type='linear', theta=10000.0, factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=None)
+    >>> rope = read_rope({"type": "linear", "factor": 2.0}, theta=1e4, max_position_embeddings=64, where="x")
+    >>> rope.rope_type, rope.theta, rope.factor
+    ('linear', 10000.0, 2.0)
+    >>> read_rope({"rope_type": "yarn", "factor": 4.0}, theta=1e4, max_position_embeddings=64,
+    ...           where="x").original_max_position_embeddings
+    64
     """
     params = dict(params or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
