@@ -849,13 +849,14 @@ class DecoderModel(nnx.Module):
         config: Any,
         *,
         dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        param_dtype: Any = None,
         precision: Any = None,
         attention_implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         self.config = type(self).read_config(config)
         config = self.config
+        param_dtype = jnp.float32 if param_dtype is None else param_dtype  # None: Flax's default
         layers = _Layers(config, dtype, param_dtype, precision, rngs, attention_implementation)
         embed_kwargs = dict(
             dtype=dtype,
@@ -1039,11 +1040,12 @@ class DecoderForCausalLM(nnx.Module):
         config: Any,
         *,
         dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        param_dtype: Any = None,
         precision: Any = None,
         attention_implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
+        param_dtype = jnp.float32 if param_dtype is None else param_dtype  # None: Flax's default
         self.model = type(self).base_class(
             config,
             dtype=dtype,
