@@ -235,8 +235,12 @@ def read_rope(
     missing ``rope_theta`` is ``theta``; ``llama3``'s ``original_max_position_embeddings``
     defaults to ``max_position_embeddings``.
 
-    >>> read_rope({"type": "linear", "factor": 2.0}, theta=1e4, max_position_embeddings=64, where="x")
-    Rope(rope_type='linear', theta=10000.0, factor=2.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=None)
+    >>> rope = read_rope({"type": "linear", "factor": 2.0}, theta=1e4, max_position_embeddings=64, where="x")
+    >>> rope.rope_type, rope.theta, rope.factor
+    ('linear', 10000.0, 2.0)
+    >>> read_rope({"rope_type": "yarn", "factor": 4.0}, theta=1e4, max_position_embeddings=64,
+    ...           where="x").original_max_position_embeddings
+    64
     """
     params = dict(params or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -845,13 +849,14 @@ class DecoderModel(nnx.Module):
         config: Any,
         *,
         dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        param_dtype: Any = None,
         precision: Any = None,
         attention_implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         self.config = type(self).read_config(config)
         config = self.config
+        param_dtype = jnp.float32 if param_dtype is None else param_dtype  # None: Flax's default
         layers = _Layers(config, dtype, param_dtype, precision, rngs, attention_implementation)
         embed_kwargs = dict(
             dtype=dtype,
@@ -1035,11 +1040,12 @@ class DecoderForCausalLM(nnx.Module):
         config: Any,
         *,
         dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        param_dtype: Any = None,
         precision: Any = None,
         attention_implementation: str | None = None,
         rngs: nnx.Rngs,
     ) -> None:
+        param_dtype = jnp.float32 if param_dtype is None else param_dtype  # None: Flax's default
         self.model = type(self).base_class(
             config,
             dtype=dtype,
