@@ -24,13 +24,13 @@ from .hubert import HubertConfig, HubertModel
 from .pretrained import from_pretrained, read_pretrained_tensors
 from .wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from .wavlm import WavLMConfig, WavLMModel
-from .whisper_features import whisper_log_mel
 from .whisper import (
     WhisperConfig,
     WhisperEncoder,
     WhisperForConditionalGeneration,
     WhisperModel,
 )
+from .whisper_features import whisper_log_mel
 
 __all__ = [
     "BertConfig",
