@@ -37,9 +37,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -118,8 +119,12 @@ def flax_floor(setup: Setup, features: jax.Array, ids: jax.Array, labels: jax.Ar
     return _runner(step, state, features)
 
 
-def flax_lora(setup: Setup, features: jax.Array, ids: jax.Array, labels: jax.Array) -> tuple[Callable[[], Any], int]:
-    adapted = AdaptedModel(flax_model(setup), LoRA, all_linear=True, adapter_kwargs={"rank": RANK}, rngs=nnx.Rngs(1))
+def flax_lora(
+    setup: Setup, features: jax.Array, ids: jax.Array, labels: jax.Array
+) -> tuple[Callable[[], Any], int]:
+    adapted = AdaptedModel(
+        flax_model(setup), LoRA, all_linear=True, adapter_kwargs={"rank": RANK}, rngs=nnx.Rngs(1)
+    )
     for path, variable in nnx.to_flat_state(nnx.state(adapted, adapted.trainable)):
         if "adapter_up_proj" in [str(p) for p in path]:  # non-zero, as after some training
             variable.set_value(jnp.full(variable.get_value().shape, 0.01, variable.get_value().dtype))
@@ -161,7 +166,9 @@ def flax_generate(setup: Setup, features: jax.Array) -> Callable[[], Any]:
     return run
 
 
-def torch_cases(setup: Setup, features: np.ndarray, ids: np.ndarray, labels: np.ndarray) -> tuple[dict, int, str]:
+def torch_cases(
+    setup: Setup, features: np.ndarray, ids: np.ndarray, labels: np.ndarray
+) -> tuple[dict, int, str]:
     """The torch training step (eager, and a CUDA graph where there is CUDA) and transformers' generate."""
     import torch
     import transformers
@@ -267,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_torch:
         torch_c, torch_trainable, note = torch_cases(setup, features, ids, labels)
         cases.update(torch_c)
-    print(f"built and compiled in {time.perf_counter() - started:.0f} s; timing {args.rounds} rounds", flush=True)
+    print(
+        f"built and compiled in {time.perf_counter() - started:.0f} s; timing {args.rounds} rounds",
+        flush=True,
+    )
     timings = interleaved(cases, args.rounds, args.steps, log=lambda line: print(line, flush=True))
 
     tokens = setup.batch * setup.new_tokens
@@ -285,7 +295,11 @@ def main(argv: list[str] | None = None) -> None:
         "| case | trainable params | ms/call | spread | x flax floor | vs torch step | tokens/s | note |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    params = {"flax LoRA": trainable, "torch LoRA eager": torch_trainable, "torch LoRA CUDA graph": torch_trainable}
+    params = {
+        "flax LoRA": trainable,
+        "torch LoRA eager": torch_trainable,
+        "torch LoRA CUDA graph": torch_trainable,
+    }
     for name, timing in timings.items():
         decoding = "generate" in name
         ms = timing.median

@@ -98,7 +98,9 @@ def torch_greedy(model: Any, features: np.ndarray, config: dict[str, Any]) -> np
         encoded = (model.model.encoder(torch.from_numpy(np.array(features))).last_hidden_state,)  # once
         for step in range(NEW_TOKENS):
             logits = model(None, tokens, encoder_outputs=encoded)[:, -1]
-            banned = list(config["suppress_tokens"]) + (list(config["begin_suppress_tokens"]) if step == 0 else [])
+            banned = list(config["suppress_tokens"]) + (
+                list(config["begin_suppress_tokens"]) if step == 0 else []
+            )
             logits[:, banned] = -float("inf")
             next_token = torch.where(done, config["eos_token_id"], logits.argmax(-1))
             done |= next_token == config["eos_token_id"]
@@ -227,14 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     back_in_torch = torch_greedy(back, np.asarray(features), SMALL_CONFIG)
     with torch.no_grad():
         expected = back(torch.from_numpy(np.array(features)), torch.from_numpy(TRANSCRIPTS)).numpy()
-    flax_logits = nnx.jit(lambda model, features, tokens: model(features, tokens))(model, features, TRANSCRIPTS)
+    flax_logits = nnx.jit(lambda model, features, tokens: model(features, tokens))(
+        model, features, TRANSCRIPTS
+    )
     logits_diff = float(np.max(np.abs(expected - np.asarray(flax_logits))))
 
     same_after_load = bool((after_torch == loaded_in_flax).all())
     same_back = bool((after_flax == back_in_torch).all())
     trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, model.trainable)))
     rows = [
-        (f"trainable parameters (LoRA r={args.rank}, {len(model.replace_layers)} linear layers)", f"{trainable:,}"),
+        (
+            f"trainable parameters (LoRA r={args.rank}, {len(model.replace_layers)} linear layers)",
+            f"{trainable:,}",
+        ),
         ("log-mel front end, max |transformers - flax|", f"{front_end_diff:.2e}"),
         ("PyTorch loss, first -> last step", f"{torch_losses[0]:.4f} -> {torch_losses[-1]:.4f}"),
         ("Flax loss, first -> last step", f"{flax_losses[0]:.4f} -> {flax_losses[-1]:.4f}"),

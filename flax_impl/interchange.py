@@ -22,9 +22,9 @@ Example
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -172,7 +172,8 @@ def _tied_entries(module: nnx.Module, entries: list[TorchEntry]) -> list[TorchEn
         if inspect.getattr_static(submodule, "tied_weights", None) is None:
             continue
         prefix = f"{name}." if name else ""
-        for alias, primary in submodule.tied_weights.items():
+        ties: dict[str, str] = getattr(submodule, "tied_weights")  # noqa: B009  (not a static attribute)
+        for alias, primary in ties.items():
             source = by_key.get(prefix + primary)
             if source is None:
                 raise CheckpointError(
@@ -216,7 +217,9 @@ def _plan_load(
     plan = plan_load(source, target, strict=False)
     for alias, primary in plan.alias_checks:  # a tied key given with its source: one value, or refuse
         if not np.array_equal(np.asarray(arrays[alias]), np.asarray(arrays[primary])):
-            plan.report.mismatched.append(f"{alias}: tied to {primary} in the model but holds different values")
+            plan.report.mismatched.append(
+                f"{alias}: tied to {primary} in the model but holds different values"
+            )
     entries = {entry.key: entry for entry in torch_entries(module, strict=False)}
     assignments = []
     for key, source_key in plan.reads.items():

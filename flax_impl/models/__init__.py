@@ -34,13 +34,13 @@ from .qwen2 import Qwen2ForCausalLM, Qwen2Model
 from .qwen3 import Qwen3ForCausalLM, Qwen3Model
 from .wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from .wavlm import WavLMConfig, WavLMModel
-from .whisper_features import whisper_log_mel
 from .whisper import (
     WhisperConfig,
     WhisperEncoder,
     WhisperForConditionalGeneration,
     WhisperModel,
 )
+from .whisper_features import whisper_log_mel
 
 __all__ = [
     "BertConfig",

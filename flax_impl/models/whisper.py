@@ -366,6 +366,7 @@ class WhisperEncoder(nnx.Module):
 
         return from_pretrained(cls, path, **kwargs)
 
+
 # ---------------------------------------------------------------------------------------------
 # The decoder
 
@@ -544,19 +545,23 @@ class WhisperDecoder(nnx.Module):
         embeds = self.embed_tokens(input_ids)
         if self.config.pad_token_id is not None:
             # nn.Embedding(padding_idx=...): the padding row gets no gradient from the lookup.
-            embeds = jnp.where((input_ids == self.config.pad_token_id)[..., None], jax.lax.stop_gradient(embeds), embeds)
+            embeds = jnp.where(
+                (input_ids == self.config.pad_token_id)[..., None], jax.lax.stop_gradient(embeds), embeds
+            )
         table = self.embed_positions.embedding[...]
         positions = jax.lax.dynamic_slice_in_dim(table, index, input_ids.shape[1], axis=0)
         hidden_states = _dropout(self, embeds + positions.astype(embeds.dtype), self.dropout)
         keep = None
         if self.layerdrop > 0.0 and not self.deterministic:
             keep = jax.random.uniform(self.rngs(), (len(self.layers),)) >= self.layerdrop
-        new_cache = []
+        new_cache: list[KeyValue] = []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache[i]
-            new, layer_cache = layer(hidden_states, mask, cross_key_values[i], layer_cache, index)
+            new, layer_cache = layer(
+                hidden_states, mask, cross_key_values[i], None if cache is None else cache[i], index
+            )
             hidden_states = new if keep is None else jnp.where(keep[i], new, hidden_states)
-            new_cache.append(layer_cache)
+            if layer_cache is not None:
+                new_cache.append(layer_cache)
         return self.layer_norm(hidden_states), (None if cache is None else new_cache)
 
 
@@ -609,6 +614,7 @@ class WhisperModel(nnx.Module):
         rngs: nnx.Rngs,
     ) -> None:
         self.config = WhisperConfig.from_config(config)
+        self.config.check_decoder()  # before building anything
         self.encoder = WhisperEncoder(
             self.config,
             dtype=dtype,
@@ -655,13 +661,19 @@ class WhisperModel(nnx.Module):
         batch_size, mel_bins, frames = input_features.shape
         if config.mask_time_prob > 0:
             time = compute_mask_indices(
-                self.rngs(), (batch_size, frames), config.mask_time_prob, config.mask_time_length,
+                self.rngs(),
+                (batch_size, frames),
+                config.mask_time_prob,
+                config.mask_time_length,
                 min_masks=config.mask_time_min_masks,
             )
             input_features = jnp.where(time[:, None, :], 0, input_features)
         if config.mask_feature_prob > 0:
             bins = compute_mask_indices(
-                self.rngs(), (batch_size, mel_bins), config.mask_feature_prob, config.mask_feature_length,
+                self.rngs(),
+                (batch_size, mel_bins),
+                config.mask_feature_prob,
+                config.mask_feature_length,
                 min_masks=config.mask_feature_min_masks,
             )
             input_features = jnp.where(bins[:, :, None], 0, input_features)
@@ -834,10 +846,11 @@ class WhisperForConditionalGeneration(nnx.Module):
         encoder_outputs = None if encoder_outputs is None else self.model.encode(None, encoder_outputs)
         if input_features is None and encoder_outputs is None:
             raise ValueError("generate needs input_features (batch, num_mel_bins, frames) or encoder_outputs")
-        batch_size = (encoder_outputs if encoder_outputs is not None else jnp.asarray(input_features)).shape[0]
-        if decoder_input_ids is None:
-            decoder_input_ids = self.default_prompt(batch_size)
-        prompt = jnp.asarray(decoder_input_ids)
+        source = encoder_outputs if encoder_outputs is not None else jnp.asarray(input_features)
+        batch_size = source.shape[0]
+        prompt = jnp.asarray(
+            self.default_prompt(batch_size) if decoder_input_ids is None else decoder_input_ids
+        )
         if prompt.ndim != 2 or prompt.shape[0] != batch_size or not jnp.issubdtype(prompt.dtype, jnp.integer):
             raise ValueError(
                 f"decoder_input_ids must be integer token ids (batch={batch_size}, prompt_length), got "
@@ -854,10 +867,14 @@ class WhisperForConditionalGeneration(nnx.Module):
         if eos_token_id is not None and eos_token_id < 0:
             raise ValueError(f"eos_token_id must be a token id (>= 0) or None, got {eos_token_id}")
         graphdef, state = nnx.split(self)
-        features = None if input_features is None or encoder_outputs is not None else jnp.asarray(input_features)
+        features = (
+            None if input_features is None or encoder_outputs is not None else jnp.asarray(input_features)
+        )
         # The end-of-sequence id is traced, not static: another id reuses the compiled loop.
         eos = jnp.int32(-1 if eos_token_id is None else eos_token_id)
-        return _greedy(graphdef, state, features, encoder_outputs, prompt.astype(jnp.int32), max_new_tokens, eos)
+        return _greedy(
+            graphdef, state, features, encoder_outputs, prompt.astype(jnp.int32), max_new_tokens, eos
+        )
 
     @classmethod
     def from_pretrained(cls, path: Any, **kwargs: Any) -> Any:

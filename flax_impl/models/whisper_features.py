@@ -18,7 +18,6 @@ Example
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,7 +33,7 @@ CHUNK_LENGTH = 30  # seconds
 N_SAMPLES = CHUNK_LENGTH * SAMPLING_RATE  # 480000: 3000 frames of 10 ms
 
 
-def _hertz_to_mel(freq: np.ndarray) -> np.ndarray:
+def _hertz_to_mel(freq: float | np.ndarray) -> np.ndarray:
     """Slaney's mel scale: linear below 1 kHz, logarithmic above (as librosa and transformers)."""
     freq = np.asarray(freq, np.float64)
     mels = 3.0 * freq / 200.0
@@ -141,5 +140,3 @@ def _log_mel(audio: jax.Array, filters: jax.Array) -> jax.Array:
     log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
     log_spec = jnp.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
     return (log_spec + 4.0) / 4.0
-
-

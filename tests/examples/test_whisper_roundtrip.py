@@ -15,7 +15,17 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_whisper_roundtrip_gives_the_same_transcripts_in_both_frameworks(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
-        [sys.executable, "-m", "examples.whisper_roundtrip", "--torch-steps", "1", "--flax-steps", "2", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "examples.whisper_roundtrip",
+            "--torch-steps",
+            "1",
+            "--flax-steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -27,7 +37,11 @@ def test_the_whisper_roundtrip_gives_the_same_transcripts_in_both_frameworks(tmp
     assert "no package ships pretrained Whisper weights for offline use" in done.stdout
     assert re.search(r"the same in Flax after loading\s+\| yes", done.stdout)
     assert re.search(r"the same in PyTorch after loading back\s+\| yes", done.stdout)
-    assert float(re.search(r"max \|torch - flax\| after loading back\s+\| (\S+)", done.stdout).group(1)) < 1e-4
+    assert (
+        float(re.search(r"max \|torch - flax\| after loading back\s+\| (\S+)", done.stdout).group(1)) < 1e-4
+    )
     assert float(re.search(r"log-mel front end.*\| (\S+)", done.stdout).group(1)) < 1e-4
     assert (tmp_path / "whisper" / "model.safetensors").exists()
-    assert (tmp_path / "flax_adapters.safetensors").exists() and (tmp_path / "torch_adapters.safetensors").exists()
+    assert (tmp_path / "flax_adapters.safetensors").exists() and (
+        tmp_path / "torch_adapters.safetensors"
+    ).exists()

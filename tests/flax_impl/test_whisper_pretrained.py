@@ -45,7 +45,10 @@ def test_a_file_holding_proj_out_loads_when_equal_and_is_refused_when_not(saved,
     _, directory, features, expected = saved
     tensors = load_file(directory / "model.safetensors")
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
-    save_file({**tensors, "proj_out.weight": tensors["model.decoder.embed_tokens.weight"]}, tmp_path / "model.safetensors")
+    save_file(
+        {**tensors, "proj_out.weight": tensors["model.decoder.embed_tokens.weight"]},
+        tmp_path / "model.safetensors",
+    )
     model, report = WhisperForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
     assert any("proj_out.weight" in note for note in report.notes)
     np.testing.assert_allclose(_logits(model, features), expected, atol=1e-5, rtol=1e-5)
@@ -69,6 +72,7 @@ def test_a_sharded_directory_and_whisper_model_under_the_model_prefix(saved, tmp
         ).last_hidden_state.numpy()
     np.testing.assert_allclose(np.asarray(base(features, whisper.DECODER_IDS)), hidden, atol=1e-5, rtol=1e-5)
     np.testing.assert_array_equal(
-        np.asarray(model.model(features, whisper.DECODER_IDS)), np.asarray(base(features, whisper.DECODER_IDS))
+        np.asarray(model.model(features, whisper.DECODER_IDS)),
+        np.asarray(base(features, whisper.DECODER_IDS)),
     )
     assert any("'model.'" in note for note in report.notes)
