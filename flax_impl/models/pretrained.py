@@ -227,7 +227,8 @@ def from_pretrained(
         Seeds the dropout streams (and, with ``strict=False``, the variables the file lacks).
     mesh : jax.sharding.Mesh, optional
         The devices to place the weights on; default: one device (``jax.devices()[0]``).
-    rules : sequence of (glob, PartitionSpec), or a function of (shapes, mesh) returning one
+    rules : list, optional
+        ``(glob, PartitionSpec)`` pairs, or a function of ``(shapes, mesh)`` returning them.
         Partition rules over the variables' dotted Flax paths, specs in Flax layout (see
         :mod:`flax_impl.models.partitioning` for the rules and the default sets); first match
         wins, unmatched variables are replicated on ``mesh``. Needs ``mesh``.

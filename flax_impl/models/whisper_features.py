@@ -97,7 +97,7 @@ def whisper_log_mel(
 
     Arguments
     ---------
-    audio : array or list of arrays
+    audio : numpy.ndarray or list of numpy.ndarray
         ``(samples,)``, ``(batch, samples)``, or a list of 1-d arrays of any lengths; each row is
         zero-padded or cut to 30 s, as ``WhisperFeatureExtractor(...)(audio, sampling_rate=16000)``
         pads and truncates by default.
