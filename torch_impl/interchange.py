@@ -53,9 +53,24 @@ KIND_OF_TYPE: list[
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), "batch_norm"),
     (LoRA, "lora"),
     (lambda m: _is_weight_norm(m), "conv_weight_norm"),
+    (lambda m: _is_rms_norm(m), "rms_norm"),
     (lambda m: "masked_spec_embed" in m._parameters, "masked_spec_embed"),
     (lambda m: "gru_rel_pos_const" in m._parameters, "gated_relative_position"),
 ]
+
+
+def _is_rms_norm(module: nn.Module) -> bool:
+    """True for an RMS norm written as its own class, as every transformers LLM family does
+    (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ``Gemma3RMSNorm``, ...: not ``nn.RMSNorm``): a leaf module
+    whose only tensor is a 1-d ``weight``, with the epsilon transformers names ``variance_epsilon``
+    (Gemma: ``eps``). Its layout is the identity either way (``weight`` <-> ``scale``), so the
+    rule can only rename, never re-lay out, a tensor."""
+    if next(module.children(), None) is not None or list(module._buffers):
+        return False
+    params = module._parameters
+    if set(params) != {"weight"} or params["weight"] is None or params["weight"].ndim != 1:
+        return False
+    return isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float)
 
 
 def _is_weight_norm(module: nn.Module) -> bool:

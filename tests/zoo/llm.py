@@ -8,9 +8,8 @@ biases, tied embeddings, each RoPE type, sliding windows shorter than the batch 
 cuts), Gemma's local/global layers, softcapping. Every parameter is drawn at random (norm weights
 around their neutral value), so no default can stand in for a weight.
 
-Importing this module registers transformers' RMSNorm classes as the ``rms_norm`` kind in
-``torch_impl.interchange.KIND_OF_TYPE`` (their public extension point): the PyTorch side of a
-conversion needs the kind of each module, and transformers' norms are their own classes.
+transformers' RMSNorm classes are their own classes (not ``nn.RMSNorm``); the PyTorch bridge
+recognises them as the ``rms_norm`` kind by themselves (``torch_impl.interchange._is_rms_norm``).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import torch
 from flax import nnx
 
 import converters
-import torch_impl.interchange
 from flax_impl.models.gemma3 import Gemma3ForCausalLM
 from flax_impl.models.llama import LlamaForCausalLM
 from flax_impl.models.mistral import MistralForCausalLM
@@ -54,8 +52,6 @@ _RMS_NORMS = tuple(
     )
 )
 _GEMMA_NORM = transformers.models.gemma3.modeling_gemma3.Gemma3RMSNorm  # (1 + w): w around 0
-if (_RMS_NORMS, "rms_norm") not in torch_impl.interchange.KIND_OF_TYPE:
-    torch_impl.interchange.KIND_OF_TYPE.append((_RMS_NORMS, "rms_norm"))
 
 VOCAB = 64
 EOS = 3
