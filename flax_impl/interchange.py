@@ -33,9 +33,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from twinformat.adapters import ADAPTERS
 from twinformat.dtypes import dtype_name
 from twinformat.errors import CheckpointError, LayoutError
-from twinformat.report import KeyReport
 from twinformat.kinds import (
     flax_to_torch_shape,
     flax_to_torch_view,
@@ -46,6 +46,7 @@ from twinformat.kinds import (
 )
 from twinformat.names import dotted
 from twinformat.plan import plan_load
+from twinformat.report import KeyReport
 from twinformat.state import FlatState
 
 from .graph import named_modules
@@ -174,7 +175,7 @@ def _tied_entries(module: nnx.Module, entries: list[TorchEntry]) -> list[TorchEn
         prefix = f"{name}." if name else ""
         ties: dict[str, str] = getattr(submodule, "tied_weights")  # noqa: B009  (not a static attribute)
         for alias, primary in ties.items():
-            source = by_key.get(prefix + primary)
+            source = by_key.get(prefix + primary) or _through_adapter(by_key, prefix + primary)
             if source is None:
                 raise CheckpointError(
                     f"{type(submodule).__name__} at {name or '<root>'!r} ties {alias!r} to {primary!r}, "
@@ -182,6 +183,17 @@ def _tied_entries(module: nnx.Module, entries: list[TorchEntry]) -> list[TorchEn
                 )
             tied.append(dataclasses.replace(source, key=prefix + alias, alias_of=source.key))
     return tied
+
+
+def _through_adapter(by_key: Mapping[str, TorchEntry], key: str) -> TorchEntry | None:
+    """The entry of ``key``'s layer inside an adapter that wraps it (a LoRA on a tied embedding:
+    ``model.embed_tokens.weight`` is ``model.embed_tokens.pretrained_module.weight``), or None."""
+    layer, _, leaf = key.rpartition(".")
+    for adapter in ADAPTERS.values():
+        entry = by_key.get(f"{layer}.{adapter.wrapped}.{leaf}" if layer else f"{adapter.wrapped}.{leaf}")
+        if entry is not None:
+            return entry
+    return None
 
 
 def _torch_arrays(entries: list[TorchEntry]) -> dict[str, np.ndarray]:

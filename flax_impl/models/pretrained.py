@@ -302,7 +302,7 @@ def from_pretrained(
     names, notes = _select(checkpoint.specs, set(entries) | set(tied), _prefixes(cls))
     source = FlatState({key: checkpoint.specs[name] for key, name in names.items()}, framework="dict")
     target = bridge.model_state(model)
-    target.aliases = tied
+    target.aliases = {**target.aliases, **tied}  # the bridge declares ties it knows; keep both
     plan = plan_load(source, target, strict=False)
     report = plan.report
     report.notes = notes + report.notes

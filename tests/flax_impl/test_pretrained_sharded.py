@@ -606,7 +606,7 @@ GUIDE = ROOT / "docs" / "guides" / "large_models.md"
 
 
 def test_the_large_models_guide_runs_as_pasted(tmp_path):
-    from tests.test_readme import snippets
+    from tests.test_docs import snippets
 
     blocks = snippets(GUIDE.read_text())
     assert blocks, f"{GUIDE} has no python block"
@@ -624,4 +624,4 @@ def test_the_large_models_guide_runs_as_pasted(tmp_path):
         )
         assert done.returncode == 0, f"{GUIDE.name} line {block.line}:\n{done.stderr[-3000:]}"
         printed += done.stdout
-    assert "P('fsdp', 'model')" in printed and "filled through it" in printed, printed  # what it says
+    assert "P('fsdp', 'model')" in printed and "checked equal to it" in printed, printed  # what it says
