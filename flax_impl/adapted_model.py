@@ -174,6 +174,12 @@ class AdaptedModel(nnx.Module):
         self.adapter_kwargs = dict(adapter_kwargs or {})
         self.target_layers = list(target_layers)
         self.unfrozen_layers = list(unfrozen_layers)
+        # Layer name -> kwargs that differ from adapter_kwargs for that layer (PEFT's
+        # rank_pattern/alpha_pattern); set before insert_adapters() (manual insertion).
+        self.layer_adapter_kwargs: dict[str, dict[str, Any]] = {}
+        # The PEFT config this model was read from (from_pretrained), so that save_pretrained
+        # writes back the user's target_modules, patterns, task_type and base model name.
+        self.recorded_peft_config: dict[str, Any] | None = None
 
         named = list(named_modules(model_to_adapt))
         names = [name for name, _ in named]
@@ -222,8 +228,9 @@ class AdaptedModel(nnx.Module):
         new_modules = []
         for name in self.replace_layers:
             module = get_submodule(self.adapted_model, name)
+            kwargs = {**self.adapter_kwargs, **self.layer_adapter_kwargs.get(name, {})}
             try:
-                new_modules.append(self.adapter_class(module, **self.adapter_kwargs, rngs=rngs))
+                new_modules.append(self.adapter_class(module, **kwargs, rngs=rngs))
             except (ValueError, TypeError) as exc:
                 adapter_name = getattr(self.adapter_class, "__name__", repr(self.adapter_class))
                 raise _with_message(
@@ -327,18 +334,28 @@ class AdaptedModel(nnx.Module):
         self.loader(path, True)
 
     def save_pretrained(
-        self, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        base_model_name_or_path: str | None = None,
+        task_type: str | None = None,
     ) -> str:
         """Write the adapters (only them) to ``directory``, the habit of PEFT users.
 
         PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, which
         ``peft.PeftModel.from_pretrained(base, directory)`` loads onto the PyTorch twin of the
         base model with the same outputs) where PEFT can represent the adapters: LoRA with any
-        of its options (``dropout``, ``use_rslora``, ``use_dora``) on named Linear/Conv/Embed
-        layers, nothing unfrozen, convs of dilation 1 and zero padding. Our format otherwise
-        (``peft_twins_adapter.json`` + ``adapters.safetensors``, the :meth:`saver` file). The
-        write is atomic. ``base_model_name_or_path`` is recorded in PEFT's config. Returns
-        ``'peft'`` or ``'peft-twins'``.
+        of its options (``dropout``, ``use_rslora``, ``use_dora``, per-layer ranks and alphas as
+        ``rank_pattern``/``alpha_pattern``) on named Linear/Conv/Embed layers, unfrozen layers as
+        ``modules_to_save`` (none holding an adapter), convs of dilation 1 and zero padding. Our
+        format otherwise (``peft_twins_adapter.json`` + ``adapters.safetensors``, the :meth:`saver`
+        file). The write is atomic. Returns ``'peft'`` or ``'peft-twins'``.
+
+        PEFT's config keeps what the user gave, as the PyTorch twin's does: ``target_modules`` as
+        read from PEFT, else ``target_layers`` as one regular expression (where either selects
+        exactly the adapted layers); ``task_type`` (argument, else read); ``base_model_name_or_path``
+        (argument, else read, else the base model's ``name_or_path``); with no ``task_type``,
+        PEFT's ``auto_mapping`` naming the transformers class a Flax twin mirrors.
 
         Example
         -------
@@ -351,7 +368,9 @@ class AdaptedModel(nnx.Module):
         """
         from .pretrained import save_pretrained
 
-        return save_pretrained(self, directory, base_model_name_or_path=base_model_name_or_path)
+        return save_pretrained(
+            self, directory, base_model_name_or_path=base_model_name_or_path, task_type=task_type
+        )
 
     @classmethod
     def from_pretrained(
@@ -359,7 +378,8 @@ class AdaptedModel(nnx.Module):
     ) -> AdaptedModel:
         """Wrap ``base_model`` in the adapters saved in ``directory`` (by :meth:`save_pretrained`
         of either twin, or by PEFT's ``save_pretrained`` for LoRA with any option our LoRA
-        computes: DoRA, dropout, rsLoRA, embeddings, uniform rank/alpha patterns) and load them.
+        computes: DoRA, dropout, rsLoRA, embeddings, rank/alpha patterns, ``modules_to_save`` as
+        unfrozen layers) and load them.
         Like ``peft.PeftModel.from_pretrained``, the model comes back in eval mode (``.train()``
         to train on).
 

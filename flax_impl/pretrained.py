@@ -27,7 +27,7 @@ Example
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flax import nnx
@@ -78,21 +78,62 @@ def peft_layer_refusal(name: str, layer: Any) -> str | None:
     return None
 
 
-def peft_refusal(model: Any) -> str | None:
+def peft_refusal(model: Any, *, full: bool = False) -> str | None:
     """Why PEFT's format cannot represent ``model``'s adapters, or None when it can
-    (:func:`twinformat.peft_format.adapted_model_refusal`, with this twin's :func:`peft_layer_refusal`)."""
+    (:func:`twinformat.peft_format.adapted_model_refusal`, with this twin's :func:`peft_layer_refusal`;
+    ``full`` for :func:`save_pretrained`, which writes unfrozen layers as ``modules_to_save``
+    and per-layer kwargs as patterns)."""
     return peft_format.adapted_model_refusal(
-        model, lambda name: peft_layer_refusal(name, _wrapped(model, name))
+        model, lambda name: peft_layer_refusal(name, _wrapped(model, name)), full=full
     )
 
 
+def _outermost(names: Sequence[str]) -> list[str]:
+    """``names`` without those that lie inside another of them."""
+    return [n for n in names if not any(n != o and (not o or n.startswith(f"{o}.")) for o in names)]
+
+
+def _base_module_names(model: Any) -> list[str]:
+    """The base model's module names as PEFT sees them on the PyTorch twin (the adapters'
+    insides left out)."""
+    inside = tuple(f"{name}." for name in model.replace_layers if name)
+    return [name for name, _ in named_modules(model.adapted_model) if not name.startswith(inside)]
+
+
+def _auto_mapping(model: Any) -> dict[str, str] | None:
+    """PEFT's ``auto_mapping`` for the transformers class a Flax twin mirrors (the twins carry
+    transformers' class names and a ``model_type``), what ``AutoPeftModel`` imports."""
+    cls = type(model.adapted_model)
+    if isinstance(getattr(cls, "model_type", None), str):
+        return {"base_model_class": cls.__name__, "parent_library": "transformers"}
+    return None
+
+
+def _name_or_path(model: Any) -> str | None:
+    """The base model's name or path where it was recorded (``name_or_path``, or a config's
+    ``_name_or_path``)."""
+    base = model.adapted_model
+    config = getattr(base, "config", None)
+    for value in (
+        vars(base).get("name_or_path"),
+        config.get("_name_or_path") if isinstance(config, Mapping) else getattr(config, "_name_or_path", None),
+    ):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def save_pretrained(
-    model: Any, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+    model: Any,
+    directory: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
 ) -> str:
     """Write ``model``'s adapters (only them) to ``directory``; returns the format written,
     ``'peft'`` or ``'peft-twins'``."""
     arrays = model.trainable_state_dict()
-    refusal = peft_refusal(model)
+    refusal = peft_refusal(model, full=True)
     if refusal is None:
         embeddings = [n for n in model.replace_layers if peft_layer_kind(_wrapped(model, n)) == "embedding"]
         config, peft_arrays = peft_format.peft_files(
@@ -100,8 +141,15 @@ def save_pretrained(
             model.replace_layers,
             model.adapter_kwargs,
             embeddings=embeddings,
-            base_model_name_or_path=base_model_name_or_path,
+            base_model_name_or_path=base_model_name_or_path or _name_or_path(model),
             where=str(directory),
+            layer_kwargs=model.layer_adapter_kwargs,
+            modules_to_save=_outermost(model.unfrozen_module_names),
+            module_names=_base_module_names(model),
+            target_patterns=model.target_layers,
+            recorded=model.recorded_peft_config,
+            task_type=task_type,
+            auto_mapping=_auto_mapping(model),
         )
         write = lambda path: save_state_dict_file(peft_arrays, path, {"format": "pt"})  # noqa: E731
     else:
@@ -111,6 +159,7 @@ def save_pretrained(
             adapter_kwargs=recorded_jsonable(model.adapter_kwargs),
             adapted_layers=model.replace_layers,
             unfrozen_layers=model.unfrozen_module_names,
+            layer_adapter_kwargs=recorded_jsonable(model.layer_adapter_kwargs),
         )
         metadata = model._file_metadata(arrays)
         write = lambda path: save_state_dict_file(arrays, path, metadata)  # noqa: E731
@@ -128,8 +177,11 @@ def from_pretrained(
     adapter_class: type[LoRA | HoulsbyAdapterLinear]
     metadata: Mapping[str, str]
     where = str(found.weights)
+    layer_kwargs: Mapping[str, Mapping[str, Any]] = {}
     if found.format == "peft":
-        adapter = peft_format.load_peft_adapter(found, lambda path: load_state_dict_file(path)[0])
+        adapter = peft_format.load_peft_adapter(
+            found, lambda path: load_state_dict_file(path)[0], allow_patterns=True, allow_modules_to_save=True
+        )
         modules = dict(named_modules(base_model))
         peft_format.check_peft_model(
             adapter,
@@ -137,14 +189,18 @@ def from_pretrained(
             where=str(directory),
             layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
         )
-        adapter_class, kwargs = LoRA, adapter.adapter_kwargs
-        adapted, unfrozen = adapter.layers, []
+        adapter_class, kwargs, layer_kwargs = LoRA, adapter.adapter_kwargs, adapter.layer_kwargs
+        adapted, unfrozen = adapter.layers, adapter.modules_to_save
         arrays, metadata = adapter.tensors, {}
     else:
         arrays, metadata = load_state_dict_file(found.weights)
         adapter_class = _adapter_class(found.config["adapter_class"], where)
         kwargs = _resolve_kwargs(adapter_class, found.config["adapter_kwargs"], where)
         adapted, unfrozen = found.config["adapted_layers"], found.config["unfrozen_layers"]
+        layer_kwargs = {
+            name: _resolve_kwargs(adapter_class, value, where)
+            for name, value in found.config.get("layer_adapter_kwargs", {}).items()
+        }
     model = cls(
         base_model,
         adapter_class,
@@ -154,8 +210,13 @@ def from_pretrained(
         target_layers=[peft_format.escape_glob(name) for name in adapted if name],
         unfrozen_layers=[peft_format.escape_glob(name) for name in unfrozen],
         adapter_kwargs=kwargs,
+        manual_adapter_insertion=True,
         rngs=rngs,
     )
+    model.layer_adapter_kwargs = {name: dict(value) for name, value in layer_kwargs.items()}
+    if found.format == "peft":
+        model.recorded_peft_config = dict(found.config)
+    model.insert_adapters()  # builds every adapter before replacing a layer: a refusal changes nothing
     try:
         if sorted(model.replace_layers) != sorted(adapted):
             raise CheckpointError(

@@ -154,6 +154,12 @@ class AdaptedModel(nn.Module):
         self.adapter_kwargs = dict(adapter_kwargs or {})
         self.target_layers = list(target_layers)
         self.unfrozen_layers = list(unfrozen_layers)
+        # Layer name -> kwargs that differ from adapter_kwargs for that layer (PEFT's
+        # rank_pattern/alpha_pattern); set before insert_adapters() (manual insertion).
+        self.layer_adapter_kwargs: dict[str, dict[str, Any]] = {}
+        # The PEFT config this model was read from (from_pretrained), so that save_pretrained
+        # writes back the user's target_modules, patterns, task_type and base model name.
+        self.recorded_peft_config: dict[str, Any] | None = None
         requires_grad = _requires_grad_flags(model_to_adapt)
         try:
             for param in model_to_adapt.parameters():
@@ -201,8 +207,9 @@ class AdaptedModel(nn.Module):
         try:
             for name in self.replace_layers:
                 module = self.adapted_model.get_submodule(name)
+                kwargs = {**self.adapter_kwargs, **self.layer_adapter_kwargs.get(name, {})}
                 try:
-                    new_modules.append(self.adapter_class(module, **self.adapter_kwargs))
+                    new_modules.append(self.adapter_class(module, **kwargs))
                 except (ValueError, TypeError) as exc:
                     adapter_name = getattr(self.adapter_class, "__name__", repr(self.adapter_class))
                     raise _with_message(
@@ -310,18 +317,31 @@ class AdaptedModel(nn.Module):
         self.loader(path, True)
 
     def save_pretrained(
-        self, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        base_model_name_or_path: str | None = None,
+        task_type: str | None = None,
     ) -> str:
         """Write the adapters (only them) to ``directory``, the habit of PEFT users.
 
         PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, which
         ``peft.PeftModel.from_pretrained(base, directory)`` loads with the same outputs) where
         PEFT can represent the adapters: LoRA with any of its options (``dropout``,
-        ``use_rslora``, ``use_dora``) on named Linear/Conv/Embedding layers, nothing unfrozen,
-        convs of dilation 1 and zero padding, no scaled embeddings (PEFT multiplies their adapter
-        output by ``embed_scale``). Our format otherwise (``peft_twins_adapter.json`` + ``adapters.safetensors``,
-        the :meth:`saver` file). The write is atomic. ``base_model_name_or_path`` is recorded in
-        PEFT's config. Returns ``'peft'`` or ``'peft-twins'``.
+        ``use_rslora``, ``use_dora``, per-layer ranks and alphas as ``rank_pattern``/``alpha_pattern``)
+        on named Linear/Conv/Embedding layers, unfrozen layers as ``modules_to_save`` (none holding
+        an adapter or a weight tied outside it), convs of dilation 1 and zero padding, no scaled
+        embeddings (PEFT multiplies their adapter output by ``embed_scale``). Our format otherwise
+        (``peft_twins_adapter.json`` + ``adapters.safetensors``, the :meth:`saver` file). The write
+        is atomic. Returns ``'peft'`` or ``'peft-twins'``.
+
+        PEFT's config keeps what the user gave: ``target_modules`` as the PEFT config this model
+        was read from said it, else ``target_layers`` as one regular expression (either only where
+        it selects exactly the adapted layers, else the list of their names); ``task_type``
+        (argument, else the one read); ``base_model_name_or_path`` (argument, else the one read,
+        else transformers' ``config._name_or_path``); with no ``task_type``, PEFT's
+        ``auto_mapping`` of a transformers base model, so ``peft.AutoPeftModel.from_pretrained``
+        rebuilds the base.
 
         Example
         -------
@@ -334,13 +354,16 @@ class AdaptedModel(nn.Module):
         """
         from .pretrained import save_pretrained
 
-        return save_pretrained(self, directory, base_model_name_or_path=base_model_name_or_path)
+        return save_pretrained(
+            self, directory, base_model_name_or_path=base_model_name_or_path, task_type=task_type
+        )
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike[str]) -> AdaptedModel:
         """Wrap ``base_model`` in the adapters saved in ``directory`` (by :meth:`save_pretrained`
         of either twin, or by PEFT's ``save_pretrained`` for LoRA with any option our LoRA
-        computes: DoRA, dropout, rsLoRA, embeddings, uniform rank/alpha patterns) and load them.
+        computes: DoRA, dropout, rsLoRA, embeddings, rank/alpha patterns, ``modules_to_save`` as
+        unfrozen layers) and load them.
         Like ``peft.PeftModel.from_pretrained``, the model comes back in eval mode (``.train()``
         to train on).
 

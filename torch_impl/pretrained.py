@@ -38,7 +38,7 @@ from torch import nn
 
 from twinformat import peft_format
 from twinformat.adapters import LORA, adapter_class_name, adapter_of
-from twinformat.errors import CheckpointError
+from twinformat.errors import CheckpointError, PeftConversionError
 from twinformat.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
 
 from . import distributed
@@ -90,22 +90,57 @@ def peft_layer_refusal(name: str, layer: nn.Module) -> str | None:
     return None
 
 
-def peft_refusal(model: Any) -> str | None:
+def peft_refusal(model: Any, *, full: bool = False) -> str | None:
     """Why PEFT's format cannot represent ``model``'s adapters, or None when it can
-    (:func:`twinformat.peft_format.adapted_model_refusal`, with this twin's :func:`peft_layer_refusal`)."""
-    return peft_format.adapted_model_refusal(
-        model, lambda name: peft_layer_refusal(name, _wrapped(model, name))
+    (:func:`twinformat.peft_format.adapted_model_refusal`, with this twin's :func:`peft_layer_refusal`;
+    ``full`` for :func:`save_pretrained`, which writes unfrozen layers as ``modules_to_save``
+    and per-layer kwargs as patterns, but not unfrozen layers that share a weight with a module
+    outside them, which PEFT's ``modules_to_save`` would untie)."""
+    refusal = peft_format.adapted_model_refusal(
+        model, lambda name: peft_layer_refusal(name, _wrapped(model, name)), full=full
     )
+    if refusal is not None:
+        return refusal
+    return _tied_modules_refusal(model.adapted_model, _outermost(model.unfrozen_module_names))
+
+
+def _outermost(names: Sequence[str]) -> list[str]:
+    """``names`` without those that lie inside another of them."""
+    return [n for n in names if not any(n != o and (not o or n.startswith(f"{o}.")) for o in names)]
+
+
+def _base_module_names(model: Any) -> list[str]:
+    """The base model's module names as PEFT sees them (the adapters' insides left out)."""
+    inside = tuple(f"{name}." for name in model.replace_layers if name)
+    return [name for name, _ in model.adapted_model.named_modules() if not name.startswith(inside)]
+
+
+def _auto_mapping(model: Any) -> dict[str, str] | None:
+    """PEFT's ``auto_mapping`` for a transformers base model (what ``AutoPeftModel`` imports)."""
+    cls = type(model.adapted_model)
+    if cls.__module__.startswith("transformers."):
+        return {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+    return None
+
+
+def _name_or_path(model: Any) -> str | None:
+    """The base model's name or path where transformers recorded it (``from_pretrained``)."""
+    value = getattr(getattr(model.adapted_model, "config", None), "_name_or_path", None)
+    return value if isinstance(value, str) and value else None
 
 
 def save_pretrained(
-    model: Any, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+    model: Any,
+    directory: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
 ) -> str:
     """Write ``model``'s adapters (only them) to ``directory``; returns the format written,
     ``'peft'`` or ``'peft-twins'``. In a process group every rank must call it (the trainable
     tensors are gathered) and rank 0 writes."""
     tensors = model.trainable_state_dict()
-    refusal = peft_refusal(model)
+    refusal = peft_refusal(model, full=True)
     if refusal is None:
         embeddings = [n for n in model.replace_layers if peft_layer_kind(_wrapped(model, n)) == "embedding"]
         config, peft_tensors = peft_format.peft_files(
@@ -113,8 +148,15 @@ def save_pretrained(
             model.replace_layers,
             model.adapter_kwargs,
             embeddings=embeddings,
-            base_model_name_or_path=base_model_name_or_path,
+            base_model_name_or_path=base_model_name_or_path or _name_or_path(model),
             where=str(directory),
+            layer_kwargs=model.layer_adapter_kwargs,
+            modules_to_save=_outermost(model.unfrozen_module_names),
+            module_names=_base_module_names(model),
+            target_patterns=model.target_layers,
+            recorded=model.recorded_peft_config,
+            task_type=task_type,
+            auto_mapping=_auto_mapping(model),
         )
         write = lambda path: save_state_dict_file(peft_tensors, path, {"format": "pt"})  # noqa: E731
     else:
@@ -124,6 +166,7 @@ def save_pretrained(
             adapter_kwargs=recorded_jsonable(model.adapter_kwargs),
             adapted_layers=model.replace_layers,
             unfrozen_layers=model.unfrozen_module_names,
+            layer_adapter_kwargs=recorded_jsonable(model.layer_adapter_kwargs),
         )
         metadata = model._file_metadata(tensors)
         write = lambda path: save_state_dict_file(tensors, path, metadata)  # noqa: E731
@@ -142,8 +185,11 @@ def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLi
     adapter_class: type[LoRA | HoulsbyAdapterLinear]
     metadata: Mapping[str, str]
     where = str(found.weights)
+    layer_kwargs: Mapping[str, Mapping[str, Any]] = {}
     if found.format == "peft":
-        adapter = peft_format.load_peft_adapter(found, lambda path: load_state_dict_file(path)[0])
+        adapter = peft_format.load_peft_adapter(
+            found, lambda path: load_state_dict_file(path)[0], allow_patterns=True, allow_modules_to_save=True
+        )
         modules = dict(base_model.named_modules())
         peft_format.check_peft_model(
             adapter,
@@ -151,14 +197,21 @@ def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLi
             where=str(directory),
             layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
         )
-        adapter_class, kwargs = LoRA, adapter.adapter_kwargs
-        adapted, unfrozen = adapter.layers, []
+        refusal = _tied_modules_refusal(base_model, adapter.modules_to_save)
+        if refusal is not None:
+            raise PeftConversionError(f"{str(directory)!r}: {refusal}")
+        adapter_class, kwargs, layer_kwargs = LoRA, adapter.adapter_kwargs, adapter.layer_kwargs
+        adapted, unfrozen = adapter.layers, adapter.modules_to_save
         tensors, metadata = adapter.tensors, {}
     else:
         tensors, metadata = load_state_dict_file(found.weights)
         adapter_class = _adapter_class(found.config["adapter_class"], where)
         kwargs = _resolve_kwargs(adapter_class, found.config["adapter_kwargs"], where)
         adapted, unfrozen = found.config["adapted_layers"], found.config["unfrozen_layers"]
+        layer_kwargs = {
+            name: _resolve_kwargs(adapter_class, value, where)
+            for name, value in found.config.get("layer_adapter_kwargs", {}).items()
+        }
     flags = [(p, p.requires_grad) for p in base_model.parameters()]
     model = cls(
         base_model,
@@ -169,7 +222,17 @@ def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLi
         target_layers=[peft_format.escape_glob(name) for name in adapted if name],
         unfrozen_layers=[peft_format.escape_glob(name) for name in unfrozen],
         adapter_kwargs=kwargs,
+        manual_adapter_insertion=True,
     )
+    model.layer_adapter_kwargs = {name: dict(value) for name, value in layer_kwargs.items()}
+    if found.format == "peft":
+        model.recorded_peft_config = dict(found.config)
+    try:
+        model.insert_adapters()
+    except BaseException:
+        for param, flag in flags:
+            param.requires_grad_(flag)
+        raise
     try:
         if sorted(model.replace_layers) != sorted(adapted):
             raise CheckpointError(
@@ -180,6 +243,24 @@ def from_pretrained(cls: type, base_model: nn.Module, directory: str | os.PathLi
         _put_back(model, base_model, flags)
         raise
     return model.eval()
+
+
+def _tied_modules_refusal(base_model: nn.Module, modules: Sequence[str]) -> str | None:
+    """Why ``modules`` (to save, or unfrozen) cannot cross PEFT's ``modules_to_save``, or None: one
+    whose weight is tied to a module outside it (``lm_head`` and ``embed_tokens``)."""
+    owners: dict[int, list[str]] = {}
+    for name, param in base_model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for module in modules:
+        for param_name, param in base_model.get_submodule(module).named_parameters():
+            outside = [n for n in owners[id(param)] if not n.startswith(f"{module}.")]
+            if outside:
+                return (
+                    f"module {module!r} (unfrozen, PEFT's modules_to_save) shares {param_name!r} with "
+                    f"{outside[0]!r} (tied weights): PEFT trains an untied copy, an unfrozen layer the shared "
+                    "parameter itself; untie them first (config.tie_word_embeddings=False and a cloned weight)"
+                )
+    return None
 
 
 def _adapter_class(name: str, where: str) -> type[LoRA | HoulsbyAdapterLinear]:

@@ -337,6 +337,20 @@ class _ScaledEmbeddingNet(nn.Module):
         return self.head(self.embed(ids))
 
 
+class _TiedNet(nn.Module):
+    """An embedding and an output head sharing one weight (a language model's tied embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.embed(ids)))
+
+
 def _peft_on(base: nn.Module, folder, **config) -> None:
     peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, **config)).save_pretrained(str(folder))
 
@@ -344,10 +358,9 @@ def _peft_on(base: nn.Module, folder, **config) -> None:
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("different-ranks", "different ranks or alphas.*our AdaptedModel has one rank"),
         ("dora-embedding", "'embeddings.word_embeddings' is an embedding adapted with DoRA"),
         ("pissa", "init_lora_weights='pissa' rewrites the base weights"),
-        ("modules-to-save", r"modules_to_save \(fully trained extra modules\)"),
+        ("tied-modules-to-save", "module 'head' .*shares 'weight' with 'embed.weight' \\(tied weights\\)"),
         ("dilated-conv", "layer 'conv' is a conv with dilation \\(2, 2\\).*PEFT's LoRA conv has dilation 1"),
         ("scaled-embedding", "layer 'embed' is a scaled embedding.*embed_scale"),
     ],
@@ -362,13 +375,14 @@ def test_peft_directories_our_lora_cannot_compute_are_refused_before_the_base_ch
     elif case == "scaled-embedding":
         base = _ScaledEmbeddingNet()
         _peft_on(base, folder, target_modules=["embed", "head"])
+    elif case == "tied-modules-to-save":  # PEFT trains an untied copy of the head; ours would move both
+        base = _TiedNet()
+        _peft_on(base, folder, target_modules=["mid"], modules_to_save=["head"])
     else:
         base = _bert()
         kwargs = {
-            "different-ranks": {"target_modules": ["query", "value"], "rank_pattern": {"query": 4}},
             "dora-embedding": {"target_modules": ["word_embeddings"], "use_dora": True},
             "pissa": {"target_modules": ["query"]},
-            "modules-to-save": {"target_modules": ["query"], "modules_to_save": ["pooler"]},
         }[case]
         _peft_on(base, folder, **kwargs)
         if case == "pissa":  # what a PiSSA adapter's config says; peft would rewrite the base on load
