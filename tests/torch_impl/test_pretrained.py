@@ -195,10 +195,12 @@ def test_a_refused_from_pretrained_leaves_the_base_model_as_it_was(tmp_path):
 def test_getattr_does_not_hand_save_or_load_attributes_to_the_wrapped_model(tmp_path):
     model, _ = _adapted_bert()
 
-    for name in ("push_to_hub", "load_adapter", "add_adapter", "get_adapter_state_dict", "set_adapter"):
+    for name in ("push_to_hub", "get_adapter_state_dict", "enable_adapters"):
         assert not hasattr(model, name), name
         with pytest.raises(AttributeError, match="adapted_model." + name):
             getattr(model, name)
+    for name in ("load_adapter", "add_adapter", "set_adapter"):  # ours now (named adapters, PEFT's meaning)
+        assert getattr(model, name).__func__ is getattr(AdaptedModel, name), name
     assert model.config is model.adapted_model.config  # everything else still falls through
     assert model.get_input_embeddings() is model.adapted_model.embeddings.word_embeddings
     # save_pretrained is ours: the directory holds the adapters, not 47 keys of the whole model

@@ -1,0 +1,216 @@
+"""Several named adapters on one ``AdaptedModel`` (issue #23), against the real ``peft``: a
+transformers BERT (small config, random init) with three LoRA adapters of different layers, ranks
+and options (rsLoRA, DoRA), every factor perturbed; outputs after ``set_adapter``, with a list of
+active adapters, under ``disable_adapter``, in a mixed batch and after ``delete_adapter`` equal
+``PeftModel``'s; files cross both ways in PEFT's multi-adapter layout; only the active adapter
+trains; a one-adapter model is what it was."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from tests.zoo import bert
+from torch_impl import AdaptedModel, LoRA
+from torch_impl.checkpoint import save_state_dict_file
+from twinformat import peft_format
+from twinformat.errors import AdapterError, CheckpointError, PeftConversionError
+
+peft = pytest.importorskip("peft")
+
+#: name -> (PEFT LoraConfig, our target_layers, our adapter_kwargs)
+ADAPTERS = {
+    "default": (dict(r=4, lora_alpha=8, target_modules=["query", "value"]), bert.QUERY_VALUE, {"rank": 4, "alpha": 8}),
+    "b": (
+        dict(r=2, lora_alpha=3, use_rslora=True, target_modules=["query", "key"]),
+        ["*.query", "*.key"],
+        {"rank": 2, "alpha": 3, "use_rslora": True},
+    ),
+    "c": (
+        dict(r=3, lora_alpha=5, use_dora=True, target_modules=["output.dense"]),
+        ["*output.dense"],
+        {"rank": 3, "alpha": 5, "use_dora": True},
+    ),
+}
+
+
+def _ids(batch: int = 4) -> torch.Tensor:
+    return torch.arange(batch * 5).reshape(batch, 5) % bert.SMALL_CONFIG["vocab_size"]
+
+
+def _out(model: nn.Module, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=_ids(), **kwargs).last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def peft_folder(tmp_path_factory):
+    """PEFT's own three-adapter model, every factor and magnitude perturbed, saved in its layout."""
+    torch.manual_seed(0)
+    base = bert.small_torch_bert()
+    pristine = copy.deepcopy(base)
+    config, _, _ = ADAPTERS["default"]
+    model = peft.get_peft_model(base, peft.LoraConfig(init_lora_weights=False, **config))
+    for name in ("b", "c"):
+        model.add_adapter(name, peft.LoraConfig(init_lora_weights=False, **ADAPTERS[name][0]))
+    bert.randomize_peft(model)
+    folder = tmp_path_factory.mktemp("peft") / "three"
+    model.eval().save_pretrained(str(folder))
+    return folder, pristine, model
+
+
+def _ours(peft_folder) -> AdaptedModel:
+    folder, pristine, _ = peft_folder
+    model = AdaptedModel.from_pretrained(copy.deepcopy(pristine), folder)
+    for name in ("b", "c"):
+        model.load_adapter(folder / name, name)
+    return model
+
+
+def test_outputs_after_set_adapter_a_list_disable_and_a_mixed_batch_equal_peft(peft_folder):
+    _, pristine, theirs = peft_folder
+    ours = _ours(peft_folder)
+    assert ours.adapters == ["default", "b", "c"]
+    assert ours.active_adapters == ["default"]
+    base = _out(pristine)
+
+    for active in ("default", "b", "c", ["default", "b"], ["b", "c", "default"]):
+        theirs.base_model.set_adapter(active)
+        ours.set_adapter(active)
+        assert (_out(ours) - base).abs().max() > 1e-3  # the adapter shows
+        torch.testing.assert_close(_out(ours), _out(theirs), rtol=1e-5, atol=1e-5)
+        with ours.disable_adapter(), theirs.disable_adapter():
+            torch.testing.assert_close(_out(ours), base, rtol=0, atol=0)  # exactly the base model
+            torch.testing.assert_close(_out(theirs), base, rtol=0, atol=0)
+        torch.testing.assert_close(_out(ours), _out(theirs), rtol=1e-5, atol=1e-5)
+
+    names = ["b", "default", "__base__", "b"]  # PEFT refuses DoRA ('c') in a mixed batch
+    torch.testing.assert_close(_out(ours, adapter_names=names), _out(theirs, adapter_names=names), rtol=1e-5, atol=1e-5)
+    alone = {}
+    for name in ("default", "b"):
+        ours.set_adapter(name)
+        alone[name] = _out(ours)
+    mixed = _out(ours, adapter_names=names)
+    for i, name in enumerate(names):  # each sample as if its adapter alone were active
+        torch.testing.assert_close(mixed[i], base[i] if name == "__base__" else alone[name][i], rtol=1e-6, atol=1e-6)
+
+
+def test_unknown_and_deleted_adapters_are_refused_by_name_and_delete_matches_peft(peft_folder):
+    folder, pristine, _ = peft_folder
+    ours = _ours(peft_folder)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), str(folder)).eval()
+    for name in ("b", "c"):
+        theirs.load_adapter(str(folder / name), adapter_name=name)
+    ours.set_adapter(["default", "b"])
+
+    ours.delete_adapter("b")
+    theirs.delete_adapter("b")
+
+    assert ours.adapters == ["default", "c"] and ours.active_adapters == ["default"]
+    assert not any(".named_adapters.b." in key for key in ours.state_dict())
+    for name in ("default", "c"):
+        ours.set_adapter(name)
+        theirs.set_adapter(name)
+        torch.testing.assert_close(_out(ours), _out(theirs), rtol=1e-5, atol=1e-5)
+    for call in (
+        lambda: ours.set_adapter("b"),
+        lambda: ours.set_adapter(["c", "zzz"]),
+        lambda: ours.delete_adapter("b"),
+        lambda: _out(ours, adapter_names=["c", "b", "c", "c"]),
+    ):
+        with pytest.raises(AdapterError, match=r"no adapter named '(b|zzz)'; this model holds \['default', 'c'\]"):
+            call()
+    with pytest.raises(AdapterError, match="cannot be deleted"):
+        ours.delete_adapter("default")
+
+
+def test_save_pretrained_writes_peft_multi_adapter_layout_that_peft_reads(tmp_path, peft_folder):
+    _, pristine, theirs = peft_folder
+    ours = _ours(peft_folder)
+
+    assert ours.save_pretrained(tmp_path / "ours") == {"default": "peft", "b": "peft", "c": "peft"}
+
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(pristine), str(tmp_path / "ours")).eval()
+    for name in ("b", "c"):
+        loaded.load_adapter(str(tmp_path / "ours" / name), adapter_name=name)
+    for name in ("default", "b", "c"):
+        loaded.set_adapter(name)
+        theirs.base_model.set_adapter(name)
+        torch.testing.assert_close(_out(loaded), _out(theirs), rtol=1e-5, atol=1e-5)
+    assert ours.save_pretrained(tmp_path / "one", selected_adapters=["c"]) == {"c": "peft"}
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["c"]
+
+
+def test_only_the_active_adapter_trains_and_the_others_stay_bit_identical(peft_folder):
+    ours = _ours(peft_folder).train()
+    ours.set_adapter("b")
+    trainable = [n for n, p in ours.named_parameters() if p.requires_grad]
+    assert trainable and all(".named_adapters.b." in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(10):
+        optimizer.zero_grad()
+        ours(input_ids=_ids()).last_hidden_state.pow(2).mean().backward()
+        optimizer.step()
+    changed = {n for n, p in ours.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(trainable)
+    ours.set_adapter(["default", "c"])
+    assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
+        n for n in before if ".named_adapters.c." in n or n.endswith(("adapter_down_proj.weight", "adapter_up_proj.weight"))
+        and ".named_adapters." not in n
+    }
+
+
+def test_a_one_adapter_model_keeps_its_keys_repr_and_outputs_after_adding_and_deleting():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    model = AdaptedModel(net, LoRA, target_layers="0", adapter_kwargs={"rank": 2})
+    with torch.no_grad():
+        model.adapted_model[0].adapter_up_proj.weight.normal_()
+    keys, text, x = list(model.state_dict()), repr(model), torch.randn(4, 6)
+    expected = model(x)
+
+    model.add_adapter("other", LoRA, ["0", "2"], adapter_kwargs={"rank": 1})
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".named_adapters." in name:
+                param.normal_()
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)  # added, inactive
+    model.set_adapter("other")
+    assert not torch.allclose(model(x), expected)
+    model.delete_adapter("other")
+
+    assert list(model.state_dict()) == keys and repr(model) == text
+    torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+def test_add_and_load_adapter_refuse_before_changing_anything(tmp_path, peft_folder):
+    ours = _ours(peft_folder)
+    keys = list(ours.state_dict())
+    with pytest.raises(AdapterError, match="already holds an adapter named 'b'"):
+        ours.add_adapter("b", LoRA, "*.query")
+    with pytest.raises(AdapterError, match="add_adapter adds LoRA adapters"):
+        ours.add_adapter("h", nn.Linear, "*.query")
+    with pytest.raises(ValueError, match="'nothing.here' matches no layer"):
+        ours.add_adapter("d", LoRA, "nothing.here")
+    alien = AdaptedModel(nn.Sequential(nn.Linear(16, 16)), LoRA, target_layers="0", adapter_kwargs={"rank": 2})
+    alien.save_pretrained(tmp_path / "alien")
+    with pytest.raises(PeftConversionError, match=r"adapts layer\(s\) \['0'\] which the model does not have"):
+        ours.load_adapter(tmp_path / "alien", "d")
+    # Our format, recording rank 2 beside rank-5 tensors: refused when loading, after the branches
+    # were built, and rolled back.
+    rank5 = AdaptedModel(bert.small_torch_bert(), LoRA, target_layers="*.query", adapter_kwargs={"rank": 5})
+    tensors = rank5.trainable_state_dict()
+    config = peft_format.ours_config(
+        framework="torch", adapter_class="LoRA", adapter_kwargs={"rank": 2},
+        adapted_layers=rank5.replace_layers, unfrozen_layers=[],
+    )
+    peft_format.write_adapter_directory(
+        tmp_path / "lying", peft=False, config=config, write_weights=lambda path: save_state_dict_file(tensors, path, {})
+    )
+    with pytest.raises(CheckpointError, match="mis-shaped keys"):
+        ours.load_adapter(tmp_path / "lying", "d")
+    assert list(ours.state_dict()) == keys and ours.adapters == ["default", "b", "c"]
