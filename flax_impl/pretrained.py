@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from flax import nnx
@@ -35,14 +36,24 @@ from flax import nnx
 from twinformat import peft_format
 from twinformat.adapters import LORA, adapter_class_name, adapter_of
 from twinformat.errors import CheckpointError
-from twinformat.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
+from twinformat.format import adapter_metadata
+from twinformat.recorded import layer_kinds_entry, recorded_jsonable, resolve_recorded_class, signature_defaults
 
 from .checkpoint import load_state_dict_file, save_state_dict_file
 from .graph import get_submodule, named_modules, set_submodule
 from .houlsby import HoulsbyAdapterLinear
-from .lora import LoRA
+from .interchange import layer_kind
+from .lora import DEFAULT_ADAPTER, LoRA
 
-__all__ = ["from_pretrained", "peft_layer_kind", "peft_layer_refusal", "peft_refusal", "save_pretrained"]
+__all__ = [
+    "from_pretrained",
+    "peft_layer_kind",
+    "peft_layer_refusal",
+    "peft_refusal",
+    "read_named_adapter",
+    "save_adapters",
+    "save_pretrained",
+]
 
 #: This twin's adapter classes, looked up by their declaration's name.
 ADAPTER_CLASSES: tuple[type[LoRA | HoulsbyAdapterLinear], ...] = (LoRA, HoulsbyAdapterLinear)
@@ -94,10 +105,17 @@ def _outermost(names: Sequence[str]) -> list[str]:
 
 
 def _base_module_names(model: Any) -> list[str]:
-    """The base model's module names as PEFT sees them on the PyTorch twin (the adapters'
+    """The base model's module names as PEFT sees them on the PyTorch twin (every adapter's
     insides left out)."""
-    inside = tuple(f"{name}." for name in model.replace_layers if name)
-    return [name for name, _ in named_modules(model.adapted_model) if not name.startswith(inside)]
+    names: list[str] = []
+    inside: tuple[str, ...] = ()
+    for name, module in named_modules(model.adapted_model):
+        if inside and name.startswith(inside):
+            continue
+        names.append(name)
+        if adapter_of(module) is not None:
+            inside = (*inside, f"{name}." if name else "")
+    return names
 
 
 def _auto_mapping(model: Any) -> dict[str, str] | None:
@@ -165,6 +183,113 @@ def save_pretrained(
         write = lambda path: save_state_dict_file(arrays, path, metadata)  # noqa: E731
     peft_format.write_adapter_directory(directory, peft=refusal is None, config=config, write_weights=write)
     return "peft" if refusal is None else "peft-twins"
+
+
+class _AdapterView:
+    """One adapter of a model holding several, as :func:`save_pretrained` reads a one-adapter
+    model (the twin of ``torch_impl.pretrained._AdapterView``)."""
+
+    def __init__(self, model: Any, name: str) -> None:
+        self._model, self._name = model, name
+        self.adapted_model = model.adapted_model
+        if name == model.default_adapter_name:
+            self.adapter_class, self.adapter_kwargs = model.adapter_class, model.adapter_kwargs
+            self.replace_layers, self.unfrozen_module_names = model.replace_layers, model.unfrozen_module_names
+            self.layer_adapter_kwargs, self.target_layers = model.layer_adapter_kwargs, model.target_layers
+            self.recorded_peft_config = model.recorded_peft_config
+        else:
+            spec = model.named_adapter_specs[name]
+            self.adapter_class, self.adapter_kwargs = spec["adapter_class"], spec["adapter_kwargs"]
+            self.replace_layers, self.unfrozen_module_names = spec["layers"], []
+            self.layer_adapter_kwargs, self.target_layers = spec["layer_adapter_kwargs"], spec["target_layers"]
+            self.recorded_peft_config = spec.get("recorded_peft_config")
+
+    def trainable_state_dict(self) -> dict[str, Any]:
+        return self._model.adapter_state_dict(self._name)
+
+    def _file_metadata(self, arrays: Mapping[str, Any]) -> dict[str, str]:
+        if self._name == self._model.default_adapter_name:
+            return self._model._file_metadata(arrays)
+        metadata = adapter_metadata(
+            framework="flax",
+            adapter_class=adapter_class_name(self.adapter_class),
+            adapter_kwargs=self.adapter_kwargs,
+            target_layers=self.target_layers or self.replace_layers,
+            unfrozen_layers=[],
+        )
+        marker = f".named_adapters.{self._name}."
+        kinds = {
+            name.replace(marker, "."): kind
+            for name, module in named_modules(self._model)
+            if (kind := layer_kind(module)) and (".named_adapters." not in name or marker in name)
+        }
+        metadata["layer_kinds"] = layer_kinds_entry(kinds, arrays)
+        return metadata
+
+
+def save_adapters(
+    model: Any,
+    directory: str | os.PathLike[str],
+    names: Sequence[str],
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> dict[str, str]:
+    """Write the adapters ``names`` of a model holding several in PEFT's multi-adapter layout
+    (``'default'`` at the root, each other in ``<name>/``); returns ``{name: format}``."""
+    model._check_known(names)
+    folder = Path(directory)
+    if not folder.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(folder)!r}: folder {str(folder.parent)!r} does not exist")
+    folder.mkdir(exist_ok=True)
+    formats = {}
+    for name in names:
+        target = folder if name == DEFAULT_ADAPTER else folder / name
+        formats[name] = save_pretrained(
+            _AdapterView(model, name), target, base_model_name_or_path=base_model_name_or_path, task_type=task_type
+        )
+    return formats
+
+
+def read_named_adapter(model: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``AdaptedModel.load_adapter`` adds: a LoRA adapter read from a PEFT directory or ours
+    (torch names and layouts), checked against ``model``'s base layers before anything changes."""
+    found = peft_format.read_adapter_directory(path)
+    where = str(found.weights)
+    modules = model._base_modules()
+    if found.format == "peft":
+        adapter = peft_format.load_peft_adapter(found, lambda p: load_state_dict_file(p)[0], allow_patterns=True)
+        peft_format.check_peft_model(
+            adapter,
+            {name: (peft_layer_kind(m), type(m).__name__) for name, m in modules.items()},
+            where=str(path),
+            layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
+        )
+        return {
+            "layers": adapter.layers,
+            "adapter_kwargs": adapter.adapter_kwargs,
+            "layer_adapter_kwargs": adapter.layer_kwargs,
+            "tensors": adapter.tensors,
+            "where": where,
+            "recorded_peft_config": dict(found.config),
+        }
+    adapter_class = _adapter_class(found.config["adapter_class"], where)
+    if adapter_class is not LoRA or found.config["unfrozen_layers"]:
+        raise CheckpointError(
+            f"{where!r} holds {found.config['adapter_class']} adapters with unfrozen layers "
+            f"{found.config['unfrozen_layers'][:8]}; load_adapter adds LoRA adapters alone (use from_pretrained)"
+        )
+    missing = [name for name in found.config["adapted_layers"] if name not in modules or not name]
+    if missing:
+        raise CheckpointError(f"{where!r} adapts layers {missing[:8]} which the model does not have")
+    return {
+        "layers": found.config["adapted_layers"],
+        "adapter_kwargs": _resolve_kwargs(adapter_class, found.config["adapter_kwargs"], where),
+        "layer_adapter_kwargs": found.config.get("layer_adapter_kwargs", {}),
+        "tensors": load_state_dict_file(found.weights)[0],
+        "where": where,
+        "recorded_peft_config": None,
+    }
 
 
 def from_pretrained(
