@@ -54,6 +54,8 @@ all native Torch MHA layers from the list of layers to adapt.
 """
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: A LoRA adapter's factors, as one-adapter keys name them after the layer.
+_FACTORS = ("adapter_down_proj.weight", "adapter_up_proj.weight")
 
 
 class AdaptedModel(nn.Module):
@@ -369,6 +371,94 @@ class AdaptedModel(nn.Module):
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of the LoRA ``adapters``, inactive, with
+        PEFT's formulas (``'linear'``: factors summed with ``sqrt(|weight * scaling|)``; ``'cat'``:
+        factors stacked along the rank, see :func:`twinformat.adapters.weighted_lora_factors`),
+        rank and alpha the new rank, the first adapter's other options. Refused by name: other
+        combination types (PEFT's default ``'svd'`` among them), ``'linear'`` over different
+        ranks (as PEFT), DoRA adapters (PEFT gives the new magnitude its initial value, which
+        depends on the new factors' random initialisation), an existing name (PEFT silently keeps it).
+        """
+        from twinformat.adapters import WEIGHTED_COMBINATIONS, lora_scaling, weighted_lora_factors
+
+        from .pretrained import peft_layer_kind
+
+        self._check_new_name(adapter_name)
+        self._check_known(adapters)
+        if combination_type not in WEIGHTED_COMBINATIONS:
+            raise AdapterError(
+                f"combination_type {combination_type!r} is not computed; give one of {list(WEIGHTED_COMBINATIONS)}"
+            )
+        factors = []
+        for name in adapters:
+            spec = self._spec(name)
+            if adapter_of(spec["adapter_class"]) is not LORA:
+                raise AdapterError(f"adapter {name!r} is a {spec['adapter_class'].__name__}; only LoRA adapters combine")
+            state = self.adapter_state_dict(name)
+            layer_factors = {}
+            for layer in spec["layers"]:
+                options = {**spec["adapter_kwargs"], **spec["layer_adapter_kwargs"].get(layer, {})}
+                if options.get("use_dora"):
+                    raise AdapterError(
+                        f"adapter {name!r} uses DoRA: PEFT gives a combined adapter's magnitude its initial value, "
+                        "which depends on the new factors' random initialisation; combine LoRA adapters without DoRA"
+                    )
+                down, up = (state[f"adapted_model.{layer}.{part}"].detach().cpu().numpy() for part in _FACTORS)
+                layer_factors[layer] = (down, up, lora_scaling(options))
+            factors.append(layer_factors)
+        modules = self._base_modules()
+        embeddings = [name for name, module in modules.items() if peft_layer_kind(module) == "embedding"]
+        rank, combined = weighted_lora_factors(factors, weights, combination_type, embeddings=embeddings)
+        first = self._spec(adapters[0])["adapter_kwargs"]
+        kwargs = {"rank": rank, "alpha": float(rank), **{k: first[k] for k in ("dropout", "use_rslora") if k in first}}
+        layers = [name for name in modules if name in combined]
+        self._add_named(adapter_name, layers, kwargs, {}, [])
+        tensors = {}
+        for layer in layers:
+            for part, array in zip(_FACTORS, combined[layer], strict=True):
+                tensors[f"adapted_model.{layer}.{part}"] = torch.from_numpy(array)
+        self._load_named(adapter_name, tensors, where=f"add_weighted_adapter({list(adapters)})")
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the adapters ``adapter_names`` (default: the active ones) into the base weights,
+        in that order as PEFT does, and return the base model without any adapter (the others
+        dropped). A one-adapter model merges as :func:`torch_impl.merge_and_unload`."""
+        from .merge import _unwrap_all, merge_and_unload
+
+        if adapter_names is None and not self.named_adapter_specs and self.default_adapter_name == DEFAULT_ADAPTER:
+            return merge_and_unload(self)
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self._check_known(names)
+        slots = [self._slot(name) for name in names]
+        layers = self._adapter_layers()
+        unmergeable = [type(m).__name__ for m in layers if not isinstance(m, LoRA)]
+        if unmergeable and DEFAULT_ADAPTER in slots:
+            raise AdapterError(f"the default adapter is a {unmergeable[0]}, which cannot be merged")
+        for layer in layers:
+            if isinstance(layer, LoRA):
+                chosen = [slot for slot in slots if slot in layer.adapter_names()]
+                if chosen:
+                    layer.merge_adapters(chosen)
+        return _unwrap_all(self.adapted_model)
+
+    def _spec(self, name: str) -> dict[str, Any]:
+        """What built adapter ``name``: class, kwargs, layers and per-layer kwargs."""
+        if name == self.default_adapter_name:
+            return {
+                "adapter_class": self.adapter_class,
+                "adapter_kwargs": self.adapter_kwargs,
+                "layers": self.replace_layers,
+                "layer_adapter_kwargs": self.layer_adapter_kwargs,
+            }
+        return self.named_adapter_specs[name]
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """The tensors of one adapter, keyed as a one-adapter model's ``state_dict()``

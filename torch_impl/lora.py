@@ -472,6 +472,23 @@ class LoRA(nn.Module):
         self._merged_norm = None
         self.merged = False
 
+    def merge_adapters(self, names: list[str]) -> None:
+        """Fold the adapters ``names`` this layer holds into the wrapped weight, one after the
+        other as PEFT's ``merge(adapter_names=...)`` does (DoRA rescales the weight merged so
+        far); for ``merge_and_unload``, which then drops the wrapper."""
+        check_writable_weight(self.pretrained_module)
+        with torch.no_grad():
+            weight = self.pretrained_module.weight.detach().float()
+            for name in names:
+                branch = self.branch(name)
+                combined = weight + self._update(torch.float32, branch).detach()
+                if branch.use_dora:
+                    norm = _row_norm(combined)
+                    scale = branch.adapter_magnitude.detach().float() / norm
+                    combined = combined * scale.view(-1, *(1,) * (combined.dim() - 1))
+                weight = combined
+        write_weight(self.pretrained_module, weight)
+
     def _merge_plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(merged weight in float32, DoRA norm or None)``."""
         with torch.no_grad():

@@ -214,3 +214,42 @@ def test_add_and_load_adapter_refuse_before_changing_anything(tmp_path, peft_fol
     with pytest.raises(CheckpointError, match="mis-shaped keys"):
         ours.load_adapter(tmp_path / "lying", "d")
     assert list(ours.state_dict()) == keys and ours.adapters == ["default", "b", "c"]
+
+
+def test_add_weighted_adapter_linear_and_cat_and_merge_and_unload_equal_peft(tmp_path, peft_folder):
+    _, pristine, peft_model = peft_folder
+    theirs = copy.deepcopy(peft_model)
+    theirs.add_adapter("d", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["value", "key"], init_lora_weights=False))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if ".d." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    theirs.save_pretrained(str(tmp_path / "d"), selected_adapters=["d"])
+    ours = _ours(peft_folder)
+    ours.load_adapter(tmp_path / "d" / "d", "d")
+
+    for new, adapters, weights, kind in (
+        ("lin", ["default", "d"], [0.7, -0.4], "linear"),
+        ("cat", ["default", "b", "d"], [1.0, 0.5, 2.0], "cat"),
+    ):
+        theirs.add_weighted_adapter(adapters, weights, new, combination_type=kind)
+        ours.add_weighted_adapter(adapters, weights, new, combination_type=kind)
+        theirs.set_adapter(new)
+        ours.set_adapter(new)
+        assert (_out(ours) - _out(pristine)).abs().max() > 1e-3
+        torch.testing.assert_close(_out(ours), _out(theirs), rtol=1e-5, atol=1e-5)
+    assert ours.named_adapter_specs["cat"]["adapter_kwargs"]["rank"] == 4 + 2 + 4
+
+    with pytest.raises(AdapterError, match="'linear' needs adapters of one rank"):
+        ours.add_weighted_adapter(["default", "b"], [1.0, 1.0], "x", combination_type="linear")
+    with pytest.raises(AdapterError, match="combination_type 'svd' is not computed"):
+        ours.add_weighted_adapter(["default", "d"], [1.0, 1.0], "x")
+    with pytest.raises(AdapterError, match="adapter 'c' uses DoRA"):
+        ours.add_weighted_adapter(["default", "c"], [1.0, 1.0], "x", combination_type="cat")
+
+    merged_theirs = theirs.merge_and_unload(adapter_names=["default", "b", "c"])
+    plain = ours.merge_and_unload(adapter_names=["default", "b", "c"])
+    assert not any(".lora" in n or "adapter_" in n for n in plain.state_dict())
+    assert list(plain.state_dict()) == list(pristine.state_dict())
+    torch.testing.assert_close(_out(plain), _out(merged_theirs), rtol=1e-5, atol=1e-5)
