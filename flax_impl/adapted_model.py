@@ -48,6 +48,9 @@ from .graph import get_submodule, named_modules, set_submodule
 from .interchange import KIND_OF_TYPE, TorchEntry, _assign, _plan_load, _torch_arrays, layer_kind, torch_entries
 from .lora import BASE_ADAPTER, DEFAULT_ADAPTER, AdapterSwitch, LoRA, LoRABranch
 
+#: A LoRA adapter's factors, as one-adapter keys name them after the layer.
+_FACTORS = ("adapter_down_proj.weight", "adapter_up_proj.weight")
+
 # A named adapter's factors sit in a LoRABranch: its own tensors (DoRA's magnitude) are a LoRA's.
 if not any(match is LoRABranch for match, _ in KIND_OF_TYPE):
     KIND_OF_TYPE.append((LoRABranch, "lora"))
@@ -433,6 +436,93 @@ class AdaptedModel(nnx.Module):
         names = self.adapters
         rows = [[1.0 if name == column else 0.0 for column in names] for name in adapter_names]
         return jnp.asarray(rows, jnp.float32)
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        *,
+        rngs: nnx.Rngs,
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of the LoRA ``adapters``, inactive, with
+        PEFT's formulas and refusals: the twin of ``torch_impl.AdaptedModel.add_weighted_adapter``
+        (the same :func:`twinformat.adapters.weighted_lora_factors`)."""
+        from twinformat.adapters import WEIGHTED_COMBINATIONS, lora_scaling, weighted_lora_factors
+
+        from .pretrained import peft_layer_kind
+
+        self._check_new_name(adapter_name)
+        self._check_known(adapters)
+        if combination_type not in WEIGHTED_COMBINATIONS:
+            raise AdapterError(
+                f"combination_type {combination_type!r} is not computed; give one of {list(WEIGHTED_COMBINATIONS)}"
+            )
+        factors = []
+        for name in adapters:
+            spec = self._spec(name)
+            if adapter_of(spec["adapter_class"]) is not LORA:
+                raise AdapterError(f"adapter {name!r} is a {spec['adapter_class'].__name__}; only LoRA adapters combine")
+            state = self.adapter_state_dict(name)
+            layer_factors = {}
+            for layer in spec["layers"]:
+                options = {**spec["adapter_kwargs"], **spec["layer_adapter_kwargs"].get(layer, {})}
+                if options.get("use_dora"):
+                    raise AdapterError(
+                        f"adapter {name!r} uses DoRA: PEFT gives a combined adapter's magnitude its initial value, "
+                        "which depends on the new factors' random initialisation; combine LoRA adapters without DoRA"
+                    )
+                down, up = (state[f"adapted_model.{layer}.{part}"] for part in _FACTORS)
+                layer_factors[layer] = (down, up, lora_scaling(options))
+            factors.append(layer_factors)
+        modules = self._base_modules()
+        embeddings = [name for name, module in modules.items() if peft_layer_kind(module) == "embedding"]
+        rank, combined = weighted_lora_factors(factors, weights, combination_type, embeddings=embeddings)
+        first = self._spec(adapters[0])["adapter_kwargs"]
+        kwargs = {"rank": rank, "alpha": float(rank), **{k: first[k] for k in ("dropout", "use_rslora") if k in first}}
+        layers = [name for name in modules if name in combined]
+        self._add_named(adapter_name, layers, kwargs, {}, [], rngs)
+        arrays = {
+            f"adapted_model.{layer}.{part}": array
+            for layer in layers
+            for part, array in zip(_FACTORS, combined[layer], strict=True)
+        }
+        self._load_named(adapter_name, arrays, where=f"add_weighted_adapter({list(adapters)})")
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nnx.Module:
+        """Merge the adapters ``adapter_names`` (default: the active ones) into the base kernels,
+        in that order as PEFT does, and return the base model without any adapter: the twin of
+        ``torch_impl.AdaptedModel.merge_and_unload``."""
+        from .merge import _unwrap_all, merge_and_unload
+
+        if adapter_names is None and not self.named_adapter_specs and self.default_adapter_name == DEFAULT_ADAPTER:
+            return merge_and_unload(self)
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self._check_known(names)
+        slots = [self._slot(name) for name in names]
+        layers = self._adapter_layers()
+        unmergeable = [type(m).__name__ for m in layers if not isinstance(m, LoRA)]
+        if unmergeable and DEFAULT_ADAPTER in slots:
+            raise AdapterError(f"the default adapter is a {unmergeable[0]}, which cannot be merged")
+        for layer in layers:
+            layer.attach_switch(None, {})
+            if isinstance(layer, LoRA):
+                chosen = [slot for slot in slots if slot in layer.adapter_names()]
+                if chosen:
+                    layer.merge_adapters(chosen)
+        return _unwrap_all(self.adapted_model)
+
+    def _spec(self, name: str) -> dict[str, Any]:
+        """What built adapter ``name``: class, kwargs, layers and per-layer kwargs."""
+        if name == self.default_adapter_name:
+            return {
+                "adapter_class": self.adapter_class,
+                "adapter_kwargs": self.adapter_kwargs,
+                "layers": self.replace_layers,
+                "layer_adapter_kwargs": self.layer_adapter_kwargs,
+            }
+        return self.named_adapter_specs[name]
 
     def adapter_state_dict(self, adapter_name: str) -> dict[str, Any]:
         """The tensors of one adapter in PyTorch names and layouts, keyed as a one-adapter

@@ -436,6 +436,20 @@ class LoRA(nnx.Module):
         self._write(combined)
         self.merged = True
 
+    def merge_adapters(self, names: list[str]) -> None:
+        """Fold the adapters ``names`` this layer holds into the wrapped kernel, one after the
+        other as PEFT's ``merge(adapter_names=...)`` does (DoRA rescales the kernel merged so
+        far); for ``merge_and_unload``, which then drops the wrapper."""
+        table = self._table()
+        value = table[...].astype(jnp.promote_types(table.dtype, jnp.float32))
+        for name in names:
+            branch = self.branch(name)
+            combined = value + self._update(value.dtype, branch)
+            if branch.use_dora:
+                combined = combined * (branch.adapter_magnitude[...].astype(combined.dtype) / _column_norm(combined))
+            value = combined
+        self._write(value)
+
     def unmerge(self) -> None:
         """Take the update back out of the wrapped kernel (inverse of :meth:`merge`)."""
         if not self.merged:

@@ -122,3 +122,24 @@ def test_the_converters_carry_every_adapter_from_the_torch_twin_and_the_flax_fil
         loaded.set_adapter(name)
         theirs.base_model.set_adapter(name)
         np.testing.assert_allclose(_torch_out(loaded), _torch_out(theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_flax_weighted_adapters_and_merge_and_unload_equal_peft(setup):
+    torch_bert, _, peft_model, _ = setup
+    theirs = copy.deepcopy(peft_model)
+    ours = _flax_from_files(setup)
+
+    for new, adapters, weights, kind in (
+        ("lin", ["b", "b"], [0.5, -0.25], "linear"),
+        ("cat", ["default", "b"], [1.0, 0.5], "cat"),
+    ):
+        theirs.add_weighted_adapter(adapters, weights, new, combination_type=kind)
+        ours.add_weighted_adapter(adapters, weights, new, combination_type=kind, rngs=nnx.Rngs(5))
+        theirs.set_adapter(new)
+        ours.set_adapter(new)
+        np.testing.assert_allclose(_flax_out(ours), _torch_out(theirs), rtol=1e-5, atol=1e-5)
+
+    plain = ours.merge_and_unload(adapter_names=["default", "b", "c"])
+    merged = theirs.merge_and_unload(adapter_names=["default", "b", "c"])
+    assert type(plain).__name__ == "BertModel"
+    np.testing.assert_allclose(np.asarray(plain(jnp.asarray(_ids()))), _torch_out(merged), rtol=1e-5, atol=1e-5)
