@@ -31,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 from flax import nnx
 
 from twinformat import peft_format
@@ -47,6 +49,7 @@ from .lora import DEFAULT_ADAPTER, LoRA
 
 __all__ = [
     "from_pretrained",
+    "hotswap_adapter",
     "peft_layer_kind",
     "peft_layer_refusal",
     "peft_refusal",
@@ -405,3 +408,85 @@ def _put_back(model: Any, base_model: nnx.Module) -> None:
             kind = adapter_of(adapter)
             assert kind is not None  # every replace_layers entry holds the adapter this model inserted
             set_submodule(base_model, name, getattr(adapter, kind.wrapped))
+
+
+def hotswap_adapter(model: Any, path: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Replace the weights of ``model``'s LoRA adapter ``adapter_name`` in place with those saved
+    in ``path`` (a PEFT directory or ours, PyTorch layout): PEFT's ``hotswap_adapter``, the twin of
+    ``torch_impl.hotswap_adapter``. Same layers and options; a smaller rank is zero-padded, a
+    larger refused; another alpha folds into the up factor, so no variable changes shape or
+    static attribute and a jitted step is not traced again. Checked before anything is written.
+    """
+    import jax.numpy as jnp
+
+    from twinformat.adapters import lora_scaling
+    from twinformat.kinds import torch_to_flax
+
+    model._check_known([adapter_name])
+    spec = model._spec(adapter_name)
+    if adapter_of(spec["adapter_class"]) is not LORA:
+        raise CheckpointError(f"adapter {adapter_name!r} is a {spec['adapter_class'].__name__}; only LoRA hot-swaps")
+    found = read_named_adapter(model, path)
+    where = found["where"]
+    if sorted(found["layers"]) != sorted(spec["layers"]):
+        extra = sorted(set(found["layers"]) ^ set(spec["layers"]))
+        raise CheckpointError(
+            f"{where!r} adapts other layers than adapter {adapter_name!r} (differing: {extra[:8]}); a hot-swap "
+            "replaces the weights of the same layers"
+        )
+    slot = model._slot(adapter_name)
+    plan: list[tuple[Any, Any]] = []
+    for layer in spec["layers"]:
+        ours = {**spec["adapter_kwargs"], **spec["layer_adapter_kwargs"].get(layer, {})}
+        theirs = {**found["adapter_kwargs"], **found["layer_adapter_kwargs"].get(layer, {})}
+        for option in ("use_dora", "use_rslora"):
+            if bool(ours.get(option)) != bool(theirs.get(option)):
+                raise CheckpointError(
+                    f"{where!r}: layer {layer!r} has {option}={bool(theirs.get(option))}, adapter {adapter_name!r} "
+                    f"{bool(ours.get(option))}; a hot-swap keeps the options"
+                )
+        wrapper = get_submodule(model.adapted_model, layer)
+        branch = wrapper.branch(slot)
+        embedding = isinstance(wrapper.pretrained_module, nnx.Embed)
+        prefix = f"adapted_model.{layer}."
+        down = np.asarray(found["tensors"][prefix + "adapter_down_proj.weight"], np.float32)
+        up = np.asarray(found["tensors"][prefix + "adapter_up_proj.weight"], np.float32)
+        rank_axis = 1 if embedding else 0
+        down_variable = branch.adapter_down_proj.embedding if embedding else branch.adapter_down_proj.kernel
+        rank = down_variable.shape[-1]
+        new_rank = down.shape[rank_axis]
+        if new_rank > rank:
+            raise CheckpointError(
+                f"{where!r}: layer {layer!r} has rank {new_rank}, more than adapter {adapter_name!r}'s {rank}; "
+                "build the adapter with the largest rank to swap in"
+            )
+        factor = lora_scaling({**theirs, "rank": new_rank}) / branch.scaling
+        down, up = _pad(down, rank, rank_axis), _pad(up * factor, rank, 1)
+        down_kind = "embedding" if embedding else ("conv" if down.ndim > 2 else "linear")
+        targets = [
+            (down_variable, torch_to_flax(down_kind, "weight", down)[1]),
+            (branch.adapter_up_proj.kernel, torch_to_flax("conv" if up.ndim > 2 else "linear", "weight", up)[1]),
+        ]
+        if ours.get("use_dora"):
+            targets.append((branch.adapter_magnitude, np.asarray(found["tensors"][prefix + "adapter_magnitude"]).reshape(-1)))
+        for variable, value in targets:
+            if tuple(variable.shape) != tuple(value.shape):
+                raise CheckpointError(
+                    f"{where!r}: layer {layer!r}: a tensor of shape {tuple(value.shape)} for {tuple(variable.shape)}"
+                )
+            plan.append((variable, value))
+    for variable, value in plan:
+        old = variable.get_value()
+        new = jnp.asarray(value, old.dtype)
+        sharding = getattr(old, "sharding", None)
+        variable.set_value(jax.device_put(new, sharding) if sharding is not None else new)
+
+
+def _pad(array: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """``array`` zero-padded along ``axis`` to ``size``."""
+    missing = size - array.shape[axis]
+    if not missing:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, missing)
+    return np.pad(array, widths)

@@ -51,6 +51,7 @@ from .lora import DEFAULT_ADAPTER, LoRA
 
 __all__ = [
     "from_pretrained",
+    "hotswap_adapter",
     "peft_layer_kind",
     "peft_layer_refusal",
     "peft_refusal",
@@ -433,3 +434,80 @@ def _put_back(model: Any, base_model: nn.Module, flags: Sequence[tuple[torch.Ten
         setattr(base_model.get_submodule(parent) if parent else base_model, leaf, wrapped)
     for param, flag in flags:
         param.requires_grad_(flag)
+
+
+def hotswap_adapter(model: Any, path: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Replace the weights of ``model``'s LoRA adapter ``adapter_name`` in place with those saved
+    in ``path`` (a PEFT directory or ours), without rebuilding anything: PEFT's
+    ``hotswap_adapter``.
+
+    The saved adapter must adapt the same layers with the same options (DoRA, rsLoRA); its rank
+    may be smaller than the model's, whose factors are then zero-padded (as PEFT pads them after
+    ``prepare_model_for_compiled_hotswap``), never larger. Another alpha is folded into the up
+    factor, so each layer's ``scaling`` stays the number it was: parameters keep their objects,
+    shapes and attributes, hence a ``torch.compile``'d model is not compiled again (PEFT's
+    condition). Everything is checked before the first tensor is written.
+    """
+    from twinformat.adapters import lora_scaling
+
+    model._check_known([adapter_name])
+    spec = model._spec(adapter_name)
+    if adapter_of(spec["adapter_class"]) is not LORA:
+        raise CheckpointError(f"adapter {adapter_name!r} is a {spec['adapter_class'].__name__}; only LoRA hot-swaps")
+    found = read_named_adapter(model, path)
+    where = found["where"]
+    if sorted(found["layers"]) != sorted(spec["layers"]):
+        extra = sorted(set(found["layers"]) ^ set(spec["layers"]))
+        raise CheckpointError(
+            f"{where!r} adapts other layers than adapter {adapter_name!r} (differing: {extra[:8]}); a hot-swap "
+            "replaces the weights of the same layers"
+        )
+    slot = model._slot(adapter_name)
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for layer in spec["layers"]:
+        ours = {**spec["adapter_kwargs"], **spec["layer_adapter_kwargs"].get(layer, {})}
+        theirs = {**found["adapter_kwargs"], **found["layer_adapter_kwargs"].get(layer, {})}
+        for option in ("use_dora", "use_rslora"):
+            if bool(ours.get(option)) != bool(theirs.get(option)):
+                raise CheckpointError(
+                    f"{where!r}: layer {layer!r} has {option}={bool(theirs.get(option))}, adapter {adapter_name!r} "
+                    f"{bool(ours.get(option))}; a hot-swap keeps the options"
+                )
+        branch = model.adapted_model.get_submodule(layer).branch(slot)
+        embedding = isinstance(model.adapted_model.get_submodule(layer).pretrained_module, nn.Embedding)
+        prefix = f"adapted_model.{layer}."
+        down = found["tensors"][prefix + "adapter_down_proj.weight"]
+        up = found["tensors"][prefix + "adapter_up_proj.weight"]
+        rank_axis = 1 if embedding else 0
+        new_rank, rank = down.shape[rank_axis], branch.adapter_down_proj.weight.shape[rank_axis]
+        if new_rank > rank:
+            raise CheckpointError(
+                f"{where!r}: layer {layer!r} has rank {new_rank}, more than adapter {adapter_name!r}'s {rank}; "
+                "build the adapter with the largest rank to swap in"
+            )
+        # The saved scaling folded into up, so that the layer's own scaling does not change.
+        factor = lora_scaling({**theirs, "rank": new_rank}) / branch.scaling
+        down = _pad(down.to(torch.float32), rank, rank_axis)
+        up = _pad(up.to(torch.float32) * factor, rank, 1)
+        targets = [(branch.adapter_down_proj.weight, down), (branch.adapter_up_proj.weight, up)]
+        if ours.get("use_dora"):
+            targets.append((branch.adapter_magnitude, found["tensors"][prefix + "adapter_magnitude"].reshape(-1)))
+        for target, value in targets:
+            if tuple(target.shape) != tuple(value.shape):
+                raise CheckpointError(
+                    f"{where!r}: layer {layer!r}: a tensor of shape {tuple(value.shape)} for {tuple(target.shape)}"
+                )
+            plan.append((target, value))
+    with torch.no_grad():
+        for target, value in plan:
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def _pad(tensor: torch.Tensor, size: int, axis: int) -> torch.Tensor:
+    """``tensor`` zero-padded along ``axis`` to ``size``."""
+    missing = size - tensor.shape[axis]
+    if not missing:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=axis)

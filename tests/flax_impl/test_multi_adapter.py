@@ -14,8 +14,8 @@ import optax
 import pytest
 from flax import nnx
 
-from flax_impl import AdaptedModel, LoRA
-from twinformat.errors import AdapterError
+from flax_impl import AdaptedModel, LoRA, hotswap_adapter
+from twinformat.errors import AdapterError, CheckpointError
 
 
 class _Net(nnx.Module):
@@ -148,3 +148,31 @@ def test_unknown_names_are_refused_naming_the_adapters_there_are():
         model.set_adapter("b")
     with pytest.raises(AdapterError, match="cannot be deleted"):
         model.delete_adapter("default")
+
+
+def test_hotswap_adapter_replaces_weights_in_place_and_a_jitted_forward_is_not_traced_again(tmp_path):
+    for name, rank, alpha in (("r4", 4, 8.0), ("r2", 2, 5.0)):
+        model = AdaptedModel(
+            _Net(nnx.Rngs(0)), LoRA, target_layers=["fc1", "fc2"], adapter_kwargs={"rank": rank, "alpha": alpha},
+            rngs=nnx.Rngs(rank),
+        )
+        _perturb(model, rank)
+        model.save_pretrained(tmp_path / name)
+    ours = AdaptedModel.from_pretrained(_Net(nnx.Rngs(0)), tmp_path / "r4", rngs=nnx.Rngs(1))
+    expected = AdaptedModel.from_pretrained(_Net(nnx.Rngs(0)), tmp_path / "r2", rngs=nnx.Rngs(1))(X)
+    traces = []
+
+    @nnx.jit
+    def forward(model, x):
+        traces.append(1)
+        return model(x)
+
+    before = forward(ours, X)
+    hotswap_adapter(ours, tmp_path / "r2", "default")
+    after = forward(ours, X)
+
+    assert len(traces) == 1 and not np.allclose(before, after)
+    np.testing.assert_allclose(after, expected, rtol=1e-5, atol=1e-6)
+    small = AdaptedModel.from_pretrained(_Net(nnx.Rngs(0)), tmp_path / "r2", rngs=nnx.Rngs(1))
+    with pytest.raises(CheckpointError, match="rank 4, more than adapter 'default'"):
+        hotswap_adapter(small, tmp_path / "r4", "default")

@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch._dynamo.testing
 import torch
 from torch import nn
 
 from tests.zoo import bert
-from torch_impl import AdaptedModel, LoRA
+from torch_impl import AdaptedModel, LoRA, hotswap_adapter
 from torch_impl.checkpoint import save_state_dict_file
 from twinformat import peft_format
 from twinformat.errors import AdapterError, CheckpointError, PeftConversionError
@@ -253,3 +254,33 @@ def test_add_weighted_adapter_linear_and_cat_and_merge_and_unload_equal_peft(tmp
     assert not any(".lora" in n or "adapter_" in n for n in plain.state_dict())
     assert list(plain.state_dict()) == list(pristine.state_dict())
     torch.testing.assert_close(_out(plain), _out(merged_theirs), rtol=1e-5, atol=1e-5)
+
+
+def test_hotswap_adapter_replaces_weights_in_place_pads_ranks_and_does_not_recompile(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    expected = {}
+    for name, rank, alpha in (("r4", 4, 8), ("r2", 2, 5)):
+        peft_model = peft.get_peft_model(
+            copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0", "2"], init_lora_weights=False)
+        )
+        peft_model.eval().save_pretrained(str(tmp_path / name))
+        expected[name] = peft_model
+    x = torch.randn(5, 6)
+    ours = AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path / "r4")
+    params = {n: p for n, p in ours.named_parameters()}
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(ours, backend=counter)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), expected["r4"](x), rtol=1e-5, atol=1e-5)
+        frames = counter.frame_count
+        assert frames > 0
+
+        hotswap_adapter(ours, tmp_path / "r2", "default")
+
+        torch.testing.assert_close(compiled(x), expected["r2"](x), rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == frames  # same parameters, shapes and scaling: no recompilation
+    assert all(p is params[n] for n, p in ours.named_parameters())
+    with pytest.raises(CheckpointError, match="rank 4, more than adapter 'default'"):
+        small = AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path / "r2")
+        hotswap_adapter(small, tmp_path / "r4", "default")
