@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from twinformat.adapters import LORA, AdapterKind
-from twinformat.errors import AdapterError, AdapterInsertionError
+from twinformat.errors import AdapterError, AdapterInsertionError, MergeError
 
 from . import fused
 from ._factors import (
@@ -427,6 +427,11 @@ class LoRA(nnx.Module):
         (DoRA: ``kernel <- m / ||kernel + delta|| * (kernel + delta)``)."""
         if self.merged:
             raise AdapterInsertionError("this LoRA layer is already merged")
+        if "named_adapters" in vars(self) or not vars(self).get("has_default", True):
+            raise MergeError(
+                f"this LoRA layer holds the adapters {self.adapter_names()}: merge the ones you want with "
+                "AdaptedModel.merge_and_unload(adapter_names=[...])"
+            )
         table = self._table()
         combined = table[...].astype(jnp.promote_types(table.dtype, jnp.float32)) + self.delta_weight()
         if self.use_dora:

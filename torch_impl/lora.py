@@ -449,6 +449,11 @@ class LoRA(nn.Module):
         """
         if self.merged:
             raise AdapterInsertionError("this LoRA layer is already merged")
+        if "named_adapters" in self._modules or not self.__dict__.get("_has_default", True):
+            raise MergeError(
+                f"this LoRA layer holds the adapters {self.adapter_names()}: merge the ones you want with "
+                "AdaptedModel.merge_and_unload(adapter_names=[...])"
+            )
         check_writable_weight(self.pretrained_module)
         new, norm = self._merge_plan()
         write_weight(self.pretrained_module, new)

@@ -136,3 +136,8 @@ def _refuse_unmergeable(model: nn.Module) -> None:
                 f"layer {name or '<root>'!r} is a {kind.name}, which cannot be merged: "
                 "its activation between the projections is not linear"
             )
+        if isinstance(module, LoRA) and module.adapter_names() != ["default"]:
+            raise MergeError(
+                f"layer {name or '<root>'!r} holds the adapters {module.adapter_names()}: merge the ones you want "
+                "with AdaptedModel.merge_and_unload(adapter_names=[...])"
+            )

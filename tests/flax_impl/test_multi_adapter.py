@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from flax_impl import AdaptedModel, LoRA, hotswap_adapter
+from flax_impl import AdaptedModel, LoRA, MergeError, hotswap_adapter, merge_lora
 from twinformat.errors import AdapterError, CheckpointError
 
 
@@ -148,6 +148,9 @@ def test_unknown_names_are_refused_naming_the_adapters_there_are():
         model.set_adapter("b")
     with pytest.raises(AdapterError, match="cannot be deleted"):
         model.delete_adapter("default")
+    with pytest.raises(MergeError, match="holds the adapters"):
+        merge_lora(model)  # would merge the default alone, silently dropping the others
+    assert not any(getattr(m, "merged", False) for _, m in nnx.iter_graph(model))
 
 
 def test_hotswap_adapter_replaces_weights_in_place_and_a_jitted_forward_is_not_traced_again(tmp_path):

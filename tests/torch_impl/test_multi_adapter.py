@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from tests.zoo import bert
-from torch_impl import AdaptedModel, LoRA, hotswap_adapter
+from torch_impl import AdaptedModel, LoRA, MergeError, hotswap_adapter, merge_lora
 from torch_impl.checkpoint import save_state_dict_file
 from twinformat import peft_format
 from twinformat.errors import AdapterError, CheckpointError, PeftConversionError
@@ -249,6 +249,9 @@ def test_add_weighted_adapter_linear_and_cat_and_merge_and_unload_equal_peft(tmp
     with pytest.raises(AdapterError, match="adapter 'c' uses DoRA"):
         ours.add_weighted_adapter(["default", "c"], [1.0, 1.0], "x", combination_type="cat")
 
+    with pytest.raises(MergeError, match="holds the adapters .*merge_and_unload\\(adapter_names"):
+        merge_lora(ours)  # would merge the default alone, silently dropping the others
+    assert not any(getattr(m, "merged", False) for m in ours.modules())
     merged_theirs = theirs.merge_and_unload(adapter_names=["default", "b", "c"])
     plain = ours.merge_and_unload(adapter_names=["default", "b", "c"])
     assert not any(".lora" in n or "adapter_" in n for n in plain.state_dict())
