@@ -14,7 +14,7 @@ import optax
 import pytest
 from flax import nnx
 
-from flax_impl import AdaptedModel, LoRA, MergeError, hotswap_adapter, merge_lora
+from flax_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, MergeError, hotswap_adapter, merge_lora
 from twinformat.errors import AdapterError, CheckpointError
 
 
@@ -179,3 +179,26 @@ def test_hotswap_adapter_replaces_weights_in_place_and_a_jitted_forward_is_not_t
     small = AdaptedModel.from_pretrained(_Net(nnx.Rngs(0)), tmp_path / "r2", rngs=nnx.Rngs(1))
     with pytest.raises(CheckpointError, match="rank 4, more than adapter 'default'"):
         hotswap_adapter(small, tmp_path / "r4", "default")
+
+
+def test_a_houlsby_default_beside_a_named_lora_switches_as_data_and_saves(tmp_path):
+    model = AdaptedModel(
+        _Net(nnx.Rngs(0)), HoulsbyAdapterLinear, target_layers="fc1", adapter_kwargs={"projection_size": 2},
+        rngs=nnx.Rngs(1),
+    )
+    model.add_adapter("lora", LoRA, "fc2", adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(2))
+    _perturb(model, 3)
+    houlsby, lora = model.adapted_model.fc1, model.adapted_model.fc2
+    model.set_adapter("lora")
+    np.testing.assert_allclose(model(X), lora(nnx.relu(houlsby.pretrained_linear(X))), rtol=1e-6, atol=1e-6)
+    model.set_adapter("default")
+    np.testing.assert_allclose(model(X), lora.pretrained_module(nnx.relu(houlsby(X))), rtol=1e-6, atol=1e-6)
+    model.set_adapter(["default", "lora"])
+    expected = model(X)
+
+    assert model.save_pretrained(tmp_path / "both") == {"default": "peft-twins", "lora": "peft"}
+
+    again = AdaptedModel.from_pretrained(_Net(nnx.Rngs(0)), tmp_path / "both", rngs=nnx.Rngs(5))
+    again.load_adapter(tmp_path / "both" / "lora", "lora", rngs=nnx.Rngs(6))
+    again.set_adapter(["default", "lora"])
+    np.testing.assert_allclose(again(X), expected, rtol=1e-6, atol=1e-6)

@@ -15,10 +15,10 @@ import torch
 from torch import nn
 
 from tests.zoo import bert
-from torch_impl import AdaptedModel, LoRA, MergeError, hotswap_adapter, merge_lora
+from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, MergeError, hotswap_adapter, merge_lora
 from torch_impl.checkpoint import save_state_dict_file
 from twinformat import peft_format
-from twinformat.errors import AdapterError, CheckpointError, PeftConversionError
+from twinformat.errors import AdapterError, AdapterInsertionError, CheckpointError, PeftConversionError
 
 peft = pytest.importorskip("peft")
 
@@ -287,3 +287,32 @@ def test_hotswap_adapter_replaces_weights_in_place_pads_ranks_and_does_not_recom
     with pytest.raises(CheckpointError, match="rank 4, more than adapter 'default'"):
         small = AdaptedModel.from_pretrained(copy.deepcopy(base), tmp_path / "r2")
         hotswap_adapter(small, tmp_path / "r4", "default")
+
+
+def test_a_houlsby_default_beside_a_named_lora_switches_saves_and_loads(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    model = AdaptedModel(net, HoulsbyAdapterLinear, target_layers="0", adapter_kwargs={"projection_size": 2})
+    model.add_adapter("lora", LoRA, "2", adapter_kwargs={"rank": 2})
+    with pytest.raises(AdapterInsertionError, match="layer '0' holds a HoulsbyAdapterLinear"):
+        model.add_adapter("more", LoRA, "0")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "adapter_" in name:
+                param.normal_()
+    x = torch.randn(4, 6)
+    houlsby, lora = model.adapted_model[0], model.adapted_model[2]
+    model.set_adapter("lora")
+    torch.testing.assert_close(model(x), lora(torch.relu(houlsby.pretrained_linear(x))), rtol=0, atol=0)
+    model.set_adapter("default")
+    torch.testing.assert_close(model(x), lora.pretrained_module(torch.relu(houlsby(x))), rtol=0, atol=0)
+    model.set_adapter(["default", "lora"])
+    expected = model(x)
+
+    assert model.save_pretrained(tmp_path / "both") == {"default": "peft-twins", "lora": "peft"}
+
+    torch.manual_seed(0)
+    again = AdaptedModel.from_pretrained(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "both")
+    again.load_adapter(tmp_path / "both" / "lora", "lora")
+    again.set_adapter(["default", "lora"])
+    torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
