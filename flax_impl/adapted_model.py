@@ -45,7 +45,15 @@ from twinformat.recorded import (
 
 from .checkpoint import load_state_dict_file, save_state_dict_file
 from .graph import get_submodule, named_modules, set_submodule
-from .interchange import KIND_OF_TYPE, TorchEntry, _assign, _plan_load, _torch_arrays, layer_kind, torch_entries
+from .interchange import (
+    KIND_OF_TYPE,
+    TorchEntry,
+    _assign,
+    _plan_load,
+    _torch_arrays,
+    layer_kind,
+    torch_entries,
+)
 from .lora import BASE_ADAPTER, DEFAULT_ADAPTER, AdapterSwitch, LoRA, LoRABranch
 
 #: A LoRA adapter's factors, as one-adapter keys name them after the layer.
@@ -291,7 +299,9 @@ class AdaptedModel(nnx.Module):
             return self.adapted_model(*args, **kwargs)
         switch = vars(self).get("_adapter_switch")
         if switch is None:
-            raise AdapterError("adapter_mask needs the switch model.adapter_mask(names) creates: call it first")
+            raise AdapterError(
+                "adapter_mask needs the switch model.adapter_mask(names) creates: call it first"
+            )
         old = switch.get_value()
         switch.set_value(jnp.asarray(adapter_mask, old.dtype))
         try:
@@ -431,7 +441,9 @@ class AdaptedModel(nnx.Module):
             raise TypeError("adapter_names must be a list of names, one per sample, not a string")
         self._check_known([name for name in adapter_names if name != BASE_ADAPTER])
         if any(_training(m) for _, m in named_modules(self)):
-            raise AdapterError("adapter_names (a mixed batch) is for inference: call model.eval() first, as PEFT requires")
+            raise AdapterError(
+                "adapter_names (a mixed batch) is for inference: call model.eval() first, as PEFT requires"
+            )
         self._refresh_switch(active=self.active_adapters, keep=True)
         names = self.adapters
         rows = [[1.0 if name == column else 0.0 for column in names] for name in adapter_names]
@@ -463,7 +475,9 @@ class AdaptedModel(nnx.Module):
         for name in adapters:
             spec = self._spec(name)
             if adapter_of(spec["adapter_class"]) is not LORA:
-                raise AdapterError(f"adapter {name!r} is a {spec['adapter_class'].__name__}; only LoRA adapters combine")
+                raise AdapterError(
+                    f"adapter {name!r} is a {spec['adapter_class'].__name__}; only LoRA adapters combine"
+                )
             state = self.adapter_state_dict(name)
             layer_factors = {}
             for layer in spec["layers"]:
@@ -480,7 +494,11 @@ class AdaptedModel(nnx.Module):
         embeddings = [name for name, module in modules.items() if peft_layer_kind(module) == "embedding"]
         rank, combined = weighted_lora_factors(factors, weights, combination_type, embeddings=embeddings)
         first = self._spec(adapters[0])["adapter_kwargs"]
-        kwargs = {"rank": rank, "alpha": float(rank), **{k: first[k] for k in ("dropout", "use_rslora") if k in first}}
+        kwargs = {
+            "rank": rank,
+            "alpha": float(rank),
+            **{k: first[k] for k in ("dropout", "use_rslora") if k in first},
+        }
         layers = [name for name in modules if name in combined]
         self._add_named(adapter_name, layers, kwargs, {}, [], rngs)
         arrays = {
@@ -496,7 +514,11 @@ class AdaptedModel(nnx.Module):
         ``torch_impl.AdaptedModel.merge_and_unload``."""
         from .merge import _unwrap_all, merge_and_unload
 
-        if adapter_names is None and not self.named_adapter_specs and self.default_adapter_name == DEFAULT_ADAPTER:
+        if (
+            adapter_names is None
+            and not self.named_adapter_specs
+            and self.default_adapter_name == DEFAULT_ADAPTER
+        ):
             return merge_and_unload(self)
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         self._check_known(names)
@@ -540,7 +562,13 @@ class AdaptedModel(nnx.Module):
         return {key.replace(marker, "."): value for key, value in arrays.items()}
 
     def _check_new_name(self, name: object) -> None:
-        if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER or name == DEFAULT_ADAPTER:
+        if (
+            not isinstance(name, str)
+            or not name
+            or "." in name
+            or name == BASE_ADAPTER
+            or name == DEFAULT_ADAPTER
+        ):
             raise AdapterError(
                 f"adapter name {name!r} is not allowed: a non-empty string without '.', not {BASE_ADAPTER!r} "
                 f"or {DEFAULT_ADAPTER!r}"
@@ -572,7 +600,11 @@ class AdaptedModel(nnx.Module):
         return out
 
     def _adapter_layers(self) -> list[Any]:
-        return [m for _, m in named_modules(self.adapted_model) if adapter_of(m) is not None and hasattr(m, "attach_switch")]
+        return [
+            m
+            for _, m in named_modules(self.adapted_model)
+            if adapter_of(m) is not None and hasattr(m, "attach_switch")
+        ]
 
     def _active_before(self, deleted: str) -> list[str]:
         """The active set read from the switch, whose columns still include ``deleted``."""
@@ -580,7 +612,9 @@ class AdaptedModel(nnx.Module):
         if switch is None:
             return [self.default_adapter_name]
         values = jax.device_get(switch.get_value())
-        return [name for name, value in zip(self.switch_names, values, strict=True) if value and name != deleted]
+        return [
+            name for name, value in zip(self.switch_names, values, strict=True) if value and name != deleted
+        ]
 
     def _refresh_switch(
         self, *, active: Sequence[str], keep: bool = False, rebuild: bool = False
@@ -622,7 +656,9 @@ class AdaptedModel(nnx.Module):
         """Build the LoRA branches of a new adapter on ``layers`` (all before changing any layer),
         then put them in place, inactive."""
         unfrozen = [
-            layer for layer in layers if any(layer == u or layer.startswith(f"{u}.") or not u for u in self.unfrozen_module_names)
+            layer
+            for layer in layers
+            if any(layer == u or layer.startswith(f"{u}.") or not u for u in self.unfrozen_module_names)
         ]
         if unfrozen:
             raise AdapterInsertionError(
@@ -634,7 +670,9 @@ class AdaptedModel(nnx.Module):
             options = {**kwargs, **layer_kwargs.get(layer, {})}
             try:
                 if isinstance(module, LoRA):
-                    built.append((layer, LoRABranch(LoRA(module.pretrained_module, **options, rngs=rngs)), True))
+                    built.append(
+                        (layer, LoRABranch(LoRA(module.pretrained_module, **options, rngs=rngs)), True)
+                    )
                 elif adapter_of(module) is not None:
                     raise AdapterInsertionError(
                         f"layer {layer!r} holds a {type(module).__name__}; only LoRA layers hold several adapters"
@@ -645,7 +683,8 @@ class AdaptedModel(nnx.Module):
                     built.append((layer, new, False))
             except (ValueError, TypeError) as exc:
                 raise _with_message(
-                    exc, f"cannot add adapter {adapter_name!r} on layer {layer!r} ({type(module).__name__}): {exc}"
+                    exc,
+                    f"cannot add adapter {adapter_name!r} on layer {layer!r} ({type(module).__name__}): {exc}",
                 ) from exc
         for layer, new, beside in built:
             if beside:
@@ -667,7 +706,7 @@ class AdaptedModel(nnx.Module):
         layers = sorted(self.named_adapter_specs[adapter_name]["layers"], key=len, reverse=True)
         mapped = {}
         for key, value in arrays.items():
-            layer = next((l for l in layers if key.startswith(f"adapted_model.{l}.")), None)
+            layer = next((name for name in layers if key.startswith(f"adapted_model.{name}.")), None)
             if layer is None:
                 mapped[key] = value
                 continue
@@ -676,7 +715,9 @@ class AdaptedModel(nnx.Module):
         report, assignments = _plan_load(self, mapped, strict=False)
         marker = f".named_adapters.{adapter_name}."
         missing = [key for key in report.missing if marker in key]
-        unexpected = report.unexpected + [key for key in mapped if marker not in key and key not in report.unexpected]
+        unexpected = report.unexpected + [
+            key for key in mapped if marker not in key and key not in report.unexpected
+        ]
         if unexpected or report.mismatched or missing:
             raise CheckpointError(
                 f"adapter {where!r} does not fit adapter {adapter_name!r} of this model: unexpected keys "
@@ -824,8 +865,10 @@ class AdaptedModel(nnx.Module):
         """
         from .pretrained import save_adapters, save_pretrained
 
-        if not self.named_adapter_specs and self.default_adapter_name == DEFAULT_ADAPTER and (
-            selected_adapters is None or list(selected_adapters) == [DEFAULT_ADAPTER]
+        if (
+            not self.named_adapter_specs
+            and self.default_adapter_name == DEFAULT_ADAPTER
+            and (selected_adapters is None or list(selected_adapters) == [DEFAULT_ADAPTER])
         ):
             return save_pretrained(
                 self, directory, base_model_name_or_path=base_model_name_or_path, task_type=task_type
@@ -861,8 +904,15 @@ class AdaptedModel(nnx.Module):
         """
         from .pretrained import from_pretrained
 
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
-            raise AdapterError(f"adapter_name {adapter_name!r} is not allowed: a non-empty string without '.'")
+        if (
+            not isinstance(adapter_name, str)
+            or not adapter_name
+            or "." in adapter_name
+            or adapter_name == BASE_ADAPTER
+        ):
+            raise AdapterError(
+                f"adapter_name {adapter_name!r} is not allowed: a non-empty string without '.'"
+            )
         model = from_pretrained(cls, base_model, directory, rngs=rngs)
         model.default_adapter_name = adapter_name
         return model

@@ -45,6 +45,7 @@ class AdapterSwitch(nnx.Variable):
     of an ``AdaptedModel``: changing it (``set_adapter``, a mixed batch) changes no graph, so a
     jitted step is not traced again."""
 
+
 # Never read from the wrapped layer: the wrapper's own children and options.
 _NOT_FORWARDED = frozenset(
     {"pretrained_module", "adapter_down_proj", "adapter_up_proj", "adapter_magnitude", "adapter_dropout"}
@@ -451,7 +452,9 @@ class LoRA(nnx.Module):
             branch = self.branch(name)
             combined = value + self._update(value.dtype, branch)
             if branch.use_dora:
-                combined = combined * (branch.adapter_magnitude[...].astype(combined.dtype) / _column_norm(combined))
+                combined = combined * (
+                    branch.adapter_magnitude[...].astype(combined.dtype) / _column_norm(combined)
+                )
             value = combined
         self._write(value)
 

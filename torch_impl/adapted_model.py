@@ -16,7 +16,6 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -364,7 +363,9 @@ class AdaptedModel(nn.Module):
 
         self._check_new_name(adapter_name)
         found = read_named_adapter(self, path)
-        self._add_named(adapter_name, found["layers"], found["adapter_kwargs"], found["layer_adapter_kwargs"], [])
+        self._add_named(
+            adapter_name, found["layers"], found["adapter_kwargs"], found["layer_adapter_kwargs"], []
+        )
         self.named_adapter_specs[adapter_name]["recorded_peft_config"] = found["recorded_peft_config"]
         try:
             self._load_named(adapter_name, found["tensors"], where=found["where"])
@@ -401,7 +402,9 @@ class AdaptedModel(nn.Module):
         for name in adapters:
             spec = self._spec(name)
             if adapter_of(spec["adapter_class"]) is not LORA:
-                raise AdapterError(f"adapter {name!r} is a {spec['adapter_class'].__name__}; only LoRA adapters combine")
+                raise AdapterError(
+                    f"adapter {name!r} is a {spec['adapter_class'].__name__}; only LoRA adapters combine"
+                )
             state = self.adapter_state_dict(name)
             layer_factors = {}
             for layer in spec["layers"]:
@@ -411,14 +414,20 @@ class AdaptedModel(nn.Module):
                         f"adapter {name!r} uses DoRA: PEFT gives a combined adapter's magnitude its initial value, "
                         "which depends on the new factors' random initialisation; combine LoRA adapters without DoRA"
                     )
-                down, up = (state[f"adapted_model.{layer}.{part}"].detach().cpu().numpy() for part in _FACTORS)
+                down, up = (
+                    state[f"adapted_model.{layer}.{part}"].detach().cpu().numpy() for part in _FACTORS
+                )
                 layer_factors[layer] = (down, up, lora_scaling(options))
             factors.append(layer_factors)
         modules = self._base_modules()
         embeddings = [name for name, module in modules.items() if peft_layer_kind(module) == "embedding"]
         rank, combined = weighted_lora_factors(factors, weights, combination_type, embeddings=embeddings)
         first = self._spec(adapters[0])["adapter_kwargs"]
-        kwargs = {"rank": rank, "alpha": float(rank), **{k: first[k] for k in ("dropout", "use_rslora") if k in first}}
+        kwargs = {
+            "rank": rank,
+            "alpha": float(rank),
+            **{k: first[k] for k in ("dropout", "use_rslora") if k in first},
+        }
         layers = [name for name in modules if name in combined]
         self._add_named(adapter_name, layers, kwargs, {}, [])
         tensors = {}
@@ -433,7 +442,11 @@ class AdaptedModel(nn.Module):
         dropped). A one-adapter model merges as :func:`torch_impl.merge_and_unload`."""
         from .merge import _unwrap_all, merge_and_unload
 
-        if adapter_names is None and not self.named_adapter_specs and self.default_adapter_name == DEFAULT_ADAPTER:
+        if (
+            adapter_names is None
+            and not self.named_adapter_specs
+            and self.default_adapter_name == DEFAULT_ADAPTER
+        ):
             return merge_and_unload(self)
         names = self.active_adapters if adapter_names is None else list(adapter_names)
         self._check_known(names)
@@ -472,11 +485,23 @@ class AdaptedModel(nn.Module):
         out = {}
         for layer in self.named_adapter_specs[adapter_name]["layers"]:
             prefix = f"adapted_model.{layer}.named_adapters.{adapter_name}."
-            out.update({f"adapted_model.{layer}.{k[len(prefix):]}": v for k, v in full.items() if k.startswith(prefix)})
+            out.update(
+                {
+                    f"adapted_model.{layer}.{k[len(prefix) :]}": v
+                    for k, v in full.items()
+                    if k.startswith(prefix)
+                }
+            )
         return out
 
     def _check_new_name(self, name: object) -> None:
-        if not isinstance(name, str) or not name or "." in name or name == BASE_ADAPTER or name == DEFAULT_ADAPTER:
+        if (
+            not isinstance(name, str)
+            or not name
+            or "." in name
+            or name == BASE_ADAPTER
+            or name == DEFAULT_ADAPTER
+        ):
             raise AdapterError(
                 f"adapter name {name!r} is not allowed: a non-empty string without '.', not {BASE_ADAPTER!r} "
                 f"or {DEFAULT_ADAPTER!r}"
@@ -542,7 +567,8 @@ class AdaptedModel(nn.Module):
                         built.append((layer, new, False))
                 except (ValueError, TypeError) as exc:
                     raise _with_message(
-                        exc, f"cannot add adapter {adapter_name!r} on layer {layer!r} ({type(module).__name__}): {exc}"
+                        exc,
+                        f"cannot add adapter {adapter_name!r} on layer {layer!r} ({type(module).__name__}): {exc}",
                     ) from exc
         except BaseException:
             _restore_requires_grad(flags)
@@ -568,9 +594,11 @@ class AdaptedModel(nn.Module):
         layers = sorted(self.named_adapter_specs[adapter_name]["layers"], key=len, reverse=True)
         mapped = {}
         for key, value in tensors.items():
-            layer = next((l for l in layers if key.startswith(f"adapted_model.{l}.")), None)
+            layer = next((name for name in layers if key.startswith(f"adapted_model.{name}.")), None)
             rest = key[len(f"adapted_model.{layer}.") :] if layer is not None else key
-            mapped[f"adapted_model.{layer}.named_adapters.{adapter_name}.{rest}" if layer is not None else key] = value
+            mapped[
+                f"adapted_model.{layer}.named_adapters.{adapter_name}.{rest}" if layer is not None else key
+            ] = value
         current = self.state_dict()
         mine = {k: tuple(v.shape) for k, v in current.items() if f".named_adapters.{adapter_name}." in k}
         report = compare_keys({k: tuple(v.shape) for k, v in mapped.items()}, mine)
@@ -612,7 +640,9 @@ class AdaptedModel(nn.Module):
                 if kind is None or not getattr(module, "__dict__", {}).get("_has_default", True):
                     continue
                 params.extend(
-                    p for n, p in module.named_parameters() if not n.startswith((f"{kind.wrapped}.", "named_adapters."))
+                    p
+                    for n, p in module.named_parameters()
+                    if not n.startswith((f"{kind.wrapped}.", "named_adapters."))
                 )
             return params
         spec = self.named_adapter_specs[adapter_name]
@@ -623,7 +653,9 @@ class AdaptedModel(nn.Module):
         ]
 
     def _adapter_layers(self) -> list[nn.Module]:
-        return [m for m in self.adapted_model.modules() if adapter_of(m) is not None and hasattr(m, "set_active")]
+        return [
+            m for m in self.adapted_model.modules() if adapter_of(m) is not None and hasattr(m, "set_active")
+        ]
 
     def _switch_layers(self, names: Sequence[str]) -> None:
         slots = tuple(self._slot(name) for name in names)
@@ -636,7 +668,9 @@ class AdaptedModel(nn.Module):
             raise TypeError("adapter_names must be a list of names, one per sample, not a string")
         self._check_known([name for name in adapter_names if name != BASE_ADAPTER])
         if self.training:
-            raise AdapterError("adapter_names (a mixed batch) is for inference: call model.eval() first, as PEFT requires")
+            raise AdapterError(
+                "adapter_names (a mixed batch) is for inference: call model.eval() first, as PEFT requires"
+            )
         layers = self._adapter_layers()
         others = [type(m).__name__ for m in layers if not isinstance(m, LoRA)]
         if others and self.default_adapter_name in adapter_names:
@@ -770,12 +804,12 @@ class AdaptedModel(nn.Module):
         >>> model.save_pretrained(tempfile.mkdtemp() + "/houlsby")
         'peft-twins'
         """
-        from .pretrained import save_pretrained
+        from .pretrained import save_adapters, save_pretrained
 
-        from .pretrained import save_adapters
-
-        if not self.named_adapter_specs and self.default_adapter_name == DEFAULT_ADAPTER and (
-            selected_adapters is None or list(selected_adapters) == [DEFAULT_ADAPTER]
+        if (
+            not self.named_adapter_specs
+            and self.default_adapter_name == DEFAULT_ADAPTER
+            and (selected_adapters is None or list(selected_adapters) == [DEFAULT_ADAPTER])
         ):
             return save_pretrained(
                 self, directory, base_model_name_or_path=base_model_name_or_path, task_type=task_type
@@ -807,8 +841,15 @@ class AdaptedModel(nn.Module):
         """
         from .pretrained import from_pretrained
 
-        if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == BASE_ADAPTER:
-            raise AdapterError(f"adapter_name {adapter_name!r} is not allowed: a non-empty string without '.'")
+        if (
+            not isinstance(adapter_name, str)
+            or not adapter_name
+            or "." in adapter_name
+            or adapter_name == BASE_ADAPTER
+        ):
+            raise AdapterError(
+                f"adapter_name {adapter_name!r} is not allowed: a non-empty string without '.'"
+            )
         model = from_pretrained(cls, base_model, directory)
         model.default_adapter_name = adapter_name
         model._active_adapters = [adapter_name]

@@ -265,7 +265,9 @@ class LoRA(nn.Module):
         default alone, or one adapter per sample. (The default alone takes the one-adapter path,
         fused kernels included, so its numbers are the same bits whatever else the layer holds.)"""
         d = self.__dict__
-        return d.get("_active", (DEFAULT_ADAPTER,)) != (DEFAULT_ADAPTER,) or d.get("_sample_names") is not None
+        return (
+            d.get("_active", (DEFAULT_ADAPTER,)) != (DEFAULT_ADAPTER,) or d.get("_sample_names") is not None
+        )
 
     def _multi_forward(self, x: torch.Tensor) -> torch.Tensor:
         """PEFT's order: the base layer, then each active adapter's term added in turn; with one

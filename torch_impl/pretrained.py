@@ -41,7 +41,12 @@ from twinformat import peft_format
 from twinformat.adapters import LORA, adapter_class_name, adapter_of
 from twinformat.errors import CheckpointError, PeftConversionError
 from twinformat.format import adapter_metadata
-from twinformat.recorded import layer_kinds_entry, recorded_jsonable, resolve_recorded_class, signature_defaults
+from twinformat.recorded import (
+    layer_kinds_entry,
+    recorded_jsonable,
+    resolve_recorded_class,
+    signature_defaults,
+)
 
 from . import distributed
 from .checkpoint import load_state_dict_file, save_state_dict_file
@@ -205,14 +210,20 @@ class _AdapterView:
         self.adapted_model = model.adapted_model
         if name == model.default_adapter_name:
             self.adapter_class, self.adapter_kwargs = model.adapter_class, model.adapter_kwargs
-            self.replace_layers, self.unfrozen_module_names = model.replace_layers, model.unfrozen_module_names
+            self.replace_layers, self.unfrozen_module_names = (
+                model.replace_layers,
+                model.unfrozen_module_names,
+            )
             self.layer_adapter_kwargs, self.target_layers = model.layer_adapter_kwargs, model.target_layers
             self.recorded_peft_config = model.recorded_peft_config
         else:
             spec = model.named_adapter_specs[name]
             self.adapter_class, self.adapter_kwargs = spec["adapter_class"], spec["adapter_kwargs"]
             self.replace_layers, self.unfrozen_module_names = spec["layers"], []
-            self.layer_adapter_kwargs, self.target_layers = spec["layer_adapter_kwargs"], spec["target_layers"]
+            self.layer_adapter_kwargs, self.target_layers = (
+                spec["layer_adapter_kwargs"],
+                spec["target_layers"],
+            )
             self.recorded_peft_config = spec.get("recorded_peft_config")
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -258,7 +269,10 @@ def save_adapters(
     for name in names:
         target = folder if name == DEFAULT_ADAPTER else folder / name
         formats[name] = save_pretrained(
-            _AdapterView(model, name), target, base_model_name_or_path=base_model_name_or_path, task_type=task_type
+            _AdapterView(model, name),
+            target,
+            base_model_name_or_path=base_model_name_or_path,
+            task_type=task_type,
         )
     return formats
 
@@ -272,7 +286,9 @@ def read_named_adapter(model: Any, path: str | os.PathLike[str]) -> dict[str, An
     where = str(found.weights)
     modules = model._base_modules()
     if found.format == "peft":
-        adapter = peft_format.load_peft_adapter(found, lambda p: load_state_dict_file(p)[0], allow_patterns=True)
+        adapter = peft_format.load_peft_adapter(
+            found, lambda p: load_state_dict_file(p)[0], allow_patterns=True
+        )
         peft_format.check_peft_model(
             adapter,
             {name: (peft_layer_kind(m), type(m).__name__) for name, m in modules.items()},
@@ -453,7 +469,9 @@ def hotswap_adapter(model: Any, path: str | os.PathLike[str], adapter_name: str 
     model._check_known([adapter_name])
     spec = model._spec(adapter_name)
     if adapter_of(spec["adapter_class"]) is not LORA:
-        raise CheckpointError(f"adapter {adapter_name!r} is a {spec['adapter_class'].__name__}; only LoRA hot-swaps")
+        raise CheckpointError(
+            f"adapter {adapter_name!r} is a {spec['adapter_class'].__name__}; only LoRA hot-swaps"
+        )
     found = read_named_adapter(model, path)
     where = found["where"]
     if sorted(found["layers"]) != sorted(spec["layers"]):
@@ -491,7 +509,9 @@ def hotswap_adapter(model: Any, path: str | os.PathLike[str], adapter_name: str 
         up = _pad(up.to(torch.float32) * factor, rank, 1)
         targets = [(branch.adapter_down_proj.weight, down), (branch.adapter_up_proj.weight, up)]
         if ours.get("use_dora"):
-            targets.append((branch.adapter_magnitude, found["tensors"][prefix + "adapter_magnitude"].reshape(-1)))
+            targets.append(
+                (branch.adapter_magnitude, found["tensors"][prefix + "adapter_magnitude"].reshape(-1))
+            )
         for target, value in targets:
             if tuple(target.shape) != tuple(value.shape):
                 raise CheckpointError(

@@ -362,14 +362,21 @@ def weighted_lora_factors(
         held = [(f[layer], w) for f, w in zip(factors, weights, strict=True) if layer in f]
         down_axis = 1 if embedding else 0
         if combination_type == "linear":
-            down = sum(np.sign(w * s or 1) * math.sqrt(abs(w * s)) * np.asarray(d, np.float64) for (d, _, s), w in held)
+            down = sum(
+                np.sign(w * s or 1) * math.sqrt(abs(w * s)) * np.asarray(d, np.float64)
+                for (d, _, s), w in held
+            )
             up = sum(math.sqrt(abs(w * s)) * np.asarray(u, np.float64) for (_, u, s), w in held)
         else:
-            down = np.concatenate([np.asarray(d, np.float64) * (w * s) for (d, _, s), w in held], axis=down_axis)
+            down = np.concatenate(
+                [np.asarray(d, np.float64) * (w * s) for (d, _, s), w in held], axis=down_axis
+            )
             up = np.concatenate([np.asarray(u, np.float64) for (_, u, _), w in held], axis=1)
             pad = new_rank - up.shape[1]
             if pad:
-                down = np.concatenate([down, np.zeros_like(np.take(down, [0] * pad, axis=down_axis))], axis=down_axis)
+                down = np.concatenate(
+                    [down, np.zeros_like(np.take(down, [0] * pad, axis=down_axis))], axis=down_axis
+                )
                 up = np.concatenate([up, np.zeros_like(np.take(up, [0] * pad, axis=1))], axis=1)
         dtype = np.asarray(held[0][0][0]).dtype
         out[layer] = (np.asarray(down, dtype), np.asarray(up, dtype))

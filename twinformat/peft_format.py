@@ -391,7 +391,10 @@ def _one_glob_regex(pattern: str) -> str:
             out.append(".*")
         elif char == "?":
             out.append(".")
-        elif char == "[" and (end := pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)) > 0:
+        elif (
+            char == "["
+            and (end := pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)) > 0
+        ):
             body = pattern[i + 1 : end]
             body = "^" + body[1:] if body.startswith("!") else body
             out.append("[" + body.replace("\\", "\\\\") + "]")
@@ -427,7 +430,10 @@ def peft_patterns(
     (4, 8, {'q': 2}, {})
     """
     wanted = {
-        layer: (int(layer_kwargs.get(layer, {}).get("rank", rank)), float(layer_kwargs.get(layer, {}).get("alpha", alpha)))
+        layer: (
+            int(layer_kwargs.get(layer, {}).get("rank", rank)),
+            float(layer_kwargs.get(layer, {}).get("alpha", alpha)),
+        )
         for layer in layers
     }
     if recorded is not None:
@@ -524,7 +530,7 @@ def peft_adapter(
     for key, value in tensors.items():
         module = _saved_module(key, to_save) if to_save else None
         if module is not None:
-            saved[f"{OURS_PREFIX}{key[len(PEFT_PREFIX):]}"] = value
+            saved[f"{OURS_PREFIX}{key[len(PEFT_PREFIX) :]}"] = value
             continue
         layer, factor = parse_peft_key(key, weights)
         factors.setdefault(layer, {})[factor] = value
@@ -611,7 +617,16 @@ def peft_adapter(
     modules = sorted({_saved_module(key, to_save) or "" for key in tensors} - {""})
     out.update(saved)
     return PeftAdapter(
-        dict(config), list(factors), int(rank), float(alpha), out, notes, options, embeddings, layer_kwargs, modules
+        dict(config),
+        list(factors),
+        int(rank),
+        float(alpha),
+        out,
+        notes,
+        options,
+        embeddings,
+        layer_kwargs,
+        modules,
     )
 
 
@@ -621,7 +636,7 @@ def _saved_module(key: str, to_save: Sequence[str]) -> str | None:
     the outermost module a name selects)."""
     if not key.startswith(PEFT_PREFIX) or re.search(r"\.lora_[A-Za-z_]+(\.weight)?$", key):
         return None
-    parts = key[len(PEFT_PREFIX):].split(".")
+    parts = key[len(PEFT_PREFIX) :].split(".")
     for end in range(1, len(parts)):
         module = ".".join(parts[:end])
         if any(module == name or module.endswith(f".{name}") for name in to_save):
@@ -649,7 +664,7 @@ def to_peft_tensors(
     out: dict[str, T] = {}
     used: set[str] = set()
     for key in tensors:
-        rest = key[len(OURS_PREFIX):] if key.startswith(OURS_PREFIX) else None
+        rest = key[len(OURS_PREFIX) :] if key.startswith(OURS_PREFIX) else None
         if rest is not None and any(rest.startswith(f"{module}.") for module in modules_to_save if module):
             out[PEFT_PREFIX + rest] = tensors[key]
             used.add(key)
@@ -899,12 +914,20 @@ def peft_files(
     kwargs = {"rank": 16, "alpha": 1.0, **_OUR_DEFAULTS, **adapter_kwargs}
     recorded = dict(recorded or {})
     rank, alpha, rank_pattern, alpha_pattern = peft_patterns(
-        layer_kwargs or {}, layers, rank=kwargs.pop("rank"), alpha=kwargs.pop("alpha"), recorded=recorded or None
+        layer_kwargs or {},
+        layers,
+        rank=kwargs.pop("rank"),
+        alpha=kwargs.pop("alpha"),
+        recorded=recorded or None,
     )
     targets = None
     if module_names is not None:
-        targets = peft_target_modules(layers, module_names, [recorded.get("target_modules"), glob_regex(target_patterns)])
-    if recorded.get("modules_to_save") and _same_saved(recorded["modules_to_save"], modules_to_save, module_names):
+        targets = peft_target_modules(
+            layers, module_names, [recorded.get("target_modules"), glob_regex(target_patterns)]
+        )
+    if recorded.get("modules_to_save") and _same_saved(
+        recorded["modules_to_save"], modules_to_save, module_names
+    ):
         to_save: Sequence[str] = recorded["modules_to_save"]
     else:
         to_save = modules_to_save
@@ -958,7 +981,9 @@ def load_peft_adapter(
     ``read_tensors(path)`` (each side its own way) and map them (:func:`peft_adapter`, which
     the two ``allow_`` flags are given to)."""
     where = str(found.weights.with_name(PEFT_CONFIG_NAME))
-    check_peft_config(found.config, where, allow_modules_to_save=allow_modules_to_save)  # before the weights are read
+    check_peft_config(
+        found.config, where, allow_modules_to_save=allow_modules_to_save
+    )  # before the weights are read
     return peft_adapter(
         found.config,
         read_tensors(found.weights),

@@ -50,7 +50,9 @@ def setup(tmp_path_factory):
     flax_bert = FlaxBert(torch_bert.config, rngs=nnx.Rngs(0))
     converters.torch_to_flax(torch_bert, flax_bert)
     flax_bert.eval()
-    theirs = peft.get_peft_model(copy.deepcopy(torch_bert), peft.LoraConfig(init_lora_weights=False, **CONFIGS["default"]))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(torch_bert), peft.LoraConfig(init_lora_weights=False, **CONFIGS["default"])
+    )
     for name in ("b", "c"):
         theirs.add_adapter(name, peft.LoraConfig(init_lora_weights=False, **CONFIGS[name]))
     bert.randomize_peft(theirs)
@@ -92,12 +94,17 @@ def test_flax_outputs_equal_peft_for_every_active_set_disable_mixed_batch_and_de
         np.testing.assert_allclose(_flax_out(ours), _torch_out(theirs_again), rtol=1e-5, atol=1e-5)
 
 
-def test_the_converters_carry_every_adapter_from_the_torch_twin_and_the_flax_files_load_in_peft(setup, tmp_path):
+def test_the_converters_carry_every_adapter_from_the_torch_twin_and_the_flax_files_load_in_peft(
+    setup, tmp_path
+):
     torch_bert, flax_bert, theirs, folder = setup
     torch_model = torch_impl.AdaptedModel.from_pretrained(copy.deepcopy(torch_bert), folder)
     flax_model = flax_impl.AdaptedModel(
-        copy.deepcopy(flax_bert), flax_impl.LoRA, target_layers=bert.QUERY_VALUE,
-        adapter_kwargs={"rank": 4, "alpha": 8}, rngs=nnx.Rngs(1),
+        copy.deepcopy(flax_bert),
+        flax_impl.LoRA,
+        target_layers=bert.QUERY_VALUE,
+        adapter_kwargs={"rank": 4, "alpha": 8},
+        rngs=nnx.Rngs(1),
     )
     for name, targets, kwargs in (
         ("b", ["*.query", "*.key"], {"rank": 2, "alpha": 3, "use_rslora": True}),
@@ -142,4 +149,6 @@ def test_flax_weighted_adapters_and_merge_and_unload_equal_peft(setup):
     plain = ours.merge_and_unload(adapter_names=["default", "b", "c"])
     merged = theirs.merge_and_unload(adapter_names=["default", "b", "c"])
     assert type(plain).__name__ == "BertModel"
-    np.testing.assert_allclose(np.asarray(plain(jnp.asarray(_ids()))), _torch_out(merged), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(plain(jnp.asarray(_ids()))), _torch_out(merged), rtol=1e-5, atol=1e-5
+    )

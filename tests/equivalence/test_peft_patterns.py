@@ -120,7 +120,10 @@ def test_flax_reads_rank_alpha_patterns_and_modules_to_save_and_writes_them_back
     assert ours.save_pretrained(tmp_path / "again") == "peft"
 
     written, read = _config(tmp_path / "again"), _config(tmp_path / "peft")
-    assert (written["target_modules"], written["rank_pattern"]) == (read["target_modules"], read["rank_pattern"])
+    assert (written["target_modules"], written["rank_pattern"]) == (
+        read["target_modules"],
+        read["rank_pattern"],
+    )
     assert sorted(written["target_modules"]) == ["query", "value"]  # as given, not a regex of every layer
     again = peft.PeftModel.from_pretrained(copy.deepcopy(torch_bert), str(tmp_path / "again")).eval()
     np.testing.assert_allclose(_torch_out(again), expected, rtol=1e-5, atol=1e-5)

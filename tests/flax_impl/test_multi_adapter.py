@@ -39,7 +39,9 @@ def _perturb(model: AdaptedModel, seed: int, only: str = "adapter_") -> None:
 
 
 def _three() -> AdaptedModel:
-    model = AdaptedModel(_Net(nnx.Rngs(0)), LoRA, target_layers="fc1", adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1))
+    model = AdaptedModel(
+        _Net(nnx.Rngs(0)), LoRA, target_layers="fc1", adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1)
+    )
     model.add_adapter("b", LoRA, ["fc1", "fc2"], adapter_kwargs={"rank": 3, "alpha": 2.0}, rngs=nnx.Rngs(2))
     model.add_adapter("c", LoRA, "fc2", adapter_kwargs={"rank": 1, "use_dora": True}, rngs=nnx.Rngs(3))
     _perturb(model, 4)
@@ -74,8 +76,10 @@ def test_set_adapter_weights_and_mixed_batches_do_not_recompile_a_jitted_forward
     assert len(traces) == 1  # one trace for every active set, disable_adapter included
     # 'c' adapts fc2 only: with 'b' active too, fc2's output is b's plus c's term (same input).
     assert not np.allclose(both, outputs["b"]) and not np.allclose(both, outputs["c"])
-    np.testing.assert_array_equal(base, model.adapted_model.fc2.pretrained_module(
-        nnx.relu(model.adapted_model.fc1.pretrained_module(X))))
+    np.testing.assert_array_equal(
+        base,
+        model.adapted_model.fc2.pretrained_module(nnx.relu(model.adapted_model.fc1.pretrained_module(X))),
+    )
 
     for names in (["default", "b", "__base__", "c"], ["c", "c", "b", "default"]):
         mixed = forward(model, X, model.adapter_mask(names))
@@ -115,7 +119,9 @@ def test_trainable_follows_set_adapter_and_adamw_leaves_the_other_adapters_bit_i
 
 
 def test_a_one_adapter_model_is_what_it_was_after_adding_and_deleting_an_adapter():
-    model = AdaptedModel(_Net(nnx.Rngs(0)), LoRA, target_layers="fc1", adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1))
+    model = AdaptedModel(
+        _Net(nnx.Rngs(0)), LoRA, target_layers="fc1", adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(1)
+    )
     _perturb(model, 1)
     graph, state = nnx.split(model)
     expected = model(X)
@@ -139,7 +145,9 @@ def test_a_one_adapter_model_is_what_it_was_after_adding_and_deleting_an_adapter
 
 def test_unknown_names_are_refused_naming_the_adapters_there_are():
     model = _three()
-    with pytest.raises(AdapterError, match=r"no adapter named 'zzz'; this model holds \['default', 'b', 'c'\]"):
+    with pytest.raises(
+        AdapterError, match=r"no adapter named 'zzz'; this model holds \['default', 'b', 'c'\]"
+    ):
         model.set_adapter(["b", "zzz"])
     with pytest.raises(AdapterError, match="no adapter named 'zzz'"):
         model(X, adapter_names=["b", "zzz", "c", "c"])
@@ -156,7 +164,10 @@ def test_unknown_names_are_refused_naming_the_adapters_there_are():
 def test_hotswap_adapter_replaces_weights_in_place_and_a_jitted_forward_is_not_traced_again(tmp_path):
     for name, rank, alpha in (("r4", 4, 8.0), ("r2", 2, 5.0)):
         model = AdaptedModel(
-            _Net(nnx.Rngs(0)), LoRA, target_layers=["fc1", "fc2"], adapter_kwargs={"rank": rank, "alpha": alpha},
+            _Net(nnx.Rngs(0)),
+            LoRA,
+            target_layers=["fc1", "fc2"],
+            adapter_kwargs={"rank": rank, "alpha": alpha},
             rngs=nnx.Rngs(rank),
         )
         _perturb(model, rank)
@@ -183,7 +194,10 @@ def test_hotswap_adapter_replaces_weights_in_place_and_a_jitted_forward_is_not_t
 
 def test_a_houlsby_default_beside_a_named_lora_switches_as_data_and_saves(tmp_path):
     model = AdaptedModel(
-        _Net(nnx.Rngs(0)), HoulsbyAdapterLinear, target_layers="fc1", adapter_kwargs={"projection_size": 2},
+        _Net(nnx.Rngs(0)),
+        HoulsbyAdapterLinear,
+        target_layers="fc1",
+        adapter_kwargs={"projection_size": 2},
         rngs=nnx.Rngs(1),
     )
     model.add_adapter("lora", LoRA, "fc2", adapter_kwargs={"rank": 2}, rngs=nnx.Rngs(2))

@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch._dynamo.testing
 import torch
+import torch._dynamo.testing
 from torch import nn
 
 from tests.zoo import bert
@@ -24,7 +24,11 @@ peft = pytest.importorskip("peft")
 
 #: name -> (PEFT LoraConfig, our target_layers, our adapter_kwargs)
 ADAPTERS = {
-    "default": (dict(r=4, lora_alpha=8, target_modules=["query", "value"]), bert.QUERY_VALUE, {"rank": 4, "alpha": 8}),
+    "default": (
+        dict(r=4, lora_alpha=8, target_modules=["query", "value"]),
+        bert.QUERY_VALUE,
+        {"rank": 4, "alpha": 8},
+    ),
     "b": (
         dict(r=2, lora_alpha=3, use_rslora=True, target_modules=["query", "key"]),
         ["*.query", "*.key"],
@@ -89,14 +93,18 @@ def test_outputs_after_set_adapter_a_list_disable_and_a_mixed_batch_equal_peft(p
         torch.testing.assert_close(_out(ours), _out(theirs), rtol=1e-5, atol=1e-5)
 
     names = ["b", "default", "__base__", "b"]  # PEFT refuses DoRA ('c') in a mixed batch
-    torch.testing.assert_close(_out(ours, adapter_names=names), _out(theirs, adapter_names=names), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        _out(ours, adapter_names=names), _out(theirs, adapter_names=names), rtol=1e-5, atol=1e-5
+    )
     alone = {}
     for name in ("default", "b"):
         ours.set_adapter(name)
         alone[name] = _out(ours)
     mixed = _out(ours, adapter_names=names)
     for i, name in enumerate(names):  # each sample as if its adapter alone were active
-        torch.testing.assert_close(mixed[i], base[i] if name == "__base__" else alone[name][i], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            mixed[i], base[i] if name == "__base__" else alone[name][i], rtol=1e-6, atol=1e-6
+        )
 
 
 def test_unknown_and_deleted_adapters_are_refused_by_name_and_delete_matches_peft(peft_folder):
@@ -122,7 +130,9 @@ def test_unknown_and_deleted_adapters_are_refused_by_name_and_delete_matches_pef
         lambda: ours.delete_adapter("b"),
         lambda: _out(ours, adapter_names=["c", "b", "c", "c"]),
     ):
-        with pytest.raises(AdapterError, match=r"no adapter named '(b|zzz)'; this model holds \['default', 'c'\]"):
+        with pytest.raises(
+            AdapterError, match=r"no adapter named '(b|zzz)'; this model holds \['default', 'c'\]"
+        ):
             call()
     with pytest.raises(AdapterError, match="cannot be deleted"):
         ours.delete_adapter("default")
@@ -160,7 +170,10 @@ def test_only_the_active_adapter_trains_and_the_others_stay_bit_identical(peft_f
     assert changed == set(trainable)
     ours.set_adapter(["default", "c"])
     assert {n for n, p in ours.named_parameters() if p.requires_grad} == {
-        n for n in before if ".named_adapters.c." in n or n.endswith(("adapter_down_proj.weight", "adapter_up_proj.weight"))
+        n
+        for n in before
+        if ".named_adapters.c." in n
+        or n.endswith(("adapter_down_proj.weight", "adapter_up_proj.weight"))
         and ".named_adapters." not in n
     }
 
@@ -197,7 +210,9 @@ def test_add_and_load_adapter_refuse_before_changing_anything(tmp_path, peft_fol
         ours.add_adapter("h", nn.Linear, "*.query")
     with pytest.raises(ValueError, match="'nothing.here' matches no layer"):
         ours.add_adapter("d", LoRA, "nothing.here")
-    alien = AdaptedModel(nn.Sequential(nn.Linear(16, 16)), LoRA, target_layers="0", adapter_kwargs={"rank": 2})
+    alien = AdaptedModel(
+        nn.Sequential(nn.Linear(16, 16)), LoRA, target_layers="0", adapter_kwargs={"rank": 2}
+    )
     alien.save_pretrained(tmp_path / "alien")
     with pytest.raises(PeftConversionError, match=r"adapts layer\(s\) \['0'\] which the model does not have"):
         ours.load_adapter(tmp_path / "alien", "d")
@@ -206,11 +221,17 @@ def test_add_and_load_adapter_refuse_before_changing_anything(tmp_path, peft_fol
     rank5 = AdaptedModel(bert.small_torch_bert(), LoRA, target_layers="*.query", adapter_kwargs={"rank": 5})
     tensors = rank5.trainable_state_dict()
     config = peft_format.ours_config(
-        framework="torch", adapter_class="LoRA", adapter_kwargs={"rank": 2},
-        adapted_layers=rank5.replace_layers, unfrozen_layers=[],
+        framework="torch",
+        adapter_class="LoRA",
+        adapter_kwargs={"rank": 2},
+        adapted_layers=rank5.replace_layers,
+        unfrozen_layers=[],
     )
     peft_format.write_adapter_directory(
-        tmp_path / "lying", peft=False, config=config, write_weights=lambda path: save_state_dict_file(tensors, path, {})
+        tmp_path / "lying",
+        peft=False,
+        config=config,
+        write_weights=lambda path: save_state_dict_file(tensors, path, {}),
     )
     with pytest.raises(CheckpointError, match="mis-shaped keys"):
         ours.load_adapter(tmp_path / "lying", "d")
@@ -220,7 +241,9 @@ def test_add_and_load_adapter_refuse_before_changing_anything(tmp_path, peft_fol
 def test_add_weighted_adapter_linear_and_cat_and_merge_and_unload_equal_peft(tmp_path, peft_folder):
     _, pristine, peft_model = peft_folder
     theirs = copy.deepcopy(peft_model)
-    theirs.add_adapter("d", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["value", "key"], init_lora_weights=False))
+    theirs.add_adapter(
+        "d", peft.LoraConfig(r=4, lora_alpha=2, target_modules=["value", "key"], init_lora_weights=False)
+    )
     generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, param in theirs.named_parameters():
@@ -265,7 +288,8 @@ def test_hotswap_adapter_replaces_weights_in_place_pads_ranks_and_does_not_recom
     expected = {}
     for name, rank, alpha in (("r4", 4, 8), ("r2", 2, 5)):
         peft_model = peft.get_peft_model(
-            copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0", "2"], init_lora_weights=False)
+            copy.deepcopy(base),
+            peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=["0", "2"], init_lora_weights=False),
         )
         peft_model.eval().save_pretrained(str(tmp_path / name))
         expected[name] = peft_model
@@ -312,7 +336,9 @@ def test_a_houlsby_default_beside_a_named_lora_switches_saves_and_loads(tmp_path
     assert model.save_pretrained(tmp_path / "both") == {"default": "peft-twins", "lora": "peft"}
 
     torch.manual_seed(0)
-    again = AdaptedModel.from_pretrained(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "both")
+    again = AdaptedModel.from_pretrained(
+        nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)), tmp_path / "both"
+    )
     again.load_adapter(tmp_path / "both" / "lora", "lora")
     again.set_adapter(["default", "lora"])
     torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
