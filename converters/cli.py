@@ -25,7 +25,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import KeyReport, library_version, parse_metadata
+from twinformat.format import library_version, parse_metadata
+from twinformat.kinds import KINDS
+from twinformat.report import KeyReport
 
 __all__ = ["main"]
 
@@ -41,8 +43,7 @@ _SOURCE_HELP = (
 _KINDS_HELP = (
     "layer kinds for modules the source does not describe: MODULE=KIND pairs (comma-separated; MODULE may "
     "be a glob such as '*.LayerNorm'), a JSON object {module: kind}, or a path to one (e.g. written by the "
-    "'kinds' subcommand); repeatable, earlier wins. Kinds: linear, conv, layer_norm, group_norm, rms_norm, "
-    "embedding, batch_norm"
+    "'kinds' subcommand); repeatable, earlier wins. Kinds: " + ", ".join(KINDS)
 )
 
 
@@ -150,12 +151,16 @@ def _parser() -> argparse.ArgumentParser:
         "merge",
         help="fold a LoRA adapter file into a base checkpoint: a plain merged base checkpoint",
         description="W += scaling * up @ down for every adapted layer (conv too), scaling = alpha / rank from the "
-        "adapter file's metadata. Houlsby adapters cannot be merged.",
+        "adapter file's metadata (a PEFT adapter's from its adapter_config.json). Houlsby adapters cannot be merged.",
     )
     p.add_argument(
         "base", help="base checkpoint (either layout; one file, a sharded folder or index, or a pickle)"
     )
-    p.add_argument("adapter", help="adapter checkpoint written by AdaptedModel.saver")
+    p.add_argument(
+        "adapter",
+        help="adapter checkpoint written by AdaptedModel.saver, or a PEFT LoRA adapter (its directory or its "
+        "adapter_model.safetensors beside adapter_config.json)",
+    )
     p.add_argument("output", help="merged .safetensors file (in the base file's layout)")
     p.add_argument("--rank", type=int, help="LoRA rank, for an adapter file without metadata")
     p.add_argument("--alpha", type=float, help="LoRA alpha, for an adapter file without metadata")
@@ -236,8 +241,7 @@ def _size_on_disk(path: str) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    from .files import TensorFile
-    from .sharded import ShardedCheckpoint
+    from .files import ShardedCheckpoint, TensorFile
 
     with TensorFile(args.file) as f:
         names = f.names if args.limit <= 0 else f.names[: args.limit]
@@ -246,13 +250,14 @@ def _inspect(args: argparse.Namespace) -> None:
             print(f"checkpoint: {f.path} (sharded, {len(f.files)} file(s))")
         else:
             print(f"file: {f.path}")
-        print(f"layout: {f.layout}")
+        print(f"layout: {f.layout} ({_LAYOUT_MEANS[f.layout]})")
         metadata = parse_metadata(f.metadata)
         if metadata:
             print("metadata:")
             for key in sorted(metadata):
                 value = metadata[key]
-                print(f"  {key}: {value if isinstance(value, str) else json.dumps(value)}")
+                shown = value if isinstance(value, str) else json.dumps(value)
+                print(f"  {key}: {shown}" + (f" ({_METADATA_MEANS[key]})" if key in _METADATA_MEANS else ""))
         else:
             print("metadata: (none)")
         print(f"tensors: {len(f.names)}")
@@ -297,7 +302,7 @@ def _convert(args: argparse.Namespace) -> None:
         buffers=args.buffers,
     )
     if sharded:
-        from .sharded import ShardedCheckpoint
+        from .files import ShardedCheckpoint
 
         written = ShardedCheckpoint(target)
         headline = (
@@ -312,8 +317,8 @@ def _convert(args: argparse.Namespace) -> None:
 def _kinds_command(args: argparse.Namespace) -> None:
     kinds: dict[str, str] = {}
     if args.source is not None:
-        from .file_convert import file_layer_kinds
         from .files import TensorFile
+        from .views import file_layer_kinds
 
         with TensorFile(args.source) as f:
             kinds = file_layer_kinds(f, _layer_kinds(args))
@@ -321,13 +326,25 @@ def _kinds_command(args: argparse.Namespace) -> None:
         if not args.like and not args.kinds:
             raise ValueError("give --like MODULE:CLASS (with --config), or a SOURCE checkpoint")
         given = _layer_kinds(args) or {}
-        from .file_convert import resolve_kinds
+        from .views import resolve_kinds
 
         globbed = [m for m in given if set(m) & set("*?[")]
         if globbed:
             raise ValueError(f"glob patterns {globbed} need a SOURCE checkpoint to match against")
         kinds = resolve_kinds(given, [])
     print(json.dumps(kinds, indent=2))
+
+
+# What `inspect` prints beside a file's layout and the metadata fields users asked about.
+_LAYOUT_MEANS = {
+    "torch": "how the tensors are named and laid out: PyTorch state_dict names, Linear weight (out, in)",
+    "flax": "how the tensors are named and laid out: Flax NNX names, Linear kernel (in, out)",
+}
+_METADATA_MEANS = {
+    "framework": "the framework that wrote the file; the layout line says how its tensors are laid out",
+    "layer_kinds": "each layer's kind, so the file converts without guessing from names",
+    "content": "adapter: adapters only; model: a whole model",
+}
 
 
 def _merge(args: argparse.Namespace) -> None:

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from twinformat.dtypes import numpy_dtype
-from twinformat.format import KeyReport
 from twinformat.plan import Plan, plan_load, refuse
+from twinformat.report import KeyReport
 
 from .rename import RenameRule
 from .sides import Source, Target, framework_of, read_source, target_of

@@ -25,16 +25,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
-from twinformat.adapters import ADAPTERS, implied_kinds
-from twinformat.errors import CheckpointError, LayoutError, NoMatchError
-from twinformat.kinds import KINDS, canonical_kind
-from twinformat.names import matches_any
+from twinformat.errors import CheckpointError
+from twinformat.format import FORMAT_NAME, FORMAT_VERSION, library_version
+from twinformat.report import KeyReport
 
-from .checkpoint import FORMAT_NAME, FORMAT_VERSION, KeyReport, library_version
 from .files import LAYOUTS, TensorFile, write_safetensors
 from .rename import RenameRule
 from .views import (
     TensorView,
+    file_layer_kinds,
     file_view,
     module_of,
     renamed,
@@ -46,14 +45,11 @@ from .views import (
 __all__ = [
     "convert_file",
     "convert_sharded",
-    "file_layer_kinds",
     "progress_bar",
-    "resolve_kinds",
     "twin_layer_kinds",
 ]
 
 PROGRESS_THRESHOLD = 256 * 2**20  # show a progress bar from this many bytes on (CLI default)
-_GLOB = set("*?[")
 
 
 def convert_file(
@@ -174,7 +170,8 @@ def convert_sharded(
     -------
     >>> import tempfile
     >>> import numpy as np
-    >>> from converters.sharded import ShardedCheckpoint, write_sharded
+    >>> from converters.files import ShardedCheckpoint
+    >>> from converters.sharded import write_sharded
     >>> source, target = tempfile.mkdtemp(), tempfile.mkdtemp()
     >>> _ = write_sharded(source, {"fc.weight": np.ones((2, 3), np.float32)}, {"layout": "torch"})
     >>> convert_sharded(source, target, layer_kinds={"fc": "linear"}).loaded
@@ -193,56 +190,6 @@ def convert_sharded(
         progress=progress,
         max_shard_bytes=DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes,
     )
-
-
-def file_layer_kinds(tensor_file: TensorFile, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The layer kinds known for ``tensor_file``: recorded, implied by its adapter class, and
-    ``extra`` (exact names or glob patterns, see :func:`resolve_kinds`); a kind given twice
-    must agree."""
-    kinds = dict(tensor_file.layer_kinds)
-    adapter = ADAPTERS.get(tensor_file.metadata.get("adapter_class", ""))
-    if tensor_file.layout == "torch" and adapter is not None:  # the declaration fixes its factors' kinds
-        specs = {name: tensor_file.spec(name) for name in tensor_file.names}
-        for module, kind in implied_kinds(tensor_file.names, specs, adapter, kinds).items():
-            kinds.setdefault(module, kind)
-    modules = list(dict.fromkeys(module_of(name) for name in tensor_file.names))
-    for module, kind in resolve_kinds(extra or {}, modules).items():
-        if module in kinds and _same_kind(kinds[module]) != kind:
-            raise ValueError(
-                f"module {module!r} is recorded as a {kinds[module]} layer in {str(tensor_file.path)!r}, "
-                f"but was given as {kind}"
-            )
-        kinds[module] = kind
-    return kinds
-
-
-def resolve_kinds(given: Mapping[str, str], modules: Sequence[str]) -> dict[str, str]:
-    """``{module: canonical kind}`` from ``given``, whose keys are module names or glob patterns.
-
-    An exact name applies as given (whether or not ``modules`` holds it: a kinds file written
-    from a twin names modules a checkpoint may lack); a pattern (``*``, ``?``, ``[``) applies to
-    each of ``modules`` it matches that no exact name and no earlier pattern gave. A pattern
-    that matches none of ``modules`` raises :class:`~twinformat.errors.NoMatchError`; an
-    unknown kind :class:`~twinformat.errors.LayoutError`.
-
-    Example
-    -------
-    >>> resolve_kinds({"*.LayerNorm": "layernorm", "*": "linear", "head": "conv"},
-    ...               ["enc.LayerNorm", "enc.dense", "head"])
-    {'head': 'conv', 'enc.LayerNorm': 'layer_norm', 'enc.dense': 'linear'}
-    """
-    out = {m: _given_kind(m, k) for m, k in given.items() if not _GLOB & set(m)}
-    for pattern, kind in given.items():
-        if not _GLOB & set(pattern):
-            continue
-        kind = _given_kind(pattern, kind)
-        hits = [m for m in modules if matches_any(m, (pattern,))]
-        if not hits:
-            shown = ", ".join(repr(m) for m in list(modules)[:8]) or "(none)"
-            raise NoMatchError(f"--kinds pattern {pattern!r} matches no module; some modules are: {shown}")
-        for module in hits:
-            out.setdefault(module, kind)
-    return out
 
 
 def twin_layer_kinds(
@@ -323,22 +270,6 @@ def passed_through_buffers(
         for name in view.names
         if module_of(name) not in kinds and is_buffer(name, kinds, buffers)
     ]
-
-
-def _given_kind(module: str, kind: str) -> str:
-    try:
-        return canonical_kind(kind)
-    except LayoutError:
-        raise LayoutError(
-            f"layer kind {kind!r} given for module {module!r} is not one of {list(KINDS)} (or their old names)"
-        ) from None
-
-
-def _same_kind(kind: str) -> str:
-    try:
-        return canonical_kind(kind)
-    except KeyError:
-        return kind
 
 
 class progress_bar:

@@ -1,9 +1,11 @@
-"""Checkpoint files, tensor by tensor: read any supported file, write safetensors streaming.
+"""Checkpoint storage, tensor by tensor: read any supported file or sharded folder, write
+safetensors streaming. The bottom floor of ``converters`` (with :mod:`converters.sharded`, which
+writes sharded folders): it imports no other module of the package.
 
 Framework-free (numpy, safetensors; torch only to read a pickled ``.ckpt``/``.pt``/``.bin``).
 A file is never loaded whole: :class:`TensorFile` hands out one tensor at a time and
 :func:`write_safetensors` writes them one at a time, so converting a checkpoint needs extra
-memory of about its largest tensor. Every write is atomic (:func:`~converters.checkpoint.atomic_write`)
+memory of about its largest tensor. Every write is atomic (:func:`~twinformat.format.atomic_write`)
 and every array is made C-contiguous before its bytes are written: ``safetensors.numpy.save_file``
 (0.8) writes wrong values for a non-contiguous view such as a transposed kernel.
 
@@ -14,6 +16,11 @@ Two layouts share the file format (header metadata ``layout``):
   (``layer1.kernel`` of shape ``(in, out)``), plus a ``layer_kinds`` metadata entry
   (JSON ``{module: kind}``) so the file converts back without guessing a layer's kind
   from a tensor's name or rank.
+
+A checkpoint split over several safetensors files with an index (``model.safetensors.index.json``:
+``{"metadata": {"total_size": N}, "weight_map": {tensor name: file name}}``) opens as a
+:class:`ShardedCheckpoint`: ``TensorFile(folder)`` returns one, with the same interface, so every
+reader of files reads sharded checkpoints too.
 
 Example
 -------
@@ -41,22 +48,22 @@ import numpy as np
 from twinformat.dtypes import TensorSpec, dtype_name, numpy_dtype
 from twinformat.dtypes import nbytes as _spec_nbytes
 from twinformat.errors import CheckpointError
-from twinformat.format import atomic_write, is_safetensors_path, read_safetensors_header
+from twinformat.format import MAX_HEADER_BYTES, atomic_write, is_safetensors_path, read_safetensors_header
 from twinformat.format import layer_kinds_from_metadata as _layer_kinds
 
 __all__ = [
+    "INDEX_NAME",
     "LAYOUTS",
     "PICKLE_SUFFIXES",
+    "ShardedCheckpoint",
     "TensorFile",
-    "TensorSpec",
     "contiguous",
-    "dtype_name",
     "is_sharded_path",
     "layer_kinds_from_metadata",
-    "numpy_dtype",
     "write_safetensors",
 ]
 
+INDEX_NAME = "model.safetensors.index.json"
 LAYOUTS = ("torch", "flax")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -70,7 +77,7 @@ def layer_kinds_from_metadata(metadata: Mapping[str, str], *, where: str = "") -
 class _TensorSpecs:
     """What every checkpoint reader answers from its headers alone, without reading tensor data.
 
-    Shared by :class:`TensorFile` and :class:`converters.sharded.ShardedCheckpoint`. A subclass
+    Shared by :class:`TensorFile` and :class:`ShardedCheckpoint`. A subclass
     sets ``path``, ``names`` (file order), ``_specs`` (name -> :data:`TensorSpec`) and
     ``metadata``, and calls :meth:`_read_layout` once they are known. The two message templates
     name the reader in its errors (``path`` is formatted as a string).
@@ -121,7 +128,7 @@ class TensorFile(_TensorSpecs):
     so a truncated or foreign file fails with a :class:`CheckpointError` naming it) and pickled
     PyTorch state dicts (``.ckpt``/``.pt``/``.pth``/``.bin``, via ``torch.load(weights_only=True,
     mmap=True)``, SpeechBrain's saver format). A folder holding ``model.safetensors.index.json``,
-    or such an index itself, opens as a :class:`converters.sharded.ShardedCheckpoint` (a
+    or such an index itself, opens as a :class:`ShardedCheckpoint` (a
     subclass with the same interface), so every reader of files reads sharded checkpoints too.
     Tensors come back as numpy arrays in the file's dtype (bfloat16 as ``ml_dtypes.bfloat16``,
     bit-exact).
@@ -147,8 +154,6 @@ class TensorFile(_TensorSpecs):
 
     def __new__(cls, path: str | os.PathLike[str]) -> TensorFile:
         if cls is TensorFile and is_sharded_path(path):
-            from .sharded import ShardedCheckpoint
-
             return ShardedCheckpoint(path)
         return super().__new__(cls)
 
@@ -182,7 +187,7 @@ class TensorFile(_TensorSpecs):
         """Read tensor ``name`` as a C-contiguous numpy array (a fresh copy for safetensors)."""
         self.spec(name)
         if self._pickled is not None:
-            from ._torch import tensor_to_numpy
+            from torch_impl.interchange import tensor_to_numpy
 
             return tensor_to_numpy(self._pickled[name])
         try:
@@ -337,7 +342,7 @@ def _checked(name: str, array: Any, dtype: str, shape: Sequence[int]) -> np.ndar
 
 
 def _tensor_spec(path: Path, name: str, tensor: Any) -> TensorSpec:
-    from ._torch import dtype_name as torch_dtype_name
+    from torch_impl.interchange import dtype_name as torch_dtype_name
 
     try:
         dtype = torch_dtype_name(tensor.dtype)
@@ -373,3 +378,177 @@ def _load_pickle(path: Path) -> dict[str, Any]:
             f"reading the pickled checkpoint {str(path)!r} needs PyTorch installed"
         ) from None
     return load_pickled_state_dict(path)
+
+
+class ShardedCheckpoint(TensorFile):
+    """A checkpoint split over safetensors files with an index, read one tensor at a time.
+
+    A :class:`converters.files.TensorFile` (``names``, ``spec``, ``shape``, ``dtype``,
+    ``nbytes``, ``total_bytes``, ``get``, ``view``, ``metadata``, ``layout``, ``layer_kinds``,
+    ``path``), plus :meth:`read_slice` and :meth:`file_of`. Only headers are read when it
+    opens; the index and every file header are validated first.
+
+    Arguments
+    ---------
+    path: path
+        A folder holding ``model.safetensors.index.json``, the index file itself, or a single
+        ``.safetensors`` file (a checkpoint of one file).
+
+    Attributes
+    ----------
+    path : Path
+        The folder of the checkpoint.
+    files : list[Path]
+        Its safetensors files, in index order.
+    metadata : dict[str, str]
+        The header metadata of its files (every file of ours carries the same).
+    index_total_size : int or None
+        ``metadata.total_size`` of the index, as recorded.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the missing index or file.
+    twinformat.errors.CheckpointError
+        A malformed index, a file name leaving the folder, a tensor the index maps to a file
+        that lacks it, a tensor of a file the index does not list, files of different layouts.
+    """
+
+    _NO_TENSOR = "checkpoint {path!r} has no tensor {name!r}"
+    _UNKNOWN_LAYOUT = "{path!r}: unknown layout {layout!r}; expected one of {layouts}"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        path = Path(path)
+        self.index_total_size: int | None = None
+        self._handle = self._pickled = self._mmap = None
+        self._open: dict[Path, TensorFile] = {}
+        if path.is_dir():
+            index = path / INDEX_NAME
+            if not index.is_file():
+                raise FileNotFoundError(f"{str(path)!r} holds no {INDEX_NAME}")
+            weight_map = self._read_index(index)
+        elif path.name.endswith(".index.json"):
+            if not path.is_file():
+                raise FileNotFoundError(f"checkpoint index not found: {str(path)!r}")
+            weight_map = self._read_index(path)
+        else:
+            weight_map = dict.fromkeys(safetensors_layout(path)[0], path.name)
+        self.path = path if path.is_dir() else path.parent
+        self._file_of = {name: self.path / file_name for name, file_name in weight_map.items()}
+        self.files = list(dict.fromkeys(sorted(self._file_of.values())))
+        self._specs: dict[str, TensorSpec] = {}
+        self.metadata: dict[str, str] = {}
+        missing = [str(file) for file in self.files if not _is_file(file)]
+        if missing:
+            raise FileNotFoundError(
+                f"checkpoint {str(self.path)!r} lacks the file(s) its index names: {missing[:5]}"
+            )
+        for file in self.files:
+            self._read_file_header(file)
+        unlisted = [name for name in weight_map if name not in self._specs]
+        if unlisted:
+            where = {name: self._file_of[name].name for name in unlisted[:5]}
+            raise CheckpointError(
+                f"{str(self.path)!r}: the index maps tensors to files that lack them: {where}"
+            )
+        self.names = list(self._specs)
+        self._read_layout()
+
+    def _read_index(self, index: Path) -> dict[str, str]:
+        where = repr(str(index))
+        try:
+            if index.stat().st_size > MAX_HEADER_BYTES:
+                raise CheckpointError(
+                    f"{where} is larger than any checkpoint index ({MAX_HEADER_BYTES} bytes)"
+                )
+            content = json.loads(index.read_bytes().decode("utf-8"))
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot read the checkpoint index {where}: {exc.strerror or exc}"
+            ) from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            detail = str(exc)[:200] or type(exc).__name__
+            raise CheckpointError(f"{where} is not a JSON checkpoint index: {detail}") from None
+        weight_map = content.get("weight_map") if isinstance(content, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(f"{where}: 'weight_map' must be a JSON object {{tensor name: file name}}")
+        for name, file_name in weight_map.items():
+            if (
+                Path(file_name).name != file_name
+                or file_name in ("", ".", "..")
+                or "\\" in file_name
+                or "\x00" in file_name
+            ):
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} maps to {file_name!r}; expected a file name in the index's folder"
+                )
+        metadata = content.get("metadata")
+        total = metadata.get("total_size") if isinstance(metadata, dict) else None
+        self.index_total_size = total if isinstance(total, int) and not isinstance(total, bool) else None
+        return weight_map
+
+    def _read_file_header(self, file: Path) -> None:
+        specs, _, metadata, _ = safetensors_layout(file)
+        listed = {name for name, owner in self._file_of.items() if owner == file}
+        extra = sorted(set(specs) - listed)
+        if extra:
+            raise CheckpointError(f"{str(file)!r} holds tensors the index does not list: {extra[:5]}")
+        if self.metadata and metadata.get("layout", "torch") != self.metadata.get("layout", "torch"):
+            raise CheckpointError(
+                f"{str(file)!r} is a {metadata.get('layout', 'torch')}-layout file in a "
+                f"{self.metadata.get('layout', 'torch')}-layout checkpoint"
+            )
+        self.metadata = self.metadata or dict(metadata)
+        for name, spec in specs.items():  # in offset order
+            if name in listed:
+                self._specs[name] = spec
+
+    def file_of(self, name: str) -> Path:
+        """The file that holds tensor ``name``."""
+        self.spec(name)
+        return self._file_of[name]
+
+    def get(self, name: str) -> np.ndarray:
+        """Read tensor ``name`` whole (opening only its file) as a C-contiguous numpy array."""
+        return self.read_slice(name, None)
+
+    def view(self, name: str) -> np.ndarray:
+        """Tensor ``name`` as a read-only array over a memory map of its file (no copy); the
+        file stays mapped until :meth:`close`."""
+        file = self.file_of(name)
+        if file not in self._open:
+            self._open[file] = TensorFile(file)
+        return self._open[file].view(name)
+
+    def read_slice(self, name: str, index: tuple[slice, ...] | None) -> np.ndarray:
+        """Read ``tensor[index]`` (a tuple of slices, one per leading axis; None for all of it),
+        touching only those bytes of its file."""
+        from safetensors import safe_open
+
+        file = self.file_of(name)
+        try:
+            with safe_open(str(file), framework="numpy") as handle:
+                if index is None or not self.shape(name):
+                    return handle.get_tensor(name)
+                return np.ascontiguousarray(handle.get_slice(name)[tuple(index)])
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read tensor {name!r} from {str(file)!r}: {exc}") from None
+
+    def close(self) -> None:
+        """Unmap the files :meth:`view` mapped; nothing else stays open between reads."""
+        for opened in self._open.values():
+            opened.close()
+        self._open.clear()
+
+    def __enter__(self) -> ShardedCheckpoint:
+        return self
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, with a name the file system refuses (too long, ...) reading as absent."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False

@@ -23,18 +23,23 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from twinformat.adapters import LORA, AdapterKind, factor_names, get_adapter, lora_scaling, wrapped_names
 from twinformat.errors import MergeError, UnknownAdapterError
+from twinformat.format import parse_metadata
+from twinformat.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from twinformat.report import KeyReport
 
-from .checkpoint import KeyReport, parse_metadata
-from .file_convert import file_layer_kinds, progress_bar
+from .file_convert import progress_bar
 from .files import TensorFile, TensorSpec, numpy_dtype, write_safetensors
-from .views import TensorView, _constant, file_view, to_flax_layout, to_torch_layout
+from .peft import peft_to_adapter_file
+from .views import TensorView, _constant, file_layer_kinds, file_view, to_flax_layout, to_torch_layout
 
 __all__ = ["MergeError", "merge_adapter_file"]
 
@@ -57,7 +62,10 @@ def merge_adapter_file(
         The base model's checkpoint (plain ``state_dict()`` names, e.g. ``layer1.weight``; a whole
         AdaptedModel's file is accepted too and comes out with plain names), either layout.
     adapter_path : path
-        An adapter checkpoint as ``AdaptedModel.saver`` writes it (either twin).
+        An adapter checkpoint as ``AdaptedModel.saver`` writes it (either twin), or a PEFT LoRA
+        adapter: its directory or its ``adapter_model.safetensors`` beside ``adapter_config.json``
+        (read as :func:`converters.peft.peft_to_adapter_file` reads it, so merged with PEFT's rank,
+        alpha and options).
     out_path : path
         The merged ``.safetensors`` file, in the base file's layout, with plain names.
     adapter_kwargs : dict, optional
@@ -75,7 +83,7 @@ def merge_adapter_file(
     -------
     >>> import os, tempfile
     >>> import numpy as np
-    >>> from converters.checkpoint import adapter_metadata
+    >>> from twinformat.format import adapter_metadata
     >>> from converters.files import write_safetensors
     >>> folder = tempfile.mkdtemp()
     >>> base, adapter, out = (os.path.join(folder, n) for n in ("b.safetensors", "a.safetensors", "m.safetensors"))
@@ -90,6 +98,19 @@ def merge_adapter_file(
     """
     if not str(out_path).endswith(".safetensors"):
         raise ValueError(f"the merged file must be a .safetensors file, got {str(out_path)!r}")
+    peft_directory = _peft_directory(adapter_path)
+    if peft_directory is not None:
+        if adapter_kwargs:
+            raise ValueError(
+                f"{str(adapter_path)!r} is a PEFT adapter: its adapter_config.json gives rank and alpha; "
+                "pass no adapter_kwargs (--rank/--alpha)"
+            )
+        with tempfile.TemporaryDirectory() as scratch:
+            ours = Path(scratch) / "adapter.safetensors"
+            imported = peft_to_adapter_file(peft_directory, ours)
+            report = merge_adapter_file(base_path, ours, out_path, progress=progress)
+        report.notes[:0] = [f"read the PEFT adapter in {str(peft_directory)!r}", *imported.notes]
+        return report
     with TensorFile(adapter_path) as adapter_file:
         declared, kwargs = _declaration(adapter_file, adapter_kwargs)
         adapter_kinds = file_layer_kinds(adapter_file)
@@ -121,6 +142,16 @@ def merge_adapter_file(
                 out_path, None, metadata, specs=merged.specs, produce=merged.read, progress=bar.update
             )
     return KeyReport(loaded=merged.names, notes=notes)
+
+
+def _peft_directory(path: str | os.PathLike[str]) -> Path | None:
+    """The PEFT adapter directory ``path`` names (the directory itself, or its weights file beside
+    ``adapter_config.json``), or None for any other adapter checkpoint."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if (folder / PEFT_CONFIG_NAME).is_file() and (path.is_dir() or path.name == PEFT_WEIGHTS_NAME):
+        return folder
+    return None
 
 
 def _declaration(

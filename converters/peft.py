@@ -59,9 +59,10 @@ import numpy as np
 from twinformat import peft_format
 from twinformat.adapters import LORA, implied_kinds, lora_scaling
 from twinformat.errors import PeftConversionError
+from twinformat.format import adapter_metadata, parse_metadata
 from twinformat.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PeftAdapter
+from twinformat.report import KeyReport
 
-from .checkpoint import KeyReport, adapter_metadata, parse_metadata
 from .files import TensorFile, write_safetensors
 from .sides import framework_of, model_state
 

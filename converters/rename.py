@@ -9,7 +9,7 @@ with ``re:``, a regular expression matched against the whole name (``re.fullmatc
 - Regex: the replacement is expanded with ``\\1``/``\\g<name>`` groups (``Match.expand``).
 
 The first rule that matches a name wins; names no rule matches keep their name. A rule that
-matches no name raises :class:`~converters.naming.NoMatchError` (a silent no-match is PEFT's
+matches no name raises :class:`~twinformat.errors.NoMatchError` (a silent no-match is PEFT's
 most reported pain), and two names renamed onto one raise :class:`RenameError`.
 
 Example

@@ -25,7 +25,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from .checkpoint import KeyReport
+from twinformat.report import KeyReport
+
 from .files import TensorFile, write_safetensors
 from .sides import framework_of, model_metadata, model_state
 from .views import ConversionError, TensorView, to_flax_layout
@@ -65,7 +66,7 @@ def save_flax_layout(
 ) -> None:
     """Write every weight of ``model`` (PyTorch or Flax NNX) in Flax names and layouts.
 
-    Every tensor's layer must be of a known kind (see :mod:`converters.layout`); buffers with no
+    Every tensor's layer must be of a known kind (see :mod:`twinformat.kinds`); buffers with no
     Flax twin are left out. Arguments as in :func:`save_torch_layout`.
 
     Example

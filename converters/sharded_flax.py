@@ -18,11 +18,11 @@ import numpy as np
 
 from twinformat import kinds as layout
 from twinformat.dtypes import TensorSpec
-from twinformat.format import KeyReport
 from twinformat.plan import plan_load, refuse
+from twinformat.report import KeyReport
 from twinformat.state import FlatState
 
-from .sharded import ShardedCheckpoint
+from .files import ShardedCheckpoint
 from .views import module_of
 
 __all__ = ["load_flax_sharded"]
@@ -42,7 +42,7 @@ def load_flax_sharded(
     :func:`flax_impl.sharding.shard_model`), built with ``jax.make_array_from_callback``: the
     callback of each addressable device reads its block with ``safe_open(...).get_slice`` and
     re-lays it out (torch ``(out, in)`` -> Flax ``(in, out)``, etc., by
-    :mod:`converters.layout`). A process thus reads only the shards its devices own, and its
+    :mod:`twinformat.kinds`). A process thus reads only the shards its devices own, and its
     peak memory is those shards plus about one tensor's block, not the checkpoint.
 
     Keys, shapes and dtypes are checked from the headers before anything is read; a refused load
@@ -76,7 +76,7 @@ def load_flax_sharded(
     -------
     >>> import tempfile
     >>> from flax import nnx
-    >>> from converters.sharded import save_sharded
+    >>> from converters import save_sharded
     >>> folder = tempfile.mkdtemp()
     >>> _ = save_sharded(nnx.Linear(3, 2, rngs=nnx.Rngs(0)), folder, max_shard_bytes=16)
     >>> target = nnx.eval_shape(lambda: nnx.Linear(3, 2, rngs=nnx.Rngs(1)))

@@ -22,9 +22,8 @@ from twinformat.dtypes import TensorSpec
 from twinformat.format import adapter_metadata, parse_metadata
 from twinformat.state import FlatState
 
-from .file_convert import file_layer_kinds
 from .files import TensorFile
-from .views import TensorView, file_view, to_torch_layout
+from .views import TensorView, file_layer_kinds, file_view, to_torch_layout
 
 __all__ = [
     "Source",
@@ -109,11 +108,11 @@ def model_state(model: Any) -> FlatState:
     its twin's bridge (``torch_impl.interchange`` / ``flax_impl.interchange``)."""
     framework = framework_of(model)
     if framework == "torch":
-        from ._torch import model_state as torch_model_state
+        from torch_impl.interchange import model_state as torch_model_state
 
         return torch_model_state(model)
     if framework == "flax":
-        from ._flax import model_state as flax_model_state
+        from flax_impl.interchange import model_state as flax_model_state
 
         return flax_model_state(model)
     raise TypeError(f"expected a torch.nn.Module or a flax.nnx.Module, got {type(model).__name__}")
@@ -122,9 +121,9 @@ def model_state(model: Any) -> FlatState:
 def model_assign(model: Any) -> Callable[[dict[str, np.ndarray]], None]:
     """The function that writes validated torch-layout arrays into ``model``."""
     if framework_of(model) == "torch":
-        from . import _torch as bridge
+        from torch_impl import interchange as bridge
     else:
-        from . import _flax as bridge  # type: ignore[no-redef]
+        from flax_impl import interchange as bridge  # type: ignore[no-redef]
     return lambda arrays: bridge.assign(model, arrays)
 
 
@@ -198,7 +197,7 @@ def _only_adapter_keys(names: list[str]) -> bool:
 def _to_numpy(key: str, value: Any) -> np.ndarray:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(value, torch.Tensor):
-        from ._torch import tensor_to_numpy
+        from torch_impl.interchange import tensor_to_numpy
 
         return tensor_to_numpy(value)
     if isinstance(value, np.ndarray) or hasattr(value, "__array__"):

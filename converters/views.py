@@ -25,10 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from twinformat import kinds as layout
+from twinformat.adapters import ADAPTERS, implied_kinds
 from twinformat.dtypes import TensorSpec, dtype_name
-from twinformat.errors import CheckpointError, ConversionError, UnknownLayerError
-from twinformat.kinds import BUFFER_NAMES
+from twinformat.errors import CheckpointError, ConversionError, LayoutError, NoMatchError, UnknownLayerError
+from twinformat.kinds import BUFFER_NAMES, KINDS, canonical_kind
 from twinformat.kinds import is_buffer_name as is_buffer
+from twinformat.names import matches_any
 
 from .files import TensorFile, contiguous
 from .rename import RenameRule, rename_keys
@@ -38,11 +40,13 @@ __all__ = [
     "ConversionError",
     "TensorView",
     "UnknownLayerError",
+    "file_layer_kinds",
     "file_view",
     "is_buffer",
     "module_of",
     "renamed",
     "renamed_modules",
+    "resolve_kinds",
     "to_flax_layout",
     "to_torch_layout",
 ]
@@ -178,7 +182,7 @@ def _relaid_out(
     array_rule: Callable,
 ) -> TensorView:
     """A view of the tensors ``names`` of ``view``, each renamed and reshaped by ``shape_rule`` and
-    re-laid out when read by ``array_rule`` (one direction's pair of :mod:`converters.layout`
+    re-laid out when read by ``array_rule`` (one direction's pair of :mod:`twinformat.kinds`
     rules), by the kind of its module in ``kinds``."""
     specs, readers = {}, {}
     for name in names:
@@ -213,3 +217,72 @@ def _require_kinds(names: Sequence[str], kinds: Mapping[str, str], action: str) 
             f"({{module: kind}}; a module may be a glob such as '*.LayerNorm'; kinds: {list(layout.KINDS)}; "
             "on the command line --kinds, or --like a Flax twin of the model)"
         )
+
+
+_GLOB = set("*?[")
+
+
+def file_layer_kinds(tensor_file: TensorFile, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The layer kinds known for ``tensor_file``: recorded, implied by its adapter class, and
+    ``extra`` (exact names or glob patterns, see :func:`resolve_kinds`); a kind given twice
+    must agree."""
+    kinds = dict(tensor_file.layer_kinds)
+    adapter = ADAPTERS.get(tensor_file.metadata.get("adapter_class", ""))
+    if tensor_file.layout == "torch" and adapter is not None:  # the declaration fixes its factors' kinds
+        specs = {name: tensor_file.spec(name) for name in tensor_file.names}
+        for module, kind in implied_kinds(tensor_file.names, specs, adapter, kinds).items():
+            kinds.setdefault(module, kind)
+    modules = list(dict.fromkeys(module_of(name) for name in tensor_file.names))
+    for module, kind in resolve_kinds(extra or {}, modules).items():
+        if module in kinds and _same_kind(kinds[module]) != kind:
+            raise ValueError(
+                f"module {module!r} is recorded as a {kinds[module]} layer in {str(tensor_file.path)!r}, "
+                f"but was given as {kind}"
+            )
+        kinds[module] = kind
+    return kinds
+
+
+def resolve_kinds(given: Mapping[str, str], modules: Sequence[str]) -> dict[str, str]:
+    """``{module: canonical kind}`` from ``given``, whose keys are module names or glob patterns.
+
+    An exact name applies as given (whether or not ``modules`` holds it: a kinds file written
+    from a twin names modules a checkpoint may lack); a pattern (``*``, ``?``, ``[``) applies to
+    each of ``modules`` it matches that no exact name and no earlier pattern gave. A pattern
+    that matches none of ``modules`` raises :class:`~twinformat.errors.NoMatchError`; an
+    unknown kind :class:`~twinformat.errors.LayoutError`.
+
+    Example
+    -------
+    >>> resolve_kinds({"*.LayerNorm": "layernorm", "*": "linear", "head": "conv"},
+    ...               ["enc.LayerNorm", "enc.dense", "head"])
+    {'head': 'conv', 'enc.LayerNorm': 'layer_norm', 'enc.dense': 'linear'}
+    """
+    out = {m: _given_kind(m, k) for m, k in given.items() if not _GLOB & set(m)}
+    for pattern, kind in given.items():
+        if not _GLOB & set(pattern):
+            continue
+        kind = _given_kind(pattern, kind)
+        hits = [m for m in modules if matches_any(m, (pattern,))]
+        if not hits:
+            shown = ", ".join(repr(m) for m in list(modules)[:8]) or "(none)"
+            raise NoMatchError(f"--kinds pattern {pattern!r} matches no module; some modules are: {shown}")
+        for module in hits:
+            out.setdefault(module, kind)
+    return out
+
+
+def _given_kind(module: str, kind: str) -> str:
+    try:
+        return canonical_kind(kind)
+    except LayoutError:
+        raise LayoutError(
+            f"layer kind {kind!r} given for module {module!r} is not one of {list(KINDS)} (or their old names)"
+        ) from None
+
+
+def _same_kind(kind: str) -> str:
+    try:
+        return canonical_kind(kind)
+    except KeyError:
+        return kind

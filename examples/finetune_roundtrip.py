@@ -418,8 +418,8 @@ def export_peft(encoder: Any, out: Path) -> Path:
 
     Raises ``PeftConversionError`` for what PEFT cannot express (Houlsby), before writing.
     """
-    from twinformat.errors import PeftConversionError
     from torch_impl.pretrained import peft_refusal
+    from twinformat.errors import PeftConversionError
 
     refusal = peft_refusal(encoder)
     if refusal is not None:

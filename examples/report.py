@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from converters.checkpoint import atomic_write
+from twinformat.format import atomic_write
 
 __all__ = [
     "describe_setup",

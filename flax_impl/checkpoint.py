@@ -24,7 +24,8 @@ import numpy as np
 from flax import nnx
 
 from twinformat.errors import CheckpointError
-from twinformat.format import KeyReport, atomic_write, is_safetensors_path, read_safetensors_header
+from twinformat.format import atomic_write, is_safetensors_path, read_safetensors_header
+from twinformat.report import KeyReport
 
 from .interchange import TorchEntry, _assign, _plan_load, _torch_arrays, layer_kind, torch_entries
 
@@ -55,7 +56,7 @@ def torch_style_state_dict(module: nnx.Module, *, strict: bool = True) -> dict[s
         The model (or a single layer).
     strict: bool
         When True (default), a variable that sits in a module of no supported kind raises
-        :class:`~converters.checkpoint.CheckpointError` naming its path; when False, such
+        :class:`~twinformat.errors.CheckpointError` naming its path; when False, such
         variables are left out.
 
     Returns
@@ -93,12 +94,12 @@ def load_torch_style_state_dict(
 
     Returns
     -------
-    converters.checkpoint.KeyReport
+    twinformat.report.KeyReport
         ``loaded``, ``missing``, ``unexpected``, ``mismatched`` and ``notes``.
 
     Raises
     ------
-    converters.checkpoint.CheckpointError
+    twinformat.errors.CheckpointError
         Listing the missing (when strict), unexpected and mis-shaped keys.
 
     Example
@@ -145,7 +146,7 @@ def save_state_dict_file(
 def load_state_dict_file(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Read a ``.safetensors`` file; returns ``(arrays, metadata)``.
 
-    Raises ``FileNotFoundError`` or :class:`~converters.checkpoint.CheckpointError` naming the
+    Raises ``FileNotFoundError`` or :class:`~twinformat.errors.CheckpointError` naming the
     file when it is missing, truncated, not safetensors, or a PyTorch pickle (``.ckpt``/``.pt``:
     convert it with ``converters`` first).
     """

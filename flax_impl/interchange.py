@@ -26,7 +26,7 @@ from flax import nnx
 
 from twinformat.dtypes import dtype_name
 from twinformat.errors import CheckpointError, LayoutError
-from twinformat.format import KeyReport
+from twinformat.report import KeyReport
 from twinformat.kinds import (
     flax_to_torch_shape,
     flax_to_torch_view,

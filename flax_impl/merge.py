@@ -9,8 +9,7 @@ from flax import nnx
 from twinformat.adapters import adapter_of
 from twinformat.errors import MergeError
 
-from .adapted_model import replace_module
-from .graph import named_modules
+from .graph import named_modules, set_submodule
 from .lora import LoRA
 
 __all__ = ["MergeError", "merge_and_unload", "merge_lora", "unload", "unmerge_lora"]
@@ -114,7 +113,9 @@ def _unwrap_all(model: nnx.Module) -> nnx.Module:
         wrapped = getattr(module, kind.wrapped)
         if not name:
             return wrapped
-        replace_module(model, name, wrapped)
+        set_submodule(
+            model, name, wrapped
+        )  # AdaptedModel's replace_module (adapted_model imports this module)
     return model
 
 

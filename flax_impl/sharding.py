@@ -13,7 +13,7 @@ lives (down factor partitioned like the kernel's input axis, up factor like its 
 
 An abstract model (``nnx.eval_shape``, whose variables hold ``jax.ShapeDtypeStruct``) is
 annotated rather than moved: each value gets the sharding it will have, and
-:func:`converters.sharded.load_flax_sharded` then reads, on each device, only its slice.
+:func:`converters.load_flax_sharded` then reads, on each device, only its slice.
 
 Example
 -------

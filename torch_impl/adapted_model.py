@@ -23,7 +23,7 @@ from torch import nn
 
 from twinformat.adapters import LORA, adapter_class_name, adapter_of
 from twinformat.errors import AdapterError, AdapterInsertionError, CheckpointError, NoMatchError
-from twinformat.format import adapter_metadata, compare_keys
+from twinformat.format import adapter_metadata
 from twinformat.names import (
     as_patterns,
     check_all_matched,
@@ -38,6 +38,7 @@ from twinformat.recorded import (
     not_forwarded_message,
     signature_defaults,
 )
+from twinformat.report import compare_keys
 
 from . import _speechbrain, distributed
 from .checkpoint import load_state_dict_file, save_state_dict_file

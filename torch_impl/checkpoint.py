@@ -1,6 +1,6 @@
 """Reading and writing state-dict files: SpeechBrain's pickled format and safetensors.
 
-A path ending in ``.safetensors`` uses the interchange format of :mod:`converters.checkpoint`
+A path ending in ``.safetensors`` uses the checkpoint format of :mod:`twinformat.format`
 (PyTorch names and layouts, header metadata); any other path uses ``torch.save``, exactly what
 SpeechBrain's ``AdaptedModel.saver`` writes, so files cross between SpeechBrain and us.
 """

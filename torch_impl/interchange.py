@@ -66,6 +66,37 @@ def _is_weight_norm(module: nn.Module) -> bool:
     )
 
 
+# torch.nn.utils.weight_norm (deprecated, still in transformers 4.x speech models built with an older
+# torch) keeps g and v on the conv itself as ``weight_g``/``weight_v``; the bridge presents them in
+# the spelling of torch.nn.utils.parametrizations.weight_norm (``parametrizations.weight.original0/1``,
+# the conv_weight_norm kind), so both spellings convert, and assigns back to the old names.
+_LEGACY_SPELLING = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
+
+
+def _legacy_weight_norm_hook(module: nn.Module) -> object | None:
+    """The ``torch.nn.utils.weight_norm`` hook of ``module`` on its ``weight``, or None."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm) and hook.name == "weight":
+            return hook
+    return None
+
+
+def _legacy_weight_norm_keys(model: nn.Module) -> dict[str, str]:
+    """``{'<conv>.weight_g': '<conv>.parametrizations.weight.original0', ...}`` for every module
+    of ``model`` under the old ``torch.nn.utils.weight_norm``."""
+    renamed = {}
+    for name, module in model.named_modules():
+        if _legacy_weight_norm_hook(module) is not None:
+            prefix = f"{name}." if name else ""
+            renamed.update({prefix + old: prefix + new for old, new in _LEGACY_SPELLING.items()})
+    return renamed
+
+
 _DTYPES = {
     torch.bool: "BOOL",
     torch.uint8: "U8",
@@ -138,6 +169,8 @@ def model_state(model: nn.Module) -> FlatState:
     if not isinstance(model, nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     tensors = dict(model.state_dict())
+    legacy = _legacy_weight_norm_keys(model)
+    tensors = {legacy.get(key, key): tensor for key, tensor in tensors.items()}
     state = FlatState(
         {key: (dtype_name(t.dtype), tuple(t.shape)) for key, t in tensors.items()}, framework="torch"
     )
@@ -145,6 +178,11 @@ def model_state(model: nn.Module) -> FlatState:
     state.read = lambda key: tensor_to_numpy(tensors[key])
     claimed: set[str] = set()
     for name, module in model.named_modules():
+        if _legacy_weight_norm_hook(module) is not None:
+            state.kinds[f"{name}.parametrizations.weight" if name else "parametrizations.weight"] = (
+                "conv_weight_norm"
+            )
+            claimed.update(new for new in legacy.values() if new.rpartition(".parametrizations.")[0] == name)
         kind = layer_kind(module)
         if kind is None:
             continue
@@ -175,6 +213,8 @@ def assign(model: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     written once.
     """
     tensors = model.state_dict(keep_vars=True)
+    for old, new in _legacy_weight_norm_keys(model).items():
+        tensors[new] = tensors.pop(old)
     with torch.no_grad():
         for key, array in arrays.items():
             target = tensors[key]

@@ -14,6 +14,7 @@ Param(torch='weight', flax='kernel', layout='o i -> i o')
 
 from __future__ import annotations
 
+from ._version import __version__
 from .adapters import ADAPTERS, HOULSBY, LORA, AdapterKind, get_adapter, register_adapter
 from .errors import (
     AdapterError,
@@ -28,10 +29,8 @@ from .errors import (
     UnknownAdapterError,
     UnknownLayerError,
 )
-from .format import KeyReport
 from .kinds import KINDS, LayerKind, Param, get_kind, register_kind
-
-from ._version import __version__
+from .report import KeyReport
 
 __all__ = [
     "ADAPTERS",

@@ -19,10 +19,7 @@ True
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .format import KeyReport
+from .report import KeyReport
 
 __all__ = [
     "AdapterError",

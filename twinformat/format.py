@@ -11,9 +11,6 @@ Example
 ...                         adapter_kwargs={"rank": 2}, target_layers=["layer1"])
 >>> parse_metadata(meta)["adapter_kwargs"]
 {'rank': 2}
->>> report = compare_keys({"a": (2, 3), "b": (4,)}, {"a": (2, 3), "c": (1,)})
->>> report.missing, report.unexpected, report.mismatched
-(['c'], ['b'], [])
 """
 
 from __future__ import annotations
@@ -25,10 +22,10 @@ import re
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dtypes import DTYPES
 from .errors import CheckpointError
 
 __all__ = [
@@ -36,10 +33,8 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "MAX_HEADER_BYTES",
-    "KeyReport",
     "adapter_metadata",
     "atomic_write",
-    "compare_keys",
     "is_safetensors_path",
     "layer_kinds_from_metadata",
     "library_version",
@@ -234,8 +229,6 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, dic
 
 def _check_entry(name: str, info: Any, where: str) -> tuple[int, int]:
     """``(begin, end)`` of one header entry once its dtype, shape and offsets agree."""
-    from .dtypes import DTYPES
-
     bad = f"{where}: tensor {name!r} has a malformed header entry"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{bad}; expected {{'dtype', 'shape', 'data_offsets'}}, got {_clip(info)}")
@@ -304,7 +297,9 @@ def _short(exc: BaseException) -> str:
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path``.
 
-    A failing ``write`` leaves no file behind and ``path`` exactly as it was.
+    A failing ``write`` leaves no file behind and ``path`` exactly as it was. The file gets the
+    mode a new file gets from the user's umask (``0o644`` under the usual ``022``), not the
+    ``0o600`` of the temporary file it was written as.
     """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
@@ -314,6 +309,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -321,52 +317,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         raise
 
 
-@dataclass
-class KeyReport:
-    """What a load or conversion did with each key: the three lists users ask for."""
-
-    loaded: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mismatched)
-
-    def describe(self, limit: int = 20) -> str:
-        """Human-readable summary, each list capped at ``limit`` names."""
-        lines = [f"loaded: {len(self.loaded)}"]
-        for label, keys in (
-            ("missing", self.missing),
-            ("unexpected", self.unexpected),
-            ("mis-shaped", self.mismatched),
-            ("notes", self.notes),
-        ):
-            if keys:
-                shown = ", ".join(keys[:limit]) + (
-                    f" ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-                )
-                lines.append(f"{label} ({len(keys)}): {shown}")
-        return "\n".join(lines)
-
-
-def compare_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> KeyReport:
-    """Compare ``{key: shape}`` of a checkpoint with what the model expects.
-
-    ``mismatched`` entries read ``"key: file (a, b) vs model (c, d)"``.
-    """
-    report = KeyReport()
-    for key, shape in found.items():
-        if key not in expected:
-            report.unexpected.append(key)
-        elif tuple(shape) != tuple(expected[key]):
-            report.mismatched.append(f"{key}: file {tuple(shape)} vs model {tuple(expected[key])}")
-        else:
-            report.loaded.append(key)
-    report.missing = [key for key in expected if key not in found]
-    return report
+def _umask() -> int:
+    """The process's umask (reading it means setting it: set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _jsonable(value: Any) -> Any:

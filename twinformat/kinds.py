@@ -6,19 +6,27 @@ type (``torch_impl.interchange`` and ``flax_impl.interchange`` hold one type tab
 from a tensor's name or rank: a square Linear weight loaded untransposed has the right shape and
 computes the wrong function. A kind that is not in the table is an error, never a default.
 
-==========  =============================  ===============================
-kind        PyTorch (name, layout)         Flax NNX (name, layout)
-==========  =============================  ===============================
-linear      weight (out, in), bias         kernel (in, out), bias
-conv        weight (out, in, *k), bias     kernel (*k, in, out), bias
-layer_norm  weight, bias                   scale, bias
-group_norm  weight, bias                   scale, bias
-rms_norm    weight                         scale
-embedding   weight (num, dim)              embedding (num, dim)
-batch_norm  weight, bias,                  scale, bias,
-            running_mean, running_var      mean, var
-            (num_batches_tracked)          (none: left out, reported)
-==========  =============================  ===============================
+=======================  ======================================  ==============================
+kind                     PyTorch (name, layout)                  Flax NNX (name, layout)
+=======================  ======================================  ==============================
+linear                   weight (out, in), bias                  kernel (in, out), bias
+conv                     weight (out, in, *k), bias              kernel (*k, in, out), bias
+layer_norm               weight, bias                            scale, bias
+group_norm               weight, bias                            scale, bias
+rms_norm                 weight                                  scale
+embedding                weight (num, dim)                       embedding (num, dim)
+batch_norm               weight, bias,                           scale, bias,
+                         running_mean, running_var               mean, var
+                         (num_batches_tracked)                   (none: left out, reported)
+conv_weight_norm         parametrizations.weight.original0 (g),  weight_g, weight_v
+                         original1 (v), each (out, in, *k)       (*k, in, out)
+masked_spec_embed        masked_spec_embed                       masked_spec_embed
+gated_relative_position  gru_rel_pos_const                       gru_rel_pos_const
+lora                     adapter_magnitude (DoRA)                adapter_magnitude
+=======================  ======================================  ==============================
+
+Every kind of :data:`KINDS` is in this table (a test compares them), and the command line's help
+and every error that lists kinds print ``KINDS`` itself, so the three never differ.
 
 A layout is written as the axes of the PyTorch tensor, an arrow, and the same axes in Flax's
 order: ``"o i -> i o"``; ``*k`` stands for one to three spatial axes. A new kind is one

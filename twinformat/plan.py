@@ -40,15 +40,16 @@ Example
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .adapters import is_adapter_key
 from .dtypes import TensorSpec
 from .errors import ConversionError, UnknownLayerError
-from .format import KeyReport, compare_keys
 from .kinds import KINDS, get_kind, is_buffer_name, split_key
 from .names import matches_any
+from .report import KeyReport, compare_keys
 from .state import FlatState
 
 __all__ = ["Plan", "is_buffer", "plan_load", "refuse"]
@@ -111,6 +112,10 @@ def plan_load(source: FlatState, target: FlatState, *, strict: bool = True) -> P
             found[primary] = found.pop(alias)
             reads[primary] = alias
             notes.append(f"{alias}: tied alias of {primary}, loaded through it")
+    for old, new in _weight_norm_spellings(found, expected):  # the other spelling of the same tensor
+        found[new] = found.pop(old)
+        reads[new] = reads.pop(old)
+        notes.append(f"{old}: weight norm's {_spelling(old)} spelling, loaded as {new}")
     for key in [k for k in found if k not in expected and is_buffer(source, k)]:
         del found[key]
         notes.append(f"{key}: buffer ({source.specs[key][0]}) the target does not hold, not converted")
@@ -141,6 +146,34 @@ def plan_load(source: FlatState, target: FlatState, *, strict: bool = True) -> P
 def refuse(report: KeyReport, what: str = "conversion") -> ConversionError:
     """The error for a refused plan: its message lists the three lists; the target is unchanged."""
     return ConversionError(f"{what} refused, the target was left unchanged:\n" + report.describe(), report)
+
+
+# weight norm's two spellings of g and v: torch.nn.utils.weight_norm's (transformers 4.x with an
+# older torch) and torch.nn.utils.parametrizations.weight_norm's (the conv_weight_norm kind's).
+_WEIGHT_NORM_SPELLINGS = (
+    (".weight_g", ".parametrizations.weight.original0"),
+    (".weight_v", ".parametrizations.weight.original1"),
+)
+
+
+def _weight_norm_spellings(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(source key, target key)`` pairs naming the same weight-norm tensor in the two spellings,
+    where the target expects the other spelling than the source holds."""
+    pairs = []
+    for key in found:
+        if key in expected:
+            continue
+        for old, new in _WEIGHT_NORM_SPELLINGS:
+            for have, want in ((old, new), (new, old)):
+                if key.endswith(have):
+                    other = key[: -len(have)] + want
+                    if other in expected and other not in found:
+                        pairs.append((key, other))
+    return pairs
+
+
+def _spelling(key: str) -> str:
+    return "older (weight_g/weight_v)" if key.endswith((".weight_g", ".weight_v")) else "parametrizations"
 
 
 def _kind_and_dtype_errors(

@@ -4,7 +4,7 @@ Every submodule sits at the dotted name PyTorch's ``named_modules()`` gives for 
 ``BertModel`` (``embeddings.word_embeddings``, ``encoder.layer.0.attention.self.query``,
 ``encoder.layer.0.attention.output.LayerNorm``, ``encoder.layer.0.intermediate.dense``,
 ``pooler.dense``, ...), so a torch ``state_dict`` maps onto it key for key with the layout rules of
-``converters.layout``, and one list of glob patterns selects the same layers in both models.
+``twinformat.kinds``, and one list of glob patterns selects the same layers in both models.
 
 The layers are declared with PyTorch's semantics, which differ from Flax's defaults: LayerNorm
 uses the config's ``layer_norm_eps`` and the two-pass variance (``use_fast_variance=False``),
@@ -32,8 +32,10 @@ Example
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import types
+import warnings
 from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any
@@ -459,10 +461,42 @@ class BertModel(nnx.Module):
         or a sharded index) without torch; returns the model in eval mode (dropout off).
 
         A directory saved from a model with a head (``BertForSequenceClassification``) is read
-        under ``bert.``, the head left out and noted. Keyword arguments: see
+        under ``bert.``, the head left out and noted. A checkpoint without a pooler
+        (``BertModel(add_pooling_layer=False)``, the encoder of ``BertForMaskedLM`` or
+        ``BertForTokenClassification``) builds the model without one, with a warning and a note
+        in the report, unless ``add_pooling_layer`` is given. Keyword arguments: see
         :func:`flax_impl.models.pretrained.from_pretrained` (``strict``, ``output_loading_info``,
         ``dtype``, ``param_dtype``, ``precision``, ``seed``).
         """
         from .pretrained import from_pretrained
 
-        return from_pretrained(cls, path, **kwargs)
+        note = None
+        if "add_pooling_layer" not in kwargs and not _has_pooler(path):
+            kwargs["add_pooling_layer"] = False
+            note = (
+                "the checkpoint has no pooler (pooler.dense.*, as BertModel(add_pooling_layer=False), "
+                "BertForMaskedLM and BertForTokenClassification save it): built without one"
+            )
+            warnings.warn(f"{os.fspath(path)!r}: {note} (pass add_pooling_layer= to choose)", stacklevel=2)
+        loaded = from_pretrained(cls, path, **kwargs)
+        if note is not None and isinstance(loaded, tuple):
+            loaded[1].notes.insert(0, note)
+        return loaded
+
+
+def _has_pooler(path: str | os.PathLike[str]) -> bool:
+    """Whether a ``save_pretrained`` directory holds ``pooler.dense.weight`` (under any prefix), from
+    the index or the file header alone; True when neither can be read (the load then says why)."""
+    from twinformat.format import read_safetensors_header
+
+    directory = os.fspath(path)
+    index, single = os.path.join(directory, "model.safetensors.index.json"), os.path.join(directory, "model.safetensors")
+    try:
+        if os.path.isfile(single):
+            names = list(read_safetensors_header(single)[0])
+        else:
+            with open(index, encoding="utf-8") as f:
+                names = list(json.load(f)["weight_map"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+    return any(name == "pooler.dense.weight" or name.endswith(".pooler.dense.weight") for name in names)

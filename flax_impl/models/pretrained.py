@@ -143,7 +143,7 @@ def from_pretrained(
     strict : bool
         Refuse (before returning a model) on a missing, unexpected or mis-shaped tensor.
     output_loading_info : bool
-        Also return the :class:`~twinformat.format.KeyReport` (loaded, missing, unexpected,
+        Also return the :class:`~twinformat.report.KeyReport` (loaded, missing, unexpected,
         notes: what was left out and why).
     dtype, param_dtype, precision
         As the twin's constructor takes them; tensors are cast to ``param_dtype``.
@@ -156,7 +156,7 @@ def from_pretrained(
     -------
     The model in eval mode, or ``(model, report)`` with ``output_loading_info=True``.
     """
-    from flax_impl import twinformat as bridge
+    from flax_impl import interchange as bridge
 
     config, tensors = read_pretrained_tensors(path)
     expected_type = getattr(cls, "model_type", None)

@@ -14,10 +14,10 @@ import torch
 
 import converters
 import torch_impl
-from converters.checkpoint import adapter_metadata
 from converters.files import TensorFile, write_safetensors
 from tests.zoo import torch_models
 from tests.zoo.arrays import randomize_torch, same_bits
+from twinformat.format import adapter_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -215,7 +215,8 @@ def test_file_level_commands_import_neither_torch_nor_jax(tmp_path):
 
 # ----------------------------------------------------------------------------- sharded checkpoints
 def test_inspect_reads_a_sharded_folder_and_its_index(tmp_path, model_file):
-    from converters.sharded import INDEX_NAME, ShardedCheckpoint, convert_sharded
+    from converters import convert_sharded
+    from converters.files import INDEX_NAME, ShardedCheckpoint
 
     convert_sharded(model_file, tmp_path / "shards", layout="torch", max_shard_bytes=200)
     files = len(ShardedCheckpoint(tmp_path / "shards").files)
@@ -231,7 +232,7 @@ def test_inspect_reads_a_sharded_folder_and_its_index(tmp_path, model_file):
 
 
 def test_convert_between_one_file_and_a_sharded_folder_is_bit_exact(tmp_path, model_file):
-    from converters.sharded import INDEX_NAME, ShardedCheckpoint
+    from converters.files import INDEX_NAME, ShardedCheckpoint
 
     result = run_main("convert", model_file, tmp_path / "flax", "--max-shard-size", "300B")
     assert result.returncode == 0, result.stderr
@@ -253,7 +254,7 @@ def test_convert_between_one_file_and_a_sharded_folder_is_bit_exact(tmp_path, mo
 
 
 def test_merge_accepts_a_sharded_base_and_writes_what_a_single_file_gives(tmp_path):
-    from converters.sharded import save_sharded
+    from converters import save_sharded
 
     base = randomize_torch(torch_models.Conv1dNormNet())
     converters.save_torch_layout(base, tmp_path / "base.safetensors")
@@ -270,22 +271,6 @@ def test_merge_accepts_a_sharded_base_and_writes_what_a_single_file_gives(tmp_pa
         result = run_main("merge", base_path, tmp_path / "adapter.safetensors", tmp_path / out)
         assert result.returncode == 0, result.stderr
     assert not same_bits(_bits(tmp_path / "sharded.safetensors"), _bits(tmp_path / "one.safetensors"))
-
-
-def test_the_old_sharded_command_runs_convert_and_says_it_is_deprecated(tmp_path):
-    torch.save({"fc.weight": torch.ones(4, 3)}, tmp_path / "w.pt")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", "converters.sharded", tmp_path / "w.pt", tmp_path / "out", "--layout", "flax"]
-        + ["--layer-kind", "fc=linear"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "deprecated" in result.stderr and "python -m converters convert" in result.stderr
-    assert TensorFile(tmp_path / "out").shape("fc.kernel") == (3, 4)
 
 
 # ----------------------------------------------------------------------------- manners (issue 14 item 10)

@@ -12,13 +12,12 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 import converters
-from converters.checkpoint import CheckpointError
 from converters.files import TensorFile, write_safetensors
 from converters.views import ConversionError, UnknownLayerError
-from twinformat.errors import LayoutError, NoMatchError
 from tests.zoo import flax_models, torch_models
 from tests.zoo.arrays import flax_arrays, randomize_flax, randomize_torch, same_bits, torch_arrays
 from tests.zoo.layers import DTYPES, NUMPY_DTYPES, TORCH_DTYPES
+from twinformat.errors import CheckpointError, LayoutError, NoMatchError
 
 
 def _file_bits(path) -> dict[str, np.ndarray]:
@@ -234,13 +233,14 @@ def _flax_net(dtype: str) -> flax_models.Conv1dNormNet:
 
 
 def _np_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    from converters._torch import tensor_to_numpy
+    from torch_impl.interchange import tensor_to_numpy
 
     return {k: tensor_to_numpy(v) for k, v in model.state_dict().items()}
 
 
 def test_tensor_file_opens_a_sharded_folder_or_index_as_a_sharded_checkpoint(tmp_path):
-    from converters.sharded import INDEX_NAME, ShardedCheckpoint, write_sharded
+    from converters.files import INDEX_NAME, ShardedCheckpoint
+    from converters.sharded import write_sharded
 
     tensors = {f"l{i}.weight": np.full((2, 2), i, np.float32) for i in range(3)}
     write_sharded(tmp_path, tensors, max_shard_bytes=16)
@@ -251,7 +251,7 @@ def test_tensor_file_opens_a_sharded_folder_or_index_as_a_sharded_checkpoint(tmp
 
 
 def test_convert_file_writes_shards_and_kinds_may_be_globs_that_must_match(tmp_path):
-    from converters.sharded import ShardedCheckpoint
+    from converters.files import ShardedCheckpoint
 
     src = tmp_path / "t.safetensors"
     write_safetensors(

@@ -18,10 +18,10 @@ import flax_impl
 import torch_impl
 from converters.files import TensorFile
 from converters.merge import MergeError
-from twinformat.errors import CheckpointError
 from tests.zoo import flax_models, torch_models
 from tests.zoo.arrays import randomize_torch
 from tests.zoo.layers import token_batch
+from twinformat.errors import CheckpointError
 
 
 def _adapted(base, options):

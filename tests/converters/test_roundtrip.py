@@ -413,7 +413,7 @@ def test_tied_weights_are_named_and_written_once():
 
 
 def test_rename_patterns_that_match_nothing_raise():
-    from converters.naming import NoMatchError
+    from twinformat.errors import NoMatchError
 
     with pytest.raises(NoMatchError, match="nothing.*"):
         converters.torch_to_flax(

@@ -25,23 +25,15 @@ import torch
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from converters import layout
-from converters.checkpoint import CheckpointError
-from converters.files import TensorFile
-from converters.sharded import (
-    INDEX_NAME,
-    ShardedCheckpoint,
-    convert_sharded,
-    load_flax_sharded,
-    main,
-    parse_size,
-    save_sharded,
-    write_sharded,
-)
+from converters import convert_sharded, load_flax_sharded, save_sharded
+from converters.files import INDEX_NAME, ShardedCheckpoint, TensorFile
+from converters.sharded import parse_size, write_sharded
 from converters.views import ConversionError
 from flax_impl.sharding import shard_model
 from tests.zoo import flax_models, torch_models
 from tests.zoo.flax_models import MixedDtypeLayers
+from twinformat import kinds as layout
+from twinformat.errors import CheckpointError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -203,33 +195,34 @@ def test_save_sharded_of_a_torch_model_equals_its_state_dict(tmp_path):
         np.testing.assert_array_equal(checkpoint.get(key), tensor.numpy(), err_msg=key)
 
 
-def test_the_old_command_line_is_a_deprecated_alias_of_convert(tmp_path, capsys):
-    """``python -m converters.sharded`` keeps its flags (--layout, --layer-kind, default torch
-    layout and 5GB shards), says on stderr that it is deprecated, and runs the main ``convert``."""
-    torch_path = tmp_path / "w.pt"
-    torch.save({"fc.weight": torch.ones(4, 3), "fc.bias": torch.zeros(4)}, torch_path)
-    args = [str(torch_path), str(tmp_path / "out"), "--layout", "flax", "--layer-kind", "fc=linear"]
-    assert main([*args, "--max-shard-size", "40B"]) == 0
-    captured = capsys.readouterr()
-    assert "deprecated" in captured.err and "python -m converters convert" in captured.err
-    assert "sharded: 2 file(s)" in captured.out and "loaded: 2" in captured.out
-    assert ShardedCheckpoint(tmp_path / "out").shape("fc.kernel") == (3, 4)
-    assert main([str(torch_path), str(tmp_path / "plain")]) == 0  # old defaults: torch layout, one 5GB shard
-    assert ShardedCheckpoint(tmp_path / "plain").layout == "torch"
-    assert len(ShardedCheckpoint(tmp_path / "plain").files) == 1
-    assert main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 1
-    assert "nowhere" in capsys.readouterr().err
+def test_the_removed_sharded_command_refuses_and_names_its_replacement(tmp_path):
+    """0.2 removed ``python -m converters.sharded`` (a deprecated alias since 0.1): running it
+    converts nothing, exits non-zero and names the command that replaced it."""
+    torch.save({"fc.weight": torch.ones(4, 3)}, tmp_path / "w.pt")
+    result = subprocess.run(
+        [sys.executable, "-m", "converters.sharded", str(tmp_path / "w.pt"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode != 0
+    assert "removed in 0.2" in result.stderr and "python -m converters convert" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
-def test_every_public_name_is_importable_from_converters_sharded():
-    import converters.sharded as sharded
+def test_the_sharded_functions_are_public_names_of_converters_and_storage_needs_no_framework():
+    import converters
     from converters.file_convert import convert_sharded as home
     from converters.sharded_flax import load_flax_sharded as flax_home
+    from converters.sharded_save import save_sharded as save_home
 
-    assert sharded.convert_sharded is home and load_flax_sharded is flax_home
-    assert all(callable(getattr(sharded, name)) or name.isupper() for name in sharded.__all__)
-    # the storage module itself needs neither framework
-    code = "import sys, converters.sharded; assert 'torch' not in sys.modules and 'jax' not in sys.modules"
+    assert converters.convert_sharded is home and converters.load_flax_sharded is flax_home
+    assert converters.save_sharded is save_home
+    assert {"convert_sharded", "load_flax_sharded", "save_sharded"} <= set(converters.__all__)
+    code = (
+        "import sys, converters.sharded, converters.files; "
+        "assert 'torch' not in sys.modules and 'jax' not in sys.modules"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
 
 
@@ -358,7 +351,8 @@ _WORKER = textwrap.dedent(
     from flax import nnx
 
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=processes, process_id=process_id)
-    from converters.sharded import ShardedCheckpoint, load_flax_sharded
+    from converters import load_flax_sharded
+    from converters.files import ShardedCheckpoint
     from flax_impl.sharding import shard_model
 
 

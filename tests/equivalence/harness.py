@@ -2,7 +2,7 @@
 
 Everything is compared in PyTorch's names and layouts. The Flax side is read with
 :func:`flax_in_torch_layout`, a walk written here on purpose (module type -> layer kind ->
-``converters.layout``) rather than the converters' or ``flax_impl.checkpoint``'s, so that the
+``twinformat.kinds``) rather than the converters' or ``flax_impl.checkpoint``'s, so that the
 suite checks the conversion code against an independent reading instead of against itself.
 """
 
@@ -24,12 +24,12 @@ from flax import nnx
 import converters
 import flax_impl
 import torch_impl
-from converters import layout
-from converters.naming import dotted
 from flax_impl.graph import get_submodule
 from flax_impl.models._speech import SpeechModel, WeightNorm, WeightNormConv
 from flax_impl.models.wavlm import WavLMAttention
 from tests.zoo.pairs import PAIRS, AdapterCase, Batch, Pair
+from twinformat import kinds as layout
+from twinformat.names import dotted
 
 PAIRS_BY_NAME = {pair.name: pair for pair in PAIRS}
 

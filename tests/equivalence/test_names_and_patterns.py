@@ -8,9 +8,9 @@ from flax import nnx
 
 import flax_impl
 import torch_impl
-from converters.naming import NoMatchError
 from flax_impl.graph import named_modules
 from tests.zoo.pairs import PAIRS
+from twinformat.errors import NoMatchError
 
 from . import harness
 

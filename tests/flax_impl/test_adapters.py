@@ -11,7 +11,6 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from converters.naming import NoMatchError
 from flax_impl import (
     AdaptedModel,
     AdapterInsertionError,
@@ -23,6 +22,7 @@ from flax_impl import (
 )
 from flax_impl.graph import named_modules
 from tests.zoo.flax_models import Conv2dBatchNormNet, SeedMLP, StackedLinears
+from twinformat.errors import NoMatchError
 
 SETTINGS = settings(max_examples=15, deadline=None)
 FEW = settings(max_examples=8, deadline=None)

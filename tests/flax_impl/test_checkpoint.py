@@ -15,8 +15,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec
 
-from converters.checkpoint import CheckpointError, read_safetensors_header
-from converters.layout import KINDS
 from flax_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA
 from flax_impl.checkpoint import (
     layer_kind,
@@ -29,6 +27,9 @@ from flax_impl.models import Wav2Vec2Model, WavLMConfig
 from flax_impl.models._speech import Layers, WeightNorm
 from flax_impl.models.wavlm import WavLMAttention
 from tests.zoo.flax_models import BareGainNet, Conv2dBatchNormNet, SeedMLP, StackedLinears
+from twinformat.errors import CheckpointError
+from twinformat.format import read_safetensors_header
+from twinformat.kinds import KINDS
 
 
 def _snapshot(module) -> dict[str, np.ndarray]:

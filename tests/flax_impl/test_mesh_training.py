@@ -17,10 +17,10 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from converters.naming import NoMatchError
 from flax_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA
 from flax_impl.models import BertConfig, BertModel
 from flax_impl.sharding import ShardingRuleError, shard_model
+from twinformat.errors import NoMatchError
 
 P = PartitionSpec
 STEPS = 3

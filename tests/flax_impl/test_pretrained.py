@@ -15,8 +15,8 @@ from flax import nnx
 
 from flax_impl import AdaptedModel, CheckpointError, HoulsbyAdapterLinear, LoRA
 from flax_impl.models import BertConfig, BertModel
-from twinformat.errors import PeftConversionError
 from tests.zoo import bert
+from twinformat.errors import PeftConversionError
 
 SMALL_BERT = BertConfig(**bert.SMALL_CONFIG)
 QV = bert.QUERY_VALUE

@@ -18,9 +18,9 @@ torch = pytest.importorskip("torch")
 from safetensors.numpy import save_file  # noqa: E402
 
 from flax_impl.models import BertModel, HubertModel, Wav2Vec2Model, WavLMModel, WhisperEncoder  # noqa: E402
-from twinformat.errors import CheckpointError  # noqa: E402
 from tests.equivalence import harness  # noqa: E402
 from tests.zoo import bert, speech  # noqa: E402
+from twinformat.errors import CheckpointError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 

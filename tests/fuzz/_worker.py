@@ -101,7 +101,7 @@ def _tensor_file(path: Path) -> None:
 
 
 def _sharded(path: Path) -> None:
-    from converters.sharded import ShardedCheckpoint
+    from converters.files import ShardedCheckpoint
 
     _read_all(ShardedCheckpoint(path))
 

@@ -3,7 +3,7 @@ error naming the file; never another exception, a hang, or an allocation larger 
 
 Readers: safetensors headers (``twinformat.format.read_safetensors_header``), whole files
 (``converters.files.TensorFile``, every tensor read whole and memory-mapped), sharded
-checkpoints (``converters.sharded.ShardedCheckpoint``: the index and its files), pickled state
+checkpoints (``converters.files.ShardedCheckpoint``: the index and its files), pickled state
 dicts (``torch_impl.checkpoint.load_pickled_state_dict``, every tensor touched), PEFT adapter
 directories (``converters.peft.read_peft_adapter``), and our metadata
 (``twinformat.format.parse_metadata`` / ``layer_kinds_from_metadata``). Each runs in a worker

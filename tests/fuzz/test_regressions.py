@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from converters.files import TensorFile
-from converters.sharded import ShardedCheckpoint, write_sharded
+from converters.files import ShardedCheckpoint, TensorFile
+from converters.sharded import write_sharded
+from torch_impl.checkpoint import load_pickled_state_dict
 from twinformat.errors import CheckpointError
 from twinformat.format import read_safetensors_header
-from torch_impl.checkpoint import load_pickled_state_dict
 
 from .strategies import safetensors_bytes
 

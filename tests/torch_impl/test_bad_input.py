@@ -11,10 +11,9 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from converters.checkpoint import CheckpointError
-from converters.naming import NoMatchError
 from tests.zoo import torch_models
 from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA
+from twinformat.errors import CheckpointError, NoMatchError
 
 FORMATS = ["adapters.ckpt", "adapters.safetensors"]
 

@@ -10,10 +10,10 @@ import safetensors
 import torch
 from torch import nn
 
-from converters.checkpoint import parse_metadata
 from tests.torch_impl.twins import randomize_trainable, trainable_names
 from tests.zoo import torch_models
 from torch_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA
+from twinformat.format import parse_metadata
 
 FORMATS = ["adapters.ckpt", "adapters.safetensors"]
 BN_BUFFERS = [

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 import torch_impl
-from converters.naming import NoMatchError
 from tests.torch_impl.twins import randomize_trainable, speechbrain_adapters, trainable_names
 from tests.zoo import torch_models
 from torch_impl import AdaptedModel, AdapterInsertionError, HoulsbyAdapterLinear, LoRA
+from twinformat.errors import NoMatchError
 
 
 @pytest.fixture(scope="module")

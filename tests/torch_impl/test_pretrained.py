@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from twinformat.errors import PeftConversionError
 from tests.zoo import bert
 from torch_impl import AdaptedModel, CheckpointError, HoulsbyAdapterLinear, LoRA
+from twinformat.errors import PeftConversionError
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
