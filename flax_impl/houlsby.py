@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 from flax import nnx
@@ -102,4 +102,25 @@ class HoulsbyAdapterLinear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the adapter to ``x`` of shape ``[..., in_features]``."""
         x_pretrained = self.pretrained_linear(x)
-        return self.adapter_up_proj(self.activation(self.adapter_down_proj(x_pretrained))) + x_pretrained
+        update = self.adapter_up_proj(self.activation(self.adapter_down_proj(x_pretrained)))
+        switch = vars(self).get("adapter_switch")
+        if switch is not None:  # the model holds named adapters: the default's weight, as data
+            weight = switch[...][..., self.switch_columns["default"]]
+            if weight.ndim:
+                weight = weight.reshape(weight.shape + (1,) * (update.ndim - 1))
+            update = weight.astype(update.dtype) * update
+        return update + x_pretrained
+
+    def adapter_names(self) -> list[str]:
+        """The adapters this layer holds: its own, always the model's default."""
+        return ["default"]
+
+    def attach_switch(self, switch: Any, columns: dict[str, int]) -> None:
+        """Read the model's shared ``AdapterSwitch`` (None: back to a one-adapter layer)."""
+        if switch is None:
+            for attribute in ("adapter_switch", "switch_columns"):
+                if attribute in vars(self):
+                    delattr(self, attribute)
+            return
+        self.adapter_switch = switch
+        self.switch_columns = dict(columns)

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from twinformat.adapters import LORA, AdapterKind
-from twinformat.errors import AdapterError, AdapterInsertionError
+from twinformat.errors import AdapterError, AdapterInsertionError, MergeError
 
 from . import fused
 from ._factors import (
@@ -31,7 +31,20 @@ from ._factors import (
     sharding_kwargs,
 )
 
-__all__ = ["LoRA"]
+__all__ = ["BASE_ADAPTER", "DEFAULT_ADAPTER", "AdapterSwitch", "LoRA", "LoRABranch"]
+
+#: PEFT's names: the adapter the constructor builds, and "no adapter" in a mixed batch.
+DEFAULT_ADAPTER = "default"
+BASE_ADAPTER = "__base__"
+
+
+class AdapterSwitch(nnx.Variable):
+    """How much of each adapter a layer holding several adds, as data (not a parameter, never
+    trained): shape ``(n_adapters,)`` (the active set, 1.0 or 0.0 each, in ``model.adapters``
+    order) or ``(batch, n_adapters)`` (one adapter per sample). One variable shared by every layer
+    of an ``AdaptedModel``: changing it (``set_adapter``, a mixed batch) changes no graph, so a
+    jitted step is not traced again."""
+
 
 # Never read from the wrapped layer: the wrapper's own children and options.
 _NOT_FORWARDED = frozenset(
@@ -234,6 +247,8 @@ class LoRA(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """Apply the pretrained layer plus the scaled low-rank update (DoRA: rescaled columns)."""
+        if vars(self).get("adapter_switch") is not None and not self.merged:
+            return self._multi_call(x)
         layers = (self.pretrained_module, self.adapter_down_proj, self.adapter_up_proj)
         plain = not (self.merged or self.use_dora or self._dropping())
         if plain and fused.can_fuse_linear(*layers):
@@ -261,9 +276,92 @@ class LoRA(nnx.Module):
         out = scale.astype(base.dtype) * (base + x_lora * self.scaling)
         return out + bias[...].astype(out.dtype) if bias is not None else out
 
-    def _dropping(self) -> bool:
-        dropout = vars(self).get("adapter_dropout")
+    def _dropping(self, branch: Any = None) -> bool:
+        dropout = vars(self if branch is None else branch).get("adapter_dropout")
         return dropout is not None and not dropout.deterministic
+
+    # --- named adapters (PEFT's multi-adapter layers) ---------------------------------------
+    # The "default" adapter keeps its factors where a one-adapter LoRA has them; further adapters
+    # are LoRABranch modules in ``named_adapters`` (an nnx.Dict), created only when one is added.
+    # Which adapters add, and how much, is the shared AdapterSwitch's data: ``switch_columns``
+    # (static) maps each adapter this layer holds to its column.
+
+    def adapter_names(self) -> list[str]:
+        """The adapters this layer holds: ``'default'`` (unless wrapped for another adapter
+        only) and the named ones, in the order they were added."""
+        named = list(vars(self)["named_adapters"].keys()) if "named_adapters" in vars(self) else []
+        return ([DEFAULT_ADAPTER] if vars(self).get("has_default", True) else []) + named
+
+    def add_named_adapter(self, name: str, branch: LoRABranch) -> None:
+        """Hold ``branch`` as the adapter ``name``."""
+        if name in self.adapter_names():
+            raise AdapterInsertionError(f"this LoRA layer already holds an adapter named {name!r}")
+        if "named_adapters" not in vars(self):
+            self.named_adapters = nnx.Dict()
+        self.named_adapters[name] = branch
+
+    def remove_named_adapter(self, name: str) -> None:
+        """Drop the adapter ``name`` (not the default, whose parameters are the layer's own)."""
+        del self.named_adapters[name]
+        if not len(self.named_adapters):
+            del self.named_adapters
+
+    def keep_only_named(self, name: str) -> None:
+        """Turn this fresh LoRA's own factors into the named adapter ``name`` (the layer is
+        wrapped for that adapter only: no default factors in its state)."""
+        branch = LoRABranch(self)
+        for attribute in ("adapter_down_proj", "adapter_up_proj", "adapter_magnitude", "adapter_dropout"):
+            if attribute in vars(self):
+                delattr(self, attribute)
+        self.has_default = False
+        self.add_named_adapter(name, branch)
+
+    def attach_switch(self, switch: AdapterSwitch | None, columns: dict[str, int]) -> None:
+        """Read the shared ``switch`` (None: back to a one-adapter layer), column per adapter."""
+        if switch is None:
+            for attribute in ("adapter_switch", "switch_columns"):
+                if attribute in vars(self):
+                    delattr(self, attribute)
+            return
+        self.adapter_switch = switch
+        self.switch_columns = dict(columns)
+
+    def branch(self, name: str) -> Any:
+        """The module holding the factors of adapter ``name`` (``self`` for the default)."""
+        if name == DEFAULT_ADAPTER and vars(self).get("has_default", True):
+            return self
+        return self.named_adapters[name]
+
+    def _multi_call(self, x: jax.Array) -> jax.Array:
+        """PEFT's order: the base layer, then each held adapter's term times its switch weight
+        (0 or 1 for the whole batch, or one weight per sample): ``x + 0 * d`` is ``x`` exactly."""
+        result = self.pretrained_module(x)
+        switch = self.adapter_switch[...]
+        for name in self.adapter_names():
+            weight = switch[..., self.switch_columns[name]]
+            delta = self._delta(self.branch(name), x)
+            if weight.ndim:  # one weight per sample: (batch,) against (batch, ..., out)
+                weight = weight.reshape(weight.shape + (1,) * (delta.ndim - 1))
+            result = result + weight.astype(delta.dtype) * delta
+        return result
+
+    def _delta(self, branch: Any, x: jax.Array) -> jax.Array:
+        """What adapter ``branch`` adds to the base layer's output for ``x`` (PEFT's per-adapter
+        term; DoRA: ``(m/||W + s A B|| - 1) W x' + m/||.|| s B A x'``, ``x'`` the dropped input)."""
+        pretrained = self.pretrained_module
+        down, up = branch.adapter_down_proj, branch.adapter_up_proj
+        if isinstance(pretrained, nnx.Embed):
+            return up(down(x)) * branch.scaling
+        x = branch.adapter_dropout(x) if self._dropping(branch) else x
+        lora = up(down(x))
+        if not branch.use_dora:
+            return lora * branch.scaling
+        kernel = pretrained.kernel[...]
+        norm = jax.lax.stop_gradient(_column_norm(kernel + self._update(kernel.dtype, branch)))
+        scale = branch.adapter_magnitude[...] / norm
+        base = pretrained(x)
+        base = base - pretrained.bias[...] if pretrained.bias is not None else base
+        return (scale - 1) * base + scale * lora * branch.scaling
 
     def _dora_norm(self) -> jax.Array:
         """``||W + s down @ up||`` per output feature, under ``stop_gradient`` (as PEFT detaches it)."""
@@ -272,10 +370,12 @@ class LoRA(nnx.Module):
         kernel = pretrained.kernel[...]
         return jax.lax.stop_gradient(_column_norm(kernel + self._update(kernel.dtype)))
 
-    def _update(self, dtype: Any) -> jax.Array:
-        """``scaling * down @ up`` in the wrapped kernel's layout, in ``dtype``."""
-        up = self.adapter_up_proj.kernel[...]  # (rank, out) or (1, ..., 1, rank, out)
-        down_proj = self.adapter_down_proj
+    def _update(self, dtype: Any, branch: Any = None) -> jax.Array:
+        """``scaling * down @ up`` in the wrapped kernel's layout, in ``dtype`` (``branch``: a
+        named adapter's factors; default: this layer's own)."""
+        branch = self if branch is None else branch
+        up = branch.adapter_up_proj.kernel[...]  # (rank, out) or (1, ..., 1, rank, out)
+        down_proj = branch.adapter_down_proj
         if isinstance(down_proj, nnx.Embed):  # the pretrained layer is an embedding
             down = down_proj.embedding[...]  # (num, rank)
         else:
@@ -283,7 +383,7 @@ class LoRA(nnx.Module):
         compute = jnp.promote_types(jnp.promote_types(down.dtype, up.dtype), dtype)
         up = up.reshape(up.shape[-2:]).astype(compute)
         delta = jnp.matmul(down.astype(compute), up, precision=jax.lax.Precision.HIGHEST)
-        return (delta * self.scaling).astype(dtype)
+        return (delta * branch.scaling).astype(dtype)
 
     # --- the wrapped layer's attributes -----------------------------------------------------
 
@@ -328,6 +428,11 @@ class LoRA(nnx.Module):
         (DoRA: ``kernel <- m / ||kernel + delta|| * (kernel + delta)``)."""
         if self.merged:
             raise AdapterInsertionError("this LoRA layer is already merged")
+        if "named_adapters" in vars(self) or not vars(self).get("has_default", True):
+            raise MergeError(
+                f"this LoRA layer holds the adapters {self.adapter_names()}: merge the ones you want with "
+                "AdaptedModel.merge_and_unload(adapter_names=[...])"
+            )
         table = self._table()
         combined = table[...].astype(jnp.promote_types(table.dtype, jnp.float32)) + self.delta_weight()
         if self.use_dora:
@@ -336,6 +441,22 @@ class LoRA(nnx.Module):
             self._merged_norm = tuple(float(v) for v in jax.device_get(norm))
         self._write(combined)
         self.merged = True
+
+    def merge_adapters(self, names: list[str]) -> None:
+        """Fold the adapters ``names`` this layer holds into the wrapped kernel, one after the
+        other as PEFT's ``merge(adapter_names=...)`` does (DoRA rescales the kernel merged so
+        far); for ``merge_and_unload``, which then drops the wrapper."""
+        table = self._table()
+        value = table[...].astype(jnp.promote_types(table.dtype, jnp.float32))
+        for name in names:
+            branch = self.branch(name)
+            combined = value + self._update(value.dtype, branch)
+            if branch.use_dora:
+                combined = combined * (
+                    branch.adapter_magnitude[...].astype(combined.dtype) / _column_norm(combined)
+                )
+            value = combined
+        self._write(value)
 
     def unmerge(self) -> None:
         """Take the update back out of the wrapped kernel (inverse of :meth:`merge`)."""
@@ -360,6 +481,36 @@ class LoRA(nnx.Module):
         new = value.astype(old.dtype)
         sharding = getattr(old, "sharding", None)
         variable.set_value(jax.device_put(new, sharding) if sharding is not None else new)
+
+
+class LoRABranch(nnx.Module):
+    """One named adapter's factors in a :class:`LoRA` layer that holds several (PEFT's
+    ``lora_A[name]``/``lora_B[name]``): ``adapter_down_proj``, ``adapter_up_proj`` and, for DoRA,
+    ``adapter_magnitude``, laid out as the default adapter's, with its own ``scaling``,
+    ``dropout``, ``use_rslora`` and ``use_dora``. Built from a fresh ``LoRA`` on the same layer,
+    so a named adapter is initialised exactly as a default one of the same kwargs. The twin of
+    ``torch_impl.lora.LoRABranch``.
+
+    Example
+    -------
+    >>> layer = LoRA(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    >>> branch = LoRABranch(LoRA(layer.pretrained_module, rank=1, alpha=2.0, rngs=nnx.Rngs(2)))
+    >>> layer.add_named_adapter("other", branch)
+    >>> layer.adapter_names(), branch.adapter_down_proj.kernel.shape, branch.scaling
+    (['default', 'other'], (4, 1), 2.0)
+    """
+
+    def __init__(self, source: LoRA) -> None:
+        self.adapter_down_proj = source.adapter_down_proj
+        self.adapter_up_proj = source.adapter_up_proj
+        if source.use_dora:
+            self.adapter_magnitude = source.adapter_magnitude
+        if "adapter_dropout" in vars(source):
+            self.adapter_dropout = source.adapter_dropout
+        self.scaling = source.scaling
+        self.dropout = source.dropout
+        self.use_rslora = source.use_rslora
+        self.use_dora = source.use_dora
 
 
 def _check_options(dropout: object, use_rslora: object, use_dora: object) -> None:

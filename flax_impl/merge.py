@@ -9,8 +9,7 @@ from flax import nnx
 from twinformat.adapters import adapter_of
 from twinformat.errors import MergeError
 
-from .adapted_model import replace_module
-from .graph import named_modules
+from .graph import named_modules, set_submodule
 from .lora import LoRA
 
 __all__ = ["MergeError", "merge_and_unload", "merge_lora", "unload", "unmerge_lora"]
@@ -114,7 +113,9 @@ def _unwrap_all(model: nnx.Module) -> nnx.Module:
         wrapped = getattr(module, kind.wrapped)
         if not name:
             return wrapped
-        replace_module(model, name, wrapped)
+        set_submodule(
+            model, name, wrapped
+        )  # AdaptedModel's replace_module (adapted_model imports this module)
     return model
 
 
@@ -125,4 +126,9 @@ def _refuse_unmergeable(model: nnx.Module) -> None:
             raise MergeError(
                 f"layer {name or '<root>'!r} is a {kind.name}, which cannot be merged: "
                 "its activation between the projections is not linear"
+            )
+        if isinstance(module, LoRA) and module.adapter_names() != ["default"]:
+            raise MergeError(
+                f"layer {name or '<root>'!r} holds the adapters {module.adapter_names()}: merge the ones you want "
+                "with AdaptedModel.merge_and_unload(adapter_names=[...])"
             )

@@ -27,22 +27,41 @@ Example
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 from flax import nnx
 
 from twinformat import peft_format
 from twinformat.adapters import LORA, adapter_class_name, adapter_of
 from twinformat.errors import CheckpointError
-from twinformat.recorded import recorded_jsonable, resolve_recorded_class, signature_defaults
+from twinformat.format import adapter_metadata
+from twinformat.recorded import (
+    layer_kinds_entry,
+    recorded_jsonable,
+    resolve_recorded_class,
+    signature_defaults,
+)
 
 from .checkpoint import load_state_dict_file, save_state_dict_file
 from .graph import get_submodule, named_modules, set_submodule
 from .houlsby import HoulsbyAdapterLinear
-from .lora import LoRA
+from .interchange import layer_kind
+from .lora import DEFAULT_ADAPTER, LoRA
 
-__all__ = ["from_pretrained", "peft_layer_kind", "peft_layer_refusal", "peft_refusal", "save_pretrained"]
+__all__ = [
+    "from_pretrained",
+    "hotswap_adapter",
+    "peft_layer_kind",
+    "peft_layer_refusal",
+    "peft_refusal",
+    "read_named_adapter",
+    "save_adapters",
+    "save_pretrained",
+]
 
 #: This twin's adapter classes, looked up by their declaration's name.
 ADAPTER_CLASSES: tuple[type[LoRA | HoulsbyAdapterLinear], ...] = (LoRA, HoulsbyAdapterLinear)
@@ -78,21 +97,71 @@ def peft_layer_refusal(name: str, layer: Any) -> str | None:
     return None
 
 
-def peft_refusal(model: Any) -> str | None:
+def peft_refusal(model: Any, *, full: bool = False) -> str | None:
     """Why PEFT's format cannot represent ``model``'s adapters, or None when it can
-    (:func:`twinformat.peft_format.adapted_model_refusal`, with this twin's :func:`peft_layer_refusal`)."""
+    (:func:`twinformat.peft_format.adapted_model_refusal`, with this twin's :func:`peft_layer_refusal`;
+    ``full`` for :func:`save_pretrained`, which writes unfrozen layers as ``modules_to_save``
+    and per-layer kwargs as patterns)."""
     return peft_format.adapted_model_refusal(
-        model, lambda name: peft_layer_refusal(name, _wrapped(model, name))
+        model, lambda name: peft_layer_refusal(name, _wrapped(model, name)), full=full
     )
 
 
+def _outermost(names: Sequence[str]) -> list[str]:
+    """``names`` without those that lie inside another of them."""
+    return [n for n in names if not any(n != o and (not o or n.startswith(f"{o}.")) for o in names)]
+
+
+def _base_module_names(model: Any) -> list[str]:
+    """The base model's module names as PEFT sees them on the PyTorch twin (every adapter's
+    insides left out)."""
+    names: list[str] = []
+    inside: tuple[str, ...] = ()
+    for name, module in named_modules(model.adapted_model):
+        if inside and name.startswith(inside):
+            continue
+        names.append(name)
+        if adapter_of(module) is not None:
+            inside = (*inside, f"{name}." if name else "")
+    return names
+
+
+def _auto_mapping(model: Any) -> dict[str, str] | None:
+    """PEFT's ``auto_mapping`` for the transformers class a Flax twin mirrors (the twins carry
+    transformers' class names and a ``model_type``), what ``AutoPeftModel`` imports."""
+    cls = type(model.adapted_model)
+    if isinstance(getattr(cls, "model_type", None), str):
+        return {"base_model_class": cls.__name__, "parent_library": "transformers"}
+    return None
+
+
+def _name_or_path(model: Any) -> str | None:
+    """The base model's name or path where it was recorded (``name_or_path``, or a config's
+    ``_name_or_path``)."""
+    base = model.adapted_model
+    config = getattr(base, "config", None)
+    for value in (
+        vars(base).get("name_or_path"),
+        config.get("_name_or_path")
+        if isinstance(config, Mapping)
+        else getattr(config, "_name_or_path", None),
+    ):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def save_pretrained(
-    model: Any, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
+    model: Any,
+    directory: str | os.PathLike[str],
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
 ) -> str:
     """Write ``model``'s adapters (only them) to ``directory``; returns the format written,
     ``'peft'`` or ``'peft-twins'``."""
     arrays = model.trainable_state_dict()
-    refusal = peft_refusal(model)
+    refusal = peft_refusal(model, full=True)
     if refusal is None:
         embeddings = [n for n in model.replace_layers if peft_layer_kind(_wrapped(model, n)) == "embedding"]
         config, peft_arrays = peft_format.peft_files(
@@ -100,8 +169,15 @@ def save_pretrained(
             model.replace_layers,
             model.adapter_kwargs,
             embeddings=embeddings,
-            base_model_name_or_path=base_model_name_or_path,
+            base_model_name_or_path=base_model_name_or_path or _name_or_path(model),
             where=str(directory),
+            layer_kwargs=model.layer_adapter_kwargs,
+            modules_to_save=_outermost(model.unfrozen_module_names),
+            module_names=_base_module_names(model),
+            target_patterns=model.target_layers,
+            recorded=model.recorded_peft_config,
+            task_type=task_type,
+            auto_mapping=_auto_mapping(model),
         )
         write = lambda path: save_state_dict_file(peft_arrays, path, {"format": "pt"})  # noqa: E731
     else:
@@ -111,11 +187,130 @@ def save_pretrained(
             adapter_kwargs=recorded_jsonable(model.adapter_kwargs),
             adapted_layers=model.replace_layers,
             unfrozen_layers=model.unfrozen_module_names,
+            layer_adapter_kwargs=recorded_jsonable(model.layer_adapter_kwargs),
         )
         metadata = model._file_metadata(arrays)
         write = lambda path: save_state_dict_file(arrays, path, metadata)  # noqa: E731
     peft_format.write_adapter_directory(directory, peft=refusal is None, config=config, write_weights=write)
     return "peft" if refusal is None else "peft-twins"
+
+
+class _AdapterView:
+    """One adapter of a model holding several, as :func:`save_pretrained` reads a one-adapter
+    model (the twin of ``torch_impl.pretrained._AdapterView``)."""
+
+    def __init__(self, model: Any, name: str) -> None:
+        self._model, self._name = model, name
+        self.adapted_model = model.adapted_model
+        if name == model.default_adapter_name:
+            self.adapter_class, self.adapter_kwargs = model.adapter_class, model.adapter_kwargs
+            self.replace_layers, self.unfrozen_module_names = (
+                model.replace_layers,
+                model.unfrozen_module_names,
+            )
+            self.layer_adapter_kwargs, self.target_layers = model.layer_adapter_kwargs, model.target_layers
+            self.recorded_peft_config = model.recorded_peft_config
+        else:
+            spec = model.named_adapter_specs[name]
+            self.adapter_class, self.adapter_kwargs = spec["adapter_class"], spec["adapter_kwargs"]
+            self.replace_layers, self.unfrozen_module_names = spec["layers"], []
+            self.layer_adapter_kwargs, self.target_layers = (
+                spec["layer_adapter_kwargs"],
+                spec["target_layers"],
+            )
+            self.recorded_peft_config = spec.get("recorded_peft_config")
+
+    def trainable_state_dict(self) -> dict[str, Any]:
+        return self._model.adapter_state_dict(self._name)
+
+    def _file_metadata(self, arrays: Mapping[str, Any]) -> dict[str, str]:
+        if self._name == self._model.default_adapter_name:
+            return self._model._file_metadata(arrays)
+        metadata = adapter_metadata(
+            framework="flax",
+            adapter_class=adapter_class_name(self.adapter_class),
+            adapter_kwargs=self.adapter_kwargs,
+            target_layers=self.target_layers or self.replace_layers,
+            unfrozen_layers=[],
+        )
+        marker = f".named_adapters.{self._name}."
+        kinds = {
+            name.replace(marker, "."): kind
+            for name, module in named_modules(self._model)
+            if (kind := layer_kind(module)) and (".named_adapters." not in name or marker in name)
+        }
+        metadata["layer_kinds"] = layer_kinds_entry(kinds, arrays)
+        return metadata
+
+
+def save_adapters(
+    model: Any,
+    directory: str | os.PathLike[str],
+    names: Sequence[str],
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> dict[str, str]:
+    """Write the adapters ``names`` of a model holding several in PEFT's multi-adapter layout
+    (``'default'`` at the root, each other in ``<name>/``); returns ``{name: format}``."""
+    model._check_known(names)
+    folder = Path(directory)
+    if not folder.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(folder)!r}: folder {str(folder.parent)!r} does not exist")
+    folder.mkdir(exist_ok=True)
+    formats = {}
+    for name in names:
+        target = folder if name == DEFAULT_ADAPTER else folder / name
+        formats[name] = save_pretrained(
+            _AdapterView(model, name),
+            target,
+            base_model_name_or_path=base_model_name_or_path,
+            task_type=task_type,
+        )
+    return formats
+
+
+def read_named_adapter(model: Any, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What ``AdaptedModel.load_adapter`` adds: a LoRA adapter read from a PEFT directory or ours
+    (torch names and layouts), checked against ``model``'s base layers before anything changes."""
+    found = peft_format.read_adapter_directory(path)
+    where = str(found.weights)
+    modules = model._base_modules()
+    if found.format == "peft":
+        adapter = peft_format.load_peft_adapter(
+            found, lambda p: load_state_dict_file(p)[0], allow_patterns=True
+        )
+        peft_format.check_peft_model(
+            adapter,
+            {name: (peft_layer_kind(m), type(m).__name__) for name, m in modules.items()},
+            where=str(path),
+            layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
+        )
+        return {
+            "layers": adapter.layers,
+            "adapter_kwargs": adapter.adapter_kwargs,
+            "layer_adapter_kwargs": adapter.layer_kwargs,
+            "tensors": adapter.tensors,
+            "where": where,
+            "recorded_peft_config": dict(found.config),
+        }
+    adapter_class = _adapter_class(found.config["adapter_class"], where)
+    if adapter_class is not LoRA or found.config["unfrozen_layers"]:
+        raise CheckpointError(
+            f"{where!r} holds {found.config['adapter_class']} adapters with unfrozen layers "
+            f"{found.config['unfrozen_layers'][:8]}; load_adapter adds LoRA adapters alone (use from_pretrained)"
+        )
+    missing = [name for name in found.config["adapted_layers"] if name not in modules or not name]
+    if missing:
+        raise CheckpointError(f"{where!r} adapts layers {missing[:8]} which the model does not have")
+    return {
+        "layers": found.config["adapted_layers"],
+        "adapter_kwargs": _resolve_kwargs(adapter_class, found.config["adapter_kwargs"], where),
+        "layer_adapter_kwargs": found.config.get("layer_adapter_kwargs", {}),
+        "tensors": load_state_dict_file(found.weights)[0],
+        "where": where,
+        "recorded_peft_config": None,
+    }
 
 
 def from_pretrained(
@@ -128,8 +323,11 @@ def from_pretrained(
     adapter_class: type[LoRA | HoulsbyAdapterLinear]
     metadata: Mapping[str, str]
     where = str(found.weights)
+    layer_kwargs: Mapping[str, Mapping[str, Any]] = {}
     if found.format == "peft":
-        adapter = peft_format.load_peft_adapter(found, lambda path: load_state_dict_file(path)[0])
+        adapter = peft_format.load_peft_adapter(
+            found, lambda path: load_state_dict_file(path)[0], allow_patterns=True, allow_modules_to_save=True
+        )
         modules = dict(named_modules(base_model))
         peft_format.check_peft_model(
             adapter,
@@ -137,14 +335,18 @@ def from_pretrained(
             where=str(directory),
             layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
         )
-        adapter_class, kwargs = LoRA, adapter.adapter_kwargs
-        adapted, unfrozen = adapter.layers, []
+        adapter_class, kwargs, layer_kwargs = LoRA, adapter.adapter_kwargs, adapter.layer_kwargs
+        adapted, unfrozen = adapter.layers, adapter.modules_to_save
         arrays, metadata = adapter.tensors, {}
     else:
         arrays, metadata = load_state_dict_file(found.weights)
         adapter_class = _adapter_class(found.config["adapter_class"], where)
         kwargs = _resolve_kwargs(adapter_class, found.config["adapter_kwargs"], where)
         adapted, unfrozen = found.config["adapted_layers"], found.config["unfrozen_layers"]
+        layer_kwargs = {
+            name: _resolve_kwargs(adapter_class, value, where)
+            for name, value in found.config.get("layer_adapter_kwargs", {}).items()
+        }
     model = cls(
         base_model,
         adapter_class,
@@ -154,8 +356,13 @@ def from_pretrained(
         target_layers=[peft_format.escape_glob(name) for name in adapted if name],
         unfrozen_layers=[peft_format.escape_glob(name) for name in unfrozen],
         adapter_kwargs=kwargs,
+        manual_adapter_insertion=True,
         rngs=rngs,
     )
+    model.layer_adapter_kwargs = {name: dict(value) for name, value in layer_kwargs.items()}
+    if found.format == "peft":
+        model.recorded_peft_config = dict(found.config)
+    model.insert_adapters()  # builds every adapter before replacing a layer: a refusal changes nothing
     try:
         if sorted(model.replace_layers) != sorted(adapted):
             raise CheckpointError(
@@ -219,3 +426,95 @@ def _put_back(model: Any, base_model: nnx.Module) -> None:
             kind = adapter_of(adapter)
             assert kind is not None  # every replace_layers entry holds the adapter this model inserted
             set_submodule(base_model, name, getattr(adapter, kind.wrapped))
+
+
+def hotswap_adapter(model: Any, path: str | os.PathLike[str], adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Replace the weights of ``model``'s LoRA adapter ``adapter_name`` in place with those saved
+    in ``path`` (a PEFT directory or ours, PyTorch layout): PEFT's ``hotswap_adapter``, the twin of
+    ``torch_impl.hotswap_adapter``. Same layers and options; a smaller rank is zero-padded, a
+    larger refused; another alpha folds into the up factor, so no variable changes shape or
+    static attribute and a jitted step is not traced again. Checked before anything is written.
+    """
+    import jax.numpy as jnp
+
+    from twinformat.adapters import lora_scaling
+    from twinformat.kinds import torch_to_flax
+
+    model._check_known([adapter_name])
+    spec = model._spec(adapter_name)
+    if adapter_of(spec["adapter_class"]) is not LORA:
+        raise CheckpointError(
+            f"adapter {adapter_name!r} is a {spec['adapter_class'].__name__}; only LoRA hot-swaps"
+        )
+    found = read_named_adapter(model, path)
+    where = found["where"]
+    if sorted(found["layers"]) != sorted(spec["layers"]):
+        extra = sorted(set(found["layers"]) ^ set(spec["layers"]))
+        raise CheckpointError(
+            f"{where!r} adapts other layers than adapter {adapter_name!r} (differing: {extra[:8]}); a hot-swap "
+            "replaces the weights of the same layers"
+        )
+    slot = model._slot(adapter_name)
+    plan: list[tuple[Any, Any]] = []
+    for layer in spec["layers"]:
+        ours = {**spec["adapter_kwargs"], **spec["layer_adapter_kwargs"].get(layer, {})}
+        theirs = {**found["adapter_kwargs"], **found["layer_adapter_kwargs"].get(layer, {})}
+        for option in ("use_dora", "use_rslora"):
+            if bool(ours.get(option)) != bool(theirs.get(option)):
+                raise CheckpointError(
+                    f"{where!r}: layer {layer!r} has {option}={bool(theirs.get(option))}, adapter {adapter_name!r} "
+                    f"{bool(ours.get(option))}; a hot-swap keeps the options"
+                )
+        wrapper = get_submodule(model.adapted_model, layer)
+        branch = wrapper.branch(slot)
+        embedding = isinstance(wrapper.pretrained_module, nnx.Embed)
+        prefix = f"adapted_model.{layer}."
+        down = np.asarray(found["tensors"][prefix + "adapter_down_proj.weight"], np.float32)
+        up = np.asarray(found["tensors"][prefix + "adapter_up_proj.weight"], np.float32)
+        rank_axis = 1 if embedding else 0
+        down_variable = branch.adapter_down_proj.embedding if embedding else branch.adapter_down_proj.kernel
+        rank = down_variable.shape[-1]
+        new_rank = down.shape[rank_axis]
+        if new_rank > rank:
+            raise CheckpointError(
+                f"{where!r}: layer {layer!r} has rank {new_rank}, more than adapter {adapter_name!r}'s {rank}; "
+                "build the adapter with the largest rank to swap in"
+            )
+        factor = lora_scaling({**theirs, "rank": new_rank}) / branch.scaling
+        down, up = _pad(down, rank, rank_axis), _pad(up * factor, rank, 1)
+        down_kind = "embedding" if embedding else ("conv" if down.ndim > 2 else "linear")
+        targets = [
+            (down_variable, torch_to_flax(down_kind, "weight", down)[1]),
+            (
+                branch.adapter_up_proj.kernel,
+                torch_to_flax("conv" if up.ndim > 2 else "linear", "weight", up)[1],
+            ),
+        ]
+        if ours.get("use_dora"):
+            targets.append(
+                (
+                    branch.adapter_magnitude,
+                    np.asarray(found["tensors"][prefix + "adapter_magnitude"]).reshape(-1),
+                )
+            )
+        for variable, value in targets:
+            if tuple(variable.shape) != tuple(value.shape):
+                raise CheckpointError(
+                    f"{where!r}: layer {layer!r}: a tensor of shape {tuple(value.shape)} for {tuple(variable.shape)}"
+                )
+            plan.append((variable, value))
+    for variable, value in plan:
+        old = variable.get_value()
+        new = jnp.asarray(value, old.dtype)
+        sharding = getattr(old, "sharding", None)
+        variable.set_value(jax.device_put(new, sharding) if sharding is not None else new)
+
+
+def _pad(array: np.ndarray, size: int, axis: int) -> np.ndarray:
+    """``array`` zero-padded along ``axis`` to ``size``."""
+    missing = size - array.shape[axis]
+    if not missing:
+        return array
+    widths = [(0, 0)] * array.ndim
+    widths[axis] = (0, missing)
+    return np.pad(array, widths)

@@ -35,6 +35,7 @@ from .adapted_model import AdaptedModel, is_layer_adaptable, replace_module
 from .houlsby import HoulsbyAdapterLinear
 from .lora import LoRA
 from .merge import merge_and_unload, merge_lora, unload, unmerge_lora
+from .pretrained import hotswap_adapter
 
 from twinformat._version import __version__
 
@@ -52,6 +53,7 @@ __all__ = [
     "Swish",
     "UnknownLayerError",
     "__version__",
+    "hotswap_adapter",
     "is_layer_adaptable",
     "merge_and_unload",
     "merge_lora",

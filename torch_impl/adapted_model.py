@@ -12,18 +12,18 @@ Authors of the original: Titouan Parcollet, Peter Plantinga (SpeechBrain, 2024).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from twinformat.adapters import adapter_class_name
-from twinformat.errors import AdapterInsertionError, CheckpointError, NoMatchError
+from twinformat.adapters import LORA, adapter_class_name, adapter_of
+from twinformat.errors import AdapterError, AdapterInsertionError, CheckpointError, NoMatchError
 from twinformat.format import adapter_metadata
-from twinformat.report import compare_keys
 from twinformat.names import (
     as_patterns,
     check_all_matched,
@@ -38,10 +38,12 @@ from twinformat.recorded import (
     not_forwarded_message,
     signature_defaults,
 )
+from twinformat.report import compare_keys
 
 from . import _speechbrain, distributed
 from .checkpoint import load_state_dict_file, save_state_dict_file
 from .interchange import layer_kind
+from .lora import BASE_ADAPTER, DEFAULT_ADAPTER, LoRA, LoRABranch
 
 __all__ = ["MHA_WARNING", "AdaptedModel", "is_layer_adaptable", "replace_module"]
 
@@ -52,6 +54,8 @@ all native Torch MHA layers from the list of layers to adapt.
 """
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: A LoRA adapter's factors, as one-adapter keys name them after the layer.
+_FACTORS = ("adapter_down_proj.weight", "adapter_up_proj.weight")
 
 
 class AdaptedModel(nn.Module):
@@ -155,6 +159,17 @@ class AdaptedModel(nn.Module):
         self.adapter_kwargs = dict(adapter_kwargs or {})
         self.target_layers = list(target_layers)
         self.unfrozen_layers = list(unfrozen_layers)
+        # Layer name -> kwargs that differ from adapter_kwargs for that layer (PEFT's
+        # rank_pattern/alpha_pattern); set before insert_adapters() (manual insertion).
+        self.layer_adapter_kwargs: dict[str, dict[str, Any]] = {}
+        # The PEFT config this model was read from (from_pretrained), so that save_pretrained
+        # writes back the user's target_modules, patterns, task_type and base model name.
+        self.recorded_peft_config: dict[str, Any] | None = None
+        # Further adapters (add_adapter/load_adapter), by name: what built them; and PEFT's
+        # active set. The constructor's adapter is PEFT's "default" (or default_adapter_name).
+        self.named_adapter_specs: dict[str, dict[str, Any]] = {}
+        self.default_adapter_name = DEFAULT_ADAPTER
+        self._active_adapters = [DEFAULT_ADAPTER]
         requires_grad = _requires_grad_flags(model_to_adapt)
         try:
             for param in model_to_adapt.parameters():
@@ -202,8 +217,9 @@ class AdaptedModel(nn.Module):
         try:
             for name in self.replace_layers:
                 module = self.adapted_model.get_submodule(name)
+                kwargs = {**self.adapter_kwargs, **self.layer_adapter_kwargs.get(name, {})}
                 try:
-                    new_modules.append(self.adapter_class(module, **self.adapter_kwargs))
+                    new_modules.append(self.adapter_class(module, **kwargs))
                 except (ValueError, TypeError) as exc:
                     adapter_name = getattr(self.adapter_class, "__name__", repr(self.adapter_class))
                     raise _with_message(
@@ -221,9 +237,446 @@ class AdaptedModel(nn.Module):
         self.adapters_inserted = True
         _disable_transformer_fast_path(self.adapted_model, self.replace_layers)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Pass arguments to the adapted model."""
-        return self.adapted_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        """Pass arguments to the adapted model.
+
+        ``adapter_names`` (PEFT's mixed batch): one adapter name per sample of the batch (the
+        first axis of every adapted layer's input), ``'__base__'`` for the base model; each
+        sample goes through its own adapter, whatever is active. Inference only, as in PEFT.
+        """
+        if adapter_names is None:
+            return self.adapted_model(*args, **kwargs)
+        layers = self._sample_layers(adapter_names)
+        slots = [self._slot(name) if name != BASE_ADAPTER else BASE_ADAPTER for name in adapter_names]
+        for layer in layers:
+            layer.set_sample_adapters(slots)
+        try:
+            return self.adapted_model(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer.set_sample_adapters(None)
+
+    # --- named adapters (PEFT's names and meaning) ----------------------------------------
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the adapters this model holds: the constructor's (``'default'``) first,
+        then those added, in order."""
+        return [self.default_adapter_name, *self.named_adapter_specs]
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The adapters the forward applies (summed, in this order), as PEFT's ``active_adapters``."""
+        return list(self._active_adapters)
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        adapter_class: type[nn.Module],
+        target_layers: Iterable[str] | str,
+        *,
+        adapter_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add a LoRA adapter called ``adapter_name`` on the layers ``target_layers`` selects
+        (patterns as the constructor's), inactive and frozen until :meth:`set_adapter`, as
+        PEFT's ``add_adapter``. It may target other layers, ranks and options (DoRA, rsLoRA,
+        dropout) than the others; a layer holding a Houlsby adapter cannot take a second one.
+        The default adapter's parameters, keys and files stay as they were.
+
+        Example
+        -------
+        >>> net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        >>> model = AdaptedModel(net, LoRA, target_layers="0", adapter_kwargs={"rank": 2})
+        >>> model.add_adapter("other", LoRA, ["0", "1"], adapter_kwargs={"rank": 1, "use_rslora": True})
+        >>> model.adapters, model.active_adapters
+        (['default', 'other'], ['default'])
+        >>> model.set_adapter(["default", "other"])
+        >>> sorted(n for n, p in model.named_parameters() if p.requires_grad)[-1]
+        'adapted_model.1.named_adapters.other.adapter_up_proj.weight'
+        """
+        if adapter_of(adapter_class) is not LORA:
+            raise AdapterError(
+                f"add_adapter adds LoRA adapters; {getattr(adapter_class, '__name__', adapter_class)!r} can only "
+                "be the constructor's (default) adapter"
+            )
+        self._check_new_name(adapter_name)
+        patterns = as_patterns(target_layers)
+        names = list(self._base_modules())
+        check_all_matched(patterns, names, argument="target_layers")
+        layers = [name for name in names if name and matches_any(name, patterns)]
+        self._add_named(adapter_name, layers, dict(adapter_kwargs or {}), {}, list(patterns))
+
+    def set_adapter(self, adapter_name: str | Sequence[str]) -> None:
+        """Make ``adapter_name`` the active adapter (a list: several, their updates summed, as
+        PEFT does for LoRA). Only active adapters train: ``requires_grad`` follows. An unknown
+        name is refused, naming those that exist (PEFT silently activates nothing).
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise AdapterError(f"set_adapter needs at least one adapter name; this model has {self.adapters}")
+        self._check_known(names)
+        self._active_adapters = list(dict.fromkeys(names))
+        self._switch_layers(self._active_adapters)
+        for name in self.adapters:
+            for param in self._adapter_parameters(name):
+                param.requires_grad_(name in self._active_adapters)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """``with model.disable_adapter():`` the base model's outputs, exactly (every adapter
+        left out of the forward; the active set comes back after). Unfrozen layers are trained in
+        place, so a model with any is refused (PEFT keeps an original copy of its modules_to_save)."""
+        if self.unfrozen_module_names:
+            raise AdapterError(
+                f"disable_adapter cannot give the base model's outputs: unfrozen layers {self.unfrozen_module_names[:8]} "
+                "are trained in place (no original copy is kept)"
+            )
+        self._switch_layers([])
+        try:
+            yield
+        finally:
+            self._switch_layers(self._active_adapters)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove the added adapter ``adapter_name`` (its parameters and, where it was a layer's
+        only adapter, its wrapper). The constructor's adapter cannot be deleted (its parameters
+        are the model's own keys). Active adapters lose it; none left means the default."""
+        self._check_known([adapter_name])
+        if adapter_name == self.default_adapter_name:
+            raise AdapterError(
+                f"the constructor's adapter {adapter_name!r} cannot be deleted; delete one of {list(self.named_adapter_specs)}"
+            )
+        spec = self.named_adapter_specs.pop(adapter_name)
+        for layer in spec["layers"]:
+            module = self.adapted_model.get_submodule(layer)
+            module.remove_named_adapter(adapter_name)
+            if not module.adapter_names():
+                replace_module(self.adapted_model, layer, module.pretrained_module)
+        remaining = [name for name in self._active_adapters if name != adapter_name]
+        self.set_adapter(remaining or [self.default_adapter_name])
+
+    def load_adapter(self, path: str | os.PathLike[str], adapter_name: str) -> None:
+        """Add the LoRA adapter saved in ``path`` (a PEFT directory, or ours) as ``adapter_name``,
+        inactive, as PEFT's ``load_adapter``: its layers, ranks (rank/alpha patterns too) and
+        options as saved. A refused load (a layer the model lacks, a shape that does not fit)
+        leaves the model as it was."""
+        from .pretrained import read_named_adapter
+
+        self._check_new_name(adapter_name)
+        found = read_named_adapter(self, path)
+        self._add_named(
+            adapter_name, found["layers"], found["adapter_kwargs"], found["layer_adapter_kwargs"], []
+        )
+        self.named_adapter_specs[adapter_name]["recorded_peft_config"] = found["recorded_peft_config"]
+        try:
+            self._load_named(adapter_name, found["tensors"], where=found["where"])
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of the LoRA ``adapters``, inactive, with
+        PEFT's formulas (``'linear'``: factors summed with ``sqrt(|weight * scaling|)``; ``'cat'``:
+        factors stacked along the rank, see :func:`twinformat.adapters.weighted_lora_factors`),
+        rank and alpha the new rank, the first adapter's other options. Refused by name: other
+        combination types (PEFT's default ``'svd'`` among them), ``'linear'`` over different
+        ranks (as PEFT), DoRA adapters (PEFT gives the new magnitude its initial value, which
+        depends on the new factors' random initialisation), an existing name (PEFT silently keeps it).
+        """
+        from twinformat.adapters import WEIGHTED_COMBINATIONS, lora_scaling, weighted_lora_factors
+
+        from .pretrained import peft_layer_kind
+
+        self._check_new_name(adapter_name)
+        self._check_known(adapters)
+        if combination_type not in WEIGHTED_COMBINATIONS:
+            raise AdapterError(
+                f"combination_type {combination_type!r} is not computed; give one of {list(WEIGHTED_COMBINATIONS)}"
+            )
+        factors = []
+        for name in adapters:
+            spec = self._spec(name)
+            if adapter_of(spec["adapter_class"]) is not LORA:
+                raise AdapterError(
+                    f"adapter {name!r} is a {spec['adapter_class'].__name__}; only LoRA adapters combine"
+                )
+            state = self.adapter_state_dict(name)
+            layer_factors = {}
+            for layer in spec["layers"]:
+                options = {**spec["adapter_kwargs"], **spec["layer_adapter_kwargs"].get(layer, {})}
+                if options.get("use_dora"):
+                    raise AdapterError(
+                        f"adapter {name!r} uses DoRA: PEFT gives a combined adapter's magnitude its initial value, "
+                        "which depends on the new factors' random initialisation; combine LoRA adapters without DoRA"
+                    )
+                down, up = (
+                    state[f"adapted_model.{layer}.{part}"].detach().cpu().numpy() for part in _FACTORS
+                )
+                layer_factors[layer] = (down, up, lora_scaling(options))
+            factors.append(layer_factors)
+        modules = self._base_modules()
+        embeddings = [name for name, module in modules.items() if peft_layer_kind(module) == "embedding"]
+        rank, combined = weighted_lora_factors(factors, weights, combination_type, embeddings=embeddings)
+        first = self._spec(adapters[0])["adapter_kwargs"]
+        kwargs = {
+            "rank": rank,
+            "alpha": float(rank),
+            **{k: first[k] for k in ("dropout", "use_rslora") if k in first},
+        }
+        layers = [name for name in modules if name in combined]
+        self._add_named(adapter_name, layers, kwargs, {}, [])
+        tensors = {}
+        for layer in layers:
+            for part, array in zip(_FACTORS, combined[layer], strict=True):
+                tensors[f"adapted_model.{layer}.{part}"] = torch.from_numpy(array)
+        self._load_named(adapter_name, tensors, where=f"add_weighted_adapter({list(adapters)})")
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        """Merge the adapters ``adapter_names`` (default: the active ones) into the base weights,
+        in that order as PEFT does, and return the base model without any adapter (the others
+        dropped). A one-adapter model merges as :func:`torch_impl.merge_and_unload`."""
+        from .merge import _unwrap_all, merge_and_unload
+
+        if (
+            adapter_names is None
+            and not self.named_adapter_specs
+            and self.default_adapter_name == DEFAULT_ADAPTER
+        ):
+            return merge_and_unload(self)
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        self._check_known(names)
+        slots = [self._slot(name) for name in names]
+        layers = self._adapter_layers()
+        unmergeable = [type(m).__name__ for m in layers if not isinstance(m, LoRA)]
+        if unmergeable and DEFAULT_ADAPTER in slots:
+            raise AdapterError(f"the default adapter is a {unmergeable[0]}, which cannot be merged")
+        for layer in layers:
+            if isinstance(layer, LoRA):
+                chosen = [slot for slot in slots if slot in layer.adapter_names()]
+                if chosen:
+                    layer.merge_adapters(chosen)
+        return _unwrap_all(self.adapted_model)
+
+    def _spec(self, name: str) -> dict[str, Any]:
+        """What built adapter ``name``: class, kwargs, layers and per-layer kwargs."""
+        if name == self.default_adapter_name:
+            return {
+                "adapter_class": self.adapter_class,
+                "adapter_kwargs": self.adapter_kwargs,
+                "layers": self.replace_layers,
+                "layer_adapter_kwargs": self.layer_adapter_kwargs,
+            }
+        return self.named_adapter_specs[name]
+
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The tensors of one adapter, keyed as a one-adapter model's ``state_dict()``
+        (``adapted_model.<layer>.adapter_down_proj.weight``, ...): the default's with the unfrozen
+        layers, an added one's without, whether active or not."""
+        self._check_known([adapter_name])
+        full = self.state_dict()
+        if adapter_name == self.default_adapter_name:
+            keys = [key for key in full if self._is_default_key(key)]
+            return {key: full[key] for key in keys}
+        out = {}
+        for layer in self.named_adapter_specs[adapter_name]["layers"]:
+            prefix = f"adapted_model.{layer}.named_adapters.{adapter_name}."
+            out.update(
+                {
+                    f"adapted_model.{layer}.{k[len(prefix) :]}": v
+                    for k, v in full.items()
+                    if k.startswith(prefix)
+                }
+            )
+        return out
+
+    def _check_new_name(self, name: object) -> None:
+        if (
+            not isinstance(name, str)
+            or not name
+            or "." in name
+            or name == BASE_ADAPTER
+            or name == DEFAULT_ADAPTER
+        ):
+            raise AdapterError(
+                f"adapter name {name!r} is not allowed: a non-empty string without '.', not {BASE_ADAPTER!r} "
+                f"or {DEFAULT_ADAPTER!r}"
+            )
+        if name in self.adapters:
+            raise AdapterError(f"this model already holds an adapter named {name!r}: {self.adapters}")
+
+    def _check_known(self, names: Iterable[str]) -> None:
+        unknown = [name for name in names if name not in self.adapters]
+        if unknown:
+            raise AdapterError(f"no adapter named {unknown[0]!r}; this model holds {self.adapters}")
+
+    def _slot(self, name: str) -> str:
+        """The name a layer knows adapter ``name`` by (the constructor's is always its default)."""
+        return DEFAULT_ADAPTER if name == self.default_adapter_name else name
+
+    def _base_modules(self) -> dict[str, nn.Module]:
+        """The base model's modules by name, each adapter's wrapped layer in its place."""
+        out: dict[str, nn.Module] = {}
+        inside: tuple[str, ...] = ()
+        for name, module in self.adapted_model.named_modules():
+            if inside and name.startswith(inside):
+                continue
+            kind = adapter_of(module)
+            if kind is not None:
+                out[name] = getattr(module, kind.wrapped)
+                inside = (*inside, f"{name}." if name else "")
+            else:
+                out[name] = module
+        return out
+
+    def _add_named(
+        self,
+        adapter_name: str,
+        layers: Sequence[str],
+        kwargs: Mapping[str, Any],
+        layer_kwargs: Mapping[str, Mapping[str, Any]],
+        patterns: Sequence[str],
+    ) -> None:
+        """Build the LoRA branches of a new adapter on ``layers`` (all before changing any layer,
+        so a refusal leaves the model as it was), then put them in place, inactive."""
+        unfrozen = [layer for layer in layers if self._is_unfrozen(layer)]
+        if unfrozen:
+            raise AdapterInsertionError(
+                f"layers {unfrozen[:8]} are unfrozen (trained in place); an adapter on them would freeze them"
+            )
+        flags = _requires_grad_flags(self.adapted_model)
+        built: list[tuple[str, nn.Module, bool]] = []
+        try:
+            for layer in layers:
+                module = self.adapted_model.get_submodule(layer)
+                options = {**kwargs, **layer_kwargs.get(layer, {})}
+                try:
+                    if isinstance(module, LoRA):
+                        built.append((layer, LoRABranch(LoRA(module.pretrained_module, **options)), True))
+                    elif adapter_of(module) is not None:
+                        raise AdapterInsertionError(
+                            f"layer {layer!r} holds a {type(module).__name__}; only LoRA layers hold several adapters"
+                        )
+                    else:
+                        new = LoRA(module, **options)
+                        new.keep_only_named(adapter_name)
+                        built.append((layer, new, False))
+                except (ValueError, TypeError) as exc:
+                    raise _with_message(
+                        exc,
+                        f"cannot add adapter {adapter_name!r} on layer {layer!r} ({type(module).__name__}): {exc}",
+                    ) from exc
+        except BaseException:
+            _restore_requires_grad(flags)
+            raise
+        for layer, new, beside in built:
+            if beside:
+                self.adapted_model.get_submodule(layer).add_named_adapter(adapter_name, new)
+            else:
+                replace_module(self.adapted_model, layer, new)
+        self.named_adapter_specs[adapter_name] = {
+            "adapter_class": LoRA,
+            "adapter_kwargs": dict(kwargs),
+            "layers": list(layers),
+            "layer_adapter_kwargs": {k: dict(v) for k, v in layer_kwargs.items()},
+            "target_layers": list(patterns),
+        }
+        _disable_transformer_fast_path(self.adapted_model, layers)
+        self.set_adapter(self._active_adapters)
+
+    def _load_named(self, adapter_name: str, tensors: Mapping[str, torch.Tensor], *, where: str) -> None:
+        """Load one-adapter keys (``adapted_model.<layer>.adapter_up_proj.weight``) into the added
+        adapter ``adapter_name``; every key and shape checked before anything is loaded."""
+        layers = sorted(self.named_adapter_specs[adapter_name]["layers"], key=len, reverse=True)
+        mapped = {}
+        for key, value in tensors.items():
+            layer = next((name for name in layers if key.startswith(f"adapted_model.{name}.")), None)
+            rest = key[len(f"adapted_model.{layer}.") :] if layer is not None else key
+            mapped[
+                f"adapted_model.{layer}.named_adapters.{adapter_name}.{rest}" if layer is not None else key
+            ] = value
+        current = self.state_dict()
+        mine = {k: tuple(v.shape) for k, v in current.items() if f".named_adapters.{adapter_name}." in k}
+        report = compare_keys({k: tuple(v.shape) for k, v in mapped.items()}, mine)
+        if report.unexpected or report.mismatched or report.missing:
+            raise CheckpointError(
+                f"adapter {where!r} does not fit adapter {adapter_name!r} of this model: unexpected keys "
+                f"{report.unexpected[:8]}, mis-shaped keys {report.mismatched[:8]}, missing keys {report.missing[:8]}"
+            )
+        self.load_state_dict(mapped, strict=False)
+
+    def _is_unfrozen(self, layer: str) -> bool:
+        return any(layer == u or layer.startswith(f"{u}.") or not u for u in self.unfrozen_module_names)
+
+    def _is_default_key(self, key: str) -> bool:
+        """Whether ``state_dict`` key ``key`` belongs to the default adapter (or an unfrozen layer)."""
+        for layer in self.replace_layers:
+            prefix = f"adapted_model.{layer}." if layer else "adapted_model."
+            if key.startswith(prefix):
+                module = self.adapted_model.get_submodule(layer)
+                kind = adapter_of(module)
+                rest = key[len(prefix) :]
+                return kind is not None and not rest.startswith((f"{kind.wrapped}.", "named_adapters."))
+        return key in set(self._unfrozen_keys())
+
+    def _unfrozen_keys(self) -> list[str]:
+        keys = []
+        for name in self.unfrozen_module_names:
+            module = self.adapted_model.get_submodule(name)
+            prefix = f"adapted_model.{name}." if name else "adapted_model."
+            keys.extend(prefix + k for k in module.state_dict())
+        return keys
+
+    def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        if adapter_name == self.default_adapter_name:
+            params = []
+            for layer in self.replace_layers:
+                module = self.adapted_model.get_submodule(layer)
+                kind = adapter_of(module)
+                if kind is None or not getattr(module, "__dict__", {}).get("_has_default", True):
+                    continue
+                params.extend(
+                    p
+                    for n, p in module.named_parameters()
+                    if not n.startswith((f"{kind.wrapped}.", "named_adapters."))
+                )
+            return params
+        spec = self.named_adapter_specs[adapter_name]
+        return [
+            p
+            for layer in spec["layers"]
+            for p in self.adapted_model.get_submodule(layer).named_adapters[adapter_name].parameters()
+        ]
+
+    def _adapter_layers(self) -> list[nn.Module]:
+        return [
+            m for m in self.adapted_model.modules() if adapter_of(m) is not None and hasattr(m, "set_active")
+        ]
+
+    def _switch_layers(self, names: Sequence[str]) -> None:
+        slots = tuple(self._slot(name) for name in names)
+        for layer in self._adapter_layers():
+            layer.set_active(slots)
+
+    def _sample_layers(self, adapter_names: Sequence[str]) -> list[LoRA]:
+        """The LoRA layers to give one adapter per sample, after PEFT's checks."""
+        if isinstance(adapter_names, str):
+            raise TypeError("adapter_names must be a list of names, one per sample, not a string")
+        self._check_known([name for name in adapter_names if name != BASE_ADAPTER])
+        if self.training:
+            raise AdapterError(
+                "adapter_names (a mixed batch) is for inference: call model.eval() first, as PEFT requires"
+            )
+        layers = self._adapter_layers()
+        others = [type(m).__name__ for m in layers if not isinstance(m, LoRA)]
+        if others and self.default_adapter_name in adapter_names:
+            raise AdapterError(f"a mixed batch needs LoRA adapters; the default adapter is {others[0]}")
+        return [m for m in layers if isinstance(m, LoRA)]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """What :meth:`saver` writes: parameters that require grad, keyed as in ``state_dict()``,
@@ -311,18 +764,37 @@ class AdaptedModel(nn.Module):
         self.loader(path, True)
 
     def save_pretrained(
-        self, directory: str | os.PathLike[str], *, base_model_name_or_path: str | None = None
-    ) -> str:
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        selected_adapters: Sequence[str] | None = None,
+        base_model_name_or_path: str | None = None,
+        task_type: str | None = None,
+    ) -> str | dict[str, str]:
         """Write the adapters (only them) to ``directory``, the habit of PEFT users.
 
         PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``, which
         ``peft.PeftModel.from_pretrained(base, directory)`` loads with the same outputs) where
         PEFT can represent the adapters: LoRA with any of its options (``dropout``,
-        ``use_rslora``, ``use_dora``) on named Linear/Conv/Embedding layers, nothing unfrozen,
-        convs of dilation 1 and zero padding, no scaled embeddings (PEFT multiplies their adapter
-        output by ``embed_scale``). Our format otherwise (``peft_twins_adapter.json`` + ``adapters.safetensors``,
-        the :meth:`saver` file). The write is atomic. ``base_model_name_or_path`` is recorded in
-        PEFT's config. Returns ``'peft'`` or ``'peft-twins'``.
+        ``use_rslora``, ``use_dora``, per-layer ranks and alphas as ``rank_pattern``/``alpha_pattern``)
+        on named Linear/Conv/Embedding layers, unfrozen layers as ``modules_to_save`` (none holding
+        an adapter or a weight tied outside it), convs of dilation 1 and zero padding, no scaled
+        embeddings (PEFT multiplies their adapter output by ``embed_scale``). Our format otherwise
+        (``peft_twins_adapter.json`` + ``adapters.safetensors``, the :meth:`saver` file). The write
+        is atomic. Returns ``'peft'`` or ``'peft-twins'``.
+
+        PEFT's config keeps what the user gave: ``target_modules`` as the PEFT config this model
+        was read from said it, else ``target_layers`` as one regular expression (either only where
+        it selects exactly the adapted layers, else the list of their names); ``task_type``
+        (argument, else the one read); ``base_model_name_or_path`` (argument, else the one read,
+        else transformers' ``config._name_or_path``); with no ``task_type``, PEFT's
+        ``auto_mapping`` of a transformers base model, so ``peft.AutoPeftModel.from_pretrained``
+        rebuilds the base.
+
+        With several adapters (:meth:`add_adapter`), PEFT's multi-adapter layout: the default
+        adapter at the root, every other in ``<name>/``, each a one-adapter directory
+        (``selected_adapters``: only those); ``PeftModel.from_pretrained`` then ``load_adapter``
+        read it. Returns ``{name: format}`` then. A one-adapter model writes what it always has.
 
         Example
         -------
@@ -333,25 +805,56 @@ class AdaptedModel(nn.Module):
         >>> model.save_pretrained(tempfile.mkdtemp() + "/houlsby")
         'peft-twins'
         """
-        from .pretrained import save_pretrained
+        from .pretrained import save_adapters, save_pretrained
 
-        return save_pretrained(self, directory, base_model_name_or_path=base_model_name_or_path)
+        if (
+            not self.named_adapter_specs
+            and self.default_adapter_name == DEFAULT_ADAPTER
+            and (selected_adapters is None or list(selected_adapters) == [DEFAULT_ADAPTER])
+        ):
+            return save_pretrained(
+                self, directory, base_model_name_or_path=base_model_name_or_path, task_type=task_type
+            )
+        return save_adapters(
+            self,
+            directory,
+            self.adapters if selected_adapters is None else list(selected_adapters),
+            base_model_name_or_path=base_model_name_or_path,
+            task_type=task_type,
+        )
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike[str]) -> AdaptedModel:
+    def from_pretrained(
+        cls, base_model: nn.Module, directory: str | os.PathLike[str], *, adapter_name: str = DEFAULT_ADAPTER
+    ) -> AdaptedModel:
         """Wrap ``base_model`` in the adapters saved in ``directory`` (by :meth:`save_pretrained`
         of either twin, or by PEFT's ``save_pretrained`` for LoRA with any option our LoRA
-        computes: DoRA, dropout, rsLoRA, embeddings, uniform rank/alpha patterns) and load them.
+        computes: DoRA, dropout, rsLoRA, embeddings, rank/alpha patterns, ``modules_to_save`` as
+        unfrozen layers) and load them.
         Like ``peft.PeftModel.from_pretrained``, the model comes back in eval mode (``.train()``
         to train on).
 
         ``base_model`` is changed in place, as by the constructor; a refused load (a layer the
         model lacks, a shape that does not fit, a PEFT option our LoRA cannot compute) raises
         and puts it back as it was. See :mod:`torch_impl.pretrained` for an example.
+        ``adapter_name`` names the adapter read (PEFT's ``adapter_name``; it is the model's
+        default adapter whatever its name); :meth:`load_adapter` adds more.
         """
         from .pretrained import from_pretrained
 
-        return from_pretrained(cls, base_model, directory)
+        if (
+            not isinstance(adapter_name, str)
+            or not adapter_name
+            or "." in adapter_name
+            or adapter_name == BASE_ADAPTER
+        ):
+            raise AdapterError(
+                f"adapter_name {adapter_name!r} is not allowed: a non-empty string without '.'"
+            )
+        model = from_pretrained(cls, base_model, directory)
+        model.default_adapter_name = adapter_name
+        model._active_adapters = [adapter_name]
+        return model
 
     def __getattr__(self, item: str) -> Any:
         """Fall back to the adapted model for attributes the wrapper does not have.

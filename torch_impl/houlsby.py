@@ -76,4 +76,11 @@ class HoulsbyAdapterLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the adapter to ``x`` of shape ``[..., in_features]``."""
         x_pretrained = self.pretrained_linear(x)
+        if not self.__dict__.get("_enabled", True):  # AdaptedModel.set_adapter left it out
+            return x_pretrained
         return self.adapter_up_proj(self.activation(self.adapter_down_proj(x_pretrained))) + x_pretrained
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        """On when ``'default'`` is among ``names`` (a Houlsby adapter is always the model's
+        default adapter), off otherwise: the pretrained layer's output alone."""
+        self._enabled = "default" in names

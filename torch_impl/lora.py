@@ -35,7 +35,11 @@ from twinformat.errors import AdapterError, AdapterInsertionError, MergeError
 from . import fused
 from ._factors import check_size, factory_kwargs
 
-__all__ = ["LoRA"]
+__all__ = ["BASE_ADAPTER", "DEFAULT_ADAPTER", "LoRA", "LoRABranch"]
+
+#: PEFT's names: the adapter the constructor builds, and "no adapter" in a mixed batch.
+DEFAULT_ADAPTER = "default"
+BASE_ADAPTER = "__base__"
 
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Never read from the wrapped layer: ``weight`` is the effective weight (a property that must
@@ -184,6 +188,8 @@ class LoRA(nn.Module):
         """
         if self.merged:
             return self.pretrained_module(x)
+        if self._is_multi():
+            return self._multi_forward(x)
         pretrained, down, up = self.pretrained_module, self.adapter_down_proj, self.adapter_up_proj
         if isinstance(pretrained, nn.Embedding):
             return pretrained(x) + up(self._embed(x)) * self.scaling
@@ -198,14 +204,115 @@ class LoRA(nn.Module):
         x_lora = up(down(F.dropout(x, self.dropout, training=True) if dropping else x)) * self.scaling
         return x_pretrained + x_lora
 
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The down factor looked up as the pretrained embedding looks up its rows (PEFT's
-        ``_embed``: same padding index, gradient scaling and sparsity)."""
+    # --- named adapters (PEFT's multi-adapter layers) ---------------------------------------
+    # The "default" adapter keeps its factors where a one-adapter LoRA has them (same keys, same
+    # forward); further adapters are LoRABranch modules in ``named_adapters``, created only when
+    # one is added. ``_active`` (names) and ``_sample_names`` (one name per sample) are plain
+    # attributes set by AdaptedModel.set_adapter / forward(adapter_names=...).
+
+    def adapter_names(self) -> list[str]:
+        """The adapters this layer holds: ``'default'`` (unless the layer was wrapped for another
+        adapter only) and the named ones, in the order they were added."""
+        named = list(self._modules["named_adapters"]) if "named_adapters" in self._modules else []
+        return ([DEFAULT_ADAPTER] if self.__dict__.get("_has_default", True) else []) + named
+
+    def add_named_adapter(self, name: str, branch: LoRABranch) -> None:
+        """Hold ``branch`` as the adapter ``name`` (inactive until :meth:`set_active`)."""
+        if name in self.adapter_names():
+            raise AdapterInsertionError(f"this LoRA layer already holds an adapter named {name!r}")
+        if "named_adapters" not in self._modules:
+            self.named_adapters = nn.ModuleDict()
+        self.named_adapters[name] = branch
+
+    def remove_named_adapter(self, name: str) -> None:
+        """Drop the adapter ``name`` (not the default, whose parameters are the layer's own)."""
+        del self.named_adapters[name]
+        if not len(self.named_adapters):  # back to a one-adapter LoRA: same repr and modules
+            del self.named_adapters
+        if self.__dict__.get("_active") is not None:
+            self._active = tuple(n for n in self._active if n != name)
+
+    def keep_only_named(self, name: str) -> None:
+        """Turn this fresh LoRA's own factors into the named adapter ``name``: the layer is
+        wrapped for that adapter only, so the default's keys (``adapter_down_proj``, ...) must not
+        appear in its ``state_dict``."""
+        branch = LoRABranch(self)
+        for attribute in ("adapter_down_proj", "adapter_up_proj", "adapter_magnitude"):
+            if attribute in self._modules or attribute in self._parameters:
+                delattr(self, attribute)
+        self._has_default = False
+        self._active = ()
+        self.add_named_adapter(name, branch)
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        """Activate the adapters ``names`` this layer holds (others it lacks are skipped: a layer
+        that one of several adapters does not target computes the others)."""
+        held = self.adapter_names()
+        self._active = tuple(name for name in names if name in held)
+
+    def set_sample_adapters(self, names: list[str] | None) -> None:
+        """One adapter name per sample of the next batches (``'__base__'``: none); None to stop."""
+        self._sample_names = names
+
+    def branch(self, name: str) -> LoRA | LoRABranch:
+        """The module holding the factors of adapter ``name`` (``self`` for the default)."""
+        if name == DEFAULT_ADAPTER and self.__dict__.get("_has_default", True):
+            return self
+        return self.named_adapters[name]
+
+    def _is_multi(self) -> bool:
+        """Whether the forward differs from a one-adapter LoRA's: another active set than the
+        default alone, or one adapter per sample. (The default alone takes the one-adapter path,
+        fused kernels included, so its numbers are the same bits whatever else the layer holds.)"""
+        d = self.__dict__
+        return (
+            d.get("_active", (DEFAULT_ADAPTER,)) != (DEFAULT_ADAPTER,) or d.get("_sample_names") is not None
+        )
+
+    def _multi_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """PEFT's order: the base layer, then each active adapter's term added in turn; with one
+        name per sample, each adapter's term added to its own samples (PEFT's mixed batch)."""
+        result = self.pretrained_module(x)
+        samples = self.__dict__.get("_sample_names")
+        if samples is None:
+            for name in self.__dict__.get("_active", (DEFAULT_ADAPTER,)):
+                result = result + self._delta(self.branch(name), x)
+            return result
+        held = self.adapter_names()
+        for name in dict.fromkeys(samples):
+            if name not in held:
+                continue
+            index = [i for i, n in enumerate(samples) if n == name]
+            result[index] += self._delta(self.branch(name), x[index]).to(result.dtype)
+        return result
+
+    def _delta(self, branch: LoRA | LoRABranch, x: torch.Tensor) -> torch.Tensor:
+        """What adapter ``branch`` adds to the base layer's output for ``x`` (PEFT's per-adapter
+        term: ``up(down(dropout(x))) * scaling``; DoRA's ``(m/||W + s B A|| - 1) W x' + m/||.|| s B A x'``)."""
+        pretrained = self.pretrained_module
+        down, up = branch.adapter_down_proj, branch.adapter_up_proj
+        if isinstance(pretrained, nn.Embedding):
+            return up(self._embed(x, down.weight)) * branch.scaling
+        dropping = self.training and branch.dropout > 0.0
+        x = F.dropout(x, branch.dropout, training=True) if dropping else x
+        lora = up(down(x))
+        if not branch.use_dora:
+            return lora * branch.scaling
+        weight = pretrained.weight
+        scale = branch.adapter_magnitude / self._dora_norm(weight, branch)
+        base = self._base_without_bias(x, weight)
+        scale = scale.view((-1,) + (1,) * (base.dim() - 2)) if self._is_conv else scale
+        return (scale - 1) * base + scale * lora * branch.scaling
+
+    def _embed(self, x: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """The down factor (``table``, by default the default adapter's) looked up as the
+        pretrained embedding looks up its rows (PEFT's ``_embed``: same padding index, gradient
+        scaling and sparsity)."""
         base = self.pretrained_module
         assert isinstance(base, nn.Embedding)  # only called for a wrapped embedding
         return F.embedding(
             x,
-            self.adapter_down_proj.weight,
+            self.adapter_down_proj.weight if table is None else table,
             padding_idx=base.padding_idx,
             scale_grad_by_freq=base.scale_grad_by_freq,
             sparse=base.sparse,
@@ -249,30 +356,34 @@ class LoRA(nn.Module):
     def _is_conv(self) -> bool:
         return isinstance(self.pretrained_module, _CONV_TYPES)
 
-    def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
+    def _dora_norm(self, weight: torch.Tensor, branch: LoRA | LoRABranch | None = None) -> torch.Tensor:
         """``||W + s up @ down||`` per output row, detached (DoRA section 4.3, as PEFT does), in the
-        weight's dtype even under autocast: one GEMM with the add in its epilogue, then the norm."""
-        up, down = self.adapter_up_proj.weight, self.adapter_down_proj.weight
+        weight's dtype even under autocast: one GEMM with the add in its epilogue, then the norm.
+        ``branch``: a named adapter's factors (default: this layer's own)."""
+        branch = self if branch is None else branch
+        up, down = branch.adapter_up_proj.weight, branch.adapter_down_proj.weight
         with torch.no_grad(), _without_autocast(weight.device.type):
             combined = torch.addmm(
                 weight.detach().flatten(1),
                 up.flatten(1).to(weight.dtype),
                 down.flatten(1).to(weight.dtype),
-                alpha=self.scaling,
+                alpha=branch.scaling,
             )
             return torch.linalg.vector_norm(combined, dim=1)
 
-    def _update(self, dtype: torch.dtype) -> torch.Tensor:
-        """``scaling * up @ down`` in the wrapped weight's layout, differentiable, in ``dtype``."""
-        up, down = self.adapter_up_proj.weight, self.adapter_down_proj.weight
+    def _update(self, dtype: torch.dtype, branch: LoRA | LoRABranch | None = None) -> torch.Tensor:
+        """``scaling * up @ down`` in the wrapped weight's layout, differentiable, in ``dtype``
+        (``branch``: a named adapter's factors; default: this layer's own)."""
+        branch = self if branch is None else branch
+        up, down = branch.adapter_up_proj.weight, branch.adapter_down_proj.weight
         # The product in the wider of the factors' dtype and ``dtype``: a merge of bf16 factors
         # multiplies in float32, as the file merge does (a bf16 product was up to 2 ulps off).
         compute = torch.promote_types(up.dtype, dtype)
         up, down = up.to(compute), down.to(compute)
         if isinstance(self.pretrained_module, nn.Embedding):  # down (num, rank), up (dim, rank)
-            return (down @ up.t()).to(dtype) * self.scaling
+            return (down @ up.t()).to(dtype) * branch.scaling
         delta = up.flatten(1) @ down.flatten(1)  # (out, rank) @ (rank, in * prod(k))
-        return delta.view(up.shape[0], *down.shape[1:]).to(dtype) * self.scaling
+        return delta.view(up.shape[0], *down.shape[1:]).to(dtype) * branch.scaling
 
     # --- the wrapped layer's attributes -----------------------------------------------------
 
@@ -340,6 +451,11 @@ class LoRA(nn.Module):
         """
         if self.merged:
             raise AdapterInsertionError("this LoRA layer is already merged")
+        if "named_adapters" in self._modules or not self.__dict__.get("_has_default", True):
+            raise MergeError(
+                f"this LoRA layer holds the adapters {self.adapter_names()}: merge the ones you want with "
+                "AdaptedModel.merge_and_unload(adapter_names=[...])"
+            )
         check_writable_weight(self.pretrained_module)
         new, norm = self._merge_plan()
         write_weight(self.pretrained_module, new)
@@ -363,6 +479,23 @@ class LoRA(nn.Module):
         self._merged_norm = None
         self.merged = False
 
+    def merge_adapters(self, names: list[str]) -> None:
+        """Fold the adapters ``names`` this layer holds into the wrapped weight, one after the
+        other as PEFT's ``merge(adapter_names=...)`` does (DoRA rescales the weight merged so
+        far); for ``merge_and_unload``, which then drops the wrapper."""
+        check_writable_weight(self.pretrained_module)
+        with torch.no_grad():
+            weight = self.pretrained_module.weight.detach().float()
+            for name in names:
+                branch = self.branch(name)
+                combined = weight + self._update(torch.float32, branch).detach()
+                if branch.use_dora:
+                    norm = _row_norm(combined)
+                    scale = branch.adapter_magnitude.detach().float() / norm
+                    combined = combined * scale.view(-1, *(1,) * (combined.dim() - 1))
+                weight = combined
+        write_weight(self.pretrained_module, weight)
+
     def _merge_plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(merged weight in float32, DoRA norm or None)``."""
         with torch.no_grad():
@@ -372,6 +505,34 @@ class LoRA(nn.Module):
             norm = _row_norm(combined)
             scale = (self.adapter_magnitude.detach().float() / norm).view(-1, *(1,) * (combined.dim() - 1))
             return combined * scale, norm
+
+
+class LoRABranch(nn.Module):
+    """One named adapter's factors in a :class:`LoRA` layer that holds several (PEFT's
+    ``lora_A[name]``/``lora_B[name]``): ``adapter_down_proj``, ``adapter_up_proj`` and, for DoRA,
+    ``adapter_magnitude``, laid out as the default adapter's, with its own ``scaling``,
+    ``dropout``, ``use_rslora`` and ``use_dora``. Built from a fresh ``LoRA`` on the same layer,
+    so a named adapter is initialised exactly as a default one of the same kwargs.
+
+    Example
+    -------
+    >>> layer = LoRA(nn.Linear(4, 3), rank=2, alpha=4.0)
+    >>> branch = LoRABranch(LoRA(layer.pretrained_module, rank=1, alpha=2.0))
+    >>> layer.add_named_adapter("other", branch)
+    >>> layer.adapter_names(), tuple(branch.adapter_down_proj.weight.shape), branch.scaling
+    (['default', 'other'], (1, 4), 2.0)
+    """
+
+    def __init__(self, source: LoRA) -> None:
+        super().__init__()
+        self.adapter_down_proj = source.adapter_down_proj
+        self.adapter_up_proj = source.adapter_up_proj
+        if source.use_dora:
+            self.adapter_magnitude = source.adapter_magnitude
+        self.scaling = source.scaling
+        self.dropout = source.dropout
+        self.use_rslora = source.use_rslora
+        self.use_dora = source.use_dora
 
 
 def _check_options(dropout: object, use_rslora: object, use_dora: object) -> None:

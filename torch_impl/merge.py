@@ -12,8 +12,8 @@ from torch import nn
 
 from twinformat.adapters import adapter_of
 from twinformat.errors import MergeError
+from twinformat.names import parent_and_leaf
 
-from .adapted_model import replace_module
 from .lora import LoRA, check_writable_weight
 
 __all__ = ["MergeError", "merge_and_unload", "merge_lora", "unload", "unmerge_lora"]
@@ -124,7 +124,9 @@ def _unwrap_all(model: nn.Module) -> nn.Module:
         wrapped = getattr(module, kind.wrapped)
         if not name:
             return wrapped
-        replace_module(model, name, wrapped)
+        # (AdaptedModel's replace_module, spelled out: adapted_model imports this module.)
+        parent, leaf = parent_and_leaf(name)
+        setattr(model.get_submodule(parent) if parent else model, leaf, wrapped)
     return model
 
 
@@ -135,4 +137,9 @@ def _refuse_unmergeable(model: nn.Module) -> None:
             raise MergeError(
                 f"layer {name or '<root>'!r} is a {kind.name}, which cannot be merged: "
                 "its activation between the projections is not linear"
+            )
+        if isinstance(module, LoRA) and module.adapter_names() != ["default"]:
+            raise MergeError(
+                f"layer {name or '<root>'!r} holds the adapters {module.adapter_names()}: merge the ones you want "
+                "with AdaptedModel.merge_and_unload(adapter_names=[...])"
             )

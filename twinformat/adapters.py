@@ -21,14 +21,14 @@ False
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .dtypes import TensorSpec
-from .errors import UnknownAdapterError
+from .errors import AdapterError, UnknownAdapterError
 from .kinds import get_kind, permutation
 
 __all__ = [
@@ -46,6 +46,8 @@ __all__ = [
     "lora_merge",
     "lora_scaling",
     "register_adapter",
+    "WEIGHTED_COMBINATIONS",
+    "weighted_lora_factors",
     "wrapped_names",
 ]
 
@@ -308,3 +310,78 @@ HOULSBY = register_adapter(
         merge_refusal="the activation between their projections is not linear",
     )
 )
+
+
+#: The ``combination_type`` values of PEFT's ``add_weighted_adapter`` that the twins compute.
+WEIGHTED_COMBINATIONS = ("linear", "cat")
+
+
+def weighted_lora_factors(
+    factors: Sequence[Mapping[str, tuple[Any, Any, float]]],
+    weights: Sequence[float],
+    combination_type: str,
+    *,
+    embeddings: Collection[str] = (),
+) -> tuple[int, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """PEFT's ``add_weighted_adapter`` on the factors of several LoRA adapters: the new rank and,
+    per layer, the new ``(down, up)`` in PyTorch's layout (``down (r, in, *k)``, ``up (out, r, 1..)``;
+    an embedding's ``down (num, r)``).
+
+    ``factors[i]`` maps each layer adapter ``i`` adapts to ``(down, up, scaling)``; a layer some
+    adapters lack takes the others'. ``'linear'`` (every adapter of one rank): ``down =
+    sum sign(w s) sqrt(|w s|) down_i``, ``up = sum sqrt(|w s|) up_i``; ``'cat'``: the factors
+    stacked along the rank, ``down_i * w_i * s_i`` beside each other, the new rank the sum of the
+    ranks (zero-padded where a layer lacks an adapter). PEFT's refusals, by name: another
+    combination type; ``'linear'`` over different ranks.
+
+    >>> one = {"fc": (np.ones((2, 3)), np.ones((4, 2)), 0.5)}
+    >>> two = {"fc": (np.ones((1, 3)), np.ones((4, 1)), 2.0)}
+    >>> rank, out = weighted_lora_factors([one, two], [1.0, 1.0], "cat")
+    >>> rank, out["fc"][0][:, 0].tolist(), out["fc"][1].shape
+    (3, [0.5, 0.5, 2.0], (4, 3))
+    """
+    if combination_type not in WEIGHTED_COMBINATIONS:
+        raise AdapterError(
+            f"combination_type {combination_type!r} is not computed here; the twins compute PEFT's "
+            f"{list(WEIGHTED_COMBINATIONS)}"
+        )
+    if len(factors) != len(weights) or not factors:
+        raise AdapterError(f"give one weight per adapter: {len(factors)} adapters, {len(weights)} weights")
+    ranks = [max(_rank(down, layer in embeddings) for layer, (down, _, _) in f.items()) for f in factors]
+    if len(factors) == 1:
+        combination_type = "linear"  # PEFT's rule: one adapter is always combined linearly
+    if combination_type == "linear" and len(set(ranks)) != 1:
+        raise AdapterError(
+            f"combination_type 'linear' needs adapters of one rank, got ranks {ranks}; use 'cat' (as PEFT refuses)"
+        )
+    new_rank = ranks[0] if combination_type == "linear" else sum(ranks)
+    layers = list(dict.fromkeys(layer for f in factors for layer in f))
+    out = {}
+    for layer in layers:
+        embedding = layer in embeddings
+        held = [(f[layer], w) for f, w in zip(factors, weights, strict=True) if layer in f]
+        down_axis = 1 if embedding else 0
+        if combination_type == "linear":
+            down = sum(
+                np.sign(w * s or 1) * math.sqrt(abs(w * s)) * np.asarray(d, np.float64)
+                for (d, _, s), w in held
+            )
+            up = sum(math.sqrt(abs(w * s)) * np.asarray(u, np.float64) for (_, u, s), w in held)
+        else:
+            down = np.concatenate(
+                [np.asarray(d, np.float64) * (w * s) for (d, _, s), w in held], axis=down_axis
+            )
+            up = np.concatenate([np.asarray(u, np.float64) for (_, u, _), w in held], axis=1)
+            pad = new_rank - up.shape[1]
+            if pad:
+                down = np.concatenate(
+                    [down, np.zeros_like(np.take(down, [0] * pad, axis=down_axis))], axis=down_axis
+                )
+                up = np.concatenate([up, np.zeros_like(np.take(up, [0] * pad, axis=1))], axis=1)
+        dtype = np.asarray(held[0][0][0]).dtype
+        out[layer] = (np.asarray(down, dtype), np.asarray(up, dtype))
+    return new_rank, out
+
+
+def _rank(down: Any, embedding: bool) -> int:
+    return int(down.shape[1] if embedding else down.shape[0])

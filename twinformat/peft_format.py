@@ -26,11 +26,17 @@ The options cross as they are (:data:`OPTIONS`): ``r`` <-> ``rank``, ``lora_alph
 ``lora_dropout`` <-> ``dropout``, ``use_rslora`` and ``use_dora`` themselves. The config is
 checked as ``PeftModel.from_pretrained`` checks it; refused with :class:`PeftConversionError`,
 never approximated: any ``peft_type`` but LORA; the fields of :data:`UNSUPPORTED`
-(``modules_to_save``, ``lora_bias``, ``fan_in_fan_out``, the LoRA variants but DoRA, ...);
-``bias != 'none'``; the initialisations of :data:`BASE_CHANGING_INITS`, which rewrite the base
-weights (so the adapter alone does not describe the model); DoRA on an embedding; layers given
-different ranks or alphas by ``rank_pattern``/``alpha_pattern`` (an AdaptedModel has one);
-any tensor but those above.
+(``lora_bias``, ``fan_in_fan_out``, the LoRA variants but DoRA, ...); ``bias != 'none'``; the
+initialisations of :data:`BASE_CHANGING_INITS`, which rewrite the base weights (so the adapter
+alone does not describe the model); DoRA on an embedding; any tensor but those above.
+
+Two PEFT features need a model that holds them, so a reader asks for them
+(``allow_patterns``, ``allow_modules_to_save``; the twins' ``AdaptedModel.from_pretrained`` does,
+the file converters do not yet): layers given different ranks or alphas by
+``rank_pattern``/``alpha_pattern`` (:attr:`PeftAdapter.layer_kwargs`, our per-layer
+``layer_adapter_kwargs``), and ``modules_to_save``, fully trained copies of whole modules, which
+are our ``unfrozen_layers`` (PEFT writes them as ``base_model.model.<module>.<param>``, without
+its in-memory ``modules_to_save.default``).
 
 Our own format, for what PEFT cannot represent (Houlsby adapters, ``unfrozen_layers``, ...):
 ``peft_twins_adapter.json`` (adapter class, kwargs, the exact adapted and unfrozen layers) and
@@ -86,15 +92,19 @@ __all__ = [
     "check_peft_config",
     "check_peft_model",
     "escape_glob",
+    "glob_regex",
     "load_peft_adapter",
+    "modules_to_save_refusal",
     "ours_config",
     "parse_peft_key",
     "peft_adapter",
     "peft_config",
     "peft_files",
     "peft_options",
+    "peft_patterns",
     "peft_refusal",
     "peft_selects",
+    "peft_target_modules",
     "read_adapter_directory",
     "read_peft_directory",
     "to_peft_tensors",
@@ -128,7 +138,6 @@ _OUR_DEFAULTS = {"dropout": 0.0, "use_rslora": False, "use_dora": False}
 #: everything changing the forward or the trained set of PEFT's LoRA but DoRA, rsLoRA and dropout
 #: (``peft.LoraConfig``'s ``is_lora_variant`` fields among them).
 UNSUPPORTED = {
-    "modules_to_save": "modules_to_save (fully trained extra modules)",
     "lora_bias": "lora_bias (a bias on lora_B)",
     "fan_in_fan_out": "fan_in_fan_out (GPT-2 Conv1D layers)",
     "target_parameters": "target_parameters (LoRA on bare nn.Parameters)",
@@ -149,6 +158,8 @@ UNSUPPORTED = {
 #: fine-tuned model. Not ``"eva"``, ``"orthogonal"``, ``"gaussian"`` or ``"mica"``: they only
 #: initialise the factors, which the saved weights overwrite.
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
+#: Why a reader that does not hold ``modules_to_save`` refuses them.
+MODULES_TO_SAVE = "modules_to_save (fully trained extra modules)"
 
 T = TypeVar("T")
 
@@ -156,11 +167,14 @@ T = TypeVar("T")
 # --- PEFT configs ------------------------------------------------------------------------------
 
 
-def check_peft_config(config: Mapping[str, Any], where: str) -> list[str]:
+def check_peft_config(
+    config: Mapping[str, Any], where: str, *, allow_modules_to_save: bool = False
+) -> list[str]:
     """Check a PEFT ``adapter_config.json`` (as a dict) as ``PeftModel.from_pretrained`` would,
     and for what our LoRA cannot compute; returns notes for the load report.
 
-    Raises :class:`PeftConversionError` naming ``where`` and the field.
+    Raises :class:`PeftConversionError` naming ``where`` and the field; ``modules_to_save``
+    too unless ``allow_modules_to_save`` (the reader holds them as unfrozen layers).
 
     >>> check_peft_config({"peft_type": "LORA", "target_modules": ["q"], "lora_dropout": 0.1}, "a")
     ['lora_dropout=0.1: carried as dropout (on in training mode only)']
@@ -175,6 +189,17 @@ def check_peft_config(config: Mapping[str, Any], where: str) -> list[str]:
         value = config.get(key)
         if value not in (None, False, [], {}, "", 0):
             raise PeftConversionError(f"{where!r}: {what} ({key}={value!r}) has no equivalent in our LoRA")
+    to_save = config.get("modules_to_save")
+    if to_save not in (None, [], ""):
+        if not allow_modules_to_save:
+            raise PeftConversionError(
+                f"{where!r}: {MODULES_TO_SAVE} (modules_to_save={to_save!r}) has no equivalent in our "
+                "LoRA files; AdaptedModel.from_pretrained reads them as unfrozen layers"
+            )
+        if not isinstance(to_save, list) or not all(isinstance(n, str) and n for n in to_save):
+            raise PeftConversionError(
+                f"{where!r}: modules_to_save must be a list of module names, got {to_save!r}"
+            )
     if config.get("bias", "none") != "none":
         raise PeftConversionError(
             f"{where!r}: bias={config['bias']!r} trains the base layers' biases; only bias='none' converts"
@@ -266,11 +291,25 @@ def peft_config(
     use_rslora: bool = False,
     use_dora: bool = False,
     base_model_name_or_path: str | None = None,
+    target_modules: str | list[str] | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    task_type: str | None = None,
+    auto_mapping: Mapping[str, str] | None = None,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """A PEFT ``LoraConfig`` (as JSON) for our LoRA of these arguments on exactly ``layers``.
 
-    ``target_modules`` is a regular expression PEFT matches with ``re.fullmatch``: a list would
-    also select every module whose name merely ends with ``.<layer>``.
+    ``target_modules`` defaults to a regular expression PEFT matches with ``re.fullmatch`` that
+    lists ``layers`` (a list would also select every module whose name merely ends with
+    ``.<layer>``); give the user's own (:func:`peft_target_modules` checks that it selects exactly
+    ``layers``). ``auto_mapping`` (the base model's transformers class, as PEFT writes it when
+    ``task_type`` is None) lets ``peft.AutoPeftModel.from_pretrained`` rebuild the base model.
+
+    >>> config = peft_config(["q"], rank=2, alpha=4, target_modules=["q"], task_type="FEATURE_EXTRACTION")
+    >>> config["target_modules"], config["task_type"], "auto_mapping" in config
+    (['q'], 'FEATURE_EXTRACTION', False)
     """
     if not layers or "" in layers:
         raise PeftConversionError(
@@ -279,22 +318,136 @@ def peft_config(
     options = peft_options(
         {"rank": rank, "alpha": alpha, "dropout": dropout, "use_rslora": use_rslora, "use_dora": use_dora}
     )
-    return {
+    if target_modules is None:
+        target_modules = _exact_regex(layers)
+    config = {
         "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name_or_path,
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path or None,
         **options,
-        "target_modules": "(?:" + "|".join(re.escape(layer) for layer in layers) + ")",
+        "target_modules": target_modules,
         "bias": "none",
         "fan_in_fan_out": False,
-        "modules_to_save": None,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,
         "init_lora_weights": True,
         "inference_mode": True,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(rank_pattern or {}),
+        "alpha_pattern": dict(alpha_pattern or {}),
         "layers_to_transform": None,
         "layers_pattern": None,
     }
+    if revision is not None:
+        config["revision"] = revision
+    if auto_mapping is not None and task_type is None:
+        config["auto_mapping"] = dict(auto_mapping)
+    return config
+
+
+def peft_target_modules(
+    layers: Sequence[str],
+    module_names: Sequence[str],
+    candidates: Sequence[str | list[str] | None],
+) -> str | list[str]:
+    """The ``target_modules`` to write for an adapter on exactly ``layers`` of a model whose
+    modules are ``module_names``: the first of ``candidates`` (what a PEFT config said, the
+    user's glob patterns as a regular expression, ...) that selects exactly ``layers`` as PEFT
+    selects (:func:`peft_selects`), else a regular expression listing them.
+
+    >>> names = ["", "a", "a.query", "a.value", "b", "b.query", "b.value"]
+    >>> peft_target_modules(["a.query", "b.query"], names, [["query"]])
+    ['query']
+    >>> peft_target_modules(["a.query"], names, [["query"], glob_regex(["a.q*"])])
+    '(?:a\\\\.q.*)'
+    >>> peft_target_modules(["a.query"], names, [["query"]])
+    '(?:a\\\\.query)'
+    """
+    wanted = set(layers)
+    for candidate in candidates:
+        if candidate is None or candidate == [] or candidate == "":
+            continue
+        config = {"target_modules": candidate}
+        if {name for name in module_names if name and peft_selects(config, name)} == wanted:
+            return candidate
+    return _exact_regex(layers)
+
+
+def glob_regex(patterns: Sequence[str]) -> str | None:
+    """Our shell-style ``target_layers`` patterns (``fnmatch`` on whole dotted names) as one
+    regular expression PEFT matches with ``re.fullmatch``; None for no pattern.
+
+    >>> glob_regex(["encoder.layer.*.query", "fc[12]", "x[!a]"])
+    '(?:encoder\\\\.layer\\\\..*\\\\.query|fc[12]|x[^a])'
+    """
+    if not patterns:
+        return None
+    return "(?:" + "|".join(_one_glob_regex(p) for p in patterns) + ")"
+
+
+def _one_glob_regex(pattern: str) -> str:
+    out, i = [], 0
+    while i < len(pattern):
+        char = pattern[i]
+        if char == "*":
+            out.append(".*")
+        elif char == "?":
+            out.append(".")
+        elif (
+            char == "["
+            and (end := pattern.find("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)) > 0
+        ):
+            body = pattern[i + 1 : end]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append("[" + body.replace("\\", "\\\\") + "]")
+            i = end
+        else:
+            out.append(re.escape(char))
+        i += 1
+    return "".join(out)
+
+
+def _exact_regex(layers: Sequence[str]) -> str:
+    return "(?:" + "|".join(re.escape(layer) for layer in layers) + ")"
+
+
+def peft_patterns(
+    layer_kwargs: Mapping[str, Mapping[str, Any]],
+    layers: Sequence[str],
+    *,
+    rank: int,
+    alpha: float,
+    recorded: Mapping[str, Any] | None = None,
+) -> tuple[int, float, dict[str, int], dict[str, float]]:
+    """``(r, lora_alpha, rank_pattern, alpha_pattern)`` giving each of ``layers`` its rank and
+    alpha: ``rank``/``alpha`` unless ``layer_kwargs[layer]`` says otherwise. The ``recorded``
+    PEFT config's own fields when they still give every layer the same values (so a directory
+    read and written back keeps the user's patterns), else one escaped exact name per layer that
+    differs.
+
+    >>> peft_patterns({"a.q": {"rank": 2}}, ["a.q", "a.v"], rank=4, alpha=8)
+    (4, 8, {'a\\\\.q': 2}, {})
+    >>> peft_patterns({"a.q": {"rank": 2}}, ["a.q", "a.v"], rank=4, alpha=8,
+    ...               recorded={"r": 4, "lora_alpha": 8, "rank_pattern": {"q": 2}})
+    (4, 8, {'q': 2}, {})
+    """
+    wanted = {
+        layer: (
+            int(layer_kwargs.get(layer, {}).get("rank", rank)),
+            float(layer_kwargs.get(layer, {}).get("alpha", alpha)),
+        )
+        for layer in layers
+    }
+    if recorded is not None:
+        r, a = recorded.get("r", 8), recorded.get("lora_alpha", 8)
+        ranks, alphas = recorded.get("rank_pattern") or {}, recorded.get("alpha_pattern") or {}
+        got = {
+            layer: (int(_pattern_value(ranks, layer, r)), float(_pattern_value(alphas, layer, a)))
+            for layer in layers
+        }
+        if got == wanted:
+            return r, a, dict(ranks), dict(alphas)
+    rank_pattern = {re.escape(layer): r_ for layer, (r_, _) in wanted.items() if r_ != int(rank)}
+    alpha_pattern = {re.escape(layer): a_ for layer, (_, a_) in wanted.items() if a_ != float(alpha)}
+    return rank, alpha, rank_pattern, alpha_pattern
 
 
 # --- tensors -----------------------------------------------------------------------------------
@@ -327,7 +480,10 @@ class PeftAdapter(Generic[T]):
     in torch layout, as arrays of whatever kind the caller gave (numpy, torch); ``layers`` the
     adapted layers' dotted names; ``rank``, ``alpha`` and ``options`` (``dropout``,
     ``use_rslora``, ``use_dora``, those that differ from the defaults) our LoRA's arguments;
-    ``embeddings`` the layers whose adapter is an embedding's.
+    ``embeddings`` the layers whose adapter is an embedding's; ``layer_kwargs`` the layers whose
+    rank or alpha ``rank_pattern``/``alpha_pattern`` make differ from ``rank``/``alpha`` (only
+    those keys); ``modules_to_save`` the modules PEFT trains whole (our unfrozen layers), whose
+    tensors are in ``tensors`` under ``adapted_model.<module>.<name>``.
     """
 
     config: dict[str, Any]
@@ -338,6 +494,8 @@ class PeftAdapter(Generic[T]):
     notes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     embeddings: list[str] = field(default_factory=list)
+    layer_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    modules_to_save: list[str] = field(default_factory=list)
 
     @property
     def adapter_kwargs(self) -> dict[str, Any]:
@@ -346,7 +504,13 @@ class PeftAdapter(Generic[T]):
 
 
 def peft_adapter(
-    config: Mapping[str, Any], tensors: Mapping[str, T], *, where: str, weights: str | None = None
+    config: Mapping[str, Any],
+    tensors: Mapping[str, T],
+    *,
+    where: str,
+    weights: str | None = None,
+    allow_patterns: bool = False,
+    allow_modules_to_save: bool = False,
 ) -> PeftAdapter[T]:
     """Check a PEFT config (:func:`check_peft_config`) and its tensors (PEFT's keys) and map
     them to ours.
@@ -354,13 +518,20 @@ def peft_adapter(
     ``tensors`` may be numpy or torch arrays (``.T``, ``.reshape`` and ``.shape`` are used);
     embedding factors come back as transposed views. Raises :class:`PeftConversionError` naming
     ``where`` (the config) or ``weights`` (the tensor file) for anything our LoRA cannot compute
-    exactly: a missing or unexpected factor, shapes that do not fit ``r``, DoRA on an embedding,
-    layers of different ranks or alphas.
+    exactly: a missing or unexpected factor, shapes that do not fit ``r``, DoRA on an embedding;
+    layers of different ranks or alphas unless ``allow_patterns`` (then in
+    :attr:`PeftAdapter.layer_kwargs`); ``modules_to_save`` unless ``allow_modules_to_save``.
     """
     weights = weights or where
-    notes = check_peft_config(config, where)
+    notes = check_peft_config(config, where, allow_modules_to_save=allow_modules_to_save)
     factors: dict[str, dict[str, T]] = {}
+    saved: dict[str, T] = {}
+    to_save = list(config.get("modules_to_save") or [])
     for key, value in tensors.items():
+        module = _saved_module(key, to_save) if to_save else None
+        if module is not None:
+            saved[f"{OURS_PREFIX}{key[len(PEFT_PREFIX) :]}"] = value
+            continue
         layer, factor = parse_peft_key(key, weights)
         factors.setdefault(layer, {})[factor] = value
     if not factors:
@@ -421,20 +592,56 @@ def peft_adapter(
             out[f"{prefix}.{MAGNITUDE}"] = magnitude.reshape(-1)  # type: ignore[attr-defined]
         if embedding:
             embeddings.append(layer)
+    layer_kwargs: dict[str, dict[str, Any]] = {}
     if len(set(ranks.values())) > 1:
-        shown = ", ".join(f"{layer!r}: r={r_}, alpha={a_}" for layer, (r_, a_) in list(ranks.items())[:8])
-        raise PeftConversionError(
-            "the PEFT adapter gives its layers different ranks or alphas (rank_pattern/alpha_pattern: "
-            f"{shown}); our AdaptedModel has one rank and one alpha for all its LoRA layers"
-        )
-    rank, alpha = next(iter(ranks.values()))
+        if not allow_patterns:
+            shown = ", ".join(f"{layer!r}: r={r_}, alpha={a_}" for layer, (r_, a_) in list(ranks.items())[:8])
+            raise PeftConversionError(
+                "the PEFT adapter gives its layers different ranks or alphas (rank_pattern/alpha_pattern: "
+                f"{shown}); our AdaptedModel has one rank and one alpha for all its LoRA layers"
+            )
+        rank, alpha = int(r), float(lora_alpha)
+        for layer, (r_, a_) in ranks.items():
+            differs = {"rank": int(r_)} if r_ != rank else {}
+            differs.update({"alpha": float(a_)} if a_ != alpha else {})
+            if differs:
+                layer_kwargs[layer] = differs
+    else:
+        rank, alpha = next(iter(ranks.values()))
     options = {
         "dropout": float(config.get("lora_dropout") or 0.0),
         "use_rslora": bool(config.get("use_rslora")),
         "use_dora": use_dora,
     }
     options = {key: value for key, value in options.items() if value != _OUR_DEFAULTS[key]}
-    return PeftAdapter(dict(config), list(factors), int(rank), float(alpha), out, notes, options, embeddings)
+    modules = sorted({_saved_module(key, to_save) or "" for key in tensors} - {""})
+    out.update(saved)
+    return PeftAdapter(
+        dict(config),
+        list(factors),
+        int(rank),
+        float(alpha),
+        out,
+        notes,
+        options,
+        embeddings,
+        layer_kwargs,
+        modules,
+    )
+
+
+def _saved_module(key: str, to_save: Sequence[str]) -> str | None:
+    """The ``modules_to_save`` module (its full dotted name) a PEFT tensor ``key`` belongs to, or
+    None: the shortest prefix of the key's layer path that ends with one of ``to_save`` (PEFT wraps
+    the outermost module a name selects)."""
+    if not key.startswith(PEFT_PREFIX) or re.search(r"\.lora_[A-Za-z_]+(\.weight)?$", key):
+        return None
+    parts = key[len(PEFT_PREFIX) :].split(".")
+    for end in range(1, len(parts)):
+        module = ".".join(parts[:end])
+        if any(module == name or module.endswith(f".{name}") for name in to_save):
+            return module
+    return None
 
 
 def to_peft_tensors(
@@ -443,17 +650,24 @@ def to_peft_tensors(
     *,
     embeddings: Collection[str] = (),
     use_dora: bool = False,
+    modules_to_save: Sequence[str] = (),
     where: str = "the adapter",
 ) -> dict[str, T]:
     """Our LoRA tensors (``state_dict()`` keys, torch layout) of ``layers`` as PEFT's.
 
     ``embeddings`` are the layers that wrap an embedding (their down factor is transposed);
-    ``use_dora`` adds each layer's magnitude, reshaped to PEFT's ``(1, out, 1..)`` for convs.
-    A missing factor, or any tensor besides, raises :class:`PeftConversionError` naming it.
-    Embedding factors come back as transposed views: the writer makes them contiguous.
+    ``use_dora`` adds each layer's magnitude, reshaped to PEFT's ``(1, out, 1..)`` for convs;
+    the tensors of ``modules_to_save`` (our unfrozen layers) go under their own names, as PEFT
+    writes them. A missing factor, or any tensor besides, raises :class:`PeftConversionError`
+    naming it. Embedding factors come back as transposed views: the writer makes them contiguous.
     """
     out: dict[str, T] = {}
     used: set[str] = set()
+    for key in tensors:
+        rest = key[len(OURS_PREFIX) :] if key.startswith(OURS_PREFIX) else None
+        if rest is not None and any(rest.startswith(f"{module}.") for module in modules_to_save if module):
+            out[PEFT_PREFIX + rest] = tensors[key]
+            used.add(key)
     for layer in layers:
         ours, theirs = f"{OURS_PREFIX}{layer}", f"{PEFT_PREFIX}{layer}"
         needed = (DOWN, UP, MAGNITUDE) if use_dora else (DOWN, UP)
@@ -534,6 +748,14 @@ def check_peft_model(
         raise PeftConversionError(
             f"{where!r}: the PEFT adapter adapts layer(s) {missing[:8]} which the model does not have"
         )
+    absent = [module for module in adapter.modules_to_save if module not in modules]
+    if absent:
+        raise PeftConversionError(
+            f"{where!r}: modules_to_save holds module(s) {absent[:8]} which the model does not have"
+        )
+    refusal = modules_to_save_refusal(adapter.modules_to_save, adapter.layers)
+    if refusal is not None:
+        raise PeftConversionError(f"{where!r}: {refusal}")
     for layer in adapter.layers:
         kind, type_name = modules[layer]
         if kind is None:
@@ -575,9 +797,12 @@ def peft_refusal(
     unfrozen_layers: Sequence[str],
     layers: Sequence[str],
     layer_refusal: Callable[[str], str | None],
+    modules_to_save: bool = False,
 ) -> str | None:
     """Why PEFT's format cannot hold an adapter, or None when it can: ``adapter_class`` is None
     for LoRA, else the class's name; ``layer_refusal(name)`` is the framework's geometry check.
+    Unfrozen layers are refused unless the writer writes them as ``modules_to_save``
+    (:func:`modules_to_save_refusal`).
 
     >>> peft_refusal(adapter_class=None, adapter_kwargs={"rank": 2, "use_dora": True}, unfrozen_layers=[],
     ...              layers=["fc"], layer_refusal=lambda name: None) is None
@@ -592,10 +817,13 @@ def peft_refusal(
         peft_options(adapter_kwargs)
     except PeftConversionError as exc:
         return str(exc)
-    if unfrozen_layers:
+    if unfrozen_layers and not modules_to_save:
         return f"unfrozen layers {list(unfrozen_layers)[:8]} would need PEFT's modules_to_save, which is not written"
     if not layers or "" in layers:
         return "the adapter wraps the root module itself, which PEFT cannot target"
+    refusal = modules_to_save_refusal(unfrozen_layers, layers)
+    if refusal is not None:
+        return refusal
     for name in layers:
         refusal = layer_refusal(name)
         if refusal is not None:
@@ -603,10 +831,37 @@ def peft_refusal(
     return None
 
 
-def adapted_model_refusal(model: Any, layer_refusal: Callable[[str], str | None]) -> str | None:
+def modules_to_save_refusal(modules: Sequence[str], layers: Sequence[str]) -> str | None:
+    """Why PEFT's ``modules_to_save`` cannot hold these unfrozen ``modules`` beside LoRA on
+    ``layers``, or None: PEFT trains a copy of a whole module, so it cannot be the root, nor hold
+    or sit inside an adapted layer (PEFT would wrap one wrapper in the other).
+
+    >>> modules_to_save_refusal(["pooler"], ["encoder.query"]) is None
+    True
+    >>> modules_to_save_refusal(["encoder"], ["encoder.query"])
+    "unfrozen layer 'encoder' holds the adapted layer 'encoder.query'; PEFT's modules_to_save copies whole modules that hold no LoRA layer"
+    """
+    for module in modules:
+        if not module:
+            return "the root module is unfrozen; PEFT's modules_to_save copies named submodules"
+        for layer in layers:
+            if layer == module or layer.startswith(f"{module}.") or module.startswith(f"{layer}."):
+                relation = "is" if layer == module else "holds" if layer.startswith(module) else "lies inside"
+                return (
+                    f"unfrozen layer {module!r} {relation} the adapted layer {layer!r}; PEFT's modules_to_save "
+                    "copies whole modules that hold no LoRA layer"
+                )
+    return None
+
+
+def adapted_model_refusal(
+    model: Any, layer_refusal: Callable[[str], str | None], *, full: bool = False
+) -> str | None:
     """:func:`peft_refusal` of an ``AdaptedModel`` of either twin, read from its adapter class
     and kwargs, unfrozen and adapted layers; ``layer_refusal(name)`` is the twin's check of the
-    layer wrapped at ``name``.
+    layer wrapped at ``name``. ``full``: the writer also writes unfrozen layers as
+    ``modules_to_save`` and per-layer kwargs as ``rank_pattern``/``alpha_pattern`` (the twins'
+    ``save_pretrained`` does; a writer of the factors alone refuses both).
 
     >>> from types import SimpleNamespace
     >>> model = SimpleNamespace(adapter_class=SimpleNamespace(__name__="Houlsby"), adapter_kwargs={},
@@ -615,12 +870,18 @@ def adapted_model_refusal(model: Any, layer_refusal: Callable[[str], str | None]
     "Houlsby adapters have no PEFT LoRA equivalent; only LoRA is written in PEFT's format"
     """
     lora = adapter_of(model.adapter_class) is LORA
+    if lora and not full and getattr(model, "layer_adapter_kwargs", None):
+        return (
+            f"layers {sorted(model.layer_adapter_kwargs)[:8]} have their own adapter kwargs, which need PEFT's "
+            "rank_pattern/alpha_pattern: write them with AdaptedModel.save_pretrained"
+        )
     return peft_refusal(
         adapter_class=None if lora else getattr(model.adapter_class, "__name__", str(model.adapter_class)),
         adapter_kwargs=model.adapter_kwargs,
         unfrozen_layers=model.unfrozen_module_names,
         layers=model.replace_layers,
         layer_refusal=layer_refusal,
+        modules_to_save=full,
     )
 
 
@@ -632,25 +893,105 @@ def peft_files(
     embeddings: Collection[str] = (),
     base_model_name_or_path: str | None = None,
     where: str = "the adapter",
+    layer_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    modules_to_save: Sequence[str] = (),
+    module_names: Sequence[str] | None = None,
+    target_patterns: Sequence[str] = (),
+    recorded: Mapping[str, Any] | None = None,
+    task_type: str | None = None,
+    auto_mapping: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, T]]:
-    """The config and the tensors of PEFT's directory for our LoRA (``adapter_kwargs``) on
-    ``layers``: :func:`peft_config` and :func:`to_peft_tensors` together."""
+    """The config and the tensors of PEFT's directory for our LoRA (``adapter_kwargs``, each
+    layer's exceptions in ``layer_kwargs``) on ``layers``: :func:`peft_config` and
+    :func:`to_peft_tensors` together.
+
+    With the model's ``module_names``, ``target_modules`` is what the ``recorded`` PEFT config
+    (the one the model was read from) said, else the user's ``target_patterns`` as a regular
+    expression, whichever selects exactly ``layers`` (:func:`peft_target_modules`);
+    ``rank_pattern``/``alpha_pattern`` likewise (:func:`peft_patterns`). ``task_type``,
+    ``base_model_name_or_path`` and ``auto_mapping`` default to the recorded config's.
+    """
     kwargs = {"rank": 16, "alpha": 1.0, **_OUR_DEFAULTS, **adapter_kwargs}
-    config = peft_config(layers, **kwargs, base_model_name_or_path=base_model_name_or_path)
+    recorded = dict(recorded or {})
+    rank, alpha, rank_pattern, alpha_pattern = peft_patterns(
+        layer_kwargs or {},
+        layers,
+        rank=kwargs.pop("rank"),
+        alpha=kwargs.pop("alpha"),
+        recorded=recorded or None,
+    )
+    targets = None
+    if module_names is not None:
+        targets = peft_target_modules(
+            layers, module_names, [recorded.get("target_modules"), glob_regex(target_patterns)]
+        )
+    if recorded.get("modules_to_save") and _same_saved(
+        recorded["modules_to_save"], modules_to_save, module_names
+    ):
+        to_save: Sequence[str] = recorded["modules_to_save"]
+    else:
+        to_save = modules_to_save
+    task_type = task_type if task_type is not None else recorded.get("task_type")
+    config = peft_config(
+        layers,
+        rank=rank,
+        alpha=alpha,
+        **kwargs,
+        base_model_name_or_path=base_model_name_or_path or recorded.get("base_model_name_or_path"),
+        target_modules=targets,
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        modules_to_save=to_save,
+        task_type=task_type,
+        auto_mapping=recorded.get("auto_mapping") or auto_mapping,
+        revision=recorded.get("revision"),
+    )
     out = to_peft_tensors(
-        tensors, layers, embeddings=embeddings, use_dora=bool(kwargs["use_dora"]), where=where
+        tensors,
+        layers,
+        embeddings=embeddings,
+        use_dora=bool(kwargs["use_dora"]),
+        modules_to_save=modules_to_save,
+        where=where,
     )
     return config, out
 
 
+def _same_saved(names: Any, modules: Sequence[str], module_names: Sequence[str] | None) -> bool:
+    """Whether PEFT's ``modules_to_save`` entries ``names`` select exactly ``modules`` (full names)
+    among ``module_names``, each module's outermost match as PEFT wraps it."""
+    if module_names is None or not isinstance(names, list):
+        return False
+    selected = set()
+    for name in module_names:
+        if name and any(name == n or name.endswith(f".{n}") for n in names):
+            if not any(name.startswith(f"{s}.") for s in selected):
+                selected.add(name)
+    return selected == set(modules)
+
+
 def load_peft_adapter(
-    found: AdapterDirectory, read_tensors: Callable[[Path], Mapping[str, T]]
+    found: AdapterDirectory,
+    read_tensors: Callable[[Path], Mapping[str, T]],
+    *,
+    allow_patterns: bool = False,
+    allow_modules_to_save: bool = False,
 ) -> PeftAdapter[T]:
     """Check the config of the PEFT directory ``found``, then read its weights with
-    ``read_tensors(path)`` (each side its own way) and map them (:func:`peft_adapter`)."""
+    ``read_tensors(path)`` (each side its own way) and map them (:func:`peft_adapter`, which
+    the two ``allow_`` flags are given to)."""
     where = str(found.weights.with_name(PEFT_CONFIG_NAME))
-    check_peft_config(found.config, where)  # before the weights are read
-    return peft_adapter(found.config, read_tensors(found.weights), where=where, weights=str(found.weights))
+    check_peft_config(
+        found.config, where, allow_modules_to_save=allow_modules_to_save
+    )  # before the weights are read
+    return peft_adapter(
+        found.config,
+        read_tensors(found.weights),
+        where=where,
+        weights=str(found.weights),
+        allow_patterns=allow_patterns,
+        allow_modules_to_save=allow_modules_to_save,
+    )
 
 
 def escape_glob(name: str) -> str:
@@ -672,15 +1013,18 @@ def ours_config(
     adapter_kwargs: Mapping[str, Any],
     adapted_layers: Sequence[str],
     unfrozen_layers: Sequence[str],
+    layer_adapter_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The JSON of ``peft_twins_adapter.json``: what ``from_pretrained`` needs to rebuild the
-    adapters (exact layer names, not patterns) and how the file was made.
+    adapters (exact layer names, not patterns) and how the file was made; the layers whose
+    kwargs differ (``layer_adapter_kwargs``, PEFT's rank/alpha patterns) only where there are any,
+    so that other directories stay as they were.
 
     >>> ours_config(framework="torch", adapter_class="HoulsbyAdapterLinear", adapter_kwargs={"projection_size": 4},
     ...             adapted_layers=["fc"], unfrozen_layers=[])["adapted_layers"]
     ['fc']
     """
-    return {
+    config = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "library_version": library_version(),
@@ -691,6 +1035,9 @@ def ours_config(
         "unfrozen_layers": list(unfrozen_layers),
         "weights": OURS_WEIGHTS_NAME,
     }
+    if layer_adapter_kwargs:
+        config["layer_adapter_kwargs"] = {name: dict(value) for name, value in layer_adapter_kwargs.items()}
+    return config
 
 
 @dataclass
@@ -743,6 +1090,13 @@ def read_adapter_directory(directory: str | os.PathLike[str]) -> AdapterDirector
             raise CheckpointError(f"{str(path)!r}: {key!r} must be a {kind.__name__}")
     if not all(isinstance(n, str) for n in (*config["adapted_layers"], *config["unfrozen_layers"])):
         raise CheckpointError(f"{str(path)!r}: layer names must be strings")
+    per_layer = config.get("layer_adapter_kwargs", {})
+    if not isinstance(per_layer, dict) or not all(
+        name in config["adapted_layers"] and isinstance(value, dict) for name, value in per_layer.items()
+    ):
+        raise CheckpointError(
+            f"{str(path)!r}: 'layer_adapter_kwargs' must map adapted layers to their own adapter kwargs"
+        )
     if not (folder / OURS_WEIGHTS_NAME).is_file():
         raise FileNotFoundError(
             f"{str(folder)!r} is not a complete adapter directory: {OURS_WEIGHTS_NAME} is missing"

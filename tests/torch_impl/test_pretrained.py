@@ -195,10 +195,12 @@ def test_a_refused_from_pretrained_leaves_the_base_model_as_it_was(tmp_path):
 def test_getattr_does_not_hand_save_or_load_attributes_to_the_wrapped_model(tmp_path):
     model, _ = _adapted_bert()
 
-    for name in ("push_to_hub", "load_adapter", "add_adapter", "get_adapter_state_dict", "set_adapter"):
+    for name in ("push_to_hub", "get_adapter_state_dict", "enable_adapters"):
         assert not hasattr(model, name), name
         with pytest.raises(AttributeError, match="adapted_model." + name):
             getattr(model, name)
+    for name in ("load_adapter", "add_adapter", "set_adapter"):  # ours now (named adapters, PEFT's meaning)
+        assert getattr(model, name).__func__ is getattr(AdaptedModel, name), name
     assert model.config is model.adapted_model.config  # everything else still falls through
     assert model.get_input_embeddings() is model.adapted_model.embeddings.word_embeddings
     # save_pretrained is ours: the directory holds the adapters, not 47 keys of the whole model
@@ -337,6 +339,20 @@ class _ScaledEmbeddingNet(nn.Module):
         return self.head(self.embed(ids))
 
 
+class _TiedNet(nn.Module):
+    """An embedding and an output head sharing one weight (a language model's tied embeddings)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.mid = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mid(self.embed(ids)))
+
+
 def _peft_on(base: nn.Module, folder, **config) -> None:
     peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, **config)).save_pretrained(str(folder))
 
@@ -344,10 +360,9 @@ def _peft_on(base: nn.Module, folder, **config) -> None:
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("different-ranks", "different ranks or alphas.*our AdaptedModel has one rank"),
         ("dora-embedding", "'embeddings.word_embeddings' is an embedding adapted with DoRA"),
         ("pissa", "init_lora_weights='pissa' rewrites the base weights"),
-        ("modules-to-save", r"modules_to_save \(fully trained extra modules\)"),
+        ("tied-modules-to-save", "module 'head' .*shares 'weight' with 'embed.weight' \\(tied weights\\)"),
         ("dilated-conv", "layer 'conv' is a conv with dilation \\(2, 2\\).*PEFT's LoRA conv has dilation 1"),
         ("scaled-embedding", "layer 'embed' is a scaled embedding.*embed_scale"),
     ],
@@ -362,13 +377,14 @@ def test_peft_directories_our_lora_cannot_compute_are_refused_before_the_base_ch
     elif case == "scaled-embedding":
         base = _ScaledEmbeddingNet()
         _peft_on(base, folder, target_modules=["embed", "head"])
+    elif case == "tied-modules-to-save":  # PEFT trains an untied copy of the head; ours would move both
+        base = _TiedNet()
+        _peft_on(base, folder, target_modules=["mid"], modules_to_save=["head"])
     else:
         base = _bert()
         kwargs = {
-            "different-ranks": {"target_modules": ["query", "value"], "rank_pattern": {"query": 4}},
             "dora-embedding": {"target_modules": ["word_embeddings"], "use_dora": True},
             "pissa": {"target_modules": ["query"]},
-            "modules-to-save": {"target_modules": ["query"], "modules_to_save": ["pooler"]},
         }[case]
         _peft_on(base, folder, **kwargs)
         if case == "pissa":  # what a PiSSA adapter's config says; peft would rewrite the base on load
