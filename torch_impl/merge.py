@@ -23,8 +23,11 @@ def merge_lora(model: nn.Module) -> int:
     """Merge every LoRA layer of ``model``: ``W += scaling * up @ down`` (conv and embedding too;
     DoRA: ``W <- m / ||W + scaling * up @ down|| * (W + scaling * up @ down)``).
 
-    Afterwards each LoRA layer computes only its pretrained module, at the base model's speed,
-    with the same outputs (to float rounding). Returns the number of layers merged. Raises
+    Afterwards each LoRA layer computes only its pretrained module, with the same outputs (to
+    float rounding); the wrappers stay, so that :func:`unmerge_lora` can take the update out
+    again, and cost their Python call (eager bf16 inference of BERT-base, q,k,v,o, one H100:
+    1.024x the base model). :func:`merge_and_unload` drops them (1.000x). Returns the number of
+    layers merged. Raises
     :class:`MergeError` if ``model`` holds an adapter that cannot be merged (Houlsby) or a
     parametrized weight that cannot be written back exactly, before changing anything.
 
