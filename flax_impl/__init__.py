@@ -18,6 +18,7 @@ try:
 except ImportError as _exc:  # pragma: no cover - exercised in the torch-only CI environment
     raise ImportError("flax_impl needs JAX and Flax: pip install 'peft-twins[jax]'") from _exc
 
+from twinformat._version import __version__
 from twinformat.errors import (
     AdapterError,
     AdapterInsertionError,
@@ -36,8 +37,6 @@ from .houlsby import HoulsbyAdapterLinear
 from .lora import LoRA
 from .merge import merge_and_unload, merge_lora, unload, unmerge_lora
 from .pretrained import hotswap_adapter
-
-from twinformat._version import __version__
 
 __all__ = [
     "AdaptedModel",

@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +169,9 @@ class AdaptedModel(nnx.Module):
     >>> sorted(model.trainable_state_dict())[:2]
     ['adapted_model.layer1.adapter_down_proj.weight', 'adapted_model.layer1.adapter_up_proj.weight']
     """
+
+    _adapter_switch: AdapterSwitch  # set while several adapters are held (see _refresh_switch)
+    switch_names: tuple[str, ...]
 
     def __init__(
         self,
@@ -409,7 +412,7 @@ class AdaptedModel(nnx.Module):
             )
         spec = self.named_adapter_specs.pop(adapter_name)
         for layer in spec["layers"]:
-            module = get_submodule(self.adapted_model, layer)
+            module = cast(LoRA, get_submodule(self.adapted_model, layer))
             module.remove_named_adapter(adapter_name)
             if not module.adapter_names():
                 module.attach_switch(None, {})
@@ -678,7 +681,7 @@ class AdaptedModel(nnx.Module):
                         f"layer {layer!r} holds a {type(module).__name__}; only LoRA layers hold several adapters"
                     )
                 else:
-                    new = LoRA(module, **options, rngs=rngs)
+                    new = LoRA(cast(Any, module), **options, rngs=rngs)
                     new.keep_only_named(adapter_name)
                     built.append((layer, new, False))
             except (ValueError, TypeError) as exc:
@@ -686,11 +689,12 @@ class AdaptedModel(nnx.Module):
                     exc,
                     f"cannot add adapter {adapter_name!r} on layer {layer!r} ({type(module).__name__}): {exc}",
                 ) from exc
-        for layer, new, beside in built:
+        for layer, built_module, beside in built:
             if beside:
-                get_submodule(self.adapted_model, layer).add_named_adapter(adapter_name, new)
+                holder = cast(LoRA, get_submodule(self.adapted_model, layer))
+                holder.add_named_adapter(adapter_name, cast(LoRABranch, built_module))
             else:
-                replace_module(self.adapted_model, layer, new)
+                replace_module(self.adapted_model, layer, built_module)
         self.named_adapter_specs[adapter_name] = {
             "adapter_class": LoRA,
             "adapter_kwargs": dict(kwargs),

@@ -297,7 +297,7 @@ class LoRA(nnx.Module):
         if name in self.adapter_names():
             raise AdapterInsertionError(f"this LoRA layer already holds an adapter named {name!r}")
         if "named_adapters" not in vars(self):
-            self.named_adapters = nnx.Dict()
+            self.named_adapters: Any = nnx.Dict()
         self.named_adapters[name] = branch
 
     def remove_named_adapter(self, name: str) -> None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -465,7 +465,7 @@ def hotswap_adapter(model: Any, path: str | os.PathLike[str], adapter_name: str 
                     f"{where!r}: layer {layer!r} has {option}={bool(theirs.get(option))}, adapter {adapter_name!r} "
                     f"{bool(ours.get(option))}; a hot-swap keeps the options"
                 )
-        wrapper = get_submodule(model.adapted_model, layer)
+        wrapper = cast(LoRA, get_submodule(model.adapted_model, layer))
         branch = wrapper.branch(slot)
         embedding = isinstance(wrapper.pretrained_module, nnx.Embed)
         prefix = f"adapted_model.{layer}."

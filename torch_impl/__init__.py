@@ -18,6 +18,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in the jax-only CI e
         "torch_impl needs PyTorch: pip install 'peft-twins[torch]' (CPU: pip install torch first)"
     ) from _exc
 
+from twinformat._version import __version__
 from twinformat.errors import (
     AdapterError,
     AdapterInsertionError,
@@ -36,8 +37,6 @@ from .houlsby import HoulsbyAdapterLinear
 from .lora import LoRA
 from .merge import merge_and_unload, merge_lora, unload, unmerge_lora
 from .pretrained import hotswap_adapter
-
-from twinformat._version import __version__
 
 __all__ = [
     "AdaptedModel",

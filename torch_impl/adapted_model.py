@@ -16,7 +16,7 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -348,7 +348,7 @@ class AdaptedModel(nn.Module):
             )
         spec = self.named_adapter_specs.pop(adapter_name)
         for layer in spec["layers"]:
-            module = self.adapted_model.get_submodule(layer)
+            module = cast(LoRA, self.adapted_model.get_submodule(layer))
             module.remove_named_adapter(adapter_name)
             if not module.adapter_names():
                 replace_module(self.adapted_model, layer, module.pretrained_module)
@@ -574,11 +574,12 @@ class AdaptedModel(nn.Module):
         except BaseException:
             _restore_requires_grad(flags)
             raise
-        for layer, new, beside in built:
+        for layer, built_module, beside in built:
             if beside:
-                self.adapted_model.get_submodule(layer).add_named_adapter(adapter_name, new)
+                holder = cast(LoRA, self.adapted_model.get_submodule(layer))
+                holder.add_named_adapter(adapter_name, cast(LoRABranch, built_module))
             else:
-                replace_module(self.adapted_model, layer, new)
+                replace_module(self.adapted_model, layer, built_module)
         self.named_adapter_specs[adapter_name] = {
             "adapter_class": LoRA,
             "adapter_kwargs": dict(kwargs),
@@ -625,7 +626,7 @@ class AdaptedModel(nn.Module):
         return key in set(self._unfrozen_keys())
 
     def _unfrozen_keys(self) -> list[str]:
-        keys = []
+        keys: list[str] = []
         for name in self.unfrozen_module_names:
             module = self.adapted_model.get_submodule(name)
             prefix = f"adapted_model.{name}." if name else "adapted_model."
@@ -634,7 +635,7 @@ class AdaptedModel(nn.Module):
 
     def _adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         if adapter_name == self.default_adapter_name:
-            params = []
+            params: list[nn.Parameter] = []
             for layer in self.replace_layers:
                 module = self.adapted_model.get_submodule(layer)
                 kind = adapter_of(module)
@@ -650,12 +651,14 @@ class AdaptedModel(nn.Module):
         return [
             p
             for layer in spec["layers"]
-            for p in self.adapted_model.get_submodule(layer).named_adapters[adapter_name].parameters()
+            for p in cast(nn.ModuleDict, self.adapted_model.get_submodule(layer).named_adapters)[adapter_name].parameters()
         ]
 
-    def _adapter_layers(self) -> list[nn.Module]:
+    def _adapter_layers(self) -> list[LoRA]:
         return [
-            m for m in self.adapted_model.modules() if adapter_of(m) is not None and hasattr(m, "set_active")
+            cast(LoRA, m)
+            for m in self.adapted_model.modules()
+            if adapter_of(m) is not None and hasattr(m, "set_active")
         ]
 
     def _switch_layers(self, names: Sequence[str]) -> None:

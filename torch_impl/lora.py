@@ -209,11 +209,12 @@ class LoRA(nn.Module):
     # forward); further adapters are LoRABranch modules in ``named_adapters``, created only when
     # one is added. ``_active`` (names) and ``_sample_names`` (one name per sample) are plain
     # attributes set by AdaptedModel.set_adapter / forward(adapter_names=...).
+    _active: tuple[str, ...]
 
     def adapter_names(self) -> list[str]:
         """The adapters this layer holds: ``'default'`` (unless the layer was wrapped for another
         adapter only) and the named ones, in the order they were added."""
-        named = list(self._modules["named_adapters"]) if "named_adapters" in self._modules else []
+        named = list(cast(nn.ModuleDict, self._modules["named_adapters"])) if "named_adapters" in self._modules else []
         return ([DEFAULT_ADAPTER] if self.__dict__.get("_has_default", True) else []) + named
 
     def add_named_adapter(self, name: str, branch: LoRABranch) -> None:
@@ -258,7 +259,7 @@ class LoRA(nn.Module):
         """The module holding the factors of adapter ``name`` (``self`` for the default)."""
         if name == DEFAULT_ADAPTER and self.__dict__.get("_has_default", True):
             return self
-        return self.named_adapters[name]
+        return cast(LoRABranch, self.named_adapters[name])
 
     def _is_multi(self) -> bool:
         """Whether the forward differs from a one-adapter LoRA's: another active set than the

@@ -602,7 +602,7 @@ def peft_adapter(
             )
         rank, alpha = int(r), float(lora_alpha)
         for layer, (r_, a_) in ranks.items():
-            differs = {"rank": int(r_)} if r_ != rank else {}
+            differs: dict[str, int | float] = {"rank": int(r_)} if r_ != rank else {}
             differs.update({"alpha": float(a_)} if a_ != alpha else {})
             if differs:
                 layer_kwargs[layer] = differs
@@ -962,7 +962,7 @@ def _same_saved(names: Any, modules: Sequence[str], module_names: Sequence[str] 
     among ``module_names``, each module's outermost match as PEFT wraps it."""
     if module_names is None or not isinstance(names, list):
         return False
-    selected = set()
+    selected: set[str] = set()
     for name in module_names:
         if name and any(name == n or name.endswith(f".{n}") for n in names):
             if not any(name.startswith(f"{s}.") for s in selected):
