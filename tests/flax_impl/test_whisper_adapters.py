@@ -16,16 +16,18 @@ import copy
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from flax import nnx
 
-import converters
-import flax_impl
-import torch_impl
-from flax_impl.models import WhisperForConditionalGeneration, WhisperModel
-from tests.equivalence import harness
-from tests.zoo import whisper
-from tests.zoo.bert import randomize_peft
+# transformers (torch) builds the references: the jax-only CI environment skips this file.
+torch = pytest.importorskip("torch")
+from flax import nnx  # noqa: E402
+
+import converters  # noqa: E402
+import flax_impl  # noqa: E402
+import torch_impl  # noqa: E402
+from flax_impl.models import WhisperForConditionalGeneration, WhisperModel  # noqa: E402
+from tests.equivalence import harness  # noqa: E402
+from tests.zoo import whisper  # noqa: E402
+from tests.zoo.bert import randomize_peft  # noqa: E402
 
 peft = pytest.importorskip("peft")
 pytestmark = [

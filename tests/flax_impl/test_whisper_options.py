@@ -6,11 +6,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from flax_impl.models import WhisperConfig, WhisperForConditionalGeneration, WhisperModel
-from tests.zoo import whisper
-from tests.zoo.bert import transformers_module
+# transformers (torch) builds the references: the jax-only CI environment skips this file.
+torch = pytest.importorskip("torch")
+from flax import nnx  # noqa: E402
+
+from flax_impl.models import WhisperConfig, WhisperForConditionalGeneration, WhisperModel  # noqa: E402
+from tests.zoo import whisper  # noqa: E402
+from tests.zoo.bert import transformers_module  # noqa: E402
 
 #: whisper-tiny's config.json fields that matter here (older checkpoints carry the generation
 #: options; large-v3 has 128 mel bins and vocab 51866).
