@@ -32,7 +32,6 @@ Example
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import types
 import warnings
@@ -486,17 +485,11 @@ class BertModel(nnx.Module):
 
 def _has_pooler(path: str | os.PathLike[str]) -> bool:
     """Whether a ``save_pretrained`` directory holds ``pooler.dense.weight`` (under any prefix), from
-    the index or the file header alone; True when neither can be read (the load then says why)."""
-    from twinformat.format import read_safetensors_header
+    its headers alone; True when they cannot be read (the load then says why)."""
+    from .pretrained import _open_checkpoint
 
-    directory = os.fspath(path)
-    index, single = os.path.join(directory, "model.safetensors.index.json"), os.path.join(directory, "model.safetensors")
     try:
-        if os.path.isfile(single):
-            names = list(read_safetensors_header(single)[0])
-        else:
-            with open(index, encoding="utf-8") as f:
-                names = list(json.load(f)["weight_map"])
-    except (OSError, ValueError, KeyError, TypeError):
+        names = _open_checkpoint(path).specs
+    except (OSError, ValueError):
         return True
     return any(name == "pooler.dense.weight" or name.endswith(".pooler.dense.weight") for name in names)
