@@ -24,7 +24,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _WeightNorm
 
 from twinformat.errors import CheckpointError
-from twinformat.kinds import get_kind
+from twinformat.kinds import WEIGHT_NORM_SPELLINGS, get_kind
 from twinformat.state import FlatState
 
 from .lora import LoRA
@@ -84,11 +84,8 @@ def _is_weight_norm(module: nn.Module) -> bool:
 # torch.nn.utils.weight_norm (deprecated, still in transformers 4.x speech models built with an older
 # torch) keeps g and v on the conv itself as ``weight_g``/``weight_v``; the bridge presents them in
 # the spelling of torch.nn.utils.parametrizations.weight_norm (``parametrizations.weight.original0/1``,
-# the conv_weight_norm kind), so both spellings convert, and assigns back to the old names.
-_LEGACY_SPELLING = {
-    "weight_g": "parametrizations.weight.original0",
-    "weight_v": "parametrizations.weight.original1",
-}
+# the conv_weight_norm kind; twinformat.kinds.WEIGHT_NORM_SPELLINGS), so both spellings convert,
+# and assigns back to the old names.
 
 
 def _legacy_weight_norm_hook(module: nn.Module) -> object | None:
@@ -108,7 +105,7 @@ def _legacy_weight_norm_keys(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if _legacy_weight_norm_hook(module) is not None:
             prefix = f"{name}." if name else ""
-            renamed.update({prefix + old: prefix + new for old, new in _LEGACY_SPELLING.items()})
+            renamed.update({prefix + old: prefix + new for old, new in WEIGHT_NORM_SPELLINGS.items()})
     return renamed
 
 

@@ -62,6 +62,7 @@ from .errors import LayoutError
 __all__ = [
     "BUFFER_NAMES",
     "KINDS",
+    "WEIGHT_NORM_SPELLINGS",
     "LayerKind",
     "LayoutError",
     "Param",
@@ -410,6 +411,13 @@ register_kind(
         ),
     )
 )
+#: Weight norm's older spelling -> this kind's: ``torch.nn.utils.weight_norm`` keeps g and v on the
+#: layer itself; ``parametrizations.weight_norm`` (the conv_weight_norm kind) under its
+#: ``parametrizations.weight``. The one table every reader of either spelling uses.
+WEIGHT_NORM_SPELLINGS = {
+    "weight_g": "parametrizations.weight.original0",
+    "weight_v": "parametrizations.weight.original1",
+}
 # Tensors a speech model owns directly rather than through a layer: wav2vec2/HuBERT/WavLM's
 # SpecAugment vector (on the model), WavLM's per-head gate constant (on its attention).
 register_kind(LayerKind("masked_spec_embed", (Param("masked_spec_embed", "masked_spec_embed"),)))

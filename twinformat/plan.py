@@ -47,7 +47,7 @@ from typing import Any
 from .adapters import is_adapter_key
 from .dtypes import TensorSpec
 from .errors import ConversionError, UnknownLayerError
-from .kinds import KINDS, get_kind, is_buffer_name, split_key
+from .kinds import KINDS, WEIGHT_NORM_SPELLINGS, get_kind, is_buffer_name, split_key
 from .names import matches_any
 from .report import KeyReport, compare_keys
 from .state import FlatState
@@ -148,14 +148,6 @@ def refuse(report: KeyReport, what: str = "conversion") -> ConversionError:
     return ConversionError(f"{what} refused, the target was left unchanged:\n" + report.describe(), report)
 
 
-# weight norm's two spellings of g and v: torch.nn.utils.weight_norm's (transformers 4.x with an
-# older torch) and torch.nn.utils.parametrizations.weight_norm's (the conv_weight_norm kind's).
-_WEIGHT_NORM_SPELLINGS = (
-    (".weight_g", ".parametrizations.weight.original0"),
-    (".weight_v", ".parametrizations.weight.original1"),
-)
-
-
 def _weight_norm_spellings(found: Mapping[str, Any], expected: Mapping[str, Any]) -> list[tuple[str, str]]:
     """``(source key, target key)`` pairs naming the same weight-norm tensor in the two spellings,
     where the target expects the other spelling than the source holds."""
@@ -163,8 +155,8 @@ def _weight_norm_spellings(found: Mapping[str, Any], expected: Mapping[str, Any]
     for key in found:
         if key in expected:
             continue
-        for old, new in _WEIGHT_NORM_SPELLINGS:
-            for have, want in ((old, new), (new, old)):
+        for old, new in WEIGHT_NORM_SPELLINGS.items():
+            for have, want in ((f".{old}", f".{new}"), (f".{new}", f".{old}")):
                 if key.endswith(have):
                     other = key[: -len(have)] + want
                     if other in expected and other not in found:

@@ -77,7 +77,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceShardin
 from twinformat.dtypes import TensorSpec, nbytes, numpy_dtype
 from twinformat.errors import CheckpointError
 from twinformat.format import read_safetensors_header
-from twinformat.kinds import permutation
+from twinformat.kinds import WEIGHT_NORM_SPELLINGS, permutation
 from twinformat.names import dotted
 from twinformat.plan import plan_load
 from twinformat.report import KeyReport
@@ -89,10 +89,6 @@ __all__ = ["from_pretrained", "read_pretrained_tensors"]
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
-_LEGACY_WEIGHT_NORM = {
-    ".weight_g": ".parametrizations.weight.original0",
-    ".weight_v": ".parametrizations.weight.original1",
-}
 # Tied tensors are compared this many bytes at a time: the comparison must not hold two copies of
 # an LLM's embedding (Llama 3 8B: 128256 x 4096 x 2 bytes = 1 GiB each) on top of the budget.
 _COMPARE_BYTES = 64 << 20
@@ -498,7 +494,8 @@ def _select(
     notes = []
     for name in specs:
         new = name
-        for old_suffix, new_suffix in _LEGACY_WEIGHT_NORM.items():
+        for old, current in WEIGHT_NORM_SPELLINGS.items():
+            old_suffix, new_suffix = f".{old}", f".{current}"
             candidate = name[: -len(old_suffix)] + new_suffix
             if name.endswith(old_suffix) and any(candidate == p + k for p in prefixes for k in expected):
                 new = candidate
