@@ -481,16 +481,18 @@ def main(argv: list[str] | None = None) -> None:
     decoding = flax_decode + torch_decode
     log(f"timing {len(training)} training cases, {args.rounds} rounds")
     train_times = interleaved({c.name: c.run for c in training}, args.rounds, args.steps, log=log)
+    devices = (
+        f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or 'CPU'}"
+    )
+    # The training table first, so that a time limit hit while decoding still leaves it on disk.
+    write_report(args.out, report(shape, args, training, train_times, [], {}, devices))
     decode_times = {}
     if decoding:
         log(f"timing {len(decoding)} decoding cases")
         decode_times = interleaved(
             {c.name: c.run for c in decoding}, args.rounds, max(1, args.steps // 2), log=log
         )
-    devices = (
-        f"JAX {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__} on "
-        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or 'CPU'}"
-    )
     text = report(shape, args, training, train_times, decoding, decode_times, devices)
     write_report(args.out, text)
     print(text)
