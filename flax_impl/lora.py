@@ -337,6 +337,8 @@ class LoRA(nnx.Module):
         (0 or 1 for the whole batch, or one weight per sample): ``x + 0 * d`` is ``x`` exactly."""
         result = self.pretrained_module(x)
         switch = self.adapter_switch[...]
+        if switch.ndim == 2 and self._can_mix():
+            return result + self._mixed_delta(x, switch).astype(result.dtype)
         for name in self.adapter_names():
             weight = switch[..., self.switch_columns[name]]
             delta = self._delta(self.branch(name), x)
@@ -344,6 +346,48 @@ class LoRA(nnx.Module):
                 weight = weight.reshape(weight.shape + (1,) * (delta.ndim - 1))
             result = result + weight.astype(delta.dtype) * delta
         return result
+
+    def _can_mix(self) -> bool:
+        """Whether a mixed batch can take the one-GEMM-pair path: a dense layer, every adapter it
+        holds plain LoRA (no DoRA, no active dropout) with plain ``nnx.Linear`` factors of one
+        dtype and precision."""
+        if type(self.pretrained_module) is not nnx.Linear:
+            return False
+        factors = []
+        for name in self.adapter_names():
+            branch = self.branch(name)
+            if branch.use_dora or self._dropping(branch):
+                return False
+            factors += [branch.adapter_down_proj, branch.adapter_up_proj]
+        return all(fused._plain_linear(f) and f.bias is None for f in factors) and (
+            len({(f.dtype, f.precision) for f in factors}) == 1
+        )
+
+    def _mixed_delta(self, x: jax.Array, switch: jax.Array) -> jax.Array:
+        """Every sample's own adapter term at the cost of one adapter (the twin of
+        ``torch_impl.LoRA._mixed_delta``): the down kernels of all the adapters this layer holds
+        concatenated (``R`` = the sum of their ranks) in one GEMM, each sample's columns weighted
+        by its switch entry times that adapter's scaling (0 for the others: an exact zero), the
+        up kernels concatenated in a second. The loop of ``_multi_call`` computes every adapter
+        on every sample instead (n GEMM pairs for n adapters); the sums are the same within
+        rounding (the scaling multiplies the rank-R activations instead of the output)."""
+        names = self.adapter_names()
+        branches = [self.branch(name) for name in names]
+        downs = [b.adapter_down_proj for b in branches]
+        ups = [b.adapter_up_proj for b in branches]
+        # Each rank column's switch column and scaling, as constants: a gather, not a matmul
+        # (a float32 matmul may run in bf16 passes on accelerators and round the scaling).
+        columns = [self.switch_columns[n] for n, d in zip(names, downs) for _ in range(d.kernel.shape[-1])]
+        scalings = [float(b.scaling) for b, d in zip(branches, downs) for _ in range(d.kernel.shape[-1])]
+        weights = jnp.take(switch, jnp.asarray(columns), axis=-1) * jnp.asarray(scalings, switch.dtype)
+        down = jnp.concatenate([d.kernel[...] for d in downs], axis=-1)  # (in, R)
+        up = jnp.concatenate([u.kernel[...] for u in ups], axis=0)  # (R, out)
+        dtype, precision = downs[0].dtype, downs[0].precision
+        lhs, down = downs[0].promote_dtype((x, down), dtype=dtype)
+        h = jax.lax.dot_general(lhs, down, (((lhs.ndim - 1,), (0,)), ((), ())), precision=precision)
+        h = h * weights.reshape(weights.shape[:1] + (1,) * (h.ndim - 2) + weights.shape[1:]).astype(h.dtype)
+        h, up = ups[0].promote_dtype((h, up), dtype=dtype)
+        return jax.lax.dot_general(h, up, (((h.ndim - 1,), (0,)), ((), ())), precision=precision)
 
     def _delta(self, branch: Any, x: jax.Array) -> jax.Array:
         """What adapter ``branch`` adds to the base layer's output for ``x`` (PEFT's per-adapter

@@ -237,24 +237,71 @@ class AdaptedModel(nn.Module):
         self.adapters_inserted = True
         _disable_transformer_fast_path(self.adapted_model, self.replace_layers)
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def forward(
+        self,
+        *args: Any,
+        adapter_names: Sequence[str] | None = None,
+        adapter_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
         """Pass arguments to the adapted model.
 
         ``adapter_names`` (PEFT's mixed batch): one adapter name per sample of the batch (the
         first axis of every adapted layer's input), ``'__base__'`` for the base model; each
         sample goes through its own adapter, whatever is active. Inference only, as in PEFT.
+        ``adapter_mask=model.adapter_mask(names)`` gives the same choice as a tensor, so that a
+        CUDA graph captured once serves any mix (copy another mask into it before replaying).
         """
-        if adapter_names is None:
+        if adapter_names is not None and adapter_mask is not None:
+            raise TypeError("give adapter_names or adapter_mask, not both")
+        if adapter_names is None and adapter_mask is None:
             return self.adapted_model(*args, **kwargs)
-        layers = self._sample_layers(adapter_names)
-        slots = [self._slot(name) if name != BASE_ADAPTER else BASE_ADAPTER for name in adapter_names]
+        if adapter_names is not None:
+            layers = self._sample_layers(adapter_names)
+            adapter_mask = self.adapter_mask(adapter_names)
+        else:
+            layers = self._sample_layers([])
+        mask = cast(torch.Tensor, adapter_mask)
+        if adapter_names is None and len(layers) != len(self._adapter_layers()):
+            # A Houlsby (or other) default adapter cannot take part: read the mask to say so.
+            if bool(mask[:, 0].any()):
+                self._sample_layers([self.default_adapter_name])  # raises, naming the adapter kind
+        if mask.dim() != 2 or mask.shape[1] != len(self.adapters):
+            raise AdapterError(
+                f"adapter_mask must have shape (batch, {len(self.adapters)}), one column per adapter of "
+                f"{self.adapters}; got {tuple(mask.shape)}: make it with model.adapter_mask(names)"
+            )
+        columns = {self._slot(name): i for i, name in enumerate(self.adapters)}
+        names = None if adapter_names is None else [self._slot(n) if n != BASE_ADAPTER else n for n in adapter_names]
+        shared: dict[Any, torch.Tensor] = {}  # per-sample weights, computed once per forward
         for layer in layers:
-            layer.set_sample_adapters(slots)
+            layer.set_sample_adapters(names, mask=mask, columns=columns, shared=shared)
         try:
             return self.adapted_model(*args, **kwargs)
         finally:
             for layer in layers:
                 layer.set_sample_adapters(None)
+
+    def adapter_mask(self, adapter_names: Sequence[str]) -> torch.Tensor:
+        """The per-sample choice of ``adapter_names`` (``'__base__'``: none) as a float32 tensor of
+        shape ``(batch, len(self.adapters))`` on the model's device, for ``model(x,
+        adapter_mask=...)``: the twin of ``flax_impl.AdaptedModel.adapter_mask``.
+
+        Example
+        -------
+        >>> from torch_impl import LoRA
+        >>> model = AdaptedModel(nn.Sequential(nn.Linear(4, 4)), LoRA, ["0"]).eval()
+        >>> model.add_adapter("b", LoRA, ["0"])
+        >>> model.adapter_mask(["b", "__base__", "default"])
+        tensor([[0., 1.],
+                [0., 0.],
+                [1., 0.]])
+        """
+        self._sample_layers(adapter_names)  # PEFT's checks: known names, eval mode
+        names = self.adapters
+        rows = [[1.0 if name == column else 0.0 for column in names] for name in adapter_names]
+        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        return torch.tensor(rows, dtype=torch.float32, device=device).reshape(len(rows), len(names))
 
     # --- named adapters (PEFT's names and meaning) ----------------------------------------
 

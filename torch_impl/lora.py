@@ -251,9 +251,20 @@ class LoRA(nn.Module):
         held = self.adapter_names()
         self._active = tuple(name for name in names if name in held)
 
-    def set_sample_adapters(self, names: list[str] | None) -> None:
-        """One adapter name per sample of the next batches (``'__base__'``: none); None to stop."""
-        self._sample_names = names
+    def set_sample_adapters(
+        self,
+        names: list[str] | None,
+        *,
+        mask: torch.Tensor | None = None,
+        columns: dict[str, int] | None = None,
+        shared: dict[Any, torch.Tensor] | None = None,
+    ) -> None:
+        """One adapter per sample of the next batches, as names (``'__base__'``: none) and/or as
+        ``mask`` (``(batch, adapters)``, 0/1) with the column of each adapter (``columns``);
+        ``shared`` caches what layers of the same adapters can share within one forward.
+        ``names=None`` and ``mask=None``: stop."""
+        self._sample_names = names if names is not None or mask is None else None
+        self._sample_mask = None if mask is None else (mask, dict(columns or {}), {} if shared is None else shared)
 
     def branch(self, name: str) -> LoRA | LoRABranch:
         """The module holding the factors of adapter ``name`` (``self`` for the default)."""
@@ -267,7 +278,9 @@ class LoRA(nn.Module):
         fused kernels included, so its numbers are the same bits whatever else the layer holds.)"""
         d = self.__dict__
         return (
-            d.get("_active", (DEFAULT_ADAPTER,)) != (DEFAULT_ADAPTER,) or d.get("_sample_names") is not None
+            d.get("_active", (DEFAULT_ADAPTER,)) != (DEFAULT_ADAPTER,)
+            or d.get("_sample_names") is not None
+            or d.get("_sample_mask") is not None
         )
 
     def _multi_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -275,6 +288,15 @@ class LoRA(nn.Module):
         name per sample, each adapter's term added to its own samples (PEFT's mixed batch)."""
         result = self.pretrained_module(x)
         samples = self.__dict__.get("_sample_names")
+        sample_mask = self.__dict__.get("_sample_mask")
+        if sample_mask is not None and self._can_mix(sample_mask[1]):
+            return result + self._mixed_delta(x, *sample_mask).to(result.dtype)
+        if samples is None and sample_mask is not None:
+            # Only a mask was given and this layer needs indices: read them (a host sync).
+            mask, columns, _ = sample_mask
+            by_column = {column: name for name, column in columns.items()}
+            picked = [row.nonzero().flatten().tolist() for row in mask.detach().cpu()]
+            samples = [by_column[p[0]] if p else BASE_ADAPTER for p in picked]
         if samples is None:
             for name in self.__dict__.get("_active", (DEFAULT_ADAPTER,)):
                 result = result + self._delta(self.branch(name), x)
@@ -286,6 +308,43 @@ class LoRA(nn.Module):
             index = [i for i, n in enumerate(samples) if n == name]
             result[index] += self._delta(self.branch(name), x[index]).to(result.dtype)
         return result
+
+    def _can_mix(self, columns: dict[str, int]) -> bool:
+        """Whether a mixed batch can take the one-GEMM-pair path: a linear layer, every adapter it
+        holds plain LoRA (no DoRA, no active dropout) known to the mask."""
+        if not isinstance(self.pretrained_module, nn.Linear) or self._is_conv:
+            return False
+        for name in self.adapter_names():
+            branch = self.branch(name)
+            if name not in columns or branch.use_dora or (self.training and branch.dropout > 0.0):
+                return False
+        return True
+
+    def _mixed_delta(
+        self, x: torch.Tensor, mask: torch.Tensor, columns: dict[str, int], shared: dict[Any, torch.Tensor]
+    ) -> torch.Tensor:
+        """Every sample's own adapter term at the cost of one adapter: the down factors of all the
+        adapters this layer holds concatenated (``R`` = the sum of their ranks) in one GEMM, each
+        sample's columns weighted by its mask entry times that adapter's scaling (0 for the
+        others: an exact zero), then the up factors concatenated in a second GEMM. PEFT gathers
+        each adapter's samples and runs two GEMMs per adapter instead; the sums are the same
+        within rounding (the scaling multiplies the rank-R activations instead of the output).
+        No host synchronisation and no tensor made from Python data, so it can be captured in a
+        CUDA graph once and replayed for any mask."""
+        names = self.adapter_names()
+        branches = [self.branch(name) for name in names]
+        key = tuple((columns[n], b.adapter_down_proj.weight.shape[0], float(b.scaling)) for n, b in zip(names, branches))
+        weights = shared.get(key)
+        if weights is None:  # (batch, R): one expand per adapter, shared by layers alike
+            weights = torch.cat(
+                [(mask[:, c : c + 1] * s).expand(-1, r) for c, r, s in key], dim=1
+            )
+            shared[key] = weights
+        down = torch.cat([b.adapter_down_proj.weight for b in branches])
+        up = torch.cat([b.adapter_up_proj.weight for b in branches], dim=1)
+        h = F.linear(x, down)
+        h = h * weights.view(weights.shape[0], *([1] * (h.dim() - 2)), weights.shape[1]).to(h.dtype)
+        return F.linear(h, up)
 
     def _delta(self, branch: LoRA | LoRABranch, x: torch.Tensor) -> torch.Tensor:
         """What adapter ``branch`` adds to the base layer's output for ``x`` (PEFT's per-adapter

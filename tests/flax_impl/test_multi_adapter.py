@@ -216,3 +216,26 @@ def test_a_houlsby_default_beside_a_named_lora_switches_as_data_and_saves(tmp_pa
     again.load_adapter(tmp_path / "both" / "lora", "lora", rngs=nnx.Rngs(6))
     again.set_adapter(["default", "lora"])
     np.testing.assert_allclose(again(X), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_a_mixed_batch_takes_one_gemm_pair_where_every_adapter_is_plain_lora(monkeypatch):
+    """fc1 holds 'default' and 'b' (plain LoRA): one concatenated GEMM pair for every sample;
+    fc2 holds the DoRA adapter 'c': the per-adapter loop. Both give the loop's numbers."""
+    model = _three()
+    model.eval()
+    names = ["b", "__base__", "default", "c"]
+    mask = model.adapter_mask(names)
+    mixed = []
+    original = LoRA._mixed_delta
+
+    def counted(self, *args):
+        mixed.append(self)
+        return original(self, *args)
+
+    monkeypatch.setattr(LoRA, "_mixed_delta", counted)
+    fast = model(X, adapter_mask=mask)
+    assert mixed == [model.adapted_model.fc1]
+    monkeypatch.setattr(LoRA, "_can_mix", lambda self: False)
+    loop = model(X, adapter_mask=mask)
+    np.testing.assert_allclose(fast, loop, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(fast[0], fast[1])  # 'b' shows against the base sample

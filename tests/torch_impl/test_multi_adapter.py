@@ -342,3 +342,37 @@ def test_a_houlsby_default_beside_a_named_lora_switches_saves_and_loads(tmp_path
     again.load_adapter(tmp_path / "both" / "lora", "lora")
     again.set_adapter(["default", "lora"])
     torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+
+
+def test_a_mixed_batch_as_a_mask_tensor_equals_the_names_and_takes_one_gemm_pair_per_layer(
+    peft_folder, monkeypatch
+):
+    """``adapter_mask`` (what a CUDA graph captures) gives the outputs ``adapter_names`` gives;
+    layers of plain LoRA adapters compute every sample's term in one concatenated GEMM pair,
+    layers holding DoRA ('c') gather samples per adapter as PEFT does."""
+    _, _, theirs = peft_folder
+    ours = _ours(peft_folder).eval()
+    names = ["b", "__base__", "default", "b"]
+    calls = []
+    original = LoRA._mixed_delta
+
+    def counted(self, *args, **kwargs):
+        calls.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoRA, "_mixed_delta", counted)
+    mask = ours.adapter_mask(names)
+    assert mask.tolist() == [[0, 1, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]]
+    by_names = _out(ours, adapter_names=names)
+    layers_of_default_and_b = len(calls)
+    assert layers_of_default_and_b == 2 * 3  # query, key, value of both layers of the small BERT
+    by_mask = _out(ours, adapter_mask=mask)
+    torch.testing.assert_close(by_mask, by_names, rtol=0, atol=0)
+    torch.testing.assert_close(by_names, _out(theirs, adapter_names=names), rtol=1e-5, atol=1e-5)
+    with pytest.raises(AdapterError, match=r"shape \(batch, 3\)"):
+        _out(ours, adapter_mask=mask[:, :2])
+    with pytest.raises(TypeError, match="not both"):
+        _out(ours, adapter_names=names, adapter_mask=mask)
+    ours.train()
+    with pytest.raises(AdapterError, match="model.eval"):
+        _out(ours, adapter_mask=mask)
