@@ -204,7 +204,15 @@ def import_peft_adapter(
         _check_existing(model, adapter)
         from .convert import load_into
 
-        report = load_into(adapter.tensors, model, strict=strict)
+        if getattr(model, "named_adapter_specs", None):
+            # The model's other adapters are no part of this one: checked key by key here, then
+            # left out of what a strict load would call missing.
+            if strict:
+                _check_same_keys(model, adapter.tensors, str(folder))
+            report = load_into(adapter.tensors, model, strict=False)
+            report.missing = [key for key in report.missing if ".named_adapters." not in key]
+        else:
+            report = load_into(adapter.tensors, model, strict=strict)
         report.notes = adapter.notes + report.notes
         adapted = model
     else:
@@ -532,6 +540,24 @@ def _check_existing(model: Any, adapter: PeftAdapter) -> None:
     framework = _framework(model)
     for layer in adapter.layers:
         _check_peft_geometry(layer, _wrapped(_submodule(model.adapted_model, layer, framework)), framework)
+
+
+def _check_same_keys(model: Any, tensors: dict[str, np.ndarray], where: str) -> None:
+    """``tensors`` are exactly the default adapter's keys and shapes (its factors, magnitudes and
+    unfrozen layers), as a strict load would check them in a model of one adapter."""
+    expected = {
+        key: tuple(np.shape(value))
+        for key, value in model.adapter_state_dict(model.default_adapter_name).items()
+    }
+    given = {key: tuple(value.shape) for key, value in tensors.items()}
+    if expected != given:
+        missing = sorted(set(expected) - set(given))
+        unexpected = sorted(set(given) - set(expected))
+        shaped = sorted(k for k in set(given) & set(expected) if given[k] != expected[k])
+        raise PeftConversionError(
+            f"{where!r} does not fit adapter {model.default_adapter_name!r} of the target AdaptedModel: missing "
+            f"{missing[:8]}, unexpected {unexpected[:8]}, mis-shaped {shaped[:8]}"
+        )
 
 
 # --- writing PEFT ------------------------------------------------------------------------------

@@ -368,3 +368,34 @@ def test_a_one_adapter_model_and_file_write_what_they_always_wrote_byte_for_byte
     assert main(["peft-export", str(tmp_path / "new.safetensors"), str(tmp_path / "again")]) == 0
     for name in (peft_format.PEFT_CONFIG_NAME, peft_format.PEFT_WEIGHTS_NAME):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "old" / name).read_bytes(), name
+
+
+def test_the_default_adapter_of_a_model_holding_several_is_overwritten_in_place(setup, tmp_path):
+    torch_bert, _, folder, expected = setup
+    model, _ = converters.import_peft_adapter(folder, copy.deepcopy(torch_bert))
+    converters.import_peft_adapter(folder, model, adapter_name="dora")
+    with torch.no_grad():
+        for key, value in model.state_dict(keep_vars=True).items():
+            if ".adapter_" in key and ".named_adapters." not in key:
+                value.zero_()
+    model.set_adapter("default")
+    assert not np.allclose(_torch_out(model), expected["default"], atol=1e-3)
+
+    _, report = converters.import_peft_adapter(folder, model)  # the other adapter is no part of it
+
+    assert report.ok and model.adapters == ["default", "dora"]
+    np.testing.assert_allclose(_torch_out(model), expected["default"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(PeftConversionError, match="has rank=4, alpha=8.0.*the PEFT adapter rank=2"):
+        converters.import_peft_adapter(folder / "dora", model)  # DoRA's layers are not the default's
+    # The same factors plus a module the model does not train (modules_to_save): refused by key.
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    config = json.loads((folder / peft_format.PEFT_CONFIG_NAME).read_text())
+    (extra / peft_format.PEFT_CONFIG_NAME).write_text(json.dumps({**config, "modules_to_save": ["pooler"]}))
+    tensors = _tensors(folder / peft_format.PEFT_WEIGHTS_NAME)
+    tensors["base_model.model.pooler.dense.weight"] = np.zeros((16, 16), np.float32)
+    write_safetensors(extra / peft_format.PEFT_WEIGHTS_NAME, tensors, {"format": "pt"})
+    with pytest.raises(
+        PeftConversionError, match=r"does not fit adapter 'default'.*unexpected \['adapted_model.pooler"
+    ):
+        converters.import_peft_adapter(extra, model)
