@@ -171,22 +171,41 @@ def _parser() -> argparse.ArgumentParser:
         "peft-import",
         help="turn a PEFT LoRA adapter directory into one of our adapter checkpoints",
         description="Reads adapter_config.json and adapter_model.safetensors; refuses what our LoRA cannot "
-        "compute exactly (DoRA, modules_to_save, biases, per-layer ranks, ...).",
+        "compute exactly (DoRA on embeddings, biases, base-changing initialisations, ...). Per-layer ranks and "
+        "alphas (rank_pattern/alpha_pattern) and modules_to_save are kept (metadata layer_adapter_kwargs, "
+        "unfrozen layers). In PEFT's multi-adapter layout ('default' at the root, others in <name>/), "
+        "--adapter-name picks one adapter and --selected-adapters writes several into one file.",
     )
     p.add_argument("peft_dir", help="PEFT adapter directory (save_pretrained output)")
     p.add_argument("output", help="adapter .safetensors file to write")
+    _adapter_flags(p, "of the PEFT directory")
     p.set_defaults(run=_peft_import)
 
     p = sub.add_parser(
         "peft-export",
         help="turn one of our LoRA adapter checkpoints into a PEFT adapter directory",
         description="Writes adapter_config.json and adapter_model.safetensors that "
-        "peft.PeftModel.from_pretrained(base, DIR) loads. Houlsby adapters and unfrozen layers are refused. "
-        "An existing non-empty directory is left alone unless --force.",
+        "peft.PeftModel.from_pretrained(base, DIR) loads; a file of several adapters (or --selected-adapters) "
+        "in PEFT's multi-adapter layout: 'default' at the root, every other in DIR/<name>, which "
+        "PeftModel.load_adapter(DIR/<name>, <name>) reads. Houlsby adapters and what PEFT's modules_to_save "
+        "cannot hold are refused. An existing non-empty directory is left alone unless --force.",
     )
-    p.add_argument("adapter", help="adapter checkpoint written by AdaptedModel.saver (.safetensors or .ckpt)")
+    p.add_argument(
+        "adapter",
+        help="adapter checkpoint written by AdaptedModel.saver (.safetensors or .ckpt) or by peft-import",
+    )
     p.add_argument("output_dir", help="PEFT adapter directory to write")
-    p.add_argument("--base-model", help="recorded as base_model_name_or_path")
+    p.add_argument(
+        "--base-model-name-or-path",
+        "--base-model",
+        dest="base_model",
+        metavar="NAME",
+        help="recorded in adapter_config.json as base_model_name_or_path",
+    )
+    p.add_argument(
+        "--task-type", metavar="TASK", help="recorded in adapter_config.json as task_type (e.g. CAUSAL_LM)"
+    )
+    _adapter_flags(p, "of the adapter file (one written by peft-import --selected-adapters holds several)")
     p.add_argument(
         "--conv-geometry-checked",
         action="store_true",
@@ -197,6 +216,26 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_peft_export)
     return parser
+
+
+def _adapter_flags(parser: argparse.ArgumentParser, of: str) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--adapter-name", metavar="NAME", help=f"the one adapter {of} to convert (default: 'default')"
+    )
+    group.add_argument(
+        "--selected-adapters",
+        metavar="A,B",
+        type=_names,
+        help=f"several adapters {of}, comma-separated, to convert together",
+    )
+
+
+def _names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated adapter names, got {value!r}")
+    return names
 
 
 def _kinds_flags(parser: argparse.ArgumentParser) -> None:
@@ -344,6 +383,9 @@ _METADATA_MEANS = {
     "framework": "the framework that wrote the file; the layout line says how its tensors are laid out",
     "layer_kinds": "each layer's kind, so the file converts without guessing from names",
     "content": "adapter: adapters only; model: a whole model",
+    "named_adapters": "the file's other adapters, under adapted_model.<layer>.named_adapters.<name>.",
+    "adapter_name": "the name of the adapter under the one-adapter keys (else 'default')",
+    "layer_adapter_kwargs": "layers whose rank or alpha differ (PEFT's rank_pattern/alpha_pattern)",
 }
 
 
@@ -366,13 +408,28 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _peft_import(args: argparse.Namespace) -> None:
-    from .peft import peft_to_adapter_file
+    from .peft import peft_adapter_names, peft_to_adapter_file
 
-    report = peft_to_adapter_file(args.peft_dir, args.output)
+    report = peft_to_adapter_file(
+        args.peft_dir,
+        args.output,
+        adapter_name=args.adapter_name,
+        selected_adapters=args.selected_adapters,
+        full=True,
+    )
+    if args.adapter_name is None and args.selected_adapters is None:
+        others = [name for name in peft_adapter_names(args.peft_dir) if name != "default"]
+        if others:
+            report.notes.append(
+                f"wrote the 'default' adapter only; the directory also holds {others}: "
+                "--adapter-name NAME or --selected-adapters default,NAME,... convert them"
+            )
     _print_report(report, f"wrote {args.output}")
 
 
 def _peft_export(args: argparse.Namespace) -> None:
+    from twinformat import peft_format
+
     from .peft import export_peft_adapter
 
     folder = Path(args.output_dir)
@@ -386,13 +443,21 @@ def _peft_export(args: argparse.Namespace) -> None:
     config = export_peft_adapter(
         args.adapter,
         args.output_dir,
+        adapter_name=args.adapter_name,
+        selected_adapters=args.selected_adapters,
         base_model_name_or_path=args.base_model,
+        task_type=args.task_type,
         conv_geometry_checked=args.conv_geometry_checked,
     )
-    print(
-        f"wrote {args.output_dir}: r={config['r']}, lora_alpha={config['lora_alpha']}, "
-        f"target_modules={config['target_modules']}"
-    )
+    configs = {None: config} if isinstance(config.get("peft_type"), str) else config
+    for name, written in configs.items():
+        where = (
+            args.output_dir if name is None else peft_format.peft_adapter_subdirectory(args.output_dir, name)
+        )
+        print(
+            f"wrote {where}{'' if name is None else f' (adapter {name!r})'}: r={written['r']}, "
+            f"lora_alpha={written['lora_alpha']}, target_modules={written['target_modules']}"
+        )
 
 
 def _layer_kinds(args: argparse.Namespace) -> dict[str, str] | None:

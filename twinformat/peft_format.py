@@ -98,6 +98,9 @@ __all__ = [
     "ours_config",
     "parse_peft_key",
     "peft_adapter",
+    "peft_adapter_directory",
+    "peft_adapter_names",
+    "peft_adapter_subdirectory",
     "peft_config",
     "peft_files",
     "peft_options",
@@ -160,6 +163,9 @@ UNSUPPORTED = {
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "lora_ga")
 #: Why a reader that does not hold ``modules_to_save`` refuses them.
 MODULES_TO_SAVE = "modules_to_save (fully trained extra modules)"
+#: PEFT's name for the adapter at the root of a directory; every other adapter of PEFT's
+#: multi-adapter layout (``PeftModel.save_pretrained`` of several adapters) is in ``<name>/``.
+DEFAULT_ADAPTER_NAME = "default"
 
 T = TypeVar("T")
 
@@ -598,7 +604,9 @@ def peft_adapter(
             shown = ", ".join(f"{layer!r}: r={r_}, alpha={a_}" for layer, (r_, a_) in list(ranks.items())[:8])
             raise PeftConversionError(
                 "the PEFT adapter gives its layers different ranks or alphas (rank_pattern/alpha_pattern: "
-                f"{shown}); our AdaptedModel has one rank and one alpha for all its LoRA layers"
+                f"{shown}); this reader holds one rank and one alpha for all the LoRA layers (a file merge "
+                "does): read it with AdaptedModel.from_pretrained or converters.import_peft_adapter, which hold "
+                "per-layer ranks and alphas"
             )
         rank, alpha = int(r), float(lora_alpha)
         for layer, (r_, a_) in ranks.items():
@@ -1146,7 +1154,77 @@ def write_adapter_directory(
     return folder
 
 
+def peft_adapter_names(directory: str | os.PathLike[str]) -> list[str]:
+    """The adapters a directory holds in PEFT's multi-adapter layout: ``'default'`` when its root
+    is a PEFT adapter directory, then each subfolder that is one, by name.
+
+    >>> import tempfile
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> for sub in ("", "french", "notes"):
+    ...     (folder / sub).mkdir(exist_ok=True)
+    >>> for sub in ("", "french"):
+    ...     _ = (folder / sub / PEFT_CONFIG_NAME).write_text("{}"), (folder / sub / PEFT_WEIGHTS_NAME).write_bytes(b"")
+    >>> peft_adapter_names(folder)
+    ['default', 'french']
+    """
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"PEFT adapter directory not found: {str(folder)!r}")
+    # The root is 'default'; a subfolder of that name only where the root is not an adapter.
+    names = [DEFAULT_ADAPTER_NAME] if _is_peft_directory(folder) else []
+    names += sorted(
+        sub.name
+        for sub in folder.iterdir()
+        if sub.name not in names and sub.is_dir() and _is_peft_directory(sub)
+    )
+    return names
+
+
+def peft_adapter_directory(directory: str | os.PathLike[str], adapter_name: str | None = None) -> Path:
+    """The folder holding the adapter ``adapter_name`` of ``directory`` in PEFT's multi-adapter
+    layout: the root for ``'default'`` (and for None), ``directory/<adapter_name>`` for any other.
+    An adapter the directory does not hold raises :class:`PeftConversionError` naming those it
+    holds; a missing directory ``FileNotFoundError``.
+
+    >>> import tempfile
+    >>> try:
+    ...     peft_adapter_directory(tempfile.mkdtemp(), "french")
+    ... except PeftConversionError as error:
+    ...     print(str(error).split("; ")[1])
+    it holds [] (PEFT's multi-adapter layout: 'default' at the root, every other in a subfolder named after it)
+    """
+    folder = Path(directory)
+    name = DEFAULT_ADAPTER_NAME if adapter_name is None else adapter_name
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+        raise PeftConversionError(f"adapter name {name!r} is not allowed: a non-empty folder name")
+    if name == DEFAULT_ADAPTER_NAME and _is_peft_directory(folder):
+        return folder
+    if _is_peft_directory(folder / name):
+        return folder / name
+    names = peft_adapter_names(folder)  # FileNotFoundError for a missing directory
+    if adapter_name is None and not names:
+        return folder  # the caller's reader names the missing file
+    raise PeftConversionError(
+        f"no adapter named {name!r} in {str(folder)!r}; it holds {names} (PEFT's multi-adapter layout: "
+        f"{DEFAULT_ADAPTER_NAME!r} at the root, every other in a subfolder named after it)"
+    )
+
+
+def peft_adapter_subdirectory(directory: str | os.PathLike[str], adapter_name: str) -> Path:
+    """Where PEFT's ``save_pretrained`` writes adapter ``adapter_name`` of several: the root of
+    ``directory`` for ``'default'``, ``directory/<adapter_name>`` for any other.
+
+    >>> peft_adapter_subdirectory("out", "default").as_posix(), peft_adapter_subdirectory("out", "fr").as_posix()
+    ('out', 'out/fr')
+    """
+    return Path(directory) if adapter_name == DEFAULT_ADAPTER_NAME else Path(directory) / adapter_name
+
+
 # --- helpers -----------------------------------------------------------------------------------
+
+
+def _is_peft_directory(folder: Path) -> bool:
+    return (folder / PEFT_CONFIG_NAME).is_file() and (folder / PEFT_WEIGHTS_NAME).is_file()
 
 
 def _read_json(path: Path, error: type[CheckpointError]) -> dict[str, Any]:

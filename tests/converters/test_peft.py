@@ -180,23 +180,25 @@ def test_file_level_import_and_export_round_trip_through_our_adapter_format(tmp_
         np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_uniform_rank_pattern_is_accepted_and_differing_ranks_are_refused(peft_dir, base, tmp_path):
+def test_differing_alphas_are_held_per_layer_and_refused_only_by_the_one_alpha_file_writer(peft_dir, base, tmp_path):
     folder, _ = peft_dir
     _edit_config(folder, rank_pattern={"conv1": 4}, alpha_pattern={"head": 8})
-    assert read_peft_adapter(folder).rank == 4
+    assert read_peft_adapter(folder).rank == 4 and read_peft_adapter(folder).layer_kwargs == {}
     _edit_config(folder, alpha_pattern={"head": 16})
+    adapted, _ = converters.import_peft_adapter(folder, copy.deepcopy(base))
+    assert adapted.layer_adapter_kwargs == {"head": {"alpha": 16.0}}  # as the twins' from_pretrained holds it
     with pytest.raises(PeftConversionError, match="different ranks or alphas.*'head': r=4, alpha=16"):
-        converters.import_peft_adapter(folder, copy.deepcopy(base))
-    with pytest.raises(PeftConversionError):
-        peft_to_adapter_file(folder, tmp_path / "x.safetensors")
+        peft_to_adapter_file(folder, tmp_path / "x.safetensors")  # the file merge reads one alpha
     assert not (tmp_path / "x.safetensors").exists()
+    peft_to_adapter_file(folder, tmp_path / "x.safetensors", full=True)
+    with TensorFile(tmp_path / "x.safetensors") as f:
+        assert json.loads(f.metadata["layer_adapter_kwargs"]) == {"head": {"alpha": 16.0}}
 
 
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
         ({"use_dora": True}, "lacks lora_magnitude_vector"),  # DoRA converts: with its magnitudes
-        ({"modules_to_save": ["bn"]}, "modules_to_save"),
         ({"bias": "all"}, "bias='all'"),
         ({"peft_type": "IA3"}, "is not LORA"),
         ({"init_lora_weights": "pissa"}, "rewrites the base weights"),
@@ -239,10 +241,10 @@ def test_export_refuses_what_peft_cannot_represent(tmp_path, base):
         PeftConversionError, match="HoulsbyAdapterLinear adapters have no PEFT LoRA equivalent"
     ):
         converters.export_peft_adapter(houlsby, tmp_path / "h")
-    unfrozen = torch_impl.AdaptedModel(
-        copy.deepcopy(base), torch_impl.LoRA, target_layers="head", unfrozen_layers="bn"
-    )
-    with pytest.raises(PeftConversionError, match="modules_to_save"):
+    # An unfrozen layer is PEFT's modules_to_save, unless it holds an adapted layer.
+    block = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    unfrozen = torch_impl.AdaptedModel(block, torch_impl.LoRA, target_layers="0.0", unfrozen_layers="0")
+    with pytest.raises(PeftConversionError, match="unfrozen layer '0' holds the adapted layer '0.0'.*modules_to_save"):
         converters.export_peft_adapter(unfrozen, tmp_path / "u")
     dilated = copy.deepcopy(base)
     dilated.conv1 = torch.nn.Conv1d(3, 8, 3, padding=2, dilation=2)
