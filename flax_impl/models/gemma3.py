@@ -20,8 +20,9 @@ encoder mode).
 **Multimodal checkpoints.** gemma-3-4b/12b/27b (``-pt``, ``-it``) are released as
 ``Gemma3ForConditionalGeneration`` (``config.json``: ``model_type`` ``gemma3``, a nested
 ``text_config`` and ``vision_config``). The twins are its *text* model: built from such a config
-they read ``text_config`` (and the top level's ``tie_word_embeddings``, which ties transformers'
-``lm_head``); ``from_pretrained`` reads the language model's tensors in either spelling of
+they read ``text_config`` (with the top level's ``tie_word_embeddings``, which ties transformers'
+``lm_head``, and without ``final_logit_softcapping``, which that model does not apply: see
+:func:`text_config`); ``from_pretrained`` reads the language model's tensors in either spelling of
 :data:`MULTIMODAL_LAYOUTS` and leaves the SigLIP vision tower and the multi-modal projector out
 (named in the loading report's notes: there is no image path here). On text-only ``input_ids``
 the logits are those of ``Gemma3ForConditionalGeneration``. The model records
@@ -119,11 +120,13 @@ def text_config(config: Any) -> Any:
     ``Gemma3ForConditionalGeneration``'s, as object or ``config.json`` dict); any other config as it is.
 
     Its ``text_config``, with the top level's ``tie_word_embeddings`` (default true), which is
-    what ties transformers' ``lm_head`` to the embeddings in the multimodal model, and the top
-    level's token ids where ``text_config`` has none (the hub files' ``eos_token_id`` ``[1, 106]``).
+    what ties transformers' ``lm_head`` to the embeddings in the multimodal model; the top
+    level's token ids where ``text_config`` has none (the hub files' ``eos_token_id`` ``[1, 106]``);
+    and no ``final_logit_softcapping``: transformers 5.24's ``Gemma3ForConditionalGeneration``
+    does not apply it (only ``Gemma3ForCausalLM`` does; the released configs set it to null).
 
     >>> text_config({"model_type": "gemma3", "eos_token_id": [1, 106], "text_config": {"hidden_size": 8}})
-    {'hidden_size': 8, 'tie_word_embeddings': True, 'eos_token_id': [1, 106]}
+    {'hidden_size': 8, 'tie_word_embeddings': True, 'final_logit_softcapping': None, 'eos_token_id': [1, 106]}
     """
     if config_value(config, "model_type", None) != MULTIMODAL_MODEL_TYPE:
         return config
@@ -137,6 +140,7 @@ def text_config(config: Any) -> Any:
             "Gemma 3 twins read a 'gemma3_text' text model"
         )
     fields["tie_word_embeddings"] = config_value(config, "tie_word_embeddings", True)
+    fields["final_logit_softcapping"] = None  # the multimodal model's logits are the head's, uncapped
     for name in _TOKEN_IDS:
         top = config_value(config, name, None)
         if config_value(text, name, None) is None and top is not None:
