@@ -479,7 +479,7 @@ def _adapter_layout(
             f"{where!r}: the PEFT adapter adapts {outside[:8]}, outside the {layout.part} of its "
             f"{layout.model_class} ({prefixes}); the Flax {type(base_model).__name__} holds the {layout.part} "
             f"only and cannot load them (nothing was changed). Train the adapter on the {layout.part}'s layers "
-            f"alone (PEFT's target_modules as a regular expression such as {example!r}), or use it in "
+            f"alone (PEFT's target_modules as a regular expression such as r'{example}'), or use it in "
             f"PyTorch on the whole {layout.model_class}"
         )
     return layout

@@ -70,7 +70,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -525,17 +525,13 @@ def renamed_peft_adapter(adapter: PeftAdapter[T], rename: Callable[[str], str]) 
     adapter of a bigger model (``model.language_model.layers.0.self_attn.q_proj``) in the names of
     the twin that holds that part (``model.layers.0.self_attn.q_proj``). The config is kept as
     read: its ``target_modules`` speak of the bigger model, as the adapter will when written back."""
-    return PeftAdapter(
-        dict(adapter.config),
-        [rename(layer) for layer in adapter.layers],
-        adapter.rank,
-        adapter.alpha,
-        renamed_tensors(adapter.tensors, rename),
-        list(adapter.notes),
-        dict(adapter.options),
-        [rename(layer) for layer in adapter.embeddings],
-        {rename(layer): dict(kwargs) for layer, kwargs in adapter.layer_kwargs.items()},
-        [rename(module) for module in adapter.modules_to_save],
+    return replace(
+        adapter,
+        layers=[rename(layer) for layer in adapter.layers],
+        tensors=renamed_tensors(adapter.tensors, rename),
+        embeddings=[rename(layer) for layer in adapter.embeddings],
+        layer_kwargs={rename(layer): dict(kwargs) for layer, kwargs in adapter.layer_kwargs.items()},
+        modules_to_save=[rename(module) for module in adapter.modules_to_save],
     )
 
 

@@ -114,6 +114,12 @@ class CheckpointLayout:
     tower), named in notes and refusals; ``part`` says in words what the twin holds. The layout
     is declared for the checkpoints whose ``config.json`` says ``model_type``.
 
+    A twin declares its layouts as ``checkpoint_layouts``; the first of a ``model_type`` is
+    transformers' module names, which PEFT's adapter keys use: ``from_pretrained`` records it as
+    the twin's ``peft_layout``, whatever spelling the file had (see :mod:`flax_impl.pretrained`).
+    (:func:`from_pretrained` also describes a twin's own checkpoints, under one prefix each, as
+    layouts with an empty ``model_class``.)
+
     Example
     -------
     >>> layout = CheckpointLayout("gemma3", "Gemma3ForConditionalGeneration", "language model",
@@ -395,8 +401,7 @@ def from_pretrained(
                 placed.add(id(entry.variable))
     _place_the_rest(model, shardings, placed, seed)
     if layout.model_class:
-        # PEFT names this part by transformers' modules: the family's first layout (see CheckpointLayout).
-        model.peft_layout = layouts[0]
+        model.peft_layout = layouts[0]  # transformers' module names, which PEFT's keys use
     model.eval()
     return (model, report) if output_loading_info else model
 
