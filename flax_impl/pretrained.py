@@ -7,6 +7,20 @@ them, so a directory saved here loads into the PyTorch twin (and, in PEFT's form
 ``peft.PeftModel``) and the reverse. PEFT's format holds plain LoRA (rank and alpha only) on
 named Linear/Conv layers, with nothing unfrozen and convs of dilation 1 and zero padding.
 
+**A twin that is part of a bigger transformers model** (Gemma 3's text twins, the language model
+of ``Gemma3ForConditionalGeneration``) declares ``checkpoint_layouts``
+(:class:`flax_impl.models.pretrained.CheckpointLayout`). A PEFT adapter trained on the bigger model
+names its layers there (``base_model.model.model.language_model.layers.0.self_attn.q_proj...``,
+or the older ``...language_model.model.layers.0...``): :func:`from_pretrained` recognises the
+spelling, checks the adapter against the twin in those names, loads it under the twin's own, and
+records the spelling on the base model (``peft_layout``; ``None`` for an adapter in the twin's own
+names). An adapter that reaches outside the twin's part (the vision tower, the projector) is
+refused, naming those layers, before anything changes. The rule for writing:
+:func:`save_pretrained` writes the keys, ``target_modules`` and patterns in the base model's
+``peft_layout``, that is in the spelling the adapter came with, or, for an adapter made here on a
+twin read from the bigger model's directory, in transformers' module names of it (what PEFT
+itself writes), so ``peft.PeftModel.from_pretrained(<the bigger model>, directory)`` loads it.
+
 Example
 -------
 >>> import tempfile
@@ -27,7 +41,8 @@ Example
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,7 +52,7 @@ from flax import nnx
 
 from twinformat import peft_format
 from twinformat.adapters import LORA, adapter_class_name, adapter_of
-from twinformat.errors import CheckpointError
+from twinformat.errors import CheckpointError, PeftConversionError
 from twinformat.format import adapter_metadata
 from twinformat.recorded import (
     layer_kinds_entry,
@@ -130,9 +145,42 @@ def _auto_mapping(model: Any) -> dict[str, str] | None:
     """PEFT's ``auto_mapping`` for the transformers class a Flax twin mirrors (the twins carry
     transformers' class names and a ``model_type``), what ``AutoPeftModel`` imports."""
     cls = type(model.adapted_model)
+    layout = _peft_layout(model)
+    if layout is not None:
+        return {"base_model_class": layout.model_class, "parent_library": "transformers"}
     if isinstance(getattr(cls, "model_type", None), str):
         return {"base_model_class": cls.__name__, "parent_library": "transformers"}
     return None
+
+
+def _peft_layout(model: Any) -> Any:
+    """The names PEFT gives ``model``'s base layers, where they are not the twin's own: the base
+    model's ``peft_layout`` (a :class:`~flax_impl.models.pretrained.CheckpointLayout`), or None."""
+    return getattr(model.adapted_model, "peft_layout", None)
+
+
+def _checkpoint_names(layout: Any) -> Callable[[str], str]:
+    """The twin's dotted names -> the bigger model's in ``layout`` (the same names without one)."""
+
+    def rename(name: str) -> str:
+        new = layout.checkpoint_name(name) if layout is not None else name
+        if new is None:
+            raise PeftConversionError(
+                f"{name!r} has no name in {layout.model_class} ({layout.part}: {dict(layout.renames)})"
+            )
+        return str(new)
+
+    return rename
+
+
+def _checkpoint_patterns(layout: Any, patterns: Sequence[str]) -> list[str]:
+    """The user's ``target_layers`` globs in ``layout``'s names when each starts with a prefix it
+    renames, else none (``target_modules`` then lists the layers): a glob that may match anywhere
+    (``*q_proj``) would select the bigger model's other parts too (a vision tower's q_proj)."""
+    if layout is None:
+        return list(patterns)
+    renamed = [layout.checkpoint_name(pattern) for pattern in patterns]
+    return [p for p in renamed if p is not None] if None not in renamed else []
 
 
 def _name_or_path(model: Any) -> str | None:
@@ -163,18 +211,22 @@ def save_pretrained(
     arrays = model.trainable_state_dict()
     refusal = peft_refusal(model, full=True)
     if refusal is None:
+        layout = _peft_layout(model)  # written in the bigger model's names, where the twin is part of one
+        rename = _checkpoint_names(layout)
         embeddings = [n for n in model.replace_layers if peft_layer_kind(_wrapped(model, n)) == "embedding"]
+        names = _base_module_names(model)
+        module_names = [n for n in names if layout is None or layout.checkpoint_name(n) is not None]
         config, peft_arrays = peft_format.peft_files(
-            arrays,
-            model.replace_layers,
+            peft_format.renamed_tensors(arrays, rename),
+            [rename(n) for n in model.replace_layers],
             model.adapter_kwargs,
-            embeddings=embeddings,
+            embeddings=[rename(n) for n in embeddings],
             base_model_name_or_path=base_model_name_or_path or _name_or_path(model),
             where=str(directory),
-            layer_kwargs=model.layer_adapter_kwargs,
-            modules_to_save=_outermost(model.unfrozen_module_names),
-            module_names=_base_module_names(model),
-            target_patterns=model.target_layers,
+            layer_kwargs={rename(n): kwargs for n, kwargs in model.layer_adapter_kwargs.items()},
+            modules_to_save=[rename(n) for n in _outermost(model.unfrozen_module_names)],
+            module_names=[rename(n) for n in module_names],
+            target_patterns=_checkpoint_patterns(layout, model.target_layers),
             recorded=model.recorded_peft_config,
             task_type=task_type,
             auto_mapping=_auto_mapping(model),
@@ -280,12 +332,8 @@ def read_named_adapter(model: Any, path: str | os.PathLike[str]) -> dict[str, An
         adapter = peft_format.load_peft_adapter(
             found, lambda p: load_state_dict_file(p)[0], allow_patterns=True
         )
-        peft_format.check_peft_model(
-            adapter,
-            {name: (peft_layer_kind(m), type(m).__name__) for name, m in modules.items()},
-            where=str(path),
-            layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
-        )
+        # In the twin's names; the model's peft_layout (how adapters are written) stays as it is.
+        adapter, _ = _in_twin_names(adapter, model.adapted_model, modules, where=str(path))
         return {
             "layers": adapter.layers,
             "adapter_kwargs": adapter.adapter_kwargs,
@@ -324,17 +372,13 @@ def from_pretrained(
     metadata: Mapping[str, str]
     where = str(found.weights)
     layer_kwargs: Mapping[str, Mapping[str, Any]] = {}
+    layout = None  # the names a PEFT adapter came with, where not the twin's own
     if found.format == "peft":
         adapter = peft_format.load_peft_adapter(
             found, lambda path: load_state_dict_file(path)[0], allow_patterns=True, allow_modules_to_save=True
         )
         modules = dict(named_modules(base_model))
-        peft_format.check_peft_model(
-            adapter,
-            {name: (peft_layer_kind(m), type(m).__name__) for name, m in modules.items()},
-            where=str(directory),
-            layer_refusal=lambda name: peft_layer_refusal(name, modules[name]),
-        )
+        adapter, layout = _in_twin_names(adapter, base_model, modules, where=str(directory))
         adapter_class, kwargs, layer_kwargs = LoRA, adapter.adapter_kwargs, adapter.layer_kwargs
         adapted, unfrozen = adapter.layers, adapter.modules_to_save
         arrays, metadata = adapter.tensors, {}
@@ -372,8 +416,73 @@ def from_pretrained(
     except BaseException:
         _put_back(model, base_model)
         raise
+    if found.format == "peft" and (
+        layout is not None or getattr(base_model, "peft_layout", None) is not None
+    ):
+        cast(Any, base_model).peft_layout = layout  # written back in the names it came with
     model.eval()
     return model
+
+
+def _in_twin_names(
+    adapter: peft_format.PeftAdapter[Any], base_model: Any, modules: Mapping[str, Any], *, where: str
+) -> tuple[peft_format.PeftAdapter[Any], Any]:
+    """Check the PEFT ``adapter`` against ``base_model`` (``modules``: its named modules) in the
+    names the adapter uses, and return it in the twin's names, with the layout it came with
+    (:func:`_adapter_layout`; None: the twin's own names)."""
+    layout = _adapter_layout(base_model, adapter, modules, where=where)
+    names = {name: name for name in modules}
+    if layout is not None:
+        names = {new: name for name in modules if (new := layout.checkpoint_name(name)) is not None}
+    peft_format.check_peft_model(
+        adapter,
+        {
+            theirs: (peft_layer_kind(modules[ours]), type(modules[ours]).__name__)
+            for theirs, ours in names.items()
+        },
+        where=where,
+        layer_refusal=lambda theirs: peft_layer_refusal(theirs, modules[names[theirs]]),
+    )
+    if layout is None:
+        return adapter, None
+
+    def twin_name(name: str) -> str:
+        new = layout.twin_name(name)
+        assert new is not None  # _adapter_layout refused every name outside the twin's part
+        return str(new)
+
+    return peft_format.renamed_peft_adapter(adapter, twin_name), layout
+
+
+def _adapter_layout(
+    base_model: Any, adapter: peft_format.PeftAdapter[Any], modules: Mapping[str, Any], *, where: str
+) -> Any:
+    """The names ``adapter`` gives ``base_model``'s layers: None for the twin's own, or the one of
+    the twin's ``checkpoint_layouts`` (an adapter trained on the bigger transformers model the twin
+    is part of) that places most of its layers and modules, the twin's own names winning a tie.
+    Refuses, naming them, layers outside the twin's part (a vision tower's)."""
+    named = [*adapter.layers, *adapter.modules_to_save]
+
+    def placed(layout: Any) -> int:
+        if layout is None:
+            return sum(name in modules for name in named)
+        return sum(layout.twin_name(name) in modules or layout.other_part(name) is not None for name in named)
+
+    layout = max([None, *getattr(type(base_model), "checkpoint_layouts", ())], key=placed)
+    if layout is None:
+        return None
+    outside = [name for name in named if layout.twin_name(name) is None]
+    if outside:
+        prefixes = ", ".join(f"{prefix}*" for prefix, _ in layout.renames)
+        example = re.escape(layout.renames[0][0]) + r".*\.(q_proj|v_proj)"
+        raise PeftConversionError(
+            f"{where!r}: the PEFT adapter adapts {outside[:8]}, outside the {layout.part} of its "
+            f"{layout.model_class} ({prefixes}); the Flax {type(base_model).__name__} holds the {layout.part} "
+            f"only and cannot load them (nothing was changed). Train the adapter on the {layout.part}'s layers "
+            f"alone (PEFT's target_modules as a regular expression such as r'{example}'), or use it in "
+            f"PyTorch on the whole {layout.model_class}"
+        )
+    return layout
 
 
 def _peft_conv_geometry(conv: nnx.Conv) -> bool:

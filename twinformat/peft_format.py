@@ -70,7 +70,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -110,6 +110,8 @@ __all__ = [
     "peft_target_modules",
     "read_adapter_directory",
     "read_peft_directory",
+    "renamed_peft_adapter",
+    "renamed_tensors",
     "to_peft_tensors",
     "write_adapter_directory",
 ]
@@ -507,6 +509,36 @@ class PeftAdapter(Generic[T]):
     def adapter_kwargs(self) -> dict[str, Any]:
         """Our LoRA's ``adapter_kwargs`` for this adapter."""
         return {"rank": self.rank, "alpha": self.alpha, **self.options}
+
+
+def renamed_tensors(tensors: Mapping[str, T], rename: Callable[[str], str]) -> dict[str, T]:
+    """Our adapter tensors (``adapted_model.<name>``) with each ``<name>`` renamed (a dotted
+    name's prefix swapped: the same tensors under another model's names).
+
+    >>> renamed_tensors({"adapted_model.lm.q.adapter_down_proj.weight": 1}, lambda n: n.replace("lm.", "model.", 1))
+    {'adapted_model.model.q.adapter_down_proj.weight': 1}
+    """
+    out = {}
+    for key, value in tensors.items():
+        if not key.startswith(OURS_PREFIX):
+            raise PeftConversionError(f"tensor {key!r} is not under {OURS_PREFIX!r}: not an adapter tensor")
+        out[OURS_PREFIX + rename(key[len(OURS_PREFIX) :])] = value
+    return out
+
+
+def renamed_peft_adapter(adapter: PeftAdapter[T], rename: Callable[[str], str]) -> PeftAdapter[T]:
+    """``adapter`` with every layer and module name, and its tensors' keys, ``rename``d: a PEFT
+    adapter of a bigger model (``model.language_model.layers.0.self_attn.q_proj``) in the names of
+    the twin that holds that part (``model.layers.0.self_attn.q_proj``). The config is kept as
+    read: its ``target_modules`` speak of the bigger model, as the adapter will when written back."""
+    return replace(
+        adapter,
+        layers=[rename(layer) for layer in adapter.layers],
+        tensors=renamed_tensors(adapter.tensors, rename),
+        embeddings=[rename(layer) for layer in adapter.embeddings],
+        layer_kwargs={rename(layer): dict(kwargs) for layer, kwargs in adapter.layer_kwargs.items()},
+        modules_to_save=[rename(module) for module in adapter.modules_to_save],
+    )
 
 
 def peft_adapter(

@@ -24,6 +24,12 @@ Which tensors belong to the twin:
   out*: named in ``report.notes``, never loaded, never an error;
 - weight norm's older spelling (``weight_g``/``weight_v``, transformers 4 with an older torch) is
   renamed to ``parametrizations.weight.original0/original1``, with a note;
+- a twin may stand for a part of a bigger transformers model whose checkpoint has another
+  ``model_type`` and names that are not one prefix away: ``checkpoint_layouts``, a tuple of
+  :class:`CheckpointLayout` (Gemma 3's text twins read the language model of a
+  ``Gemma3ForConditionalGeneration``, ``model_type`` ``gemma3``, in either of its two spellings). The
+  layout with the most hits is read; the parts it names (a vision tower) are *left out*, noted,
+  and the twin records the layout as ``peft_layout`` (:class:`CheckpointLayout`);
 - integer tensors (``position_ids``, ``token_type_ids`` buffers) are not weights: left out, noted;
 - **tied weights**: a twin may set ``tied_weights = {tied key: key it is tied to}`` (an LLM with
   ``tie_word_embeddings``: ``{"lm_head.weight": "model.embed_tokens.weight"}``), naming a key it
@@ -63,7 +69,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +91,7 @@ from twinformat.state import FlatState
 
 from .partitioning import Rules, partition_specs
 
-__all__ = ["from_pretrained", "read_pretrained_tensors"]
+__all__ = ["CheckpointLayout", "from_pretrained", "read_pretrained_tensors"]
 
 _SINGLE = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
@@ -95,6 +101,68 @@ _COMPARE_BYTES = 64 << 20
 # A transposed tensor is read this many bytes at a time into its Flax-layout block.
 _SLAB_BYTES = 16 << 20
 _TILE = 128
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    """Where a twin's tensors sit in the checkpoint (or PEFT adapter) of a bigger transformers model,
+    one spelling of it: the twin stands for a part of ``model_class`` and holds nothing else.
+
+    ``renames`` are ``(checkpoint prefix, twin prefix)`` pairs, both ending in ``"."`` (or a twin
+    prefix ``""``: the part is the twin's root); a name under none of the checkpoint prefixes is
+    outside the twin. ``other_parts`` are the prefixes of what the twin leaves out (a vision
+    tower), named in notes and refusals; ``part`` says in words what the twin holds. The layout
+    is declared for the checkpoints whose ``config.json`` says ``model_type``.
+
+    A twin declares its layouts as ``checkpoint_layouts``; the first of a ``model_type`` is
+    transformers' module names, which PEFT's adapter keys use: ``from_pretrained`` records it as
+    the twin's ``peft_layout``, whatever spelling the file had (see :mod:`flax_impl.pretrained`).
+    (:func:`from_pretrained` also describes a twin's own checkpoints, under one prefix each, as
+    layouts with an empty ``model_class``.)
+
+    Example
+    -------
+    >>> layout = CheckpointLayout("gemma3", "Gemma3ForConditionalGeneration", "language model",
+    ...                           (("model.language_model.", "model."), ("lm_head.", "lm_head.")),
+    ...                           ("model.vision_tower.",))
+    >>> layout.twin_name("model.language_model.layers.0.mlp.up_proj.weight")
+    'model.layers.0.mlp.up_proj.weight'
+    >>> layout.twin_name("model.vision_tower.encoder.layers.0.fc1.weight") is None
+    True
+    >>> layout.checkpoint_name("model.layers.0.self_attn.q_proj"), layout.checkpoint_name("model")
+    ('model.language_model.layers.0.self_attn.q_proj', 'model.language_model')
+    """
+
+    model_type: str
+    model_class: str
+    part: str
+    renames: tuple[tuple[str, str], ...]
+    other_parts: tuple[str, ...] = ()
+
+    def twin_name(self, name: str) -> str | None:
+        """The twin's name for the checkpoint's dotted ``name`` (a tensor's or a module's), or None
+        when it lies outside the twin."""
+        for checkpoint_prefix, twin_prefix in self.renames:
+            if f"{name}.".startswith(checkpoint_prefix):
+                return (twin_prefix + name[len(checkpoint_prefix) :]).rstrip(".")
+        return None
+
+    def checkpoint_name(self, name: str) -> str | None:
+        """The checkpoint's name for the twin's dotted ``name``, or None when no rename covers it
+        (the twin's root, where the part is not the root)."""
+        for checkpoint_prefix, twin_prefix in self.renames:
+            if f"{name}.".startswith(twin_prefix):
+                return (checkpoint_prefix + name[len(twin_prefix) :]).rstrip(".")
+        return None
+
+    def other_part(self, name: str) -> str | None:
+        """The prefix of :attr:`other_parts` that ``name`` lies in, or None."""
+        return next((p for p in self.other_parts if f"{name}.".startswith(p)), None)
+
+    def note(self) -> str:
+        """What a load under this layout read, and what it left out."""
+        renames = ", ".join(f"{c}* as {t + '*' if t else 'the root'}" for c, t in self.renames)
+        return f"read the {self.part} of a {self.model_class} checkpoint ({renames}); its other parts are not in this twin"
 
 
 @dataclass(frozen=True)
@@ -270,13 +338,7 @@ def from_pretrained(
         )
     checkpoint = _open_checkpoint(path)
     config = checkpoint.config
-    expected_type = getattr(cls, "model_type", None)
-    found_type = config.get("model_type")
-    if expected_type and found_type and found_type != expected_type:
-        raise CheckpointError(
-            f"{os.fspath(path)!r} holds a {found_type!r} model (config.json model_type), not the "
-            f"{expected_type!r} that {cls.__name__} twins"
-        )
+    layouts = _layouts(cls, config.get("model_type"), os.fspath(path))
 
     def make() -> Any:
         return cls(
@@ -295,7 +357,7 @@ def from_pretrained(
     # ---- check: headers, names, shapes, tied keys, partition rules; nothing read yet
     entries = {entry.key: entry for entry in bridge.torch_entries(model, strict=False)}
     tied = {k: v for k, v in dict(getattr(model, "tied_weights", None) or {}).items() if k not in entries}
-    names, notes = _select(checkpoint.specs, set(entries) | set(tied), _prefixes(cls))
+    names, notes, layout = _select(checkpoint.specs, set(entries) | set(tied), layouts)
     source = FlatState({key: checkpoint.specs[name] for key, name in names.items()}, framework="dict")
     target = bridge.model_state(model)
     target.aliases = {**target.aliases, **tied}  # the bridge declares ties it knows; keep both
@@ -338,6 +400,8 @@ def from_pretrained(
                 entry.variable.set_value(_read_array(handle, file, names[plan.reads[key]], entry, sharding))
                 placed.add(id(entry.variable))
     _place_the_rest(model, shardings, placed, seed)
+    if layout.model_class:
+        model.peft_layout = layouts[0]  # transformers' module names, which PEFT's keys use
     model.eval()
     return (model, report) if output_loading_info else model
 
@@ -476,20 +540,33 @@ def _safe_open(file: str) -> Iterator[Any]:
         yield handle
 
 
-def _prefixes(cls: type) -> tuple[str, ...]:
-    """Where a twin's tensors may sit in a checkpoint saved from a bigger transformers model."""
+def _layouts(cls: type, found_type: Any, where: str) -> tuple[CheckpointLayout, ...]:
+    """The layouts a checkpoint of ``model_type`` ``found_type`` may have for ``cls``: the twin's
+    own names under each of its prefixes (``checkpoint_prefixes``, else ``base_model_prefix``), or
+    the twin's ``checkpoint_layouts`` declared for ``found_type``; another type is refused."""
+    expected_type = getattr(cls, "model_type", None)
+    declared = tuple(
+        layout for layout in getattr(cls, "checkpoint_layouts", ()) if layout.model_type == found_type
+    )
+    if declared:
+        return declared
+    if expected_type and found_type and found_type != expected_type:
+        raise CheckpointError(
+            f"{where!r} holds a {found_type!r} model (config.json model_type), not the "
+            f"{expected_type!r} that {cls.__name__} twins"
+        )
     explicit = getattr(cls, "checkpoint_prefixes", None)
-    if explicit is not None:
-        return ("", *explicit)
     base = getattr(cls, "base_model_prefix", None)
-    return ("", f"{base}.") if base else ("",)
+    prefixes = ("", *explicit) if explicit is not None else ("", f"{base}.") if base else ("",)
+    return tuple(CheckpointLayout(expected_type or "", "", "", ((p, ""),)) for p in prefixes)
 
 
 def _select(
-    specs: Mapping[str, TensorSpec], expected: set[str], prefixes: tuple[str, ...]
-) -> tuple[dict[str, str], list[str]]:
-    """``{the twin's key: the file's tensor name}`` for the tensors of the twin, and notes on
-    everything left out (decided from the headers' names and dtypes alone)."""
+    specs: Mapping[str, TensorSpec], expected: set[str], layouts: Sequence[CheckpointLayout]
+) -> tuple[dict[str, str], list[str], CheckpointLayout]:
+    """``{the twin's key: the file's tensor name}`` for the tensors of the twin, notes on
+    everything left out (decided from the headers' names and dtypes alone), and the layout read:
+    of ``layouts``, the one under which most names are the twin's (the first of equals)."""
     renamed = {}
     notes = []
     for name in specs:
@@ -497,32 +574,37 @@ def _select(
         for old, current in WEIGHT_NORM_SPELLINGS.items():
             old_suffix, new_suffix = f".{old}", f".{current}"
             candidate = name[: -len(old_suffix)] + new_suffix
-            if name.endswith(old_suffix) and any(candidate == p + k for p in prefixes for k in expected):
+            if name.endswith(old_suffix) and any(
+                layout.twin_name(candidate) in expected for layout in layouts
+            ):
                 new = candidate
                 notes.append(f"renamed {name} -> {new} (weight norm's older spelling)")
         renamed[name] = new
 
-    def hits(prefix: str) -> int:
-        return sum(1 for new in renamed.values() if new.startswith(prefix) and new[len(prefix) :] in expected)
+    def hits(layout: CheckpointLayout) -> int:
+        return sum(1 for new in renamed.values() if layout.twin_name(new) in expected)
 
-    prefix = max(prefixes, key=hits)  # the first of equals: "" wins a tie
+    layout = max(layouts, key=hits)  # the first of equals: "" wins a tie
     selected: dict[str, str] = {}
     left_out: Counter[str] = Counter()
     buffers = []
     for name, new in renamed.items():
-        if not new.startswith(prefix):
-            left_out[_group(new)] += 1
-        elif numpy_dtype(specs[name][0]).kind in "iu" and new[len(prefix) :] not in expected:
+        key = layout.twin_name(new)
+        if key is None:
+            left_out[layout.other_part(new) or _group(new)] += 1
+        elif numpy_dtype(specs[name][0]).kind in "iu" and key not in expected:
             buffers.append(name)
         else:
-            selected[new[len(prefix) :]] = name
-    if prefix:
-        notes.append(f"read the tensors under {prefix!r}")
+            selected[key] = name
+    if layout.model_class:
+        notes.append(layout.note())
+    elif layout.renames[0][0]:
+        notes.append(f"read the tensors under {layout.renames[0][0]!r}")
     if left_out:
         listed = ", ".join(f"{group}* ({count})" for group, count in sorted(left_out.items()))
         notes.append(f"left out {sum(left_out.values())} tensor(s) outside this model: {listed}")
     notes.extend(f"{name}: integer buffer, not a weight, left out" for name in buffers)
-    return selected, notes
+    return selected, notes, layout
 
 
 def _group(name: str) -> str:
