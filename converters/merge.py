@@ -34,6 +34,7 @@ from twinformat.adapters import LORA, AdapterKind, factor_names, get_adapter, lo
 from twinformat.errors import MergeError, UnknownAdapterError
 from twinformat.format import parse_metadata
 from twinformat.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from twinformat.recorded import LAYER_KWARGS_FIELD
 from twinformat.report import KeyReport
 
 from .file_convert import progress_bar
@@ -174,6 +175,20 @@ def _declaration(
         raise MergeError(
             f"{where!r} holds {_plural(declared)} adapters, which cannot be merged: "
             f"{declared.merge_refusal or 'their declaration has no merge rule'}"
+        )
+    if adapter_file.metadata.get("named_adapters"):
+        raise MergeError(
+            f"{where!r} holds several adapters ({', '.join(sorted(json.loads(adapter_file.metadata['named_adapters'])))} "
+            "besides its first): a file merge folds one; write the one you want to a file of its own "
+            "(python -m converters peft-export --adapter-name NAME, then peft-import) or merge in a model "
+            "with AdaptedModel.merge_and_unload(adapter_names=[...])"
+        )
+    if adapter_file.metadata.get(LAYER_KWARGS_FIELD) not in (None, "", "{}"):
+        layers = sorted(json.loads(adapter_file.metadata[LAYER_KWARGS_FIELD]))
+        raise MergeError(
+            f"{where!r} records per-layer ranks or alphas (PEFT's rank_pattern/alpha_pattern: {layers[:4]}"
+            f"{' ...' if len(layers) > 4 else ''}), which a file merge with one scaling would get wrong; "
+            "merge in a model: AdaptedModel.from_pretrained(base, peft_dir).merge_and_unload()"
         )
     recorded = meta.get("adapter_kwargs") if adapter_class else None
     if recorded is None and given is None:

@@ -37,6 +37,8 @@ from twinformat.names import (
 )
 from twinformat.recorded import (
     check_recorded_adapter,
+    check_recorded_layer_kwargs,
+    layer_kwargs_entry,
     is_persistence_name,
     layer_kinds_entry,
     not_forwarded_message,
@@ -801,6 +803,7 @@ class AdaptedModel(nnx.Module):
             target_layers=self.target_layers or self.replace_layers,
             unfrozen_layers=self.unfrozen_layers,
         )
+        metadata.update(layer_kwargs_entry(self.layer_adapter_kwargs))  # PEFT's rank/alpha patterns
         kinds = {name: kind for name, module in named_modules(self) if (kind := layer_kind(module))}
         metadata["layer_kinds"] = layer_kinds_entry(kinds, arrays)
         return metadata
@@ -815,6 +818,7 @@ class AdaptedModel(nnx.Module):
             where=where,
             class_defaults=signature_defaults(self.adapter_class),
         )
+        check_recorded_layer_kwargs(metadata, self.layer_adapter_kwargs, where=where)
         report, assignments = _plan_load(self, arrays, strict=False)
         trainable = {entry.key for entry in _entries_at(self, self._trainable_paths())}
         missing = [key for key in report.missing if key in trainable]

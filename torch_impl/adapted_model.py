@@ -33,6 +33,8 @@ from twinformat.names import (
 )
 from twinformat.recorded import (
     check_recorded_adapter,
+    check_recorded_layer_kwargs,
+    layer_kwargs_entry,
     is_persistence_name,
     layer_kinds_entry,
     not_forwarded_message,
@@ -776,6 +778,7 @@ class AdaptedModel(nn.Module):
             target_layers=self.target_layers or self.replace_layers,
             unfrozen_layers=self.unfrozen_layers,
         )
+        metadata.update(layer_kwargs_entry(self.layer_adapter_kwargs))  # PEFT's rank/alpha patterns
         # The bridge's kinds, from module types (no tensor is touched: safe under FSDP2).
         kinds = {name: kind for name, module in self.named_modules() if (kind := layer_kind(module))}
         metadata["layer_kinds"] = layer_kinds_entry(kinds, state_dict)
@@ -793,6 +796,7 @@ class AdaptedModel(nn.Module):
             where=where,
             class_defaults=signature_defaults(self.adapter_class),
         )
+        check_recorded_layer_kwargs(metadata, self.layer_adapter_kwargs, where=where)
         current = self.state_dict()
         expected = {name: tuple(t.shape) for name, t in current.items()}
         report = compare_keys({k: tuple(v.shape) for k, v in state_dict.items()}, expected)

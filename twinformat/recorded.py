@@ -32,6 +32,9 @@ from .adapters import ADAPTERS, get_adapter
 from .errors import CheckpointError
 
 __all__ = [
+    "LAYER_KWARGS_FIELD",
+    "check_recorded_layer_kwargs",
+    "layer_kwargs_entry",
     "TWIN_PACKAGES",
     "check_recorded_adapter",
     "class_path",
@@ -131,6 +134,59 @@ def check_recorded_adapter(
             f"{adapter_class}({_signature(model_full)}): {details}; build the AdaptedModel with "
             "adapter_kwargs matching the file"
         )
+
+
+#: The metadata field of the layers whose adapter kwargs differ from the file-wide ones (PEFT's
+#: ``rank_pattern`` / ``alpha_pattern``): JSON ``{layer: {"rank": ..., "alpha": ...}}``.
+LAYER_KWARGS_FIELD = "layer_adapter_kwargs"
+
+
+def layer_kwargs_entry(layer_kwargs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """The metadata entry recording ``layer_kwargs`` (nothing when empty, so a file without
+    per-layer options is byte for byte what it was).
+
+    >>> layer_kwargs_entry({})
+    {}
+    >>> layer_kwargs_entry({"fc": {"alpha": 4.0}})
+    {'layer_adapter_kwargs': '{"fc": {"alpha": 4.0}}'}
+    """
+    if not layer_kwargs:
+        return {}
+    return {LAYER_KWARGS_FIELD: json.dumps(recorded_jsonable({k: dict(v) for k, v in layer_kwargs.items()}), sort_keys=True)}
+
+
+def check_recorded_layer_kwargs(
+    metadata: Mapping[str, str], layer_kwargs: Mapping[str, Mapping[str, Any]], *, where: str
+) -> None:
+    """Raise :class:`CheckpointError` when a file of ours records other per-layer adapter kwargs
+    than the model has (a layer's alpha from PEFT's ``alpha_pattern`` at an unchanged rank would
+    otherwise load and scale its update wrongly). Files that record no adapter (SpeechBrain's)
+    are not checked.
+
+    >>> check_recorded_layer_kwargs({}, {"fc": {"alpha": 4.0}}, where="x")
+    >>> meta = {"adapter_class": "LoRA", "adapter_kwargs": "{}", **layer_kwargs_entry({"fc": {"alpha": 4.0}})}
+    >>> check_recorded_layer_kwargs(meta, {}, where="x.safetensors")
+    Traceback (most recent call last):
+    ...
+    twinformat.errors.CheckpointError: checkpoint 'x.safetensors' does not fit this AdaptedModel: layer 'fc' was saved with {'alpha': 4.0} but this model has the model-wide adapter_kwargs there; load it into a model built with those per-layer options (AdaptedModel.from_pretrained of the PEFT directory sets them)
+    """
+    if not metadata.get("adapter_class"):
+        return
+    raw = metadata.get(LAYER_KWARGS_FIELD)
+    try:
+        recorded = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        raise CheckpointError(f"checkpoint {where!r}: its {LAYER_KWARGS_FIELD} metadata is not JSON") from None
+    ours = recorded_jsonable({k: dict(v) for k, v in layer_kwargs.items()})
+    for layer in sorted(set(recorded) | set(ours)):
+        if recorded.get(layer) != ours.get(layer):
+            wide = "the model-wide adapter_kwargs there"
+            theirs = recorded.get(layer, "the file-wide adapter_kwargs")
+            raise CheckpointError(
+                f"checkpoint {where!r} does not fit this AdaptedModel: layer {layer!r} was saved with "
+                f"{theirs} but this model has {ours.get(layer, wide)}; load it into a model built with "
+                "those per-layer options (AdaptedModel.from_pretrained of the PEFT directory sets them)"
+            )
 
 
 def layer_kinds_entry(kinds: Mapping[str, str], keys: Iterable[str]) -> str:

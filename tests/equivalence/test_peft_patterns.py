@@ -14,6 +14,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from flax import nnx
 
@@ -23,6 +24,7 @@ import torch_impl
 from flax_impl.models import BertModel as FlaxBert
 from tests.zoo import bert
 from twinformat import peft_format
+from twinformat.errors import CheckpointError, MergeError
 
 peft = pytest.importorskip("peft")
 
@@ -223,3 +225,37 @@ def test_a_directory_saved_from_a_local_bert_loads_with_auto_peft_model_from_eit
     assert (config["task_type"], "auto_mapping" in config) == ("FEATURE_EXTRACTION", False)
     auto = peft.AutoPeftModelForFeatureExtraction.from_pretrained(str(tmp_path / "flax")).eval()
     np.testing.assert_allclose(_torch_out(auto), _flax_out(flax_model), rtol=1e-5, atol=1e-5)
+
+
+def test_saver_records_per_layer_alphas_and_loader_and_file_merge_refuse_what_would_scale_wrongly(tmp_path):
+    """A model from a PEFT directory with ``alpha_pattern`` (value layers at alpha 3, same rank)
+    writes its per-layer options into the ``saver`` file; a model built with the model-wide
+    kwargs only refuses it (it would load and scale the value layers by 6/4 instead of 3/4), the
+    model with the patterns loads it in either twin, and a file merge, which applies one
+    scaling, refuses it."""
+    torch_bert, flax_bert = _pair()
+    config = {k: v for k, v in PATTERNS.items() if k != "modules_to_save"}
+    _peft_directory(tmp_path / "peft", torch_bert, **config)
+    ours = torch_impl.AdaptedModel.from_pretrained(copy.deepcopy(torch_bert), tmp_path / "peft")
+    ours.saver(str(tmp_path / "ours.safetensors"))
+    with open(tmp_path / "ours.safetensors", "rb") as handle:
+        header = handle.read(20000)
+    assert b"layer_adapter_kwargs" in header
+
+    plain = torch_impl.AdaptedModel(
+        copy.deepcopy(torch_bert), torch_impl.LoRA, QV, adapter_kwargs={"rank": 4, "alpha": 6.0}
+    )
+    with pytest.raises(CheckpointError, match=r"layer 'encoder.layer.0.attention.self.query' was saved with \{'rank': 2\}"):
+        plain.loader(str(tmp_path / "ours.safetensors"))
+    again = torch_impl.AdaptedModel.from_pretrained(copy.deepcopy(torch_bert), tmp_path / "peft")
+    again.loader(str(tmp_path / "ours.safetensors"))
+    np.testing.assert_array_equal(_torch_out(again), _torch_out(ours))
+    flax_model = flax_impl.AdaptedModel.from_pretrained(flax_bert, tmp_path / "peft", rngs=nnx.Rngs(2))
+    flax_model.loader(str(tmp_path / "ours.safetensors"))
+    np.testing.assert_allclose(_flax_out(flax_model), _torch_out(ours), rtol=1e-5, atol=1e-5)
+
+    base_file = tmp_path / "base.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in torch_bert.state_dict().items()}, str(base_file))
+    with pytest.raises(MergeError, match="per-layer ranks or alphas"):
+        converters.merge_adapter_file(str(base_file), str(tmp_path / "ours.safetensors"), str(tmp_path / "m.safetensors"))
+    assert not (tmp_path / "m.safetensors").exists()
