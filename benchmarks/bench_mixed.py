@@ -64,6 +64,8 @@ def torch_cases(config: dict, batch: int, seq: int) -> dict[str, Callable[[], An
     torch.manual_seed(0)
     base = transformers.BertModel(transformers.BertConfig(**config)).to(device).eval()
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=device)
+    # Given, so that BERT's embeddings do not gather them from a buffer inside the graphs.
+    token_types = torch.zeros_like(ids)
     targets = BERT_TARGETS["q,v"]
 
     def randomize(model: torch.nn.Module) -> None:
@@ -90,7 +92,7 @@ def torch_cases(config: dict, batch: int, seq: int) -> dict[str, Callable[[], An
     def forward(model: Any, **kwargs: Any) -> Callable[[], Any]:
         def run() -> Any:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
-                return model(input_ids=ids, **kwargs).last_hidden_state
+                return model(input_ids=ids, token_type_ids=token_types, **kwargs).last_hidden_state
 
         return run
 
@@ -104,10 +106,10 @@ def torch_cases(config: dict, batch: int, seq: int) -> dict[str, Callable[[], An
 
     # The mixed forward must equal each sample's adapter alone (checked here, not only in tests).
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.float32, enabled=False):
-        mixed = many(input_ids=ids[:4], adapter_names=names[:4]).last_hidden_state
+        mixed = many(input_ids=ids[:4], token_type_ids=token_types[:4], adapter_names=names[:4]).last_hidden_state
         for i, name in enumerate(names[:4]):
             many.set_adapter(name)
-            alone = many(input_ids=ids[i : i + 1]).last_hidden_state
+            alone = many(input_ids=ids[i : i + 1], token_type_ids=token_types[i : i + 1]).last_hidden_state
             torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-4, atol=1e-4)
         many.set_adapter("default")
 
