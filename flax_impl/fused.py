@@ -29,6 +29,13 @@ GEMM (``x @ [A_q | A_k | A_v]``; under autodiff one GEMM for the three factor gr
 for the low-rank part of ``dx``), the twin of ``torch_impl.fused.group_shared_input``. The
 profile of the jitted BERT-base step (one H100, q,k,v,o) put the LoRA overhead in kernel count:
 234 thin GEMMs for 48 layers, half the added time launch gaps.
+
+Opt-in, step level (issue 24, not yet timed on a GPU; no torch twin: autocast caches its casts):
+``compute_dtype_factors(model)`` gives bf16 copies of the float32 factors of bf16 layers, and
+``value_and_grad_with_factors`` differentiates with respect to them, so that a step carrying the
+copies has no factor casts in its forward and backward (the profile's 93 ``wrapped_convert``
+kernels a step); the step makes the next copies from the updated parameters. Same numbers as
+the default path.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from .graph import named_modules
 
 __all__ = [
     "can_fuse_linear",
+    "compute_dtype_factors",
     "disabled",
     "enabled",
     "group_shared_input",
@@ -58,6 +66,7 @@ __all__ = [
     "lora_linear",
     "set_enabled",
     "ungroup_shared_input",
+    "value_and_grad_with_factors",
 ]
 
 _ENABLED = os.environ.get("FLAX_IMPL_FUSED", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -553,3 +562,142 @@ def ungroup_shared_input(model: nnx.Module) -> int:
             count += "shared_input_groups" not in type(module).__dict__
             _set_class(module, _original_class(module))
     return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in: the factors in the dtype their layers compute in, as copies carried by the step.
+
+
+def _compute_dtype_kernels(model: nnx.Module) -> dict[int, Any]:
+    """id(kernel Variable) -> compute dtype, for the LoRA factors whose layer casts the kernel to
+    a narrower dtype before its GEMM (bf16 compute, float32 parameters): the factors of plain or
+    dropout LoRA layers on ``nnx.Linear`` (DoRA's norm and a merge read the factors themselves)."""
+    kernels: dict[int, Any] = {}
+    for _, layer in named_modules(model):
+        if not (
+            getattr(layer, "adapter_kind", None) is LORA
+            and isinstance(vars(layer).get("pretrained_module"), nnx.Linear)
+            and vars(layer).get("has_default", True)
+            and not cast(Any, layer).merged
+            and not cast(Any, layer).use_dora
+        ):
+            continue
+        for factor in (cast(Any, layer).adapter_down_proj, cast(Any, layer).adapter_up_proj):
+            if _plain_linear(factor) and factor.dtype is not None:
+                dtype = jnp.dtype(factor.dtype)
+                if dtype != factor.kernel.dtype:
+                    kernels[id(factor.kernel)] = dtype
+    return kernels
+
+
+def compute_dtype_factors(model: nnx.Module) -> nnx.State:
+    """Opt-in: copies of the LoRA factors in the dtype their layers compute in, for
+    :func:`value_and_grad_with_factors`.
+
+    A LoRA factor of a bf16 layer with float32 parameters (``nnx.Linear(..., dtype=bfloat16)``)
+    is cast to bf16 in every forward and its gradient back to float32 in every backward: ~2 cast
+    kernels per factor and step. A training step that carries these copies (computed here once,
+    then by the step from the updated parameters, where the cast rides in the optimizer's
+    update) differentiates with respect to them instead: the same bf16 operands and GEMMs, so
+    the same numbers as the default path, with the casts out of the forward and backward. The
+    model's parameters stay float32; only the step's carry grows (2 bytes a factor entry).
+
+    Arguments
+    ---------
+    model: nnx.Module
+        A model holding LoRA layers. Factors of DoRA or merged layers, of layers that compute
+        in their parameters' dtype, and of convolutions and embeddings are left out.
+
+    Returns
+    -------
+    nnx.State
+        The copies, at the factors' paths in ``nnx.state(model)`` (empty when no layer casts).
+
+    Example
+    -------
+    >>> from flax_impl import LoRA
+    >>> layer = LoRA(nnx.Linear(8, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
+    >>> factors = compute_dtype_factors(layer)
+    >>> [(path, v.dtype.name) for path, v in nnx.to_flat_state(factors)]
+    [(('adapter_down_proj', 'kernel'), 'bfloat16'), (('adapter_up_proj', 'kernel'), 'bfloat16')]
+    >>> layer.adapter_down_proj.kernel.dtype.name  # the parameter itself is unchanged
+    'float32'
+    """
+    kernels = _compute_dtype_kernels(model)
+    state = nnx.state(model, lambda _, variable: id(variable) in kernels)
+    return nnx.from_flat_state(
+        [
+            (path, variable.replace(variable.get_value().astype(kernels[id(variable)])))
+            for path, variable in nnx.to_flat_state(state)
+        ]
+    )
+
+
+def value_and_grad_with_factors(
+    fn: Any, model: nnx.Module, factors: nnx.State, *, wrt: Any, has_aux: bool = False
+) -> tuple[Any, nnx.State]:
+    """``nnx.value_and_grad(fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model)`` with the
+    LoRA factors read from ``factors`` (:func:`compute_dtype_factors`) instead of cast in the
+    layers.
+
+    During the call each factor Variable holds its copy (the layers' cast is then a no-op), the
+    gradient is taken with respect to the copies and cast to the parameter's dtype (autodiff of
+    the layers' cast does the same), and the parameters are put back. The layers take the plain
+    formula (:func:`disabled`), so the value and the gradients are those of the default path,
+    provided ``factors`` are the copies of the current parameters: a step that updates them
+    must return ``compute_dtype_factors(model)`` for the next step.
+
+    Arguments
+    ---------
+    fn: callable
+        ``fn(model)``, the loss (``(loss, aux)`` with ``has_aux``).
+    model: nnx.Module
+        The model, as the step merged it.
+    factors: nnx.State
+        ``compute_dtype_factors(model)`` of the current parameters.
+    wrt: filter
+        What to differentiate (``model.trainable`` of an ``AdaptedModel``).
+    has_aux: bool
+        Whether ``fn`` returns ``(loss, aux)``.
+
+    Returns
+    -------
+    tuple
+        ``(value, grads)``: ``fn``'s value and the gradients in the parameters' dtypes, the state
+        of ``wrt`` as ``nnx.value_and_grad`` gives it.
+
+    Example
+    -------
+    >>> from flax_impl import LoRA
+    >>> layer = LoRA(nnx.Linear(8, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
+    >>> x = jnp.ones((3, 8))
+    >>> loss = lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2)
+    >>> _, grads = value_and_grad_with_factors(loss, layer, compute_dtype_factors(layer), wrt=nnx.LoRAParam)
+    >>> _, reference = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+    >>> jax.tree.all(jax.tree.map(lambda a, b: a.dtype == b.dtype and bool((a == b).all()), grads, reference))
+    True
+    """
+    live = dict(nnx.to_flat_state(nnx.state(model)))
+    masters: dict[tuple, tuple[nnx.Variable, Any]] = {}
+    for path, copy in nnx.to_flat_state(factors):
+        variable = live.get(path)
+        if variable is None or variable.shape != copy.shape:
+            raise KeyError(
+                f"factors holds {'.'.join(map(str, path))!r} {copy.shape}, which the model "
+                f"{'has not' if variable is None else f'holds with shape {variable.shape}'}: "
+                "pass compute_dtype_factors(model) of this model"
+            )
+        masters[path] = (variable, variable.get_value())
+    try:
+        for path, copy in nnx.to_flat_state(factors):
+            masters[path][0].set_value(copy.get_value())
+        with disabled():
+            value, grads = nnx.value_and_grad(fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model)
+    finally:
+        for variable, master in masters.values():
+            variable.set_value(master)
+    flat = [
+        (path, grad.replace(grad.get_value().astype(masters[path][1].dtype)) if path in masters else grad)
+        for path, grad in nnx.to_flat_state(grads)
+    ]
+    return value, nnx.from_flat_state(flat)

@@ -1,7 +1,8 @@
-"""Opt-in step option of ``flax_impl.fused`` (issue 24): the grouped down projection of LoRA
-layers that read the same input (``group_shared_input``).
+"""Opt-in step options of ``flax_impl.fused`` (issue 24): the grouped down projection of LoRA
+layers that read the same input (``group_shared_input``) and the factors' compute-dtype copies
+carried by the step (``compute_dtype_factors`` / ``value_and_grad_with_factors``).
 
-It is compared with the model as it is without it: outputs, gradients and (for the jitted
+Each is compared with the model as it is without it: outputs, gradients and (for the jitted
 split-state step of the README) the losses and parameters after a few AdamW steps.
 """
 
@@ -93,6 +94,11 @@ def assert_trees_close(a: dict, b: dict, **tolerance) -> None:
         np.testing.assert_allclose(
             np.asarray(a[key], np.float32), np.asarray(b[key], np.float32), err_msg=str(key), **tolerance
         )
+
+
+def comparable(value: jax.Array) -> jax.Array:
+    """``value``, or the bits of a typed PRNG key (which numpy cannot compare)."""
+    return jax.random.key_data(value) if jnp.issubdtype(value.dtype, jax.dtypes.prng_key) else value
 
 
 # --- group_shared_input -------------------------------------------------------------------
@@ -249,3 +255,104 @@ def test_ungroup_restores_the_classes_and_grouping_changes_no_state():
     assert fused.ungroup_shared_input(model) == 3
     assert nnx.split(model)[0] == graphdef
     assert type(model.adapted_model).__name__ == "SelfAttention"
+
+
+# --- compute_dtype_factors / value_and_grad_with_factors -----------------------------------
+
+
+def test_factor_copies_are_the_compute_dtype_factors_of_plain_lora_layers_only():
+    model = adapted_attention(jnp.bfloat16)
+    model.adapted_model.k_proj = LoRA(
+        model.adapted_model.k_proj.pretrained_module, 3, use_dora=True, rngs=nnx.Rngs(9)
+    )
+    model.adapted_model.v_proj.merge()
+    paths = {path[-3:] for path, _ in nnx.to_flat_state(fused.compute_dtype_factors(model))}
+    assert paths == {
+        (proj, factor, "kernel")
+        for proj in ("q_proj", "out_proj")
+        for factor in ("adapter_down_proj", "adapter_up_proj")
+    }
+    assert {v.dtype for _, v in nnx.to_flat_state(fused.compute_dtype_factors(model))} == {
+        jnp.dtype(jnp.bfloat16)
+    }
+    assert len(nnx.to_flat_state(fused.compute_dtype_factors(adapted_attention()))) == 0  # float32 compute
+
+
+def test_value_and_grad_with_factors_gives_the_default_gradients_and_puts_the_parameters_back():
+    model = adapted_attention(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(5), (2, 7, 16))
+
+    def loss(m):
+        return jnp.sum(jnp.square(m(x).astype(jnp.float32)))
+
+    value_ref, grads_ref = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, model.trainable))(model)
+    before = {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
+    value, grads = fused.value_and_grad_with_factors(
+        loss, model, fused.compute_dtype_factors(model), wrt=model.trainable
+    )
+    assert float(value) == float(value_ref)
+    flat, flat_ref = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(grads_ref))
+    assert flat.keys() == flat_ref.keys()
+    for path in flat:
+        assert flat[path].dtype == flat_ref[path].dtype == jnp.float32
+        np.testing.assert_array_equal(flat[path][...], flat_ref[path][...], err_msg=str(path))
+    after = {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
+    assert all(after[p] is before[p] for p in before)  # every parameter is its float32 self again
+
+
+def test_value_and_grad_with_factors_refuses_factors_of_another_model():
+    small = adapted_attention(jnp.bfloat16)
+    other = SelfAttention(8, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(KeyError, match="compute_dtype_factors"):
+        fused.value_and_grad_with_factors(
+            lambda m: jnp.sum(m(jnp.ones((1, 2, 8)))),
+            other,
+            fused.compute_dtype_factors(small),
+            wrt=nnx.Param,
+        )
+
+
+def test_a_jitted_step_carrying_factor_copies_trains_as_the_default_step():
+    def train(copies: bool, steps: int = 3):
+        model = BertModel(BertConfig(**SMALL_CONFIG), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+        adapted = AdaptedModel(
+            model,
+            LoRA,
+            target_layers=["*.query", "*.value", "*.attention.output.dense"],
+            adapter_kwargs={"rank": 2},
+            rngs=nnx.Rngs(1),
+        )
+        randomize_up_factors(adapted, 3)
+        optimizer = nnx.Optimizer(adapted, optax.adamw(1e-2), wrt=adapted.trainable)
+        graphdef, state = nnx.split((adapted, optimizer))
+        factors = fused.compute_dtype_factors(adapted)
+        assert len(nnx.to_flat_state(factors)) == 2 * 3 * SMALL_CONFIG["num_hidden_layers"]
+
+        @jax.jit
+        def step(state, factors, ids):
+            model, optimizer = nnx.merge(graphdef, state)
+
+            def loss(m):
+                return jnp.mean(jnp.square(m(ids).astype(jnp.float32)))
+
+            if copies:
+                value, grads = fused.value_and_grad_with_factors(loss, model, factors, wrt=model.trainable)
+            else:
+                value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, model.trainable))(model)
+            optimizer.update(model, grads)
+            return value, nnx.state((model, optimizer)), fused.compute_dtype_factors(model)
+
+        ids = jax.random.randint(jax.random.key(4), (2, 8), 0, SMALL_CONFIG["vocab_size"])
+        losses = []
+        for _ in range(steps):
+            loss, state, factors = step(state, factors, ids)
+            losses.append(float(loss))
+        return losses, {p: comparable(v[...]) for p, v in nnx.to_flat_state(state)}
+
+    losses_ref, state_ref = train(copies=False)
+    losses, state = train(copies=True)
+    assert losses == losses_ref
+    assert state.keys() == state_ref.keys()
+    for path in state:  # parameters (float32), AdamW moments, step counts, dropout RNG counters
+        assert state[path].dtype == state_ref[path].dtype
+        np.testing.assert_array_equal(state[path], state_ref[path], err_msg=str(path))
