@@ -12,6 +12,12 @@ shape, random init, dropout on), batch 32 x 128 tokens, rank 16, ``optax.adamw``
 - ``ours-plain``: the same with ``flax_impl.fused.disabled()`` (autodiff of the plain formula);
 - ``ours-fused``: the same with ``flax_impl.fused.enabled()`` (its ``custom_vjp``, off by
   default);
+- ``ours-grouped``: ``ours`` after ``flax_impl.fused.group_shared_input`` (the down projections
+  of each block's LoRA query, key and value in one GEMM; issue 24, opt-in);
+- ``ours-bf16factors``: ``ours`` whose step carries bf16 copies of the factors
+  (``flax_impl.fused.compute_dtype_factors`` / ``value_and_grad_with_factors``: no factor casts
+  in the forward and backward; issue 24, opt-in; ``jit`` mode only);
+- ``ours-grouped-bf16factors``: both;
 - ``nnx.LoRA``: Flax's own ``nnx.LoRA`` wrapped around the same layers, ``wrt=nnx.LoRAParam``.
 
 Modes, each with its own floor: ``jit`` (a pure function over ``nnx.split`` state under
@@ -26,8 +32,10 @@ of torch autocast); float32 rows use full float32 matmuls (``jax_default_matmul_
 'highest'``, as torch's default, TF32 off). Every setup of a group is timed once a round for
 ``--rounds`` rounds (per round the median of ``--steps`` steps, each ended by
 ``block_until_ready``); the table gives the median of the rounds and their spread. ``XLA temp
-MiB`` is the compiled step's temporary buffer size (``jit`` mode). ``--device cpu`` runs a
-smaller shape.
+MiB`` is the compiled step's temporary buffer size (``jit`` mode). ``--hlo-out`` writes what the
+compiled ``jit`` steps launch (entry instructions of the optimised HLO, by kind): kernels per
+step on the GPU without a profile, and a proxy on the CPU. ``--device cpu`` runs a smaller shape
+(``--shape gpu`` there: the BERT-base shape, e.g. to count a step's instructions).
 
 Usage::
 
@@ -41,6 +49,8 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import itertools
+import re
 import sys
 import time
 from pathlib import Path
@@ -68,9 +78,15 @@ SHAPES = {
 }
 
 
+# The opt-in variants of ``ours`` (issue 24): which of flax_impl.fused's switches each turns on.
+GROUPED = {"ours-grouped", "ours-grouped-bf16factors"}
+FACTOR_COPIES = {"ours-bf16factors", "ours-grouped-bf16factors"}
+OURS = {"ours", "ours-plain", "ours-fused", *GROUPED, *FACTOR_COPIES}
+
+
 @dataclasses.dataclass(frozen=True)
 class Case:
-    setup: str  # floor, full, ours, ours-plain, nnx.LoRA
+    setup: str  # floor, full, nnx.LoRA or one of OURS
     targets: str = "-"
     dtype: str = "bf16"
     mode: str = "jit"  # jit, nnx.jit, cached_partial
@@ -100,6 +116,7 @@ class Result:
     temp_mib: float | None = None
     compile_s: float = 0.0
     tokens: str = "-"
+    hlo: dict[str, int] | None = None  # hlo_counts of the compiled jit step
     timing: _common.Timing | None = None
     note: str = ""
 
@@ -126,11 +143,13 @@ def build(setup: str, targets: str, dtype: str, shape: Shape, rank: int = RANK):
     model = BertModel(config, dtype=DTYPES[dtype], rngs=nnx.Rngs(0))
     if setup in ("floor", "full"):
         return model, (nnx.Param if setup == "full" else None)
-    if setup in ("ours", "ours-plain", "ours-fused"):
+    if setup in OURS:
         adapted = AdaptedModel(
             model, LoRA, target_layers=TARGETS[targets], adapter_kwargs={"rank": rank}, rngs=nnx.Rngs(1)
         )
         _randomize(adapted, ("adapter_up_proj",), jax.random.key(2))
+        if setup in GROUPED and not fused.group_shared_input(adapted):
+            raise ValueError(f"{setup}: no LoRA query/key/value to group for targets {targets!r}")
         return adapted, adapted.trainable
     if setup == "nnx.LoRA":
         rngs = nnx.Rngs(1)
@@ -166,8 +185,18 @@ def _train_update(model: nnx.Module, optimizer: nnx.Optimizer, ids: jax.Array, w
     return loss
 
 
-def make_jit_step(model: nnx.Module, wrt, ids: jax.Array):
-    """``jit`` mode: a pure function of the split state, donated; returns (step, compiled, temp MiB)."""
+def _train_update_with_factors(
+    model: nnx.Module, optimizer: nnx.Optimizer, factors: nnx.State, ids: jax.Array, wrt
+) -> tuple[jax.Array, nnx.State]:
+    """``_train_update`` on the factors' compute-dtype copies; returns the next step's copies too."""
+    loss, grads = fused.value_and_grad_with_factors(lambda m: _loss(m(ids)), model, factors, wrt=wrt)
+    optimizer.update(model, grads)
+    return loss, fused.compute_dtype_factors(model)
+
+
+def make_jit_step(model: nnx.Module, wrt, ids: jax.Array, factor_copies: bool = False):
+    """``jit`` mode: a pure function of the split state, donated; returns (step, temp MiB, HLO
+    counts). ``factor_copies``: the step also carries ``fused.compute_dtype_factors(model)``."""
     if wrt is None:
         graphdef, state = nnx.split(model)
 
@@ -175,6 +204,16 @@ def make_jit_step(model: nnx.Module, wrt, ids: jax.Array):
             model = nnx.merge(graphdef, state)
             out = _floor_loss_and_grad(model, ids)
             return out, nnx.state(model)
+
+    elif factor_copies:
+        optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=wrt)
+        graphdef, state = nnx.split((model, optimizer))
+        state = (state, fused.compute_dtype_factors(model))
+
+        def pure(state, ids):
+            model, optimizer = nnx.merge(graphdef, state[0])
+            loss, factors = _train_update_with_factors(model, optimizer, state[1], ids, wrt)
+            return loss, (nnx.state((model, optimizer)), factors)
 
     else:
         optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=wrt)
@@ -194,7 +233,70 @@ def make_jit_step(model: nnx.Module, wrt, ids: jax.Array):
         out, holder[0] = compiled(holder[0], ids)
         jax.block_until_ready(out)
 
-    return run, temp
+    return run, temp, hlo_counts(compiled.as_text())
+
+
+# Entry instructions that launch nothing.
+_NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
+_HLO_INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*")
+
+
+def _opcode_and_callee(line: str) -> tuple[str | None, str | None]:
+    """An HLO instruction line's opcode and what it calls: the computation (``calls=``) of a
+    fusion, the target of a custom call."""
+    match = _HLO_INSTRUCTION.match(line)
+    if not match:
+        return None, None
+    rest = line[match.end() :]
+    if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
+        depth = list(itertools.accumulate((char == "(") - (char == ")") for char in rest))
+        rest = rest[depth.index(0) + 1 :]
+    else:
+        rest = rest.split(" ", 1)[1] if " " in rest else ""
+    opcode = re.match(r"\s*([\w\-]+)\(", rest)
+    callee = re.search(r"calls=%?([\w.\-]+)|custom_call_target=\"([^\"]*)\"", rest)
+    if callee:
+        return (opcode.group(1) if opcode else None), callee.group(1) or callee.group(2)
+    return (opcode.group(1) if opcode else None), None
+
+
+def hlo_counts(text: str) -> dict[str, int]:
+    """What a compiled step launches, from its optimised HLO text (``compiled.as_text()``): the
+    entry computation's instructions (on the GPU each is a kernel, or a few for a ``while``), by
+    kind: ``gemm`` (a dot or convolution, fused or not, or a cuBLAS call), ``convert`` (a fusion of
+    converts only), ``transpose`` (transposes or copies only), ``other``; and ``converts``, the
+    convert instructions everywhere, fused or not."""
+    computations: dict[str, list[tuple[str, str | None]]] = {}
+    current: list | None = None
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "}")) and line.rstrip().endswith("{"):
+            name = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
+            current = computations.setdefault(name, [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None:
+            opcode, callee = _opcode_and_callee(line)
+            if opcode:
+                current.append((opcode, callee))
+    counts = dict.fromkeys(("kernels", "gemm", "convert", "transpose", "other"), 0)
+    for opcode, callee in computations.get("ENTRY", []):
+        if opcode in _NOT_LAUNCHED:
+            continue
+        inner = {opcode}
+        if opcode == "fusion":
+            inner = {op for op, _ in computations.get(callee or "", [])} - _NOT_LAUNCHED
+        counts["kernels"] += 1
+        cublas = opcode == "custom-call" and "gemm" in (callee or "").lower()  # XLA:GPU's cuBLAS GEMMs
+        if inner & {"dot", "convolution"} or cublas:
+            counts["gemm"] += 1
+        elif "convert" in inner and inner <= {"convert", "copy"}:
+            counts["convert"] += 1
+        elif inner <= {"transpose", "copy"}:
+            counts["transpose"] += 1
+        else:
+            counts["other"] += 1
+    counts["converts"] = sum(op == "convert" for ops in computations.values() for op, _ in ops)
+    return counts
 
 
 _NNX_STEPS: dict[tuple, tuple] = {}  # (setup, targets, dtype, size) -> (jitted step, its graph args)
@@ -248,7 +350,9 @@ def prepare(case: Case, shape: Shape, key: jax.Array):
     )()
     with context:  # the switch is read at trace time
         if case.mode == "jit":
-            run, result.temp_mib = make_jit_step(model, wrt, ids)
+            run, result.temp_mib, result.hlo = make_jit_step(model, wrt, ids, case.setup in FACTOR_COPIES)
+        elif case.setup in FACTOR_COPIES:
+            raise ValueError(f"{case.setup} is a jax.jit step only (its carry holds the factor copies)")
         else:
             share = (case.setup, case.targets, case.dtype, case.rank, batch, seq)
             run, _ = make_nnx_step(model, wrt, ids, cached=case.mode == "cached_partial", share=share)
@@ -369,6 +473,22 @@ def table(results: dict[Case, Result]) -> str:
     return "\n".join(lines)
 
 
+def hlo_table(results: dict[Case, Result]) -> str:
+    """``hlo_counts`` of every compiled jit step, and what each adds over its floor."""
+    keys = ("kernels", "gemm", "convert", "transpose", "other", "converts")
+    lines = [
+        "| case | " + " | ".join(keys) + " | kernels - floor |",
+        "|---|" + "---:|" * (len(keys) + 1),
+    ]
+    for case, r in results.items():
+        if r.hlo is None:
+            continue
+        floor = results.get(case.floor)
+        extra = "-" if floor is None or floor.hlo is None else f"{r.hlo['kernels'] - floor.hlo['kernels']:+d}"
+        lines.append(f"| {case.key} | " + " | ".join(str(r.hlo[k]) for k in keys) + f" | {extra} |")
+    return "\n".join(lines)
+
+
 def target_summary(results: dict[Case, Result]) -> str:
     lines = ["| target | row | measured | limit | verdict |", "|---|---|---:|---:|---|"]
 
@@ -379,6 +499,12 @@ def target_summary(results: dict[Case, Result]) -> str:
         lines.append(f"| {target} | {row} | {fmt(value, '.3f')} | {shown} | {verdict} |")
 
     for case, r in results.items():
+        if case.setup in OURS - {"ours", "ours-plain", "ours-fused"} and case.mode == "jit":
+            # Issue 24's opt-in variants, for the record: against the floor and against ours.
+            add("Flax jax.jit x floor", case.key, ratio(results, case), None)
+            ours = dataclasses.replace(case, setup="ours")
+            if ours in results:
+                add(f"{case.setup} x ours", case.key, ratio(results, case, ours), None)
         if case.setup != "ours":
             continue
         if case.mode == "jit":
@@ -422,6 +548,9 @@ def target_summary(results: dict[Case, Result]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default=jax.default_backend(), help="gpu or cpu (JAX's backend)")
+    parser.add_argument(
+        "--shape", choices=sorted(SHAPES), help="model and batch size (default: the device's; gpu: BERT-base)"
+    )
     parser.add_argument("--out", type=Path, help="write the markdown tables here too")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--warmup", type=int)
@@ -445,6 +574,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--profile-out", type=Path, help="also profile the jit groups' kernels (jax.profiler) into this file"
     )
+    parser.add_argument(
+        "--hlo-out", type=Path, help="write what each compiled jit step launches (hlo_counts) into this file"
+    )
     args = parser.parse_args(argv)
 
     began = time.perf_counter()
@@ -452,7 +584,7 @@ def main(argv: list[str] | None = None) -> None:
     kind = "gpu" if args.device in ("gpu", "cuda") else "cpu"
     if jax.default_backend() != kind:
         raise SystemExit(f"JAX's backend is {jax.default_backend()!r}, not {kind!r}; set JAX_PLATFORMS")
-    shape = with_counts(SHAPES[kind], args.steps, args.warmup)
+    shape = with_counts(SHAPES[args.shape or kind], args.steps, args.warmup)
     config = BertConfig(**shape.config)
     device = jax.devices()[0]
     environment = " · ".join(
@@ -523,6 +655,8 @@ def main(argv: list[str] | None = None) -> None:
         results.update({r.case: r for r in run_group(title, cases, shape, args.rounds, key, log, profile)})
         if profile:
             write_report(args.profile_out, header + "\n" + profile_report(PROFILES) + "\n")
+        if args.hlo_out:
+            write_report(args.hlo_out, header + "\n" + hlo_table(results) + "\n")
         text = "\n".join(
             [header, table(results), "", "### Targets (issue 17)\n", target_summary(results), ""]
         )

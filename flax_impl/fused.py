@@ -22,12 +22,27 @@ materialised the concatenations and transposes (+132 concatenate/transpose kerne
 thin GEMMs) and its forward was no longer the plain formula bit for bit. ``set_enabled(True)``, the context
 manager ``enabled()`` or ``FLAX_IMPL_FUSED=1`` in the environment turn it on; ``disabled()``
 turns it off for a block.
+
+Opt-in, model level (issue 24, not yet timed on a GPU): ``group_shared_input(model)`` computes
+the down projections of the LoRA ``query``, ``key`` and ``value`` of each attention block in one
+GEMM (``x @ [A_q | A_k | A_v]``; under autodiff one GEMM for the three factor gradients and one
+for the low-rank part of ``dx``), the twin of ``torch_impl.fused.group_shared_input``. The
+profile of the jitted BERT-base step (one H100, q,k,v,o) put the LoRA overhead in kernel count:
+234 thin GEMMs for 48 layers, half the added time launch gaps.
+
+Opt-in, step level (issue 24, not yet timed on a GPU; no torch twin: autocast caches its casts):
+``compute_dtype_factors(model)`` gives bf16 copies of the float32 factors of bf16 layers, and
+``value_and_grad_with_factors`` differentiates with respect to them, so that a step carrying the
+copies has no factor casts in its forward and backward (the profile's 93 ``wrapped_convert``
+kernels a step); the step makes the next copies from the updated parameters. Same numbers as
+the default path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 from functools import partial
 from typing import Any, cast
@@ -37,7 +52,22 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as _dtypes
 
-__all__ = ["can_fuse_linear", "disabled", "enabled", "is_enabled", "lora_linear", "set_enabled"]
+from twinformat.adapters import LORA
+
+from .graph import named_modules
+
+__all__ = [
+    "can_fuse_linear",
+    "compute_dtype_factors",
+    "disabled",
+    "enabled",
+    "group_shared_input",
+    "is_enabled",
+    "lora_linear",
+    "set_enabled",
+    "ungroup_shared_input",
+    "value_and_grad_with_factors",
+]
 
 _ENABLED = os.environ.get("FLAX_IMPL_FUSED", "0").strip().lower() in ("1", "true", "yes", "on")
 
@@ -274,3 +304,400 @@ def _lora_bwd(config: tuple, residuals, g):
 
 
 _lora.defvjp(_lora_fwd, _lora_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in grouping of LoRA layers that read the same input (q, k and v of an attention block).
+#
+# A grouped layer and its parent get a subclass of their own class (``SharedInputLoRA``,
+# ``SharedInputBertSelfAttention``, ...), made once per class and adding only ``__call__``: the
+# class is what an NNX graphdef records, so the grouping survives ``nnx.split``/``nnx.merge``
+# (the README's jitted step merges a new model inside every trace) and changes no state.
+# The parent's ``__call__`` opens a scope that lists its members (the live instances of this
+# trace); the first member called in it computes every member's down projection in one GEMM;
+# the scope, and the arrays it holds, end with the parent's call.
+
+
+class _SharedDown:
+    """The shared down projection of one group in one call of its parent."""
+
+    def __init__(self, x: jax.Array, h: jax.Array, columns: dict[int, tuple[int, int, Any]]) -> None:
+        self.x = x  # the input it was computed for (compared with ``is``)
+        self.h = h  # (..., sum of ranks), in the down projections' compute dtype
+        self.columns = columns  # id(member) -> (start, stop, the down kernel's value it read)
+
+
+class _SharedInputCall:
+    """One call of a grouped parent: its groups' members and their shared down projections."""
+
+    def __init__(self, parent: nnx.Module, groups: tuple[tuple[str, ...], ...]) -> None:
+        self.groups: list[list[Any]] = [[vars(parent).get(name) for name in names] for names in groups]
+        self.shared: dict[int, _SharedDown] = {}
+
+
+_CALLS = threading.local()  # .stack: the _SharedInputCall of every grouped parent being called
+
+
+def _call_stack() -> list[_SharedInputCall]:
+    stack = getattr(_CALLS, "stack", None)
+    if stack is None:
+        stack = _CALLS.stack = []
+    return stack
+
+
+def _plain_lora(layer: Any) -> bool:
+    """A LoRA layer whose output is exactly ``pretrained(x) + up(down(x)) * scaling`` now: its own
+    (default) factors, no DoRA, no dropout mask, not merged, no several-adapter switch."""
+    dropout = vars(layer).get("adapter_dropout")
+    return (
+        getattr(layer, "adapter_kind", None) is LORA
+        and isinstance(vars(layer).get("pretrained_module"), nnx.Linear)
+        and vars(layer).get("has_default", True)
+        and vars(layer).get("adapter_switch") is None
+        and not layer.merged
+        and not layer.use_dora
+        and (dropout is None or dropout.deterministic)
+    )
+
+
+def _shares_down_projection(layer: Any, reference: Any) -> bool:
+    """Whether ``layer``'s down projection can be columns of one GEMM with ``reference``'s: both
+    plain bias-free ``nnx.Linear`` with the same input size, kernel dtype, dtype and precision."""
+    if not (_SHARED_INPUT_BASE in type(layer).__dict__ and _plain_lora(layer)):
+        return False
+    down, ref = layer.adapter_down_proj, reference.adapter_down_proj
+    return (
+        _plain_linear(down)
+        and down.bias is None
+        and down.in_features == ref.in_features
+        and down.kernel.dtype == ref.kernel.dtype
+        and down.dtype == ref.dtype
+        and down.precision == ref.precision
+    )
+
+
+def _shared_down_projection(layer: Any, x: jax.Array) -> jax.Array | None:
+    """``layer.adapter_down_proj(x)`` as columns of its group's GEMM, or None where the layer
+    must compute alone (no grouped parent being called, another input, not plain LoRA now)."""
+    for call in reversed(_call_stack()):
+        found = [(i, members) for i, members in enumerate(call.groups) if any(m is layer for m in members)]
+        if found:
+            break
+    else:
+        return None
+    index, members = found[0]
+    shared = call.shared.get(index)
+    if shared is None:  # the first member called: one GEMM for every member that can share it
+        if not _shares_down_projection(layer, layer):
+            return None
+        sharing = [m for m in members if m is layer or _shares_down_projection(m, layer)]
+        if len(sharing) < 2:
+            return None
+        kernels = [m.adapter_down_proj.kernel for m in sharing]
+        down = layer.adapter_down_proj
+        xd, dd = _dtypes.promote_dtype(
+            (x, jnp.concatenate([k[...] for k in kernels], axis=-1)), dtype=down.dtype
+        )
+        h = _dot(xd, dd, down.precision)
+        columns, start = {}, 0
+        for member, kernel in zip(sharing, kernels, strict=True):
+            stop = start + kernel.shape[-1]
+            columns[id(member)] = (start, stop, kernel.get_value())
+            start = stop
+        shared = call.shared[index] = _SharedDown(x, h, columns)
+    column = shared.columns.get(id(layer))
+    if shared.x is not x or column is None or not _plain_lora(layer):
+        return None
+    start, stop, kernel_value = column
+    if layer.adapter_down_proj.kernel.get_value() is not kernel_value:  # set since: not that GEMM's
+        return None
+    return shared.h[..., start:stop]
+
+
+_SHARED_INPUT_BASE = "_shared_input_base"  # class attribute of a grouped class: the class it extends
+_SHARED_INPUT_CLASSES: dict[tuple[type, tuple[tuple[str, ...], ...] | None], type] = {}
+
+
+def _member_class(base: type) -> type:
+    """``base`` (a LoRA class) whose ``__call__`` takes the group's down projection when there is one."""
+    key = (base, None)
+    if key not in _SHARED_INPUT_CLASSES:
+
+        def __call__(self: Any, x: jax.Array) -> jax.Array:
+            h = _shared_down_projection(self, x)
+            if h is None:
+                return base.__call__(self, x)
+            # LoRA's plain formula, with down(x) read from the group's GEMM.
+            return self.pretrained_module(x) + self.adapter_up_proj(h) * self.scaling
+
+        _SHARED_INPUT_CLASSES[key] = _subclass(base, __call__, {_SHARED_INPUT_BASE: base})
+    return _SHARED_INPUT_CLASSES[key]
+
+
+def _parent_class(base: type, groups: tuple[tuple[str, ...], ...]) -> type:
+    """``base`` whose ``__call__`` opens the scope in which its ``groups`` share down projections."""
+    key = (base, groups)
+    if key not in _SHARED_INPUT_CLASSES:
+
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            stack = _call_stack()
+            stack.append(_SharedInputCall(self, groups))
+            try:
+                return base.__call__(self, *args, **kwargs)
+            finally:
+                stack.pop()
+
+        attributes = {_SHARED_INPUT_BASE: base, "shared_input_groups": groups}
+        _SHARED_INPUT_CLASSES[key] = _subclass(base, __call__, attributes)
+    return _SHARED_INPUT_CLASSES[key]
+
+
+def _subclass(base: type, call: Any, attributes: dict[str, Any]) -> type:
+    name = f"SharedInput{base.__name__}"
+    namespace = {"__call__": call, "__module__": __name__, "__qualname__": name, "__doc__": base.__doc__}
+    return type(base)(name, (base,), {**namespace, **attributes})
+
+
+def _set_class(module: nnx.Module, cls: type) -> None:
+    # object.__setattr__: NNX's __setattr__ would record ``__class__`` as an attribute of the node.
+    object.__setattr__(module, "__class__", cls)
+
+
+def _original_class(module: nnx.Module) -> type:
+    return type(module).__dict__.get(_SHARED_INPUT_BASE, type(module))
+
+
+def group_shared_input(model: nnx.Module, names: tuple[str, ...] = ("query", "key", "value")) -> int:
+    """Opt-in: compute the down projections of the LoRA layers ``names`` of each parent module in
+    one GEMM (the twin of ``torch_impl.fused.group_shared_input``).
+
+    For every module with at least two plain LoRA children among ``names`` (wrapping an
+    ``nnx.Linear``; no DoRA, no dropout, not merged, one adapter), the first of them that the
+    parent's ``__call__`` calls computes ``x @ concatenate([A_1, A_2, ...])`` (one GEMM, one cast
+    of the concatenated factors) and each member called on the very same array (``is``) takes its
+    columns, then adds ``up(h) * scaling`` to its base output as LoRA does. Under autodiff the
+    backward then has one GEMM for the factors' gradients and one for the low-rank part of
+    ``dx``. A member called on another array, outside its parent's call, or that is no longer
+    plain LoRA (merged, dropout active, a second adapter since) computes alone.
+
+    The forward is LoRA's plain formula with the down projection's columns taken from a wider
+    GEMM (bit for bit the same where the backend computes each column alike, as XLA:CPU does);
+    the gradients of ``x`` sum the members' low-rank terms inside one GEMM instead of adding
+    them one by one (float32 rounding apart). It takes the plain formula even where
+    :func:`enabled` would give the members the ``custom_vjp`` path.
+
+    The grouped parents and members become subclasses of their classes that add only
+    ``__call__`` (``SharedInputLoRA``, ...): the parameters, ``nnx.state`` and checkpoints do not
+    change, and ``nnx.split``/``nnx.merge`` keep the grouping, so a step that merges the model
+    from a graphdef inside ``jax.jit`` (the README's split-state step) groups too, provided
+    ``nnx.split`` runs after this call. :func:`ungroup_shared_input` undoes it.
+
+    Arguments
+    ---------
+    model: nnx.Module
+        A model holding LoRA layers (an ``AdaptedModel`` or its wrapped model).
+    names: tuple of str
+        Child names to group under each parent.
+
+    Returns
+    -------
+    int
+        The number of groups formed.
+
+    Example
+    -------
+    >>> from flax_impl import LoRA
+    >>> class Attention(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.query, self.key, self.value = (
+    ...             LoRA(nnx.Linear(8, 8, rngs=rngs), 2, rngs=rngs) for _ in range(3))
+    ...     def __call__(self, x):
+    ...         return self.query(x) * self.key(x) + self.value(x)
+    >>> attention = Attention(nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(1), (4, 8))
+    >>> before = attention(x)
+    >>> group_shared_input(attention)
+    1
+    >>> type(attention.query).__name__
+    'SharedInputLoRA'
+    >>> graphdef, state = nnx.split(attention)  # the grouping is in the graphdef
+    >>> bool(jnp.allclose(jax.jit(lambda s: nnx.merge(graphdef, s)(x))(state), before, atol=1e-6))
+    True
+    >>> ungroup_shared_input(attention)
+    3
+    """
+    count = 0
+    for _, parent in named_modules(model):
+        children = dict(nnx.iter_module_children(parent))
+        members = [
+            name
+            for name in names
+            if name in children
+            and _plain_lora(children[name])
+            and not children[name].dropout
+            and _SHARED_INPUT_BASE not in type(children[name]).__dict__
+        ]
+        if len(members) < 2:
+            continue
+        for name in members:
+            _set_class(children[name], _member_class(type(children[name])))
+        groups = (*getattr(type(parent), "shared_input_groups", ()), tuple(members))
+        _set_class(parent, _parent_class(_original_class(parent), groups))
+        count += 1
+    return count
+
+
+def ungroup_shared_input(model: nnx.Module) -> int:
+    """Undo :func:`group_shared_input`: every module gets its class back; return the number of
+    LoRA layers released.
+
+    Example
+    -------
+    >>> ungroup_shared_input(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    0
+    """
+    count = 0
+    for _, module in named_modules(model):
+        if _SHARED_INPUT_BASE in type(module).__dict__:
+            count += "shared_input_groups" not in type(module).__dict__
+            _set_class(module, _original_class(module))
+    return count
+
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in: the factors in the dtype their layers compute in, as copies carried by the step.
+
+
+def _compute_dtype_kernels(model: nnx.Module) -> dict[int, Any]:
+    """id(kernel Variable) -> compute dtype, for the LoRA factors whose layer casts the kernel to
+    a narrower dtype before its GEMM (bf16 compute, float32 parameters): the factors of plain or
+    dropout LoRA layers on ``nnx.Linear`` (DoRA's norm and a merge read the factors themselves)."""
+    kernels: dict[int, Any] = {}
+    for _, layer in named_modules(model):
+        if not (
+            getattr(layer, "adapter_kind", None) is LORA
+            and isinstance(vars(layer).get("pretrained_module"), nnx.Linear)
+            and vars(layer).get("has_default", True)
+            and not cast(Any, layer).merged
+            and not cast(Any, layer).use_dora
+        ):
+            continue
+        for factor in (cast(Any, layer).adapter_down_proj, cast(Any, layer).adapter_up_proj):
+            if _plain_linear(factor) and factor.dtype is not None:
+                dtype = jnp.dtype(factor.dtype)
+                if dtype != factor.kernel.dtype:
+                    kernels[id(factor.kernel)] = dtype
+    return kernels
+
+
+def compute_dtype_factors(model: nnx.Module) -> nnx.State:
+    """Opt-in: copies of the LoRA factors in the dtype their layers compute in, for
+    :func:`value_and_grad_with_factors`.
+
+    A LoRA factor of a bf16 layer with float32 parameters (``nnx.Linear(..., dtype=bfloat16)``)
+    is cast to bf16 in every forward and its gradient back to float32 in every backward: ~2 cast
+    kernels per factor and step. A training step that carries these copies (computed here once,
+    then by the step from the updated parameters, where the cast rides in the optimizer's
+    update) differentiates with respect to them instead: the same bf16 operands and GEMMs, so
+    the same numbers as the default path, with the casts out of the forward and backward. The
+    model's parameters stay float32; only the step's carry grows (2 bytes a factor entry).
+
+    Arguments
+    ---------
+    model: nnx.Module
+        A model holding LoRA layers. Factors of DoRA or merged layers, of layers that compute
+        in their parameters' dtype, and of convolutions and embeddings are left out.
+
+    Returns
+    -------
+    nnx.State
+        The copies, at the factors' paths in ``nnx.state(model)`` (empty when no layer casts).
+
+    Example
+    -------
+    >>> from flax_impl import LoRA
+    >>> layer = LoRA(nnx.Linear(8, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
+    >>> factors = compute_dtype_factors(layer)
+    >>> [(path, v.dtype.name) for path, v in nnx.to_flat_state(factors)]
+    [(('adapter_down_proj', 'kernel'), 'bfloat16'), (('adapter_up_proj', 'kernel'), 'bfloat16')]
+    >>> layer.adapter_down_proj.kernel.dtype.name  # the parameter itself is unchanged
+    'float32'
+    """
+    kernels = _compute_dtype_kernels(model)
+    state = nnx.state(model, lambda _, variable: id(variable) in kernels)
+    return nnx.from_flat_state(
+        [
+            (path, variable.replace(variable.get_value().astype(kernels[id(variable)])))
+            for path, variable in nnx.to_flat_state(state)
+        ]
+    )
+
+
+def value_and_grad_with_factors(
+    fn: Any, model: nnx.Module, factors: nnx.State, *, wrt: Any, has_aux: bool = False
+) -> tuple[Any, nnx.State]:
+    """``nnx.value_and_grad(fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model)`` with the
+    LoRA factors read from ``factors`` (:func:`compute_dtype_factors`) instead of cast in the
+    layers.
+
+    During the call each factor Variable holds its copy (the layers' cast is then a no-op), the
+    gradient is taken with respect to the copies and cast to the parameter's dtype (autodiff of
+    the layers' cast does the same), and the parameters are put back. The layers take the plain
+    formula (:func:`disabled`), so the value and the gradients are those of the default path,
+    provided ``factors`` are the copies of the current parameters: a step that updates them
+    must return ``compute_dtype_factors(model)`` for the next step.
+
+    Arguments
+    ---------
+    fn: callable
+        ``fn(model)``, the loss (``(loss, aux)`` with ``has_aux``).
+    model: nnx.Module
+        The model, as the step merged it.
+    factors: nnx.State
+        ``compute_dtype_factors(model)`` of the current parameters.
+    wrt: filter
+        What to differentiate (``model.trainable`` of an ``AdaptedModel``).
+    has_aux: bool
+        Whether ``fn`` returns ``(loss, aux)``.
+
+    Returns
+    -------
+    tuple
+        ``(value, grads)``: ``fn``'s value and the gradients in the parameters' dtypes, the state
+        of ``wrt`` as ``nnx.value_and_grad`` gives it.
+
+    Example
+    -------
+    >>> from flax_impl import LoRA
+    >>> layer = LoRA(nnx.Linear(8, 4, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
+    >>> x = jnp.ones((3, 8))
+    >>> loss = lambda m: jnp.sum(m(x).astype(jnp.float32) ** 2)
+    >>> _, grads = value_and_grad_with_factors(loss, layer, compute_dtype_factors(layer), wrt=nnx.LoRAParam)
+    >>> _, reference = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(layer)
+    >>> jax.tree.all(jax.tree.map(lambda a, b: a.dtype == b.dtype and bool((a == b).all()), grads, reference))
+    True
+    """
+    live = dict(nnx.to_flat_state(nnx.state(model)))
+    masters: dict[tuple, tuple[nnx.Variable, Any]] = {}
+    for path, copy in nnx.to_flat_state(factors):
+        variable = live.get(path)
+        if variable is None or variable.shape != copy.shape:
+            raise KeyError(
+                f"factors holds {'.'.join(map(str, path))!r} {copy.shape}, which the model "
+                f"{'has not' if variable is None else f'holds with shape {variable.shape}'}: "
+                "pass compute_dtype_factors(model) of this model"
+            )
+        masters[path] = (variable, variable.get_value())
+    try:
+        for path, copy in nnx.to_flat_state(factors):
+            masters[path][0].set_value(copy.get_value())
+        with disabled():
+            value, grads = nnx.value_and_grad(fn, argnums=nnx.DiffState(0, wrt), has_aux=has_aux)(model)
+    finally:
+        for variable, master in masters.values():
+            variable.set_value(master)
+    flat = [
+        (path, grad.replace(grad.get_value().astype(masters[path][1].dtype)) if path in masters else grad)
+        for path, grad in nnx.to_flat_state(grads)
+    ]
+    return value, nnx.from_flat_state(flat)
