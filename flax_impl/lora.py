@@ -364,7 +364,7 @@ class LoRA(nnx.Module):
         )
 
     def _mixed_delta(self, x: jax.Array, switch: jax.Array) -> jax.Array:
-        """Every sample's own adapter term at the cost of one adapter (the twin of
+        """Every sample's own adapter term in one adapter's kernels (the twin of
         ``torch_impl.LoRA._mixed_delta``): the down kernels of all the adapters this layer holds
         concatenated (``R`` = the sum of their ranks) in one GEMM, each sample's columns weighted
         by its switch entry times that adapter's scaling (0 for the others: an exact zero), the

@@ -323,7 +323,7 @@ class LoRA(nn.Module):
     def _mixed_delta(
         self, x: torch.Tensor, mask: torch.Tensor, columns: dict[str, int], shared: dict[Any, torch.Tensor]
     ) -> torch.Tensor:
-        """Every sample's own adapter term at the cost of one adapter: the down factors of all the
+        """Every sample's own adapter term in one adapter's kernels: the down factors of all the
         adapters this layer holds concatenated (``R`` = the sum of their ranks) in one GEMM, each
         sample's columns weighted by its mask entry times that adapter's scaling (0 for the
         others: an exact zero), then the up factors concatenated in a second GEMM. PEFT gathers
