@@ -34,9 +34,9 @@ from twinformat.names import (
 from twinformat.recorded import (
     check_recorded_adapter,
     check_recorded_layer_kwargs,
-    layer_kwargs_entry,
     is_persistence_name,
     layer_kinds_entry,
+    layer_kwargs_entry,
     not_forwarded_message,
     signature_defaults,
 )

@@ -333,7 +333,7 @@ class LoRA(nn.Module):
         CUDA graph once and replayed for any mask."""
         names = self.adapter_names()
         branches = [self.branch(name) for name in names]
-        key = tuple((columns[n], b.adapter_down_proj.weight.shape[0], float(b.scaling)) for n, b in zip(names, branches))
+        key = tuple((columns[n], b.adapter_down_proj.weight.shape[0], float(b.scaling)) for n, b in zip(names, branches, strict=True))
         weights = shared.get(key)
         if weights is None:  # (batch, R): one expand per adapter, shared by layers alike
             weights = torch.cat(
