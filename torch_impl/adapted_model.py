@@ -260,7 +260,7 @@ class AdaptedModel(nn.Module):
             return self.adapted_model(*args, **kwargs)
         if adapter_names is not None:
             layers = self._sample_layers(adapter_names)
-            adapter_mask = self.adapter_mask(adapter_names)
+            adapter_mask = self._mask_rows(adapter_names)
         else:
             layers = self._sample_layers([])
         mask = cast(torch.Tensor, adapter_mask)
@@ -274,6 +274,11 @@ class AdaptedModel(nn.Module):
                 f"{self.adapters}; got {tuple(mask.shape)}: make it with model.adapter_mask(names)"
             )
         columns = {self._slot(name): i for i, name in enumerate(self.adapters)}
+        if adapter_names is None and not all(layer._can_mix(columns) for layer in layers):
+            # A layer that gathers each adapter's samples needs the names: read them from the
+            # mask once for the whole forward (a host sync; the concatenated path needs none).
+            picked = [row.nonzero().flatten().tolist() for row in mask.detach().cpu()]
+            adapter_names = [self.adapters[p[0]] if p else BASE_ADAPTER for p in picked]
         names = None if adapter_names is None else [self._slot(n) if n != BASE_ADAPTER else n for n in adapter_names]
         shared: dict[Any, torch.Tensor] = {}  # per-sample weights, computed once per forward
         for layer in layers:
@@ -300,6 +305,10 @@ class AdaptedModel(nn.Module):
                 [1., 0.]])
         """
         self._sample_layers(adapter_names)  # PEFT's checks: known names, eval mode
+        return self._mask_rows(adapter_names)
+
+    def _mask_rows(self, adapter_names: Sequence[str]) -> torch.Tensor:
+        """:meth:`adapter_mask` without its checks (the caller made them)."""
         names = self.adapters
         rows = [[1.0 if name == column else 0.0 for column in names] for name in adapter_names]
         device = next((p.device for p in self.parameters()), torch.device("cpu"))

@@ -263,7 +263,7 @@ class LoRA(nn.Module):
         ``mask`` (``(batch, adapters)``, 0/1) with the column of each adapter (``columns``);
         ``shared`` caches what layers of the same adapters can share within one forward.
         ``names=None`` and ``mask=None``: stop."""
-        self._sample_names = names if names is not None or mask is None else None
+        self._sample_names = names
         self._sample_mask = None if mask is None else (mask, dict(columns or {}), {} if shared is None else shared)
 
     def branch(self, name: str) -> LoRA | LoRABranch:
@@ -291,12 +291,6 @@ class LoRA(nn.Module):
         sample_mask = self.__dict__.get("_sample_mask")
         if sample_mask is not None and self._can_mix(sample_mask[1]):
             return result + self._mixed_delta(x, *sample_mask).to(result.dtype)
-        if samples is None and sample_mask is not None:
-            # Only a mask was given and this layer needs indices: read them (a host sync).
-            mask, columns, _ = sample_mask
-            by_column = {column: name for name, column in columns.items()}
-            picked = [row.nonzero().flatten().tolist() for row in mask.detach().cpu()]
-            samples = [by_column[p[0]] if p else BASE_ADAPTER for p in picked]
         if samples is None:
             for name in self.__dict__.get("_active", (DEFAULT_ADAPTER,)):
                 result = result + self._delta(self.branch(name), x)
