@@ -334,10 +334,14 @@ class LoRA(nnx.Module):
 
     def _multi_call(self, x: jax.Array) -> jax.Array:
         """PEFT's order: the base layer, then each held adapter's term times its switch weight
-        (0 or 1 for the whole batch, or one weight per sample): ``x + 0 * d`` is ``x`` exactly."""
+        (0 or 1 for the whole batch, or one weight per sample): ``x + 0 * d`` is ``x`` exactly.
+
+        A layer holding several plain LoRA adapters takes ``_mixed_delta``'s one GEMM pair for
+        any switch (batch-wide too: the active set is data, so the loop below would run every
+        held adapter's GEMMs on every step, active or not); the others loop."""
         result = self.pretrained_module(x)
         switch = self.adapter_switch[...]
-        if switch.ndim == 2 and self._can_mix():
+        if len(self.switch_columns) > 1 and self._can_mix():
             return result + self._mixed_delta(x, switch).astype(result.dtype)
         for name in self.adapter_names():
             weight = switch[..., self.switch_columns[name]]
@@ -364,7 +368,8 @@ class LoRA(nnx.Module):
         )
 
     def _mixed_delta(self, x: jax.Array, switch: jax.Array) -> jax.Array:
-        """Every sample's own adapter term in one adapter's kernels (the twin of
+        """The active adapters' terms (``switch`` of shape ``(adapters,)``) or every sample's own
+        (``(batch, adapters)``) in one adapter's kernels (the twin of
         ``torch_impl.LoRA._mixed_delta``): the down kernels of all the adapters this layer holds
         concatenated (``R`` = the sum of their ranks) in one GEMM, each sample's columns weighted
         by its switch entry times that adapter's scaling (0 for the others: an exact zero), the
@@ -385,7 +390,9 @@ class LoRA(nnx.Module):
         dtype, precision = downs[0].dtype, downs[0].precision
         lhs, down = downs[0].promote_dtype((x, down), dtype=dtype)
         h = jax.lax.dot_general(lhs, down, (((lhs.ndim - 1,), (0,)), ((), ())), precision=precision)
-        h = h * weights.reshape(weights.shape[:1] + (1,) * (h.ndim - 2) + weights.shape[1:]).astype(h.dtype)
+        if weights.ndim == 2:  # one row per sample: (batch, R) against (batch, ..., R)
+            weights = weights.reshape(weights.shape[:1] + (1,) * (h.ndim - 2) + weights.shape[1:])
+        h = h * weights.astype(h.dtype)
         h, up = ups[0].promote_dtype((h, up), dtype=dtype)
         return jax.lax.dot_general(h, up, (((h.ndim - 1,), (0,)), ((), ())), precision=precision)
 

@@ -239,3 +239,34 @@ def test_a_mixed_batch_takes_one_gemm_pair_where_every_adapter_is_plain_lora(mon
     loop = model(X, adapter_mask=mask)
     np.testing.assert_allclose(fast, loop, rtol=1e-6, atol=1e-6)
     assert not np.allclose(fast[0], fast[1])  # 'b' shows against the base sample
+
+
+def _dot_generals(model: AdaptedModel, x: jax.Array) -> int:
+    graph, state = nnx.split(model)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graph, s)(x))(state)
+    return str(jaxpr).count("dot_general")
+
+
+@pytest.mark.parametrize("active", ["default", "b", ["default", "b"]])
+def test_a_batch_wide_active_set_takes_one_gemm_pair_not_one_per_held_adapter(monkeypatch, active):
+    """With 'default' and 'b' on fc1, the active set is data: the loop would run both adapters'
+    GEMMs on every call, active or not. fc1 takes one concatenated pair instead (the DoRA layer
+    fc2 loops), with the loop's numbers, and the base model's exactly when disabled."""
+    model = _three()
+    model.eval()
+    model.set_adapter(active)
+    fast, fast_dots = model(X), _dot_generals(model, X)
+    with model.disable_adapter():
+        base = model(X)
+    with monkeypatch.context() as patch:
+        patch.setattr(LoRA, "_can_mix", lambda self: False)
+        loop, loop_dots = model(X), _dot_generals(model, X)
+        with model.disable_adapter():
+            np.testing.assert_array_equal(model(X), base)
+    np.testing.assert_allclose(fast, loop, rtol=1e-6, atol=1e-6)
+    assert fast_dots == loop_dots - 2  # fc1: one GEMM pair for its two adapters, not two
+    assert not np.allclose(fast, base)
+    fc1 = model.adapted_model.fc1
+    np.testing.assert_array_equal(
+        base, model.adapted_model.fc2.pretrained_module(nnx.relu(fc1.pretrained_module(X)))
+    )
