@@ -231,7 +231,9 @@ _ADAPTER_RENAME_HELP = (
 
 
 def _rename_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument("--rename", nargs=2, action="append", metavar=("PATTERN", "REPLACEMENT"), help=help_text)
+    parser.add_argument(
+        "--rename", nargs=2, action="append", metavar=("PATTERN", "REPLACEMENT"), help=help_text
+    )
 
 
 def _rename_rules(args: argparse.Namespace) -> list[tuple[str, str]]:
