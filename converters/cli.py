@@ -120,13 +120,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="glob of more tensor names that are buffers, not parameters (e.g. '*.attn.bias'); repeatable",
     )
-    p.add_argument(
-        "--rename",
-        nargs=2,
-        action="append",
-        metavar=("PATTERN", "REPLACEMENT"),
-        help="rename tensors (glob, or 're:' regex); repeatable, first match wins",
-    )
+    _rename_flag(p, "rename tensors (glob, or 're:' regex); repeatable, first match wins")
     p.add_argument(
         "--max-shard-size",
         metavar="SIZE",
@@ -164,6 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="merged .safetensors file (in the base file's layout)")
     p.add_argument("--rank", type=int, help="LoRA rank, for an adapter file without metadata")
     p.add_argument("--alpha", type=float, help="LoRA alpha, for an adapter file without metadata")
+    _rename_flag(p, _ADAPTER_RENAME_HELP.format(names="the base file's"))
     _progress_flags(p)
     p.set_defaults(run=_merge)
 
@@ -179,6 +174,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("peft_dir", help="PEFT adapter directory (save_pretrained output)")
     p.add_argument("output", help="adapter .safetensors file to write")
     _adapter_flags(p, "of the PEFT directory")
+    _rename_flag(
+        p,
+        _ADAPTER_RENAME_HELP.format(names="the loading model's")
+        + " (from Gemma3ForConditionalGeneration to the text twin: 'model.language_model.*' 'model.*')",
+    )
     p.set_defaults(run=_peft_import)
 
     p = sub.add_parser(
@@ -214,8 +214,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--force", action="store_true", help="overwrite the adapter files of an existing directory"
     )
+    _rename_flag(
+        p,
+        _ADAPTER_RENAME_HELP.format(names="PEFT's base model's")
+        + " (from the Gemma 3 text twin to Gemma3ForConditionalGeneration: 'model.*' 'model.language_model.*')",
+    )
     p.set_defaults(run=_peft_export)
     return parser
+
+
+_ADAPTER_RENAME_HELP = (
+    "rename the adapter's modules (the layers it adapts, and those it holds whole) to {names} names: "
+    "PATTERN (glob, or 're:' regex) matched against module names, each module's tensors and per-layer "
+    "ranks follow it; repeatable, first match wins, a rule matching no module is an error"
+)
+
+
+def _rename_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument(
+        "--rename", nargs=2, action="append", metavar=("PATTERN", "REPLACEMENT"), help=help_text
+    )
+
+
+def _rename_rules(args: argparse.Namespace) -> list[tuple[str, str]]:
+    return [(pattern, replacement) for pattern, replacement in args.rename or ()]
 
 
 def _adapter_flags(parser: argparse.ArgumentParser, of: str) -> None:
@@ -335,7 +357,7 @@ def _convert(args: argparse.Namespace) -> None:
         target,
         layout=layout,
         layer_kinds=_layer_kinds(args),
-        rename=[tuple(rule) for rule in args.rename or ()],
+        rename=_rename_rules(args),
         progress=_show_progress(args, args.source),
         max_shard_bytes=max_shard_bytes,
         buffers=args.buffers,
@@ -403,6 +425,7 @@ def _merge(args: argparse.Namespace) -> None:
         args.output,
         adapter_kwargs=given or None,
         progress=_show_progress(args, args.base),
+        rename=_rename_rules(args),
     )
     _print_report(report, f"wrote {args.output}")
 
@@ -416,6 +439,7 @@ def _peft_import(args: argparse.Namespace) -> None:
         adapter_name=args.adapter_name,
         selected_adapters=args.selected_adapters,
         full=True,
+        rename=_rename_rules(args),
     )
     if args.adapter_name is None and args.selected_adapters is None:
         others = [name for name in peft_adapter_names(args.peft_dir) if name != "default"]
@@ -448,6 +472,7 @@ def _peft_export(args: argparse.Namespace) -> None:
         base_model_name_or_path=args.base_model,
         task_type=args.task_type,
         conv_geometry_checked=args.conv_geometry_checked,
+        rename=_rename_rules(args),
     )
     configs = {None: config} if isinstance(config.get("peft_type"), str) else config
     for name, written in configs.items():

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +39,17 @@ from twinformat.report import KeyReport
 
 from .file_convert import progress_bar
 from .files import TensorFile, TensorSpec, numpy_dtype, write_safetensors
-from .peft import peft_to_adapter_file
-from .views import TensorView, _constant, file_layer_kinds, file_view, to_flax_layout, to_torch_layout
+from .peft import _unfrozen_module, peft_to_adapter_file
+from .rename import RenameRule, module_renamer
+from .views import (
+    TensorView,
+    _constant,
+    file_layer_kinds,
+    file_view,
+    module_of,
+    to_flax_layout,
+    to_torch_layout,
+)
 
 __all__ = ["MergeError", "merge_adapter_file"]
 
@@ -54,6 +63,7 @@ def merge_adapter_file(
     *,
     adapter_kwargs: Mapping[str, Any] | None = None,
     progress: bool = False,
+    rename: Sequence[RenameRule] | None = None,
 ) -> KeyReport:
     """Write ``out_path``: the base checkpoint with the LoRA adapter folded into its weights.
 
@@ -74,6 +84,12 @@ def merge_adapter_file(
         ``.ckpt``); must agree with the file's metadata when both exist.
     progress : bool
         Show a progress bar on stdout.
+    rename : list of (pattern, replacement), optional
+        Rename the adapter's modules (the layers it adapts and those it holds whole) to the base
+        file's names, e.g. ``[("model.language_model.*", "language_model.model.*")]`` for a PEFT
+        adapter trained on ``Gemma3ForConditionalGeneration`` merged into a hub file of it: glob or
+        ``re:`` rules matched against module names, first match wins, a rule that matches no
+        module is refused (:func:`converters.rename.module_renamer`).
 
     Returns
     -------
@@ -108,7 +124,7 @@ def merge_adapter_file(
             )
         with tempfile.TemporaryDirectory() as scratch:
             ours = Path(scratch) / "adapter.safetensors"
-            imported = peft_to_adapter_file(peft_directory, ours)
+            imported = peft_to_adapter_file(peft_directory, ours, rename=rename)
             report = merge_adapter_file(base_path, ours, out_path, progress=progress)
         report.notes[:0] = [f"read the PEFT adapter in {str(peft_directory)!r}", *imported.notes]
         return report
@@ -117,6 +133,12 @@ def merge_adapter_file(
         adapter_kinds = file_layer_kinds(adapter_file)
         adapter = to_torch_layout(file_view(adapter_file), adapter_file.layout, adapter_kinds)
         updates, replacements = _split_adapter(adapter, str(adapter_path), declared)
+        rename_notes: list[str] = []
+        if rename:
+            unfrozen = parse_metadata(adapter_file.metadata).get("unfrozen_layers") or []
+            updates, replacements, adapter_kinds, rename_notes = _renamed(
+                updates, replacements, adapter_kinds, unfrozen, rename
+            )
         factors = {
             name: {leaf: adapter.read(key) for leaf, key in found.items()} for name, found in updates.items()
         }
@@ -130,6 +152,7 @@ def merge_adapter_file(
             notes = _check(base, factors, replaced, kwargs, wrapped_kinds, str(base_path))
         else:  # another declared adapter: its rule's output is checked against the weight's spec
             notes = _check_declared(base, factors, replaced, declared, str(base_path))
+        notes[:0] = rename_notes
         merged = _merged_view(base, factors, replaced, kwargs, wrapped_kinds, declared)
         if base_file.layout == "flax":
             merged, dropped = to_flax_layout(merged, kinds)
@@ -257,6 +280,30 @@ def _split_adapter(
     return updates, replacements
 
 
+def _renamed(
+    updates: dict[str, dict[str, str]],
+    replacements: dict[str, str],
+    adapter_kinds: Mapping[str, str],
+    unfrozen: Sequence[str],
+    rules: Sequence[RenameRule],
+) -> tuple[dict[str, dict[str, str]], dict[str, str], dict[str, str], list[str]]:
+    """:func:`_split_adapter`'s layers and unfrozen tensors, and the adapter's layer kinds, in the
+    names ``rules`` give the adapter's modules: its layers, and the modules holding its unfrozen
+    tensors (those its ``unfrozen_layers`` select, else each tensor's own module); plus the notes."""
+    held = [_unfrozen_module(source, unfrozen) or module_of(key) for key, source in replacements.items()]
+    rename, notes = module_renamer([*updates, *held], rules)
+    kinds = {
+        _PREFIX + rename(module[len(_PREFIX) :]) if module.startswith(_PREFIX) else module: kind
+        for module, kind in adapter_kinds.items()
+    }
+    return (
+        {rename(layer): found for layer, found in updates.items()},
+        {rename(key): source for key, source in replacements.items()},
+        kinds,
+        notes,
+    )
+
+
 def _wrapped_kind(
     layer: str, base_kinds: Mapping[str, str], adapter_kinds: Mapping[str, str], declared: AdapterKind
 ) -> str | None:
@@ -314,7 +361,10 @@ def _check(
                     "write exactly; merge in the model instead (torch_impl.merge_lora writes through the "
                     "parametrization's right_inverse and checks it) and save that"
                 )
-            raise MergeError(f"the adapter adapts layer {layer or '<root>'!r} but {where!r} has no {key!r}")
+            raise MergeError(
+                f"the adapter adapts layer {layer or '<root>'!r} but {where!r} has no {key!r}; where the "
+                "two name the model differently, rename the adapter's modules (rename=, CLI --rename)"
+            )
         weight_shape = tuple(base.shape(key))
         kind = wrapped_kinds.get(layer)
         if (

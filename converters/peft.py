@@ -68,8 +68,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -84,6 +84,7 @@ from twinformat.peft_format import PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, PeftAdap
 from twinformat.report import KeyReport
 
 from .files import TensorFile, write_safetensors
+from .rename import RenameRule, module_renamer
 from .sides import framework_of, model_state
 
 __all__ = [
@@ -252,6 +253,7 @@ def export_peft_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
     conv_geometry_checked: bool = False,
+    rename: Sequence[RenameRule] | None = None,
 ) -> dict[str, Any]:
     """Write our LoRA adapters as PEFT adapter directories that ``PeftModel.from_pretrained``
     (then ``load_adapter`` for the others) loads.
@@ -280,6 +282,12 @@ def export_peft_adapter(
         A file does not record its convs' dilation and padding mode, which PEFT's LoRA conv
         cannot express: exporting conv adapters from a file needs this set to True, confirming
         the wrapped convs use dilation 1 and ``padding_mode='zeros'``.
+    rename : list of (pattern, replacement), optional
+        Rename the adapters' modules (the layers they adapt and the modules they hold whole) to
+        the names of the model PEFT will load them into, e.g. ``[("model.*",
+        "model.language_model.*")]`` for ``Gemma3ForConditionalGeneration``: glob or ``re:``
+        rules matched against module names, first match wins, a rule that matches no module is
+        refused (:func:`converters.rename.module_renamer`).
 
     Returns
     -------
@@ -312,9 +320,12 @@ def export_peft_adapter(
     unknown = [name for name in names if name not in available]
     if unknown:
         raise PeftConversionError(f"no adapter named {unknown[0]!r}; {where} holds {available}")
+    adapters = {name: read(name) for name in names}
+    if rename:
+        renaming, _ = module_renamer(_modules_of(adapters.values()), rename)
+        adapters = {name: _renamed_adapter(adapter, renaming) for name, adapter in adapters.items()}
     written: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
-    for name in names:
-        adapter = read(name)
+    for name, adapter in adapters.items():
         try:
             written[name] = _peft_files(adapter, base_model_name_or_path, task_type, str(source))
         except PeftConversionError as exc:
@@ -341,6 +352,7 @@ def peft_to_adapter_file(
     adapter_name: str | None = None,
     selected_adapters: Sequence[str] | None = None,
     full: bool = False,
+    rename: Sequence[RenameRule] | None = None,
 ) -> KeyReport:
     """Write a PEFT LoRA adapter as one of our adapter checkpoints (``.safetensors``, torch
     layout, with metadata), loadable by either twin's ``AdaptedModel.loader``.
@@ -353,6 +365,12 @@ def peft_to_adapter_file(
     ``layer_adapter_kwargs``) and ``modules_to_save`` (the first adapter's unfrozen layers);
     without it they are refused, since :func:`converters.merge_adapter_file` reads one rank and
     alpha. A one-adapter directory with neither writes what this function always wrote.
+    ``rename`` renames the adapters' modules (adapted layers, ``modules_to_save``, and with them
+    their tensors, per-layer ranks and alphas and recorded kinds) to the names of the model that
+    will load the file: glob or ``re:`` rules matched against PEFT's module names, e.g.
+    ``[("model.language_model.*", "model.*")]`` from ``Gemma3ForConditionalGeneration`` to the
+    text twin; first match wins, and a rule that matches no module is refused before anything is
+    written (:func:`converters.rename.module_renamer`).
 
     >>> import os, tempfile, torch
     >>> from torch_impl import AdaptedModel, LoRA
@@ -371,6 +389,10 @@ def peft_to_adapter_file(
         raise TypeError("give adapter_name (one adapter) or selected_adapters (several), not both")
     names = [adapter_name or _DEFAULT] if selected_adapters is None else _selected(selected_adapters)
     adapters = {name: read_peft_adapter(directory, adapter_name=name, full=full) for name in names}
+    rename_notes: list[str] = []
+    if rename:
+        renaming, rename_notes = module_renamer(_modules_of(adapters.values()), rename)
+        adapters = {name: peft_format.renamed_peft_adapter(a, renaming) for name, a in adapters.items()}
     first, adapter = names[0], adapters[names[0]]
     metadata = adapter_metadata(
         framework="peft",
@@ -386,7 +408,7 @@ def peft_to_adapter_file(
     # Recorded so that a conversion never has to guess an embedding adapter's layout.
     kinds = _embedding_kinds(f"{_OURS_PREFIX}{{layer}}", adapter.embeddings)
     tensors = dict(adapter.tensors)
-    notes = list(adapter.notes)
+    notes = [*rename_notes, *adapter.notes]
     named: dict[str, dict[str, Any]] = {}
     for name in names[1:]:
         other = adapters[name]
@@ -426,6 +448,11 @@ def _embedding_kinds(prefix: str, embeddings: Sequence[str]) -> dict[str, str]:
         kinds[f"{path}.adapter_down_proj"] = "embedding"
         kinds[f"{path}.adapter_up_proj"] = "linear"
     return kinds
+
+
+def _modules_of(adapters: Any) -> list[str]:
+    """The modules the adapters (:class:`PeftAdapter` or :class:`_Adapter`) adapt or hold whole."""
+    return [module for adapter in adapters for module in (*adapter.layers, *adapter.modules_to_save)]
 
 
 def _selected(names: Sequence[str]) -> list[str]:
@@ -575,6 +602,18 @@ class _Adapter:
     embeddings: list[str] = field(default_factory=list)
     layer_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
+
+
+def _renamed_adapter(adapter: _Adapter, rename: Callable[[str], str]) -> _Adapter:
+    """``adapter`` with its modules, and the tensors and kwargs of each, ``rename``d."""
+    return replace(
+        adapter,
+        layers=[rename(layer) for layer in adapter.layers],
+        tensors=peft_format.renamed_tensors(adapter.tensors, rename),
+        embeddings=[rename(layer) for layer in adapter.embeddings],
+        layer_kwargs={rename(layer): dict(kwargs) for layer, kwargs in adapter.layer_kwargs.items()},
+        modules_to_save=[rename(module) for module in adapter.modules_to_save],
+    )
 
 
 def _peft_files(

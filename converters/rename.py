@@ -12,6 +12,10 @@ The first rule that matches a name wins; names no rule matches keep their name. 
 matches no name raises :class:`~twinformat.errors.NoMatchError` (a silent no-match is PEFT's
 most reported pain), and two names renamed onto one raise :class:`RenameError`.
 
+An adapter's names are renamed by module (:func:`module_renamer`): the rules match the dotted
+names of the modules it adapts or holds whole (``model.language_model.layers.0.self_attn.q_proj``,
+as the base model names them), and every tensor and record of a module follows it.
+
 Example
 -------
 >>> names = ["blocks.0.fc1.weight", "blocks.1.fc1.weight", "head.weight"]
@@ -20,22 +24,28 @@ Example
 ['layers.0.ffn.linear1.weight', 'layers.1.ffn.linear1.weight', 'head.weight']
 >>> rename_keys(["enc.l3.w"], [(r"re:enc\\.l(\\d+)\\.w", r"encoder.layers.\\1.weight")])[0]
 ['encoder.layers.3.weight']
+>>> rename, notes = module_renamer(["lm.layers.0.fc1", "lm.layers.1.fc1"], [("lm.*", "model.*")])
+>>> rename("lm.layers.0.fc1.adapter_down_proj.weight"), notes
+('model.layers.0.fc1.adapter_down_proj.weight', ['renamed 2 of 2 modules, e.g. lm.layers.0.fc1 -> model.layers.0.fc1'])
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from twinformat.errors import NoMatchError, RenameError
 
-__all__ = ["RenameError", "RenameRule", "rename_keys"]
+__all__ = ["RenameError", "RenameRule", "module_renamer", "rename_keys"]
 
 RenameRule = tuple[str, str]
 
 
-def rename_keys(names: Iterable[str], rules: Sequence[RenameRule] | None) -> tuple[list[str], list[str]]:
-    """Rename ``names`` by ``rules``; returns ``(new names in order, notes 'old -> new')``."""
+def rename_keys(
+    names: Iterable[str], rules: Sequence[RenameRule] | None, *, what: str = "tensor name"
+) -> tuple[list[str], list[str]]:
+    """Rename ``names`` by ``rules``; returns ``(new names in order, notes 'old -> new')``.
+    ``what`` the names are, as a rule that matches none of them says."""
     names = list(names)
     if not rules:
         return names, []
@@ -57,13 +67,43 @@ def rename_keys(names: Iterable[str], rules: Sequence[RenameRule] | None) -> tup
     for (pattern, _), was_used in zip(rules, used, strict=True):
         if not was_used:
             sample = ", ".join(repr(n) for n in names[:8]) + (" ..." if len(names) > 8 else "")
-            raise NoMatchError(f"rename pattern {pattern!r} matches no tensor name. Some names are: {sample}")
+            raise NoMatchError(f"rename pattern {pattern!r} matches no {what}. Some names are: {sample}")
     seen: dict[str, str] = {}
     for old, new in zip(names, out, strict=True):
         if new in seen:
             raise RenameError(f"rename maps both {seen[new]!r} and {old!r} onto {new!r}")
         seen[new] = old
     return out, notes
+
+
+def module_renamer(
+    modules: Iterable[str], rules: Sequence[RenameRule] | None
+) -> tuple[Callable[[str], str], list[str]]:
+    """Rename ``modules`` by ``rules`` (:func:`rename_keys`: a rule that matches no module raises
+    :class:`~twinformat.errors.NoMatchError`, two modules renamed onto one :class:`RenameError`).
+
+    Returns ``(rename, notes)``: ``rename`` maps a dotted name, a module's or one under it
+    (``<module>.<tensor>``, ``<module>.<child>``), which follows the innermost of ``modules`` that
+    holds it (a name under none of them keeps its name); ``notes`` says how many were renamed.
+    """
+    modules = list(dict.fromkeys(modules))
+    renamed, _ = rename_keys(modules, rules, what="module name")
+    new_of = dict(zip(modules, renamed, strict=True))
+    changed = [(old, new) for old, new in new_of.items() if old != new]
+    notes = [
+        f"renamed {len(changed)} of {len(modules)} modules, e.g. {old} -> {new}" for old, new in changed[:1]
+    ]
+    innermost_first = sorted((m for m in modules if m), key=len, reverse=True)
+
+    def rename(name: str) -> str:
+        if name in new_of:
+            return new_of[name]
+        for module in innermost_first:
+            if name.startswith(f"{module}."):
+                return new_of[module] + name[len(module) :]
+        return name
+
+    return rename, notes
 
 
 def _checked_rules(rules: Sequence[RenameRule]) -> list[RenameRule]:
