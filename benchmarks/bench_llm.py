@@ -152,6 +152,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="the Flax twin's attention_implementation for training (auto: cudnn on a GPU, none on CPU)",
     )
+    parser.add_argument(
+        "--flax-grouped",
+        action="store_true",
+        help="also time 'flax lora grouped': flax_impl.fused.group_shared_input on (q, k, v) and (gate, up)",
+    )
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llm.md"), help="report file")
     args = parser.parse_args(argv)
@@ -207,29 +212,51 @@ def flax_cases(
         "flax floor", jax.jit(floor), (state, ids), donate=False, shape=shape, args=args
     )
 
-    adapted = flax_impl.AdaptedModel(
-        model,
-        flax_impl.LoRA,
-        target_layers=FLAX_TARGETS,
-        adapter_kwargs={"rank": shape.rank, "alpha": shape.alpha},
-        rngs=nnx.Rngs(1),
-    )
-    optimizer = nnx.Optimizer(adapted, optax.adamw(1e-4), wrt=adapted.trainable)
-    graphdef2, state2 = nnx.split((adapted, optimizer))
+    def lora_case(name: str, model: Any, grouped: bool) -> Case:
+        adapted = flax_impl.AdaptedModel(
+            model,
+            flax_impl.LoRA,
+            target_layers=FLAX_TARGETS,
+            adapter_kwargs={"rank": shape.rank, "alpha": shape.alpha},
+            rngs=nnx.Rngs(1),
+        )
+        groups = 0
+        if grouped:  # one down-projection GEMM for the layers reading the same input
+            groups = sum(
+                flax_impl.fused.group_shared_input(adapted, names)
+                for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+            )
+        optimizer = nnx.Optimizer(adapted, optax.adamw(1e-4), wrt=adapted.trainable)
+        graphdef2, state2 = nnx.split((adapted, optimizer))
 
-    def lora_step(state: Any, ids: jax.Array) -> Any:
-        adapted, optimizer = nnx.merge(graphdef2, state)
-        loss, grads = nnx.value_and_grad(
-            lambda m: loss_of(m(ids)), argnums=nnx.DiffState(0, adapted.trainable)
-        )(adapted)
-        optimizer.update(adapted, grads)
-        return loss, nnx.state((adapted, optimizer))
+        def lora_step(state: Any, ids: jax.Array) -> Any:
+            adapted, optimizer = nnx.merge(graphdef2, state)
+            loss, grads = nnx.value_and_grad(
+                lambda m: loss_of(m(ids)), argnums=nnx.DiffState(0, adapted.trainable)
+            )(adapted)
+            optimizer.update(adapted, grads)
+            return loss, nnx.state((adapted, optimizer))
 
-    lora_case = _compiled_case(
-        "flax lora", jax.jit(lora_step, donate_argnums=0), (state2, ids), donate=True, shape=shape, args=args
-    )
-    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(adapted, adapted.trainable)))
-    lora_case.note = f"{trainable:,} trainable; attention {attention or 'written out'}"
+        case = _compiled_case(
+            name, jax.jit(lora_step, donate_argnums=0), (state2, ids), donate=True, shape=shape, args=args
+        )
+        trainable = sum(x.size for x in jax.tree.leaves(nnx.state(adapted, adapted.trainable)))
+        case.note = f"{trainable:,} trainable; attention {attention or 'written out'}" + (
+            f"; {groups} shared-input groups" if grouped else ""
+        )
+        return case
+
+    cases = [floor_case, lora_case("flax lora", model, grouped=False)]
+    if args.flax_grouped:
+        again = LlamaForCausalLM(
+            shape.config,
+            dtype=jnp.bfloat16,
+            param_dtype=jnp.bfloat16,
+            attention_implementation=attention,
+            rngs=nnx.Rngs(0),
+        )
+        again.eval()
+        cases.append(lora_case("flax lora grouped", again, grouped=True))
     decode = []
     if not args.no_decode:
         prompt = jnp.asarray(prompt_np)
@@ -253,7 +280,7 @@ def flax_cases(
         for _ in range(args.warmup):
             generate()
         decode.append(case)
-    return [floor_case, lora_case], decode
+    return cases, decode
 
 
 def _compiled_case(
