@@ -324,6 +324,13 @@ def export_peft_adapter(
     if rename:
         renaming, _ = module_renamer(_modules_of(adapters.values()), rename)
         adapters = {name: _renamed_adapter(adapter, renaming) for name, adapter in adapters.items()}
+    elif _is_adapted_model(source) and getattr(source.adapted_model, "peft_layout", None) is not None:
+        # A twin read from a bigger model's checkpoint (Gemma 3's multimodal) records the names
+        # PEFT gives its layers there; the twins' save_pretrained writes those, and so do we.
+        adapters = {
+            name: _renamed_adapter(adapter, _layout_names(source.adapted_model.peft_layout))
+            for name, adapter in adapters.items()
+        }
     written: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
     for name, adapter in adapters.items():
         try:
@@ -602,6 +609,21 @@ class _Adapter:
     embeddings: list[str] = field(default_factory=list)
     layer_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
+
+
+def _layout_names(layout: Any) -> Callable[[str], str]:
+    """A twin's dotted names -> those of the bigger model in ``layout`` (a
+    ``flax_impl.models.pretrained.CheckpointLayout``); a name it does not hold is refused."""
+
+    def rename(name: str) -> str:
+        new = layout.checkpoint_name(name)
+        if new is None:
+            raise PeftConversionError(
+                f"{name!r} has no name in {layout.model_class} ({layout.part}): PEFT cannot load it there"
+            )
+        return str(new)
+
+    return rename
 
 
 def _renamed_adapter(adapter: _Adapter, rename: Callable[[str], str]) -> _Adapter:

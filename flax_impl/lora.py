@@ -382,8 +382,14 @@ class LoRA(nnx.Module):
         ups = [b.adapter_up_proj for b in branches]
         # Each rank column's switch column and scaling, as constants: a gather, not a matmul
         # (a float32 matmul may run in bf16 passes on accelerators and round the scaling).
-        columns = [self.switch_columns[n] for n, d in zip(names, downs, strict=True) for _ in range(d.kernel.shape[-1])]
-        scalings = [float(b.scaling) for b, d in zip(branches, downs, strict=True) for _ in range(d.kernel.shape[-1])]
+        columns = [
+            self.switch_columns[n]
+            for n, d in zip(names, downs, strict=True)
+            for _ in range(d.kernel.shape[-1])
+        ]
+        scalings = [
+            float(b.scaling) for b, d in zip(branches, downs, strict=True) for _ in range(d.kernel.shape[-1])
+        ]
         weights = jnp.take(switch, jnp.asarray(columns), axis=-1) * jnp.asarray(scalings, switch.dtype)
         down = jnp.concatenate([d.kernel[...] for d in downs], axis=-1)  # (in, R)
         up = jnp.concatenate([u.kernel[...] for u in ups], axis=0)  # (R, out)

@@ -22,6 +22,7 @@ peft = pytest.importorskip("peft")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+import converters  # noqa: E402
 from flax_impl import AdaptedModel, LoRA  # noqa: E402
 from flax_impl.models.gemma3 import (  # noqa: E402
     MULTIMODAL_LAYOUTS,
@@ -269,3 +270,9 @@ def test_a_lora_made_on_the_flax_twin_of_a_multimodal_directory_is_written_for_p
     again = peft.PeftModel.from_pretrained(llm.fresh_copy(torch_model), tmp_path / "flax").eval()
     real = batch["attention_mask"].astype(bool)
     np.testing.assert_allclose(_logits(again, batch)[real], expected[real], atol=ATOL, rtol=RTOL)
+    # The converters' export of the model writes the same names and tensors (it reads the layout).
+    converters.export_peft_adapter(adapted, tmp_path / "converters")
+    exported = load_file(str(tmp_path / "converters" / "adapter_model.safetensors"))
+    assert sorted(exported) == written
+    flax_written = load_file(str(tmp_path / "flax" / "adapter_model.safetensors"))
+    assert all(np.array_equal(exported[k], flax_written[k]) for k in written)
