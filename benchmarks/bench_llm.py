@@ -184,14 +184,19 @@ def flax_cases(
     attention = {"auto": "cudnn" if on_gpu else None, "none": None}.get(
         args.flax_attention, args.flax_attention
     )
-    model = LlamaForCausalLM(
-        shape.config,
-        dtype=jnp.bfloat16,
-        param_dtype=jnp.bfloat16,
-        attention_implementation=attention,
-        rngs=nnx.Rngs(0),
-    )
-    model.eval()  # no dropout in the config anyway; eval keeps both sides alike
+
+    def build() -> Any:  # the same random weights each time (seed 0)
+        model = LlamaForCausalLM(
+            shape.config,
+            dtype=jnp.bfloat16,
+            param_dtype=jnp.bfloat16,
+            attention_implementation=attention,
+            rngs=nnx.Rngs(0),
+        )
+        model.eval()  # no dropout in the config anyway; eval keeps both sides alike
+        return model
+
+    model = build()
     ids = jnp.asarray(ids_np)
 
     def loss_of(logits: jax.Array) -> jax.Array:
@@ -248,15 +253,7 @@ def flax_cases(
 
     cases = [floor_case, lora_case("flax lora", model, grouped=False)]
     if args.flax_grouped:
-        again = LlamaForCausalLM(
-            shape.config,
-            dtype=jnp.bfloat16,
-            param_dtype=jnp.bfloat16,
-            attention_implementation=attention,
-            rngs=nnx.Rngs(0),
-        )
-        again.eval()
-        cases.append(lora_case("flax lora grouped", again, grouped=True))
+        cases.append(lora_case("flax lora grouped", build(), grouped=True))
     decode = []
     if not args.no_decode:
         prompt = jnp.asarray(prompt_np)
