@@ -13,6 +13,11 @@ Rows:
   encoder's embedded frames only (no weight gradient), jitted: the cheapest a LoRA step could be;
 - ``flax LoRA``: ``flax_impl.AdaptedModel(all_linear=True)`` + ``flax_impl.LoRA``, optax AdamW on
   ``model.trainable``, one ``jax.jit`` step with donated state;
+- ``flax LoRA <variant>`` (``--flax-variants``, opt-ins of issue 24): ``grouped``
+  (``flax_impl.fused.group_shared_input`` on every attention's ``q_proj``, ``k_proj``,
+  ``v_proj``: one down-projection GEMM for the layers reading the same input),
+  ``factor-copies`` (the step carries bf16 copies of the float32 factors,
+  ``fused.value_and_grad_with_factors``: no factor casts in the forward and backward), or both;
 - ``torch LoRA eager`` / ``torch LoRA CUDA graph``: transformers' ``WhisperModel`` under
   SpeechBrain's names (logits through ``embed_tokens``: the same 192 linear layers as the Flax
   twin, no ``proj_out``), ``torch_impl.AdaptedModel(all_linear=True)``, fused capturable AdamW,
@@ -51,7 +56,7 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks._common import RANK, fmt, interleaved, utc_timestamp, write_report  # noqa: E402
-from flax_impl import AdaptedModel, LoRA  # noqa: E402
+from flax_impl import AdaptedModel, LoRA, fused  # noqa: E402
 from flax_impl.models import WhisperForConditionalGeneration  # noqa: E402
 
 WHISPER_SMALL = dict(
@@ -119,24 +124,54 @@ def flax_floor(setup: Setup, features: jax.Array, ids: jax.Array, labels: jax.Ar
     return _runner(step, state, features)
 
 
+VARIANTS: dict[str, dict[str, bool]] = {
+    "grouped": {"grouped": True},
+    "factor-copies": {"factor_copies": True},
+    "grouped+factor-copies": {"grouped": True, "factor_copies": True},
+}
+
+
 def flax_lora(
-    setup: Setup, features: jax.Array, ids: jax.Array, labels: jax.Array
+    setup: Setup,
+    features: jax.Array,
+    ids: jax.Array,
+    labels: jax.Array,
+    grouped: bool = False,
+    factor_copies: bool = False,
 ) -> tuple[Callable[[], Any], int]:
+    """The LoRA step; ``grouped``: ``fused.group_shared_input`` on each attention's q, k, v (the
+    cross-attention's k, v); ``factor_copies``: the step carries bf16 copies of the float32
+    factors (``fused.value_and_grad_with_factors``), no casts in its forward and backward."""
     adapted = AdaptedModel(
         flax_model(setup), LoRA, all_linear=True, adapter_kwargs={"rank": RANK}, rngs=nnx.Rngs(1)
     )
     for path, variable in nnx.to_flat_state(nnx.state(adapted, adapted.trainable)):
         if "adapter_up_proj" in [str(p) for p in path]:  # non-zero, as after some training
             variable.set_value(jnp.full(variable.get_value().shape, 0.01, variable.get_value().dtype))
+    if grouped:
+        fused.group_shared_input(adapted, ("q_proj", "k_proj", "v_proj"))
     trainable = sum(x.size for x in jax.tree.leaves(nnx.state(adapted, adapted.trainable)))
     optimizer = nnx.Optimizer(adapted, optax.adamw(1e-4), wrt=adapted.trainable)
     graphdef, state = nnx.split((adapted, optimizer))
     wrt = adapted.trainable
 
+    def loss_fn(model: Any) -> jax.Array:
+        return _cross_entropy(model(features, ids), labels)
+
+    if factor_copies:
+
+        @partial(jax.jit, donate_argnums=0)
+        def step_with_copies(carry: tuple, features: jax.Array) -> tuple[jax.Array, tuple]:
+            model, optimizer = nnx.merge(graphdef, carry[0])
+            loss, grads = fused.value_and_grad_with_factors(loss_fn, model, carry[1], wrt=wrt)
+            optimizer.update(model, grads)
+            return loss, (nnx.state((model, optimizer)), fused.compute_dtype_factors(model))
+
+        return _runner(step_with_copies, (state, fused.compute_dtype_factors(adapted)), features), trainable
+
     @partial(jax.jit, donate_argnums=0)
     def step(state: nnx.State, features: jax.Array) -> tuple[jax.Array, nnx.State]:
         model, optimizer = nnx.merge(graphdef, state)
-        loss_fn = lambda m: _cross_entropy(m(features, ids), labels)  # noqa: E731
         loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
         optimizer.update(model, grads)
         return loss, nnx.state((model, optimizer))
@@ -259,6 +294,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed calls per case per round")
     parser.add_argument("--quick", action="store_true", help="a tiny config on CPU, in seconds")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument(
+        "--flax-variants",
+        default="",
+        help="','-separated opt-in Flax LoRA steps to time too: grouped, factor-copies, grouped+factor-copies",
+    )
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (a median and a spread need them)")
@@ -269,6 +309,12 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     cases: dict[str, Callable[[], Any]] = {"flax floor": flax_floor(setup, fx, fi, fl)}
     cases["flax LoRA"], trainable = flax_lora(setup, fx, fi, fl)
+    params = {"flax LoRA": trainable}
+    for variant in filter(None, args.flax_variants.split(",")):
+        if variant not in VARIANTS:
+            parser.error(f"--flax-variants: {variant!r} is none of {sorted(VARIANTS)}")
+        name = f"flax LoRA {variant}"
+        cases[name], params[name] = flax_lora(setup, fx, fi, fl, **VARIANTS[variant])
     cases["flax generate"] = flax_generate(setup, fx)
     note, torch_trainable = "torch not run", None
     if not args.no_torch:
@@ -295,11 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         "| case | trainable params | ms/call | spread | x flax floor | vs torch step | tokens/s | note |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
-    params = {
-        "flax LoRA": trainable,
-        "torch LoRA eager": torch_trainable,
-        "torch LoRA CUDA graph": torch_trainable,
-    }
+    params.update({"torch LoRA eager": torch_trainable, "torch LoRA CUDA graph": torch_trainable})
     for name, timing in timings.items():
         decoding = "generate" in name
         ms = timing.median
