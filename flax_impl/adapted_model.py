@@ -30,6 +30,7 @@ from twinformat.format import adapter_metadata
 from twinformat.names import (
     as_patterns,
     check_all_matched,
+    check_layer_kwargs_names,
     dotted,
     matches_any,
     matches_unfrozen,
@@ -129,6 +130,10 @@ class AdaptedModel(nnx.Module):
         parameters); otherwise adapters are inserted now. ``rngs`` is kept until then.
     rngs: nnx.Rngs
         Random streams for the adapters' initial weights (the ``params`` stream).
+    layer_adapter_kwargs: dict, keyword only
+        Layer name -> keyword arguments that replace ``adapter_kwargs``' for that layer (PEFT's
+        ``rank_pattern``/``alpha_pattern``: ``{"encoder.0.fc": {"rank": 32}}``); every name
+        must be a layer the model adapts. Not in SpeechBrain's signature.
 
     Example
     -------
@@ -187,6 +192,7 @@ class AdaptedModel(nnx.Module):
         manual_adapter_insertion: bool = False,
         *,
         rngs: nnx.Rngs,
+        layer_adapter_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if not isinstance(model_to_adapt, nnx.Module):
             raise TypeError(f"model_to_adapt must be an nnx.Module, got {type(model_to_adapt).__name__}")
@@ -203,8 +209,11 @@ class AdaptedModel(nnx.Module):
         self.target_layers = list(target_layers)
         self.unfrozen_layers = list(unfrozen_layers)
         # Layer name -> kwargs that differ from adapter_kwargs for that layer (PEFT's
-        # rank_pattern/alpha_pattern); set before insert_adapters() (manual insertion).
-        self.layer_adapter_kwargs: dict[str, dict[str, Any]] = {}
+        # rank_pattern/alpha_pattern): the constructor's argument, or set before
+        # insert_adapters() (manual insertion).
+        self.layer_adapter_kwargs: dict[str, dict[str, Any]] = {
+            name: dict(kwargs) for name, kwargs in (layer_adapter_kwargs or {}).items()
+        }
         # The PEFT config this model was read from (from_pretrained), so that save_pretrained
         # writes back the user's target_modules, patterns, task_type and base model name.
         self.recorded_peft_config: dict[str, Any] | None = None
@@ -231,6 +240,7 @@ class AdaptedModel(nnx.Module):
             elif matches_unfrozen(name, unfrozen_layers):
                 self.unfrozen_module_names.append(name)
 
+        check_layer_kwargs_names(self.layer_adapter_kwargs, self.replace_layers)
         # Dotted names (under adapted_model) of the pretrained layer inside each adapter.
         self.wrapped_layer_names: list[str] = []
         self.adapters_inserted = False

@@ -27,6 +27,7 @@ from twinformat.format import adapter_metadata
 from twinformat.names import (
     as_patterns,
     check_all_matched,
+    check_layer_kwargs_names,
     matches_any,
     matches_unfrozen,
     parent_and_leaf,
@@ -86,6 +87,10 @@ class AdaptedModel(nn.Module):
     manual_adapter_insertion: bool
         When True, call :meth:`insert_adapters` yourself (e.g. after loading pretrained
         parameters); otherwise adapters are inserted now.
+    layer_adapter_kwargs: dict, keyword only
+        Layer name -> keyword arguments that replace ``adapter_kwargs``' for that layer (PEFT's
+        ``rank_pattern``/``alpha_pattern``: ``{"encoder.0.fc": {"rank": 32}}``); every name
+        must be a layer the model adapts. Not in SpeechBrain's signature.
 
     Example
     -------
@@ -133,6 +138,8 @@ class AdaptedModel(nn.Module):
         unfrozen_layers: Iterable[str] | str = (),
         adapter_kwargs: Mapping[str, Any] | None = None,
         manual_adapter_insertion: bool = False,
+        *,
+        layer_adapter_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(model_to_adapt, nn.Module):
@@ -162,8 +169,11 @@ class AdaptedModel(nn.Module):
         self.target_layers = list(target_layers)
         self.unfrozen_layers = list(unfrozen_layers)
         # Layer name -> kwargs that differ from adapter_kwargs for that layer (PEFT's
-        # rank_pattern/alpha_pattern); set before insert_adapters() (manual insertion).
-        self.layer_adapter_kwargs: dict[str, dict[str, Any]] = {}
+        # rank_pattern/alpha_pattern): the constructor's argument, or set before
+        # insert_adapters() (manual insertion).
+        self.layer_adapter_kwargs: dict[str, dict[str, Any]] = {
+            name: dict(kwargs) for name, kwargs in (layer_adapter_kwargs or {}).items()
+        }
         # The PEFT config this model was read from (from_pretrained), so that save_pretrained
         # writes back the user's target_modules, patterns, task_type and base model name.
         self.recorded_peft_config: dict[str, Any] | None = None
@@ -192,6 +202,7 @@ class AdaptedModel(nn.Module):
                     for param in module.parameters():
                         param.requires_grad = True
 
+            check_layer_kwargs_names(self.layer_adapter_kwargs, self.replace_layers)
             self.adapters_inserted = False
             _speechbrain.register_if_loaded(type(self))
             if not manual_adapter_insertion:

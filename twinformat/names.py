@@ -17,7 +17,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from fnmatch import fnmatchcase
 
 from .errors import NoMatchError
@@ -26,6 +26,7 @@ __all__ = [
     "NoMatchError",
     "as_patterns",
     "check_all_matched",
+    "check_layer_kwargs_names",
     "dotted",
     "matches_any",
     "matches_unfrozen",
@@ -82,6 +83,24 @@ def check_all_matched(patterns: Sequence[str], names: Sequence[str], *, argument
             raise NoMatchError(
                 f"{argument} pattern {pattern!r} matches no layer of the model. "
                 f"Some layer names are: {_sample(names)}"
+            )
+
+
+def check_layer_kwargs_names(layer_kwargs: Mapping[str, object], adapted: Sequence[str]) -> None:
+    """Raise :class:`NoMatchError` for a ``layer_adapter_kwargs`` key that names no layer the
+    model adapts (a typo would otherwise give that layer the model-wide options silently).
+
+    >>> check_layer_kwargs_names({"fc1": {"rank": 4}}, ["fc1", "fc2"])
+    >>> check_layer_kwargs_names({"fc3": {"rank": 4}}, ["fc1", "fc2"])
+    Traceback (most recent call last):
+    ...
+    twinformat.errors.NoMatchError: layer_adapter_kwargs names 'fc3', which is not a layer this model adapts; it adapts: 'fc1', 'fc2'
+    """
+    for name in layer_kwargs:
+        if name not in adapted:
+            raise NoMatchError(
+                f"layer_adapter_kwargs names {name!r}, which is not a layer this model adapts; "
+                f"it adapts: {_sample(adapted)}"
             )
 
 

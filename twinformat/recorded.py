@@ -168,7 +168,7 @@ def check_recorded_layer_kwargs(
     >>> check_recorded_layer_kwargs(meta, {}, where="x.safetensors")
     Traceback (most recent call last):
     ...
-    twinformat.errors.CheckpointError: checkpoint 'x.safetensors' does not fit this AdaptedModel: layer 'fc' was saved with {'alpha': 4.0} but this model has the model-wide adapter_kwargs there; load it into a model built with those per-layer options (AdaptedModel.from_pretrained of the PEFT directory sets them)
+    twinformat.errors.CheckpointError: checkpoint 'x.safetensors' does not fit this AdaptedModel: layer 'fc' was saved with {'alpha': 4.0} but this model has the model-wide adapter_kwargs there; build the model with AdaptedModel(..., layer_adapter_kwargs={'fc': {'alpha': 4.0}}) (AdaptedModel.from_pretrained of a PEFT directory sets them)
     """
     if not metadata.get("adapter_class"):
         return
@@ -184,8 +184,9 @@ def check_recorded_layer_kwargs(
             theirs = recorded.get(layer, "the file-wide adapter_kwargs")
             raise CheckpointError(
                 f"checkpoint {where!r} does not fit this AdaptedModel: layer {layer!r} was saved with "
-                f"{theirs} but this model has {ours.get(layer, wide)}; load it into a model built with "
-                "those per-layer options (AdaptedModel.from_pretrained of the PEFT directory sets them)"
+                f"{theirs} but this model has {ours.get(layer, wide)}; build the model with "
+                f"AdaptedModel(..., layer_adapter_kwargs={recorded or {}!r}) (AdaptedModel.from_pretrained "
+                "of a PEFT directory sets them)"
             )
 
 

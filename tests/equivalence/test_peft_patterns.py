@@ -250,7 +250,16 @@ def test_saver_records_per_layer_alphas_and_loader_and_file_merge_refuse_what_wo
     again = torch_impl.AdaptedModel.from_pretrained(copy.deepcopy(torch_bert), tmp_path / "peft")
     again.loader(str(tmp_path / "ours.safetensors"))
     np.testing.assert_array_equal(_torch_out(again), _torch_out(ours))
-    flax_model = flax_impl.AdaptedModel.from_pretrained(flax_bert, tmp_path / "peft", rngs=nnx.Rngs(2))
+    # Or built by hand with the per-layer options the refusal names, in either twin.
+    built = {
+        "target_layers": ours.replace_layers,
+        "adapter_kwargs": ours.adapter_kwargs,
+        "layer_adapter_kwargs": ours.layer_adapter_kwargs,
+    }
+    by_hand = torch_impl.AdaptedModel(copy.deepcopy(torch_bert), torch_impl.LoRA, **built)
+    by_hand.loader(str(tmp_path / "ours.safetensors"))
+    np.testing.assert_array_equal(_torch_out(by_hand), _torch_out(ours))
+    flax_model = flax_impl.AdaptedModel(flax_bert, flax_impl.LoRA, **built, rngs=nnx.Rngs(2))
     flax_model.loader(str(tmp_path / "ours.safetensors"))
     np.testing.assert_allclose(_flax_out(flax_model), _torch_out(ours), rtol=1e-5, atol=1e-5)
 

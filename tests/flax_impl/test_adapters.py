@@ -463,3 +463,25 @@ def test_refused_insertion_leaves_the_model_unchanged_and_names_the_layer():
     with pytest.raises(ValueError, match="cannot wrap layer 'norm'"):
         AdaptedModel(base, LoRA, target_layers=["blocks.*", "norm"], rngs=nnx.Rngs(1))
     assert [name for name, _ in named_modules(base)] == names_before
+
+
+def test_layer_adapter_kwargs_set_one_layers_rank_and_a_name_it_does_not_adapt_is_refused():
+    class Two(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs) -> None:
+            self.a = nnx.Linear(4, 6, rngs=rngs)
+            self.b = nnx.Linear(6, 3, rngs=rngs)
+
+    adapted = AdaptedModel(
+        Two(nnx.Rngs(0)),
+        LoRA,
+        target_layers=["a", "b"],
+        adapter_kwargs={"rank": 2},
+        layer_adapter_kwargs={"b": {"rank": 5}},
+        rngs=nnx.Rngs(1),
+    )
+    assert adapted.adapted_model.a.adapter_down_proj.kernel.shape == (4, 2)
+    assert adapted.adapted_model.b.adapter_down_proj.kernel.shape == (6, 5)
+    plain = Two(nnx.Rngs(0))
+    with pytest.raises(NoMatchError, match=r"layer_adapter_kwargs names 'c', .* it adapts: 'a', 'b'"):
+        AdaptedModel(plain, LoRA, target_layers=["a", "b"], layer_adapter_kwargs={"c": {}}, rngs=nnx.Rngs(1))
+    assert type(plain.a) is nnx.Linear

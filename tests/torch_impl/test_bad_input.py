@@ -304,3 +304,16 @@ def test_a_failing_save_leaves_an_existing_checkpoint_untouched(tmp_path, monkey
 def test_saving_into_a_missing_folder_raises_naming_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_folder"):
         _adapted().saver(tmp_path / "no_such_folder" / "adapters.ckpt")
+
+
+def test_layer_adapter_kwargs_set_one_layers_rank_and_a_name_it_does_not_adapt_is_refused_untouched():
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    adapted = AdaptedModel(
+        model, LoRA, ["0", "2"], adapter_kwargs={"rank": 2}, layer_adapter_kwargs={"2": {"rank": 5}}
+    )
+    assert adapted.adapted_model[0].adapter_down_proj.out_features == 2
+    assert adapted.adapted_model[2].adapter_down_proj.out_features == 5
+    plain = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    with pytest.raises(NoMatchError, match=r"layer_adapter_kwargs names '1', .* it adapts: '0', '2'"):
+        AdaptedModel(plain, LoRA, ["0", "2"], layer_adapter_kwargs={"1": {"rank": 5}})
+    assert all(p.requires_grad for p in plain.parameters()) and isinstance(plain[0], nn.Linear)
