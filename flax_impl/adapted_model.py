@@ -45,6 +45,7 @@ from twinformat.recorded import (
     not_forwarded_message,
     signature_defaults,
 )
+from twinformat.report import prefix_hint
 
 from .checkpoint import load_state_dict_file, save_state_dict_file
 from .graph import get_submodule, named_modules, set_submodule
@@ -837,6 +838,11 @@ class AdaptedModel(nnx.Module):
                 f"checkpoint {where!r} does not fit this AdaptedModel: "
                 f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
                 f"missing trainable keys {missing}"
+                + (
+                    f"; {hint}"
+                    if (hint := prefix_hint(report.unexpected, missing, strip="adapted_model."))
+                    else ""
+                )
             )
         _assign(assignments)
 

@@ -41,7 +41,7 @@ from twinformat.recorded import (
     not_forwarded_message,
     signature_defaults,
 )
-from twinformat.report import compare_keys
+from twinformat.report import compare_keys, prefix_hint
 
 from . import _speechbrain, distributed
 from .checkpoint import load_state_dict_file, save_state_dict_file
@@ -290,7 +290,11 @@ class AdaptedModel(nn.Module):
             # mask once for the whole forward (a host sync; the concatenated path needs none).
             picked = [row.nonzero().flatten().tolist() for row in mask.detach().cpu()]
             adapter_names = [self.adapters[p[0]] if p else BASE_ADAPTER for p in picked]
-        names = None if adapter_names is None else [self._slot(n) if n != BASE_ADAPTER else n for n in adapter_names]
+        names = (
+            None
+            if adapter_names is None
+            else [self._slot(n) if n != BASE_ADAPTER else n for n in adapter_names]
+        )
         shared: dict[Any, torch.Tensor] = {}  # per-sample weights, computed once per forward
         for layer in layers:
             layer.set_sample_adapters(names, mask=mask, columns=columns, shared=shared)
@@ -720,7 +724,9 @@ class AdaptedModel(nn.Module):
         return [
             p
             for layer in spec["layers"]
-            for p in cast(nn.ModuleDict, self.adapted_model.get_submodule(layer).named_adapters)[adapter_name].parameters()
+            for p in cast(nn.ModuleDict, self.adapted_model.get_submodule(layer).named_adapters)[
+                adapter_name
+            ].parameters()
         ]
 
     def _adapter_layers(self) -> list[LoRA]:
@@ -827,6 +833,11 @@ class AdaptedModel(nn.Module):
                 f"checkpoint {where!r} does not fit this AdaptedModel: "
                 f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
                 f"missing trainable keys {missing}"
+                + (
+                    f"; {hint}"
+                    if (hint := prefix_hint(report.unexpected, missing, strip="adapted_model."))
+                    else ""
+                )
             )
         self.load_state_dict(
             {key: distributed.shard_like(value, current[key]) for key, value in state_dict.items()},

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["KeyReport", "compare_keys"]
+__all__ = ["KeyReport", "compare_keys", "prefix_hint"]
 
 
 @dataclass
@@ -64,4 +64,60 @@ def compare_keys(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tu
         else:
             report.loaded.append(key)
     report.missing = [key for key in expected if key not in found]
+    hint = prefix_hint(report.unexpected, report.missing)
+    if hint is not None:
+        report.notes.append(hint)
     return report
+
+
+def prefix_hint(unexpected: list[str], missing: list[str], *, strip: str = "") -> str | None:
+    """A note when most ``unexpected`` keys are ``missing`` ones under another prefix (a file
+    written for a model whose modules sit elsewhere: a multimodal model's language model, a
+    wrapper's ``model.``), naming the two prefixes; None when no prefix explains at least two keys
+    and half of the unexpected ones.
+
+    Each unexpected key is matched on its longest dotted tail that ends a missing key. ``strip``:
+    a leading part of the keys that is not in the names a rename rule sees (an ``AdaptedModel``'s
+    ``adapted_model.``, for rules on module names).
+
+    >>> prefix_hint(["model.language_model.layers.0.q.weight", "model.language_model.layers.1.q.weight"],
+    ...             ["model.layers.0.q.weight", "model.layers.1.q.weight"])  # doctest: +NORMALIZE_WHITESPACE
+    "2 of the 2 unexpected keys are missing ones under another prefix: the file's
+    'model.language_model.<rest>' is this model's 'model.<rest>' (rename them, e.g. with the
+    converters' --rename 'model.language_model.*' 'model.*', or load into the model the file was
+    written for)"
+    >>> prefix_hint(["a.weight"], ["b.weight"]) is None  # one key is no pattern
+    True
+    """
+    if len(unexpected) < 2 or not missing:
+        return None
+    unexpected, missing = (
+        [k[len(strip) :] if k.startswith(strip) else k for k in keys] for keys in (unexpected, missing)
+    )
+    heads: dict[str, set[str]] = {}  # dotted tail of a missing key -> the heads before it
+    for key in missing:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            heads.setdefault(".".join(parts[i:]), set()).add(".".join(parts[:i]))
+    counts: dict[tuple[str, str], int] = {}
+    for key in unexpected:
+        parts = key.split(".")
+        for i in range(len(parts)):  # the longest tail first
+            tail = ".".join(parts[i:])
+            if tail in heads:
+                if len(heads[tail]) == 1:
+                    pair = (".".join(parts[:i]), next(iter(heads[tail])))
+                    counts[pair] = counts.get(pair, 0) + 1
+                break
+    if not counts:
+        return None
+    (theirs, ours), count = max(counts.items(), key=lambda item: item[1])
+    if theirs == ours or count < 2 or 2 * count < len(unexpected):
+        return None
+    file_prefix, model_prefix = (f"{p}." if p else "" for p in (theirs, ours))
+    return (
+        f"{count} of the {len(unexpected)} unexpected keys are missing ones under another prefix: the "
+        f"file's '{file_prefix}<rest>' is this model's '{model_prefix}<rest>' (rename them, e.g. with the "
+        f"converters' --rename '{file_prefix}*' '{model_prefix}*', or load into the model the file was "
+        "written for)"
+    )

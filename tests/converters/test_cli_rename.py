@@ -32,6 +32,7 @@ from tests.flax_impl.test_gemma3_multimodal import (  # noqa: E402
 )
 from tests.zoo import llm  # noqa: E402
 from tests.zoo.bert import randomize_peft  # noqa: E402
+from twinformat.errors import CheckpointError  # noqa: E402
 from twinformat.format import parse_metadata  # noqa: E402
 
 TO_TWIN = ("--rename", "model.language_model.*", "model.*")
@@ -96,11 +97,9 @@ def _twin_with_adapter_file(directory, path) -> AdaptedModel:
         LoRA,
         target_layers=metadata["target_layers"],
         adapter_kwargs=metadata["adapter_kwargs"],
-        manual_adapter_insertion=True,
+        layer_adapter_kwargs=json.loads(metadata.get("layer_adapter_kwargs", "{}")),
         rngs=nnx.Rngs(0),
     )
-    adapted.layer_adapter_kwargs = json.loads(metadata.get("layer_adapter_kwargs", "{}"))
-    adapted.insert_adapters()
     adapted.loader(str(path))
     adapted.eval()
     return adapted
@@ -202,3 +201,22 @@ def test_a_rename_rule_matching_no_module_is_a_one_line_error_naming_it_and_noth
 
     _one_line_error(result, f"rename pattern {rule!r} matches no module name. Some names are: 'model.")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours.safetensors"]
+
+
+def test_a_file_imported_without_rename_is_refused_by_the_twins_loader_naming_the_rename(
+    multimodal, peft_dirs, tmp_path
+):
+    _, _, directory = multimodal
+    folder, _ = peft_dirs["q_proj, v_proj"]
+    path = tmp_path / "multimodal_names.safetensors"
+    assert run_main("peft-import", folder, path).returncode == 0
+    adapted = AdaptedModel(
+        Gemma3ForCausalLM.from_pretrained(directory),
+        LoRA,
+        target_layers="model.layers.*.self_attn.[qv]_proj",
+        adapter_kwargs={"rank": 2, "alpha": 4},
+        rngs=nnx.Rngs(0),
+    )
+    with pytest.raises(CheckpointError, match=r"--rename 'model\.language_model\.\*' 'model\.\*'") as info:
+        adapted.loader(str(path))
+    print(info.value)

@@ -317,3 +317,19 @@ def test_layer_adapter_kwargs_set_one_layers_rank_and_a_name_it_does_not_adapt_i
     with pytest.raises(NoMatchError, match=r"layer_adapter_kwargs names '1', .* it adapts: '0', '2'"):
         AdaptedModel(plain, LoRA, ["0", "2"], layer_adapter_kwargs={"1": {"rank": 5}})
     assert all(p.requires_grad for p in plain.parameters()) and isinstance(plain[0], nn.Linear)
+
+
+def test_a_file_whose_layers_sit_under_another_prefix_is_refused_naming_the_rename(tmp_path):
+    from collections import OrderedDict
+
+    def net(name: str) -> nn.Module:
+        return nn.Sequential(OrderedDict({name: nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))}))
+
+    saved = AdaptedModel(net("enc"), LoRA, ["enc.0", "enc.1"], adapter_kwargs={"rank": 2})
+    saved.saver(str(tmp_path / "a.safetensors"))
+    other = AdaptedModel(net("encoder"), LoRA, ["encoder.0", "encoder.1"], adapter_kwargs={"rank": 2})
+    with pytest.raises(
+        CheckpointError,
+        match=r"the file's 'enc\.<rest>' is this model's 'encoder\.<rest>'.*--rename 'enc\.\*' 'encoder\.\*'",
+    ):
+        other.loader(str(tmp_path / "a.safetensors"))
