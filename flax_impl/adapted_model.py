@@ -131,10 +131,10 @@ class AdaptedModel(nnx.Module):
         parameters); otherwise adapters are inserted now. ``rngs`` is kept until then.
     rngs: nnx.Rngs
         Random streams for the adapters' initial weights (the ``params`` stream).
-    layer_adapter_kwargs: dict, keyword only
+    layer_adapter_kwargs: dict
         Layer name -> keyword arguments that replace ``adapter_kwargs``' for that layer (PEFT's
         ``rank_pattern``/``alpha_pattern``: ``{"encoder.0.fc": {"rank": 32}}``); every name
-        must be a layer the model adapts. Not in SpeechBrain's signature.
+        must be a layer the model adapts. Keyword only; not in SpeechBrain's signature.
 
     Example
     -------

@@ -87,10 +87,10 @@ class AdaptedModel(nn.Module):
     manual_adapter_insertion: bool
         When True, call :meth:`insert_adapters` yourself (e.g. after loading pretrained
         parameters); otherwise adapters are inserted now.
-    layer_adapter_kwargs: dict, keyword only
+    layer_adapter_kwargs: dict
         Layer name -> keyword arguments that replace ``adapter_kwargs``' for that layer (PEFT's
         ``rank_pattern``/``alpha_pattern``: ``{"encoder.0.fc": {"rank": 32}}``); every name
-        must be a layer the model adapts. Not in SpeechBrain's signature.
+        must be a layer the model adapts. Keyword only; not in SpeechBrain's signature.
 
     Example
     -------
