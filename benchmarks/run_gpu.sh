@@ -6,6 +6,11 @@
 #                                             # profile, Flax bf16 jit + nnx.jit/cached_partial
 #   PART=compile bash benchmarks/run_gpu.sh   # torch.compile rows (each compile ~30-45 s)
 #   PART=flax    bash benchmarks/run_gpu.sh   # the Flax rows left out of main (fp32, scaling)
+#   PART=optins  bash benchmarks/run_gpu.sh   # issues 23-24: 4 mixed adapters vs one (both
+#                                             # frameworks, PEFT), then the Flax opt-ins (grouped
+#                                             # q/k/v, bf16 factor copies) at BERT-base (~8 min)
+#   PART=shapes  bash benchmarks/run_gpu.sh   # issue 24 item 6: the opt-ins at whisper-small and
+#                                             # the ~1B Llama shape (~9 min)
 #
 # Measured on 2026-12-01 (one H200): PART=main took 363 s of wall time; a Flax BERT-base
 # training step compiles in ~27 s, a torch.compile'd one in 32-43 s.
@@ -36,5 +41,22 @@ flax)
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 590 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
     --dtypes fp32,bf16 --idiom-dtypes "" --scaling-dtypes bf16 --deadline 420 --out "$OUT/flax_gpu_more.md" > "$OUT/flax.log" 2>&1
   ;;
+optins)
+  timeout 220 python3 benchmarks/bench_mixed.py --out "$OUT/mixed_gpu.md" > "$OUT/mixed.log" 2>&1
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
+    --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --deadline 250 \
+    --jit-cases "ours:q,k,v,o;ours-grouped:q,k,v,o;ours-bf16factors:q,k,v,o;ours-grouped-bf16factors:q,k,v,o;nnx.LoRA:q,k,v,o" \
+    --out "$OUT/flax_optins_gpu.md" --hlo-out "$OUT/flax_optins_hlo.md" > "$OUT/flax.log" 2>&1
+  ;;
+shapes)
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 280 python3 benchmarks/bench_whisper.py --no-torch --steps 5 \
+    --flax-variants grouped,factor-copies,grouped+factor-copies --out "$OUT/whisper_optins_gpu.md" > "$OUT/whisper.log" 2>&1
+  timeout 290 python3 benchmarks/bench_llm.py --steps 3 --no-compile --no-decode --flax-grouped \
+    --out "$OUT/llm_optins_gpu.md" > "$OUT/llm.log" 2>&1
+  ;;
+*)
+  echo "PART must be main, compile, flax, optins or shapes, got '$PART'" >&2
+  exit 2
+  ;;
 esac
-for f in "$OUT"/*.md; do grep -A40 "### Targets" "$f"; done 2>/dev/null | head -90
+for f in "$OUT"/*.md; do echo "== $f"; grep -A40 "### Targets" "$f" || tail -n 25 "$f"; done 2>/dev/null | head -150
