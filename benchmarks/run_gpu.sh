@@ -45,7 +45,7 @@ optins)
   timeout 220 python3 benchmarks/bench_mixed.py --out "$OUT/mixed_gpu.md" > "$OUT/mixed.log" 2>&1
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
     --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --deadline 250 \
-    --jit-cases "ours:q,k,v,o;ours-grouped:q,k,v,o;ours-bf16factors:q,k,v,o;ours-grouped-bf16factors:q,k,v,o;nnx.LoRA:q,k,v,o" \
+    --jit-cases "ours:q,k,v,o;ours-grouped:q,k,v,o;ours-bf16factors:q,k,v,o;ours-grouped-bf16factors:q,k,v,o;ours+flatopt:q,k,v,o;ours-grouped-bf16factors+flatopt:q,k,v,o;nnx.LoRA:q,k,v,o" \
     --out "$OUT/flax_optins_gpu.md" --hlo-out "$OUT/flax_optins_hlo.md" > "$OUT/flax.log" 2>&1
   ;;
 shapes)
