@@ -2,7 +2,8 @@
 and move LoRA adapters to and from PEFT, without writing any Python.
 
 Every subcommand reads single ``.safetensors`` files (either layout), sharded checkpoints (a
-folder holding ``model.safetensors.index.json``, or the index itself) and pickled
+folder holding ``model.safetensors.index.json``, or the index itself; a folder holding one
+``model.safetensors``, as ``save_pretrained`` writes a small model) and pickled
 ``.ckpt``/``.pt``/``.pth``/``.bin`` state dicts; ``convert`` also writes sharded checkpoints
 (``--max-shard-size``). Every subcommand has ``--help``. Bad input ends with a one-line
 ``error: ...`` on stderr and exit status 1 (2 for a wrong command line), never a traceback, and
@@ -37,7 +38,8 @@ interchange format, a Flax layout is available), between single files, sharded f
 pickles; merge LoRA adapters into base checkpoints; import/export PEFT LoRA adapters."""
 
 _SOURCE_HELP = (
-    "a .safetensors file (either layout), a sharded checkpoint (folder or model.safetensors.index.json), "
+    "a .safetensors file (either layout), a checkpoint folder (model.safetensors.index.json and its shards, "
+    "or one model.safetensors), a model.safetensors.index.json, "
     "or a pickled .ckpt/.pt/.pth/.bin"
 )
 _KINDS_HELP = (
@@ -308,7 +310,8 @@ def _inspect(args: argparse.Namespace) -> None:
         names = f.names if args.limit <= 0 else f.names[: args.limit]
         width = max((len(n) for n in names), default=4)
         if isinstance(f, ShardedCheckpoint):
-            print(f"checkpoint: {f.path} (sharded, {len(f.files)} file(s))")
+            shards = "sharded" if f.has_index else "one file, no index"
+            print(f"checkpoint: {f.path} ({shards}, {len(f.files)} file(s))")
         else:
             print(f"file: {f.path}")
         print(f"layout: {f.layout} ({_LAYOUT_MEANS[f.layout]})")

@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"  # what save_pretrained writes when the model fits one shard
 LAYOUTS = ("torch", "flax")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -391,8 +392,9 @@ class ShardedCheckpoint(TensorFile):
     Arguments
     ---------
     path: path
-        A folder holding ``model.safetensors.index.json``, the index file itself, or a single
-        ``.safetensors`` file (a checkpoint of one file).
+        A folder holding ``model.safetensors.index.json`` (or, without an index, one
+        ``model.safetensors``, as ``save_pretrained`` writes a small model), the index file
+        itself, or a single ``.safetensors`` file (a checkpoint of one file).
 
     Attributes
     ----------
@@ -404,6 +406,9 @@ class ShardedCheckpoint(TensorFile):
         The header metadata of its files (every file of ours carries the same).
     index_total_size : int or None
         ``metadata.total_size`` of the index, as recorded.
+    has_index : bool
+        Whether it was read through an index (a folder of one ``model.safetensors`` or a single
+        file has none).
 
     Raises
     ------
@@ -420,13 +425,17 @@ class ShardedCheckpoint(TensorFile):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         self.index_total_size: int | None = None
+        self.has_index = path.is_dir() and (path / INDEX_NAME).is_file() or path.name.endswith(".index.json")
         self._handle = self._pickled = self._mmap = None
         self._open: dict[Path, TensorFile] = {}
         if path.is_dir():
-            index = path / INDEX_NAME
-            if not index.is_file():
-                raise FileNotFoundError(f"{str(path)!r} holds no {INDEX_NAME}")
-            weight_map = self._read_index(index)
+            index, single = path / INDEX_NAME, path / SINGLE_NAME
+            if index.is_file():
+                weight_map = self._read_index(index)
+            elif single.is_file():  # save_pretrained below its shard size writes one file, no index
+                weight_map = dict.fromkeys(safetensors_layout(single)[0], single.name)
+            else:
+                raise FileNotFoundError(f"{str(path)!r} holds neither {INDEX_NAME} nor {SINGLE_NAME}")
         elif path.name.endswith(".index.json"):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint index not found: {str(path)!r}")

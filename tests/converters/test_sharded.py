@@ -503,3 +503,46 @@ def test_a_hugging_face_buffer_in_the_checkpoint_is_named_and_not_loaded(tmp_pat
         "extra.position_ids: buffer (I64) the target does not hold, not converted",
     ]
     np.testing.assert_array_equal(np.asarray(model.embeddings.embedding[...]), weight)
+
+
+def test_a_save_pretrained_folder_of_one_file_reads_as_a_checkpoint_in_every_subcommand(tmp_path):
+    """transformers' save_pretrained writes a model under its shard size as one model.safetensors
+    and no index: every subcommand opens the folder as the checkpoint, as a sharded one (inspect
+    and merge shown)."""
+    import transformers
+
+    from tests.converters.test_cli import run_main
+    from torch_impl import AdaptedModel, LoRA
+
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
+    model = transformers.BertModel(config)
+    model.save_pretrained(tmp_path / "bert")
+    assert sorted(os.listdir(tmp_path / "bert")) == ["config.json", "model.safetensors"]
+    with (
+        ShardedCheckpoint(tmp_path / "bert") as folder,
+        TensorFile(tmp_path / "bert" / "model.safetensors") as f,
+    ):
+        assert folder.names == f.names and not folder.has_index
+        assert all(np.array_equal(folder.get(n), f.get(n)) for n in f.names)
+    inspected = run_main("inspect", tmp_path / "bert")
+    assert inspected.returncode == 0 and "one file, no index" in inspected.stdout, inspected.stderr
+
+    adapted = AdaptedModel(model, LoRA, target_layers="*.query", adapter_kwargs={"rank": 2})
+    with torch.no_grad():
+        for param in adapted.parameters():
+            if param.requires_grad:
+                param.add_(0.1)
+    adapted.saver(str(tmp_path / "adapter.safetensors"))
+    merged = run_main(
+        "merge", tmp_path / "bert", tmp_path / "adapter.safetensors", tmp_path / "merged.safetensors"
+    )
+    assert merged.returncode == 0, merged.stderr
+    key = "encoder.layer.0.attention.self.query.weight"
+    with TensorFile(tmp_path / "merged.safetensors") as f:
+        np.testing.assert_allclose(
+            f.get(key),
+            adapted.adapted_model.get_submodule(key[: -len(".weight")]).merged_weight().numpy(),
+            atol=1e-6,
+        )
