@@ -425,12 +425,12 @@ class ShardedCheckpoint(TensorFile):
     def __init__(self, path: str | os.PathLike[str]) -> None:
         path = Path(path)
         self.index_total_size: int | None = None
-        self.has_index = path.is_dir() and (path / INDEX_NAME).is_file() or path.name.endswith(".index.json")
         self._handle = self._pickled = self._mmap = None
         self._open: dict[Path, TensorFile] = {}
         if path.is_dir():
             index, single = path / INDEX_NAME, path / SINGLE_NAME
-            if index.is_file():
+            self.has_index = index.is_file()
+            if self.has_index:
                 weight_map = self._read_index(index)
             elif single.is_file():  # save_pretrained below its shard size writes one file, no index
                 weight_map = dict.fromkeys(safetensors_layout(single)[0], single.name)
@@ -439,8 +439,10 @@ class ShardedCheckpoint(TensorFile):
         elif path.name.endswith(".index.json"):
             if not path.is_file():
                 raise FileNotFoundError(f"checkpoint index not found: {str(path)!r}")
+            self.has_index = True
             weight_map = self._read_index(path)
         else:
+            self.has_index = False
             weight_map = dict.fromkeys(safetensors_layout(path)[0], path.name)
         self.path = path if path.is_dir() else path.parent
         self._file_of = {name: self.path / file_name for name, file_name in weight_map.items()}

@@ -68,8 +68,8 @@ import json
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -323,12 +323,14 @@ def export_peft_adapter(
     adapters = {name: read(name) for name in names}
     if rename:
         renaming, _ = module_renamer(_modules_of(adapters.values()), rename)
-        adapters = {name: _renamed_adapter(adapter, renaming) for name, adapter in adapters.items()}
+        adapters = {name: peft_format.renamed_peft_adapter(a, renaming) for name, a in adapters.items()}
     elif _is_adapted_model(source) and getattr(source.adapted_model, "peft_layout", None) is not None:
         # A twin read from a bigger model's checkpoint (Gemma 3's multimodal) records the names
         # PEFT gives its layers there; the twins' save_pretrained writes those, and so do we.
         adapters = {
-            name: _renamed_adapter(adapter, _layout_names(source.adapted_model.peft_layout))
+            name: peft_format.renamed_peft_adapter(
+                adapter, peft_format.layout_renamer(source.adapted_model.peft_layout)
+            )
             for name, adapter in adapters.items()
         }
     written: dict[str, tuple[dict[str, Any], dict[str, np.ndarray]]] = {}
@@ -609,33 +611,6 @@ class _Adapter:
     embeddings: list[str] = field(default_factory=list)
     layer_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
     modules_to_save: list[str] = field(default_factory=list)
-
-
-def _layout_names(layout: Any) -> Callable[[str], str]:
-    """A twin's dotted names -> those of the bigger model in ``layout`` (a
-    ``flax_impl.models.pretrained.CheckpointLayout``); a name it does not hold is refused."""
-
-    def rename(name: str) -> str:
-        new = layout.checkpoint_name(name)
-        if new is None:
-            raise PeftConversionError(
-                f"{name!r} has no name in {layout.model_class} ({layout.part}): PEFT cannot load it there"
-            )
-        return str(new)
-
-    return rename
-
-
-def _renamed_adapter(adapter: _Adapter, rename: Callable[[str], str]) -> _Adapter:
-    """``adapter`` with its modules, and the tensors and kwargs of each, ``rename``d."""
-    return replace(
-        adapter,
-        layers=[rename(layer) for layer in adapter.layers],
-        tensors=peft_format.renamed_tensors(adapter.tensors, rename),
-        embeddings=[rename(layer) for layer in adapter.embeddings],
-        layer_kwargs={rename(layer): dict(kwargs) for layer, kwargs in adapter.layer_kwargs.items()},
-        modules_to_save=[rename(module) for module in adapter.modules_to_save],
-    )
 
 
 def _peft_files(

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -159,20 +159,6 @@ def _peft_layout(model: Any) -> Any:
     return getattr(model.adapted_model, "peft_layout", None)
 
 
-def _checkpoint_names(layout: Any) -> Callable[[str], str]:
-    """The twin's dotted names -> the bigger model's in ``layout`` (the same names without one)."""
-
-    def rename(name: str) -> str:
-        new = layout.checkpoint_name(name) if layout is not None else name
-        if new is None:
-            raise PeftConversionError(
-                f"{name!r} has no name in {layout.model_class} ({layout.part}: {dict(layout.renames)})"
-            )
-        return str(new)
-
-    return rename
-
-
 def _checkpoint_patterns(layout: Any, patterns: Sequence[str]) -> list[str]:
     """The user's ``target_layers`` globs in ``layout``'s names when each starts with a prefix it
     renames, else none (``target_modules`` then lists the layers): a glob that may match anywhere
@@ -212,7 +198,7 @@ def save_pretrained(
     refusal = peft_refusal(model, full=True)
     if refusal is None:
         layout = _peft_layout(model)  # written in the bigger model's names, where the twin is part of one
-        rename = _checkpoint_names(layout)
+        rename = peft_format.layout_renamer(layout)
         embeddings = [n for n in model.replace_layers if peft_layer_kind(_wrapped(model, n)) == "embedding"]
         names = _base_module_names(model)
         module_names = [n for n in names if layout is None or layout.checkpoint_name(n) is not None]

@@ -72,7 +72,7 @@ import tempfile
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from .adapters import LORA, adapter_of
 from .errors import CheckpointError, PeftConversionError
@@ -93,6 +93,7 @@ __all__ = [
     "check_peft_model",
     "escape_glob",
     "glob_regex",
+    "layout_renamer",
     "load_peft_adapter",
     "modules_to_save_refusal",
     "ours_config",
@@ -526,12 +527,29 @@ def renamed_tensors(tensors: Mapping[str, T], rename: Callable[[str], str]) -> d
     return out
 
 
-def renamed_peft_adapter(adapter: PeftAdapter[T], rename: Callable[[str], str]) -> PeftAdapter[T]:
+class _Renamable(Protocol):
+    """What :func:`renamed_peft_adapter` renames: PeftAdapter's, and converters.peft's adapter
+    records', name-bearing fields."""
+
+    layers: list[str]
+    tensors: Any
+    embeddings: list[str]
+    layer_kwargs: dict[str, dict[str, Any]]
+    modules_to_save: list[str]
+
+
+A = TypeVar("A", bound=_Renamable)
+
+
+def renamed_peft_adapter(adapter: A, rename: Callable[[str], str]) -> A:
     """``adapter`` with every layer and module name, and its tensors' keys, ``rename``d: a PEFT
     adapter of a bigger model (``model.language_model.layers.0.self_attn.q_proj``) in the names of
     the twin that holds that part (``model.layers.0.self_attn.q_proj``). The config is kept as
-    read: its ``target_modules`` speak of the bigger model, as the adapter will when written back."""
-    return replace(
+    read: its ``target_modules`` speak of the bigger model, as the adapter will when written back.
+
+    ``adapter`` is a :class:`PeftAdapter` or any dataclass with its ``layers``, ``tensors``,
+    ``embeddings``, ``layer_kwargs`` and ``modules_to_save`` fields."""
+    return replace(  # type: ignore[type-var]  # a dataclass, as the docstring says
         adapter,
         layers=[rename(layer) for layer in adapter.layers],
         tensors=renamed_tensors(adapter.tensors, rename),
@@ -539,6 +557,23 @@ def renamed_peft_adapter(adapter: PeftAdapter[T], rename: Callable[[str], str]) 
         layer_kwargs={rename(layer): dict(kwargs) for layer, kwargs in adapter.layer_kwargs.items()},
         modules_to_save=[rename(module) for module in adapter.modules_to_save],
     )
+
+
+def layout_renamer(layout: Any) -> Callable[[str], str]:
+    """A twin's dotted names -> those of the bigger model ``layout`` describes (a
+    ``flax_impl.models.pretrained.CheckpointLayout``: ``checkpoint_name``, ``model_class``,
+    ``part``, ``renames``); ``None``: the names as they are. A name the layout does not hold is
+    refused: PEFT could not load it in the bigger model."""
+
+    def rename(name: str) -> str:
+        new = layout.checkpoint_name(name) if layout is not None else name
+        if new is None:
+            raise PeftConversionError(
+                f"{name!r} has no name in {layout.model_class} ({layout.part}: {dict(layout.renames)})"
+            )
+        return str(new)
+
+    return rename
 
 
 def peft_adapter(
