@@ -18,6 +18,8 @@ shape, random init, dropout on), batch 32 x 128 tokens, rank 16, ``optax.adamw``
   (``flax_impl.fused.compute_dtype_factors`` / ``value_and_grad_with_factors``: no factor casts
   in the forward and backward; issue 24, opt-in; ``jit`` mode only);
 - ``ours-grouped-bf16factors``: both;
+- ``ours-pallas``: ``ours`` with ``flax_impl.kernels.enabled()`` (the Pallas/Triton kernels of a
+  LoRA layer's forward and backward on CUDA; issue 24, opt-in);
 - ``nnx.LoRA``: Flax's own ``nnx.LoRA`` wrapped around the same layers, ``wrt=nnx.LoRAParam``;
 - ``<setup>+flatopt`` (any of the above but the floor, ``jit`` mode): the optimizer wrapped in
   ``optax.flatten`` (every trainable leaf in one vector for AdamW: a few optimizer kernels a step
@@ -69,7 +71,7 @@ from flax import nnx  # noqa: E402
 from benchmarks import _common  # noqa: E402
 from benchmarks._common import BERT_TARGETS as TARGETS  # noqa: E402
 from benchmarks._common import RANK, Shape, bert_summary, fmt, with_counts, write_report  # noqa: E402
-from flax_impl import AdaptedModel, LoRA, fused  # noqa: E402
+from flax_impl import AdaptedModel, LoRA, fused, kernels  # noqa: E402
 from flax_impl.graph import get_submodule, set_submodule  # noqa: E402
 from flax_impl.models.bert import BertConfig, BertModel  # noqa: E402
 
@@ -84,7 +86,14 @@ SHAPES = {
 # The opt-in variants of ``ours`` (issue 24): which of flax_impl.fused's switches each turns on.
 GROUPED = {"ours-grouped", "ours-grouped-bf16factors"}
 FACTOR_COPIES = {"ours-bf16factors", "ours-grouped-bf16factors"}
-OURS = {"ours", "ours-plain", "ours-fused", *GROUPED, *FACTOR_COPIES}
+OURS = {"ours", "ours-plain", "ours-fused", "ours-pallas", *GROUPED, *FACTOR_COPIES}
+
+
+def trace_context(setup: str) -> contextlib.AbstractContextManager:
+    """The switch a setup turns on while its step is traced (``ours-pallas``: the Pallas kernels
+    of ``flax_impl.kernels``; ``ours-fused``: ``flax_impl.fused``'s custom_vjp)."""
+    switches = {"ours-plain": fused.disabled, "ours-fused": fused.enabled, "ours-pallas": kernels.enabled}
+    return switches.get(setup, contextlib.nullcontext)()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,12 +213,10 @@ def _optimizer(flat: bool) -> optax.GradientTransformation:
     return optax.flatten(optax.adamw(1e-4)) if flat else optax.adamw(1e-4)
 
 
-def make_jit_step(
-    model: nnx.Module, wrt, ids: jax.Array, factor_copies: bool = False, flat_optimizer: bool = False
-):
-    """``jit`` mode: a pure function of the split state, donated; returns (step, temp MiB, HLO
-    counts). ``factor_copies``: the step also carries ``fused.compute_dtype_factors(model)``;
-    ``flat_optimizer``: AdamW under ``optax.flatten``."""
+def jit_step_function(model: nnx.Module, wrt, factor_copies: bool = False, flat_optimizer: bool = False):
+    """``jit`` mode's step as ``(pure, state)``: ``pure(state, ids) -> (loss, next state)``, a
+    function of the split state. ``factor_copies``: the step also carries
+    ``fused.compute_dtype_factors(model)``; ``flat_optimizer``: AdamW under ``optax.flatten``."""
     if wrt is None:
         graphdef, state = nnx.split(model)
 
@@ -237,6 +244,15 @@ def make_jit_step(
             loss = _train_update(model, optimizer, ids, wrt)
             return loss, nnx.state((model, optimizer))
 
+    return pure, state
+
+
+def make_jit_step(
+    model: nnx.Module, wrt, ids: jax.Array, factor_copies: bool = False, flat_optimizer: bool = False
+):
+    """``jit`` mode: ``jit_step_function`` compiled with its state donated; returns (step, temp
+    MiB, HLO counts)."""
+    pure, state = jit_step_function(model, wrt, factor_copies, flat_optimizer)
     compiled = jax.jit(pure, donate_argnums=0).lower(state, ids).compile()
     analysis = compiled.memory_analysis()
     temp = analysis.temp_size_in_bytes / 2**20 if analysis is not None else None
@@ -361,8 +377,7 @@ def prepare(case: Case, shape: Shape, key: jax.Array):
     result = Result(case, trainable=trainable, tokens=f"{batch}x{seq}", adapter_mib=4 * 4 * trainable / 2**20)
     ids = jax.random.randint(key, (batch, seq), 0, BertConfig(**shape.config).vocab_size)
     began = time.perf_counter()
-    context = {"ours-plain": fused.disabled, "ours-fused": fused.enabled}.get(setup, contextlib.nullcontext)()
-    with context:  # the switch is read at trace time
+    with trace_context(setup):  # the switch is read at trace time
         if case.mode == "jit":
             run, result.temp_mib, result.hlo = make_jit_step(model, wrt, ids, setup in FACTOR_COPIES, flat)
         elif setup in FACTOR_COPIES:
@@ -418,16 +433,16 @@ PROFILES: dict[Case, dict[str, tuple[float, float]]] = {}
 def profile_report(profiles: dict[Case, dict[str, tuple[float, float]]]) -> str:
     """Kernels and GPU time per step of each profiled case, and what each adds over its floor."""
     lines = ["| case | kernels / step | GPU kernel ms / step |", "|---|---:|---:|"]
-    for case, kernels in profiles.items():
-        count = sum(c for c, _ in kernels.values())
-        lines.append(f"| {case.key} | {count:.0f} | {sum(us for _, us in kernels.values()) / 1e3:.2f} |")
-    for case, kernels in profiles.items():
+    for case, launched in profiles.items():
+        count = sum(c for c, _ in launched.values())
+        lines.append(f"| {case.key} | {count:.0f} | {sum(us for _, us in launched.values()) / 1e3:.2f} |")
+    for case, launched in profiles.items():
         floor = profiles.get(case.floor)
         if floor is None or case.setup == "floor":
             continue
         diff = []
-        for name in set(kernels) | set(floor):
-            (c1, t1), (c0, t0) = kernels.get(name, (0, 0.0)), floor.get(name, (0, 0.0))
+        for name in set(launched) | set(floor):
+            (c1, t1), (c0, t0) = launched.get(name, (0, 0.0)), floor.get(name, (0, 0.0))
             if abs(t1 - t0) > 1.0 or abs(c1 - c0) >= 1:
                 diff.append((t1 - t0, c1 - c0, name))
         diff.sort(reverse=True)

@@ -6,9 +6,11 @@
 #                                             # profile, Flax bf16 jit + nnx.jit/cached_partial
 #   PART=compile bash benchmarks/run_gpu.sh   # torch.compile rows (each compile ~30-45 s)
 #   PART=flax    bash benchmarks/run_gpu.sh   # the Flax rows left out of main (fp32, scaling)
-#   PART=optins  bash benchmarks/run_gpu.sh   # issues 23-24: 4 mixed adapters vs one (both
-#                                             # frameworks, PEFT), then the Flax opt-ins (grouped
-#                                             # q/k/v, bf16 factor copies) at BERT-base (~8 min)
+#   PART=optins  bash benchmarks/run_gpu.sh   # issues 23-24: the Pallas kernels' CUDA tests, 4
+#                                             # mixed adapters vs one (both frameworks, PEFT), then
+#                                             # the Flax opt-ins (Pallas kernels; grouped q/k/v with
+#                                             # bf16 factor copies and optax.flatten) at BERT-base
+#                                             # (< 10 min)
 #   PART=shapes  bash benchmarks/run_gpu.sh   # issue 24 item 6: the opt-ins at whisper-small and
 #                                             # the ~1B Llama shape (~9 min)
 #
@@ -42,10 +44,12 @@ flax)
     --dtypes fp32,bf16 --idiom-dtypes "" --scaling-dtypes bf16 --deadline 420 --out "$OUT/flax_gpu_more.md" > "$OUT/flax.log" 2>&1
   ;;
 optins)
-  timeout 220 python3 benchmarks/bench_mixed.py --out "$OUT/mixed_gpu.md" > "$OUT/mixed.log" 2>&1
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
-    --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --deadline 250 \
-    --jit-cases "ours:q,k,v,o;ours-grouped:q,k,v,o;ours-bf16factors:q,k,v,o;ours-grouped-bf16factors:q,k,v,o;ours+flatopt:q,k,v,o;ours-grouped-bf16factors+flatopt:q,k,v,o;nnx.LoRA:q,k,v,o" \
+  JAX_PLATFORMS=cuda timeout 60 python3 -m pytest -q -p no:randomly -o addopts="-p no:cacheprovider" tests/flax_impl/test_kernels_cuda.py \
+    > "$OUT/kernels_cuda_tests.log" 2>&1
+  timeout 200 python3 benchmarks/bench_mixed.py --out "$OUT/mixed_gpu.md" > "$OUT/mixed.log" 2>&1
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 300 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
+    --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --deadline 230 \
+    --jit-cases "ours:q,v;ours-pallas:q,v;ours:q,k,v,o;ours-pallas:q,k,v,o;ours-grouped-bf16factors+flatopt:q,k,v,o;nnx.LoRA:q,k,v,o" \
     --out "$OUT/flax_optins_gpu.md" --hlo-out "$OUT/flax_optins_hlo.md" > "$OUT/flax.log" 2>&1
   ;;
 shapes)

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from twinformat.adapters import LORA, AdapterKind
 from twinformat.errors import AdapterError, AdapterInsertionError, MergeError
 
-from . import fused
+from . import fused, kernels
 from ._factors import (
     TORCH_DEFAULT_KERNEL_INIT,
     check_size,
@@ -251,6 +251,9 @@ class LoRA(nnx.Module):
             return self._multi_call(x)
         layers = (self.pretrained_module, self.adapter_down_proj, self.adapter_up_proj)
         plain = not (self.merged or self.use_dora or self._dropping())
+        if plain and kernels.can_use(*layers, x):
+            linears = cast(tuple[nnx.Linear, nnx.Linear, nnx.Linear], layers)
+            return kernels.lora_linear(*linears, self.scaling, x)  # opt-in Pallas kernels (CUDA)
         if plain and fused.can_fuse_linear(*layers):
             # (``cast``: can_fuse_linear found all three plain nnx.Linear.)
             linears = cast(tuple[nnx.Linear, nnx.Linear, nnx.Linear], layers)
