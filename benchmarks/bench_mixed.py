@@ -52,7 +52,10 @@ def _mix(batch: int) -> list[str]:
     return [NAMES[i % len(NAMES)] for i in range(batch)]
 
 
-def torch_cases(config: dict, batch: int, seq: int) -> dict[str, Callable[[], Any]]:
+def torch_cases(
+    config: dict, batch: int, seq: int, modes: str = "graph,eager"
+) -> dict[str, Callable[[], Any]]:
+    """The torch rows of ``modes`` (``graph``: CUDA graphs, GPU only; ``eager``: ours and PEFT)."""
     import peft
     import torch
     import transformers
@@ -106,7 +109,9 @@ def torch_cases(config: dict, batch: int, seq: int) -> dict[str, Callable[[], An
 
     # The mixed forward must equal each sample's adapter alone (checked here, not only in tests).
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.float32, enabled=False):
-        mixed = many(input_ids=ids[:4], token_type_ids=token_types[:4], adapter_names=names[:4]).last_hidden_state
+        mixed = many(
+            input_ids=ids[:4], token_type_ids=token_types[:4], adapter_names=names[:4]
+        ).last_hidden_state
         for i, name in enumerate(names[:4]):
             many.set_adapter(name)
             alone = many(input_ids=ids[i : i + 1], token_type_ids=token_types[i : i + 1]).last_hidden_state
@@ -114,7 +119,7 @@ def torch_cases(config: dict, batch: int, seq: int) -> dict[str, Callable[[], An
         many.set_adapter("default")
 
     cases: dict[str, Callable[[], Any]] = {}
-    if cuda:
+    if cuda and "graph" in modes:
         from benchmarks.bench_train import capture_graph
 
         for label, fn in (
@@ -124,11 +129,12 @@ def torch_cases(config: dict, batch: int, seq: int) -> dict[str, Callable[[], An
         ):
             graph = capture_graph(fn, lambda: None)
             cases[label] = synced(graph.replay)
-    cases["torch one (eager)"] = synced(forward(one))
-    cases["torch mixed (eager)"] = synced(forward(many, adapter_names=names))
-    theirs.base_model.set_adapter("default")
-    cases["peft one (eager)"] = synced(forward(theirs))
-    cases["peft mixed (eager)"] = synced(forward(theirs, adapter_names=names))
+    if "eager" in modes:
+        cases["torch one (eager)"] = synced(forward(one))
+        cases["torch mixed (eager)"] = synced(forward(many, adapter_names=names))
+        theirs.base_model.set_adapter("default")
+        cases["peft one (eager)"] = synced(forward(theirs))
+        cases["peft mixed (eager)"] = synced(forward(theirs, adapter_names=names))
     for fn in cases.values():  # warm up (autotuning, caches) before the rounds
         fn()
     return cases
@@ -150,9 +156,17 @@ def flax_cases(config: dict, batch: int, seq: int) -> dict[str, Callable[[], Any
         return bert
 
     def adapted(n: int) -> Any:
-        ours = AdaptedModel(model(), LoRA, target_layers=targets, adapter_kwargs={"rank": RANK, "alpha": RANK}, rngs=nnx.Rngs(1))
+        ours = AdaptedModel(
+            model(),
+            LoRA,
+            target_layers=targets,
+            adapter_kwargs={"rank": RANK, "alpha": RANK},
+            rngs=nnx.Rngs(1),
+        )
         for i, name in enumerate(NAMES[1:n]):
-            ours.add_adapter(name, LoRA, targets, adapter_kwargs={"rank": RANK, "alpha": RANK}, rngs=nnx.Rngs(2 + i))
+            ours.add_adapter(
+                name, LoRA, targets, adapter_kwargs={"rank": RANK, "alpha": RANK}, rngs=nnx.Rngs(2 + i)
+            )
         params = nnx.state(ours, nnx.Param)
         keys = iter(jax.random.split(jax.random.key(7), 4096))
         for path, variable in nnx.to_flat_state(params):
@@ -200,24 +214,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--no-flax", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--torch-modes", default="graph,eager", help="graph, eager or both (one process)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (a median and a spread need them)")
     if not args.no_torch and not args.no_flax:
-        # One process per framework: the ratios compare within a framework, and on one H200 a
-        # single process running torch's CUDA graphs after JAX's programs hit a device-side
-        # index assert in BERT's token-type gather (2026-12-06, round 2; not understood).
+        # One process per framework and per torch mode: the ratios compare within a framework
+        # and mode. A process replaying torch's CUDA graphs between eager forwards of the same
+        # models hit a device-side index assert in BERT's embedding gather in its second round
+        # (one H200 2026-12-06, after JAX's programs; one H100 2026-12-07, torch alone; not
+        # understood: the graphs' inputs and models are persistent tensors).
         import subprocess
         import tempfile
 
         texts = []
-        for flag in ("--no-flax", "--no-torch"):
+        for flags in (
+            ["--no-flax", "--torch-modes", "graph"],
+            ["--no-flax", "--torch-modes", "eager"],
+            ["--no-torch"],
+        ):
             with tempfile.TemporaryDirectory() as folder:
                 part = Path(folder) / "part.md"
-                command = [sys.executable, __file__, flag, "--rounds", str(args.rounds), "--steps", str(args.steps)]
-                subprocess.run(command + ["--out", str(part)] + (["--quick"] if args.quick else []), check=True)
-                texts.append(part.read_text())
+                command = [
+                    sys.executable,
+                    __file__,
+                    *flags,
+                    "--rounds",
+                    str(args.rounds),
+                    "--steps",
+                    str(args.steps),
+                ]
+                done = subprocess.run(command + ["--out", str(part)] + (["--quick"] if args.quick else []))
+                texts.append(
+                    part.read_text()
+                    if done.returncode == 0
+                    else f"{' '.join(flags)}: failed ({done.returncode})\n"
+                )
         text = "\n".join(texts)
         print(text)
         if args.out:
@@ -228,10 +261,12 @@ def main(argv: list[str] | None = None) -> None:
         config, batch, seq = dict(BERT_CPU_SHAPE.config), 8, 32
     cases: dict[str, Callable[[], Any]] = {}
     if not args.no_torch:
-        cases.update(torch_cases(config, batch, seq))
+        cases.update(torch_cases(config, batch, seq, args.torch_modes))
     if not args.no_flax:
         cases.update(flax_cases(config, batch, seq))
-    timings = interleaved(cases, args.rounds, args.steps, log=lambda line: print(line, file=sys.stderr, flush=True))
+    timings = interleaved(
+        cases, args.rounds, args.steps, log=lambda line: print(line, file=sys.stderr, flush=True)
+    )
 
     if args.no_flax:
         import torch
@@ -262,7 +297,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{fmt(timing.median / base.median if base else None, '.3f')} |"
         )
     verdicts = []
-    for framework, mode in (("torch", "(graph)"), ("flax", "(jit)"), ("torch", "(eager)"), ("peft", "(eager)")):
+    for framework, mode in (
+        ("torch", "(graph)"),
+        ("flax", "(jit)"),
+        ("torch", "(eager)"),
+        ("peft", "(eager)"),
+    ):
         one, mixed = timings.get(f"{framework} one {mode}"), timings.get(f"{framework} mixed {mode}")
         if one and mixed:
             ratio = mixed.median / one.median

@@ -11,6 +11,7 @@
 #                                             # the Flax opt-ins (Pallas kernels; grouped q/k/v with
 #                                             # bf16 factor copies and optax.flatten) at BERT-base
 #                                             # (< 10 min)
+#   PART=mixed   bash benchmarks/run_gpu.sh   # the kernels' CUDA tests and bench_mixed alone (< 6 min)
 #   PART=shapes  bash benchmarks/run_gpu.sh   # issue 24 item 6: the opt-ins at whisper-small and
 #                                             # the ~1B Llama shape (~9 min)
 #
@@ -52,6 +53,11 @@ optins)
     --jit-cases "ours:q,v;ours-pallas:q,v;ours:q,k,v,o;ours-pallas:q,k,v,o;ours-grouped-bf16factors+flatopt:q,k,v,o;nnx.LoRA:q,k,v,o" \
     --out "$OUT/flax_optins_gpu.md" --hlo-out "$OUT/flax_optins_hlo.md" > "$OUT/flax.log" 2>&1
   ;;
+mixed)
+  JAX_PLATFORMS=cuda timeout 60 python3 -m pytest -q -p no:randomly -o addopts="-p no:cacheprovider" tests/flax_impl/test_kernels_cuda.py \
+    > "$OUT/kernels_cuda_tests.log" 2>&1
+  timeout 300 python3 benchmarks/bench_mixed.py --out "$OUT/mixed_gpu.md" > "$OUT/mixed.log" 2>&1
+  ;;
 shapes)
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 280 python3 benchmarks/bench_whisper.py --no-torch --steps 5 \
     --flax-variants grouped,factor-copies,grouped+factor-copies --out "$OUT/whisper_optins_gpu.md" > "$OUT/whisper.log" 2>&1
@@ -59,7 +65,7 @@ shapes)
     --out "$OUT/llm_optins_gpu.md" > "$OUT/llm.log" 2>&1
   ;;
 *)
-  echo "PART must be main, compile, flax, optins or shapes, got '$PART'" >&2
+  echo "PART must be main, compile, flax, optins, mixed or shapes, got '$PART'" >&2
   exit 2
   ;;
 esac
