@@ -23,19 +23,23 @@ thin GEMMs) and its forward was no longer the plain formula bit for bit. ``set_e
 manager ``enabled()`` or ``FLAX_IMPL_FUSED=1`` in the environment turn it on; ``disabled()``
 turns it off for a block.
 
-Opt-in, model level (issue 24, not yet timed on a GPU): ``group_shared_input(model)`` computes
-the down projections of the LoRA ``query``, ``key`` and ``value`` of each attention block in one
-GEMM (``x @ [A_q | A_k | A_v]``; under autodiff one GEMM for the three factor gradients and one
-for the low-rank part of ``dx``), the twin of ``torch_impl.fused.group_shared_input``. The
+Opt-in, model level (issue 24): ``group_shared_input(model)`` computes the down projections of
+the LoRA ``query``, ``key`` and ``value`` of each attention block in one GEMM
+(``x @ [A_q | A_k | A_v]``; under autodiff one GEMM for the three factor gradients and one for
+the low-rank part of ``dx``), the twin of ``torch_impl.fused.group_shared_input``. The
 profile of the jitted BERT-base step (one H100, q,k,v,o) put the LoRA overhead in kernel count:
 234 thin GEMMs for 48 layers, half the added time launch gaps.
 
-Opt-in, step level (issue 24, not yet timed on a GPU; no torch twin: autocast caches its casts):
+Opt-in, step level (issue 24; no torch twin: autocast caches its casts):
 ``compute_dtype_factors(model)`` gives bf16 copies of the float32 factors of bf16 layers, and
 ``value_and_grad_with_factors`` differentiates with respect to them, so that a step carrying the
 copies has no factor casts in its forward and backward (the profile's 93 ``wrapped_convert``
 kernels a step); the step makes the next copies from the updated parameters. Same numbers as
 the default path.
+
+Together with ``optax.flatten`` around the optimizer, the two took the jitted BERT-base step
+(32 x 128, bf16, rank 16, q,k,v,o) from 12.54 ms to 11.48 ms on one H100 (2026-12-07; 1.410x ->
+1.291x the frozen floor); each alone is not timed on a GPU.
 """
 
 from __future__ import annotations

@@ -31,8 +31,11 @@ feature sizes and token count are multiples of 16. The kernels are lowered for C
 jitted step that uses them runs everywhere. No torch twin: ``torch_impl.fused`` is the torch side
 of the same idea, written against cuBLAS.
 
-Not yet timed on a GPU (the device could not be started in the session that wrote it); what it
-launches is measured on the CPU by deviceless compilation (``benchmarks/gpu_kernels_aot.py``).
+Off by default because it measured slower: on one H100 (2026-12-07, BERT-base 32 x 128, bf16,
+rank 16, ``jax.jit`` AdamW step) q,k,v,o took 12.73 ms against 12.54 ms for XLA's autodiff
+(1.431x and 1.410x the frozen floor) although the step launched 947 kernels instead of 1179;
+q,v 11.04 against 10.86 ms (``benchmarks/results/flax_optins_h100.md``). What a step launches can
+be counted without a GPU by ``benchmarks/gpu_kernels_aot.py``.
 """
 
 from __future__ import annotations
