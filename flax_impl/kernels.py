@@ -323,67 +323,52 @@ def _compiler_params():
     return pallas_triton.CompilerParams(num_warps=4, num_stages=2)
 
 
-def _pallas_forward(x, down, up, scaling):
+def _row_kernel_call(kernel, operand, down, up, columns_out: int, scaling: float, name: str):
+    """A kernel over tiles of rows of ``operand`` (``x`` or ``g``) with both factors whole,
+    writing ``(tokens, columns_out)`` and ``(tokens, rank)`` in the compute dtype."""
     from jax.experimental import pallas as pl
 
-    tokens, n_in = x.shape
-    rank, n_out = up.shape
+    tokens, columns_in = operand.shape
+    n_in, rank = down.shape
     rows = _tile_rows(tokens)
-    kernel = functools.partial(
-        _forward_kernel,
-        scaling=scaling,
-        block_in=_power_of_two_block(n_in, rows),
-        block_out=_power_of_two_block(n_out, rows),
-    )
+    blocks = {
+        "block_in": _power_of_two_block(n_in, rows),
+        "block_out": _power_of_two_block(up.shape[1], rows),
+    }
     return pl.pallas_call(
-        kernel,
+        functools.partial(kernel, scaling=scaling, **blocks),
         out_shape=(
-            jax.ShapeDtypeStruct((tokens, n_out), x.dtype),
-            jax.ShapeDtypeStruct((tokens, rank), x.dtype),
+            jax.ShapeDtypeStruct((tokens, columns_out), operand.dtype),
+            jax.ShapeDtypeStruct((tokens, rank), operand.dtype),
         ),
         grid=(tokens // rows,),
         in_specs=[
-            pl.BlockSpec((rows, n_in), lambda i: (i, 0)),
-            pl.BlockSpec((n_in, rank), lambda i: (0, 0)),
-            pl.BlockSpec((rank, n_out), lambda i: (0, 0)),
+            pl.BlockSpec((rows, columns_in), lambda i: (i, 0)),
+            pl.BlockSpec(down.shape, lambda i: (0, 0)),
+            pl.BlockSpec(up.shape, lambda i: (0, 0)),
         ],
         out_specs=[
-            pl.BlockSpec((rows, n_out), lambda i: (i, 0)),
+            pl.BlockSpec((rows, columns_out), lambda i: (i, 0)),
             pl.BlockSpec((rows, rank), lambda i: (i, 0)),
         ],
         interpret=_INTERPRET,
         compiler_params=_compiler_params(),
-        name="lora_forward",
-    )(x, down, up)
+        name=name,
+    )(operand, down, up)
+
+
+def _pallas_forward(x, down, up, scaling):
+    """``((h @ B) * scaling, h)`` with ``h = x @ A``, per tile of rows."""
+    return _row_kernel_call(_forward_kernel, x, down, up, up.shape[1], scaling, "lora_forward")
 
 
 def _pallas_backward(g, x, h, down, up, scaling):
+    """``(dh @ A.T, dA, dB)`` for the cotangent ``g`` of the layer's output."""
     from jax.experimental import pallas as pl
 
     tokens, n_in = x.shape
     rank, n_out = up.shape
-    rows = _tile_rows(tokens)
-    blocks = {"block_in": _power_of_two_block(n_in, rows), "block_out": _power_of_two_block(n_out, rows)}
-    dx, dh = pl.pallas_call(
-        functools.partial(_backward_rows_kernel, scaling=scaling, **blocks),
-        out_shape=(
-            jax.ShapeDtypeStruct((tokens, n_in), x.dtype),
-            jax.ShapeDtypeStruct((tokens, rank), x.dtype),
-        ),
-        grid=(tokens // rows,),
-        in_specs=[
-            pl.BlockSpec((rows, n_out), lambda i: (i, 0)),
-            pl.BlockSpec((n_in, rank), lambda i: (0, 0)),
-            pl.BlockSpec((rank, n_out), lambda i: (0, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((rows, n_in), lambda i: (i, 0)),
-            pl.BlockSpec((rows, rank), lambda i: (i, 0)),
-        ],
-        interpret=_INTERPRET,
-        compiler_params=_compiler_params(),
-        name="lora_backward_rows",
-    )(g, down, up)
+    dx, dh = _row_kernel_call(_backward_rows_kernel, g, down, up, n_in, scaling, "lora_backward_rows")
     slices, step_rows = _slices(tokens)
     block_in, block_out = _power_of_two_block(n_in, 128), _power_of_two_block(n_out, 128)
     whole = lambda s, c: (0, 0)  # noqa: E731 (each program indexes its own rows and columns)
