@@ -54,9 +54,9 @@ optins)
     --out "$OUT/flax_optins_gpu.md" --hlo-out "$OUT/flax_optins_hlo.md" > "$OUT/flax.log" 2>&1
   ;;
 mixed)
+  timeout 300 python3 benchmarks/bench_mixed.py --out "$OUT/mixed_gpu.md" > "$OUT/mixed.log" 2>&1
   JAX_PLATFORMS=cuda timeout 60 python3 -m pytest -q -p no:randomly -o addopts="-p no:cacheprovider" tests/flax_impl/test_kernels_cuda.py \
     > "$OUT/kernels_cuda_tests.log" 2>&1
-  timeout 300 python3 benchmarks/bench_mixed.py --out "$OUT/mixed_gpu.md" > "$OUT/mixed.log" 2>&1
   if grep -q "graph: failed" "$OUT/mixed_gpu.md" 2>/dev/null; then  # where the graphs' assert comes from
     CUDA_LAUNCH_BLOCKING=1 timeout 100 python3 benchmarks/bench_mixed.py --no-flax --torch-modes graph --rounds 3 \
       --steps 3 > "$OUT/mixed_graph_blocking.log" 2>&1
