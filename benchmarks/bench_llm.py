@@ -155,7 +155,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--flax-grouped",
         action="store_true",
-        help="also time 'flax lora grouped': flax_impl.fused.group_shared_input on (q, k, v) and (gate, up)",
+        help="also time 'flax lora grouped' (flax_impl.fused.group_shared_input on (q, k, v) and (gate, up)) and 'flax lora grouped+flatopt' (the same under optax.flatten)",
     )
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llm.md"), help="report file")
@@ -217,7 +217,7 @@ def flax_cases(
         "flax floor", jax.jit(floor), (state, ids), donate=False, shape=shape, args=args
     )
 
-    def lora_case(name: str, model: Any, grouped: bool) -> Case:
+    def lora_case(name: str, model: Any, grouped: bool, flat_optimizer: bool = False) -> Case:
         adapted = flax_impl.AdaptedModel(
             model,
             flax_impl.LoRA,
@@ -231,7 +231,10 @@ def flax_cases(
                 flax_impl.fused.group_shared_input(adapted, names)
                 for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
             )
-        optimizer = nnx.Optimizer(adapted, optax.adamw(1e-4), wrt=adapted.trainable)
+        adamw = optax.adamw(1e-4)  # under optax.flatten: one update for every factor
+        optimizer = nnx.Optimizer(
+            adapted, optax.flatten(adamw) if flat_optimizer else adamw, wrt=adapted.trainable
+        )
         graphdef2, state2 = nnx.split((adapted, optimizer))
 
         def lora_step(state: Any, ids: jax.Array) -> Any:
@@ -254,6 +257,7 @@ def flax_cases(
     cases = [floor_case, lora_case("flax lora", model, grouped=False)]
     if args.flax_grouped:
         cases.append(lora_case("flax lora grouped", build(), grouped=True))
+        cases.append(lora_case("flax lora grouped+flatopt", build(), grouped=True, flat_optimizer=True))
     decode = []
     if not args.no_decode:
         prompt = jnp.asarray(prompt_np)

@@ -64,7 +64,7 @@ mixed)
   ;;
 shapes)
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 280 python3 benchmarks/bench_whisper.py --no-torch --steps 5 \
-    --flax-variants grouped,factor-copies,grouped+factor-copies --out "$OUT/whisper_optins_gpu.md" > "$OUT/whisper.log" 2>&1
+    --flax-variants grouped+factor-copies+flatopt,grouped,factor-copies --out "$OUT/whisper_optins_gpu.md" > "$OUT/whisper.log" 2>&1
   timeout 290 python3 benchmarks/bench_llm.py --steps 3 --no-compile --no-decode --flax-grouped \
     --out "$OUT/llm_optins_gpu.md" > "$OUT/llm.log" 2>&1
   ;;
