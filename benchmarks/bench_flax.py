@@ -541,6 +541,10 @@ def target_summary(results: dict[Case, Result]) -> str:
             plain = dataclasses.replace(case, setup=case.setup.removesuffix(FLAT))
             if plain in results:
                 add(f"{case.setup} x {plain.setup}", case.key, ratio(results, case, plain), None)
+            for reference in ("ours", "nnx.LoRA"):  # the default step and Flax's own LoRA
+                other = dataclasses.replace(case, setup=reference)
+                if plain.setup != reference and other in results:
+                    add(f"{case.setup} x {reference}", case.key, ratio(results, case, other), None)
         if case.setup != "ours":
             continue
         if case.mode == "jit":
