@@ -5,7 +5,7 @@ layer on top of the frozen model's (XLA:GPU on a simulated H100, ``benchmarks/gp
 638 for the floor, 1155 with LoRA on 48 layers), and the H100 profile put half of the added time
 in the gaps between those launches. XLA writes the rank-``r`` products as separate thin GEMMs
 (down, up, ``dh = g @ B.T``, two split-K factor gradients, ``dh @ A.T``) plus slices, adds and
-casts. Two kernels do the same arithmetic reading each activation once:
+casts. Three kernels do the same arithmetic, reading each activation once or twice:
 
 - forward, per tile of rows: ``h = x @ A`` and ``low = (h @ B) * scaling``;
 - backward, per tile of rows: ``dl = g * scaling``, ``dh = dl @ B.T`` and ``dh @ A.T``;
