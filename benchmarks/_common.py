@@ -17,6 +17,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 RANK = 16
 BERT_TARGETS = {
@@ -149,6 +150,15 @@ def time_calls(
             sync()
         times.append((time.perf_counter() - start) * 1e3)
     return times
+
+
+def flax_adamw(flat: bool = False, learning_rate: float = 1e-4) -> Any:
+    """The Flax benchmarks' optimizer: ``optax.adamw``, under ``optax.flatten`` when ``flat``
+    (every trainable leaf in one vector: one AdamW update a step instead of a few per factor)."""
+    import optax  # here: the torch benchmarks import this module without JAX
+
+    adamw = optax.adamw(learning_rate)
+    return optax.flatten(adamw) if flat else adamw
 
 
 def fmt(value: float | None, spec: str) -> str:

@@ -59,6 +59,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -209,10 +210,6 @@ def _train_update_with_factors(
 FLAT = "+flatopt"  # a setup suffix: the optimizer wrapped in optax.flatten
 
 
-def _optimizer(flat: bool) -> optax.GradientTransformation:
-    return optax.flatten(optax.adamw(1e-4)) if flat else optax.adamw(1e-4)
-
-
 def jit_step_function(model: nnx.Module, wrt, factor_copies: bool = False, flat_optimizer: bool = False):
     """``jit`` mode's step as ``(pure, state)``: ``pure(state, ids) -> (loss, next state)``, a
     function of the split state. ``factor_copies``: the step also carries
@@ -226,7 +223,7 @@ def jit_step_function(model: nnx.Module, wrt, factor_copies: bool = False, flat_
             return out, nnx.state(model)
 
     elif factor_copies:
-        optimizer = nnx.Optimizer(model, _optimizer(flat_optimizer), wrt=wrt)
+        optimizer = nnx.Optimizer(model, _common.flax_adamw(flat_optimizer), wrt=wrt)
         graphdef, state = nnx.split((model, optimizer))
         state = (state, fused.compute_dtype_factors(model))
 
@@ -236,7 +233,7 @@ def jit_step_function(model: nnx.Module, wrt, factor_copies: bool = False, flat_
             return loss, (nnx.state((model, optimizer)), factors)
 
     else:
-        optimizer = nnx.Optimizer(model, _optimizer(flat_optimizer), wrt=wrt)
+        optimizer = nnx.Optimizer(model, _common.flax_adamw(flat_optimizer), wrt=wrt)
         graphdef, state = nnx.split((model, optimizer))
 
         def pure(state, ids):
@@ -267,15 +264,20 @@ def make_jit_step(
 
 # Entry instructions that launch nothing.
 _NOT_LAUNCHED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
-_HLO_INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*")
+_HLO_INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
 
 
-def _opcode_and_callee(line: str) -> tuple[str | None, str | None]:
-    """An HLO instruction line's opcode and what it calls: the computation (``calls=``) of a
-    fusion, the target of a custom call."""
+class HloInstruction(NamedTuple):
+    name: str  # as XLA numbered it: ``gemm_fusion_dot.12``
+    opcode: str
+    callee: str | None  # the computation (``calls=``) of a fusion, the target of a custom call
+
+
+def _instruction(line: str) -> HloInstruction | None:
+    """An HLO instruction line's name, opcode and callee; None for other lines."""
     match = _HLO_INSTRUCTION.match(line)
     if not match:
-        return None, None
+        return None
     rest = line[match.end() :]
     if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
         depth = list(itertools.accumulate((char == "(") - (char == ")") for char in rest))
@@ -283,10 +285,26 @@ def _opcode_and_callee(line: str) -> tuple[str | None, str | None]:
     else:
         rest = rest.split(" ", 1)[1] if " " in rest else ""
     opcode = re.match(r"\s*([\w\-]+)\(", rest)
+    if not opcode:
+        return None
     callee = re.search(r"calls=%?([\w.\-]+)|custom_call_target=\"([^\"]*)\"", rest)
-    if callee:
-        return (opcode.group(1) if opcode else None), callee.group(1) or callee.group(2)
-    return (opcode.group(1) if opcode else None), None
+    return HloInstruction(match.group(1), opcode.group(1), callee and (callee.group(1) or callee.group(2)))
+
+
+def hlo_computations(text: str) -> dict[str, list[HloInstruction]]:
+    """The instructions of each computation of an optimised HLO text (``compiled.as_text()``),
+    the entry computation under ``'ENTRY'``."""
+    computations: dict[str, list[HloInstruction]] = {}
+    current: list | None = None
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "}")) and line.rstrip().endswith("{"):
+            name = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
+            current = computations.setdefault(name, [])
+        elif line.startswith("}"):
+            current = None
+        elif current is not None and (instruction := _instruction(line)):
+            current.append(instruction)
+    return computations
 
 
 def hlo_counts(text: str) -> dict[str, int]:
@@ -295,25 +313,14 @@ def hlo_counts(text: str) -> dict[str, int]:
     kind: ``gemm`` (a dot or convolution, fused or not, or a cuBLAS call), ``convert`` (a fusion of
     converts only), ``transpose`` (transposes or copies only), ``other``; and ``converts``, the
     convert instructions everywhere, fused or not."""
-    computations: dict[str, list[tuple[str, str | None]]] = {}
-    current: list | None = None
-    for line in text.splitlines():
-        if line and not line.startswith((" ", "}")) and line.rstrip().endswith("{"):
-            name = "ENTRY" if line.startswith("ENTRY") else line.split()[0].lstrip("%")
-            current = computations.setdefault(name, [])
-        elif line.startswith("}"):
-            current = None
-        elif current is not None:
-            opcode, callee = _opcode_and_callee(line)
-            if opcode:
-                current.append((opcode, callee))
+    computations = hlo_computations(text)
     counts = dict.fromkeys(("kernels", "gemm", "convert", "transpose", "other"), 0)
-    for opcode, callee in computations.get("ENTRY", []):
+    for _, opcode, callee in computations.get("ENTRY", []):
         if opcode in _NOT_LAUNCHED:
             continue
         inner = {opcode}
         if opcode == "fusion":
-            inner = {op for op, _ in computations.get(callee or "", [])} - _NOT_LAUNCHED
+            inner = {i.opcode for i in computations.get(callee or "", [])} - _NOT_LAUNCHED
         counts["kernels"] += 1
         cublas = opcode == "custom-call" and "gemm" in (callee or "").lower()  # XLA:GPU's cuBLAS GEMMs
         if inner & {"dot", "convolution"} or cublas:
@@ -324,7 +331,7 @@ def hlo_counts(text: str) -> dict[str, int]:
             counts["transpose"] += 1
         else:
             counts["other"] += 1
-    counts["converts"] = sum(op == "convert" for ops in computations.values() for op, _ in ops)
+    counts["converts"] = sum(i.opcode == "convert" for ops in computations.values() for i in ops)
     return counts
 
 
@@ -344,7 +351,7 @@ def make_nnx_step(model: nnx.Module, wrt, ids: jax.Array, cached: bool, share: t
 
         step, args = floor_step, (model,)
     else:
-        optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=wrt)
+        optimizer = nnx.Optimizer(model, _common.flax_adamw(), wrt=wrt)
 
         @nnx.jit
         def train_step(model, optimizer, ids):

@@ -56,7 +56,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import Timing, fmt, interleaved, load_average, utc_timestamp, write_report  # noqa: E402
+from benchmarks._common import Timing, flax_adamw, fmt, interleaved, load_average, utc_timestamp, write_report  # noqa: E402
 from examples.pretrained import hide_broken_torchaudio  # noqa: E402
 
 hide_broken_torchaudio()  # transformers and PEFT import torchaudio; nothing here touches audio
@@ -231,10 +231,7 @@ def flax_cases(
                 flax_impl.fused.group_shared_input(adapted, names)
                 for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
             )
-        adamw = optax.adamw(1e-4)  # under optax.flatten: one update for every factor
-        optimizer = nnx.Optimizer(
-            adapted, optax.flatten(adamw) if flat_optimizer else adamw, wrt=adapted.trainable
-        )
+        optimizer = nnx.Optimizer(adapted, flax_adamw(flat_optimizer), wrt=adapted.trainable)
         graphdef2, state2 = nnx.split((adapted, optimizer))
 
         def lora_step(state: Any, ids: jax.Array) -> Any:

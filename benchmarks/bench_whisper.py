@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks._common import RANK, fmt, interleaved, utc_timestamp, write_report  # noqa: E402
+from benchmarks._common import RANK, flax_adamw, fmt, interleaved, utc_timestamp, write_report  # noqa: E402
 from flax_impl import AdaptedModel, LoRA, fused  # noqa: E402
 from flax_impl.models import WhisperForConditionalGeneration  # noqa: E402
 
@@ -155,10 +155,7 @@ def flax_lora(
     if grouped:
         fused.group_shared_input(adapted, ("q_proj", "k_proj", "v_proj"))
     trainable = sum(x.size for x in jax.tree.leaves(nnx.state(adapted, adapted.trainable)))
-    adamw = optax.adamw(1e-4)
-    optimizer = nnx.Optimizer(
-        adapted, optax.flatten(adamw) if flat_optimizer else adamw, wrt=adapted.trainable
-    )
+    optimizer = nnx.Optimizer(adapted, flax_adamw(flat_optimizer), wrt=adapted.trainable)
     graphdef, state = nnx.split((adapted, optimizer))
     wrt = adapted.trainable
 

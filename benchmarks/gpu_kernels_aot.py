@@ -104,14 +104,11 @@ def launches_by_name(text: str) -> collections.Counter[str]:
     """The entry computation's launched instructions of an optimised HLO text, by instruction name
     with XLA's numbering stripped (``gemm_fusion_dot.12`` -> ``gemm_fusion_dot``), so that two
     programs compare kind by kind."""
-    entry = text[text.index("\nENTRY") :]
-    entry = entry[: entry.index("\n}")]
-    counts: collections.Counter[str] = collections.Counter()
-    for line in entry.splitlines()[1:]:
-        match = re.match(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(?:\(.*?\)|\S+)\s+([\w\-]+)\(", line)
-        if match and match.group(2) not in bf._NOT_LAUNCHED:
-            counts[re.sub(r"([._]\d+)+$", "", match.group(1))] += 1
-    return counts
+    return collections.Counter(
+        re.sub(r"([._]\d+)+$", "", instruction.name)
+        for instruction in bf.hlo_computations(text).get("ENTRY", [])
+        if instruction.opcode not in bf._NOT_LAUNCHED
+    )
 
 
 def report(programs: dict[bf.Case, str], adapted_layers: dict[bf.Case, int], title: str) -> str:
