@@ -467,9 +467,7 @@ def _lora_bwd(scaling, residuals, g):
     dx_base = jnp.dot(g2, kb.T)
     # The frozen kernel's and bias' gradients: exact if someone differentiates them, dead code
     # (removed by XLA) when, as usual, nobody does.
-    d_kernel = jax.lax.dot_general(x2, g2, (((0,), (0,)), ((), ())), preferred_element_type=_F32).astype(
-        kernel.dtype
-    )
+    d_kernel = jax.lax.dot_general(x2, g2, _AT_B, preferred_element_type=_F32).astype(kernel.dtype)
     d_bias = None if bias is None else jnp.sum(g2, axis=0, dtype=_F32).astype(bias.dtype)
     dx_low, d_down, d_up = _on_cuda(
         functools.partial(_pallas_backward, scaling=scaling),
