@@ -45,7 +45,7 @@ from twinformat.recorded import (
     not_forwarded_message,
     signature_defaults,
 )
-from twinformat.report import prefix_hint
+from twinformat.report import misfit_message
 
 from .checkpoint import load_state_dict_file, save_state_dict_file
 from .graph import get_submodule, named_modules, set_submodule
@@ -834,16 +834,7 @@ class AdaptedModel(nnx.Module):
         trainable = {entry.key for entry in _entries_at(self, self._trainable_paths())}
         missing = [key for key in report.missing if key in trainable]
         if report.unexpected or report.mismatched or missing:
-            raise CheckpointError(
-                f"checkpoint {where!r} does not fit this AdaptedModel: "
-                f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
-                f"missing trainable keys {missing}"
-                + (
-                    f"; {hint}"
-                    if (hint := prefix_hint(report.unexpected, missing, strip="adapted_model."))
-                    else ""
-                )
-            )
+            raise CheckpointError(misfit_message(where, report, missing))
         _assign(assignments)
 
     def parameter_transfer(self, path: str) -> None:

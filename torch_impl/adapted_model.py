@@ -41,7 +41,7 @@ from twinformat.recorded import (
     not_forwarded_message,
     signature_defaults,
 )
-from twinformat.report import compare_keys, prefix_hint
+from twinformat.report import compare_keys, misfit_message
 
 from . import _speechbrain, distributed
 from .checkpoint import load_state_dict_file, save_state_dict_file
@@ -829,16 +829,7 @@ class AdaptedModel(nn.Module):
         trainable = set(self._trainable_keys()) - set(self._unfrozen_buffer_keys())
         missing = [key for key in report.missing if key in trainable]
         if report.unexpected or report.mismatched or missing:
-            raise CheckpointError(
-                f"checkpoint {where!r} does not fit this AdaptedModel: "
-                f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
-                f"missing trainable keys {missing}"
-                + (
-                    f"; {hint}"
-                    if (hint := prefix_hint(report.unexpected, missing, strip="adapted_model."))
-                    else ""
-                )
-            )
+            raise CheckpointError(misfit_message(where, report, missing))
         self.load_state_dict(
             {key: distributed.shard_like(value, current[key]) for key, value in state_dict.items()},
             strict=False,

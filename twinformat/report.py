@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["KeyReport", "compare_keys", "prefix_hint"]
+__all__ = ["KeyReport", "compare_keys", "misfit_message", "prefix_hint"]
 
 
 @dataclass
@@ -120,4 +120,22 @@ def prefix_hint(unexpected: list[str], missing: list[str], *, strip: str = "") -
         f"file's '{file_prefix}<rest>' is this model's '{model_prefix}<rest>' (rename them, e.g. with the "
         f"converters' --rename '{file_prefix}*' '{model_prefix}*', or load into the model the file was "
         "written for)"
+    )
+
+
+def misfit_message(where: str, report: KeyReport, missing: list[str]) -> str:
+    """Why the adapter checkpoint ``where`` does not fit an ``AdaptedModel`` (both twins'
+    ``loader``): its unexpected and mis-shaped keys in ``report``, the trainable keys it lacks
+    (``missing``), and :func:`prefix_hint`'s rename when another prefix explains them.
+
+    >>> report = compare_keys({"lm.q.w": (2,), "lm.k.w": (2,)}, {"adapted_model.q.w": (2,), "adapted_model.k.w": (2,)})
+    >>> misfit_message("a.ckpt", report, report.missing).split("; ")[0]  # doctest: +NORMALIZE_WHITESPACE
+    "checkpoint 'a.ckpt' does not fit this AdaptedModel: unexpected keys ['lm.q.w', 'lm.k.w'],
+    mis-shaped keys [], missing trainable keys ['adapted_model.q.w', 'adapted_model.k.w']"
+    """
+    hint = prefix_hint(report.unexpected, missing, strip="adapted_model.")
+    return (
+        f"checkpoint {where!r} does not fit this AdaptedModel: "
+        f"unexpected keys {report.unexpected}, mis-shaped keys {report.mismatched}, "
+        f"missing trainable keys {missing}" + (f"; {hint}" if hint else "")
     )
