@@ -307,12 +307,52 @@ class AdaptedModel(nnx.Module):
         step, the same choice as data, ``adapter_mask=model.adapter_mask(names)``, so that one
         compiled step serves any mix. Inference only, as in PEFT.
         """
+        with self._per_sample(adapter_names, adapter_mask):
+            return self.adapted_model(*args, **kwargs)
+
+    def generate(
+        self,
+        *args: Any,
+        adapter_names: Sequence[str] | None = None,
+        adapter_mask: jax.Array | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The adapted model's ``generate`` (the Whisper and LLM twins' greedy decoding), with
+        PEFT's mixed batch: ``adapter_names`` gives one adapter per prompt (``'__base__'``: none)
+        for the whole decoding, as ``PeftModel.generate(..., adapter_names=...)`` does; the
+        choice is data, so one compiled decoding loop serves any mix.
+
+        Example
+        -------
+        >>> from flax_impl.models import LlamaForCausalLM
+        >>> config = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        ...     num_attention_heads=2, num_key_value_heads=1, eos_token_id=2)
+        >>> model = AdaptedModel(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), LoRA, ["*q_proj"],
+        ...     rngs=nnx.Rngs(1))
+        >>> model.add_adapter("b", LoRA, ["*v_proj"], rngs=nnx.Rngs(2))
+        >>> model.eval()
+        >>> ids = jnp.array([[1, 5, 7], [1, 9, 3]])
+        >>> model.generate(ids, 2, adapter_names=["b", "__base__"]).shape
+        (2, 5)
+        """
+        generate = getattr(self.adapted_model, "generate", None)
+        if generate is None:
+            raise AttributeError(f"{type(self.adapted_model).__name__} has no generate method to call")
+        with self._per_sample(adapter_names, adapter_mask):
+            return generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _per_sample(
+        self, adapter_names: Sequence[str] | None, adapter_mask: jax.Array | None
+    ) -> Iterator[None]:
+        """One adapter per sample for the calls run inside (nothing when both are None)."""
         if adapter_names is not None:
             if adapter_mask is not None:
                 raise TypeError("give adapter_names or adapter_mask, not both")
             adapter_mask = self.adapter_mask(adapter_names)
         if adapter_mask is None:
-            return self.adapted_model(*args, **kwargs)
+            yield
+            return
         switch = vars(self).get("_adapter_switch")
         if switch is None:
             raise AdapterError(
@@ -321,7 +361,7 @@ class AdaptedModel(nnx.Module):
         old = switch.get_value()
         switch.set_value(jnp.asarray(adapter_mask, old.dtype))
         try:
-            return self.adapted_model(*args, **kwargs)
+            yield
         finally:
             switch.set_value(old)
 

@@ -18,6 +18,7 @@ from ._factors import (
     sharding_kwargs,
 )
 from .activations import Swish
+from .lora import SwitchColumns
 
 __all__ = ["HoulsbyAdapterLinear"]
 
@@ -123,4 +124,4 @@ class HoulsbyAdapterLinear(nnx.Module):
                     delattr(self, attribute)
             return
         self.adapter_switch = switch
-        self.switch_columns = dict(columns)
+        self.switch_columns = SwitchColumns(columns)

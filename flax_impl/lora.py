@@ -11,6 +11,7 @@ output ``m / ||W + s down up|| * (W x + s up(down(x))) + b``, the norm under ``s
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from typing import Any, ClassVar, cast
 
 import jax
@@ -44,6 +45,39 @@ class AdapterSwitch(nnx.Variable):
     order) or ``(batch, n_adapters)`` (one adapter per sample). One variable shared by every layer
     of an ``AdaptedModel``: changing it (``set_adapter``, a mixed batch) changes no graph, so a
     jitted step is not traced again."""
+
+
+class SwitchColumns(Mapping[str, int]):
+    """Adapter name -> its column of the :class:`AdapterSwitch`, as a layer holding several keeps
+    it: an immutable, hashable mapping, because an NNX graphdef holds it as static data and
+    ``jax.jit`` hashes a graphdef given as a static argument (a plain ``dict`` made
+    ``WhisperForConditionalGeneration.generate`` fail on a model holding two adapters)."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, columns: Mapping[str, int]) -> None:
+        self._items = tuple(dict(columns).items())
+
+    def __getitem__(self, name: str) -> int:
+        for key, column in self._items:
+            if key == name:
+                return column
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SwitchColumns) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"SwitchColumns({dict(self._items)})"
 
 
 # Never read from the wrapped layer: the wrapper's own children and options.
@@ -327,7 +361,7 @@ class LoRA(nnx.Module):
                     delattr(self, attribute)
             return
         self.adapter_switch = switch
-        self.switch_columns = dict(columns)
+        self.switch_columns = SwitchColumns(columns)
 
     def branch(self, name: str) -> Any:
         """The module holding the factors of adapter ``name`` (``self`` for the default)."""

@@ -265,10 +265,51 @@ class AdaptedModel(nn.Module):
         ``adapter_mask=model.adapter_mask(names)`` gives the same choice as a tensor, so that a
         CUDA graph captured once serves any mix (copy another mask into it before replaying).
         """
+        with self._per_sample(adapter_names, adapter_mask):
+            return self.adapted_model(*args, **kwargs)
+
+    def generate(
+        self,
+        *args: Any,
+        adapter_names: Sequence[str] | None = None,
+        adapter_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The adapted model's ``generate`` (transformers'), with PEFT's mixed batch:
+        ``adapter_names`` gives one adapter per prompt (``'__base__'``: none) for every forward
+        of the decoding, as ``PeftModel.generate(..., adapter_names=...)`` does. Where
+        ``generate`` repeats each prompt (``num_beams``, ``num_return_sequences``), each copy
+        keeps its prompt's adapter, as in PEFT (an encoder that runs on the prompts alone takes
+        the names as given). ``adapter_mask`` is the same choice as a tensor.
+
+        Example
+        -------
+        >>> import transformers
+        >>> from torch_impl import LoRA
+        >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+        >>> model = AdaptedModel(transformers.LlamaForCausalLM(config), LoRA, ["*q_proj"]).eval()
+        >>> model.add_adapter("b", LoRA, ["*v_proj"])
+        >>> ids = torch.tensor([[1, 5, 7], [1, 9, 2]])
+        >>> model.generate(ids, max_new_tokens=2, do_sample=False, adapter_names=["b", "__base__"]).shape
+        torch.Size([2, 5])
+        """
+        generate = getattr(self.adapted_model, "generate", None)
+        if generate is None:
+            raise AttributeError(f"{type(self.adapted_model).__name__} has no generate method to call")
+        with self._per_sample(adapter_names, adapter_mask):
+            return generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _per_sample(
+        self, adapter_names: Sequence[str] | None, adapter_mask: torch.Tensor | None
+    ) -> Iterator[None]:
+        """One adapter per sample for the forwards run inside (nothing when both are None)."""
         if adapter_names is not None and adapter_mask is not None:
             raise TypeError("give adapter_names or adapter_mask, not both")
         if adapter_names is None and adapter_mask is None:
-            return self.adapted_model(*args, **kwargs)
+            yield
+            return
         if adapter_names is not None:
             layers = self._sample_layers(adapter_names)
             adapter_mask = self._mask_rows(adapter_names)
@@ -299,7 +340,7 @@ class AdaptedModel(nn.Module):
         for layer in layers:
             layer.set_sample_adapters(names, mask=mask, columns=columns, shared=shared)
         try:
-            return self.adapted_model(*args, **kwargs)
+            yield
         finally:
             for layer in layers:
                 layer.set_sample_adapters(None)

@@ -214,7 +214,11 @@ class LoRA(nn.Module):
     def adapter_names(self) -> list[str]:
         """The adapters this layer holds: ``'default'`` (unless the layer was wrapped for another
         adapter only) and the named ones, in the order they were added."""
-        named = list(cast(nn.ModuleDict, self._modules["named_adapters"])) if "named_adapters" in self._modules else []
+        named = (
+            list(cast(nn.ModuleDict, self._modules["named_adapters"]))
+            if "named_adapters" in self._modules
+            else []
+        )
         return ([DEFAULT_ADAPTER] if self.__dict__.get("_has_default", True) else []) + named
 
     def add_named_adapter(self, name: str, branch: LoRABranch) -> None:
@@ -264,7 +268,9 @@ class LoRA(nn.Module):
         ``shared`` caches what layers of the same adapters can share within one forward.
         ``names=None`` and ``mask=None``: stop."""
         self._sample_names = names
-        self._sample_mask = None if mask is None else (mask, dict(columns or {}), {} if shared is None else shared)
+        self._sample_mask = (
+            None if mask is None else (mask, dict(columns or {}), {} if shared is None else shared)
+        )
 
     def branch(self, name: str) -> LoRA | LoRABranch:
         """The module holding the factors of adapter ``name`` (``self`` for the default)."""
@@ -289,6 +295,22 @@ class LoRA(nn.Module):
         result = self.pretrained_module(x)
         samples = self.__dict__.get("_sample_names")
         sample_mask = self.__dict__.get("_sample_mask")
+        rows = None if sample_mask is None else sample_mask[0].shape[0]
+        rows = len(samples) if rows is None and samples is not None else rows
+        if rows is not None and x.shape[0] != rows:
+            # generate() repeats each prompt for beams / returned sequences (repeat_interleave):
+            # each copy keeps its prompt's adapter, as PEFT repeats the names.
+            copies = x.shape[0] // rows
+            if copies * rows != x.shape[0]:
+                raise AdapterError(
+                    f"{type(self).__name__}: a batch of {x.shape[0]} samples got {rows} per-sample adapter "
+                    "choices: give one adapter name per sample (adapter_names) or per prompt of generate()"
+                )
+            if samples is not None:
+                samples = [name for name in samples for _ in range(copies)]
+            if sample_mask is not None:
+                mask, columns, shared = sample_mask
+                sample_mask = (mask.repeat_interleave(copies, dim=0), columns, shared)
         if sample_mask is not None and self._can_mix(sample_mask[1]):
             return result + self._mixed_delta(x, *sample_mask).to(result.dtype)
         if samples is None:
@@ -327,12 +349,14 @@ class LoRA(nn.Module):
         CUDA graph once and replayed for any mask."""
         names = self.adapter_names()
         branches = [self.branch(name) for name in names]
-        key = tuple((columns[n], b.adapter_down_proj.weight.shape[0], float(b.scaling)) for n, b in zip(names, branches, strict=True))
+        entries = tuple(
+            (columns[n], b.adapter_down_proj.weight.shape[0], float(b.scaling))
+            for n, b in zip(names, branches, strict=True)
+        )
+        key = (mask.shape[0], entries)  # the rows too: an encoder's and its beams' decoder's differ
         weights = shared.get(key)
         if weights is None:  # (batch, R): one expand per adapter, shared by layers alike
-            weights = torch.cat(
-                [(mask[:, c : c + 1] * s).expand(-1, r) for c, r, s in key], dim=1
-            )
+            weights = torch.cat([(mask[:, c : c + 1] * s).expand(-1, r) for c, r, s in entries], dim=1)
             shared[key] = weights
         down = torch.cat([b.adapter_down_proj.weight for b in branches])
         up = torch.cat([b.adapter_up_proj.weight for b in branches], dim=1)

@@ -208,3 +208,43 @@ def test_ten_adamw_steps_on_the_active_adapter_agree_across_frameworks_and_leave
 
 def _split(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in path.split(".")]
+
+
+def _peft_generate(model: torch.nn.Module, new: int, **kwargs) -> np.ndarray:
+    batch = {key: torch.from_numpy(value) for key, value in _batch().items()}
+    with torch.no_grad():
+        out = model.generate(
+            **batch, max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, **kwargs
+        )
+    return out.numpy()
+
+
+def test_generate_with_one_adapter_per_prompt_gives_peft_tokens_in_both_twins(setup):
+    """PEFT's serving case: each prompt decoded through its own adapter (or none) in one batch,
+    the same greedy tokens as ``PeftModel.generate(..., adapter_names=...)``; in PyTorch also with
+    beams, where each prompt's copies keep its adapter."""
+    _, _, peft_model, _ = setup
+    theirs = copy.deepcopy(peft_model)
+    torch_model, flax_model = _ours(setup)
+    names, new = ["b", "__base__", "default", "b"], 5
+    expected = _peft_generate(theirs, new, adapter_names=names)
+    # Each row's tokens differ from what the active adapter alone gives: the choice shows.
+    assert not (expected == _peft_generate(theirs, new)).all(axis=1)[[0, 1, 3]].any()
+
+    batch = _batch()
+    actual = flax_model.generate(
+        jnp.asarray(batch["input_ids"]),
+        new,
+        attention_mask=jnp.asarray(batch["attention_mask"]),
+        eos_token_id=[],
+        adapter_names=names,
+    )
+    np.testing.assert_array_equal(np.asarray(actual), expected)
+    assert flax_model.active_adapters == ["default"]  # the mix lasted for the call only
+    np.testing.assert_array_equal(_peft_generate(torch_model, new, adapter_names=names), expected)
+
+    beams = dict(num_beams=2, num_return_sequences=2)
+    np.testing.assert_array_equal(
+        _peft_generate(torch_model, new, adapter_names=names, **beams),
+        _peft_generate(theirs, new, adapter_names=names, **beams),
+    )

@@ -19,6 +19,7 @@ import torch
 from flax import nnx
 
 import converters
+import flax_impl
 from flax_impl import CheckpointError
 from flax_impl.checkpoint import load_torch_style_state_dict, torch_style_state_dict
 from flax_impl.graph import named_modules
@@ -192,6 +193,42 @@ def test_generate_with_encoder_outputs_and_the_default_prompt(decoding_twins):
     np.testing.assert_array_equal(
         np.asarray(flax_model.generate(encoder_outputs=encoded, max_new_tokens=5, eos_token_id=63)), expected
     )
+
+
+def test_generate_with_one_adapter_per_utterance_decodes_each_as_its_adapter_alone(decoding_twins):
+    """A Whisper server's mixed batch: each utterance decoded through its own adapter (or none),
+    encoder and decoder alike, in one compiled loop; each row the tokens of that adapter alone."""
+    _, flax_model = decoding_twins
+    adapted = flax_impl.AdaptedModel(
+        copy.deepcopy(flax_model), flax_impl.LoRA, ["*q_proj", "*v_proj"], rngs=nnx.Rngs(1)
+    )
+    adapted.add_adapter(
+        "b", flax_impl.LoRA, ["*fc1", "*fc2", "*k_proj"], adapter_kwargs={"rank": 4}, rngs=nnx.Rngs(2)
+    )
+    params = nnx.state(adapted, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(3), 512))
+    for path, variable in nnx.to_flat_state(params):
+        if "adapter_" in ".".join(map(str, path)):
+            variable.set_value(0.5 * jax.random.normal(next(keys), variable.get_value().shape))
+    nnx.update(adapted, params)
+    adapted.eval()
+    features = whisper.features(batch=3, seed=5)
+    prompt = np.array([[2, 40], [2, 41], [2, 42]], np.int64)
+    names = ["b", "__base__", "default"]
+
+    mixed = np.asarray(adapted.generate(features, prompt, 8, eos_token_id=63, adapter_names=names))
+
+    for row, name in enumerate(names):
+        one = dict(features=features[row : row + 1], prompt=prompt[row : row + 1])
+        if name == "__base__":
+            with adapted.disable_adapter():
+                alone = adapted.generate(one["features"], one["prompt"], 8, eos_token_id=63)
+        else:
+            adapted.set_adapter(name)
+            alone = adapted.generate(one["features"], one["prompt"], 8, eos_token_id=63)
+        np.testing.assert_array_equal(mixed[row], np.asarray(alone)[0])
+    base = np.asarray(flax_model.generate(features, prompt, 8, eos_token_id=63))
+    assert (mixed[[0, 2]] != base[[0, 2]]).any(axis=1).all()  # both adapters change the tokens
 
 
 def test_generate_refuses_more_tokens_than_the_position_table(twins):
