@@ -77,8 +77,9 @@ def torch_cases(
                 if "adapter_" in name or "lora_" in name:
                     p.normal_(0.0, 0.02)
 
-    one = AdaptedModel(copy.deepcopy(base), LoRA, targets, adapter_kwargs={"rank": RANK, "alpha": RANK})
-    many = AdaptedModel(copy.deepcopy(base), LoRA, targets, adapter_kwargs={"rank": RANK, "alpha": RANK})
+    kwargs = {"rank": RANK, "alpha": RANK}
+    one = AdaptedModel(copy.deepcopy(base), LoRA, target_layers=targets, adapter_kwargs=kwargs)
+    many = AdaptedModel(copy.deepcopy(base), LoRA, target_layers=targets, adapter_kwargs=kwargs)
     for name in NAMES[1:]:
         many.add_adapter(name, LoRA, targets, adapter_kwargs={"rank": RANK, "alpha": RANK})
     theirs = peft.get_peft_model(

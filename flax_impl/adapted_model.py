@@ -30,6 +30,7 @@ from twinformat.format import adapter_metadata
 from twinformat.names import (
     as_patterns,
     check_all_matched,
+    check_flags,
     check_layer_kwargs_names,
     dotted,
     matches_any,
@@ -201,6 +202,7 @@ class AdaptedModel(nnx.Module):
             raise TypeError(f"adapter_class must be an adapter class such as LoRA, got {adapter_class!r}")
         if not isinstance(rngs, nnx.Rngs):
             raise TypeError(f"rngs must be an nnx.Rngs, got {type(rngs).__name__}")
+        check_flags(all_linear=all_linear, all_conv=all_conv)
         target_layers = as_patterns(target_layers)
         unfrozen_layers = as_patterns(unfrozen_layers)
 
@@ -327,7 +329,7 @@ class AdaptedModel(nnx.Module):
         >>> from flax_impl.models import LlamaForCausalLM
         >>> config = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
         ...     num_attention_heads=2, num_key_value_heads=1, eos_token_id=2)
-        >>> model = AdaptedModel(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), LoRA, ["*q_proj"],
+        >>> model = AdaptedModel(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), LoRA, target_layers=["*q_proj"],
         ...     rngs=nnx.Rngs(1))
         >>> model.add_adapter("b", LoRA, ["*v_proj"], rngs=nnx.Rngs(2))
         >>> model.eval()

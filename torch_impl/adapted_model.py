@@ -27,6 +27,7 @@ from twinformat.format import adapter_metadata
 from twinformat.names import (
     as_patterns,
     check_all_matched,
+    check_flags,
     check_layer_kwargs_names,
     matches_any,
     matches_unfrozen,
@@ -146,6 +147,7 @@ class AdaptedModel(nn.Module):
             raise TypeError(f"model_to_adapt must be an nn.Module instance, got {model_to_adapt!r:.100}")
         if not callable(adapter_class):
             raise TypeError(f"adapter_class must be an adapter class such as LoRA, got {adapter_class!r}")
+        check_flags(all_linear=all_linear, all_conv=all_conv)
         target_layers = as_patterns(target_layers)
         unfrozen_layers = as_patterns(unfrozen_layers)
 
@@ -288,7 +290,7 @@ class AdaptedModel(nn.Module):
         >>> from torch_impl import LoRA
         >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
-        >>> model = AdaptedModel(transformers.LlamaForCausalLM(config), LoRA, ["*q_proj"]).eval()
+        >>> model = AdaptedModel(transformers.LlamaForCausalLM(config), LoRA, target_layers=["*q_proj"]).eval()
         >>> model.add_adapter("b", LoRA, ["*v_proj"])
         >>> ids = torch.tensor([[1, 5, 7], [1, 9, 2]])
         >>> model.generate(ids, max_new_tokens=2, do_sample=False, adapter_names=["b", "__base__"]).shape
@@ -353,7 +355,7 @@ class AdaptedModel(nn.Module):
         Example
         -------
         >>> from torch_impl import LoRA
-        >>> model = AdaptedModel(nn.Sequential(nn.Linear(4, 4)), LoRA, ["0"]).eval()
+        >>> model = AdaptedModel(nn.Sequential(nn.Linear(4, 4)), LoRA, target_layers=["0"]).eval()
         >>> model.add_adapter("b", LoRA, ["0"])
         >>> model.adapter_mask(["b", "__base__", "default"])
         tensor([[0., 1.],

@@ -26,6 +26,7 @@ __all__ = [
     "NoMatchError",
     "as_patterns",
     "check_all_matched",
+    "check_flags",
     "check_layer_kwargs_names",
     "dotted",
     "matches_any",
@@ -49,6 +50,28 @@ def as_patterns(patterns: str | Iterable[str] | None) -> tuple[str, ...]:
         if not isinstance(pattern, str):
             raise TypeError(f"layer patterns must be strings, got {pattern!r} ({type(pattern).__name__})")
     return out
+
+
+def check_flags(**flags: object) -> None:
+    """Refuse a layer pattern given where ``AdaptedModel`` takes a flag (``all_linear``,
+    ``all_conv``): SpeechBrain's signature puts ``all_linear`` third, so
+    ``AdaptedModel(model, LoRA, ["*query"])`` reads as ``all_linear=True`` and adapts every linear
+    layer, silently, in SpeechBrain. A ``bool`` (or 0/1) passes.
+
+    >>> check_flags(all_linear=True, all_conv=0)
+    >>> check_flags(all_linear=["*query"])
+    Traceback (most recent call last):
+    ...
+    TypeError: all_linear must be True or False, got ['*query']: layer names go in target_layers=[...] (all_linear is the third positional argument, as in SpeechBrain's AdaptedModel)
+    """
+    for name, value in flags.items():
+        if not isinstance(value, (str, bytes)) and not hasattr(value, "__len__") and value in (True, False):
+            continue  # a bool, 0/1, numpy's bool
+        raise TypeError(
+            f"{name} must be True or False, got {value!r:.100}: layer names go in target_layers=[...] "
+            f"({name} is the {'third' if name == 'all_linear' else 'fourth'} positional argument, as in "
+            "SpeechBrain's AdaptedModel)"
+        )
 
 
 def matches_any(name: str, patterns: Sequence[str]) -> bool:

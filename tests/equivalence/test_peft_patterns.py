@@ -243,9 +243,11 @@ def test_saver_records_per_layer_alphas_and_loader_and_file_merge_refuse_what_wo
     assert b"layer_adapter_kwargs" in header
 
     plain = torch_impl.AdaptedModel(
-        copy.deepcopy(torch_bert), torch_impl.LoRA, QV, adapter_kwargs={"rank": 4, "alpha": 6.0}
+        copy.deepcopy(torch_bert), torch_impl.LoRA, target_layers=QV, adapter_kwargs={"rank": 4, "alpha": 6.0}
     )
-    with pytest.raises(CheckpointError, match=r"layer 'encoder.layer.0.attention.self.query' was saved with \{'rank': 2\}"):
+    with pytest.raises(
+        CheckpointError, match=r"layer 'encoder.layer.0.attention.self.query' was saved with \{'rank': 2\}"
+    ):
         plain.loader(str(tmp_path / "ours.safetensors"))
     again = torch_impl.AdaptedModel.from_pretrained(copy.deepcopy(torch_bert), tmp_path / "peft")
     again.loader(str(tmp_path / "ours.safetensors"))
@@ -264,7 +266,11 @@ def test_saver_records_per_layer_alphas_and_loader_and_file_merge_refuse_what_wo
     np.testing.assert_allclose(_flax_out(flax_model), _torch_out(ours), rtol=1e-5, atol=1e-5)
 
     base_file = tmp_path / "base.safetensors"
-    safetensors.torch.save_file({k: v.contiguous() for k, v in torch_bert.state_dict().items()}, str(base_file))
+    safetensors.torch.save_file(
+        {k: v.contiguous() for k, v in torch_bert.state_dict().items()}, str(base_file)
+    )
     with pytest.raises(MergeError, match="per-layer ranks or alphas"):
-        converters.merge_adapter_file(str(base_file), str(tmp_path / "ours.safetensors"), str(tmp_path / "m.safetensors"))
+        converters.merge_adapter_file(
+            str(base_file), str(tmp_path / "ours.safetensors"), str(tmp_path / "m.safetensors")
+        )
     assert not (tmp_path / "m.safetensors").exists()

@@ -200,7 +200,7 @@ def test_generate_with_one_adapter_per_utterance_decodes_each_as_its_adapter_alo
     encoder and decoder alike, in one compiled loop; each row the tokens of that adapter alone."""
     _, flax_model = decoding_twins
     adapted = flax_impl.AdaptedModel(
-        copy.deepcopy(flax_model), flax_impl.LoRA, ["*q_proj", "*v_proj"], rngs=nnx.Rngs(1)
+        copy.deepcopy(flax_model), flax_impl.LoRA, target_layers=["*q_proj", "*v_proj"], rngs=nnx.Rngs(1)
     )
     adapted.add_adapter(
         "b", flax_impl.LoRA, ["*fc1", "*fc2", "*k_proj"], adapter_kwargs={"rank": 4}, rngs=nnx.Rngs(2)

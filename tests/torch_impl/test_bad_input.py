@@ -62,6 +62,33 @@ def test_a_pattern_that_is_not_a_string_raises_type_error_naming_it():
         AdaptedModel(torch_models.SeedMLP(), LoRA, target_layers=["layer1", 3])
 
 
+@pytest.mark.parametrize("twin", ["torch", "flax"])
+def test_a_layer_list_given_as_all_linear_is_refused_before_anything_changes(twin):
+    """SpeechBrain's third positional argument is all_linear: a pattern list there would read as
+    True and adapt every linear layer (our own bench_mixed did this, 2026-12-07)."""
+    if twin == "torch":
+        model, adapted = torch_models.SeedMLP(), AdaptedModel
+        before = [type(m).__name__ for m in model.modules()]
+        extra: dict = {}
+    else:
+        flax_impl = pytest.importorskip("flax_impl")
+        nnx = pytest.importorskip("flax.nnx")
+        model, adapted = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0))), flax_impl.AdaptedModel
+        before = [type(m).__name__ for _, m in nnx.iter_graph(model)]
+        extra = {"rngs": nnx.Rngs(1)}
+    lora = LoRA if twin == "torch" else flax_impl.LoRA
+    with pytest.raises(TypeError, match=r"all_linear must be True or False.*target_layers="):
+        adapted(model, lora, ["layer1"], **extra)
+    with pytest.raises(TypeError, match=r"all_conv must be True or False"):
+        adapted(model, lora, False, "layer1", **extra)
+    after = (
+        [type(m).__name__ for m in model.modules()]
+        if twin == "torch"
+        else [type(m).__name__ for _, m in nnx.iter_graph(model)]
+    )
+    assert after == before
+
+
 def test_model_to_adapt_must_be_a_module():
     with pytest.raises(TypeError, match="Linear"):
         AdaptedModel(nn.Linear, LoRA, all_linear=True)
@@ -309,13 +336,17 @@ def test_saving_into_a_missing_folder_raises_naming_it(tmp_path):
 def test_layer_adapter_kwargs_set_one_layers_rank_and_a_name_it_does_not_adapt_is_refused_untouched():
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     adapted = AdaptedModel(
-        model, LoRA, ["0", "2"], adapter_kwargs={"rank": 2}, layer_adapter_kwargs={"2": {"rank": 5}}
+        model,
+        LoRA,
+        target_layers=["0", "2"],
+        adapter_kwargs={"rank": 2},
+        layer_adapter_kwargs={"2": {"rank": 5}},
     )
     assert adapted.adapted_model[0].adapter_down_proj.out_features == 2
     assert adapted.adapted_model[2].adapter_down_proj.out_features == 5
     plain = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     with pytest.raises(NoMatchError, match=r"layer_adapter_kwargs names '1', .* it adapts: '0', '2'"):
-        AdaptedModel(plain, LoRA, ["0", "2"], layer_adapter_kwargs={"1": {"rank": 5}})
+        AdaptedModel(plain, LoRA, target_layers=["0", "2"], layer_adapter_kwargs={"1": {"rank": 5}})
     assert all(p.requires_grad for p in plain.parameters()) and isinstance(plain[0], nn.Linear)
 
 
@@ -325,9 +356,11 @@ def test_a_file_whose_layers_sit_under_another_prefix_is_refused_naming_the_rena
     def net(name: str) -> nn.Module:
         return nn.Sequential(OrderedDict({name: nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))}))
 
-    saved = AdaptedModel(net("enc"), LoRA, ["enc.0", "enc.1"], adapter_kwargs={"rank": 2})
+    saved = AdaptedModel(net("enc"), LoRA, target_layers=["enc.0", "enc.1"], adapter_kwargs={"rank": 2})
     saved.saver(str(tmp_path / "a.safetensors"))
-    other = AdaptedModel(net("encoder"), LoRA, ["encoder.0", "encoder.1"], adapter_kwargs={"rank": 2})
+    other = AdaptedModel(
+        net("encoder"), LoRA, target_layers=["encoder.0", "encoder.1"], adapter_kwargs={"rank": 2}
+    )
     with pytest.raises(
         CheckpointError,
         match=r"the file's 'enc\.<rest>' is this model's 'encoder\.<rest>'.*--rename 'enc\.\*' 'encoder\.\*'",
