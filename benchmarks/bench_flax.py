@@ -437,6 +437,19 @@ def kernel_profile(run, steps: int = 5) -> dict[str, tuple[float, float]]:
 PROFILES: dict[Case, dict[str, tuple[float, float]]] = {}
 
 
+def kernels_beyond(
+    launched: dict[str, tuple[float, float]], baseline: dict[str, tuple[float, float]]
+) -> list[tuple[float, float, str]]:
+    """``(extra us, extra launches, kernel name)`` of one :func:`kernel_profile` over another's,
+    the kinds that differ by more than 1 us or one launch, largest extra time first."""
+    diff = []
+    for name in set(launched) | set(baseline):
+        (c1, t1), (c0, t0) = launched.get(name, (0, 0.0)), baseline.get(name, (0, 0.0))
+        if abs(t1 - t0) > 1.0 or abs(c1 - c0) >= 1:
+            diff.append((t1 - t0, c1 - c0, name))
+    return sorted(diff, reverse=True)
+
+
 def profile_report(profiles: dict[Case, dict[str, tuple[float, float]]]) -> str:
     """Kernels and GPU time per step of each profiled case, and what each adds over its floor."""
     lines = ["| case | kernels / step | GPU kernel ms / step |", "|---|---:|---:|"]
@@ -447,14 +460,10 @@ def profile_report(profiles: dict[Case, dict[str, tuple[float, float]]]) -> str:
         floor = profiles.get(case.floor)
         if floor is None or case.setup == "floor":
             continue
-        diff = []
-        for name in set(launched) | set(floor):
-            (c1, t1), (c0, t0) = launched.get(name, (0, 0.0)), floor.get(name, (0, 0.0))
-            if abs(t1 - t0) > 1.0 or abs(c1 - c0) >= 1:
-                diff.append((t1 - t0, c1 - c0, name))
-        diff.sort(reverse=True)
         lines += ["", f"{case.key}: kernels it adds over the floor (us/step, count/step, name)", "```"]
-        lines += [f"{dt:9.1f} {dc:7.1f}  {name[:100]}" for dt, dc, name in diff[:14]]
+        lines += [
+            f"{dt:9.1f} {dc:7.1f}  {name[:100]}" for dt, dc, name in kernels_beyond(launched, floor)[:14]
+        ]
         lines.append("```")
     return "\n".join(lines)
 

@@ -338,7 +338,8 @@ class AdaptedModel(nn.Module):
             if adapter_names is None
             else [self._slot(n) if n != BASE_ADAPTER else n for n in adapter_names]
         )
-        shared: dict[Any, torch.Tensor] = {}  # per-sample weights, computed once per forward
+        # Per-sample weights and expanded masks, computed once per call (a whole generate()).
+        shared: dict[Any, torch.Tensor] = {}
         for layer in layers:
             layer.set_sample_adapters(names, mask=mask, columns=columns, shared=shared)
         try:

@@ -310,7 +310,10 @@ class LoRA(nn.Module):
                 samples = [name for name in samples for _ in range(copies)]
             if sample_mask is not None:
                 mask, columns, shared = sample_mask
-                sample_mask = (mask.repeat_interleave(copies, dim=0), columns, shared)
+                expanded = shared.get(("rows", x.shape[0]))  # once per call, not per layer
+                if expanded is None:
+                    expanded = shared[("rows", x.shape[0])] = mask.repeat_interleave(copies, dim=0)
+                sample_mask = (expanded, columns, shared)
         if sample_mask is not None and self._can_mix(sample_mask[1]):
             return result + self._mixed_delta(x, *sample_mask).to(result.dtype)
         if samples is None:
