@@ -49,6 +49,9 @@ def _three() -> AdaptedModel:
 
 
 X = jnp.asarray(np.random.default_rng(0).normal(size=(4, 6)), jnp.float32)
+# 8 rows a sample, at least the concatenated rank of fc1's adapters (2 + 3): the mixed path
+# weights each sample's copy of the up factors in a batched GEMM instead of the activations.
+X_ROWS = jnp.asarray(np.random.default_rng(1).normal(size=(4, 8, 6)), jnp.float32)
 
 
 def test_set_adapter_weights_and_mixed_batches_do_not_recompile_a_jitted_forward():
@@ -218,7 +221,8 @@ def test_a_houlsby_default_beside_a_named_lora_switches_as_data_and_saves(tmp_pa
     np.testing.assert_allclose(again(X), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_a_mixed_batch_takes_one_gemm_pair_where_every_adapter_is_plain_lora(monkeypatch):
+@pytest.mark.parametrize("x", [X, X_ROWS], ids=["one-row", "rows"])
+def test_a_mixed_batch_takes_one_gemm_pair_where_every_adapter_is_plain_lora(monkeypatch, x):
     """fc1 holds 'default' and 'b' (plain LoRA): one concatenated GEMM pair for every sample;
     fc2 holds the DoRA adapter 'c': the per-adapter loop. Both give the loop's numbers."""
     model = _three()
@@ -233,10 +237,10 @@ def test_a_mixed_batch_takes_one_gemm_pair_where_every_adapter_is_plain_lora(mon
         return original(self, *args)
 
     monkeypatch.setattr(LoRA, "_mixed_delta", counted)
-    fast = model(X, adapter_mask=mask)
+    fast = model(x, adapter_mask=mask)
     assert mixed == [model.adapted_model.fc1]
     monkeypatch.setattr(LoRA, "_can_mix", lambda self: False)
-    loop = model(X, adapter_mask=mask)
+    loop = model(x, adapter_mask=mask)
     np.testing.assert_allclose(fast, loop, rtol=1e-6, atol=1e-6)
     assert not np.allclose(fast[0], fast[1])  # 'b' shows against the base sample
 
@@ -247,26 +251,27 @@ def _dot_generals(model: AdaptedModel, x: jax.Array) -> int:
     return str(jaxpr).count("dot_general")
 
 
+@pytest.mark.parametrize("x", [X, X_ROWS], ids=["one-row", "rows"])
 @pytest.mark.parametrize("active", ["default", "b", ["default", "b"]])
-def test_a_batch_wide_active_set_takes_one_gemm_pair_not_one_per_held_adapter(monkeypatch, active):
+def test_a_batch_wide_active_set_takes_one_gemm_pair_not_one_per_held_adapter(monkeypatch, active, x):
     """With 'default' and 'b' on fc1, the active set is data: the loop would run both adapters'
     GEMMs on every call, active or not. fc1 takes one concatenated pair instead (the DoRA layer
     fc2 loops), with the loop's numbers, and the base model's exactly when disabled."""
     model = _three()
     model.eval()
     model.set_adapter(active)
-    fast, fast_dots = model(X), _dot_generals(model, X)
+    fast, fast_dots = model(x), _dot_generals(model, x)
     with model.disable_adapter():
-        base = model(X)
+        base = model(x)
     with monkeypatch.context() as patch:
         patch.setattr(LoRA, "_can_mix", lambda self: False)
-        loop, loop_dots = model(X), _dot_generals(model, X)
+        loop, loop_dots = model(x), _dot_generals(model, x)
         with model.disable_adapter():
-            np.testing.assert_array_equal(model(X), base)
+            np.testing.assert_array_equal(model(x), base)
     np.testing.assert_allclose(fast, loop, rtol=1e-6, atol=1e-6)
     assert fast_dots == loop_dots - 2  # fc1: one GEMM pair for its two adapters, not two
     assert not np.allclose(fast, base)
     fc1 = model.adapted_model.fc1
     np.testing.assert_array_equal(
-        base, model.adapted_model.fc2.pretrained_module(nnx.relu(fc1.pretrained_module(X)))
+        base, model.adapted_model.fc2.pretrained_module(nnx.relu(fc1.pretrained_module(x)))
     )
