@@ -168,13 +168,92 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- Flax
 
 
+def flax_model(shape: Shape, attention: str | None) -> Any:
+    """The Flax Llama twin of ``shape`` in bf16, the same random weights each time (seed 0)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from flax_impl.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        shape.config,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        attention_implementation=attention,
+        rngs=nnx.Rngs(0),
+    )
+    model.eval()  # no dropout in the config anyway; eval keeps both sides alike
+    return model
+
+
+def _loss(logits: Any, ids: Any) -> Any:
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+
+def flax_floor_step(model: Any) -> tuple[Callable, Any]:
+    """The frozen floor: ``(step(state, ids), state)``, the gradient with respect to the
+    embeddings' output only (a copy of the weights: the LoRA step donates its own)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x.copy(), state)
+
+    def floor(state: Any, ids: jax.Array) -> Any:
+        model = nnx.merge(graphdef, state)
+        hidden = model.model.embed_tokens(ids)
+        return jax.value_and_grad(lambda h: _loss(model(None, inputs_embeds=h), ids))(hidden)
+
+    return floor, state
+
+
+def flax_lora_step(
+    model: Any, shape: Shape, grouped: bool, flat_optimizer: bool = False
+) -> tuple[Callable, Any, str]:
+    """The README's step over ``model`` with LoRA on every linear layer: ``(step(state, ids),
+    state, note)``; ``grouped``: q/k/v and gate/up share one down-projection GEMM."""
+    import jax
+    from flax import nnx
+
+    import flax_impl
+
+    adapted = flax_impl.AdaptedModel(
+        model,
+        flax_impl.LoRA,
+        target_layers=FLAX_TARGETS,
+        adapter_kwargs={"rank": shape.rank, "alpha": shape.alpha},
+        rngs=nnx.Rngs(1),
+    )
+    groups = 0
+    if grouped:  # one down-projection GEMM for the layers reading the same input
+        groups = sum(
+            flax_impl.fused.group_shared_input(adapted, names)
+            for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+        )
+    optimizer = nnx.Optimizer(adapted, flax_adamw(flat_optimizer), wrt=adapted.trainable)
+    graphdef, state = nnx.split((adapted, optimizer))
+
+    def lora_step(state: Any, ids: jax.Array) -> Any:
+        adapted, optimizer = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(
+            lambda m: _loss(m(ids), ids), argnums=nnx.DiffState(0, adapted.trainable)
+        )(adapted)
+        optimizer.update(adapted, grads)
+        return loss, nnx.state((adapted, optimizer))
+
+    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(adapted, adapted.trainable)))
+    note = f"{trainable:,} trainable" + (f"; {groups} shared-input groups" if grouped else "")
+    return lora_step, state, note
+
+
 def flax_cases(
     shape: Shape, args: argparse.Namespace, ids_np: Any, prompt_np: Any
 ) -> tuple[list[Case], list[Case]]:
     """The Flax floor and LoRA steps, and the Flax decoding case."""
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
 
     import flax_impl
@@ -184,77 +263,29 @@ def flax_cases(
     attention = {"auto": "cudnn" if on_gpu else None, "none": None}.get(
         args.flax_attention, args.flax_attention
     )
-
-    def build() -> Any:  # the same random weights each time (seed 0)
-        model = LlamaForCausalLM(
-            shape.config,
-            dtype=jnp.bfloat16,
-            param_dtype=jnp.bfloat16,
-            attention_implementation=attention,
-            rngs=nnx.Rngs(0),
-        )
-        model.eval()  # no dropout in the config anyway; eval keeps both sides alike
-        return model
-
-    model = build()
     ids = jnp.asarray(ids_np)
-
-    def loss_of(logits: jax.Array) -> jax.Array:
-        return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
-
-    # The floor: gradient with respect to the embeddings' output only.
-    graphdef, state = nnx.split(model)
-    # The LoRA step donates its state, which holds these very weights: the floor keeps a copy.
-    state = jax.tree.map(lambda x: x.copy(), state)
-
-    def floor(state: Any, ids: jax.Array) -> Any:
-        model = nnx.merge(graphdef, state)
-        hidden = model.model.embed_tokens(ids)
-        loss, grad = jax.value_and_grad(lambda h: loss_of(model(None, inputs_embeds=h)))(hidden)
-        return loss, grad
-
+    model = flax_model(shape, attention)
+    floor, state = flax_floor_step(model)
     floor_case = _compiled_case(
         "flax floor", jax.jit(floor), (state, ids), donate=False, shape=shape, args=args
     )
 
     def lora_case(name: str, model: Any, grouped: bool, flat_optimizer: bool = False) -> Case:
-        adapted = flax_impl.AdaptedModel(
-            model,
-            flax_impl.LoRA,
-            target_layers=FLAX_TARGETS,
-            adapter_kwargs={"rank": shape.rank, "alpha": shape.alpha},
-            rngs=nnx.Rngs(1),
-        )
-        groups = 0
-        if grouped:  # one down-projection GEMM for the layers reading the same input
-            groups = sum(
-                flax_impl.fused.group_shared_input(adapted, names)
-                for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-            )
-        optimizer = nnx.Optimizer(adapted, flax_adamw(flat_optimizer), wrt=adapted.trainable)
-        graphdef2, state2 = nnx.split((adapted, optimizer))
-
-        def lora_step(state: Any, ids: jax.Array) -> Any:
-            adapted, optimizer = nnx.merge(graphdef2, state)
-            loss, grads = nnx.value_and_grad(
-                lambda m: loss_of(m(ids)), argnums=nnx.DiffState(0, adapted.trainable)
-            )(adapted)
-            optimizer.update(adapted, grads)
-            return loss, nnx.state((adapted, optimizer))
-
+        step, state, note = flax_lora_step(model, shape, grouped, flat_optimizer)
         case = _compiled_case(
-            name, jax.jit(lora_step, donate_argnums=0), (state2, ids), donate=True, shape=shape, args=args
+            name, jax.jit(step, donate_argnums=0), (state, ids), donate=True, shape=shape, args=args
         )
-        trainable = sum(x.size for x in jax.tree.leaves(nnx.state(adapted, adapted.trainable)))
-        case.note = f"{trainable:,} trainable; attention {attention or 'written out'}" + (
-            f"; {groups} shared-input groups" if grouped else ""
-        )
+        case.note = f"{note}; attention {attention or 'written out'}"
         return case
 
     cases = [floor_case, lora_case("flax lora", model, grouped=False)]
     if args.flax_grouped:
-        cases.append(lora_case("flax lora grouped", build(), grouped=True))
-        cases.append(lora_case("flax lora grouped+flatopt", build(), grouped=True, flat_optimizer=True))
+        cases.append(lora_case("flax lora grouped", flax_model(shape, attention), grouped=True))
+        cases.append(
+            lora_case(
+                "flax lora grouped+flatopt", flax_model(shape, attention), grouped=True, flat_optimizer=True
+            )
+        )
     decode = []
     if not args.no_decode:
         prompt = jnp.asarray(prompt_np)

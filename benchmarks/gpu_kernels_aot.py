@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import math
 import re
 import sys
 import time
@@ -111,6 +112,97 @@ def launches_by_name(text: str) -> collections.Counter[str]:
     )
 
 
+_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+def written_by_kind(text: str) -> dict[str, tuple[int, int]]:
+    """``{kind: (launches, bytes its outputs hold)}`` over the entry computation of an optimised
+    HLO text: what each launched kernel kind writes, a lower bound of its memory traffic (a GEMM
+    or fusion also reads its operands), so that two programs compare by bytes as well as counts."""
+    totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    inside = False
+    for line in text.splitlines():
+        if line.startswith("ENTRY"):
+            inside = True
+            continue
+        if not inside:
+            continue
+        if line.startswith("}"):
+            break
+        instruction = bf._instruction(line)
+        if instruction is None or instruction.opcode in bf._NOT_LAUNCHED:
+            continue
+        # The output shape: everything between '=' and the opcode's '(' (a tuple for multi-output).
+        shape = line.split("=", 1)[1].split(f" {instruction.opcode}(", 1)[0]
+        size = sum(
+            math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(dtype, 8)
+            for dtype, dims in _SHAPE.findall(shape)
+        )
+        kind = re.sub(r"([._]\d+)+$", "", instruction.name)
+        totals[kind][0] += 1
+        totals[kind][1] += size
+    return {kind: (n, size) for kind, (n, size) in totals.items()}
+
+
+def llm_programs(layers: int, device: jax.Device) -> dict[str, str]:
+    """``bench_llm.py``'s Flax floor and LoRA steps (the ~1B Llama config with ``layers`` layers,
+    4 x 2048 tokens, LoRA r=16 on every linear layer, bf16, cuDNN attention), plain and with
+    q/k/v and gate/up grouped, compiled for ``device``: their optimised HLO by name."""
+    from benchmarks import bench_llm as bl
+
+    shape = dataclasses.replace(bl.FULL, config={**bl.FULL.config, "num_hidden_layers": layers})
+    placed = jax.sharding.SingleDeviceSharding(device)
+    ids = jax.ShapeDtypeStruct((shape.batch, shape.seq), jax.numpy.int32, sharding=placed)
+
+    def abstract(state: object) -> object:
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed), state)
+
+    floor, state = bl.flax_floor_step(bl.flax_model(shape, "cudnn"))
+    programs = {"floor": jax.jit(floor).lower(abstract(state), ids).compile().as_text()}
+    for name, grouped in (("lora", False), ("lora grouped", True)):
+        step, state, _ = bl.flax_lora_step(bl.flax_model(shape, "cudnn"), shape, grouped)
+        programs[name] = jax.jit(step, donate_argnums=0).lower(abstract(state), ids).compile().as_text()
+    return programs
+
+
+def bytes_report(programs: dict[str, str], adapted_layers: int, title: str) -> str:
+    """Kernels and bytes written per program, and by kind beyond the floor's (``programs['floor']``)."""
+    written = {name: written_by_kind(text) for name, text in programs.items()}
+    floor = written["floor"]
+    lines = [
+        f"### {title}",
+        "",
+        "| program | kernels | MB written | kernels - floor | MB written - floor | MB - floor per adapted layer |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, kinds in written.items():
+        n, size = sum(v[0] for v in kinds.values()), sum(v[1] for v in kinds.values())
+        fn, fsize = sum(v[0] for v in floor.values()), sum(v[1] for v in floor.values())
+        per = f"{(size - fsize) / 1e6 / adapted_layers:.1f}" if name != "floor" else "-"
+        lines.append(
+            f"| {name} | {n} | {size / 1e6:.0f} | {n - fn:+d} | {(size - fsize) / 1e6:+.0f} | {per} |"
+        )
+    for name, kinds in written.items():
+        if name == "floor":
+            continue
+        rows = sorted(
+            (
+                (
+                    kinds.get(k, (0, 0))[1] - floor.get(k, (0, 0))[1],
+                    kinds.get(k, (0, 0))[0] - floor.get(k, (0, 0))[0],
+                    k,
+                )
+                for k in set(kinds) | set(floor)
+            ),
+            reverse=True,
+        )
+        lines += ["", f"`{name}` beyond the floor (MB written, launches, kind):", "```"]
+        lines += [f"{size / 1e6:+9.1f} {n:+5d}  {k}" for size, n, k in rows if size or n]
+        lines.append("```")
+    return "\n".join(lines) + "\n"
+
+
 def report(programs: dict[bf.Case, str], adapted_layers: dict[bf.Case, int], title: str) -> str:
     keys = ("kernels", "gemm", "convert", "transpose", "other")
     counts = {case: bf.hlo_counts(text) for case, text in programs.items()}
@@ -152,13 +244,38 @@ def main(argv: list[str] | None = None) -> int:
         default="ours:q,v;ours:q,k,v,o;nnx.LoRA:q,k,v,o",
         help="';'-separated setup:targets as bench_flax.py's --jit-cases (the floor is always compiled)",
     )
-    parser.add_argument("--layers", type=int, default=12, help="BERT-base with this many layers")
+    parser.add_argument(
+        "--layers", type=int, default=12, help="BERT-base (or --llm's Llama) with this many layers"
+    )
+    parser.add_argument(
+        "--llm",
+        action="store_true",
+        help="bench_llm.py's ~1B Llama steps (floor, LoRA on all linear layers, grouped) instead of "
+        "BERT's, with the bytes each kernel kind writes",
+    )
     parser.add_argument("--dtype", default="bf16", choices=sorted(bf.DTYPES))
     parser.add_argument("--out", type=Path, help="also write the markdown report here")
     parser.add_argument("--hlo-dir", type=Path, help="also write each optimised HLO program into this folder")
     args = parser.parse_args(argv)
 
     device = simulated_gpu(args.gpu)
+    if args.llm:
+        began = time.perf_counter()
+        named = llm_programs(args.layers, device)
+        if args.hlo_dir:
+            for name, text in named.items():
+                bf.write_report(args.hlo_dir / f"llm_{name.replace(' ', '_')}.hlo.txt", text)
+        title = (
+            f"Kernels and bytes written per `jax.jit` step, simulated {args.gpu.upper()} (XLA:GPU "
+            f"deviceless compile, jax {jax.__version__}, flax {bf.flax.__version__}): the ~1B Llama of "
+            f"bench_llm.py with {args.layers} layers, 4 x 2048 tokens, bf16, LoRA r=16 on all 7 linear "
+            f"layers a block ({time.perf_counter() - began:.0f} s)"
+        )
+        text = bytes_report(named, 7 * args.layers, title)
+        print(text)
+        if args.out:
+            bf.write_report(args.out, text)
+        return 0
     shape = dataclasses.replace(bf.SHAPES["gpu"], config={"num_hidden_layers": args.layers})
     cases = [bf.Case("floor", dtype=args.dtype)]
     for item in [c for c in args.cases.split(";") if c]:
