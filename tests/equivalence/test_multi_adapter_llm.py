@@ -32,7 +32,12 @@ CONFIGS = {
     ),
     "c": dict(r=3, lora_alpha=5, use_dora=True, target_modules=["o_proj"]),
 }
-TOL = dict(rtol=2e-5, atol=2e-5)
+#: PyTorch against PeftModel: issue 23's 1e-5.
+TOL = dict(rtol=1e-5, atol=1e-5)
+#: The Flax twin against PeftModel: XLA and ATen sum the float32 products in different orders;
+#: over two decoder layers and a 64-token vocabulary that reaches 1.4e-5 on 3 of 2048 logits
+#: (llama3-rope, measured 2026-12-07), so the cross-framework bound is 2e-5.
+FLAX_TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 def _batch() -> dict[str, np.ndarray]:
@@ -83,7 +88,7 @@ def _ours(setup) -> tuple[torch_impl.AdaptedModel, flax_impl.AdaptedModel]:
 def _check(theirs: torch.nn.Module, torch_model: torch.nn.Module, flax_model: nnx.Module, **kwargs) -> None:
     expected = _torch_logits(theirs, **kwargs)
     np.testing.assert_allclose(_torch_logits(torch_model, **kwargs), expected, **TOL)
-    np.testing.assert_allclose(_flax_logits(flax_model, **kwargs), expected, **TOL)
+    np.testing.assert_allclose(_flax_logits(flax_model, **kwargs), expected, **FLAX_TOL)
 
 
 def test_both_twins_equal_peft_for_every_active_set_disable_mixed_batch_and_delete(setup):
@@ -101,7 +106,7 @@ def test_both_twins_equal_peft_for_every_active_set_disable_mixed_batch_and_dele
         with torch_model.disable_adapter():
             np.testing.assert_allclose(_torch_logits(torch_model), base, **TOL)
         with flax_model.disable_adapter():
-            np.testing.assert_allclose(_flax_logits(flax_model), base, **TOL)
+            np.testing.assert_allclose(_flax_logits(flax_model), base, **FLAX_TOL)
 
     names = ["b", "__base__", "default", "b"]  # PEFT refuses DoRA ('c') in a mixed batch
     _check(theirs, torch_model, flax_model, adapter_names=names)
@@ -140,7 +145,7 @@ def test_weighted_adapters_and_merge_and_unload_equal_peft(setup):
     )
     plain = flax_model.merge_and_unload(adapter_names=chosen)
     assert type(plain).__name__ == type(setup[1]).__name__
-    np.testing.assert_allclose(_flax_logits(plain), expected, **TOL)
+    np.testing.assert_allclose(_flax_logits(plain), expected, **FLAX_TOL)
 
 
 def test_ten_adamw_steps_on_the_active_adapter_agree_across_frameworks_and_leave_the_others_alone(setup):
