@@ -459,10 +459,11 @@ def group_shared_input(model: nn.Module, names: tuple[str, ...] = ("query", "key
     For every module with at least two LoRA children among ``names`` (transformers' self-attention
     ``query``, ``key``, ``value`` by default), the first of them that the model calls computes all
     of their outputs in one fused autograd function, and the others hand theirs out, provided the
-    model calls them on the same tensor. The numbers are those of the separate fused layers (the
-    same GEMMs, fewer and larger); a member called on another tensor, or after its weights
-    changed, computes alone, and so does a group with a layer that is merged, unfrozen, hooked or
-    not plain LoRA (dropout, DoRA). ``torch.compile`` and ``torch.func`` always take the separate
+    model calls them on the same tensor. The numbers are those of the separate fused layers within
+    rounding (the same products in fewer, larger GEMMs, which round differently: float32 outputs
+    ~1e-6 apart on a small BERT; not bit-exact, hence opt-in); a member called on another tensor,
+    or after its weights changed, computes alone, and so does a group with a layer that is merged,
+    unfrozen, hooked or not plain LoRA (dropout, DoRA). ``torch.compile`` and ``torch.func`` always take the separate
     layers. The parameters, ``state_dict`` and checkpoints do not change;
     :func:`ungroup_shared_input` undoes it.
 
