@@ -15,6 +15,8 @@
 #   PART=shapes  bash benchmarks/run_gpu.sh   # issue 24 item 6: the opt-ins at the ~1B Llama shape
 #                                             # (~2 min)
 #   PART=whisper bash benchmarks/run_gpu.sh   # the opt-ins at whisper-small (< 10 min)
+#   PART=leaves  bash benchmarks/run_gpu.sh   # the BERT-base jit rows with the state as an nnx.State
+#                                             # and as a flat list of arrays (host time a call; ~5 min)
 #
 # Measured on 2026-12-01 (one H200): PART=main took 363 s of wall time; a Flax BERT-base
 # training step compiles in ~27 s, a torch.compile'd one in 32-43 s.
@@ -72,8 +74,15 @@ whisper)
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 560 python3 benchmarks/bench_whisper.py --no-torch --steps 5 \
     --flax-variants grouped+factor-copies+flatopt,grouped --out "$OUT/whisper_optins_gpu.md" > "$OUT/whisper.log" 2>&1
   ;;
+leaves)
+  for as in state leaves; do
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 280 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
+      --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --state-as "$as" \
+      --jit-cases "ours:q,v;ours:q,k,v,o;nnx.LoRA:q,k,v,o" --out "$OUT/flax_state_as_$as.md" > "$OUT/flax_$as.log" 2>&1
+  done
+  ;;
 *)
-  echo "PART must be main, compile, flax, optins, mixed, shapes or whisper, got '$PART'" >&2
+  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper or leaves, got '$PART'" >&2
   exit 2
   ;;
 esac
