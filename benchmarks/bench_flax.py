@@ -290,24 +290,27 @@ class HloInstruction(NamedTuple):
     name: str  # as XLA numbered it: ``gemm_fusion_dot.12``
     opcode: str
     callee: str | None  # the computation (``calls=``) of a fusion, the target of a custom call
+    shape: str = ""  # the output shape's text: ``bf16[4096,768]{1,0}``, a tuple for multi-output
 
 
 def _instruction(line: str) -> HloInstruction | None:
-    """An HLO instruction line's name, opcode and callee; None for other lines."""
+    """An HLO instruction line's name, opcode, callee and output shape; None for other lines."""
     match = _HLO_INSTRUCTION.match(line)
     if not match:
         return None
     rest = line[match.end() :]
     if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
         depth = list(itertools.accumulate((char == "(") - (char == ")") for char in rest))
-        rest = rest[depth.index(0) + 1 :]
+        shape, rest = rest[: depth.index(0) + 1], rest[depth.index(0) + 1 :]
     else:
-        rest = rest.split(" ", 1)[1] if " " in rest else ""
+        shape, _, rest = rest.partition(" ")
     opcode = re.match(r"\s*([\w\-]+)\(", rest)
     if not opcode:
         return None
     callee = re.search(r"calls=%?([\w.\-]+)|custom_call_target=\"([^\"]*)\"", rest)
-    return HloInstruction(match.group(1), opcode.group(1), callee and (callee.group(1) or callee.group(2)))
+    return HloInstruction(
+        match.group(1), opcode.group(1), callee and (callee.group(1) or callee.group(2)), shape
+    )
 
 
 def hlo_computations(text: str) -> dict[str, list[HloInstruction]]:
@@ -334,7 +337,7 @@ def hlo_counts(text: str) -> dict[str, int]:
     convert instructions everywhere, fused or not."""
     computations = hlo_computations(text)
     counts = dict.fromkeys(("kernels", "gemm", "convert", "transpose", "other"), 0)
-    for _, opcode, callee in computations.get("ENTRY", []):
+    for _, opcode, callee, _ in computations.get("ENTRY", []):
         if opcode in _NOT_LAUNCHED:
             continue
         inner = {opcode}

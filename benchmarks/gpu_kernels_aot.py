@@ -105,11 +105,17 @@ def launches_by_name(text: str) -> collections.Counter[str]:
     """The entry computation's launched instructions of an optimised HLO text, by instruction name
     with XLA's numbering stripped (``gemm_fusion_dot.12`` -> ``gemm_fusion_dot``), so that two
     programs compare kind by kind."""
-    return collections.Counter(
-        re.sub(r"([._]\d+)+$", "", instruction.name)
-        for instruction in bf.hlo_computations(text).get("ENTRY", [])
-        if instruction.opcode not in bf._NOT_LAUNCHED
-    )
+    return collections.Counter(_kind(instruction) for instruction in _launched(text))
+
+
+def _launched(text: str) -> list[bf.HloInstruction]:
+    """The entry computation's instructions that launch a kernel."""
+    return [i for i in bf.hlo_computations(text).get("ENTRY", []) if i.opcode not in bf._NOT_LAUNCHED]
+
+
+def _kind(instruction: bf.HloInstruction) -> str:
+    """Its name with XLA's numbering stripped: ``gemm_fusion_dot.12`` -> ``gemm_fusion_dot``."""
+    return re.sub(r"([._]\d+)+$", "", instruction.name)
 
 
 _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
@@ -121,27 +127,13 @@ def written_by_kind(text: str) -> dict[str, tuple[int, int]]:
     HLO text: what each launched kernel kind writes, a lower bound of its memory traffic (a GEMM
     or fusion also reads its operands), so that two programs compare by bytes as well as counts."""
     totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
-    inside = False
-    for line in text.splitlines():
-        if line.startswith("ENTRY"):
-            inside = True
-            continue
-        if not inside:
-            continue
-        if line.startswith("}"):
-            break
-        instruction = bf._instruction(line)
-        if instruction is None or instruction.opcode in bf._NOT_LAUNCHED:
-            continue
-        # The output shape: everything between '=' and the opcode's '(' (a tuple for multi-output).
-        shape = line.split("=", 1)[1].split(f" {instruction.opcode}(", 1)[0]
+    for instruction in _launched(text):
         size = sum(
             math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(dtype, 8)
-            for dtype, dims in _SHAPE.findall(shape)
+            for dtype, dims in _SHAPE.findall(instruction.shape)
         )
-        kind = re.sub(r"([._]\d+)+$", "", instruction.name)
-        totals[kind][0] += 1
-        totals[kind][1] += size
+        totals[_kind(instruction)][0] += 1
+        totals[_kind(instruction)][1] += size
     return {kind: (n, size) for kind, (n, size) in totals.items()}
 
 

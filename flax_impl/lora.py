@@ -411,8 +411,9 @@ class LoRA(nnx.Module):
         concatenated (``R`` = the sum of their ranks) in one GEMM, each sample's columns weighted
         by its switch entry times that adapter's scaling (0 for the others: an exact zero), the
         up kernels concatenated in a second (with many rows a sample, the weights scale each
-        sample's copy of the up kernels in a batched GEMM instead of scaling the activations). The loop of ``_multi_call`` computes every adapter
-        on every sample instead (n GEMM pairs for n adapters); the sums are the same within
+        sample's copy of the up kernels in a batched GEMM instead of scaling the activations).
+        The loop of ``_multi_call`` computes every adapter on every sample instead (n GEMM pairs
+        for n adapters); the sums are the same within
         rounding (the scaling multiplies the rank-R activations or the up kernels instead of the
         output)."""
         names = self.adapter_names()
@@ -436,7 +437,7 @@ class LoRA(nnx.Module):
         lhs, down = downs[0].promote_dtype((x, down), dtype=dtype)
         h = jax.lax.dot_general(lhs, down, (((lhs.ndim - 1,), (0,)), ((), ())), precision=precision)
         rank = h.shape[-1]
-        tokens = h.size // (h.shape[0] * rank) if h.ndim > 1 else 0  # rows per sample
+        tokens = h.size // (h.shape[0] * rank) if h.ndim > 1 and h.shape[0] else 0  # rows per sample
         if tokens >= rank:
             # Every sample's weights in its own copy of the up kernels, one batched GEMM: XLA
             # fuses the weighting and the concatenation into that GEMM's operand, where weighting

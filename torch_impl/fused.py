@@ -463,8 +463,8 @@ def group_shared_input(model: nn.Module, names: tuple[str, ...] = ("query", "key
     rounding (the same products in fewer, larger GEMMs, which round differently: float32 outputs
     ~1e-6 apart on a small BERT; not bit-exact, hence opt-in); a member called on another tensor,
     or after its weights changed, computes alone, and so does a group with a layer that is merged,
-    unfrozen, hooked or not plain LoRA (dropout, DoRA). ``torch.compile`` and ``torch.func`` always take the separate
-    layers. The parameters, ``state_dict`` and checkpoints do not change;
+    unfrozen, hooked or not plain LoRA (dropout, DoRA). ``torch.compile`` and ``torch.func``
+    always take the separate layers. The parameters, ``state_dict`` and checkpoints do not change;
     :func:`ungroup_shared_input` undoes it.
 
     Arguments
