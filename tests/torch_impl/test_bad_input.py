@@ -73,6 +73,7 @@ def test_a_layer_list_given_as_all_linear_is_refused_before_anything_changes(twi
     else:
         nnx = pytest.importorskip("flax.nnx")  # the torch-only CI environment has no JAX
         import flax_impl
+
         model, adapted = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0))), flax_impl.AdaptedModel
         before = [type(m).__name__ for _, m in nnx.iter_graph(model)]
         extra = {"rngs": nnx.Rngs(1)}
