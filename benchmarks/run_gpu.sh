@@ -15,8 +15,9 @@
 #   PART=shapes  bash benchmarks/run_gpu.sh   # issue 24 item 6: the opt-ins at the ~1B Llama shape
 #                                             # (~2 min)
 #   PART=whisper bash benchmarks/run_gpu.sh   # the opt-ins at whisper-small (< 10 min)
-#   PART=leaves  bash benchmarks/run_gpu.sh   # the BERT-base jit rows with the state as an nnx.State
-#                                             # and as a flat list of arrays (host time a call; ~5 min)
+#   PART=leaves  bash benchmarks/run_gpu.sh   # the multi-adapter CUDA tests, then the BERT-base jit
+#                                             # rows with the state as an nnx.State and as a flat
+#                                             # list of arrays (host time a call; ~6 min)
 #
 # Measured on 2026-12-01 (one H200): PART=main took 363 s of wall time; a Flax BERT-base
 # training step compiles in ~27 s, a torch.compile'd one in 32-43 s.
@@ -75,6 +76,9 @@ whisper)
     --flax-variants grouped+factor-copies+flatopt,grouped --out "$OUT/whisper_optins_gpu.md" > "$OUT/whisper.log" 2>&1
   ;;
 leaves)
+  # First the Flax multi-adapter path trained under jax.jit on the GPU (fp32 and bf16, < 1 min).
+  JAX_PLATFORMS=cuda timeout 90 python3 -m pytest -q -p no:randomly -o addopts="-p no:cacheprovider" \
+    tests/flax_impl/test_multi_adapter_cuda.py > "$OUT/multi_adapter_cuda_tests.log" 2>&1
   for as in state leaves; do
     XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 280 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
       --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --state-as "$as" \
