@@ -157,6 +157,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time 'flax lora grouped' (flax_impl.fused.group_shared_input on (q, k, v) and (gate, up)) and 'flax lora grouped+flatopt' (the same under optax.flatten)",
     )
+    parser.add_argument(
+        "--flax-fused",
+        action="store_true",
+        help="also time 'flax lora fused' (flax_impl.fused's backward) and 'flax lora fused+stacked' (with fused.stacked(): the MLP's gate/up outputs and down input gradient as one GEMM each)",
+    )
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding table")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llm.md"), help="report file")
     args = parser.parse_args(argv)
@@ -286,6 +291,11 @@ def flax_cases(
                 "flax lora grouped+flatopt", flax_model(shape, attention), grouped=True, flat_optimizer=True
             )
         )
+    if args.flax_fused:  # flax_impl.fused's custom backward, then with its stacked GEMMs too
+        with flax_impl.fused.enabled():
+            cases.append(lora_case("flax lora fused", flax_model(shape, attention), grouped=False))
+            with flax_impl.fused.stacked():
+                cases.append(lora_case("flax lora fused+stacked", flax_model(shape, attention), grouped=False))
     decode = []
     if not args.no_decode:
         prompt = jnp.asarray(prompt_np)

@@ -18,6 +18,8 @@
 #   PART=leaves  bash benchmarks/run_gpu.sh   # the multi-adapter CUDA tests, then the BERT-base jit
 #                                             # rows with the state as an nnx.State and as a flat
 #                                             # list of arrays (host time a call; ~6 min)
+#   PART=stacked bash benchmarks/run_gpu.sh   # the multi-adapter CUDA tests, then the ~1B Llama
+#                                             # step plain, fused and fused+stacked (~6 min)
 #
 # Measured on 2026-12-01 (one H200): PART=main took 363 s of wall time; a Flax BERT-base
 # training step compiles in ~27 s, a torch.compile'd one in 32-43 s.
@@ -85,8 +87,16 @@ leaves)
       --jit-cases "ours:q,v;ours:q,k,v,o;nnx.LoRA:q,k,v,o" --out "$OUT/flax_state_as_$as.md" > "$OUT/flax_$as.log" 2>&1
   done
   ;;
+stacked)
+  # The multi-adapter CUDA tests (< 1 min), then the ~1B Llama step with flax_impl.fused's
+  # backward and its stacked GEMMs (issue 22/24; ~5 min).
+  JAX_PLATFORMS=cuda timeout 90 python3 -m pytest -q -p no:randomly -o addopts="-p no:cacheprovider" \
+    tests/flax_impl/test_multi_adapter_cuda.py > "$OUT/multi_adapter_cuda_tests.log" 2>&1
+  timeout 400 python3 benchmarks/bench_llm.py --steps 3 --no-compile --no-decode --flax-fused \
+    --out "$OUT/llm_stacked_gpu.md" > "$OUT/llm.log" 2>&1
+  ;;
 *)
-  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper or leaves, got '$PART'" >&2
+  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper, leaves or stacked, got '$PART'" >&2
   exit 2
   ;;
 esac

@@ -9,6 +9,7 @@ the wrapped kernel.
 from __future__ import annotations
 
 import importlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +168,87 @@ def test_environment_variable_sets_the_initial_state(monkeypatch, value, enabled
         monkeypatch.delenv("FLAX_IMPL_FUSED")
         importlib.reload(fused)
     assert not fused.is_enabled()
+
+
+def _stacked_gemms(layer: LoRA, x: jax.Array, g: jax.Array) -> tuple[int, int]:
+    """Dots of the jitted forward and of the jitted backward whose contraction is stacked (its
+    size ``in + rank`` or ``out + rank``)."""
+
+    def loss(model, x):
+        return jnp.sum(model(x).astype(jnp.float32) * g)
+
+    graphdef, state = nnx.split(layer)
+    fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
+    grad = jax.jit(lambda s, x: jax.grad(lambda x: loss(nnx.merge(graphdef, s), x))(x)).lower(state, x).as_text()
+    base = layer.pretrained_module
+    rank = layer.adapter_down_proj.kernel.shape[-1]
+    stacked_sizes = {base.in_features + rank, base.out_features + rank}
+    # a dot's lhs contracting size: the last dimension of its first operand's type
+    def count(text):
+        return sum(
+            int(operand.split("x")[-1]) in stacked_sizes
+            for operand in re.findall(r"stablehlo\.dot_general[^:]*:\s*\(tensor<([\dx]+)x\w+>", text)
+        )
+
+    return count(fwd), count(grad)
+
+
+@pytest.mark.parametrize(
+    "in_features, out_features, stacked_where",
+    [(6, 20, "forward"), (20, 6, "backward"), (8, 8, "nowhere")],
+)
+@pytest.mark.parametrize("bias", [True, False])
+def test_stacked_gemms_match_the_plain_formula_in_float32(in_features, out_features, stacked_where, bias):
+    layer = make_lora(in_features, out_features, rank=3, bias=bias)
+    x = jax.random.normal(jax.random.key(7), (2, 4, in_features))
+    g = jax.random.normal(jax.random.key(8), (2, 4, out_features))
+    with jax.default_matmul_precision("highest"):
+        with fused.disabled():
+            y_ref, gx_ref, grads_ref = value_and_grads(layer, x, g)
+        with fused.stacked():
+            y, gx, grads = value_and_grads(layer, x, g)
+            forward, backward = _stacked_gemms(layer, x, g)
+    # where it applies and only there: the widening layer's output, the narrowing layer's dx
+    assert (forward > 0, backward > 0) == (stacked_where == "forward", stacked_where == "backward")
+    np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(gx, gx_ref, atol=1e-5, rtol=1e-5)
+    assert_tree_close(grads, grads_ref, atol=1e-5, rtol=1e-5)
+    if stacked_where == "nowhere":
+        np.testing.assert_array_equal(y, y_ref)
+
+
+@pytest.mark.parametrize("in_features, out_features", [(48, 160), (160, 48)])
+def test_stacked_gemms_under_bf16_are_as_accurate_as_the_plain_formula(in_features, out_features):
+    layer = make_lora(in_features, out_features, 8, 16.0, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(1), (3, 10, in_features))
+    g = jax.random.normal(jax.random.key(2), (3, 10, out_features))
+    with fused.stacked():
+        y, gx, grads = value_and_grads(layer, x, g)
+    with fused.disabled():
+        y_plain, gx_plain, grads_plain = value_and_grads(layer, x, g)
+    reference = make_lora(in_features, out_features, 8, 16.0, dtype=jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        y_ref, gx_ref, grads_ref = value_and_grads(reference, x, g)
+
+    def rel(a, b):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+    assert y.dtype == y_plain.dtype == jnp.bfloat16
+    assert rel(y, y_ref) <= 1.5 * rel(y_plain, y_ref) + 1e-3
+    assert rel(gx, gx_ref) <= 1.5 * rel(gx_plain, gx_ref) + 1e-3
+    for key in grads_ref:
+        assert grads[key].dtype == jnp.float32
+        assert rel(grads[key], grads_ref[key]) <= 1.5 * rel(grads_plain[key], grads_ref[key]) + 1e-3
+
+
+def test_stacked_is_off_by_default_and_set_by_the_environment(monkeypatch):
+    monkeypatch.delenv("FLAX_IMPL_STACKED", raising=False)
+    try:
+        assert importlib.reload(fused).is_stacked() is False
+        monkeypatch.setenv("FLAX_IMPL_STACKED", "1")
+        assert importlib.reload(fused).is_stacked() is True
+    finally:
+        monkeypatch.delenv("FLAX_IMPL_STACKED")
+        importlib.reload(fused)
+    assert not fused.is_stacked()
