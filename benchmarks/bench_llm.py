@@ -295,7 +295,9 @@ def flax_cases(
         with flax_impl.fused.enabled():
             cases.append(lora_case("flax lora fused", flax_model(shape, attention), grouped=False))
             with flax_impl.fused.stacked():
-                cases.append(lora_case("flax lora fused+stacked", flax_model(shape, attention), grouped=False))
+                cases.append(
+                    lora_case("flax lora fused+stacked", flax_model(shape, attention), grouped=False)
+                )
     decode = []
     if not args.no_decode:
         prompt = jnp.asarray(prompt_np)

@@ -130,6 +130,9 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "grouped+factor-copies": {"grouped": True, "factor_copies": True},
     # The combination that measured 0.915x the default step at BERT-base (one H100, 2026-12-07).
     "grouped+factor-copies+flatopt": {"grouped": True, "factor_copies": True, "flat_optimizer": True},
+    # flax_impl.fused's backward, then with its stacked GEMMs (fc1's output, fc2's dx; issue 24).
+    "fused": {"fused_path": True},
+    "fused+stacked": {"fused_path": True, "stacked": True},
 }
 
 
@@ -141,11 +144,34 @@ def flax_lora(
     grouped: bool = False,
     factor_copies: bool = False,
     flat_optimizer: bool = False,
+    fused_path: bool = False,
+    stacked: bool = False,
 ) -> tuple[Callable[[], Any], int]:
     """The LoRA step; ``grouped``: ``fused.group_shared_input`` on each attention's q, k, v (the
     cross-attention's k, v); ``factor_copies``: the step carries bf16 copies of the float32
     factors (``fused.value_and_grad_with_factors``), no casts in its forward and backward;
-    ``flat_optimizer``: AdamW under ``optax.flatten``."""
+    ``flat_optimizer``: AdamW under ``optax.flatten``; ``fused_path`` (and ``stacked``): traced
+    under ``fused.enabled()`` (and ``fused.stacked()``)."""
+    previous = (
+        fused.set_enabled(fused_path or fused.is_enabled()),
+        fused.set_stacked(stacked or fused.is_stacked()),
+    )
+    try:  # the switches are read when the step is traced: by _runner's first call
+        return _flax_lora(setup, features, ids, labels, grouped, factor_copies, flat_optimizer)
+    finally:
+        fused.set_enabled(previous[0])
+        fused.set_stacked(previous[1])
+
+
+def _flax_lora(
+    setup: Setup,
+    features: jax.Array,
+    ids: jax.Array,
+    labels: jax.Array,
+    grouped: bool,
+    factor_copies: bool,
+    flat_optimizer: bool,
+) -> tuple[Callable[[], Any], int]:
     adapted = AdaptedModel(
         flax_model(setup), LoRA, all_linear=True, adapter_kwargs={"rank": RANK}, rngs=nnx.Rngs(1)
     )

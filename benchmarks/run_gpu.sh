@@ -75,7 +75,7 @@ shapes)
 whisper)
   # Its own call: on a cold H100 (2026-12-07) it wrote nothing within 280 s.
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 560 python3 benchmarks/bench_whisper.py --no-torch --steps 5 \
-    --flax-variants grouped+factor-copies+flatopt,grouped --out "$OUT/whisper_optins_gpu.md" > "$OUT/whisper.log" 2>&1
+    --flax-variants fused+stacked,grouped+factor-copies+flatopt --out "$OUT/whisper_optins_gpu.md" > "$OUT/whisper.log" 2>&1
   ;;
 leaves)
   # First the Flax multi-adapter path trained under jax.jit on the GPU (fp32 and bf16, < 1 min).

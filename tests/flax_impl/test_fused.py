@@ -179,10 +179,13 @@ def _stacked_gemms(layer: LoRA, x: jax.Array, g: jax.Array) -> tuple[int, int]:
 
     graphdef, state = nnx.split(layer)
     fwd = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
-    grad = jax.jit(lambda s, x: jax.grad(lambda x: loss(nnx.merge(graphdef, s), x))(x)).lower(state, x).as_text()
+    grad = (
+        jax.jit(lambda s, x: jax.grad(lambda x: loss(nnx.merge(graphdef, s), x))(x)).lower(state, x).as_text()
+    )
     base = layer.pretrained_module
     rank = layer.adapter_down_proj.kernel.shape[-1]
     stacked_sizes = {base.in_features + rank, base.out_features + rank}
+
     # a dot's lhs contracting size: the last dimension of its first operand's type
     def count(text):
         return sum(
