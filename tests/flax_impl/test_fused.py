@@ -94,7 +94,8 @@ def test_fused_backward_under_bf16_is_as_accurate_as_autodiff_of_the_plain_formu
         assert rel(grads[key], grads_ref[key]) <= 1.5 * rel(grads_plain[key], grads_ref[key]) + 1e-3
 
 
-def test_adapted_model_trains_the_same_under_nnx_jit_with_and_without_the_fused_path():
+@pytest.mark.parametrize("stacked", [False, True])  # SeedMLP widens 10 -> 20, then narrows 20 -> 10
+def test_adapted_model_trains_the_same_under_nnx_jit_with_and_without_the_fused_path(stacked):
     def train(enabled: bool) -> tuple[list[float], dict]:
         model = AdaptedModel(
             SeedMLP(nnx.Rngs(0)), LoRA, all_linear=True, adapter_kwargs={"rank": 4}, rngs=nnx.Rngs(1)
@@ -110,11 +111,12 @@ def test_adapted_model_trains_the_same_under_nnx_jit_with_and_without_the_fused_
             optimizer.update(model, grads)
             return loss
 
-        previous = fused.set_enabled(enabled)
+        previous = fused.set_enabled(enabled), fused.set_stacked(stacked)
         try:
             losses = [float(step(model, optimizer)) for _ in range(10)]
         finally:
-            fused.set_enabled(previous)
+            fused.set_enabled(previous[0])
+            fused.set_stacked(previous[1])
         return losses, {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, model.trainable))}
 
     with jax.default_matmul_precision("highest"):
