@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import jax  # noqa: E402
 
 from benchmarks import bench_flax as bf  # noqa: E402
+from flax_impl import fused  # noqa: E402
 
 # GpuTargetConfigProto text for the device kinds this project is lent (one card each); the numbers
 # are NVIDIA's (SM 9.0, 132 SMs, 228 KiB shared memory per SM, 50 MiB L2); memory size and
@@ -139,8 +140,9 @@ def written_by_kind(text: str) -> dict[str, tuple[int, int]]:
 
 def llm_programs(layers: int, device: jax.Device) -> dict[str, str]:
     """``bench_llm.py``'s Flax floor and LoRA steps (the ~1B Llama config with ``layers`` layers,
-    4 x 2048 tokens, LoRA r=16 on every linear layer, bf16, cuDNN attention), plain and with
-    q/k/v and gate/up grouped, compiled for ``device``: their optimised HLO by name."""
+    4 x 2048 tokens, LoRA r=16 on every linear layer, bf16, cuDNN attention), plain, with q/k/v
+    and gate/up grouped, and on the fused path with stacked GEMMs (``flax_impl.fused.stacked``),
+    compiled for ``device``: their optimised HLO by name."""
     from benchmarks import bench_llm as bl
 
     shape = dataclasses.replace(bl.FULL, config={**bl.FULL.config, "num_hidden_layers": layers})
@@ -155,6 +157,11 @@ def llm_programs(layers: int, device: jax.Device) -> dict[str, str]:
     for name, grouped in (("lora", False), ("lora grouped", True)):
         step, state, _ = bl.flax_lora_step(bl.flax_model(shape, "cudnn"), shape, grouped)
         programs[name] = jax.jit(step, donate_argnums=0).lower(abstract(state), ids).compile().as_text()
+    with fused.enabled(), fused.stacked():  # read while tracing
+        step, state, _ = bl.flax_lora_step(bl.flax_model(shape, "cudnn"), shape, False)
+        programs["lora fused+stacked"] = (
+            jax.jit(step, donate_argnums=0).lower(abstract(state), ids).compile().as_text()
+        )
     return programs
 
 
@@ -242,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--llm",
         action="store_true",
-        help="bench_llm.py's ~1B Llama steps (floor, LoRA on all linear layers, grouped) instead of "
+        help="bench_llm.py's ~1B Llama steps (floor, LoRA on all linear layers, grouped, fused+stacked) instead of "
         "BERT's, with the bytes each kernel kind writes",
     )
     parser.add_argument("--dtype", default="bf16", choices=sorted(bf.DTYPES))
