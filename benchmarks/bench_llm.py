@@ -163,6 +163,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="also time 'flax lora fused' (flax_impl.fused's backward) and 'flax lora fused+stacked' (with fused.stacked(): the MLP's gate/up outputs and down input gradient as one GEMM each)",
     )
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding table")
+    parser.add_argument("--no-torch", action="store_true", help="time the Flax cases only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/llm.md"), help="report file")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.warmup < 0 or (args.steps is not None and args.steps < 1):
@@ -544,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     log("preparing Flax cases")
     flax_train, flax_decode = flax_cases(shape, args, ids, prompt)
     log("preparing PyTorch cases")
-    torch_train, torch_decode = torch_cases(shape, args, ids, prompt)
+    torch_train, torch_decode = ([], []) if args.no_torch else torch_cases(shape, args, ids, prompt)
     training = flax_train + torch_train
     decoding = flax_decode + torch_decode
     log(f"timing {len(training)} training cases, {args.rounds} rounds")

@@ -92,7 +92,7 @@ stacked)
   # backward and its stacked GEMMs (issue 22/24; ~5 min).
   JAX_PLATFORMS=cuda timeout 90 python3 -m pytest -q -p no:randomly -o addopts="-p no:cacheprovider" \
     tests/flax_impl/test_multi_adapter_cuda.py > "$OUT/multi_adapter_cuda_tests.log" 2>&1
-  timeout 400 python3 benchmarks/bench_llm.py --steps 3 --no-compile --no-decode --flax-fused \
+  timeout 400 python3 benchmarks/bench_llm.py --rounds 5 --steps 5 --no-compile --no-decode --no-torch --flax-fused \
     --out "$OUT/llm_stacked_gpu.md" > "$OUT/llm.log" 2>&1
   ;;
 *)
