@@ -23,6 +23,12 @@ thin GEMMs) and its forward was no longer the plain formula bit for bit. ``set_e
 manager ``enabled()`` or ``FLAX_IMPL_FUSED=1`` in the environment turn it on; ``disabled()``
 turns it off for a block.
 
+Opt-in, on the fused path (issue 24): ``stacked()`` (``set_stacked``, ``FLAX_IMPL_STACKED=1``)
+computes a widening layer's output as ``[x, x @ A] @ [K; scaling * B]`` and a narrowing layer's
+input gradient as ``[g, dh] @ [K, A].T``, one GEMM each, where XLA otherwise writes the
+full-width low-rank term and reads it back to add it: at LLM sizes the step's overhead is memory
+traffic (see :func:`set_stacked` for the numbers).
+
 Opt-in, model level (issue 24): ``group_shared_input(model)`` computes the down projections of
 the LoRA ``query``, ``key`` and ``value`` of each attention block in one GEMM
 (``x @ [A_q | A_k | A_v]``; under autodiff one GEMM for the three factor gradients and one for
