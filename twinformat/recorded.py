@@ -152,7 +152,11 @@ def layer_kwargs_entry(layer_kwargs: Mapping[str, Mapping[str, Any]]) -> dict[st
     """
     if not layer_kwargs:
         return {}
-    return {LAYER_KWARGS_FIELD: json.dumps(recorded_jsonable({k: dict(v) for k, v in layer_kwargs.items()}), sort_keys=True)}
+    return {
+        LAYER_KWARGS_FIELD: json.dumps(
+            recorded_jsonable({k: dict(v) for k, v in layer_kwargs.items()}), sort_keys=True
+        )
+    }
 
 
 def check_recorded_layer_kwargs(
@@ -176,7 +180,9 @@ def check_recorded_layer_kwargs(
     try:
         recorded = json.loads(raw) if raw else {}
     except json.JSONDecodeError:
-        raise CheckpointError(f"checkpoint {where!r}: its {LAYER_KWARGS_FIELD} metadata is not JSON") from None
+        raise CheckpointError(
+            f"checkpoint {where!r}: its {LAYER_KWARGS_FIELD} metadata is not JSON"
+        ) from None
     ours = recorded_jsonable({k: dict(v) for k, v in layer_kwargs.items()})
     for layer in sorted(set(recorded) | set(ours)):
         if recorded.get(layer) != ours.get(layer):

@@ -180,7 +180,9 @@ def test_file_level_import_and_export_round_trip_through_our_adapter_format(tmp_
         np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_differing_alphas_are_held_per_layer_and_refused_only_by_the_one_alpha_file_writer(peft_dir, base, tmp_path):
+def test_differing_alphas_are_held_per_layer_and_refused_only_by_the_one_alpha_file_writer(
+    peft_dir, base, tmp_path
+):
     folder, _ = peft_dir
     _edit_config(folder, rank_pattern={"conv1": 4}, alpha_pattern={"head": 8})
     assert read_peft_adapter(folder).rank == 4 and read_peft_adapter(folder).layer_kwargs == {}
@@ -244,7 +246,9 @@ def test_export_refuses_what_peft_cannot_represent(tmp_path, base):
     # An unfrozen layer is PEFT's modules_to_save, unless it holds an adapted layer.
     block = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     unfrozen = torch_impl.AdaptedModel(block, torch_impl.LoRA, target_layers="0.0", unfrozen_layers="0")
-    with pytest.raises(PeftConversionError, match="unfrozen layer '0' holds the adapted layer '0.0'.*modules_to_save"):
+    with pytest.raises(
+        PeftConversionError, match="unfrozen layer '0' holds the adapted layer '0.0'.*modules_to_save"
+    ):
         converters.export_peft_adapter(unfrozen, tmp_path / "u")
     dilated = copy.deepcopy(base)
     dilated.conv1 = torch.nn.Conv1d(3, 8, 3, padding=2, dilation=2)
