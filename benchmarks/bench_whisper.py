@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed calls per case per round")
     parser.add_argument("--quick", action="store_true", help="a tiny config on CPU, in seconds")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--no-generate", action="store_true", help="skip the Flax decoding case")
     parser.add_argument(
         "--flax-variants",
         default="",
@@ -345,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--flax-variants: {variant!r} is none of {sorted(VARIANTS)}")
         name = f"flax LoRA {variant}"
         cases[name], params[name] = flax_lora(setup, fx, fi, fl, **VARIANTS[variant])
-    cases["flax generate"] = flax_generate(setup, fx)
+    if not args.no_generate:
+        cases["flax generate"] = flax_generate(setup, fx)
     note, torch_trainable = "torch not run", None
     if not args.no_torch:
         torch_c, torch_trainable, note = torch_cases(setup, features, ids, labels)

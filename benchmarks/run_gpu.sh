@@ -20,6 +20,8 @@
 #                                             # list of arrays (host time a call; ~6 min)
 #   PART=stacked bash benchmarks/run_gpu.sh   # the multi-adapter CUDA tests, then the ~1B Llama
 #                                             # step plain, fused and fused+stacked (~6 min)
+#   PART=whisper-stacked bash benchmarks/run_gpu.sh  # whisper-small's step plain and
+#                                             # fused+stacked, no decoding (~5 min)
 #
 # Measured on 2026-12-01 (one H200): PART=main took 363 s of wall time; a Flax BERT-base
 # training step compiles in ~27 s, a torch.compile'd one in 32-43 s.
@@ -95,8 +97,14 @@ stacked)
   timeout 400 python3 benchmarks/bench_llm.py --rounds 5 --steps 5 --no-compile --no-decode --no-torch --flax-fused \
     --out "$OUT/llm_stacked_gpu.md" > "$OUT/llm.log" 2>&1
   ;;
+whisper-stacked)
+  # whisper-small's step with and without the stacked GEMMs (fc1's output, fc2's dx), no decoding
+  # and no torch: three compilations (~5 min on a cold H100).
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 450 python3 benchmarks/bench_whisper.py --no-torch --no-generate \
+    --steps 5 --flax-variants fused+stacked --out "$OUT/whisper_stacked_gpu.md" > "$OUT/whisper.log" 2>&1
+  ;;
 *)
-  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper, leaves or stacked, got '$PART'" >&2
+  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper, whisper-stacked, leaves or stacked, got '$PART'" >&2
   exit 2
   ;;
 esac
