@@ -55,6 +55,17 @@ def assert_tree_close(a: dict, b: dict, **tol) -> None:
         )
 
 
+def assert_trains_alike(train) -> None:
+    """``train(True)`` (the path under test) and ``train(False)`` (the reference), each giving
+    ``(losses, trainable parameters)``, descend alike under float32 matmuls."""
+    with jax.default_matmul_precision("highest"):
+        losses, params = train(True)
+        losses_ref, params_ref = train(False)
+    assert losses[-1] < losses[0]
+    np.testing.assert_allclose(losses, losses_ref, atol=1e-5, rtol=1e-5)
+    assert_tree_close(params, params_ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("leading", [(), (4,), (2, 3)])
 def test_fused_matches_plain_formula_in_float32(bias, leading):
@@ -119,12 +130,7 @@ def test_adapted_model_trains_the_same_under_nnx_jit_with_and_without_the_fused_
             fused.set_stacked(previous[1])
         return losses, {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, model.trainable))}
 
-    with jax.default_matmul_precision("highest"):
-        losses, params = train(True)
-        losses_ref, params_ref = train(False)
-    assert losses[-1] < losses[0]
-    np.testing.assert_allclose(losses, losses_ref, atol=1e-5, rtol=1e-5)
-    assert_tree_close(params, params_ref, atol=1e-4, rtol=1e-4)
+    assert_trains_alike(train)
 
 
 def test_switch_and_fallbacks_take_the_plain_layers():
@@ -304,9 +310,4 @@ def test_a_llama_twin_trains_the_same_with_the_stacked_gemms():
         model, _ = nnx.merge(graphdef, state)
         return losses, {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, model.trainable))}
 
-    with jax.default_matmul_precision("highest"):
-        losses, params = train(True)
-        losses_ref, params_ref = train(False)
-    assert losses[-1] < losses[0]
-    np.testing.assert_allclose(losses, losses_ref, atol=1e-5, rtol=1e-5)
-    assert_tree_close(params, params_ref, atol=1e-4, rtol=1e-4)
+    assert_trains_alike(train)
