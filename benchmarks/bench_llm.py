@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--flax-fused",
         action="store_true",
-        help="also time 'flax lora fused' (flax_impl.fused's backward) and 'flax lora fused+stacked' (with fused.stacked(): the MLP's gate/up outputs and down input gradient as one GEMM each)",
+        help="also time 'flax lora fused' (flax_impl.fused's backward), 'flax lora fused+stacked' (with fused.stacked(): the MLP's gate/up outputs and down input gradient as one GEMM each) and 'flax lora fused+stacked+mlp-remat' (the same with set_mlp_remat())",
     )
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding table")
     parser.add_argument("--no-torch", action="store_true", help="time the Flax cases only")
@@ -299,6 +299,9 @@ def flax_cases(
                 cases.append(
                     lora_case("flax lora fused+stacked", flax_model(shape, attention), grouped=False)
                 )
+                remat = flax_model(shape, attention)
+                remat.set_mlp_remat(True)  # the MLP's elementwise results recomputed, not kept
+                cases.append(lora_case("flax lora fused+stacked+mlp-remat", remat, grouped=False))
     decode = []
     if not args.no_decode:
         prompt = jnp.asarray(prompt_np)
