@@ -265,99 +265,63 @@ def test_stacked_is_off_by_default_and_set_by_the_environment(monkeypatch):
     assert not fused.is_stacked()
 
 
+def train_llama_lora(
+    config: dict, ids: jax.Array, steps: int, *, stacked: bool, remat: bool = False
+) -> tuple[list[float], dict, int]:
+    """A Llama twin (``set_mlp_remat(remat)``) with LoRA on all linear layers, trained ``steps``
+    AdamW steps by the README's jitted split-state step traced with the fused path's stacked
+    GEMMs on or off: the losses, the trained factors and the compiled step's temporaries."""
+    from flax_impl.models.llama import LlamaForCausalLM
+
+    base = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    base.set_mlp_remat(remat)
+    model = AdaptedModel(base, LoRA, all_linear=True, rngs=nnx.Rngs(1))
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=model.trainable)
+    graphdef, state = nnx.split((model, optimizer))
+
+    def step(state):
+        model, optimizer = nnx.merge(graphdef, state)
+
+        def loss_fn(m):
+            logits = m(ids[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+        loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, model.trainable))(model)
+        optimizer.update(model, grads)
+        return loss, nnx.state((model, optimizer))
+
+    previous = fused.set_stacked(stacked)
+    try:
+        compiled = jax.jit(step).lower(state).compile()
+    finally:
+        fused.set_stacked(previous)
+    losses = []
+    for _ in range(steps):
+        loss, state = compiled(state)
+        losses.append(float(loss))
+    model, _ = nnx.merge(graphdef, state)
+    params = {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, model.trainable))}
+    return losses, params, compiled.memory_analysis().temp_size_in_bytes
+
+
+LLAMA = {"vocab_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+
+
 def test_a_llama_twin_trains_the_same_with_the_stacked_gemms():
     """LoRA on all seven linear layers of a Llama twin (gate/up widen, down narrows, q/k/v/o
     stay as they are): the jitted split-state step's losses and factors, stacked or not."""
-    from flax_impl.models.llama import LlamaForCausalLM
-
-    config = {
-        "vocab_size": 48,
-        "hidden_size": 16,
-        "intermediate_size": 40,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    }
+    config = {**LLAMA, "hidden_size": 16, "intermediate_size": 40}
     ids = jax.random.randint(jax.random.key(3), (2, 9), 0, config["vocab_size"])
-
-    def train(stacked: bool) -> tuple[list[float], dict]:
-        model = AdaptedModel(
-            LlamaForCausalLM(config, rngs=nnx.Rngs(0)), LoRA, all_linear=True, rngs=nnx.Rngs(1)
-        )
-        optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=model.trainable)
-        graphdef, state = nnx.split((model, optimizer))
-
-        def step(state):
-            model, optimizer = nnx.merge(graphdef, state)
-
-            def loss_fn(m):
-                logits = m(ids[:, :-1])
-                return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-            loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, model.trainable))(model)
-            optimizer.update(model, grads)
-            return loss, nnx.state((model, optimizer))
-
-        previous = fused.set_stacked(stacked)
-        try:
-            compiled = jax.jit(step).lower(state).compile()
-        finally:
-            fused.set_stacked(previous)
-        losses = []
-        for _ in range(6):
-            loss, state = compiled(state)
-            losses.append(float(loss))
-        model, _ = nnx.merge(graphdef, state)
-        return losses, {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, model.trainable))}
-
-    assert_trains_alike(train)
+    assert_trains_alike(lambda stacked: train_llama_lora(config, ids, 6, stacked=stacked)[:2])
 
 
 def test_the_rematerialised_mlp_trains_the_same_and_keeps_less_for_the_stacked_step():
     """``set_mlp_remat`` on a Llama twin: the same losses and factors over four jitted AdamW steps
     (LoRA on all linear layers, stacked GEMMs), fewer temporaries in XLA's compiled step."""
-    from flax_impl.models.llama import LlamaForCausalLM
-
-    config = {
-        "vocab_size": 48,
-        "hidden_size": 32,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    }
+    config = {**LLAMA, "hidden_size": 32, "intermediate_size": 128}
     ids = jax.random.randint(jax.random.key(3), (4, 64), 0, config["vocab_size"])
-
-    def train(remat: bool) -> tuple[list[float], dict, int]:
-        base = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
-        base.set_mlp_remat(remat)
-        model = AdaptedModel(base, LoRA, all_linear=True, rngs=nnx.Rngs(1))
-        optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=model.trainable)
-        graphdef, state = nnx.split((model, optimizer))
-
-        def step(state):
-            model, optimizer = nnx.merge(graphdef, state)
-
-            def loss_fn(m):
-                logits = m(ids[:, :-1])
-                return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
-            loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, model.trainable))(model)
-            optimizer.update(model, grads)
-            return loss, nnx.state((model, optimizer))
-
-        with fused.stacked():
-            compiled = jax.jit(step).lower(state).compile()
-        losses = []
-        for _ in range(4):
-            loss, state = compiled(state)
-            losses.append(float(loss))
-        model, _ = nnx.merge(graphdef, state)
-        params = {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, model.trainable))}
-        return losses, params, compiled.memory_analysis().temp_size_in_bytes
-
-    losses, params, temporaries = train(True)
-    losses_ref, params_ref, temporaries_ref = train(False)
+    losses, params, temporaries = train_llama_lora(config, ids, 4, stacked=True, remat=True)
+    losses_ref, params_ref, temporaries_ref = train_llama_lora(config, ids, 4, stacked=True)
     assert losses[-1] < losses[0]
     np.testing.assert_allclose(losses, losses_ref, atol=1e-6, rtol=1e-6)
     assert_tree_close(params, params_ref, atol=1e-6, rtol=1e-6)
