@@ -40,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -152,15 +153,12 @@ def flax_lora(
     factors (``fused.value_and_grad_with_factors``), no casts in its forward and backward;
     ``flat_optimizer``: AdamW under ``optax.flatten``; ``fused_path`` (and ``stacked``): traced
     under ``fused.enabled()`` (and ``fused.stacked()``)."""
-    previous = (
-        fused.set_enabled(fused_path or fused.is_enabled()),
-        fused.set_stacked(stacked or fused.is_stacked()),
-    )
-    try:  # the switches are read when the step is traced: by _runner's first call
+    # The switches are read when the step is traced: by _runner's first call, inside the block.
+    with (
+        fused.enabled() if fused_path else contextlib.nullcontext(),
+        fused.stacked() if stacked else contextlib.nullcontext(),
+    ):
         return _flax_lora(setup, features, ids, labels, grouped, factor_copies, flat_optimizer)
-    finally:
-        fused.set_enabled(previous[0])
-        fused.set_stacked(previous[1])
 
 
 def _flax_lora(

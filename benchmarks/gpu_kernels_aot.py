@@ -133,8 +133,9 @@ def written_by_kind(text: str) -> dict[str, tuple[int, int]]:
             math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(dtype, 8)
             for dtype, dims in _SHAPE.findall(instruction.shape)
         )
-        totals[_kind(instruction)][0] += 1
-        totals[_kind(instruction)][1] += size
+        total = totals[_kind(instruction)]
+        total[0] += 1
+        total[1] += size
     return {kind: (n, size) for kind, (n, size) in totals.items()}
 
 

@@ -356,10 +356,9 @@ def _forward(config: tuple, x, kernel, bias, down, up):
         y = _dot(xb, kb, precision)
     if bb is not None:
         y += jnp.reshape(bb, (1,) * (y.ndim - 1) + (-1,))
-    if stack_y:
-        return y, (xb, kb, xd, dd, hu, uu)
-    low = _dot(hu, uu, up_precision)
-    return y + low * scaling, (xb, kb, xd, dd, hu, uu)
+    if not stack_y:
+        y = y + _dot(hu, uu, up_precision) * scaling
+    return y, (xb, kb, xd, dd, hu, uu)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
