@@ -55,6 +55,12 @@ def assert_tree_close(a: dict, b: dict, **tol) -> None:
         )
 
 
+def rel(a, b) -> float:
+    """The relative error of ``a`` against ``b`` (Frobenius norms, float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
 def assert_trains_alike(train) -> None:
     """``train(True)`` (the path under test) and ``train(False)`` (the reference), each giving
     ``(losses, trainable parameters)``, descend alike under float32 matmuls."""
@@ -92,10 +98,6 @@ def test_fused_backward_under_bf16_is_as_accurate_as_autodiff_of_the_plain_formu
     reference = make_lora(48, 40, 8, 16.0, dtype=jnp.float32)
     with jax.default_matmul_precision("highest"):
         _, gx_ref, grads_ref = value_and_grads(reference, x, g)
-
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return np.linalg.norm(a - b) / np.linalg.norm(b)
 
     np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(y_plain, np.float32))
     assert rel(gx, gx_ref) <= 1.5 * rel(gx_plain, gx_ref) + 1e-3
@@ -240,10 +242,6 @@ def test_stacked_gemms_under_bf16_are_as_accurate_as_the_plain_formula(in_featur
     reference = make_lora(in_features, out_features, 8, 16.0, dtype=jnp.float32)
     with jax.default_matmul_precision("highest"):
         y_ref, gx_ref, grads_ref = value_and_grads(reference, x, g)
-
-    def rel(a, b):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        return np.linalg.norm(a - b) / np.linalg.norm(b)
 
     assert y.dtype == y_plain.dtype == jnp.bfloat16
     assert rel(y, y_ref) <= 1.5 * rel(y_plain, y_ref) + 1e-3
