@@ -22,6 +22,10 @@
 #                                             # step plain, fused and fused+stacked (~6 min)
 #   PART=whisper-stacked bash benchmarks/run_gpu.sh  # whisper-small's step plain and
 #                                             # fused+stacked, no decoding (~5 min)
+#   PART=profile-llm bash benchmarks/run_gpu.sh  # the ~1B Llama step (4 blocks) kernel by kernel
+#                                             # against the memory bound (profile_llm.py), then
+#                                             # the BERT-base jit rows as nnx.State / as leaves
+#                                             # (~8 min)
 #
 # Measured on 2026-12-01 (one H200): PART=main took 363 s of wall time; a Flax BERT-base
 # training step compiles in ~27 s, a torch.compile'd one in 32-43 s.
@@ -103,8 +107,16 @@ whisper-stacked)
   XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 benchmarks/bench_whisper.py --no-torch --no-generate \
     --steps 3 --flax-variants fused+stacked --out "$OUT/whisper_stacked_gpu.md" > "$OUT/whisper.log" 2>&1
   ;;
+profile-llm)
+  timeout 240 python3 benchmarks/profile_llm.py --layers 4 --steps 3 --out "$OUT/profile_llm.md" > "$OUT/profile_llm.log" 2>&1
+  for as in state leaves; do
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 140 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
+      --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --state-as "$as" \
+      --jit-cases "ours:q,v;ours:q,k,v,o" --out "$OUT/flax_state_as_$as.md" > "$OUT/flax_$as.log" 2>&1
+  done
+  ;;
 *)
-  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper, whisper-stacked, leaves or stacked, got '$PART'" >&2
+  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper, whisper-stacked, leaves, stacked or profile-llm, got '$PART'" >&2
   exit 2
   ;;
 esac
