@@ -1,6 +1,7 @@
 """Where the LLM LoRA step's time goes, kernel by kernel: ``bench_llm.py``'s ~1B Llama step
 (``--layers`` of its 16 blocks; 4 x 2048 tokens, LoRA r=16 on every linear layer, bf16, cuDNN
-attention) as the frozen floor, the default LoRA step and the fused path with stacked GEMMs,
+attention) as the frozen floor, the default LoRA step, the fused path with stacked GEMMs and
+the Pallas kernels of ``flax_impl.kernels``,
 traced with ``jax.profiler`` and every GPU kernel matched to the HLO instruction that launched it.
 
 For each kernel the table gives its time a step and the bytes it moves (its operands read once
@@ -142,13 +143,13 @@ def wall_ms(run: Any, steps: int) -> float:
 
 
 def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any, Any]]:
-    """``{name: (jitted step, state, ids)}``: the floor, the default LoRA step and the fused path
-    with stacked GEMMs, as ``bench_llm.py`` builds them."""
+    """``{name: (jitted step, state, ids)}``: the floor, the default LoRA step, the fused path
+    with stacked GEMMs and the Pallas kernels, as ``bench_llm.py`` builds them."""
     import jax
     import jax.numpy as jnp
 
     from benchmarks import bench_llm as bl
-    from flax_impl import fused
+    from flax_impl import fused, kernels
 
     base = bl.QUICK if quick else bl.FULL
     shape = dataclasses.replace(base, config={**base.config, "num_hidden_layers": layers})
@@ -165,6 +166,11 @@ def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any, Any]]:
         jitted = jax.jit(step, donate_argnums=0)
         jitted.lower(state, ids).compile()
     out["lora fused+stacked"] = (jitted, state, ids)
+    with kernels.enabled():  # the Pallas (Triton) kernels of flax_impl.kernels, timed at BERT only
+        step, state, _ = bl.flax_lora_step(bl.flax_model(shape, attention), shape, grouped=False)
+        jitted = jax.jit(step, donate_argnums=0)
+        jitted.lower(state, ids).compile()
+    out["lora pallas"] = (jitted, state, ids)
     return out
 
 
