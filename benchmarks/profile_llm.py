@@ -142,9 +142,11 @@ def wall_ms(run: Any, steps: int) -> float:
     return statistics.median(times)
 
 
-def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any, Any]]:
-    """``{name: (jitted step, state, ids)}``: the floor, the default LoRA step, the fused path
-    with stacked GEMMs and the Pallas kernels, as ``bench_llm.py`` builds them."""
+def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any, Any, bool]]:
+    """``{name: (compiled step, state, ids, donates)}``: the floor, the default LoRA step, the
+    fused path with stacked GEMMs (as now and contraction-only, as in the seventh session) and
+    the Pallas kernels, as ``bench_llm.py`` builds them; each compiled while its switches are on
+    (they are read while tracing)."""
     import jax
     import jax.numpy as jnp
 
@@ -158,20 +160,38 @@ def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any, Any]]:
         jax.random.randint(jax.random.key(0), (shape.batch, shape.seq), 3, shape.config["vocab_size"])
     )
     floor, state = bl.flax_floor_step(bl.flax_model(shape, attention))
-    out = {"floor": (jax.jit(floor), state, ids)}
-    step, state, _ = bl.flax_lora_step(bl.flax_model(shape, attention), shape, grouped=False)
-    out["lora"] = (jax.jit(step, donate_argnums=0), state, ids)
-    with fused.enabled(), fused.stacked():  # read while tracing: compile inside
+    out = {"floor": (jax.jit(floor).lower(state, ids).compile(), state, ids, False)}
+
+    def lora(name: str) -> None:
         step, state, _ = bl.flax_lora_step(bl.flax_model(shape, attention), shape, grouped=False)
-        jitted = jax.jit(step, donate_argnums=0)
-        jitted.lower(state, ids).compile()
-    out["lora fused+stacked"] = (jitted, state, ids)
+        out[name] = (jax.jit(step, donate_argnums=0).lower(state, ids).compile(), state, ids, True)
+
+    lora("lora")
+    with fused.enabled(), fused.stacked():
+        lora("lora fused+stacked")
+        previous, fused._OUTPUT_STACKED = fused._OUTPUT_STACKED, False
+        try:  # the seventh session's stacking: no x @ [K | A], no g @ [K; sB].T
+            lora("lora fused+stacked contraction only")
+        finally:
+            fused._OUTPUT_STACKED = previous
     with kernels.enabled():  # the Pallas (Triton) kernels of flax_impl.kernels, timed at BERT only
-        step, state, _ = bl.flax_lora_step(bl.flax_model(shape, attention), shape, grouped=False)
-        jitted = jax.jit(step, donate_argnums=0)
-        jitted.lower(state, ids).compile()
-    out["lora pallas"] = (jitted, state, ids)
+        lora("lora pallas")
     return out
+
+
+def runner(compiled: Any, state: Any, ids: Any, donates: bool) -> Any:
+    """A call of ``compiled`` that waits for its loss (and keeps the donated state's successor)."""
+    import jax
+
+    holder = [state]
+
+    def run() -> None:
+        out = compiled(holder[0], ids)
+        if donates:
+            holder[0] = out[1]
+        jax.block_until_ready(out[0])
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,18 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     header = len(lines)
     per_program: dict[str, dict[str, tuple[float, float, float]]] = {}
     details: list[str] = []
-    for name, (jitted, state, ids) in programs(args.layers, args.quick).items():
-        compiled = jitted.lower(state, ids).compile()
+    for name, (compiled, state, ids, donates) in programs(args.layers, args.quick).items():
         hlo = entry_instructions(compiled.as_text())
-        holder = [state]
-        donated = name != "floor"
-
-        def run() -> None:
-            out = compiled(holder[0], ids)
-            if donated:
-                holder[0] = out[1]
-            jax.block_until_ready(out[0])
-
+        run = runner(compiled, state, ids, donates)
         for _ in range(2):
             run()
         wall = wall_ms(run, args.steps)
@@ -233,7 +244,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         unmatched = sum(r[1] for k, r in rows.items() if k not in hlo)
         if name == "floor":
-            details += ["", f"Floor: {unmatched / 1e3:.2f} ms of kernel time not matched to an HLO instruction."]
+            details += [
+                "",
+                f"Floor: {unmatched / 1e3:.2f} ms of kernel time not matched to an HLO instruction.",
+            ]
             write_report(args.out, "\n".join(lines + details) + "\n")
             continue
         floor = per_program["floor"]

@@ -26,8 +26,9 @@ turns it off for a block.
 Opt-in, on the fused path (issue 24): ``stacked()`` (``set_stacked``, ``FLAX_IMPL_STACKED=1``)
 computes a widening layer's output as ``[x, x @ A] @ [K; scaling * B]`` and a narrowing layer's
 input gradient as ``[g, dh] @ [K, A].T``, one GEMM each, where XLA otherwise writes the
-full-width low-rank term and reads it back to add it: at LLM sizes the step's overhead is memory
-traffic (see :func:`set_stacked` for the numbers).
+full-width low-rank term and reads it back to add it, and reads each wide activation once for two
+products through the same weights (``g @ [K; scaling * B].T``, ``x @ [K | A]``): at LLM sizes the
+step's overhead is memory traffic (see :func:`set_stacked` for the numbers).
 
 Opt-in, model level (issue 24): ``group_shared_input(model)`` computes the down projections of
 the LoRA ``query``, ``key`` and ``value`` of each attention block in one GEMM
@@ -84,6 +85,8 @@ __all__ = [
 
 _ENABLED = os.environ.get("FLAX_IMPL_FUSED", "0").strip().lower() in ("1", "true", "yes", "on")
 _STACKED = os.environ.get("FLAX_IMPL_STACKED", "0").strip().lower() in ("1", "true", "yes", "on")
+# Stacked also along the outputs (see ``set_stacked``); off only to compare the two in benchmarks.
+_OUTPUT_STACKED = True
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -181,14 +184,19 @@ def set_stacked(stacked: bool) -> bool:
     adding it; a layer that narrows (``in > out``: the down projection) computes its input
     gradient as ``[g, dh] @ [K, A].T`` instead of writing and adding the ``(N, in)`` term
     ``dh @ A.T``. The copies it makes instead are ``(N, in + rank)`` and ``(N, out + rank)``.
+    Each also reads its wide activation once where it read it twice, through the same stacked
+    weights along the outputs: the widening layer's backward computes ``g @ [K; scaling * B].T =
+    [g @ K.T, dh]``, the narrowing layer's forward ``x @ [K | A] = [y, x @ A]``.
     Why: on the ~1B Llama training step (4 x 2048 tokens, bf16, LoRA r=16 on every linear layer)
     XLA:GPU's program for a simulated H100 (``benchmarks/gpu_kernels_aot.py``) moves ~2.3 GB more
-    than the frozen floor's per block without it and ~1.6 GB with it. Layers of equal sizes (BERT's
-    attention) are unchanged.
+    than the frozen floor's per block without it, ~1.6 GB with the stacked contractions and ~1.4 GB
+    with the stacked outputs too (which keep the stacked weights for the backward: ~95 MiB more
+    temporaries a block). Layers of equal sizes (BERT's attention) are unchanged.
 
     The values differ from the plain formula's by rounding: the stacked GEMM accumulates both
     terms before it rounds once (the plain formula rounds each term to the compute dtype first),
-    and ``scaling * B`` is rounded to the compute dtype before the product. In float32 the two
+    and ``scaling * B`` is rounded to the compute dtype before the product (also where it gives
+    ``dh``, which the plain formula scales after the product). In float32 the two
     agree to float32 rounding; in bf16 the stacked output is the more accurate one.
 
     Returns the previous setting.
@@ -344,21 +352,34 @@ def _dot(a: jax.Array, b: jax.Array, precision: Any, out: Any = None) -> jax.Arr
 
 
 def _forward(config: tuple, x, kernel, bias, down, up):
-    scaling, dtype, precision, down_dtype, down_precision, up_dtype, up_precision, stack_y, _ = config
+    scaling, dtype, precision, down_dtype, down_precision, up_dtype, up_precision, stack_y, stack_dx = config
     xb, kb, bb = _dtypes.promote_dtype((x, kernel, bias), dtype=dtype)
     xd, dd = _dtypes.promote_dtype((x, down), dtype=down_dtype)
-    h = _dot(xd, dd, down_precision)
+    y = None
+    if stack_dx and _OUTPUT_STACKED and xb.dtype == xd.dtype and kb.dtype == dd.dtype:
+        # A narrowing layer reads its (wide) input once for both products: x @ [K | A] = [y, h]
+        # (the backward's stacked dx GEMM takes the same [K | A]).
+        yh = _dot(xb, jnp.concatenate([kb, dd], axis=1), precision)
+        y, h = yh[..., : kb.shape[1]], yh[..., kb.shape[1] :]
+    else:
+        h = _dot(xd, dd, down_precision)
     hu, uu = _dtypes.promote_dtype((h, up), dtype=up_dtype)
     stack_y = stack_y and xb.dtype == hu.dtype == uu.dtype  # (else a promoted, wider GEMM)
     if stack_y:  # one GEMM over the stacked contraction: [x, h] @ [K; scaling * B]
-        y = _dot(jnp.concatenate([xb, hu], axis=-1), jnp.concatenate([kb, uu * scaling], axis=0), precision)
-    else:
+        y = _dot(jnp.concatenate([xb, hu], axis=-1), _stacked_rows(kb, uu, scaling), precision)
+    elif y is None:
         y = _dot(xb, kb, precision)
     if bb is not None:
         y += jnp.reshape(bb, (1,) * (y.ndim - 1) + (-1,))
     if not stack_y:
         y = y + _dot(hu, uu, up_precision) * scaling
     return y, (xb, kb, xd, dd, hu, uu)
+
+
+def _stacked_rows(kernel: jax.Array, up: jax.Array, scaling: float) -> jax.Array:
+    """``[K; scaling * B]``, ``(in + rank, out)``: the widening layer's stacked weights, which its
+    forward contracts over and its backward (output-stacked) multiplies ``g`` by."""
+    return jnp.concatenate([kernel, up * scaling], axis=0)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -378,7 +399,7 @@ def _flat(t: jax.Array) -> jax.Array:
 
 
 def _lora_bwd(config: tuple, residuals, g):
-    scaling, _, precision, _, down_precision, _, up_precision, _, stack_dx = config
+    scaling, _, precision, _, down_precision, _, up_precision, stack_y, stack_dx = config
     (xb, kb, xd, dd, hu, uu), (x_t, kernel_t, bias_t, down_t, up_t) = residuals
     g2 = _flat(g)
     # Base layer: dx = g @ K.T; dK = x.T @ g and db = sum(g) (dead code unless differentiated).
@@ -389,6 +410,14 @@ def _lora_bwd(config: tuple, residuals, g):
     gu = g2.astype(uu.dtype)
     hu2 = _flat(hu)
     d_up = _dot(hu2.T, gu, up_precision, out=up_t.dtype) * scaling
+    if stack_y and _OUTPUT_STACKED and kb.dtype == uu.dtype == dd.dtype:
+        # A widening layer reads its (wide) output gradient once for both products:
+        # g @ [K; scaling * B].T = [g @ K.T, dh], the forward's stacked weights again.
+        dxh = _dot(gb, _stacked_rows(kb, uu, scaling).T, precision)
+        dh = dxh[:, kb.shape[0] :]
+        dx = dxh[:, : kb.shape[0]].astype(x_t.dtype) + _dot(dh, dd.T, down_precision).astype(x_t.dtype)
+        d_down = _dot(_flat(xd).T, dh, down_precision, out=down_t.dtype)
+        return (dx.reshape(xb.shape), d_kernel, d_bias, d_down, d_up)
     dh = (_dot(gu, uu.T, up_precision, out=jnp.float32) * scaling).astype(dd.dtype)
     d_down = _dot(_flat(xd).T, dh, down_precision, out=down_t.dtype)
     if stack_dx and gb.dtype == dh.dtype:  # one GEMM over the stacked contraction: [g, dh] @ [K, A].T

@@ -180,9 +180,10 @@ def test_environment_variable_sets_the_initial_state(monkeypatch, value, enabled
     assert not fused.is_enabled()
 
 
-def _stacked_gemms(layer: LoRA, x: jax.Array, g: jax.Array) -> tuple[int, int]:
-    """Dots of the jitted forward and of the jitted backward whose contraction is stacked (its
-    size ``in + rank`` or ``out + rank``)."""
+def _stacked_gemms(layer: LoRA, x: jax.Array, g: jax.Array) -> tuple[bool, bool, bool, bool]:
+    """Whether the jitted forward, then the jitted gradient of ``x``, have a dot whose contraction
+    is stacked (its size ``in + rank`` or ``out + rank``) and one whose output is stacked (its
+    last dimension that size)."""
 
     def loss(model, x):
         return jnp.sum(model(x).astype(jnp.float32) * g)
@@ -195,20 +196,29 @@ def _stacked_gemms(layer: LoRA, x: jax.Array, g: jax.Array) -> tuple[int, int]:
     base = layer.pretrained_module
     rank = layer.adapter_down_proj.kernel.shape[-1]
     stacked_sizes = {base.in_features + rank, base.out_features + rank}
+    dots = r"stablehlo\.dot_general[^:]*:\s*\(tensor<([\dx]+)x\w+>[^)]*\)\s*->\s*tensor<([\dx]+)x\w+>"
 
-    # a dot's lhs contracting size: the last dimension of its first operand's type
-    def count(text):
-        return sum(
-            int(operand.split("x")[-1]) in stacked_sizes
-            for operand in re.findall(r"stablehlo\.dot_general[^:]*:\s*\(tensor<([\dx]+)x\w+>", text)
+    # a dot's contracting size: the last dimension of its first operand's type; its output's last
+    def stacked(text):
+        found = re.findall(dots, text)
+        assert found, "no dot_general found: the pattern no longer matches JAX's text"
+        return (
+            any(int(lhs.split("x")[-1]) in stacked_sizes for lhs, _ in found),
+            any(int(out.split("x")[-1]) in stacked_sizes for _, out in found),
         )
 
-    return count(fwd), count(grad)
+    return stacked(fwd) + stacked(grad)
 
 
 @pytest.mark.parametrize(
     "in_features, out_features, stacked_where",
-    [(6, 20, "forward"), (20, 6, "backward"), (8, 8, "nowhere")],
+    [
+        # widening: the output over a stacked contraction, g @ [K; sB].T = [g @ K.T, dh]
+        (6, 20, (True, False, False, True)),
+        # narrowing: x @ [K | A] = [y, h]; dx over a stacked contraction (x's gradient needs no h)
+        (20, 6, (False, True, True, False)),
+        (8, 8, (False, False, False, False)),
+    ],
 )
 @pytest.mark.parametrize("bias", [True, False])
 def test_stacked_gemms_match_the_plain_formula_in_float32(in_features, out_features, stacked_where, bias):
@@ -220,13 +230,13 @@ def test_stacked_gemms_match_the_plain_formula_in_float32(in_features, out_featu
             y_ref, gx_ref, grads_ref = value_and_grads(layer, x, g)
         with fused.stacked():
             y, gx, grads = value_and_grads(layer, x, g)
-            forward, backward = _stacked_gemms(layer, x, g)
-    # where it applies and only there: the widening layer's output, the narrowing layer's dx
-    assert (forward > 0, backward > 0) == (stacked_where == "forward", stacked_where == "backward")
+            found = _stacked_gemms(layer, x, g)
+    # where it applies and only there (forward: contraction, output; gradient: contraction, output)
+    assert found == stacked_where
     np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(gx, gx_ref, atol=1e-5, rtol=1e-5)
     assert_tree_close(grads, grads_ref, atol=1e-5, rtol=1e-5)
-    if stacked_where == "nowhere":
+    if not any(stacked_where):
         np.testing.assert_array_equal(y, y_ref)
 
 
