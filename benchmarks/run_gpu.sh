@@ -25,7 +25,9 @@
 #   PART=profile-llm bash benchmarks/run_gpu.sh  # the ~1B Llama step (4 blocks) kernel by kernel
 #                                             # against the memory bound (profile_llm.py), then
 #                                             # the BERT-base jit rows as nnx.State / as leaves
-#                                             # (~8 min)
+#                                             # (~7 min)
+#   PART=thin    bash benchmarks/run_gpu.sh   # LoRA's thin GEMMs one at a time against the memory
+#                                             # bound, and sliced factor gradients (~3 min)
 #
 # Measured on 2026-12-01 (one H200): PART=main took 363 s of wall time; a Flax BERT-base
 # training step compiles in ~27 s, a torch.compile'd one in 32-43 s.
@@ -115,8 +117,11 @@ profile-llm)
       --jit-cases "ours:q,v" --out "$OUT/flax_state_as_$as.md" > "$OUT/flax_$as.log" 2>&1
   done
   ;;
+thin)
+  timeout 280 python3 benchmarks/bench_thin_gemms.py --out "$OUT/thin_gemms.md" > "$OUT/thin.log" 2>&1
+  ;;
 *)
-  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper, whisper-stacked, leaves, stacked or profile-llm, got '$PART'" >&2
+  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper, whisper-stacked, leaves, stacked, profile-llm or thin, got '$PART'" >&2
   exit 2
   ;;
 esac
