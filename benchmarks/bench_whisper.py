@@ -134,6 +134,9 @@ VARIANTS: dict[str, dict[str, bool]] = {
     # flax_impl.fused's backward, then with its stacked GEMMs (fc1's output, fc2's dx; issue 24).
     "fused": {"fused_path": True},
     "fused+stacked": {"fused_path": True, "stacked": True},
+    # The same with each factor gradient as one GEMM over the 12,000 encoder tokens, which XLA
+    # pads for its split-K (the fused path slices them; bench_thin_gemms.py).
+    "fused+stacked unsliced": {"fused_path": True, "stacked": True, "unsliced": True},
 }
 
 
@@ -147,18 +150,24 @@ def flax_lora(
     flat_optimizer: bool = False,
     fused_path: bool = False,
     stacked: bool = False,
+    unsliced: bool = False,
 ) -> tuple[Callable[[], Any], int]:
     """The LoRA step; ``grouped``: ``fused.group_shared_input`` on each attention's q, k, v (the
     cross-attention's k, v); ``factor_copies``: the step carries bf16 copies of the float32
     factors (``fused.value_and_grad_with_factors``), no casts in its forward and backward;
     ``flat_optimizer``: AdamW under ``optax.flatten``; ``fused_path`` (and ``stacked``): traced
-    under ``fused.enabled()`` (and ``fused.stacked()``)."""
+    under ``fused.enabled()`` (and ``fused.stacked()``); ``unsliced``: the fused path's factor
+    gradients as one GEMM each, not sliced along the tokens."""
     # The switches are read when the step is traced: by _runner's first call, inside the block.
-    with (
-        fused.enabled() if fused_path else contextlib.nullcontext(),
-        fused.stacked() if stacked else contextlib.nullcontext(),
-    ):
-        return _flax_lora(setup, features, ids, labels, grouped, factor_copies, flat_optimizer)
+    previous, fused._SLICED_FACTOR_GRADIENTS = fused._SLICED_FACTOR_GRADIENTS, not unsliced
+    try:
+        with (
+            fused.enabled() if fused_path else contextlib.nullcontext(),
+            fused.stacked() if stacked else contextlib.nullcontext(),
+        ):
+            return _flax_lora(setup, features, ids, labels, grouped, factor_copies, flat_optimizer)
+    finally:
+        fused._SLICED_FACTOR_GRADIENTS = previous
 
 
 def _flax_lora(

@@ -87,6 +87,9 @@ _ENABLED = os.environ.get("FLAX_IMPL_FUSED", "0").strip().lower() in ("1", "true
 _STACKED = os.environ.get("FLAX_IMPL_STACKED", "0").strip().lower() in ("1", "true", "yes", "on")
 # Stacked also along the outputs (see ``set_stacked``); off only to compare the two in benchmarks.
 _OUTPUT_STACKED = True
+# The factor gradients' token axis cut into slices where XLA:GPU would pad it (see
+# ``_factor_gradient``); off only to compare the two in benchmarks.
+_SLICED_FACTOR_GRADIENTS = True
 
 
 def set_enabled(enabled: bool) -> bool:
@@ -398,6 +401,35 @@ def _flat(t: jax.Array) -> jax.Array:
     return t.reshape(-1, t.shape[-1])
 
 
+def _token_slices(tokens: int) -> int:
+    """Slices of the token axis for a factor gradient: 1 (one GEMM) unless the tokens are many
+    and not a multiple of 1024, then the largest of 32, 16, 8 that divides them (else 1)."""
+    if not _SLICED_FACTOR_GRADIENTS or tokens < 4096 or tokens % 1024 == 0:
+        return 1
+    return next((s for s in (32, 16, 8) if tokens % s == 0), 1)
+
+
+def _factor_gradient(a: jax.Array, b: jax.Array, precision: Any, out: Any) -> jax.Array:
+    """``a.T @ b`` over the token axis (``a``: ``(N, p)``, ``b``: ``(N, q)``) in ``out``.
+
+    Why sliced: a factor gradient contracts over every token and XLA:GPU splits that contraction
+    (split-K) for parallelism; where the token count is not a multiple of its split it pads both
+    operands first, a copy of each activation. On one H100 (2026-12-07,
+    ``benchmarks/bench_thin_gemms.py``) whisper-small's encoder (8 x 1500 = 12,000 tokens, fc1
+    768 -> 3072, rank 16) took 23.5 us for ``x.T @ dh`` and 82.9 us for ``h.T @ g`` (23% and
+    27% of the memory bound) against 8.3 and 31.9 us as 32 slices summed in float32; at 8,192
+    and 4,096 tokens (no padding) slicing was no faster, so those keep one GEMM.
+    """
+    slices = _token_slices(a.shape[0])
+    if slices == 1:
+        return _dot(a.T, b, precision, out=out)
+    a3 = a.reshape(slices, -1, a.shape[-1])
+    b3 = b.reshape(slices, -1, b.shape[-1])
+    batched = (((1,), (1,)), ((0,), (0,)))
+    partial = jax.lax.dot_general(a3, b3, batched, precision=precision, preferred_element_type=jnp.float32)
+    return partial.sum(0).astype(out)
+
+
 def _lora_bwd(config: tuple, residuals, g):
     scaling, _, precision, _, down_precision, _, up_precision, stack_y, stack_dx = config
     (xb, kb, xd, dd, hu, uu), (x_t, kernel_t, bias_t, down_t, up_t) = residuals
@@ -409,17 +441,17 @@ def _lora_bwd(config: tuple, residuals, g):
     # Low-rank branch: the scaling lands on the (N, rank) and (rank, out) products.
     gu = g2.astype(uu.dtype)
     hu2 = _flat(hu)
-    d_up = _dot(hu2.T, gu, up_precision, out=up_t.dtype) * scaling
+    d_up = _factor_gradient(hu2, gu, up_precision, up_t.dtype) * scaling
     if stack_y and _OUTPUT_STACKED and kb.dtype == uu.dtype == dd.dtype:
         # A widening layer reads its (wide) output gradient once for both products:
         # g @ [K; scaling * B].T = [g @ K.T, dh], the forward's stacked weights again.
         dxh = _dot(gb, _stacked_rows(kb, uu, scaling).T, precision)
         dh = dxh[:, kb.shape[0] :]
         dx = dxh[:, : kb.shape[0]].astype(x_t.dtype) + _dot(dh, dd.T, down_precision).astype(x_t.dtype)
-        d_down = _dot(_flat(xd).T, dh, down_precision, out=down_t.dtype)
+        d_down = _factor_gradient(_flat(xd), dh, down_precision, down_t.dtype)
         return (dx.reshape(xb.shape), d_kernel, d_bias, d_down, d_up)
     dh = (_dot(gu, uu.T, up_precision, out=jnp.float32) * scaling).astype(dd.dtype)
-    d_down = _dot(_flat(xd).T, dh, down_precision, out=down_t.dtype)
+    d_down = _factor_gradient(_flat(xd), dh, down_precision, down_t.dtype)
     if stack_dx and gb.dtype == dh.dtype:  # one GEMM over the stacked contraction: [g, dh] @ [K, A].T
         dx = _dot(jnp.concatenate([gb, dh], axis=-1), jnp.concatenate([kb, dd], axis=1).T, precision)
         dx = dx.astype(x_t.dtype)

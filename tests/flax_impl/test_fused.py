@@ -240,6 +240,30 @@ def test_stacked_gemms_match_the_plain_formula_in_float32(in_features, out_featu
         np.testing.assert_array_equal(y, y_ref)
 
 
+@pytest.mark.parametrize(
+    "tokens, slices",
+    # many tokens, not a multiple of 1024: sliced (whisper's 8 x 1500 encoder frames are 12,000);
+    # a multiple of 1024, or few tokens: one GEMM
+    [(4160, 32), (4104, 8), (4096, 1), (1000, 1)],
+)
+def test_factor_gradients_are_sliced_along_tokens_xla_would_pad(tokens, slices):
+    layer = make_lora(12, 20, rank=4)
+    x = jax.random.normal(jax.random.key(3), (tokens, 12))
+    g = jax.random.normal(jax.random.key(4), (tokens, 20))
+    with jax.default_matmul_precision("highest"):
+        with fused.disabled():
+            y_ref, gx_ref, grads_ref = value_and_grads(layer, x, g)
+        y, gx, grads = value_and_grads(layer, x, g)
+        graphdef, state = nnx.split(layer)
+        grad = nnx.grad(lambda m: jnp.sum(m(x) * g), argnums=nnx.DiffState(0, nnx.Param))
+        text = jax.jit(lambda s: grad(nnx.merge(graphdef, s))).lower(state).as_text()
+    np.testing.assert_allclose(gx, gx_ref, atol=1e-4, rtol=1e-5)
+    assert_tree_close(grads, grads_ref, atol=1e-3, rtol=1e-5)
+    # the factor gradients as a batched GEMM of `slices` slices, or none
+    batched = re.findall(rf"tensor<{slices}x{tokens // slices}x\d+xf32>", text)
+    assert (len(batched) > 0) == (slices > 1)
+
+
 @pytest.mark.parametrize("in_features, out_features", [(48, 160), (160, 48)])
 def test_stacked_gemms_under_bf16_are_as_accurate_as_the_plain_formula(in_features, out_features):
     layer = make_lora(in_features, out_features, 8, 16.0, dtype=jnp.bfloat16)
