@@ -106,8 +106,8 @@ stacked)
 whisper-stacked)
   # whisper-small's step with and without the stacked GEMMs (fc1's output, fc2's dx), no decoding
   # and no torch: three compilations (~5 min on a cold H100).
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 420 python3 benchmarks/bench_whisper.py --no-torch --no-generate \
-    --steps 3 --flax-variants "fused+stacked,fused+stacked unsliced" --out "$OUT/whisper_stacked_gpu.md" > "$OUT/whisper.log" 2>&1
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 benchmarks/bench_whisper.py --no-torch --no-generate \
+    --steps 3 --flax-variants "${WHISPER_VARIANTS:-fused+stacked}" --out "$OUT/whisper_stacked_gpu.md" > "$OUT/whisper.log" 2>&1
   ;;
 profile-llm)
   timeout 240 python3 benchmarks/profile_llm.py --layers 4 --steps 3 --out "$OUT/profile_llm.md" > "$OUT/profile_llm.log" 2>&1
