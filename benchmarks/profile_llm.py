@@ -7,8 +7,10 @@ traced with ``jax.profiler`` and every GPU kernel matched to the HLO instruction
 For each kernel the table gives its time a step and the bytes it moves (its operands read once
 and its output written once, from the optimised HLO's shapes), so that ``time - bytes /
 bandwidth`` says how far each kernel is from the memory bound: the LoRA overhead at this shape
-is memory traffic (``gpu_kernels_aot.py --llm``: +1.6 to +2.3 GB a block over the floor), and
-this is the profile that says which kernels move it slower than the GPU can.
+is memory traffic (``gpu_kernels_aot.py --llm``: +2.3 to +3.3 GB a block over the floor), and
+this is the profile that says which kernels move it slower than the GPU can. cuBLAS's and
+cuDNN's kernels (the frozen GEMMs, attention) carry no HLO instruction in jax 0.11.2's trace: they
+are listed by their own names, with no bytes (the "not matched" time of each program).
 
 Usage (on the GPU; ``--quick`` runs a tiny config on the CPU to check the script)::
 
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"{utc_timestamp()}; JAX {jax.__version__} on {device.device_kind}; {args.steps} traced steps; "
         f"bandwidth bound at {bandwidth / 1e12:.2f} TB/s. Bytes: each kernel's operands read once and "
-        "its output written once (optimised HLO shapes). `excess`: kernel time minus bytes / bandwidth.",
+        "its output written once (optimised HLO shapes); cuBLAS and cuDNN kernels, not matched to an "
+        "instruction, count no bytes. `excess`: kernel time minus bytes / bandwidth.",
         "",
         "| program | wall ms | kernels | kernel ms | GB moved | ms at bandwidth | excess ms |",
         "|---|---:|---:|---:|---:|---:|---:|",

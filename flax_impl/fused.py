@@ -30,6 +30,10 @@ full-width low-rank term and reads it back to add it, and reads each wide activa
 products through the same weights (``g @ [K; scaling * B].T``, ``x @ [K | A]``): at LLM sizes the
 step's overhead is memory traffic (see :func:`set_stacked` for the numbers).
 
+On the fused path each factor gradient (a contraction over every token) is cut into token slices
+summed in float32 where XLA:GPU would pad the tokens for its split-K (see ``_factor_gradient``:
+whisper-small's encoder factor gradients 2.8x faster on one H100).
+
 Opt-in, model level (issue 24): ``group_shared_input(model)`` computes the down projections of
 the LoRA ``query``, ``key`` and ``value`` of each attention block in one GEMM
 (``x @ [A_q | A_k | A_v]``; under autodiff one GEMM for the three factor gradients and one for
@@ -191,10 +195,14 @@ def set_stacked(stacked: bool) -> bool:
     weights along the outputs: the widening layer's backward computes ``g @ [K; scaling * B].T =
     [g @ K.T, dh]``, the narrowing layer's forward ``x @ [K | A] = [y, x @ A]``.
     Why: on the ~1B Llama training step (4 x 2048 tokens, bf16, LoRA r=16 on every linear layer)
-    XLA:GPU's program for a simulated H100 (``benchmarks/gpu_kernels_aot.py``) moves ~2.3 GB more
-    than the frozen floor's per block without it, ~1.6 GB with the stacked contractions and ~1.4 GB
-    with the stacked outputs too (which keep the stacked weights for the backward: ~95 MiB more
-    temporaries a block). Layers of equal sizes (BERT's attention) are unchanged.
+    the overhead over the frozen floor is memory traffic, its kernels running at 2.1-3.2 of the
+    H100's 3.35 TB/s (``benchmarks/profile_llm.py``). XLA:GPU's program for a simulated H100
+    (``benchmarks/gpu_kernels_aot.py``) moves 3.3 GB more than the floor's per block (a block
+    added to a 1-block program) without it, 2.6 GB with the stacked contractions and 2.3 GB with
+    the stacked outputs too (which keep the stacked weights for the backward: ~95 MiB more
+    temporaries a block). On one H100 (2026-12-07, 4 of the 16 blocks, one run) the step took
+    1.206x the floor's time by default, 1.186x with the stacked contractions and 1.161x with both.
+    Layers of equal sizes (BERT's attention) are unchanged.
 
     The values differ from the plain formula's by rounding: the stacked GEMM accumulates both
     terms before it rounds once (the plain formula rounds each term to the compute dtype first),
