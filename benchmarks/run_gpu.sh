@@ -36,6 +36,16 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 NCCL_NVLS_ENAB
 OUT=${OUT:-/tmp/out}
 PART=${PART:-main}
 mkdir -p "$OUT"
+
+# The BERT-base jit rows with the state as an nnx.State, then as a flat list of arrays:
+# state_rows <seconds a run> <bench_flax --jit-cases>
+state_rows() {
+  for as in state leaves; do
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$1" python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
+      --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --state-as "$as" \
+      --jit-cases "$2" --out "$OUT/flax_state_as_$as.md" > "$OUT/flax_$as.log" 2>&1
+  done
+}
 case "$PART" in
 main)
   {
@@ -89,11 +99,7 @@ leaves)
   # First the Flax multi-adapter path trained under jax.jit on the GPU (fp32 and bf16, < 1 min).
   JAX_PLATFORMS=cuda timeout 90 python3 -m pytest -q -p no:randomly -o addopts="-p no:cacheprovider" \
     tests/flax_impl/test_multi_adapter_cuda.py > "$OUT/multi_adapter_cuda_tests.log" 2>&1
-  for as in state leaves; do
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 280 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
-      --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --state-as "$as" \
-      --jit-cases "ours:q,v;ours:q,k,v,o;nnx.LoRA:q,k,v,o" --out "$OUT/flax_state_as_$as.md" > "$OUT/flax_$as.log" 2>&1
-  done
+  state_rows 280 "ours:q,v;ours:q,k,v,o;nnx.LoRA:q,k,v,o"
   ;;
 stacked)
   # The multi-adapter CUDA tests (< 1 min), then the ~1B Llama step with flax_impl.fused's
@@ -111,11 +117,7 @@ whisper-stacked)
   ;;
 profile-llm)
   timeout 240 python3 benchmarks/profile_llm.py --layers 4 --steps 3 --out "$OUT/profile_llm.md" > "$OUT/profile_llm.log" 2>&1
-  for as in state leaves; do
-    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 110 python3 benchmarks/bench_flax.py --rounds 3 --steps 12 \
-      --dtypes bf16 --idiom-dtypes "" --scaling-dtypes "" --state-as "$as" \
-      --jit-cases "ours:q,v" --out "$OUT/flax_state_as_$as.md" > "$OUT/flax_$as.log" 2>&1
-  done
+  state_rows 110 "ours:q,v"
   ;;
 thin)
   timeout 280 python3 benchmarks/bench_thin_gemms.py --out "$OUT/thin_gemms.md" > "$OUT/thin.log" 2>&1
