@@ -112,7 +112,7 @@ stacked)
 whisper-stacked)
   # whisper-small's step with and without the stacked GEMMs (fc1's output, fc2's dx), no decoding
   # and no torch: three compilations (~5 min on a cold H100).
-  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 benchmarks/bench_whisper.py --no-torch --no-generate \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 330 python3 benchmarks/bench_whisper.py --no-torch --no-generate ${WHISPER_FLAGS:-} \
     --steps 3 --flax-variants "${WHISPER_VARIANTS:-fused+stacked}" --out "$OUT/whisper_stacked_gpu.md" > "$OUT/whisper.log" 2>&1
   ;;
 profile-llm)
