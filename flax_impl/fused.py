@@ -370,7 +370,7 @@ def _forward(config: tuple, x, kernel, bias, down, up):
     if stack_dx and _OUTPUT_STACKED and xb.dtype == xd.dtype and kb.dtype == dd.dtype:
         # A narrowing layer reads its (wide) input once for both products: x @ [K | A] = [y, h]
         # (the backward's stacked dx GEMM takes the same [K | A]).
-        yh = _dot(xb, jnp.concatenate([kb, dd], axis=1), precision)
+        yh = _dot(xb, _stacked_columns(kb, dd), precision)
         y, h = yh[..., : kb.shape[1]], yh[..., kb.shape[1] :]
     else:
         h = _dot(xd, dd, down_precision)
@@ -391,6 +391,12 @@ def _stacked_rows(kernel: jax.Array, up: jax.Array, scaling: float) -> jax.Array
     """``[K; scaling * B]``, ``(in + rank, out)``: the widening layer's stacked weights, which its
     forward contracts over and its backward (output-stacked) multiplies ``g`` by."""
     return jnp.concatenate([kernel, up * scaling], axis=0)
+
+
+def _stacked_columns(kernel: jax.Array, down: jax.Array) -> jax.Array:
+    """``[K | A]``, ``(in, out + rank)``: the narrowing layer's stacked weights, which its forward
+    multiplies ``x`` by and its backward contracts over."""
+    return jnp.concatenate([kernel, down], axis=1)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -461,7 +467,7 @@ def _lora_bwd(config: tuple, residuals, g):
     dh = (_dot(gu, uu.T, up_precision, out=jnp.float32) * scaling).astype(dd.dtype)
     d_down = _factor_gradient(_flat(xd), dh, down_precision, down_t.dtype)
     if stack_dx and gb.dtype == dh.dtype:  # one GEMM over the stacked contraction: [g, dh] @ [K, A].T
-        dx = _dot(jnp.concatenate([gb, dh], axis=-1), jnp.concatenate([kb, dd], axis=1).T, precision)
+        dx = _dot(jnp.concatenate([gb, dh], axis=-1), _stacked_columns(kb, dd).T, precision)
         dx = dx.astype(x_t.dtype)
     else:
         dx = _dot(gb, kb.T, precision).astype(x_t.dtype)
