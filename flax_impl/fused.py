@@ -30,9 +30,10 @@ full-width low-rank term and reads it back to add it, and reads each wide activa
 products through the same weights (``g @ [K; scaling * B].T``, ``x @ [K | A]``): at LLM sizes the
 step's overhead is memory traffic (see :func:`set_stacked` for the numbers).
 
-On the fused path each factor gradient (a contraction over every token) is cut into token slices
-summed in float32 where XLA:GPU would pad the tokens for its split-K (see ``_factor_gradient``:
-whisper-small's encoder factor gradients 2.8x faster on one H100).
+On the fused path, in programs lowered for CUDA, each factor gradient (a contraction over every
+token) is cut into token slices summed in float32 where XLA:GPU would pad the tokens for its
+split-K (see ``_factor_gradient``: whisper-small's encoder factor gradients 2.8x faster on one
+H100); on a TPU or CPU it stays one GEMM.
 
 Opt-in, model level (issue 24): ``group_shared_input(model)`` computes the down projections of
 the LoRA ``query``, ``key`` and ``value`` of each attention block in one GEMM
@@ -432,11 +433,26 @@ def _factor_gradient(a: jax.Array, b: jax.Array, precision: Any, out: Any) -> ja
     ``benchmarks/bench_thin_gemms.py``) whisper-small's encoder (8 x 1500 = 12,000 tokens, fc1
     768 -> 3072, rank 16) took 23.5 us for ``x.T @ dh`` and 82.9 us for ``h.T @ g`` (23% and
     27% of the memory bound) against 8.3 and 31.9 us as 32 slices summed in float32; at 8,192
-    and 4,096 tokens (no padding) slicing was no faster, so those keep one GEMM.
+    and 4,096 tokens (no padding) slicing was no faster, so those keep one GEMM. The padding is
+    XLA:GPU's: a program lowered for another platform (TPU, CPU) keeps the one GEMM
+    (``jax.lax.platform_dependent``).
     """
     slices = _token_slices(a.shape[0])
-    if slices == 1:
+
+    def whole(a: jax.Array, b: jax.Array) -> jax.Array:
         return _dot(a.T, b, precision, out=out)
+
+    if slices == 1:
+        return whole(a, b)
+
+    def sliced(a: jax.Array, b: jax.Array) -> jax.Array:
+        return _sliced_factor_gradient(a, b, slices, precision, out)
+
+    return jax.lax.platform_dependent(a, b, cuda=sliced, default=whole)
+
+
+def _sliced_factor_gradient(a: jax.Array, b: jax.Array, slices: int, precision: Any, out: Any) -> jax.Array:
+    """``a.T @ b`` as ``slices`` token slices in one batched GEMM, summed in float32."""
     a3 = a.reshape(slices, -1, a.shape[-1])
     b3 = b.reshape(slices, -1, b.shape[-1])
     batched = (((1,), (1,)), ((0,), (0,)))
