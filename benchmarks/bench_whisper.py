@@ -47,6 +47,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -159,15 +160,12 @@ def flax_lora(
     under ``fused.enabled()`` (and ``fused.stacked()``); ``unsliced``: the fused path's factor
     gradients as one GEMM each, not sliced along the tokens."""
     # The switches are read when the step is traced: by _runner's first call, inside the block.
-    previous, fused._SLICED_FACTOR_GRADIENTS = fused._SLICED_FACTOR_GRADIENTS, not unsliced
-    try:
-        with (
-            fused.enabled() if fused_path else contextlib.nullcontext(),
-            fused.stacked() if stacked else contextlib.nullcontext(),
-        ):
-            return _flax_lora(setup, features, ids, labels, grouped, factor_copies, flat_optimizer)
-    finally:
-        fused._SLICED_FACTOR_GRADIENTS = previous
+    with (
+        fused.enabled() if fused_path else contextlib.nullcontext(),
+        fused.stacked() if stacked else contextlib.nullcontext(),
+        mock.patch.object(fused, "_SLICED_FACTOR_GRADIENTS", not unsliced),
+    ):
+        return _flax_lora(setup, features, ids, labels, grouped, factor_copies, flat_optimizer)
 
 
 def _flax_lora(

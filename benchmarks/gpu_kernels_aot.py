@@ -115,12 +115,24 @@ def _launched(text: str) -> list[bf.HloInstruction]:
 
 
 def _kind(instruction: bf.HloInstruction) -> str:
-    """Its name with XLA's numbering stripped: ``gemm_fusion_dot.12`` -> ``gemm_fusion_dot``."""
-    return re.sub(r"([._]\d+)+$", "", instruction.name)
+    return kernel_kind(instruction.name)
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's name with XLA's numbering stripped: ``gemm_fusion_dot.12`` -> ``gemm_fusion_dot``."""
+    return re.sub(r"([._]\d+)+$", "", name)
 
 
 _SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of every array type in an HLO shape text (a tuple sums its elements)."""
+    return sum(
+        math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(dtype, 8)
+        for dtype, dims in _SHAPE.findall(shape)
+    )
 
 
 def written_by_kind(text: str) -> dict[str, tuple[int, int]]:
@@ -129,13 +141,9 @@ def written_by_kind(text: str) -> dict[str, tuple[int, int]]:
     or fusion also reads its operands), so that two programs compare by bytes as well as counts."""
     totals: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
     for instruction in _launched(text):
-        size = sum(
-            math.prod(int(d) for d in dims.split(",") if d) * _BYTES.get(dtype, 8)
-            for dtype, dims in _SHAPE.findall(instruction.shape)
-        )
         total = totals[_kind(instruction)]
         total[0] += 1
-        total[1] += size
+        total[1] += shape_bytes(instruction.shape)
     return {kind: (n, size) for kind, (n, size) in totals.items()}
 
 

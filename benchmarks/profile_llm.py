@@ -25,7 +25,6 @@ import dataclasses
 import glob
 import gzip
 import json
-import math
 import os
 import re
 import statistics
@@ -34,26 +33,18 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks._common import utc_timestamp, write_report  # noqa: E402
+from benchmarks.bench_flax import _NOT_LAUNCHED  # noqa: E402
+from benchmarks.gpu_kernels_aot import kernel_kind, shape_bytes  # noqa: E402
 
 #: Peak memory bandwidth by ``device_kind`` prefix (bytes/s; NVIDIA's data sheets).
 BANDWIDTH = {"NVIDIA H100": 3.35e12, "NVIDIA H200": 4.8e12}
-_SIZES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
-_SHAPE = re.compile(r"\b(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
 _LINE = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+) = (\([^=]*?\)|\S+) ([\w\-]+)\((.*?)\)(?:,|$)")
-_QUIET = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast"}
-
-
-def nbytes(shape: str) -> int:
-    """Bytes of every array type in an HLO shape text (a tuple sums its elements)."""
-    return sum(
-        math.prod(int(d) for d in dims.split(",") if d) * _SIZES.get(dtype, 8)
-        for dtype, dims in _SHAPE.findall(shape)
-    )
 
 
 @dataclasses.dataclass
@@ -79,24 +70,19 @@ def entry_instructions(text: str) -> dict[str, Instruction]:
             continue
         name, shape, opcode, operands = match.groups()
         shapes[name] = shape
-        if opcode in _QUIET:
+        if opcode in _NOT_LAUNCHED:
             continue
         inputs = [shapes.get(a, "") for a in re.findall(r"%([\w.\-]+)", operands)]
         op_name = re.search(r'op_name="([^"]*)"', line)
         found[name] = Instruction(
             name,
             shape.split("{")[0],
-            sum(nbytes(s) for s in inputs),
-            nbytes(shape),
-            " ".join(s.split("{")[0] for s in inputs if nbytes(s) >= 2**20),
+            sum(shape_bytes(s) for s in inputs),
+            shape_bytes(shape),
+            " ".join(s.split("{")[0] for s in inputs if shape_bytes(s) >= 2**20),
             op_name.group(1) if op_name else "",
         )
     return found
-
-
-def kind(name: str) -> str:
-    """A kernel's name without XLA's numbering: ``gemm_fusion_dot.12`` -> ``gemm_fusion_dot``."""
-    return re.sub(r"([._]\d+)+$", "", name)
 
 
 def traced_kernels(run: Any, steps: int, known: dict[str, Instruction]) -> dict[str, tuple[float, float]]:
@@ -171,11 +157,9 @@ def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any, Any, bool]]:
     lora("lora")
     with fused.enabled(), fused.stacked():
         lora("lora fused+stacked")
-        previous, fused._OUTPUT_STACKED = fused._OUTPUT_STACKED, False
-        try:  # the seventh session's stacking: no x @ [K | A], no g @ [K; sB].T
+        # the seventh session's stacking: no x @ [K | A], no g @ [K; sB].T
+        with mock.patch.object(fused, "_OUTPUT_STACKED", False):
             lora("lora fused+stacked contraction only")
-        finally:
-            fused._OUTPUT_STACKED = previous
     with kernels.enabled():  # the Pallas (Triton) kernels of flax_impl.kernels, timed at BERT only
         lora("lora pallas")
     return out
@@ -257,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0])
         for rowset, sign in ((rows, 1), (floor, -1)):
             for kernel, (n, t, b) in rowset.items():
-                total = by_kind[kind(kernel)]
+                total = by_kind[kernel_kind(kernel)]
                 total[0] += sign * n
                 total[1] += sign * t
                 total[2] += sign * b
