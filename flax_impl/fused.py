@@ -476,18 +476,17 @@ def _lora_bwd(config: tuple, residuals, g):
         # A widening layer reads its (wide) output gradient once for both products:
         # g @ [K; scaling * B].T = [g @ K.T, dh], the forward's stacked weights again.
         dxh = _dot(gb, _stacked_rows(kb, uu, scaling).T, precision)
-        dh = dxh[:, kb.shape[0] :]
-        dx = dxh[:, : kb.shape[0]].astype(x_t.dtype) + _dot(dh, dd.T, down_precision).astype(x_t.dtype)
-        d_down = _factor_gradient(_flat(xd), dh, down_precision, down_t.dtype)
-        return (dx.reshape(xb.shape), d_kernel, d_bias, d_down, d_up)
-    dh = (_dot(gu, uu.T, up_precision, out=jnp.float32) * scaling).astype(dd.dtype)
+        dx_base, dh = dxh[:, : kb.shape[0]], dxh[:, kb.shape[0] :]
+    else:
+        dx_base = None
+        dh = (_dot(gu, uu.T, up_precision, out=jnp.float32) * scaling).astype(dd.dtype)
     d_down = _factor_gradient(_flat(xd), dh, down_precision, down_t.dtype)
     if stack_dx and gb.dtype == dh.dtype:  # one GEMM over the stacked contraction: [g, dh] @ [K, A].T
         dx = _dot(jnp.concatenate([gb, dh], axis=-1), _stacked_columns(kb, dd).T, precision)
         dx = dx.astype(x_t.dtype)
     else:
-        dx = _dot(gb, kb.T, precision).astype(x_t.dtype)
-        dx = dx + _dot(dh, dd.T, down_precision).astype(x_t.dtype)
+        dx_base = _dot(gb, kb.T, precision) if dx_base is None else dx_base
+        dx = dx_base.astype(x_t.dtype) + _dot(dh, dd.T, down_precision).astype(x_t.dtype)
     return (dx.reshape(xb.shape[:-1] + (xb.shape[-1],)), d_kernel, d_bias, d_down, d_up)
 
 
