@@ -12,9 +12,14 @@ this is the profile that says which kernels move it slower than the GPU can. cuB
 cuDNN's kernels (the frozen GEMMs, attention) carry no HLO instruction in jax 0.11.2's trace: they
 are listed by their own names, with no bytes (the "not matched" time of each program).
 
+``--model whisper`` profiles ``bench_whisper.py``'s whisper-small step the same way (floor,
+default LoRA, fused+stacked with token-sliced factor gradients), whose overhead over its floor
+(1.74x on one H100) is three times what its extra bytes would take at full bandwidth.
+
 Usage (on the GPU; ``--quick`` runs a tiny config on the CPU to check the script)::
 
     python benchmarks/profile_llm.py --layers 4 --out /tmp/profile_llm.md
+    python benchmarks/profile_llm.py --model whisper --out /tmp/profile_whisper.md
 """
 
 from __future__ import annotations
@@ -130,11 +135,11 @@ def wall_ms(run: Any, steps: int) -> float:
     return statistics.median(times)
 
 
-def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any, Any, bool]]:
-    """``{name: (compiled step, state, ids, donates)}``: the floor, the default LoRA step, the
-    fused path with stacked GEMMs (as now and contraction-only, as in the seventh session) and
-    the Pallas kernels, as ``bench_llm.py`` builds them; each compiled while its switches are on
-    (they are read while tracing)."""
+def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any]]:
+    """``{name: (compiled step, one call of it)}`` of the ~1B Llama step: the floor, the default
+    LoRA step, the fused path with stacked GEMMs (as now and contraction-only, as in the seventh
+    session) and the Pallas kernels, as ``bench_llm.py`` builds them; each compiled while its
+    switches are on (they are read while tracing)."""
     import jax
     import jax.numpy as jnp
 
@@ -148,11 +153,13 @@ def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any, Any, bool]]:
         jax.random.randint(jax.random.key(0), (shape.batch, shape.seq), 3, shape.config["vocab_size"])
     )
     floor, state = bl.flax_floor_step(bl.flax_model(shape, attention))
-    out = {"floor": (jax.jit(floor).lower(state, ids).compile(), state, ids, False)}
+    compiled = jax.jit(floor).lower(state, ids).compile()
+    out = {"floor": (compiled, runner(compiled, state, ids, False))}
 
     def lora(name: str) -> None:
         step, state, _ = bl.flax_lora_step(bl.flax_model(shape, attention), shape, grouped=False)
-        out[name] = (jax.jit(step, donate_argnums=0).lower(state, ids).compile(), state, ids, True)
+        compiled = jax.jit(step, donate_argnums=0).lower(state, ids).compile()
+        out[name] = (compiled, runner(compiled, state, ids, True))
 
     lora("lora")
     with fused.enabled(), fused.stacked():
@@ -165,24 +172,26 @@ def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any, Any, bool]]:
     return out
 
 
-def runner(compiled: Any, state: Any, ids: Any, donates: bool) -> Any:
-    """A call of ``compiled`` that waits for its loss (and keeps the donated state's successor)."""
-    import jax
+def whisper_programs(quick: bool) -> dict[str, tuple[Any, Any]]:
+    """The same for ``bench_whisper.py``'s whisper-small step (batch 8 x 30 s, 64 target
+    tokens, LoRA r=16 on all 192 linear layers): the floor, the default LoRA step and the fused
+    path with stacked GEMMs and token-sliced factor gradients."""
+    import jax.numpy as jnp
 
-    holder = [state]
+    from benchmarks import bench_whisper as bw
 
-    def run() -> None:
-        out = compiled(holder[0], ids)
-        if donates:
-            holder[0] = out[1]
-        jax.block_until_ready(out[0])
-
-    return run
+    setup = bw.Setup(quick)
+    features, ids, labels = (jnp.asarray(a) for a in setup.inputs())
+    cases = {"floor": bw.flax_floor(setup, features, ids, labels)}
+    cases["lora"], _ = bw.flax_lora(setup, features, ids, labels)
+    cases["lora fused+stacked"], _ = bw.flax_lora(setup, features, ids, labels, **bw.VARIANTS["fused+stacked"])
+    return {name: (run.compiled, run) for name, run in cases.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--model", choices=("llama", "whisper"), default="llama")
+    parser.add_argument("--layers", type=int, default=4, help="Llama blocks (whisper: all 12 + 12)")
     parser.add_argument("--steps", type=int, default=3, help="traced steps (and timed steps)")
     parser.add_argument("--top", type=int, default=30, help="instructions listed per LoRA program")
     parser.add_argument("--quick", action="store_true", help="tiny config, CPU: checks the script")
@@ -192,9 +201,15 @@ def main(argv: list[str] | None = None) -> None:
 
     device = jax.devices()[0]
     bandwidth = next((v for k, v in BANDWIDTH.items() if device.device_kind.startswith(k)), 3.35e12)
-    adapted = 7 * args.layers
+    if args.model == "whisper":
+        # 6 adapted layers an encoder layer, 10 a decoder layer: 12 + 12 layers (--quick: 1 + 1)
+        title, adapted = "whisper-small LoRA step", 16 if args.quick else 192
+        built = whisper_programs(args.quick)
+    else:
+        title, adapted = f"~1B Llama LoRA step ({args.layers} blocks)", 7 * args.layers
+        built = programs(args.layers, args.quick)
     lines = [
-        f"# The ~1B Llama LoRA step kernel by kernel ({args.layers} blocks)",
+        f"# The {title} kernel by kernel",
         "",
         f"{utc_timestamp()}; JAX {jax.__version__} on {device.device_kind}; {args.steps} traced steps; "
         f"bandwidth bound at {bandwidth / 1e12:.2f} TB/s. Bytes: each kernel's operands read once and "
@@ -207,9 +222,8 @@ def main(argv: list[str] | None = None) -> None:
     header = len(lines)
     per_program: dict[str, dict[str, tuple[float, float, float]]] = {}
     details: list[str] = []
-    for name, (compiled, state, ids, donates) in programs(args.layers, args.quick).items():
+    for name, (compiled, run) in built.items():
         hlo = entry_instructions(compiled.as_text())
-        run = runner(compiled, state, ids, donates)
         for _ in range(2):
             run()
         wall = wall_ms(run, args.steps)

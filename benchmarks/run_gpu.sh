@@ -26,6 +26,7 @@
 #                                             # against the memory bound (profile_llm.py), then
 #                                             # the BERT-base jit rows as nnx.State / as leaves
 #                                             # (~7 min)
+#   PART=profile-whisper bash benchmarks/run_gpu.sh  # whisper-small's step the same way (~5 min)
 #   PART=thin    bash benchmarks/run_gpu.sh   # LoRA's thin GEMMs one at a time against the memory
 #                                             # bound, and sliced factor gradients (~3 min)
 #
@@ -119,11 +120,17 @@ profile-llm)
   timeout 240 python3 benchmarks/profile_llm.py --layers 4 --steps 3 --out "$OUT/profile_llm.md" > "$OUT/profile_llm.log" 2>&1
   state_rows 110 "ours:q,v"
   ;;
+profile-whisper)
+  # whisper-small's step kernel by kernel: floor, default LoRA, fused+stacked with the sliced
+  # factor gradients (three compilations, ~5 min on a cold H100).
+  timeout 540 python3 benchmarks/profile_llm.py --model whisper --steps 3 --out "$OUT/profile_whisper.md" \
+    > "$OUT/profile_whisper.log" 2>&1
+  ;;
 thin)
   timeout 280 python3 benchmarks/bench_thin_gemms.py --out "$OUT/thin_gemms.md" > "$OUT/thin.log" 2>&1
   ;;
 *)
-  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper, whisper-stacked, leaves, stacked, profile-llm or thin, got '$PART'" >&2
+  echo "PART must be main, compile, flax, optins, mixed, shapes, whisper, whisper-stacked, leaves, stacked, profile-llm, profile-whisper or thin, got '$PART'" >&2
   exit 2
   ;;
 esac
