@@ -220,7 +220,7 @@ class Runner:
     ``profile_llm.py --model whisper``, which matches the trace's kernels to its HLO."""
 
     def __init__(self, step: Any, state: Any, features: jax.Array) -> None:
-        self.compiled = step.lower(state, features).compile()
+        self.step, self.compiled = step, step.lower(state, features).compile()
         self.state, self.features = state, features
 
     def __call__(self) -> None:

@@ -172,10 +172,11 @@ def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any]]:
     return out
 
 
-def whisper_programs(quick: bool) -> dict[str, tuple[Any, Any]]:
+def whisper_programs(quick: bool, variants: list[str]) -> dict[str, tuple[Any, Any]]:
     """The same for ``bench_whisper.py``'s whisper-small step (batch 8 x 30 s, 64 target
-    tokens, LoRA r=16 on all 192 linear layers): the floor, the default LoRA step and the fused
-    path with stacked GEMMs and token-sliced factor gradients."""
+    tokens, LoRA r=16 on all 192 linear layers): the floor, the default LoRA step and
+    ``variants`` of ``bench_whisper.VARIANTS`` (``fused``: its backward with token-sliced factor
+    gradients; ``fused+stacked``: also the stacked GEMMs)."""
     import jax.numpy as jnp
 
     from benchmarks import bench_whisper as bw
@@ -184,13 +185,17 @@ def whisper_programs(quick: bool) -> dict[str, tuple[Any, Any]]:
     features, ids, labels = (jnp.asarray(a) for a in setup.inputs())
     cases = {"floor": bw.flax_floor(setup, features, ids, labels)}
     cases["lora"], _ = bw.flax_lora(setup, features, ids, labels)
-    cases["lora fused+stacked"], _ = bw.flax_lora(setup, features, ids, labels, **bw.VARIANTS["fused+stacked"])
+    for variant in variants:
+        cases[f"lora {variant}"], _ = bw.flax_lora(setup, features, ids, labels, **bw.VARIANTS[variant])
     return {name: (run.compiled, run) for name, run in cases.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("llama", "whisper"), default="llama")
+    parser.add_argument(
+        "--whisper-variants", default="fused+stacked", help="','-separated bench_whisper.VARIANTS to profile too"
+    )
     parser.add_argument("--layers", type=int, default=4, help="Llama blocks (whisper: all 12 + 12)")
     parser.add_argument("--steps", type=int, default=3, help="traced steps (and timed steps)")
     parser.add_argument("--top", type=int, default=30, help="instructions listed per LoRA program")
@@ -204,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.model == "whisper":
         # 6 adapted layers an encoder layer, 10 a decoder layer: 12 + 12 layers (--quick: 1 + 1)
         title, adapted = "whisper-small LoRA step", 16 if args.quick else 192
-        built = whisper_programs(args.quick)
+        built = whisper_programs(args.quick, args.whisper_variants.split(","))
     else:
         title, adapted = f"~1B Llama LoRA step ({args.layers} blocks)", 7 * args.layers
         built = programs(args.layers, args.quick)
