@@ -31,10 +31,18 @@ Each case runs once per round, in the same order, ``--rounds`` rounds (at least 
 shows the median over rounds of each round's median and the spread ``(max - min) / median``.
 ``--quick`` runs a tiny config on CPU in seconds (to check the script, not to measure).
 
+Each timed Flax call waits for its loss, so the host's time a call (flattening the ``nnx.State``
+of 1,759 leaves, dispatching its buffers) adds to the GPU's: on one H100 host (2026-12-08) the
+default LoRA step took 49-50 ms a waited call and 40.4 ms a step with ten steps dispatched before
+one wait (floor 30.6 / 26.5). ``--state-as leaves`` passes the state as a flat list of arrays
+(the JAX guide's step) and ``--pipelined N`` dispatches N steps before each wait, as a training
+loop that does not read every loss does; the table is then per step.
+
 Usage::
 
     python benchmarks/bench_whisper.py --out benchmarks/results/whisper.md
     python benchmarks/bench_whisper.py --quick
+    python benchmarks/bench_whisper.py --no-torch --state-as leaves --pipelined 10 --flax-variants fused
 """
 
 from __future__ import annotations
@@ -85,6 +93,8 @@ class Setup:
         self.target_length = 8 if quick else 64
         self.new_tokens = 8 if quick else 128
         self.attention = None if quick else "cudnn"
+        self.leaves = False  # --state-as leaves
+        self.pipelined = 1  # --pipelined: training steps a timed call dispatches before it waits
 
     def inputs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Features ``(batch, mel, frames)``, decoder inputs and labels ``(batch, target_length)``."""
@@ -123,7 +133,7 @@ def flax_floor(setup: Setup, features: jax.Array, ids: jax.Array, labels: jax.Ar
         loss, grad = jax.value_and_grad(loss_fn)(encoder.embed(features))
         return (loss, grad), nnx.state(model)
 
-    return _runner(step, state, features)
+    return _runner(setup, step, state, features)
 
 
 VARIANTS: dict[str, dict[str, bool]] = {
@@ -202,7 +212,9 @@ def _flax_lora(
             optimizer.update(model, grads)
             return loss, (nnx.state((model, optimizer)), fused.compute_dtype_factors(model))
 
-        return _runner(step_with_copies, (state, fused.compute_dtype_factors(adapted)), features), trainable
+        return _runner(
+            setup, step_with_copies, (state, fused.compute_dtype_factors(adapted)), features
+        ), trainable
 
     @partial(jax.jit, donate_argnums=0)
     def step(state: nnx.State, features: jax.Array) -> tuple[jax.Array, nnx.State]:
@@ -211,25 +223,39 @@ def _flax_lora(
         optimizer.update(model, grads)
         return loss, nnx.state((model, optimizer))
 
-    return _runner(step, state, features), trainable
+    return _runner(setup, step, state, features), trainable
 
 
 class Runner:
-    """One call of a jitted step over its donated state, compiled ahead of time (while the
-    caller's switches are on: they are read when the step is traced); ``compiled`` is kept for
+    """``pipelined`` calls of a jitted step over its donated state, then a wait for the last loss;
+    compiled ahead of time (while the caller's switches are on: they are read when the step is
+    traced). ``leaves``: the step takes and returns its state as a flat list of arrays (the JAX
+    guide's step) instead of an ``nnx.State``, whose flattening costs the host ~4.4 ms a call for
+    the LoRA step's 1,759 leaves (one H100 host, 2026-12-08). ``compiled`` is kept for
     ``profile_llm.py --model whisper``, which matches the trace's kernels to its HLO."""
 
-    def __init__(self, step: Any, state: Any, features: jax.Array) -> None:
-        self.step, self.compiled = step, step.lower(state, features).compile()
-        self.state, self.features = state, features
+    def __init__(
+        self, step: Any, state: Any, features: jax.Array, leaves: bool = False, pipelined: int = 1
+    ) -> None:
+        if leaves:
+            treedef, over_state = jax.tree.structure(state), step
+
+            def over_leaves(flat: list[jax.Array], features: jax.Array) -> tuple[Any, list[jax.Array]]:
+                out, new = over_state(jax.tree.unflatten(treedef, flat), features)
+                return out, jax.tree.leaves(new)
+
+            step, state = jax.jit(over_leaves, donate_argnums=0), jax.tree.leaves(state)
+        self.compiled = step.lower(state, features).compile()
+        self.state, self.features, self.pipelined = state, features, pipelined
 
     def __call__(self) -> None:
-        out, self.state = self.compiled(self.state, self.features)
+        for _ in range(self.pipelined):
+            out, self.state = self.compiled(self.state, self.features)
         jax.block_until_ready(out)
 
 
-def _runner(step: Any, state: Any, features: jax.Array) -> Runner:
-    run = Runner(step, state, features)
+def _runner(setup: Setup, step: Any, state: Any, features: jax.Array) -> Runner:
+    run = Runner(step, state, features, setup.leaves, setup.pipelined)
     run()  # the first call, outside the timings
     return run
 
@@ -345,6 +371,19 @@ def main(argv: list[str] | None = None) -> None:
         help="skip the default Flax LoRA step (time the floor and the --flax-variants only)",
     )
     parser.add_argument(
+        "--state-as",
+        choices=("state", "leaves"),
+        default="state",
+        help="the Flax steps take their state as an nnx.State (as the README's step) or as a flat list of arrays",
+    )
+    parser.add_argument(
+        "--pipelined",
+        type=int,
+        default=1,
+        help="training steps a timed Flax call dispatches before it waits (ms are per step): >1 hides the host's "
+        "time a call behind the GPU's, as a training loop that does not wait for each loss does",
+    )
+    parser.add_argument(
         "--flax-variants",
         default="",
         help="','-separated opt-in Flax LoRA steps to time too: " + ", ".join(VARIANTS),
@@ -353,6 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (a median and a spread need them)")
     setup = Setup(args.quick)
+    setup.leaves, setup.pipelined = args.state_as == "leaves", max(1, args.pipelined)
     features, ids, labels = setup.inputs()
     fx, fi, fl = jnp.asarray(features), jnp.asarray(ids), jnp.asarray(labels)
 
@@ -377,6 +417,9 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     timings = interleaved(cases, args.rounds, args.steps, log=lambda line: print(line, flush=True))
+    for name, timing in timings.items():  # per training step
+        if name.startswith("flax") and "generate" not in name:
+            timing.rounds = [ms / setup.pipelined for ms in timing.rounds]
 
     tokens = setup.batch * setup.new_tokens
     floor = timings["flax floor"].median
@@ -388,9 +431,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"{jax.devices()[0].device_kind} · jax {jax.__version__} · {utc_timestamp()} · d_model {c['d_model']}, "
         f"{c['encoder_layers']} + {c['decoder_layers']} layers, vocab {c['vocab_size']}; {args.rounds} interleaved "
-        f"rounds of {args.steps} calls, median of the round medians and spread (max - min) / median",
+        f"rounds of {args.steps} calls, median of the round medians and spread (max - min) / median; Flax state "
+        f"as {'a flat list of arrays' if setup.leaves else 'an nnx.State'}, {setup.pipelined} step(s) dispatched "
+        "before each wait",
         "",
-        "| case | trainable params | ms/call | spread | x flax floor | vs torch step | tokens/s | note |",
+        "| case | trainable params | ms a step (generate: a call) | spread | x flax floor | vs torch step | tokens/s | note |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     params.update({"torch LoRA eager": torch_trainable, "torch LoRA CUDA graph": torch_trainable})

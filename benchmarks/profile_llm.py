@@ -172,6 +172,21 @@ def programs(layers: int, quick: bool) -> dict[str, tuple[Any, Any]]:
     return out
 
 
+def runner(compiled: Any, state: Any, ids: Any, donates: bool) -> Any:
+    """A call of ``compiled`` that waits for its loss (and keeps the donated state's successor)."""
+    import jax
+
+    holder = [state]
+
+    def run() -> None:
+        out = compiled(holder[0], ids)
+        if donates:
+            holder[0] = out[1]
+        jax.block_until_ready(out[0])
+
+    return run
+
+
 def whisper_programs(quick: bool, variants: list[str]) -> dict[str, tuple[Any, Any]]:
     """The same for ``bench_whisper.py``'s whisper-small step (batch 8 x 30 s, 64 target
     tokens, LoRA r=16 on all 192 linear layers): the floor, the default LoRA step and
@@ -194,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("llama", "whisper"), default="llama")
     parser.add_argument(
-        "--whisper-variants", default="fused+stacked", help="','-separated bench_whisper.VARIANTS to profile too"
+        "--whisper-variants",
+        default="fused+stacked",
+        help="','-separated bench_whisper.VARIANTS to profile too",
     )
     parser.add_argument("--layers", type=int, default=4, help="Llama blocks (whisper: all 12 + 12)")
     parser.add_argument("--steps", type=int, default=3, help="traced steps (and timed steps)")
