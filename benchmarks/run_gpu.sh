@@ -22,7 +22,7 @@
 #                                             # step plain, fused and fused+stacked (~6 min)
 #   PART=whisper-stacked bash benchmarks/run_gpu.sh  # whisper-small's step plain and
 #                                             # fused+stacked, no decoding (~5 min); e.g.
-#     WHISPER_FLAGS="--state-as leaves --pipelined 10" WHISPER_VARIANTS="fused,fused+stacked"
+#     WHISPER_FLAGS="--state-as leaves --pipelined 10" WHISPER_VARIANTS="fused,fused+stacked,fused+flatopt"
 #                                             # the step as a loop that does not wait for each loss
 #   PART=profile-llm bash benchmarks/run_gpu.sh  # the ~1B Llama step (4 blocks) kernel by kernel
 #                                             # against the memory bound (profile_llm.py), then
