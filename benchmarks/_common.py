@@ -161,6 +161,23 @@ def flax_adamw(flat: bool = False, learning_rate: float = 1e-4) -> Any:
     return optax.flatten(adamw) if flat else adamw
 
 
+def state_as_leaves(step: Callable[..., Any], state: Any) -> tuple[Callable[..., Any], list[Any]]:
+    """``step(state, *args) -> (out, new_state)`` as a function of the state's flat list of arrays,
+    and that list: the state as a jitted call's argument without the host flattening an
+    ``nnx.State`` (Variables in nested State objects, Python for every node) before and building
+    one after each call. The structure is static, so unflattening inside the jitted function
+    costs only at trace time."""
+    import jax  # here: the torch benchmarks import this module without JAX
+
+    treedef = jax.tree.structure(state)
+
+    def over_leaves(leaves: list[Any], *args: Any) -> tuple[Any, list[Any]]:
+        out, new_state = step(jax.tree.unflatten(treedef, leaves), *args)
+        return out, jax.tree.leaves(new_state)
+
+    return over_leaves, jax.tree.leaves(state)
+
+
 def fmt(value: float | None, spec: str) -> str:
     """``value`` formatted by ``spec``, or ``'-'`` for a value not measured."""
     return "-" if value is None else format(value, spec)

@@ -261,14 +261,7 @@ def make_jit_step(
         # LoRA q,v state (419 leaves) took 1.7 ms to flatten and 4.1 ms to rebuild, the floor's
         # (273 leaves) 0.7 and 2.8 ms; a list of the same arrays ~0.2 ms. The structure is
         # static, so unflattening inside the jitted function costs only at trace time.
-        treedef = jax.tree.structure(state)
-        step = pure
-
-        def pure(leaves, ids):
-            out, new_state = step(jax.tree.unflatten(treedef, leaves), ids)
-            return out, jax.tree.leaves(new_state)
-
-        state = jax.tree.leaves(state)
+        pure, state = _common.state_as_leaves(pure, state)
     compiled = jax.jit(pure, donate_argnums=0).lower(state, ids).compile()
     analysis = compiled.memory_analysis()
     temp = analysis.temp_size_in_bytes / 2**20 if analysis is not None else None

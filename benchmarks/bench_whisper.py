@@ -65,7 +65,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks._common import RANK, flax_adamw, fmt, interleaved, utc_timestamp, write_report  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    RANK,
+    flax_adamw,
+    fmt,
+    interleaved,
+    state_as_leaves,
+    utc_timestamp,
+    write_report,
+)
 from flax_impl import AdaptedModel, LoRA, fused  # noqa: E402
 from flax_impl.models import WhisperForConditionalGeneration  # noqa: E402
 
@@ -241,13 +249,8 @@ class Runner:
         self, step: Any, state: Any, features: jax.Array, leaves: bool = False, pipelined: int = 1
     ) -> None:
         if leaves:
-            treedef, over_state = jax.tree.structure(state), step
-
-            def over_leaves(flat: list[jax.Array], features: jax.Array) -> tuple[Any, list[jax.Array]]:
-                out, new = over_state(jax.tree.unflatten(treedef, flat), features)
-                return out, jax.tree.leaves(new)
-
-            step, state = jax.jit(over_leaves, donate_argnums=0), jax.tree.leaves(state)
+            over_leaves, state = state_as_leaves(step, state)
+            step = jax.jit(over_leaves, donate_argnums=0)
         self.compiled = step.lower(state, features).compile()
         self.state, self.features, self.pipelined = state, features, pipelined
 
