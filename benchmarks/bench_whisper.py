@@ -397,8 +397,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error("--rounds must be at least 3 (a median and a spread need them)")
+    if args.pipelined < 1:
+        parser.error("--pipelined must be at least 1 (steps dispatched before each wait)")
     setup = Setup(args.quick)
-    setup.leaves, setup.pipelined = args.state_as == "leaves", max(1, args.pipelined)
+    setup.leaves, setup.pipelined = args.state_as == "leaves", args.pipelined
     features, ids, labels = setup.inputs()
     fx, fi, fl = jnp.asarray(features), jnp.asarray(ids), jnp.asarray(labels)
 
