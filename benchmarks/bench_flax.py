@@ -7,11 +7,12 @@ shape, random init, dropout on), batch 32 x 128 tokens, rank 16, ``optax.adamw``
 - ``floor``: forward + backward of the frozen encoder with the gradient taken with respect to
   the embedding output only (XLA computes no weight gradient);
 - ``full``: full fine-tuning (``wrt=nnx.Param``);
-- ``ours``: ``flax_impl.AdaptedModel`` + ``flax_impl.LoRA`` (its fused path,
-  ``flax_impl.fused``), optimised with ``wrt=model.trainable``;
+- ``ours``: ``flax_impl.AdaptedModel`` + ``flax_impl.LoRA`` as they come (the fused path,
+  ``flax_impl.fused``, by default; results before it became the default had the plain formula
+  here), optimised with ``wrt=model.trainable``;
 - ``ours-plain``: the same with ``flax_impl.fused.disabled()`` (autodiff of the plain formula);
-- ``ours-fused``: the same with ``flax_impl.fused.enabled()`` (its ``custom_vjp``, off by
-  default);
+- ``ours-fused``: the same with ``flax_impl.fused.enabled()`` (its ``custom_vjp``, whatever the
+  environment says);
 - ``ours-grouped``: ``ours`` after ``flax_impl.fused.group_shared_input`` (the down projections
   of each block's LoRA query, key and value in one GEMM; issue 24, opt-in);
 - ``ours-bf16factors``: ``ours`` whose step carries bf16 copies of the factors

@@ -160,7 +160,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--flax-fused",
         action="store_true",
-        help="also time 'flax lora fused' (flax_impl.fused's backward), 'flax lora fused+stacked' (with fused.stacked(): the MLP's gate/up outputs and down input gradient as one GEMM each) and 'flax lora fused+stacked+mlp-remat' (the same with set_mlp_remat())",
+        help="also time 'flax lora plain' (flax_impl.fused.disabled(): XLA's autodiff of the plain formula, the default before the fused path), 'flax lora fused+stacked' (with fused.stacked(): the MLP's gate/up outputs and down input gradient as one GEMM each) and 'flax lora fused+stacked+mlp-remat' (the same with set_mlp_remat())",
     )
     parser.add_argument("--no-decode", action="store_true", help="skip the decoding table")
     parser.add_argument("--no-torch", action="store_true", help="time the Flax cases only")
@@ -292,9 +292,10 @@ def flax_cases(
                 "flax lora grouped+flatopt", flax_model(shape, attention), grouped=True, flat_optimizer=True
             )
         )
-    if args.flax_fused:  # flax_impl.fused's custom backward, then with its stacked GEMMs too
+    if args.flax_fused:  # the plain formula; flax_impl.fused's backward with its stacked GEMMs
+        with flax_impl.fused.disabled():
+            cases.append(lora_case("flax lora plain", flax_model(shape, attention), grouped=False))
         with flax_impl.fused.enabled():
-            cases.append(lora_case("flax lora fused", flax_model(shape, attention), grouped=False))
             with flax_impl.fused.stacked():
                 cases.append(
                     lora_case("flax lora fused+stacked", flax_model(shape, attention), grouped=False)

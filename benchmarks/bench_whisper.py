@@ -150,7 +150,10 @@ VARIANTS: dict[str, dict[str, bool]] = {
     "grouped+factor-copies": {"grouped": True, "factor_copies": True},
     # The combination that measured 0.915x the default step at BERT-base (one H100, 2026-12-07).
     "grouped+factor-copies+flatopt": {"grouped": True, "factor_copies": True, "flat_optimizer": True},
-    # flax_impl.fused's backward, then with its stacked GEMMs (fc1's output, fc2's dx; issue 24).
+    # XLA's autodiff of the plain formula (fused.disabled()), the default before the fused path.
+    "plain": {"plain": True},
+    # flax_impl.fused's backward (the default), then with its stacked GEMMs (fc1's output, fc2's
+    # dx; issue 24).
     "fused": {"fused_path": True},
     "fused+stacked": {"fused_path": True, "stacked": True},
     # The same with each factor gradient as one GEMM over the 12,000 encoder tokens, which XLA
@@ -173,16 +176,19 @@ def flax_lora(
     fused_path: bool = False,
     stacked: bool = False,
     unsliced: bool = False,
+    plain: bool = False,
 ) -> tuple[Runner, int]:
     """The LoRA step; ``grouped``: ``fused.group_shared_input`` on each attention's q, k, v (the
     cross-attention's k, v); ``factor_copies``: the step carries bf16 copies of the float32
     factors (``fused.value_and_grad_with_factors``), no casts in its forward and backward;
     ``flat_optimizer``: AdamW under ``optax.flatten``; ``fused_path`` (and ``stacked``): traced
     under ``fused.enabled()`` (and ``fused.stacked()``); ``unsliced``: the fused path's factor
-    gradients as one GEMM each, not sliced along the tokens."""
+    gradients as one GEMM each, not sliced along the tokens; ``plain``: traced under
+    ``fused.disabled()``."""
     # The switches are read when the step is traced: by _runner's compilation, inside the block.
     with (
         fused.enabled() if fused_path else contextlib.nullcontext(),
+        fused.disabled() if plain else contextlib.nullcontext(),
         fused.stacked() if stacked else contextlib.nullcontext(),
         mock.patch.object(fused, "_SLICED_FACTOR_GRADIENTS", not unsliced),
     ):

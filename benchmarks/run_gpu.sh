@@ -19,10 +19,12 @@
 #                                             # rows with the state as an nnx.State and as a flat
 #                                             # list of arrays (host time a call; ~6 min)
 #   PART=stacked bash benchmarks/run_gpu.sh   # the multi-adapter CUDA tests, then the ~1B Llama
-#                                             # step plain, fused and fused+stacked (~6 min)
-#   PART=whisper-stacked bash benchmarks/run_gpu.sh  # whisper-small's step plain and
-#                                             # fused+stacked, no decoding (~5 min); e.g.
-#     WHISPER_FLAGS="--state-as leaves --pipelined 10" WHISPER_VARIANTS="fused,fused+stacked,fused+flatopt"
+#                                             # step fused (the default), plain and
+#                                             # fused+stacked (~6 min)
+#   PART=whisper-stacked bash benchmarks/run_gpu.sh  # whisper-small's step by default (the
+#                                             # fused path) and fused+stacked, no decoding
+#                                             # (~5 min); e.g.
+#     WHISPER_FLAGS="--state-as leaves --pipelined 10" WHISPER_VARIANTS="plain,fused+stacked,fused+flatopt"
 #                                             # the step as a loop that does not wait for each loss
 #   PART=profile-llm bash benchmarks/run_gpu.sh  # the ~1B Llama step (4 blocks) kernel by kernel
 #                                             # against the memory bound (profile_llm.py), then

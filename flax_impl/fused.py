@@ -12,16 +12,29 @@ value) under a ``jax.custom_vjp`` whose backward is the one we want:
 - the frozen kernel's gradient is written as the plain ``x.T @ g`` so that it is exact when
   someone does differentiate it, and dead code (removed by XLA) when, as usual, nobody does.
 
-Off by default: on one H200 (2026-12-01, BERT-base, bf16, q,k,v,o, ``jax.jit``) it measured
-1.432x the frozen floor against 1.415x for XLA's autodiff of the plain formula, the same within
-the rounds' spread, so it is not switched on until it pays. Nor did a joint formulation (issue
-24, branch ``perf`` commit 48cdf6a: the down projection in the base GEMM, ``x @ [W | A]``, and
-``g @ B.T`` in the frozen ``dx`` GEMM, ``g @ [W; B].T``): on one H100 (2026-12-06) it took
-q,k,v,o from 1.406x to 1.367x (spreads 9-10%) and q,v from 1.171x to 1.170x, because XLA
-materialised the concatenations and transposes (+132 concatenate/transpose kernels for 66 fewer
-thin GEMMs) and its forward was no longer the plain formula bit for bit. ``set_enabled(True)``, the context
-manager ``enabled()`` or ``FLAX_IMPL_FUSED=1`` in the environment turn it on; ``disabled()``
-turns it off for a block.
+On by default (after 0.2.0; off before), as ``torch_impl``'s fused path is: it is exact (the forward is the
+plain formula's, the equivalence suite passes unchanged) and never measured slower. On one H100
+(2026-12-07/08, bf16, ``jax.jit``) the ~1B Llama step took 1.20x its frozen floor against 1.21x
+for XLA's autodiff of the plain formula; whisper-small's (8 x 30 s, LoRA on all 192 linear
+layers) spent 3.2 ms of its 40.7 ms of GPU time in the padding copies that the fused path's sliced
+factor gradients avoid (36.7 ms with them); BERT-base compiles to the same kernel counts (1.432x
+against 1.415x on one H200, 2026-12-01, within the rounds' spread). On a 2-core CPU (BERT twin, 4
+layers, 8 x 64 tokens, q,k,v,o, 2026-12-08) the step took 1.055x the floor against 1.078x in bf16
+and 1.211x against 1.257x in float32. A joint formulation (issue 24, branch ``perf`` commit
+48cdf6a: the down projection in the base GEMM, ``x @ [W | A]``, and ``g @ B.T`` in the frozen
+``dx`` GEMM, ``g @ [W; B].T``) did not pay: on one H100 (2026-12-06) it took q,k,v,o from 1.406x
+to 1.367x (spreads 9-10%) and q,v from 1.171x to 1.170x, because XLA materialised the
+concatenations and transposes (+132 concatenate/transpose kernels for 66 fewer thin GEMMs) and its
+forward was no longer the plain formula bit for bit.
+
+``set_enabled(False)``, the context manager ``disabled()`` or ``FLAX_IMPL_FUSED=0`` in the
+environment select the plain formula (autodiff writes the backward); ``enabled()`` turns the
+fused path on for a block. What the plain formula still does that the fused path cannot:
+forward-mode differentiation of the model's forward (``jax.jvp``, ``jax.linearize``,
+``jax.jacfwd`` of the outputs): a ``jax.custom_vjp`` function has no forward mode, and JAX says
+"can't apply forward-mode autodiff (jvp) to a custom_vjp function"; trace such a function under
+``disabled()``. Reverse mode, Hessians (``jax.hessian``) and Hessian-vector products
+(``jax.jvp`` of ``jax.grad``) work on both paths.
 
 Opt-in, on the fused path (issue 24): ``stacked()`` (``set_stacked``, ``FLAX_IMPL_STACKED=1``)
 computes a widening layer's output as ``[x, x @ A] @ [K; scaling * B]`` and a narrowing layer's
@@ -47,7 +60,9 @@ Opt-in, step level (issue 24; no torch twin: autocast caches its casts):
 ``value_and_grad_with_factors`` differentiates with respect to them, so that a step carrying the
 copies has no factor casts in its forward and backward (the profile's 93 ``wrapped_convert``
 kernels a step); the step makes the next copies from the updated parameters. Same numbers as
-the default path.
+the plain formula (``disabled()``); both opt-ins take it, so their bf16 factor gradients are
+rounded to bf16 before their float32 cast, as autodiff rounds them, where the fused path's are
+not.
 
 Together with ``optax.flatten`` around the optimizer, the two took the jitted BERT-base step
 (32 x 128, bf16, rank 16, q,k,v,o) from 12.54 ms to 11.48 ms on one H100 (2026-12-07; 1.410x ->
@@ -88,7 +103,7 @@ __all__ = [
     "value_and_grad_with_factors",
 ]
 
-_ENABLED = os.environ.get("FLAX_IMPL_FUSED", "0").strip().lower() in ("1", "true", "yes", "on")
+_ENABLED = os.environ.get("FLAX_IMPL_FUSED", "1").strip().lower() not in ("0", "false", "no", "off")
 _STACKED = os.environ.get("FLAX_IMPL_STACKED", "0").strip().lower() in ("1", "true", "yes", "on")
 # Stacked also along the outputs (see ``set_stacked``); off only to compare the two in benchmarks.
 _OUTPUT_STACKED = True
@@ -100,10 +115,10 @@ _SLICED_FACTOR_GRADIENTS = True
 def set_enabled(enabled: bool) -> bool:
     """Switch the fused path on or off for every :class:`~flax_impl.adapters.LoRA`.
 
-    Off (the default), every LoRA layer calls its three ``nnx.Linear`` layers (the same
-    function; autodiff then writes the backward). The switch is read when a function is traced:
-    re-trace (a new ``jax.jit``) after changing it. ``FLAX_IMPL_FUSED=1`` in the environment
-    starts it on.
+    On (the default), a plain LoRA ``nnx.Linear`` computes through :func:`lora_linear`; off,
+    every LoRA layer calls its three ``nnx.Linear`` layers (the same function; autodiff then
+    writes the backward). The switch is read when a function is traced: re-trace (a new
+    ``jax.jit``) after changing it. ``FLAX_IMPL_FUSED=0`` in the environment starts it off.
 
     Arguments
     ---------
@@ -117,9 +132,9 @@ def set_enabled(enabled: bool) -> bool:
 
     Example
     -------
-    >>> previous = set_enabled(True)
+    >>> previous = set_enabled(False)
     >>> is_enabled()
-    True
+    False
     >>> _ = set_enabled(previous)
     """
     global _ENABLED
@@ -161,17 +176,19 @@ def disabled() -> Iterator[None]:
 
 @contextlib.contextmanager
 def enabled() -> Iterator[None]:
-    """Within the block (at trace time), every plain LoRA ``nnx.Linear`` takes the fused path.
+    """Within the block (at trace time), every plain LoRA ``nnx.Linear`` takes the fused path
+    (the default; for a block inside a :func:`disabled` one, or after ``set_enabled(False)``).
 
     Example
     -------
     >>> layer = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
     >>> down = nnx.Linear(4, 2, use_bias=False, rngs=nnx.Rngs(1))
     >>> up = nnx.Linear(2, 3, use_bias=False, rngs=nnx.Rngs(2))
-    >>> with enabled():
-    ...     can_fuse_linear(layer, down, up)
+    >>> with disabled():
+    ...     with enabled():
+    ...         print(can_fuse_linear(layer, down, up))
+    ...     print(can_fuse_linear(layer, down, up))
     True
-    >>> can_fuse_linear(layer, down, up)
     False
     """
     previous = set_enabled(True)
@@ -273,7 +290,7 @@ def _plain_linear(layer: nnx.Module) -> bool:
 def can_fuse_linear(pretrained: nnx.Module, down: nnx.Module, up: nnx.Module) -> bool:
     """Whether ``lora_linear`` computes exactly what the three layers' ``__call__`` would.
 
-    True when the fused path is switched on (off by default) and all three are ``nnx.Linear`` with their own
+    True when the fused path is switched on (the default) and all three are ``nnx.Linear`` with their own
     ``__call__``, the default ``dot_general`` and ``promote_dtype`` and no
     ``preferred_element_type``, and the factors have no bias.
 
@@ -670,8 +687,9 @@ def group_shared_input(model: nnx.Module, names: tuple[str, ...] = ("query", "ke
     The forward is LoRA's plain formula with the down projection's columns taken from a wider
     GEMM (bit for bit the same where the backend computes each column alike, as XLA:CPU does);
     the gradients of ``x`` sum the members' low-rank terms inside one GEMM instead of adding
-    them one by one (float32 rounding apart). It takes the plain formula even where
-    :func:`enabled` would give the members the ``custom_vjp`` path.
+    them one by one (float32 rounding apart). It takes the plain formula, where the members would
+    otherwise take the fused path (the default): in bf16 its factor gradients are then rounded
+    to bf16 as autodiff rounds them.
 
     The grouped parents and members become subclasses of their classes that add only
     ``__call__`` (``SharedInputLoRA``, ...): the parameters, ``nnx.state`` and checkpoints do not
@@ -786,8 +804,9 @@ def compute_dtype_factors(model: nnx.Module) -> nnx.State:
     kernels per factor and step. A training step that carries these copies (computed here once,
     then by the step from the updated parameters, where the cast rides in the optimizer's
     update) differentiates with respect to them instead: the same bf16 operands and GEMMs, so
-    the same numbers as the default path, with the casts out of the forward and backward. The
-    model's parameters stay float32; only the step's carry grows (2 bytes a factor entry).
+    the same numbers as the plain formula (:func:`disabled`), with the casts out of the forward
+    and backward. The model's parameters stay float32; only the step's carry grows (2 bytes a
+    factor entry).
 
     Arguments
     ---------
@@ -830,7 +849,7 @@ def value_and_grad_with_factors(
     During the call each factor Variable holds its copy (the layers' cast is then a no-op), the
     gradient is taken with respect to the copies and cast to the parameter's dtype (autodiff of
     the layers' cast does the same), and the parameters are put back. The layers take the plain
-    formula (:func:`disabled`), so the value and the gradients are those of the default path,
+    formula (:func:`disabled`), so the value and the gradients are those of the plain formula,
     provided ``factors`` are the copies of the current parameters: a step that updates them
     must return ``compute_dtype_factors(model)`` for the next step.
 

@@ -157,19 +157,22 @@ def test_switch_and_fallbacks_take_the_plain_layers():
     assert conv(jnp.ones((1, 5, 3))).shape == (1, 5, 4)
 
 
-def test_the_fused_path_is_off_by_default(monkeypatch):
+def test_the_fused_path_is_on_by_default(monkeypatch):
     monkeypatch.delenv("FLAX_IMPL_FUSED", raising=False)
     try:
-        assert importlib.reload(fused).is_enabled() is False
+        assert importlib.reload(fused).is_enabled() is True
         layer = make_lora()
-        assert not fused.can_fuse_linear(
-            layer.pretrained_module, layer.adapter_down_proj, layer.adapter_up_proj
-        )
+        assert fused.can_fuse_linear(layer.pretrained_module, layer.adapter_down_proj, layer.adapter_up_proj)
+        x = jnp.ones((3, 6))
+        jaxpr = str(jax.make_jaxpr(lambda x: layer(x))(x))
+        assert "custom_vjp_call" in jaxpr
+        with fused.disabled():
+            assert "custom_vjp_call" not in str(jax.make_jaxpr(lambda x: layer(x))(x))
     finally:
         importlib.reload(fused)
 
 
-@pytest.mark.parametrize("value, enabled", [("0", False), ("1", True)])
+@pytest.mark.parametrize("value, enabled", [("0", False), ("off", False), ("1", True), ("", True)])
 def test_environment_variable_sets_the_initial_state(monkeypatch, value, enabled):
     monkeypatch.setenv("FLAX_IMPL_FUSED", value)
     try:
@@ -177,7 +180,28 @@ def test_environment_variable_sets_the_initial_state(monkeypatch, value, enabled
     finally:
         monkeypatch.delenv("FLAX_IMPL_FUSED")
         importlib.reload(fused)
-    assert not fused.is_enabled()
+    assert fused.is_enabled()
+
+
+def test_forward_mode_needs_the_plain_formula_and_second_order_works_on_both():
+    """``jax.jvp`` of a forward through a ``custom_vjp`` is refused by JAX (loudly); the plain
+    formula (``disabled()``) takes it, and Hessian-vector products (forward over reverse) and
+    ``jax.hessian`` work on the fused path with the plain formula's values."""
+    layer = make_lora()
+    x = jax.random.normal(jax.random.key(3), (3, 6))
+
+    def f(x):
+        return jnp.sum(jnp.sin(layer(x)))
+
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(f, (x,), (x,))
+    with fused.disabled():
+        _, tangent = jax.jvp(f, (x,), (x,))
+        hvp_ref = jax.jvp(jax.grad(f), (x,), (x,))[1]
+        hessian_ref = jax.hessian(f)(x)
+    np.testing.assert_allclose(tangent, jnp.sum(jax.grad(f)(x) * x), rtol=1e-5)
+    np.testing.assert_allclose(jax.jvp(jax.grad(f), (x,), (x,))[1], hvp_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(jax.hessian(f)(x), hessian_ref, rtol=1e-5, atol=1e-6)
 
 
 def _stacked_gemms(layer: LoRA, x: jax.Array, g: jax.Array) -> tuple[bool, bool, bool, bool]:

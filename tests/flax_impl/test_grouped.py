@@ -2,8 +2,10 @@
 layers that read the same input (``group_shared_input``) and the factors' compute-dtype copies
 carried by the step (``compute_dtype_factors`` / ``value_and_grad_with_factors``).
 
-Each is compared with the model as it is without it: outputs, gradients and (for the jitted
-split-state step of the README) the losses and parameters after a few AdamW steps.
+Each is compared with the model as it is without it, on the plain formula that both take
+(``fused.disabled()``; the default fused path gives float32 factor gradients in bf16, which
+these round as autodiff does): outputs, gradients and (for the jitted split-state step of the
+README) the losses and parameters after a few AdamW steps.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def comparable(value: jax.Array) -> jax.Array:
 def test_grouped_model_gives_the_ungrouped_outputs_and_gradients(dtype):
     model = adapted_attention(dtype)
     x = jax.random.normal(jax.random.key(5), (2, 7, 16))
-    with jax.default_matmul_precision("highest"):
+    with jax.default_matmul_precision("highest"), fused.disabled():
         y_ref, gx_ref, grads_ref = outputs_and_grads(model, x)
         assert fused.group_shared_input(model, QKV) == 1
         y, gx, grads = outputs_and_grads(model, x)
@@ -128,9 +130,10 @@ def test_the_first_member_called_computes_every_down_projection_in_one_gemm():
         graphdef, state = nnx.split(model)
         return dot_output_shapes(lambda state, x: gradients(nnx.merge(graphdef, state), x), state, x)
 
-    widths, step_shapes_ref = dot_output_widths(lambda x: model(x), x), step_shapes()
-    fused.group_shared_input(model, QKV)
-    grouped, grouped_step = dot_output_widths(lambda x: model(x), x), step_shapes()
+    with fused.disabled():  # the plain formula's GEMMs (grouping takes it; out too, here)
+        widths, step_shapes_ref = dot_output_widths(lambda x: model(x), x), step_shapes()
+        fused.group_shared_input(model, QKV)
+        grouped, grouped_step = dot_output_widths(lambda x: model(x), x), step_shapes()
     assert widths.count(3) == 4 and 9 not in widths  # q, k, v, out: four rank-3 down projections
     assert grouped.count(3) == 1 and grouped.count(9) == 1  # out alone; q, k, v in one GEMM
     # Forward and backward: h = x @ [A_q|A_k|A_v] and dA = x.T @ [dh_q|dh_k|dh_v] are (., 9);
@@ -278,14 +281,15 @@ def test_factor_copies_are_the_compute_dtype_factors_of_plain_lora_layers_only()
     assert len(nnx.to_flat_state(fused.compute_dtype_factors(adapted_attention()))) == 0  # float32 compute
 
 
-def test_value_and_grad_with_factors_gives_the_default_gradients_and_puts_the_parameters_back():
+def test_value_and_grad_with_factors_gives_the_plain_gradients_and_puts_the_parameters_back():
     model = adapted_attention(jnp.bfloat16)
     x = jax.random.normal(jax.random.key(5), (2, 7, 16))
 
     def loss(m):
         return jnp.sum(jnp.square(m(x).astype(jnp.float32)))
 
-    value_ref, grads_ref = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, model.trainable))(model)
+    with fused.disabled():
+        value_ref, grads_ref = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, model.trainable))(model)
     before = {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
     value, grads = fused.value_and_grad_with_factors(
         loss, model, fused.compute_dtype_factors(model), wrt=model.trainable
@@ -312,7 +316,7 @@ def test_value_and_grad_with_factors_refuses_factors_of_another_model():
         )
 
 
-def test_a_jitted_step_carrying_factor_copies_trains_as_the_default_step():
+def test_a_jitted_step_carrying_factor_copies_trains_as_the_plain_step():
     def train(copies: bool, steps: int = 3):
         model = BertModel(BertConfig(**SMALL_CONFIG), dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
         adapted = AdaptedModel(
@@ -338,7 +342,8 @@ def test_a_jitted_step_carrying_factor_copies_trains_as_the_default_step():
             if copies:
                 value, grads = fused.value_and_grad_with_factors(loss, model, factors, wrt=model.trainable)
             else:
-                value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, model.trainable))(model)
+                with fused.disabled():
+                    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, model.trainable))(model)
             optimizer.update(model, grads)
             return value, nnx.state((model, optimizer)), fused.compute_dtype_factors(model)
 
