@@ -82,6 +82,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as _dtypes
+from jax.sharding import AxisType
 
 from twinformat.adapters import LORA
 
@@ -356,7 +357,9 @@ def lora_linear(
     >>> bool(jnp.allclose(lora_linear(base, down, up, 0.5, x), base(x) + up(down(x)) * 0.5))
     True
     """
-    stackable = _STACKED and pretrained.precision == down.precision == up.precision
+    # (Not stacked over explicit mesh axes: the stacked weights would concatenate a sharded
+    # kernel with an unsharded factor.)
+    stackable = _STACKED and pretrained.precision == down.precision == up.precision and not _explicit(x)
     config = (
         float(scaling),
         pretrained.dtype,
@@ -374,10 +377,30 @@ def lora_linear(
     return _lora(config, x, pretrained.kernel[...], bias, down.kernel[...], up.kernel[...])
 
 
-def _dot(a: jax.Array, b: jax.Array, precision: Any, out: Any = None) -> jax.Array:
-    """``a @ b`` contracting ``a``'s last axis with ``b``'s first, as ``nnx.Linear`` does."""
-    kwargs = {} if out is None else {"preferred_element_type": out}
+def _dot(a: jax.Array, b: jax.Array, precision: Any, out: Any = None, like: Any = None) -> jax.Array:
+    """``a @ b`` contracting ``a``'s last axis with ``b``'s first, as ``nnx.Linear`` does;
+    ``like``: the output's sharding where the mesh's axes are explicit (see :func:`_explicit`)."""
+    kwargs: dict[str, Any] = {} if out is None else {"preferred_element_type": out}
+    if like is not None:
+        kwargs["out_sharding"] = like
     return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=precision, **kwargs)
+
+
+def _explicit(a: jax.Array) -> bool:
+    """Whether ``a``'s type carries a sharding over a mesh with ``Explicit`` axes (``jax.make_mesh``'s
+    default), where a contraction over a sharded axis needs its output sharding spelled out."""
+    mesh = jax.typeof(a).sharding.mesh
+    return any(axis_type == AxisType.Explicit for axis_type in mesh.axis_types)
+
+
+def _tokens_dot(a: jax.Array, b: jax.Array, precision: Any, out: Any, like: Any = None) -> jax.Array:
+    """``a.T @ b`` over every leading (token) axis of ``a`` ``(..., p)`` and ``b`` ``(..., q)``."""
+    if like is None and a.ndim == 2:
+        return _dot(a.T, b, precision, out=out)
+    tokens = tuple(range(a.ndim - 1))
+    return jax.lax.dot_general(
+        a, b, ((tokens, tokens), ((), ())), precision=precision, preferred_element_type=out, out_sharding=like
+    )
 
 
 def _forward(config: tuple, x, kernel, bias, down, up):
@@ -424,8 +447,12 @@ def _lora(config: tuple, x, kernel, bias, down, up):
 
 def _lora_fwd(config: tuple, x, kernel, bias, down, up):
     out, saved = _forward(config, x, kernel, bias, down, up)
-    # Zero-size stand-ins carry the primal dtypes (and bias' presence) to the backward.
+    # Zero-size stand-ins carry the primal dtypes (and bias' presence) to the backward; the bias
+    # itself (a parameter, alive anyway) where its sharding is typed (explicit mesh axes), so that
+    # its gradient gets that sharding back.
     dtypes = tuple(jnp.zeros((0,), t.dtype) if t is not None else None for t in (x, kernel, bias, down, up))
+    if bias is not None and _explicit(bias):
+        dtypes = (*dtypes[:2], bias, *dtypes[3:])
     return out, (saved, dtypes)
 
 
@@ -441,8 +468,10 @@ def _token_slices(tokens: int) -> int:
     return next((s for s in (32, 16, 8) if tokens % s == 0), 1)
 
 
-def _factor_gradient(a: jax.Array, b: jax.Array, precision: Any, out: Any) -> jax.Array:
-    """``a.T @ b`` over the token axis (``a``: ``(N, p)``, ``b``: ``(N, q)``) in ``out``.
+def _factor_gradient(a: jax.Array, b: jax.Array, precision: Any, out: Any, like: Any = None) -> jax.Array:
+    """``a.T @ b`` over the token axis (``a``: ``(N, p)``, ``b``: ``(N, q)``) in ``out``; with
+    ``like`` (explicit mesh axes: ``a`` and ``b`` unflattened, ``(..., p)`` and ``(..., q)``) one
+    contraction over every leading axis with that output sharding, unsliced.
 
     Why sliced: a factor gradient contracts over every token and XLA:GPU splits that contraction
     (split-K) for parallelism; where the token count is not a multiple of its split it pads both
@@ -454,6 +483,8 @@ def _factor_gradient(a: jax.Array, b: jax.Array, precision: Any, out: Any) -> ja
     XLA:GPU's: a program lowered for another platform (TPU, CPU) keeps the one GEMM
     (``jax.lax.platform_dependent``).
     """
+    if like is not None:
+        return _tokens_dot(a, b, precision, out, like)
     slices = _token_slices(a.shape[0])
 
     def whole(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -480,15 +511,28 @@ def _sliced_factor_gradient(a: jax.Array, b: jax.Array, slices: int, precision: 
 def _lora_bwd(config: tuple, residuals, g):
     scaling, _, precision, _, down_precision, _, up_precision, stack_y, stack_dx = config
     (xb, kb, xd, dd, hu, uu), (x_t, kernel_t, bias_t, down_t, up_t) = residuals
-    g2 = _flat(g)
+    # Over a mesh with explicit axes the arrays keep their token axes (merging a sharded one
+    # with another is refused) and every GEMM that contracts a possibly sharded axis names its
+    # output's sharding, the primal's, as JAX's own transpose of ``dot_general`` does.
+    explicit = _explicit(g)
+
+    def flat(t: jax.Array) -> jax.Array:
+        return t if explicit else _flat(t)
+
+    def like(t: jax.Array) -> Any:
+        return jax.typeof(t).sharding if explicit else None
+
+    g2 = flat(g)
     # Base layer: dx = g @ K.T; dK = x.T @ g and db = sum(g) (dead code unless differentiated).
     gb = g2.astype(kb.dtype)
-    d_kernel = _dot(_flat(xb).T, gb, precision, out=kernel_t.dtype)
-    d_bias = None if bias_t is None else jnp.sum(g2, axis=0, dtype=bias_t.dtype)
+    d_kernel = _tokens_dot(flat(xb), gb, precision, kernel_t.dtype, like(kb))
+    d_bias = None if bias_t is None else jnp.sum(g2, axis=tuple(range(g2.ndim - 1)), dtype=bias_t.dtype)
+    if d_bias is not None and explicit:
+        d_bias = jax.sharding.reshard(d_bias, like(bias_t))
     # Low-rank branch: the scaling lands on the (N, rank) and (rank, out) products.
     gu = g2.astype(uu.dtype)
-    hu2 = _flat(hu)
-    d_up = _factor_gradient(hu2, gu, up_precision, up_t.dtype) * scaling
+    hu2 = flat(hu)
+    d_up = _factor_gradient(hu2, gu, up_precision, up_t.dtype, like(uu)) * scaling
     if stack_y and _OUTPUT_STACKED and kb.dtype == uu.dtype == dd.dtype:
         # A widening layer reads its (wide) output gradient once for both products:
         # g @ [K; scaling * B].T = [g @ K.T, dh], the forward's stacked weights again.
@@ -496,14 +540,15 @@ def _lora_bwd(config: tuple, residuals, g):
         dx_base, dh = dxh[:, : kb.shape[0]], dxh[:, kb.shape[0] :]
     else:
         dx_base = None
-        dh = (_dot(gu, uu.T, up_precision, out=jnp.float32) * scaling).astype(dd.dtype)
-    d_down = _factor_gradient(_flat(xd), dh, down_precision, down_t.dtype)
+        dh = (_dot(gu, uu.T, up_precision, out=jnp.float32, like=like(hu2)) * scaling).astype(dd.dtype)
+    d_down = _factor_gradient(flat(xd), dh, down_precision, down_t.dtype, like(dd))
     if stack_dx and gb.dtype == dh.dtype:  # one GEMM over the stacked contraction: [g, dh] @ [K, A].T
         dx = _dot(jnp.concatenate([gb, dh], axis=-1), _stacked_columns(kb, dd).T, precision)
         dx = dx.astype(x_t.dtype)
     else:
-        dx_base = _dot(gb, kb.T, precision) if dx_base is None else dx_base
-        dx = dx_base.astype(x_t.dtype) + _dot(dh, dd.T, down_precision).astype(x_t.dtype)
+        dx_like = like(xb)
+        dx_base = _dot(gb, kb.T, precision, like=dx_like) if dx_base is None else dx_base
+        dx = dx_base.astype(x_t.dtype) + _dot(dh, dd.T, down_precision, like=dx_like).astype(x_t.dtype)
     return (dx.reshape(xb.shape[:-1] + (xb.shape[-1],)), d_kernel, d_bias, d_down, d_up)
 
 

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from flax_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA
+from flax_impl import AdaptedModel, HoulsbyAdapterLinear, LoRA, fused
 from flax_impl.models import BertConfig, BertModel
 from flax_impl.sharding import ShardingRuleError, shard_model
 from twinformat.errors import NoMatchError
@@ -219,3 +219,71 @@ def test_shard_model_replicates_every_unmatched_variable_on_the_mesh(mesh):
     word = model.embeddings.word_embeddings.embedding[...]
     assert specs["embeddings.word_embeddings.embedding"] == P()
     assert word.sharding.mesh.shape == mesh.shape and word.sharding.is_fully_replicated
+
+
+@pytest.mark.parametrize("layout", ["data-parallel", "column-parallel"])
+@pytest.mark.parametrize("dtype", [None, jnp.bfloat16])
+def test_lora_gradients_over_explicit_mesh_axes_equal_one_devices(layout, dtype):
+    """``jax.make_mesh``'s default axes are ``Explicit``: a contraction over a sharded axis must
+    name its output's sharding. The fused path's backward (the default) contracts the tokens
+    (split over 'data') for the factor and bias gradients and the output axis (split over
+    'model' in a column-parallel layer) for ``dx`` and ``dh``: over the mesh it gives its own
+    one-device gradients, with the parameters' shardings, and in float32 the plain formula's."""
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    split = P(None, "model") if layout == "column-parallel" else P()
+    layer = LoRA(nnx.Linear(16, 8, dtype=dtype, rngs=nnx.Rngs(0)), 4, 8.0, rngs=nnx.Rngs(1))
+    up = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    layer.adapter_up_proj.kernel.set_value(jnp.asarray(up))
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(3), (8, 6, 16))
+    specs = {
+        "pretrained_module.kernel": split,
+        "pretrained_module.bias": P(*split[1:]),
+        "adapter_up_proj.kernel": split,
+    }
+
+    def placed(state: nnx.State) -> nnx.State:
+        def put(path, value):
+            return jax.device_put(value, NamedSharding(mesh, specs.get(".".join(map(str, path)), P())))
+
+        return nnx.from_flat_state(
+            [(p, v.replace(put(p, v.get_value()))) for p, v in nnx.to_flat_state(state)]
+        )
+
+    def loss(params, x):
+        y = nnx.merge(graphdef, params)(x).astype(jnp.float32)
+        return jnp.sum(y * jnp.cos(y))
+
+    def gradients(fused_path: bool, on_mesh: bool) -> dict:
+        step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+        with fused.enabled() if fused_path else fused.disabled():
+            if on_mesh:
+                with jax.set_mesh(mesh):
+                    grads, gx = step(placed(params), jax.device_put(x, NamedSharding(mesh, P("data"))))
+            else:
+                grads, gx = step(params, x)
+        out = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(grads)}
+        return {**out, "x": gx}
+
+    on_mesh, one_device = gradients(True, True), gradients(True, False)
+    assert set(on_mesh) == {*specs, "adapter_down_proj.kernel", "x"}
+    for name, value in on_mesh.items():
+        if name != "x":  # each gradient has its parameter's sharding
+            expected = specs.get(name, P())
+            assert _spec(value) == P(*expected, *(None,) * (value.ndim - len(expected))), name
+        # Summation order apart (the shards' partial sums): float32 rounding, or bf16's where the
+        # step computes in bf16.
+        assert_close(value, one_device[name], 1e-5 if dtype is None else 1e-2, name)
+    if dtype is None:
+        plain = gradients(False, True)
+        for name, value in on_mesh.items():
+            assert_close(value, plain[name], 1e-5, name)
+
+
+def assert_close(actual: jax.Array, desired: jax.Array, rtol: float, name: str) -> None:
+    """Within ``rtol`` of each value, or of the largest one (a gradient's sums cancel)."""
+    actual, desired = np.asarray(actual, np.float32), np.asarray(desired, np.float32)
+    atol = rtol * float(np.max(np.abs(desired)))
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol, err_msg=name)
