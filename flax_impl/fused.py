@@ -27,6 +27,10 @@ to 1.367x (spreads 9-10%) and q,v from 1.171x to 1.170x, because XLA materialise
 concatenations and transposes (+132 concatenate/transpose kernels for 66 fewer thin GEMMs) and its
 forward was no longer the plain formula bit for bit.
 
+A LoRA layer with active dropout (training with PEFT's ``lora_dropout``) takes it too: the layer
+draws ``dropout(x)`` as the plain formula does and passes it as the low-rank branch's own input
+(``x_low``), whose gradient autodiff takes back through the mask.
+
 ``set_enabled(False)``, the context manager ``disabled()`` or ``FLAX_IMPL_FUSED=0`` in the
 environment select the plain formula (autodiff writes the backward); ``enabled()`` turns the
 fused path on for a block. What the plain formula still does that the fused path cannot:
@@ -330,9 +334,15 @@ def can_fuse_linear(pretrained: nnx.Module, down: nnx.Module, up: nnx.Module) ->
 
 
 def lora_linear(
-    pretrained: nnx.Linear, down: nnx.Linear, up: nnx.Linear, scaling: float, x: jax.Array
+    pretrained: nnx.Linear,
+    down: nnx.Linear,
+    up: nnx.Linear,
+    scaling: float,
+    x: jax.Array,
+    x_low: jax.Array | None = None,
 ) -> jax.Array:
-    """``pretrained(x) + up(down(x)) * scaling`` with the backward described in the module doc.
+    """``pretrained(x) + up(down(x_low)) * scaling`` (``x_low`` defaults to ``x``) with the
+    backward described in the module doc.
 
     Arguments
     ---------
@@ -342,6 +352,9 @@ def lora_linear(
         ``alpha / rank``.
     x: jax.Array
         Input of shape ``[..., in]``.
+    x_low: jax.Array, optional
+        The low-rank branch's input where it is not ``x``: LoRA's dropout, ``dropout(x)``
+        (computed by the caller, whose autodiff takes its gradient back through the mask).
 
     Returns
     -------
@@ -360,6 +373,8 @@ def lora_linear(
     # (Not stacked over explicit mesh axes: the stacked weights would concatenate a sharded
     # kernel with an unsharded factor.)
     stackable = _STACKED and pretrained.precision == down.precision == up.precision and not _explicit(x)
+    if x_low is not None and x_low.shape != x.shape:
+        raise ValueError(f"lora_linear: x_low has shape {x_low.shape}, x {x.shape}; they must be equal")
     config = (
         float(scaling),
         pretrained.dtype,
@@ -371,10 +386,11 @@ def lora_linear(
         # Stacked where it writes less: the forward where the layer widens (out > in), dx where it
         # narrows (in > out); see ``set_stacked``.
         stackable and pretrained.out_features > pretrained.in_features,
-        stackable and pretrained.in_features > pretrained.out_features,
+        # (Not with a separate low-rank input: [g, dh] @ [K, A].T would sum both inputs' gradients.)
+        stackable and pretrained.in_features > pretrained.out_features and x_low is None,
     )
     bias = pretrained.bias[...] if pretrained.bias is not None else None
-    return _lora(config, x, pretrained.kernel[...], bias, down.kernel[...], up.kernel[...])
+    return _lora(config, x, x_low, pretrained.kernel[...], bias, down.kernel[...], up.kernel[...])
 
 
 def _dot(a: jax.Array, b: jax.Array, precision: Any, out: Any = None, like: Any = None) -> jax.Array:
@@ -403,10 +419,10 @@ def _tokens_dot(a: jax.Array, b: jax.Array, precision: Any, out: Any, like: Any 
     )
 
 
-def _forward(config: tuple, x, kernel, bias, down, up):
+def _forward(config: tuple, x, x_low, kernel, bias, down, up):
     scaling, dtype, precision, down_dtype, down_precision, up_dtype, up_precision, stack_y, stack_dx = config
     xb, kb, bb = _dtypes.promote_dtype((x, kernel, bias), dtype=dtype)
-    xd, dd = _dtypes.promote_dtype((x, down), dtype=down_dtype)
+    xd, dd = _dtypes.promote_dtype((x if x_low is None else x_low, down), dtype=down_dtype)
     y = None
     if stack_dx and _OUTPUT_STACKED and xb.dtype == xd.dtype and kb.dtype == dd.dtype:
         # A narrowing layer reads its (wide) input once for both products: x @ [K | A] = [y, h]
@@ -441,18 +457,19 @@ def _stacked_columns(kernel: jax.Array, down: jax.Array) -> jax.Array:
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _lora(config: tuple, x, kernel, bias, down, up):
-    return _forward(config, x, kernel, bias, down, up)[0]
+def _lora(config: tuple, x, x_low, kernel, bias, down, up):
+    return _forward(config, x, x_low, kernel, bias, down, up)[0]
 
 
-def _lora_fwd(config: tuple, x, kernel, bias, down, up):
-    out, saved = _forward(config, x, kernel, bias, down, up)
-    # Zero-size stand-ins carry the primal dtypes (and bias' presence) to the backward; the bias
-    # itself (a parameter, alive anyway) where its sharding is typed (explicit mesh axes), so that
-    # its gradient gets that sharding back.
-    dtypes = tuple(jnp.zeros((0,), t.dtype) if t is not None else None for t in (x, kernel, bias, down, up))
+def _lora_fwd(config: tuple, x, x_low, kernel, bias, down, up):
+    out, saved = _forward(config, x, x_low, kernel, bias, down, up)
+    # Zero-size stand-ins carry the primal dtypes (and the presence of x_low and bias) to the
+    # backward; the bias itself (a parameter, alive anyway) where its sharding is typed (explicit
+    # mesh axes), so that its gradient gets that sharding back.
+    primals = (x, x_low, kernel, bias, down, up)
+    dtypes = tuple(jnp.zeros((0,), t.dtype) if t is not None else None for t in primals)
     if bias is not None and _explicit(bias):
-        dtypes = (*dtypes[:2], bias, *dtypes[3:])
+        dtypes = (*dtypes[:3], bias, *dtypes[4:])
     return out, (saved, dtypes)
 
 
@@ -510,7 +527,7 @@ def _sliced_factor_gradient(a: jax.Array, b: jax.Array, slices: int, precision: 
 
 def _lora_bwd(config: tuple, residuals, g):
     scaling, _, precision, _, down_precision, _, up_precision, stack_y, stack_dx = config
-    (xb, kb, xd, dd, hu, uu), (x_t, kernel_t, bias_t, down_t, up_t) = residuals
+    (xb, kb, xd, dd, hu, uu), (x_t, x_low_t, kernel_t, bias_t, down_t, up_t) = residuals
     # Over a mesh with explicit axes the arrays keep their token axes (merging a sharded one
     # with another is refused) and every GEMM that contracts a possibly sharded axis names its
     # output's sharding, the primal's, as JAX's own transpose of ``dot_general`` does.
@@ -548,8 +565,12 @@ def _lora_bwd(config: tuple, residuals, g):
     else:
         dx_like = like(xb)
         dx_base = _dot(gb, kb.T, precision, like=dx_like) if dx_base is None else dx_base
-        dx = dx_base.astype(x_t.dtype) + _dot(dh, dd.T, down_precision, like=dx_like).astype(x_t.dtype)
-    return (dx.reshape(xb.shape[:-1] + (xb.shape[-1],)), d_kernel, d_bias, d_down, d_up)
+        dx_low = _dot(dh, dd.T, down_precision, like=like(xd))
+        if x_low_t is not None:  # the low-rank branch's input was x_low: its own gradient
+            dx = dx_base.astype(x_t.dtype).reshape(xb.shape)
+            return (dx, dx_low.astype(x_low_t.dtype).reshape(xd.shape), d_kernel, d_bias, d_down, d_up)
+        dx = dx_base.astype(x_t.dtype) + dx_low.astype(x_t.dtype)
+    return (dx.reshape(xb.shape[:-1] + (xb.shape[-1],)), None, d_kernel, d_bias, d_down, d_up)
 
 
 _lora.defvjp(_lora_fwd, _lora_bwd)

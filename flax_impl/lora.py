@@ -288,10 +288,13 @@ class LoRA(nnx.Module):
         if plain and kernels.can_use(*layers, x):
             linears = cast(tuple[nnx.Linear, nnx.Linear, nnx.Linear], layers)
             return kernels.lora_linear(*linears, self.scaling, x)  # opt-in Pallas kernels (CUDA)
-        if plain and fused.can_fuse_linear(*layers):
-            # (``cast``: can_fuse_linear found all three plain nnx.Linear.)
+        if not (self.merged or self.use_dora) and fused.can_fuse_linear(*layers):
+            # (``cast``: can_fuse_linear found all three plain nnx.Linear.) Same values, a leaner
+            # backward; with active dropout the low-rank branch reads dropout(x), drawn here as
+            # the plain formula draws it.
             linears = cast(tuple[nnx.Linear, nnx.Linear, nnx.Linear], layers)
-            return fused.lora_linear(*linears, self.scaling, x)  # same values, a leaner backward
+            x_low = self.adapter_dropout(x) if self._dropping() else None
+            return fused.lora_linear(*linears, self.scaling, x, x_low)
         x_pretrained = self.pretrained_module(x)
         if self.merged:
             return x_pretrained

@@ -196,12 +196,14 @@ def lora_linear(
     down: torch.Tensor,
     up: torch.Tensor,
     scaling: float,
+    x_low: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias) + F.linear(F.linear(x, down), up) * scaling``, fused.
+    """``F.linear(x, weight, bias) + F.linear(F.linear(x_low, down), up) * scaling``, fused
+    (``x_low`` defaults to ``x``).
 
     ``weight`` and ``bias`` get no gradient (they are the frozen pretrained layer); ``x``,
-    ``down`` and ``up`` get theirs, in their own dtypes. Under autocast the computation runs in
-    the autocast dtype, as ``F.linear`` would.
+    ``x_low``, ``down`` and ``up`` get theirs, in their own dtypes. Under autocast the computation
+    runs in the autocast dtype, as ``F.linear`` would.
 
     Arguments
     ---------
@@ -217,6 +219,10 @@ def lora_linear(
         LoRA up-projection weight, ``(out, rank)``.
     scaling: float
         ``alpha / rank``.
+    x_low: torch.Tensor, optional
+        The low-rank branch's input where it is not ``x``: LoRA's dropout,
+        ``F.dropout(x, p, training=True)`` (computed by the caller; autograd takes its gradient
+        back through the mask). Same shape as ``x``.
 
     Returns
     -------
@@ -236,19 +242,29 @@ def lora_linear(
     if _transformed():
         # torch.func transforms and forward-mode AD do not take a classic autograd.Function;
         # torch.compile fuses the plain formula better than it traces this one.
-        return _plain(x, weight, bias, down, up, scaling)
+        return _plain(x, weight, bias, down, up, scaling, x_low)
+    if x_low is not None and x_low.shape != x.shape:
+        raise ValueError(
+            f"lora_linear: x_low has shape {tuple(x_low.shape)}, x {tuple(x.shape)}; they must be equal"
+        )
     device_type = x.device.type
     compute = None
     if torch.is_autocast_enabled(device_type):
         compute = torch.get_autocast_dtype(device_type)
         x, weight = _autocast(x, compute), _autocast(weight, compute)
         bias = None if bias is None else _autocast(bias, compute)
+        x_low = None if x_low is None else _autocast(x_low, compute)
         if x.dtype != compute:  # float64 input: autocast leaves the layer alone, so do we
             compute = None
-    if torch.is_grad_enabled() and (x.requires_grad or down.requires_grad or up.requires_grad):
-        return _LoRALinearFunction.apply(x, weight, bias, down, up, scaling, compute)
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or down.requires_grad
+        or up.requires_grad
+        or (x_low is not None and x_low.requires_grad)
+    ):
+        return _LoRALinearFunction.apply(x, weight, bias, down, up, scaling, compute, x_low)
     down, up = _to(down, compute), _to(up, compute)
-    return _forward(x, weight, bias, down, up, scaling)[0]
+    return _forward(x, weight, bias, down, up, scaling, x_low)[0]
 
 
 def _plain(
@@ -258,9 +274,10 @@ def _plain(
     down: torch.Tensor,
     up: torch.Tensor,
     scaling: float,
+    x_low: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SpeechBrain's formula, op for op what the three ``nn.Linear`` modules compute."""
-    return F.linear(x, weight, bias) + F.linear(F.linear(x, down), up) * scaling
+    return F.linear(x, weight, bias) + F.linear(F.linear(x if x_low is None else x_low, down), up) * scaling
 
 
 def _autocast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -282,10 +299,12 @@ def _forward(
     down: torch.Tensor,
     up: torch.Tensor,
     scaling: float,
+    x_low: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(y, h)``: the layer's output and the ``(N, rank)`` down projection."""
+    """Return ``(y, h)``: the layer's output and the ``(N, rank)`` down projection (of ``x_low``
+    where given)."""
     x2d = x.reshape(-1, x.shape[-1])
-    h = torch.mm(x2d, down.t())
+    h = torch.mm(x2d if x_low is None else x_low.reshape(-1, x_low.shape[-1]), down.t())
     if bias is not None:
         # bias + scaling * h @ up.T in one GEMM (bias epilogue), then the base GEMM adds into it
         # (beta=1, in place: no copy of the accumulator, no separate add).
@@ -322,34 +341,41 @@ class _LoRALinearFunction(torch.autograd.Function):
         up: torch.Tensor,
         scaling: float,
         compute: torch.dtype | None,
+        x_low: torch.Tensor | None,
     ) -> torch.Tensor:
         down_c, up_c = _to(down, compute), _to(up, compute)
-        y, h = _forward(x, weight, bias, down_c, up_c, scaling)
-        ctx.save_for_backward(x, weight, down_c, up_c, h)
+        y, h = _forward(x, weight, bias, down_c, up_c, scaling, x_low)
+        ctx.save_for_backward(x, weight, down_c, up_c, h, *(() if x_low is None else (x_low,)))
         ctx.scaling = scaling
         ctx.factor_dtypes = (down.dtype, up.dtype)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple:
-        x, weight, down, up, h = ctx.saved_tensors
+        x, weight, down, up, h, *rest = ctx.saved_tensors
+        x_low = rest[0] if rest else None
         scaling = ctx.scaling
         down_dtype, up_dtype = ctx.factor_dtypes
-        need_x, _, _, need_down, need_up, _, _ = ctx.needs_input_grad
+        need_x, _, _, need_down, need_up, _, _, need_x_low = ctx.needs_input_grad
         g = grad_y.reshape(-1, grad_y.shape[-1])
         if g.dtype != h.dtype:
             g = g.to(h.dtype)
-        grad_x = grad_down = grad_up = None
-        if need_x or need_down:
+        grad_x = grad_down = grad_up = grad_x_low = None
+        if x_low is not None and need_x:  # the low-rank branch read x_low: x gets the base part only
+            grad_x = torch.mm(g, weight).view(x.shape)
+        if (need_x and x_low is None) or need_down or need_x_low:
             # scaling * g @ up; beta=0 means ``h`` only lends its shape and is never read.
             grad_h = torch.addmm(h, g, up, beta=0, alpha=scaling)
-            if need_x:
+            if need_x_low:
+                grad_x_low = torch.mm(grad_h, down).view(x_low.shape)
+            if need_x and x_low is None:
                 # The low-rank part first, then the base GEMM accumulates into it in place.
                 grad_x = torch.mm(grad_h, down)
                 grad_x.addmm_(g, weight)
                 grad_x = grad_x.view(x.shape)
             if need_down:
-                x2d = x.reshape(-1, x.shape[-1])
+                source = x if x_low is None else x_low
+                x2d = source.reshape(-1, source.shape[-1])
                 if _widening(grad_h, down_dtype):
                     grad_down = torch.mm(grad_h.t(), x2d, out_dtype=down_dtype)
                 else:
@@ -361,7 +387,7 @@ class _LoRALinearFunction(torch.autograd.Function):
                 grad_up = torch.addmm(up, g.t(), h, beta=0, alpha=scaling, out_dtype=up_dtype)
             else:
                 grad_up = torch.addmm(up, g.t(), h, beta=0, alpha=scaling).to(up_dtype)
-        return grad_x, None, None, grad_down, grad_up, None, None
+        return grad_x, None, None, grad_down, grad_up, None, None, grad_x_low
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,10 +181,11 @@ class LoRA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the pretrained layer plus the scaled low-rank update (DoRA: rescaled rows).
 
-        A frozen ``nn.Linear`` without DoRA or active dropout takes the fused path
+        A frozen ``nn.Linear`` without DoRA takes the fused path
         (:func:`torch_impl.fused.lora_linear`): the same function with fewer passes over ``x`` and
-        no weight gradient for the frozen layer. Convs, embeddings, hooked or unfrozen layers take
-        the plain formula.
+        no weight gradient for the frozen layer (with active dropout, its low-rank branch reads
+        ``F.dropout(x)``, the plain formula's mask). Convs, embeddings, hooked or unfrozen layers
+        take the plain formula.
         """
         if self.merged:
             return self.pretrained_module(x)
@@ -196,9 +197,12 @@ class LoRA(nn.Module):
         dropping = self.training and self.dropout > 0.0
         if self.use_dora:
             return self._dora_forward(x, dropping)
-        if not dropping and isinstance(pretrained, nn.Linear) and fused.can_fuse_linear(pretrained, down, up):
+        if isinstance(pretrained, nn.Linear) and fused.can_fuse_linear(pretrained, down, up):
+            # With active dropout the low-rank branch reads F.dropout(x), drawn as the plain
+            # formula draws it (the same mask from the same generator state).
+            x_low = F.dropout(x, self.dropout, training=True) if dropping else None
             return fused.lora_linear(
-                x, pretrained.weight, pretrained.bias, down.weight, up.weight, self.scaling
+                x, pretrained.weight, pretrained.bias, down.weight, up.weight, self.scaling, x_low
             )
         x_pretrained = pretrained(x)
         x_lora = up(down(F.dropout(x, self.dropout, training=True) if dropping else x)) * self.scaling

@@ -8,6 +8,7 @@ the wrapped kernel.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import re
 
@@ -133,6 +134,46 @@ def test_adapted_model_trains_the_same_under_nnx_jit_with_and_without_the_fused_
         return losses, {p: v[...] for p, v in nnx.to_flat_state(nnx.state(model, model.trainable))}
 
     assert_trains_alike(train)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize("sizes", [(6, 5), (5, 9), (9, 5)])  # equal-ish, widening, narrowing
+def test_active_dropout_takes_the_fused_path_with_the_plain_formulas_mask_and_gradients(sizes, stacked):
+    """Training with LoRA dropout (PEFT's ``lora_dropout``): the low-rank branch reads
+    ``dropout(x)`` drawn as the plain formula draws it (same RNG stream, same mask); the fused
+    path's ``custom_vjp`` takes it as a second input whose gradient goes back through the mask."""
+
+    def dropout_layer(seed: int = 0):
+        layer = LoRA(nnx.Linear(*sizes, rngs=nnx.Rngs(seed)), 3, 2.0, dropout=0.5, rngs=nnx.Rngs(seed + 1))
+        up = layer.adapter_up_proj.kernel
+        up.set_value(jax.random.normal(jax.random.key(seed + 2), up[...].shape))
+        layer.train()
+        return layer
+
+    x = jax.random.normal(jax.random.key(7), (4, 3, sizes[0]))
+    g = jax.random.normal(jax.random.key(8), (4, 3, sizes[1]))
+    results = {}
+    for fused_path in (True, False):
+        layer = dropout_layer()
+        with (
+            jax.default_matmul_precision("highest"),
+            fused.enabled() if fused_path else fused.disabled(),
+            fused.stacked() if stacked else contextlib.nullcontext(),
+        ):
+            graphdef, state = nnx.split(layer)
+            jaxpr = str(jax.make_jaxpr(lambda s, graphdef=graphdef: nnx.merge(graphdef, s)(x))(state))
+            assert ("custom_vjp_call" in jaxpr) is fused_path
+            results[fused_path] = value_and_grads(layer, x, g)
+    (y, gx, grads), (y_ref, gx_ref, grads_ref) = results[True], results[False]
+    if stacked:  # a widening layer's stacked GEMM rounds once (see fused.set_stacked)
+        np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+    else:  # the same mask, the plain formula's forward
+        np.testing.assert_array_equal(y, y_ref)
+    assert not np.array_equal(
+        y, layer.pretrained_module(x) + layer.adapter_up_proj(layer.adapter_down_proj(x)) * 2 / 3
+    )
+    np.testing.assert_allclose(gx, gx_ref, atol=1e-5, rtol=1e-5)
+    assert_tree_close(grads, grads_ref, atol=1e-5, rtol=1e-5)
 
 
 def test_switch_and_fallbacks_take_the_plain_layers():

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from torch_impl import AdaptedModel, LoRA, merge_lora, unmerge_lora
+from torch_impl import AdaptedModel, LoRA, fused, merge_lora, unmerge_lora
 from torch_impl.fused import can_fuse_linear, lora_linear
 
 SETTINGS = settings(max_examples=20, deadline=None)
@@ -375,3 +375,44 @@ def test_grouping_ignores_houlsby_and_peft_layers():
     parent.key = HoulsbyAdapterLinear(nn.Linear(8, 8), 2)
     parent.value = make_lora(8, 8, 2, 1.0, True)
     assert group_shared_input(parent) == 0
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_active_dropout_takes_the_fused_path_with_the_plain_formulas_mask(bias, autocast):
+    """Training with LoRA dropout (PEFT's ``lora_dropout``): the low-rank branch reads
+    ``F.dropout(x)`` drawn from the same generator state as the plain formula's, so the output is
+    the same, and the fused function takes it as a second input whose gradient autograd sends
+    back through the mask."""
+    torch.manual_seed(0)
+    layer = LoRA(nn.Linear(16, 12, bias=bias).requires_grad_(False), 4, 2.0, dropout=0.5)
+    with torch.no_grad():
+        layer.adapter_up_proj.weight.normal_()
+    layer.train()
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    grad_y = torch.randn(3, 5, 12)
+    results = {}
+    for fused_path in (True, False):
+        torch.manual_seed(1)  # the same dropout mask on both paths
+        x.grad = None
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused_path:
+                y = layer(x)
+            else:
+                with fused.disabled():
+                    y = layer(x)
+        assert (y.grad_fn.name() == FUSED_NODE) is fused_path
+        y.float().backward(grad_y)
+        grads = [t.grad.clone() for t in (x, layer.adapter_down_proj.weight, layer.adapter_up_proj.weight)]
+        results[fused_path] = (y.detach().float(), grads)
+    (y, grads), (y_ref, grads_ref) = results[True], results[False]
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if not autocast else {"atol": 5e-2, "rtol": 2e-2}
+    torch.testing.assert_close(y, y_ref, **tolerance)
+    assert not torch.allclose(
+        y,
+        layer.pretrained_module(x).float() + 0.5 * layer.adapter_up_proj(layer.adapter_down_proj(x)).float(),
+        atol=1e-3,
+    )
+    for grad, grad_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(grad, grad_ref, **tolerance)

@@ -187,20 +187,21 @@ def test_dropout_acts_on_the_low_rank_branch_in_training_only():
     torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias, **FORWARD)
 
 
-def test_dropout_zero_and_eval_keep_the_fused_path(monkeypatch):
+def test_dropout_and_rslora_take_the_fused_path_and_dora_does_not(monkeypatch):
     from torch_impl import fused
 
-    calls = []
+    calls = []  # the low-rank branch's own input (x_low) of each fused call, None where it is x
     real = fused.lora_linear
-    monkeypatch.setattr(fused, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(fused, "lora_linear", lambda *a, **k: calls.append(a[6:]) or real(*a, **k))
     x = torch.randn(3, 4)
     LoRA(nn.Linear(4, 4), 2)(x)
     LoRA(nn.Linear(4, 4), 2, dropout=0.2).eval()(x)
     LoRA(nn.Linear(4, 4), 2, use_rslora=True)(x)
-    assert len(calls) == 3
-    LoRA(nn.Linear(4, 4), 2, dropout=0.2).train()(x)
+    assert calls == [(None,)] * 3
+    LoRA(nn.Linear(4, 4), 2, dropout=0.2).train()(x)  # active dropout: x_low = F.dropout(x)
+    assert len(calls) == 4 and calls[3][0] is not None and calls[3][0].shape == x.shape
     LoRA(nn.Linear(4, 4), 2, use_dora=True)(x)
-    assert len(calls) == 3
+    assert len(calls) == 4
 
 
 def test_rslora_scaling_is_alpha_over_sqrt_rank():
