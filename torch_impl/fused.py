@@ -366,7 +366,7 @@ class _LoRALinearFunction(torch.autograd.Function):
         if (need_x and x_low is None) or need_down or need_x_low:
             # scaling * g @ up; beta=0 means ``h`` only lends its shape and is never read.
             grad_h = torch.addmm(h, g, up, beta=0, alpha=scaling)
-            if need_x_low:
+            if need_x_low and x_low is not None:  # (needs_input_grad says False for a None)
                 grad_x_low = torch.mm(grad_h, down).view(x_low.shape)
             if need_x and x_low is None:
                 # The low-rank part first, then the base GEMM accumulates into it in place.
