@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ._explicit import embed_ids
+
 __all__ = [
     "ACTIVATIONS",
     "Activation",
@@ -259,7 +261,9 @@ class BertEmbeddings(nnx.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         position_ids = jnp.arange(seq_length)[None, :]
         # Same summation order as transformers: (words + token types) + positions.
-        embeddings = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        embeddings = embed_ids(self.word_embeddings, input_ids) + embed_ids(
+            self.token_type_embeddings, token_type_ids
+        )
         embeddings = embeddings + self.position_embeddings(position_ids)
         return self.dropout(self.LayerNorm(embeddings))
 

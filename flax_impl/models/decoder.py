@@ -59,6 +59,7 @@ from flax import nnx
 
 from twinformat.adapters import adapter_of
 
+from ._explicit import embed_ids
 from ._speech import config_value
 from .bert import ACTIVATIONS, Activation
 
@@ -938,7 +939,7 @@ class DecoderModel(nnx.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds (as transformers)")
         if inputs_embeds is None:
-            hidden = self.embed_tokens(_check_ids(input_ids))
+            hidden = embed_ids(self.embed_tokens, _check_ids(input_ids))
         else:
             hidden = jnp.asarray(inputs_embeds)
         batch, seq = hidden.shape[:2]
@@ -994,7 +995,7 @@ class DecoderModel(nnx.Module):
         """One decoding step: ``input_ids`` ``(batch, 1)`` at ``positions`` ``(batch, 1)`` and token
         index ``index`` (a scalar); ``valid`` ``(batch, total)`` says which token indices are not
         padding. Returns the hidden state ``(batch, 1, hidden)`` and the updated caches."""
-        hidden = self.embed_tokens(input_ids)
+        hidden = embed_ids(self.embed_tokens, input_ids)
         ropes = {t: self._rope(t, positions, hidden.dtype) for t in set(self.config.layer_types)}
         new_caches = []
         for layer, cache in zip(self.layers, caches, strict=True):

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ._explicit import embed_ids
 from ._speech import (
     Layers,
     SpeechAttention,
@@ -542,7 +543,7 @@ class WhisperDecoder(nnx.Module):
         """The layers over ``input_ids`` at positions ``index, index + 1, ...``: the final
         ``layer_norm``'s output and (with a ``cache``) the new cache. ``mask`` is boolean,
         ``(batch or 1, 1, length, keys)``."""
-        embeds = self.embed_tokens(input_ids)
+        embeds = embed_ids(self.embed_tokens, input_ids)
         if self.config.pad_token_id is not None:
             # nn.Embedding(padding_idx=...): the padding row gets no gradient from the lookup.
             embeds = jnp.where(

@@ -287,3 +287,53 @@ def assert_close(actual: jax.Array, desired: jax.Array, rtol: float, name: str) 
     actual, desired = np.asarray(actual, np.float32), np.asarray(desired, np.float32)
     atol = rtol * float(np.max(np.abs(desired)))
     np.testing.assert_allclose(actual, desired, rtol=rtol, atol=atol, err_msg=name)
+
+
+LLAMA = {
+    "model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+    "max_position_embeddings": 64, "rms_norm_eps": 1e-6,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["bert", "llama", "llama+embed_tokens"])
+def test_twins_train_data_parallel_over_explicit_mesh_axes_as_on_one_device(family):
+    """``jax.make_mesh``'s default axes are ``Explicit``, where a gather of a replicated table
+    by batch-sharded token ids must name its output sharding: the twins' token lookups give the
+    rows the ids' sharding, so a LoRA step data-parallel over such a mesh (ids split over
+    'data', parameters replicated; LoRA on the embedding too) gives one device's gradients."""
+    if jax.device_count() < 8:
+        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+    from flax_impl.models import LlamaForCausalLM
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    if family == "bert":
+        base, targets = BertModel(CONFIG, rngs=nnx.Rngs(0)), ["*.query", "*.value"]
+        base.eval()
+    else:
+        base, targets = LlamaForCausalLM(LLAMA, rngs=nnx.Rngs(0)), ["*_proj"]
+        targets += ["model.embed_tokens"] if family.endswith("embed_tokens") else []
+    model = AdaptedModel(base, LoRA, target_layers=targets, adapter_kwargs={"rank": 4}, rngs=nnx.Rngs(1))
+    for index, (_, variable) in enumerate(nnx.to_flat_state(nnx.state(model, model.trainable))):
+        noise = 0.05 * np.random.default_rng(index).standard_normal(variable.shape, dtype=np.float32)
+        variable.set_value(jnp.asarray(noise, variable.get_value().dtype))
+    graphdef, trainable, rest = nnx.split(model, model.trainable, ...)
+    ids = jax.random.randint(jax.random.key(2), (8, 12), 0, 64)
+
+    def loss(trainable, rest, ids):
+        out = nnx.merge(graphdef, trainable, rest)(ids).astype(jnp.float32)
+        return jnp.mean(jnp.sin(3.0 * out))  # (BERT's normed output: mean(out**2) is flat)
+
+    step = jax.jit(jax.grad(loss))
+    reference = step(trainable, rest, ids)
+    replicated = NamedSharding(mesh, P())
+    with jax.set_mesh(mesh):
+        grads = step(
+            jax.device_put(trainable, replicated),
+            jax.device_put(rest, replicated),
+            jax.device_put(ids, NamedSharding(mesh, P("data"))),
+        )
+    flat, flat_ref = nnx.to_flat_state(grads), nnx.to_flat_state(reference)
+    assert len(flat) == len(flat_ref) >= 2 * len(targets)
+    for (path, value), (_, value_ref) in zip(flat, flat_ref, strict=True):
+        assert_close(np.asarray(value[...]), np.asarray(value_ref[...]), 1e-5, str(path))
