@@ -86,11 +86,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as _dtypes
-from jax.sharding import AxisType
 
 from twinformat.adapters import LORA
 
 from .graph import named_modules
+from .sharding import has_explicit_axes
 
 __all__ = [
     "can_fuse_linear",
@@ -372,7 +372,9 @@ def lora_linear(
     """
     # (Not stacked over explicit mesh axes: the stacked weights would concatenate a sharded
     # kernel with an unsharded factor.)
-    stackable = _STACKED and pretrained.precision == down.precision == up.precision and not _explicit(x)
+    stackable = (
+        _STACKED and pretrained.precision == down.precision == up.precision and not has_explicit_axes(x)
+    )
     if x_low is not None and x_low.shape != x.shape:
         raise ValueError(f"lora_linear: x_low has shape {x_low.shape}, x {x.shape}; they must be equal")
     config = (
@@ -395,18 +397,11 @@ def lora_linear(
 
 def _dot(a: jax.Array, b: jax.Array, precision: Any, out: Any = None, like: Any = None) -> jax.Array:
     """``a @ b`` contracting ``a``'s last axis with ``b``'s first, as ``nnx.Linear`` does;
-    ``like``: the output's sharding where the mesh's axes are explicit (see :func:`_explicit`)."""
+    ``like``: the output's sharding where the mesh's axes are explicit (see :func:`~flax_impl.sharding.has_explicit_axes`)."""
     kwargs: dict[str, Any] = {} if out is None else {"preferred_element_type": out}
     if like is not None:
         kwargs["out_sharding"] = like
     return jax.lax.dot_general(a, b, (((a.ndim - 1,), (0,)), ((), ())), precision=precision, **kwargs)
-
-
-def _explicit(a: jax.Array) -> bool:
-    """Whether ``a``'s type carries a sharding over a mesh with ``Explicit`` axes (``jax.make_mesh``'s
-    default), where a contraction over a sharded axis needs its output sharding spelled out."""
-    mesh = jax.typeof(a).sharding.mesh
-    return any(axis_type == AxisType.Explicit for axis_type in mesh.axis_types)
 
 
 def _tokens_dot(a: jax.Array, b: jax.Array, precision: Any, out: Any, like: Any = None) -> jax.Array:
@@ -468,7 +463,7 @@ def _lora_fwd(config: tuple, x, x_low, kernel, bias, down, up):
     # mesh axes), so that its gradient gets that sharding back.
     primals = (x, x_low, kernel, bias, down, up)
     dtypes = tuple(jnp.zeros((0,), t.dtype) if t is not None else None for t in primals)
-    if bias is not None and _explicit(bias):
+    if bias is not None and has_explicit_axes(bias):
         dtypes = (*dtypes[:3], bias, *dtypes[4:])
     return out, (saved, dtypes)
 
@@ -531,7 +526,7 @@ def _lora_bwd(config: tuple, residuals, g):
     # Over a mesh with explicit axes the arrays keep their token axes (merging a sharded one
     # with another is refused) and every GEMM that contracts a possibly sharded axis names its
     # output's sharding, the primal's, as JAX's own transpose of ``dot_general`` does.
-    explicit = _explicit(g)
+    explicit = has_explicit_axes(g)
 
     def flat(t: jax.Array) -> jax.Array:
         return t if explicit else _flat(t)
@@ -540,6 +535,7 @@ def _lora_bwd(config: tuple, residuals, g):
         return jax.typeof(t).sharding if explicit else None
 
     g2 = flat(g)
+    d_x_low = None  # (the low-rank branch's own input, where it was given one)
     # Base layer: dx = g @ K.T; dK = x.T @ g and db = sum(g) (dead code unless differentiated).
     gb = g2.astype(kb.dtype)
     d_kernel = _tokens_dot(flat(xb), gb, precision, kernel_t.dtype, like(kb))
@@ -563,14 +559,13 @@ def _lora_bwd(config: tuple, residuals, g):
         dx = _dot(jnp.concatenate([gb, dh], axis=-1), _stacked_columns(kb, dd).T, precision)
         dx = dx.astype(x_t.dtype)
     else:
-        dx_like = like(xb)
-        dx_base = _dot(gb, kb.T, precision, like=dx_like) if dx_base is None else dx_base
+        dx_base = _dot(gb, kb.T, precision, like=like(xb)) if dx_base is None else dx_base
         dx_low = _dot(dh, dd.T, down_precision, like=like(xd))
-        if x_low_t is not None:  # the low-rank branch's input was x_low: its own gradient
-            dx = dx_base.astype(x_t.dtype).reshape(xb.shape)
-            return (dx, dx_low.astype(x_low_t.dtype).reshape(xd.shape), d_kernel, d_bias, d_down, d_up)
-        dx = dx_base.astype(x_t.dtype) + dx_low.astype(x_t.dtype)
-    return (dx.reshape(xb.shape[:-1] + (xb.shape[-1],)), None, d_kernel, d_bias, d_down, d_up)
+        if x_low_t is None:
+            dx = dx_base.astype(x_t.dtype) + dx_low.astype(x_t.dtype)
+        else:  # the low-rank branch's input was x_low: it gets that term, x the base one
+            dx, d_x_low = dx_base.astype(x_t.dtype), dx_low.astype(x_low_t.dtype).reshape(xd.shape)
+    return (dx.reshape(xb.shape), d_x_low, d_kernel, d_bias, d_down, d_up)
 
 
 _lora.defvjp(_lora_fwd, _lora_bwd)

@@ -36,7 +36,7 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from twinformat.adapters import adapter_of
 from twinformat.errors import AdapterError
@@ -44,7 +44,20 @@ from twinformat.names import as_patterns, check_all_matched, dotted, matches_any
 
 from .graph import named_modules
 
-__all__ = ["ShardingRuleError", "shard_model"]
+__all__ = ["ShardingRuleError", "has_explicit_axes", "shard_model"]
+
+
+def has_explicit_axes(array: jax.Array) -> bool:
+    """Whether ``array``'s type carries a sharding over a mesh with ``Explicit`` axes
+    (``jax.make_mesh``'s default), where a contraction or gather over a sharded axis must name its
+    output's sharding. The fused LoRA backward and the twins' token lookups ask it.
+
+    >>> import jax.numpy as jnp
+    >>> has_explicit_axes(jnp.ones(3))  # no mesh
+    False
+    """
+    mesh = jax.typeof(array).sharding.mesh
+    return any(axis_type == AxisType.Explicit for axis_type in mesh.axis_types)
 
 
 class ShardingRuleError(AdapterError):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import jax
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
+
+from flax_impl.sharding import has_explicit_axes
 
 
 def embed_ids(embed: nnx.Module, ids: jax.Array) -> jax.Array:
@@ -25,9 +27,9 @@ def embed_ids(embed: nnx.Module, ids: jax.Array) -> jax.Array:
     >>> embed_ids(table, jnp.array([[0, 2]])).shape
     (1, 2, 2)
     """
-    sharding = jax.typeof(ids).sharding
-    if not any(axis_type == AxisType.Explicit for axis_type in sharding.mesh.axis_types):
+    if not has_explicit_axes(ids):
         return embed(ids)
+    sharding = jax.typeof(ids).sharding
     spec = PartitionSpec(*sharding.spec, *(None,) * (ids.ndim - len(sharding.spec)), None)
     graphdef, state = nnx.split(embed)
 
